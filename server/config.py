@@ -1,0 +1,130 @@
+"""One settings object, validated at start-up; its errors name the setting.
+
+Every knob is an environment variable with the `DUALCAST_` prefix (plain
+`REDIS_URL` is honoured too, as most platforms set it).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+from server.events import EVENT_NAME_PATTERN, ROOM_NAME_PATTERN
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DUALCAST_", extra="ignore", frozen=False)
+
+    # where events live
+    redis_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DUALCAST_REDIS_URL", "REDIS_URL", "redis_url"),
+        description="Redis URL; none = the embedded memory engine (one process only)",
+    )
+    stream: str = Field("websocket-broadcast", min_length=1, max_length=200)
+    maxlen: int = Field(10_000, ge=10, description="approximate MAXLEN ~ trim on append")
+    block_ms: int = Field(2_000, ge=10, le=10_000, description="XREAD BLOCK per read")
+    batch_count: int = Field(500, ge=1, le=10_000, description="XREAD COUNT per read")
+    redis_timeout: float = Field(3.0, gt=0, le=60, description="timeout of a non-blocking call")
+    stall_seconds: float = Field(
+        15.0, gt=0, description="a consumer with no completed read for this long is not ready"
+    )
+    backoff_max: float = Field(5.0, gt=0, le=300, description="cap of the reconnect backoff")
+
+    # serving
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=64)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    shutdown_grace: float = Field(10.0, ge=0, le=600, description="seconds to drain on SIGTERM")
+    static_dir: str | None = Field(None, description="dashboard folder; default: the bundled one")
+
+    # auth
+    secret: str | None = Field(None, min_length=16, description="HS256 secret of the tokens")
+    allow_anonymous: bool = True
+    allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    cookie_secure: Literal["auto", "always", "never"] = "auto"
+
+    # transports
+    transports: Annotated[list[Literal["websocket", "sse", "polling"]], NoDecode] = Field(
+        default_factory=lambda: ["websocket", "sse", "polling"]
+    )
+    queue_size: int = Field(1_000, ge=1, description="events waiting per subscriber before cut-off")
+    ping_interval: float = Field(15.0, gt=0, le=3600, description="SSE ping / WS heartbeat")
+    sse_retry_ms: int = Field(3_000, ge=100)
+    replay_max: int = Field(10_000, ge=1, description="events one client may replay")
+    replay_page: int = Field(500, ge=1, le=10_000)
+    recent_window: int = Field(2_000, ge=0, description="events kept in memory for pollers")
+    poll_timeout_max: float = Field(30.0, ge=0, le=300)
+
+    # limits
+    max_frame_bytes: int = Field(64 * 1024, ge=256)
+    max_body_bytes: int = Field(256 * 1024, ge=256)
+    max_rooms: int = Field(50, ge=1)
+    room_pattern: str = ROOM_NAME_PATTERN
+    event_pattern: str = EVENT_NAME_PATTERN
+    max_bad_frames: int = Field(10, ge=1, description="bad WS frames before close 1008")
+
+    @field_validator("allowed_origins", "transports", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("room_pattern", "event_pattern")
+    @classmethod
+    def _regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value in (None, "", "memory", "memory://"):
+            return None
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix:// (or be empty)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.redis_url is None and self.workers > 1:
+            raise ValueError(
+                "workers: the memory engine lives in one process; "
+                "set DUALCAST_REDIS_URL to run several workers"
+            )
+        if self.block_ms / 1000 >= self.stall_seconds:
+            raise ValueError("stall_seconds: must be longer than block_ms")
+        if not self.transports:
+            raise ValueError("transports: at least one transport must be enabled")
+        return self
+
+    @property
+    def engine(self) -> str:
+        return "memory" if self.redis_url is None else "redis"
+
+
+class SettingsError(Exception):
+    """A bad setting; its message is one line naming the setting."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment plus overrides, or raise SettingsError."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "settings"
+        message = first["msg"].removeprefix("Value error, ")
+        if ":" in message.split(" ")[0]:
+            raise SettingsError(f"bad setting {message}") from None
+        env = f"DUALCAST_{where.upper()}" if where != "settings" else where
+        raise SettingsError(f"bad setting {env}: {message} (got {first.get('input')!r})") from None
