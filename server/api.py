@@ -1,0 +1,148 @@
+"""The HTTP API around the transports: publish, overview, me, login, health, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import orjson
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+
+from server.auth import COOKIE_NAME, AuthError, decode_token
+from server.events import Envelope, entry_fields
+from server.log import LogUnavailable
+from server.metrics import Metrics
+from server.overview import build_overview
+from server.runtime import Runtime
+from server.transports.common import Refusal, caller, error_response, strict_rooms
+
+
+def _rt(request: Request) -> Runtime:
+    return request.app.state.dualcast  # type: ignore[no-any-return]
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    rt = _rt(request)
+    ok, reason = rt.consumer.healthy()
+    if rt.draining:
+        ok, reason = False, "draining for shutdown"
+    body = {
+        "ready": ok, "reason": reason, "engine": rt.log.engine,
+        "last_id": rt.hub.last_id, "seconds_since_read": round(rt.consumer.seconds_since_read, 3),
+    }
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+async def metrics(request: Request) -> Response:
+    registry: Metrics = request.app.state.metrics
+    return Response(await registry.render(), media_type="text/plain; version=0.0.4")
+
+
+async def me(request: Request) -> Response:
+    rt = _rt(request)
+    try:
+        identity = caller(request, rt.settings, rt.secret)
+    except Refusal as refusal:
+        return refusal.response()
+    return JSONResponse(identity.describe(), headers={"Cache-Control": "no-store"})
+
+
+async def overview(request: Request) -> Response:
+    rt = _rt(request)
+    try:
+        identity = caller(request, rt.settings, rt.secret)
+        rooms = strict_rooms(request.query_params.get("rooms"), identity, rt.settings)
+    except Refusal as refusal:
+        return refusal.response()
+    try:
+        async with asyncio.timeout(rt.settings.redis_timeout * 3):
+            state = await build_overview(rt.log, rooms)
+    except (LogUnavailable, TimeoutError) as exc:
+        return error_response(503, "log_unavailable", f"event log unreachable: {exc}")
+    return JSONResponse(state, headers={"Cache-Control": "no-store"})
+
+
+async def publish(request: Request) -> Response:
+    rt = _rt(request)
+    settings = rt.settings
+    try:
+        identity = caller(request, settings, rt.secret)
+    except Refusal as refusal:
+        return refusal.response()
+    if identity.anonymous:
+        return error_response(401, "unauthenticated", "publishing needs a token with 'publish'")
+    if not (identity.publish or identity.admin):
+        return error_response(403, "forbidden", "this token may not publish (needs 'publish')")
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+        return error_response(413, "too_large", f"body over {settings.max_body_bytes} bytes")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > settings.max_body_bytes:
+            return error_response(413, "too_large", f"body over {settings.max_body_bytes} bytes")
+    try:
+        raw = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        return error_response(400, "bad_json", f"body is not JSON: {exc}")
+    try:
+        envelope = Envelope.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        return error_response(422, "invalid", f"{where}: {first['msg']}", field=where)
+    if not re.match(settings.event_pattern, envelope.event):
+        return error_response(422, "invalid", "event: does not match the event-name pattern",
+                              field="event")
+    room_re = re.compile(settings.room_pattern)
+    for room in envelope.rooms:
+        if not room_re.match(room):
+            return error_response(422, "invalid", f"rooms: {room!r} is not a valid room name",
+                                  field="rooms")
+    try:
+        async with asyncio.timeout(settings.redis_timeout):
+            entry_id = await rt.log.append(entry_fields(envelope))
+    except (LogUnavailable, TimeoutError) as exc:
+        rt.stats.publish_failures += 1
+        reason = str(exc) or "timed out"
+        return error_response(503, "log_unavailable", f"event log unreachable: {reason}")
+    return JSONResponse({"id": entry_id}, status_code=202)
+
+
+def _secure(request: Request, mode: str) -> bool:
+    if mode != "auto":
+        return mode == "always"
+    proto = request.headers.get("x-forwarded-proto", request.url.scheme)
+    return proto in ("https", "wss")
+
+
+async def login_redirect(request: Request) -> Response | None:
+    """`GET /?token=…`: validate, set the cookie, redirect so the token leaves the URL bar."""
+    rt = _rt(request)
+    token = request.query_params.get("token")
+    if token is None:
+        return None
+    try:
+        decode_token(token, rt.secret)
+    except AuthError as exc:
+        return error_response(401, exc.code, exc.message)
+    response = RedirectResponse("/", status_code=303, headers={"Cache-Control": "no-store"})
+    response.set_cookie(
+        COOKIE_NAME, token, httponly=True, samesite="strict", path="/",
+        secure=_secure(request, rt.settings.cookie_secure),
+    )
+    return response
+
+
+async def logout(request: Request) -> Response:
+    rt = _rt(request)
+    response = JSONResponse({"status": "logged out"})
+    response.delete_cookie(COOKIE_NAME, path="/", httponly=True, samesite="strict",
+                           secure=_secure(request, rt.settings.cookie_secure))
+    return response

@@ -1,0 +1,171 @@
+"""The one stream consumer per process: XREAD BLOCK from the last delivered id.
+
+It never dies on data (a malformed entry is logged with its id, counted and
+skipped) and never dies on Redis (it backs off with jitter, reconnects, and
+resumes from its last id, never `$`, so entries added meanwhile arrive once).
+Clients stay connected to the hub the whole time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+from server.config import Settings
+from server.events import (
+    ZERO,
+    Event,
+    MalformedEntry,
+    StreamId,
+    decode_entry,
+    format_id,
+    parse_id,
+)
+from server.hub import Hub
+from server.log import EventLog, LogUnavailable
+
+log = logging.getLogger("dualcast.consumer")
+
+
+@dataclass
+class ConsumerStats:
+    consumed: int = 0
+    malformed: int = 0
+    reconnects: int = 0
+    resets: int = 0
+
+
+class Consumer:
+    def __init__(self, log_: EventLog, hub: Hub, settings: Settings) -> None:
+        self.log = log_
+        self.hub = hub
+        self.settings = settings
+        self.stats = ConsumerStats()
+        self.position: StreamId | None = None
+        self.connected = False
+        self.last_error: str | None = None
+        #: monotonic time of the last read that completed (with or without entries)
+        self.last_read_at: float | None = None
+        self.started_at = time.monotonic()
+        self._last_info_at = 0.0
+
+    @property
+    def seconds_since_read(self) -> float:
+        since = self.last_read_at if self.last_read_at is not None else self.started_at
+        return time.monotonic() - since
+
+    def healthy(self) -> tuple[bool, str]:
+        """Ready means: the log answered and a read completed within the stall bound."""
+        if not self.connected:
+            return False, f"event log unreachable: {self.last_error or 'connecting'}"
+        if self.seconds_since_read > self.settings.stall_seconds:
+            return False, (
+                f"consumer has not completed a read for {self.seconds_since_read:.1f}s "
+                f"(bound {self.settings.stall_seconds}s)"
+            )
+        return True, "ok"
+
+    async def run(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self._connect()
+                attempt = 0
+                await self._read_forever()
+            except LogUnavailable as exc:
+                self._lost(exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the outermost boundary: log, back off, go on
+                log.exception("consumer error; restarting the read loop")
+                self._lost(exc)
+            attempt += 1
+            self.stats.reconnects += 1
+            cap = min(self.settings.backoff_max, 0.1 * 2 ** min(attempt, 10))
+            await asyncio.sleep(random.uniform(cap / 2, cap))
+
+    def _lost(self, exc: BaseException) -> None:
+        if self.connected:
+            log.warning("event log lost (%s); clients stay connected, reconnecting", exc)
+        self.connected = False
+        self.last_error = str(exc)
+
+    async def _connect(self) -> None:
+        await self.log.connect()
+        info = await self.log.info()
+        if self.position is None:
+            # First start only: live from the head. Never again `$`: after a
+            # reconnect we resume from the last id we delivered.
+            self.position = info.last_id
+            self.hub.set_position(info.last_id)
+            log.info("consuming %s engine from %s", self.log.engine, format_id(info.last_id))
+        elif info.last_id < self.position:
+            # The stream is behind what we delivered: Redis lost data (restarted
+            # empty, or a failover to a stale replica). Cursors are meaningless.
+            log.warning(
+                "stream went backwards (%s < %s): Redis lost data; telling every client to reset",
+                format_id(info.last_id), format_id(self.position),
+            )
+            self.stats.resets += 1
+            self.position = info.last_id
+            self.hub.reset_all(info.last_id)
+        elif not self.connected and self.stats.reconnects:
+            log.info("event log back; resuming after %s", format_id(self.position))
+        self.connected = True
+        self.last_error = None
+        self.last_read_at = time.monotonic()
+
+    async def _read_forever(self) -> None:
+        settings = self.settings
+        while True:
+            assert self.position is not None
+            after = format_id(self.position)
+            entries = await self.log.read_blocking(after, settings.batch_count, settings.block_ms)
+            self.last_read_at = time.monotonic()
+            if not entries:
+                await self._check_head()
+                continue
+            events: list[Event] = []
+            for entry_id, fields in entries:
+                try:
+                    events.append(decode_entry(entry_id, fields))
+                except MalformedEntry as exc:
+                    self.stats.malformed += 1
+                    log.warning("skipping malformed stream entry %s: %s", entry_id, exc)
+            last_id = entries[-1][0]
+            self.stats.consumed += len(events)
+            self.hub.publish(events)
+            self.position = parse_id(last_id)
+            # Let subscribers' writers run between big batches.
+            await asyncio.sleep(0)
+
+    async def _check_head(self) -> None:
+        """On an idle read, notice a stream that went backwards (Redis restarted empty)."""
+        now = time.monotonic()
+        if now - self._last_info_at < 1.0:
+            return
+        self._last_info_at = now
+        info = await self.log.info()
+        assert self.position is not None
+        if info.last_id < self.position and self.position != ZERO:
+            self.stats.resets += 1
+            log.warning("stream went backwards; telling every client to reset")
+            self.position = info.last_id
+            self.hub.reset_all(info.last_id)
+
+    async def lag(self) -> int:
+        """Entries between the stream head and what this consumer delivered (for /metrics)."""
+        if self.position is None:
+            return 0
+        try:
+            info = await self.log.info()
+        except LogUnavailable:
+            return 0
+        if info.last_id <= self.position:
+            return 0
+        # Counted up to a cap: a gauge needs "how far behind", not an exact large number.
+        entries = await self.log.read_after(format_id(self.position), 1_000)
+        return len(entries)

@@ -1,0 +1,162 @@
+"""A subscription as every streaming transport sees it: replay, then live, no gap, no twice.
+
+The subscriber is registered with the hub *before* the replay starts, so live
+events that arrive meanwhile are queued; the replay reads the log in pages
+after the client's cursor; then the queue is drained, dropping everything at or
+before the cursor. A cursor the log no longer covers (trimmed, newer than the
+stream, or past the per-client replay cap) yields a `Reset` instead of a gap.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import TracebackType
+
+from server.config import Settings
+from server.events import (
+    ZERO,
+    Event,
+    MalformedEntry,
+    StreamId,
+    decode_entry,
+    format_id,
+    parse_id,
+)
+from server.hub import CloseReason, Hub, Item, Reset, Subscriber
+from server.log import EventLog, LogInfo, LogUnavailable
+
+log = logging.getLogger("dualcast.feed")
+
+
+class FeedClosed(Exception):
+    def __init__(self, reason: CloseReason) -> None:
+        super().__init__(reason.value)
+        self.reason = reason
+
+
+def cursor_gone(cursor: StreamId, info: LogInfo) -> bool:
+    """True when the log cannot replay everything after `cursor`."""
+    if cursor == ZERO:
+        return False
+    if cursor > info.last_id:
+        return True  # newer than the stream: Redis was reset under the client
+    return cursor < info.max_deleted  # something after the cursor was trimmed away
+
+
+def decode_visible(entries: list[tuple[str, dict[str, str]]], rooms: set[str]) -> list[Event]:
+    out: list[Event] = []
+    for entry_id, fields in entries:
+        try:
+            event = decode_entry(entry_id, fields)
+        except MalformedEntry:
+            continue  # the consumer logs and counts these; replays skip them quietly
+        if event.visible_to(rooms):
+            out.append(event)
+    return out
+
+
+class Feed:
+    """Async context manager around one hub subscriber; `next()` yields its batches."""
+
+    def __init__(
+        self, hub: Hub, log_: EventLog, settings: Settings, transport: str,
+        rooms: set[str], cursor: StreamId | None,
+    ) -> None:
+        self.hub = hub
+        self.log = log_
+        self.settings = settings
+        self.sub = Subscriber(transport, rooms, settings.queue_size)
+        self._requested = cursor
+        self._replaying = cursor is not None
+        self._checked = False
+        self._replayed = 0
+        #: The cursor this feed starts from, for the `welcome` frame.
+        self.start_id = format_id(cursor) if cursor is not None else hub.last_id
+
+    async def __aenter__(self) -> Feed:
+        sub = self.sub
+        if self._requested is None:
+            sub.cursor = self.hub.last_key
+        else:
+            sub.cursor = self._requested
+            sub.catching_up = True
+        self.hub.add(sub)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.hub.remove(self.sub)
+
+    @property
+    def cursor(self) -> str:
+        return format_id(self.sub.cursor)
+
+    def _jump_to_head(self) -> Reset:
+        sub = self.sub
+        sub.cursor = max(self.hub.last_key, sub.cursor) if self._checked else self.hub.last_key
+        sub.catching_up = False
+        sub.missed = False
+        self._replaying = False
+        return Reset(self.hub.last_id)
+
+    async def _replay_step(self) -> list[Item]:
+        sub = self.sub
+        if not self._checked:
+            info = await self.log.info()
+            if cursor_gone(sub.cursor, info):
+                self._checked = True
+                sub.cursor = self.hub.last_key
+                sub.catching_up = False
+                self._replaying = False
+                return [Reset(self.hub.last_id)]
+            self._checked = True
+        page = self.settings.replay_page
+        entries = await self.log.read_after(format_id(sub.cursor), page)
+        if not entries:
+            sub.missed = False
+            sub.catching_up = False
+            self._replaying = False
+            return []
+        self._replayed += len(entries)
+        if self._replayed > self.settings.replay_max:
+            return [self._jump_to_head()]
+        events = decode_visible(entries, sub.rooms)
+        sub.cursor = parse_id(entries[-1][0])
+        return list(events)
+
+    async def next(self, timeout: float | None = None) -> list[Item]:
+        """The next items to send (possibly empty after `timeout`); raises FeedClosed."""
+        sub = self.sub
+        while self._replaying:
+            if sub.closed is not None:
+                raise FeedClosed(sub.closed)
+            try:
+                items = await self._replay_step()
+            except LogUnavailable as exc:
+                # The log is away; so is the consumer. Wait and retry the replay:
+                # the client keeps its connection and loses nothing.
+                log.debug("replay paused: %s", exc)
+                await sub.wait(min(timeout or 1.0, 1.0))
+                if sub.closed is not None:
+                    raise FeedClosed(sub.closed) from None
+                return []
+            if items:
+                return items
+        if sub.closed is not None:
+            raise FeedClosed(sub.closed)
+        items = sub.drain()
+        if items:
+            return items
+        await sub.wait(timeout)
+        if sub.closed is not None:
+            raise FeedClosed(sub.closed)
+        return sub.drain()
+
+    def join(self, room: str) -> None:
+        self.hub.join(self.sub, room)
+
+    def leave(self, room: str) -> None:
+        self.hub.leave(self.sub, room)
+

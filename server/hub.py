@@ -1,0 +1,258 @@
+"""The transport-neutral hub: who is subscribed to which room, and fan-out.
+
+The consumer hands the hub each batch it reads; the hub pushes the same Event
+objects (with their once-encoded frames) into the queue of every subscriber that
+may see them, found through a room index, so an event for `user-456` touches
+only that room's subscribers. Pushing never awaits: a subscriber whose queue is
+full is marked lagging and woken, and its transport closes it; nobody else waits.
+The hub knows nothing of transports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from server.events import ZERO, Event, StreamId, format_id
+
+
+class CloseReason(enum.Enum):
+    LAGGING = "lagging"          # queue overflowed: cut off, resume from the cursor
+    SHUTDOWN = "shutdown"        # the server is draining
+    REPLACED = "replaced"
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    """The subscriber's cursor is gone (trimmed, newer than the stream, or Redis lost data)."""
+
+    last_id: str
+
+
+Item = Event | Reset
+
+
+class Subscriber:
+    """One connected client, whatever its transport: a room set and a bounded queue."""
+
+    __slots__ = (
+        "_queue", "_waiter", "catching_up", "closed", "cursor", "maxsize", "missed", "rooms",
+        "transport",
+    )
+
+    def __init__(self, transport: str, rooms: Iterable[str], maxsize: int) -> None:
+        self.transport = transport
+        self.rooms: set[str] = set(rooms)
+        self.maxsize = maxsize
+        self._queue: deque[Item] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self.closed: CloseReason | None = None
+        #: While replaying from the log, an overflow is not fatal: the log still
+        #: holds what was dropped, so the replay just reads further.
+        self.catching_up = False
+        self.missed = False
+        self.cursor: StreamId = ZERO
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def push(self, item: Item) -> None:
+        if self.closed is not None:
+            return
+        if len(self._queue) >= self.maxsize:
+            if self.catching_up:
+                self.missed = True
+                self._queue.clear()
+                return
+            self.close(CloseReason.LAGGING)
+            return
+        self._queue.append(item)
+        self._wake()
+
+    def close(self, reason: CloseReason) -> None:
+        if self.closed is None:
+            self.closed = reason
+            self._queue.clear()
+        self._wake()
+
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def drain(self) -> list[Item]:
+        """Everything waiting, oldest first; events at or before the cursor are dropped."""
+        items: list[Item] = []
+        cursor = self.cursor
+        queue = self._queue
+        while queue:
+            item = queue.popleft()
+            if isinstance(item, Event):
+                if item.key <= cursor:
+                    continue
+                cursor = item.key
+            items.append(item)
+        self.cursor = cursor
+        return items
+
+    async def wait(self, timeout: float | None = None) -> None:
+        """Until something is queued, the subscriber is closed, or `timeout` passes."""
+        if self._queue or self.closed is not None:
+            return
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            if timeout is None:
+                await self._waiter
+            else:
+                await asyncio.wait_for(asyncio.shield(self._waiter), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            self._waiter = None
+
+
+@dataclass
+class HubStats:
+    events: int = 0
+    deliveries: int = 0
+    cutoffs: int = 0
+
+
+class Hub:
+    def __init__(self, recent_window: int = 2000) -> None:
+        self.subscribers: set[Subscriber] = set()
+        self._by_room: dict[str, set[Subscriber]] = {}
+        self.last_key: StreamId = ZERO
+        self.last_id: str = "0-0"
+        #: The newest events, so long-pollers near the head are answered from
+        #: memory instead of each reading the log on every wake-up.
+        self.recent: deque[Event] = deque(maxlen=max(recent_window, 1))
+        self._recent_enabled = recent_window > 0
+        #: Every event after this key and up to last_key is in `recent`.
+        self._recent_floor: StreamId = (2**64, 0)
+        self._tick: asyncio.Future[None] | None = None
+        self.stats = HubStats()
+        self.started = False
+
+    # registry -----------------------------------------------------------
+
+    def add(self, sub: Subscriber) -> None:
+        self.subscribers.add(sub)
+        for room in sub.rooms:
+            self._by_room.setdefault(room, set()).add(sub)
+
+    def remove(self, sub: Subscriber) -> None:
+        if sub.closed is CloseReason.LAGGING and sub in self.subscribers:
+            self.stats.cutoffs += 1
+        self.subscribers.discard(sub)
+        for room in sub.rooms:
+            members = self._by_room.get(room)
+            if members is not None:
+                members.discard(sub)
+                if not members:
+                    del self._by_room[room]
+
+    def join(self, sub: Subscriber, room: str) -> None:
+        sub.rooms.add(room)
+        if sub in self.subscribers:
+            self._by_room.setdefault(room, set()).add(sub)
+
+    def leave(self, sub: Subscriber, room: str) -> None:
+        sub.rooms.discard(room)
+        members = self._by_room.get(room)
+        if members is not None:
+            members.discard(sub)
+            if not members:
+                del self._by_room[room]
+
+    def count(self, transport: str | None = None) -> int:
+        if transport is None:
+            return len(self.subscribers)
+        return sum(1 for s in self.subscribers if s.transport == transport)
+
+    # fan-out ------------------------------------------------------------
+
+    def set_position(self, key: StreamId) -> None:
+        """Where live delivery starts (the consumer's cursor), before any event."""
+        self.last_key = key
+        self.last_id = format_id(key)
+        self._recent_floor = key
+        self.recent.clear()
+        self.started = True
+
+    def publish(self, events: list[Event]) -> None:
+        """Deliver a batch, in order, to every subscriber that may see each event."""
+        stats = self.stats
+        for event in events:
+            if event.key <= self.last_key:
+                continue
+            if event.rooms:
+                rooms = event.rooms
+                if len(rooms) == 1:
+                    targets: Iterable[Subscriber] = self._by_room.get(rooms[0], ())
+                else:
+                    found: set[Subscriber] = set()
+                    for room in rooms:
+                        found.update(self._by_room.get(room, ()))
+                    targets = found
+            else:
+                targets = self.subscribers
+            delivered = 0
+            for sub in targets:
+                sub.push(event)
+                delivered += 1
+            stats.deliveries += delivered
+            stats.events += 1
+            self.last_key = event.key
+            self.last_id = event.id
+            if self._recent_enabled:
+                if len(self.recent) == self.recent.maxlen:
+                    self._recent_floor = self.recent[0].key
+                self.recent.append(event)
+        self._notify()
+
+    def reset_all(self, key: StreamId) -> None:
+        """Redis lost data: every subscriber's cursor is meaningless; tell each one."""
+        self.last_key = key
+        self.last_id = format_id(key)
+        self.recent.clear()
+        self._recent_floor = key
+        marker = Reset(self.last_id)
+        for sub in list(self.subscribers):
+            sub._queue.clear()
+            sub.cursor = key
+            sub.push(marker)
+        self._notify()
+
+    def wake_pollers(self) -> None:
+        self._notify()
+
+    def _notify(self) -> None:
+        tick = self._tick
+        if tick is not None and not tick.done():
+            tick.set_result(None)
+        self._tick = None
+
+    async def wait_for_events(self, timeout: float) -> None:
+        """Until the next batch is published (long-pollers wait here), or the timeout."""
+        if self._tick is None:
+            self._tick = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._tick), timeout)
+        except TimeoutError:
+            pass
+
+    def recent_after(self, key: StreamId) -> list[Event] | None:
+        """Events after `key` from memory, or None when `key` is older than the window."""
+        if key >= self.last_key:
+            return []
+        if not self._recent_enabled or key < self._recent_floor:
+            return None
+        return [e for e in self.recent if e.key > key]
+
+    def close_all(self, reason: CloseReason) -> None:
+        for sub in list(self.subscribers):
+            sub.close(reason)

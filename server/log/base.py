@@ -1,0 +1,61 @@
+"""The small protocol every event-log engine satisfies.
+
+Transports and the consumer talk to this, never to Redis, so the memory engine
+and the Redis engine run the same test suite.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from server.events import ZERO, StreamId
+
+#: One stream entry as stored: its id and its field map (wire format, undecoded).
+RawEntry = tuple[str, dict[str, str]]
+
+
+class LogUnavailable(Exception):
+    """The log cannot be reached right now (connection refused, timeout, Redis loading)."""
+
+
+@dataclass(frozen=True)
+class LogInfo:
+    """Where the retained window starts and ends.
+
+    `last_id` is the last id ever generated (Redis `last-generated-id`), which may
+    be newer than the last retained entry; `max_deleted` is the newest id trimmed
+    away, so a cursor older than it has lost entries and must be reset.
+    """
+
+    exists: bool
+    length: int
+    first_id: StreamId | None
+    last_id: StreamId
+    max_deleted: StreamId = ZERO
+
+
+class EventLog(Protocol):
+    engine: str
+
+    async def connect(self) -> None:
+        """Open connections; raise LogUnavailable when the log cannot be reached."""
+
+    async def close(self) -> None: ...
+
+    async def append(self, fields: dict[str, str]) -> str:
+        """Append one entry (wire-format fields); return its id."""
+
+    async def append_many(self, entries: list[dict[str, str]]) -> list[str]:
+        """Append several entries in one round trip; return their ids in order."""
+
+    async def read_after(self, after: str, count: int) -> list[RawEntry]:
+        """Up to `count` entries with id strictly greater than `after` (a replay page)."""
+
+    async def read_blocking(self, after: str, count: int, block_ms: int) -> list[RawEntry]:
+        """Entries after `after`, waiting up to `block_ms` for the first one (the consumer)."""
+
+    async def info(self) -> LogInfo:
+        """The retained window; raise LogUnavailable when unreachable."""
+
+    async def ping(self) -> None: ...

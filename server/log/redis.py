@@ -1,0 +1,117 @@
+"""Redis Streams engine (redis.asyncio with hiredis).
+
+Two clients: the consumer's blocking XREAD gets a connection of its own, so a
+burst of replays or publishes can never starve it (and a full pool cannot make
+it fail); everything else shares a blocking pool that waits instead of raising.
+Every redis-py error is translated here, once, into LogUnavailable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from server.config import Settings
+from server.events import ZERO, parse_id
+from server.log.base import LogInfo, LogUnavailable, RawEntry
+
+
+@asynccontextmanager
+async def _translated(what: str) -> AsyncIterator[None]:
+    try:
+        yield
+    except (RedisError, OSError, TimeoutError) as exc:
+        raise LogUnavailable(f"redis {what} failed: {type(exc).__name__}: {exc}") from exc
+
+
+class RedisLog:
+    engine = "redis"
+
+    def __init__(self, settings: Settings) -> None:
+        assert settings.redis_url is not None
+        self.stream = settings.stream
+        self.maxlen = settings.maxlen
+        timeout = settings.redis_timeout
+        common: dict[str, Any] = {
+            "decode_responses": True,
+            "socket_connect_timeout": timeout,
+            "socket_keepalive": True,
+            "health_check_interval": 10,
+        }
+        pool = aioredis.BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=64, timeout=timeout,
+            socket_timeout=timeout, **common,
+        )
+        self._client = aioredis.Redis(connection_pool=pool)
+        # XREAD BLOCK does not extend the read timeout (redis-py #2807): give the
+        # blocking reader a socket timeout well above its block time, so a stalled
+        # connection is still noticed within block + timeout.
+        self._reader = aioredis.Redis.from_url(
+            settings.redis_url, socket_timeout=settings.block_ms / 1000 + timeout,
+            single_connection_client=True, **common,
+        )
+
+    async def connect(self) -> None:
+        await self.ping()
+
+    async def close(self) -> None:
+        for client in (self._reader, self._client):
+            try:
+                await client.aclose()
+            except (RedisError, OSError):
+                pass
+
+    async def ping(self) -> None:
+        async with _translated("PING"):
+            await self._client.ping()
+
+    async def append(self, fields: dict[str, str]) -> str:
+        async with _translated("XADD"):
+            entry_id = await self._client.xadd(
+                self.stream, fields, maxlen=self.maxlen, approximate=True  # type: ignore[arg-type]
+            )
+        return str(entry_id)
+
+    async def append_many(self, entries: list[dict[str, str]]) -> list[str]:
+        async with _translated("XADD pipeline"):
+            async with self._client.pipeline(transaction=False) as pipe:
+                for fields in entries:
+                    pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
+                ids = await pipe.execute()
+        return [str(i) for i in ids]
+
+    async def read_after(self, after: str, count: int) -> list[RawEntry]:
+        async with _translated("XRANGE"):
+            entries = await self._client.xrange(self.stream, min=f"({after}", max="+", count=count)
+        return [(str(i), f) for i, f in entries]
+
+    async def read_blocking(self, after: str, count: int, block_ms: int) -> list[RawEntry]:
+        async with _translated("XREAD"):
+            reply = await self._reader.xread({self.stream: after}, count=count, block=block_ms)
+        if not reply:
+            return []
+        # RESP2 gives [[stream, entries]], RESP3 a {stream: [entries]} map.
+        batches = reply.values() if isinstance(reply, dict) else (e for _, e in reply)
+        return [(str(i), f) for entries in batches for i, f in entries]
+
+    async def info(self) -> LogInfo:
+        try:
+            async with _translated("XINFO STREAM"):
+                raw = await self._client.xinfo_stream(self.stream)
+        except LogUnavailable as exc:
+            if isinstance(exc.__cause__, ResponseError) and "no such key" in str(exc.__cause__):
+                return LogInfo(exists=False, length=0, first_id=None, last_id=ZERO)
+            raise
+        first = raw.get("first-entry")
+        max_deleted = raw.get("max-deleted-entry-id")
+        return LogInfo(
+            exists=True,
+            length=int(raw.get("length", 0)),
+            first_id=parse_id(str(first[0])) if first else None,
+            last_id=parse_id(str(raw["last-generated-id"])),
+            max_deleted=parse_id(str(max_deleted)) if max_deleted else ZERO,
+        )

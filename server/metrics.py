@@ -1,0 +1,80 @@
+"""Prometheus text for /metrics, read from the runtime's plain counters at scrape time.
+
+Counters on the hot path are plain ints (no locks, no label lookups per
+delivery); this collector turns them into metric families when scraped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from server.runtime import Runtime
+
+
+class RuntimeCollector(Collector):
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.lag = 0
+
+    def collect(self) -> Iterator[Metric]:
+        rt = self.runtime
+        conns = GaugeMetricFamily(
+            "dualcast_connections", "Open subscriber connections by transport",
+            labels=["transport"],
+        )
+        counts = {"websocket": 0, "sse": 0, "polling": rt.stats.polls_waiting}
+        for sub in rt.hub.subscribers:
+            counts[sub.transport] = counts.get(sub.transport, 0) + 1
+        for transport, n in counts.items():
+            conns.add_metric([transport], n)
+        yield conns
+        opened = CounterMetricFamily(
+            "dualcast_connections_opened", "Subscriber connections opened", labels=["transport"]
+        )
+        for transport, n in rt.stats.opened.items():
+            opened.add_metric([transport], n)
+        yield opened
+        c = rt.consumer.stats
+        h = rt.hub.stats
+        yield CounterMetricFamily("dualcast_events_consumed", "Events read from the log", c.consumed)
+        yield CounterMetricFamily("dualcast_deliveries", "Events queued to subscribers", h.deliveries)
+        yield CounterMetricFamily("dualcast_drops", "Subscribers cut off for lagging", h.cutoffs)
+        yield CounterMetricFamily(
+            "dualcast_malformed_entries", "Stream entries skipped as malformed", c.malformed
+        )
+        yield CounterMetricFamily(
+            "dualcast_consumer_reconnects", "Consumer reconnects to the log", c.reconnects
+        )
+        yield CounterMetricFamily("dualcast_resets", "Times the stream went backwards", c.resets)
+        yield CounterMetricFamily(
+            "dualcast_refusals", "Requests refused (auth, bad input)", rt.stats.refused
+        )
+        yield GaugeMetricFamily(
+            "dualcast_consumer_lag", "Entries between the stream head and the consumer", self.lag
+        )
+        yield GaugeMetricFamily(
+            "dualcast_consumer_seconds_since_read",
+            "Seconds since the consumer last completed a read", rt.consumer.seconds_since_read,
+        )
+        yield GaugeMetricFamily(
+            "dualcast_consumer_connected", "1 when the log is reachable",
+            1 if rt.consumer.connected else 0,
+        )
+
+
+class Metrics:
+    def __init__(self, runtime: Runtime) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.collector = RuntimeCollector(runtime)
+        self.registry.register(self.collector)
+
+    async def render(self) -> bytes:
+        try:
+            self.collector.lag = await self.collector.runtime.consumer.lag()
+        except Exception:
+            self.collector.lag = -1
+        return generate_latest(self.registry)

@@ -1,0 +1,101 @@
+"""Everything one app instance owns, in one object on `app.state.dualcast`.
+
+No module globals: two apps in one process (as tests make them) share nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.config import Settings
+from server.consumer import Consumer
+from server.events import Envelope, decode_entry, entry_fields, format_id
+from server.hub import CloseReason, Hub
+from server.log import EventLog, create_log
+
+log = logging.getLogger("dualcast")
+
+
+@dataclass
+class TransportStats:
+    opened: dict[str, int] = field(default_factory=lambda: {"websocket": 0, "sse": 0, "polling": 0})
+    polls_waiting: int = 0
+    refused: int = 0
+    publish_failures: int = 0
+
+
+class Runtime:
+    def __init__(self, settings: Settings, secret: str | None) -> None:
+        self.settings = settings
+        self.secret = secret
+        self.log: EventLog = create_log(settings)
+        self.hub = Hub(settings.recent_window)
+        self.consumer = Consumer(self.log, self.hub, settings)
+        self.stats = TransportStats()
+        self.draining = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._local_seq = 0
+
+    def start_task(self, coro: Any, name: str) -> asyncio.Task[None]:
+        """Start a background task the lifespan owns; a crash is logged, never silent."""
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
+
+        def _done(t: asyncio.Task[None]) -> None:
+            if not t.cancelled() and t.exception() is not None:
+                log.error("background task %s died", name, exc_info=t.exception())
+
+        task.add_done_callback(_done)
+        self._tasks.append(task)
+        return task
+
+    async def start(self) -> None:
+        self.start_task(self.consumer.run(), "dualcast-consumer")
+
+    async def stop(self) -> None:
+        self.hub.close_all(CloseReason.SHUTDOWN)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._tasks.clear()
+        await self.log.close()
+
+    async def drain(self, grace: float) -> None:
+        """SIGTERM: send every subscriber away (WS 1001, SSE ends with a jittered `retry:`),
+        spread over half the grace period so thousands of clients do not all come back in
+        the same second; the consumer keeps delivering to those not yet closed.
+        """
+        if self.draining:
+            return
+        self.draining = True
+        subscribers = list(self.hub.subscribers)
+        spread = max(grace * 0.5, 0.0)
+        log.info("draining %d subscribers over %.1fs", len(subscribers), spread)
+        loop = asyncio.get_running_loop()
+        for sub in subscribers:
+            loop.call_later(random.uniform(0, spread), sub.close, CloseReason.SHUTDOWN)
+        self.hub.wake_pollers()
+        deadline = loop.time() + max(grace * 0.8, 0.1)
+        while self.hub.subscribers and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+
+    def publish_local(self, event: str, data: Any, rooms: list[str]) -> str:
+        """Deliver straight to this process's hub (a publisher's opt-in fallback while the
+        log is unreachable). The id continues after the hub's position, so cursors stay
+        ordered; such an event exists only in this process and is not replayable.
+        """
+        envelope = Envelope(event=event, data=data, rooms=rooms)
+        now = int(time.time() * 1000)
+        last_ms, last_seq = self.hub.last_key
+        key = (now, 0) if now > last_ms else (last_ms, last_seq + 1)
+        entry_id = format_id(key)
+        self.hub.publish([decode_entry(entry_id, entry_fields(envelope, now))])
+        return entry_id

@@ -1,0 +1,104 @@
+"""Long-polling `/api/events`: answers from the log, so any instance answers any cursor.
+
+Pollers near the head wait on the hub's tick and are answered from its recent
+window (one log read per batch, by the consumer, not one per poller); a cursor
+behind that window reads a page from the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from server.events import Event, format_id, parse_id
+from server.feed import cursor_gone, decode_visible
+from server.log import LogUnavailable
+from server.runtime import Runtime
+from server.transports.common import Refusal, caller, error_response, parse_cursor, strict_rooms
+
+MAX_EVENTS = 500
+
+
+def _answer(events: list[Event], last_id: str, reset: bool = False) -> Response:
+    return JSONResponse(
+        {"events": [e.poll_item() for e in events], "last_id": last_id, "reset": reset},
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+def _timeout(raw: str | None, limit: float) -> float:
+    if raw is None or raw == "":
+        return min(25.0, limit)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise Refusal(400, "bad_timeout", f"timeout must be seconds between 0 and {limit:g}") from None
+    if not 0 <= value <= limit or value != value:
+        raise Refusal(400, "bad_timeout", f"timeout must be seconds between 0 and {limit:g}")
+    return value
+
+
+async def poll_endpoint(request: Request) -> Response:
+    rt: Runtime = request.app.state.dualcast
+    settings = rt.settings
+    if "polling" not in settings.transports:
+        return error_response(404, "polling_disabled", "long-polling is not offered here")
+    try:
+        identity = caller(request, settings, rt.secret)
+        rooms = strict_rooms(request.query_params.get("rooms"), identity, settings)
+        cursor = parse_cursor(request.query_params.get("after"), "after")
+        timeout = _timeout(request.query_params.get("timeout"), settings.poll_timeout_max)
+    except Refusal as refusal:
+        rt.stats.refused += 1
+        return refusal.response()
+    hub = rt.hub
+    left = identity.seconds_left()
+    if left is not None:
+        timeout = min(timeout, max(left, 0.0))
+    deadline = time.monotonic() + timeout
+    rt.stats.polls_waiting += 1
+    try:
+        if cursor is None:
+            key = hub.last_key
+        else:
+            key = cursor
+            try:
+                info = await rt.log.info()
+            except LogUnavailable as exc:
+                return error_response(503, "log_unavailable", f"event log unreachable: {exc}")
+            if cursor_gone(cursor, info):
+                return _answer([], hub.last_id, reset=True)
+        while True:
+            recent = hub.recent_after(key)
+            if recent is None:
+                # Behind the in-memory window: a page from the log.
+                try:
+                    entries = await rt.log.read_after(format_id(key), MAX_EVENTS)
+                except LogUnavailable as exc:
+                    return error_response(503, "log_unavailable", f"event log unreachable: {exc}")
+                if entries:
+                    key = parse_id(entries[-1][0])
+                    events = decode_visible(entries, rooms)
+                    if events:
+                        return _answer(events, format_id(key))
+                    continue
+                recent = []
+            else:
+                events = [e for e in recent if e.visible_to(rooms)][:MAX_EVENTS]
+                if recent:
+                    key = events[-1].key if len(events) == MAX_EVENTS else recent[-1].key
+                if events:
+                    return _answer(events, format_id(key))
+            if identity.expired():
+                return error_response(401, "token_expired", "the token has expired; log in again")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or rt.draining:
+                return _answer([], format_id(key))
+            await hub.wait_for_events(remaining)
+    except asyncio.CancelledError:
+        raise
+    finally:
+        rt.stats.polls_waiting -= 1
