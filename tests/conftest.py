@@ -1,0 +1,71 @@
+"""Shared fixtures: real redis-server and real dualcast processes on free loopback ports."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from server.auth import mint_token
+from tests.support.procs import DualcastProcess, RedisProcess
+
+SECRET = "test-secret-" + "x" * 24
+
+
+def require_tool(name: str, why: str) -> str:
+    """The path of a system tool; a loud skip outside CI, a failure in CI (CI=true)."""
+    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
+    if path:
+        return path
+    message = f"{name} is not installed: {why} (the README test command installs it)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def token(sub: str = "456", rooms: list[str] | None = None, admin: bool = False,
+          publish: bool = False, ttl: float = 3600) -> str:
+    return mint_token(SECRET, sub, rooms=rooms, admin=admin, publish=publish, ttl=ttl)
+
+
+@pytest.fixture
+def make_token() -> Callable[..., str]:
+    return token
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    """One redis-server for the session (tests use their own stream keys or cursors)."""
+    proc = RedisProcess(tmp_path_factory.mktemp("redis")).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def fresh_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A redis-server of this test's own, for tests that kill or restart it."""
+    proc = RedisProcess(tmp_path / "redis").start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def dualcast(tmp_path: Path) -> Iterator[Callable[..., DualcastProcess]]:
+    """Factory: start dualcast processes that are stopped when the test ends."""
+    started: list[DualcastProcess] = []
+
+    def start(redis_url: str | None = None, env: dict[str, str] | None = None,
+              args: list[str] | None = None, wait: bool = True,
+              port: int | None = None) -> DualcastProcess:
+        merged = {"DUALCAST_SECRET": SECRET, **(env or {})}
+        proc = DualcastProcess(tmp_path / f"dc{len(started)}", redis_url=redis_url,
+                               env=merged, args=args, port=port)
+        started.append(proc)
+        return proc.start(wait=wait)
+
+    yield start
+    for proc in started:
+        proc.stop()
