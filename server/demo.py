@@ -23,14 +23,15 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 log = logging.getLogger("dualcast.demo")
 
-Sink = Callable[[str, Any, list[str]], "Awaitable[object] | object"]
+#: `(event, data, rooms)`; may return an awaitable (an async callable) or not.
+Sink = Callable[[str, Any, list[str]], object]
 CircuitState = Literal["closed", "half-open", "open"]
 
 #: Simulated seconds per tick; the wall-clock pause is TICK / speed.
@@ -164,9 +165,11 @@ class Simulation:
     # -- the simulation
 
     def start(self) -> list[tuple[str, dict[str, Any], list[str]]]:
-        """The opening picture: every provider's status, then the first metrics."""
+        """The opening picture: every provider's status, a few sessions already running, metrics."""
         for p in self.providers:
             self.provider_changed(p)
+        for _ in range(5):
+            self.open_session()
         self.metrics()
         return self.drain()
 
@@ -195,8 +198,10 @@ class Simulation:
         active = len(self.sessions)
         # busier when few sessions run, quieter near the cap: hovers around 6-10
         rate = 0.45 if active < 6 else 0.3 if active < 10 else 0.05
-        if not self._rate(rate):
-            return
+        if self._rate(rate):
+            self.open_session()
+
+    def open_session(self) -> None:
         usable = [p for p in self.providers if p.circuit != "open"]
         if not usable:
             return
@@ -247,8 +252,7 @@ class Simulation:
             latency = (m.first_token_ms + m.ms_per_token * output_tokens) * p.slowdown
             latency *= rng.lognormvariate(0, 0.25)
             cost = (input_tokens * m.usd_in + output_tokens * m.usd_out) / 1_000_000
-            if p.circuit == "half-open":
-                self.provider_success(p)
+            self.provider_success(p)
         latency_ms = round(latency)
         s.cost += cost
         self.totals.add(cost, latency_ms)
@@ -290,9 +294,11 @@ class Simulation:
             if p.status != "healthy" and self.now >= p.incident_until and p.error_rate > 0.01:
                 p.error_rate, p.slowdown = 0.01, 1.0  # the upstream fixed itself
             if p.circuit == "closed" and p.status == "degraded" and self._rate(0.5):
-                # the proxy's own health probe also sees the trouble
+                # the proxy's own health probe also sees the trouble (or its end)
                 if self.rng.random() < p.error_rate:
                     self.provider_failure(p)
+                else:
+                    self.provider_success(p)
             elif p.circuit == "open" and self.now - p.opened_at >= OPEN_SECONDS:
                 p.circuit, p.status, p.trial_successes = "half-open", "degraded", 0
                 self.provider_changed(p)
@@ -316,11 +322,17 @@ class Simulation:
         self.provider_changed(p)
 
     def provider_success(self, p: Provider) -> None:
-        p.trial_successes += 1
-        if p.trial_successes >= HALF_OPEN_SUCCESSES:
-            p.circuit, p.status, p.failures, p.trial_successes = "closed", "healthy", 0, 0
-            p.error_rate, p.slowdown = 0.01, 1.0
-            self.provider_changed(p)
+        if p.circuit == "half-open":
+            p.trial_successes += 1
+            if p.trial_successes >= HALF_OPEN_SUCCESSES:
+                p.circuit, p.status, p.failures, p.trial_successes = "closed", "healthy", 0, 0
+                p.error_rate, p.slowdown = 0.01, 1.0
+                self.provider_changed(p)
+        elif p.circuit == "closed" and p.failures and self.rng.random() < 0.5:
+            p.failures -= 1  # old failures age out while requests succeed
+            if p.failures == 0 and p.status == "degraded":
+                p.status = "healthy"
+                self.provider_changed(p)
 
     # -- metrics
 
@@ -335,9 +347,9 @@ class Simulation:
         self.emit("metrics_update", data, [ADMIN_ROOM])
 
     def user_metrics(self) -> None:
-        """Per-user metrics when they changed, at most every 2 s per user (a throttle)."""
+        """Per-user metrics when they changed, at most every 3 s per user (a throttle)."""
         for user in sorted(self.user_dirty):
-            if self.now - self.user_last_metrics.get(user, -math.inf) < 2.0:
+            if self.now - self.user_last_metrics.get(user, -math.inf) < 3.0:
                 continue
             self.user_dirty.discard(user)
             self.user_last_metrics[user] = self.now
