@@ -1,0 +1,159 @@
+"""One load-generator worker process: opens its share of the clients and reports.
+
+The runner starts several of these (`python -m bench.loadgen`) so the generator
+spreads over the cores, and talks to each over stdin/stdout, one JSON object per
+line. The first line in is the spec (too big for argv with 10,000 token paths):
+
+    worker -> {"op": "connected", "ok": n, "failed": m, "errors": [...]}
+    runner -> {"op": "status"}                    worker -> {"op": "status", "warm": n, ...}
+    runner -> {"op": "collect", "expect": K, "timeout": s}
+                                                  worker -> {"op": "result", ...} (and resets)
+    runner -> {"op": "exit"}
+
+Spec keys: kind, host, port, paths (one request path per client), concurrency,
+connect_timeout, wait (long-poll timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+from bench.clients import KINDS, Client, PollClient, Tally
+from bench.procs import raise_nofile
+
+
+class Worker:
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        self.kind: str = spec["kind"]
+        self.tally = Tally()
+        self.clients: list[Client] = []
+
+    async def connect_all(self) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        cls = KINDS[self.kind][0]
+        host, port = self.spec["host"], self.spec["port"]
+        sem = asyncio.Semaphore(self.spec.get("concurrency", 50))
+        timeout = self.spec.get("connect_timeout", 30.0)
+        errors: Counter[str] = Counter()
+
+        async def one(path: str) -> None:
+            async with sem:
+                try:
+                    if cls is PollClient:
+                        factory = lambda: PollClient(  # noqa: E731
+                            self.tally, host, port, path, self.spec.get("wait", 20)
+                        )
+                    else:
+                        factory = lambda: cls(self.tally, host, port, path)  # noqa: E731
+                    _, client = await asyncio.wait_for(
+                        loop.create_connection(factory, host, port), timeout
+                    )
+                    self.clients.append(client)
+                    await asyncio.wait_for(asyncio.shield(client.ready), timeout)
+                except Exception as exc:  # count and go on: a refusal is a result
+                    errors[repr(exc)[:160]] += 1
+
+        await asyncio.gather(*(one(p) for p in self.spec["paths"]))
+        ok = sum(1 for c in self.clients if c.ready.done() and not c.ready.exception())
+        return {"op": "connected", "ok": ok, "failed": len(self.spec["paths"]) - ok,
+                "errors": errors.most_common(5)}
+
+    def status(self) -> dict[str, Any]:
+        alive = [c for c in self.clients if not c.closed]
+        return {"op": "status", "alive": len(alive), "warm": sum(c.warm for c in alive),
+                "deliveries": self.tally.deliveries}
+
+    async def collect(
+        self, expect: int, timeout: float, receivers: list[int] | None = None
+    ) -> dict[str, Any]:
+        """Wait until every live client has all `expect` events (or timeout); report; reset.
+
+        With `receivers` (indices into this worker's clients) only those should get
+        the events (a room event); anything another client gets is misrouted.
+        """
+        wanted = set(range(len(self.clients)) if receivers is None else receivers)
+        targets = [c for i, c in enumerate(self.clients) if i in wanted]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(c.count >= expect or c.closed for c in targets):
+                break
+            await asyncio.sleep(0.02)
+        lost = dup = ooo = misrouted = 0
+        clients_with_loss = closed = 0
+        reasons: Counter[str] = Counter()
+        for i, c in enumerate(self.clients):
+            if i not in wanted:
+                misrouted += c.count
+                c.reset()
+                continue
+            missing = max(0, expect - c.count)
+            lost += missing
+            clients_with_loss += missing > 0
+            dup += c.dup
+            ooo += c.ooo
+            if c.closed:
+                closed += 1
+                reasons[c.close_reason[:120]] += 1
+            c.reset()
+        result = {"op": "result", **self.tally.summary(), "lost": lost, "duplicated": dup,
+                  "out_of_order": ooo, "misrouted": misrouted, "clients_with_loss": clients_with_loss,
+                  "closed": closed, "close_reasons": reasons.most_common(3),
+                  "clients": len(self.clients)}
+        self.tally.reset()
+        return result
+
+    def close_all(self) -> None:
+        for c in self.clients:
+            if isinstance(c, PollClient):
+                c.stopping = True
+            c.close()
+
+
+async def main() -> None:
+    raise_nofile()
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 26)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    worker = Worker(json.loads(await reader.readline()))
+
+    def emit(obj: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    emit(await worker.connect_all())
+    # The generator's own GC pauses would show up as server latency: keep them rare.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 100)
+    while True:
+        line = await reader.readline()
+        if not line:
+            break
+        cmd = json.loads(line)
+        op = cmd.get("op")
+        if op == "status":
+            emit(worker.status())
+        elif op == "collect":
+            emit(await worker.collect(
+                int(cmd["expect"]), float(cmd.get("timeout", 10)), cmd.get("receivers")
+            ))
+        elif op == "exit":
+            break
+    worker.close_all()
+    await asyncio.sleep(0.2)  # let close frames go out
+
+
+if __name__ == "__main__":
+    try:
+        import uvloop
+    except ImportError:  # plain asyncio works, only slower
+        asyncio.run(main())
+    else:
+        uvloop.run(main())

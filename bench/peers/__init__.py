@@ -1,0 +1,1 @@
+"""Peer servers the benchmark measures dualcast against (installed by the `bench` extra)."""
