@@ -7,6 +7,7 @@ Tokens are read from `Authorization: Bearer`, `?token=`, or the
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from dataclasses import dataclass, field
@@ -42,7 +43,10 @@ class Identity:
     def may_join(self, room: str) -> bool:
         if self.anonymous:
             return False
-        return self.admin or room in self.rooms or (self.sub is not None and room == f"user-{self.sub}")
+        return (
+            self.admin or room in self.rooms
+            or (self.sub is not None and room == f"user-{self.sub}")
+        )
 
     def default_rooms(self) -> set[str]:
         """Rooms joined when a subscriber names none: its listed rooms, `user-<sub>`, `admin`."""
@@ -87,33 +91,67 @@ def mint_token(
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
+def _refusal_for(exc: jwt.InvalidTokenError) -> AuthError:
+    """A clear, token-free message for each way PyJWT refuses a token."""
+    if isinstance(exc, jwt.ExpiredSignatureError):
+        return AuthError("token_expired", "the token has expired; log in again")
+    if isinstance(exc, jwt.InvalidSignatureError):
+        return AuthError("invalid_token", "the token's signature does not match this server")
+    if isinstance(exc, jwt.InvalidAlgorithmError):
+        return AuthError("invalid_token", f"the token must be signed with {ALGORITHM}")
+    if isinstance(exc, jwt.MissingRequiredClaimError):
+        return AuthError("invalid_token", f"the token lacks the {exc.claim!r} claim")
+    if isinstance(exc, jwt.ImmatureSignatureError):
+        return AuthError("invalid_token", "the token is not valid yet")
+    if isinstance(exc, jwt.DecodeError):
+        return AuthError("invalid_token", "the token is malformed (not a signed JWT)")
+    # Wrong claim types (sub, iat, nbf, exp...), unexpected aud/iss: say which class of
+    # problem without echoing anything from the token itself.
+    return AuthError("invalid_token", f"the token is not valid ({type(exc).__name__})")
+
+
+def _claim_bool(claims: dict[str, Any], name: str) -> bool:
+    value = claims.get(name, False)
+    if not isinstance(value, bool):
+        raise AuthError("invalid_token", f"the token's {name!r} claim must be true or false")
+    return value
+
+
 def decode_token(token: str, secret: str | None) -> Identity:
-    """Verify a token (signature, HS256 only, expiry) or raise AuthError."""
+    """Verify a token (signature, HS256 only, expiry, claim types) or raise AuthError.
+
+    A claim of the wrong type refuses the whole token rather than being read as
+    "false" or "no rooms": a token we cannot read exactly is not a token we trust.
+    """
     if secret is None:
         raise AuthError("no_secret", "this server has no token secret configured")
     if len(token) > 8192:
-        raise AuthError("invalid_token", "token too long")
+        raise AuthError("invalid_token", "the token is too long")
     try:
         claims = jwt.decode(
             token, secret, algorithms=[ALGORITHM], options={"require": ["sub", "exp"]}
         )
-    except jwt.ExpiredSignatureError:
-        raise AuthError("token_expired", "the token has expired; log in again") from None
     except jwt.InvalidTokenError as exc:
-        reason = type(exc).__name__
-        raise AuthError("invalid_token", f"the token is not valid ({reason})") from None
-    rooms = claims.get("rooms") or []
+        raise _refusal_for(exc) from None
+    if not isinstance(claims, dict):
+        raise AuthError("invalid_token", "the token's claims must be a JSON object")
+    rooms = claims.get("rooms", [])
+    if rooms is None:
+        rooms = []
     if not isinstance(rooms, list) or not all(isinstance(r, str) for r in rooms):
         raise AuthError("invalid_token", "the token's 'rooms' claim must be a list of strings")
     sub = claims.get("sub")
-    if not isinstance(sub, str | int) or isinstance(sub, bool) or not str(sub):
-        raise AuthError("invalid_token", "the token's 'sub' claim must be a string")
+    if not isinstance(sub, str) or not sub:
+        raise AuthError("invalid_token", "the token's 'sub' claim must be a non-empty string")
+    exp = claims["exp"]
+    if isinstance(exp, bool) or not isinstance(exp, int | float):
+        raise AuthError("invalid_token", "the token's 'exp' claim must be a number")
     return Identity(
-        sub=str(sub),
+        sub=sub,
         rooms=frozenset(rooms),
-        admin=claims.get("admin") is True,
-        publish=claims.get("publish") is True,
-        exp=float(claims["exp"]),
+        admin=_claim_bool(claims, "admin"),
+        publish=_claim_bool(claims, "publish"),
+        exp=float(exp),
         anonymous=False,
     )
 
@@ -122,8 +160,13 @@ _BEARER = re.compile(r"^\s*Bearer\s+(\S+)\s*$", re.IGNORECASE)
 
 
 def token_from(conn: HTTPConnection) -> str | None:
+    """The presented token: `Authorization: Bearer`, else `?token=`, else the cookie.
+
+    Another Authorization scheme (a proxy's Basic auth, which browsers resend on
+    every request) is not ours: it is ignored, not refused.
+    """
     header = conn.headers.get("authorization")
-    if header:
+    if header and header.strip().lower().startswith("bearer"):
         match = _BEARER.match(header)
         if match is None:
             raise AuthError("invalid_token", "Authorization header must be 'Bearer <token>'")
@@ -142,3 +185,48 @@ def identify(conn: HTTPConnection, secret: str | None, allow_anonymous: bool) ->
             raise AuthError("unauthenticated", "a token is required on this server")
         return ANONYMOUS
     return decode_token(token, secret)
+
+
+# Logs never print a token ------------------------------------------------------
+
+_SECRET_QUERY = re.compile(r"((?:^|[?&;\s])(?:token|access_token)=)[^&\s\"']*", re.IGNORECASE)
+_JWT_LIKE = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
+
+
+def redact(text: str) -> str:
+    """`text` with query tokens and anything shaped like a JWT replaced by `***`."""
+    return _JWT_LIKE.sub("***", _SECRET_QUERY.sub(r"\1***", text))
+
+
+class RedactTokens(logging.Filter):
+    """Rewrites a record's message so no token reaches a log (uvicorn logs WS paths with
+    their query string, `?token=` included)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken record is logging's problem, not ours
+            return True
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg = cleaned
+            record.args = None
+        return True
+
+
+_REDACTED_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "dualcast", "")
+
+
+def install_log_redaction() -> None:
+    """Attach the filter to uvicorn's and our loggers and to every root handler.
+
+    Call it after uvicorn has configured logging (its dictConfig replaces handlers,
+    not logger filters). Idempotent.
+    """
+    for name in _REDACTED_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactTokens) for f in logger.filters):
+            logger.addFilter(RedactTokens())
+        for handler in logger.handlers:
+            if not any(isinstance(f, RedactTokens) for f in handler.filters):
+                handler.addFilter(RedactTokens())
