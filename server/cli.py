@@ -81,7 +81,11 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(settings, secret)
     if args.demo:
         _attach_demo(app, args.demo_speed)
-    server = DrainingServer(uvicorn.Config(app, **common), app)
+    config = uvicorn.Config(app, **common)
+    from server.auth import install_log_redaction
+
+    install_log_redaction()  # after uvicorn's logging setup: it logs WS paths with ?token=
+    server = DrainingServer(config, app)
     server.run()
     return 0
 
@@ -89,7 +93,9 @@ def _serve(args: argparse.Namespace) -> int:
 def app_from_env() -> Any:
     """uvicorn factory for `--workers N`: each worker builds its app from the environment."""
     from server.app import create_app
+    from server.auth import install_log_redaction
 
+    install_log_redaction()  # the worker's logging is configured by now
     return create_app(load_settings())
 
 
