@@ -33,11 +33,15 @@ import math
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
-from datetime import timedelta
+from dataclasses import asdict, dataclass, fields, is_dataclass
+from datetime import date, datetime, timedelta
+from datetime import time as dt_time
 from decimal import Decimal
+from enum import Enum
 from typing import Any, Literal, Protocol
+from uuid import UUID
 
 import orjson
 import redis
@@ -101,6 +105,13 @@ class PublisherStats:
 # --------------------------------------------------------------------------- encoding
 
 
+def _safe_str(obj: Any) -> str:
+    try:
+        return str(obj)
+    except Exception:  # a hostile __str__ still must not break the caller
+        return f"<unencodable {type(obj).__name__}>"
+
+
 def _json_default(obj: Any) -> Any:
     """What orjson cannot encode natively, as a dashboard wants it; never raises."""
     if isinstance(obj, Decimal):
@@ -119,72 +130,85 @@ def _json_default(obj: Any) -> Any:
         return obj.total_seconds()
     if isinstance(obj, Mapping):
         return dict(obj)
-    model_dump = getattr(obj, "model_dump", None)
-    if callable(model_dump):  # pydantic models, without importing pydantic
-        try:
-            return model_dump(mode="json")
-        except Exception:
-            return str(obj)
-    isoformat = getattr(obj, "isoformat", None)
-    if callable(isoformat):  # date-like objects of other libraries
-        try:
-            return str(isoformat())
-        except Exception:
-            return str(obj)
-    if isinstance(obj, (list, tuple)) or (hasattr(obj, "__iter__") and not isinstance(obj, str)):
+    for method, kwargs in (("model_dump", {"mode": "json"}), ("isoformat", {})):
+        # pydantic models and other libraries' date-likes, without importing them
+        func = getattr(obj, method, None)
+        if callable(func):
+            try:
+                return func(**kwargs)
+            except Exception:
+                return _safe_str(obj)
+    if isinstance(obj, Iterable) and not isinstance(obj, str):
         try:
             return list(obj)
         except Exception:
-            return str(obj)
-    return str(obj)
+            return _safe_str(obj)
+    return _safe_str(obj)
 
 
-def _safe_ints(value: Any, depth: int = 0) -> Any:
-    """Copy `value` with integers beyond 2^53 turned into strings (JS numbers lose them)."""
-    if depth > 200:
-        return str(value)
-    if isinstance(value, bool):
+_LEAVES = (str, float, type(None), datetime, date, dt_time, UUID, Decimal)
+
+
+def _key(key: Any) -> str:
+    if isinstance(key, str):
+        return key
+    if isinstance(key, bool) or key is None:
+        return orjson.dumps(key).decode()
+    if isinstance(key, (datetime, date, dt_time)):
+        return key.isoformat()
+    return _safe_str(key)
+
+
+def _native(value: Any, path: set[int], depth: int) -> Any:
+    """A JSON-ready copy: big integers as strings, cycles and absurd depth cut off."""
+    if isinstance(value, bool) or isinstance(value, _LEAVES):
         return value
     if isinstance(value, int):
         return value if -MAX_SAFE_INT <= value <= MAX_SAFE_INT else str(value)
-    if isinstance(value, Mapping):
-        return {k: _safe_ints(v, depth + 1) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        items = [_safe_ints(v, depth + 1) for v in value]
-        if isinstance(value, (set, frozenset)):
-            try:
-                items.sort()
-            except TypeError:
-                pass
-        return items
-    return value
+    if isinstance(value, Enum):
+        return _native(value.value, path, depth)
+    if depth > 100:
+        return "<too deep>"
+    if id(value) in path:
+        return "<cycle>"
+    path.add(id(value))
+    try:
+        if isinstance(value, Mapping):
+            return {_key(k): _native(v, path, depth + 1) for k, v in value.items()}
+        if isinstance(value, (list, tuple, deque)):
+            return [_native(v, path, depth + 1) for v in value]
+        if is_dataclass(value) and not isinstance(value, type):
+            return {f.name: _native(getattr(value, f.name, None), path, depth + 1)
+                    for f in fields(value)}
+        converted = _json_default(value)
+        if isinstance(converted, (dict, list)):
+            return _native(converted, path, depth + 1)
+        return converted
+    finally:
+        path.discard(id(value))
 
 
 def encode_envelope(event: str, data: Any, rooms: Sequence[str]) -> str:
     """The JSON of the stream entry's ``data`` field; encodes any value, never raises.
 
-    Datetimes and dates become ISO 8601 strings, UUIDs strings, Decimals JSON
-    numbers (non-finite ones strings), sets lists, bytes text, integers beyond
-    2^53 strings, NaN/Infinity floats null; anything else ``str()``.
+    Datetimes, dates and times become ISO 8601 strings, UUIDs strings, Decimals
+    JSON numbers (non-finite ones strings), sets lists, bytes text, timedeltas
+    seconds, integers beyond 2^53 strings, NaN/Infinity null, cycles
+    ``"<cycle>"``; anything else ``str()``.
     """
     body: dict[str, Any] = {"event": event, "data": data}
     if rooms:
         body["rooms"] = list(rooms)
-    try:
+    try:  # the fast path: orjson alone (it refuses integers beyond 2^53 here)
         return orjson.dumps(body, default=_json_default, option=_JSON_OPTS).decode()
-    except TypeError:  # orjson.JSONEncodeError: a big int, a cycle, a hostile __str__...
+    except TypeError:  # orjson.JSONEncodeError
         pass
     try:
-        body["data"] = _safe_ints(data)
+        body["data"] = _native(data, set(), 0)
         return orjson.dumps(body, default=_json_default, option=_JSON_OPTS).decode()
     except Exception:
-        pass
-    try:
-        text = str(data)
-    except Exception:
-        text = f"<unencodable {type(data).__name__}>"
-    body["data"] = text
-    return orjson.dumps(body).decode()
+        body["data"] = _safe_str(data)
+        return orjson.dumps(body).decode()
 
 
 def _check_event(event: str) -> None:

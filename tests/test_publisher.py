@@ -1,0 +1,586 @@
+"""The producer library against a real redis-server: wire format, fail-open, throttle, batch.
+
+Each test uses its own stream key on the session's redis-server, or a redis of
+its own when it kills, stops or restarts it. Time bounds are measured, not slept:
+the waits are for conditions, with deadlines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import itertools
+import logging
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+import websockets
+
+from server.events import Envelope, decode_entry, parse_id
+from server.publisher import Publisher, SyncPublisher, encode_envelope
+from tests.conftest import token
+from tests.support.procs import RedisProcess
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def stream_key() -> str:
+    return f"test-pub-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def reader(redis_server: RedisProcess) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(redis_server.url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+async def entries(client: aioredis.Redis, stream: str) -> list[tuple[str, dict[str, str]]]:
+    return [(i, dict(f)) for i, f in await client.xrange(stream)]
+
+
+async def wait_for(condition: Any, within: float = 10.0, what: str = "") -> Any:
+    """Await an async condition until truthy, or fail after `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        value = await condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+class Recorder:
+    """A local fallback like the app's runtime: records what it is given, returns ids."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any, list[str]]] = []
+
+    def publish_local(self, event: str, data: Any, rooms: list[str]) -> str:
+        self.calls.append((event, data, rooms))
+        return f"{int(time.time() * 1000)}-{len(self.calls)}"
+
+
+# --------------------------------------------------------------------------- wire format
+
+
+async def test_ids_in_order_and_wire_format(redis_server: RedisProcess, reader: aioredis.Redis):
+    stream = stream_key()
+    before = int(time.time() * 1000)
+    async with Publisher(redis_server.url, stream=stream) as pub:
+        ids = []
+        for i in range(20):
+            rooms = [] if i % 3 == 0 else ["admin", f"user-{i}"]
+            ids.append(await pub.publish("usage_log_added", {"n": i}, rooms))
+    assert all(ids)
+    keys = [parse_id(i) for i in ids]
+    assert keys == sorted(keys) and len(set(keys)) == 20
+
+    got = await entries(reader, stream)
+    assert [i for i, _ in got] == ids
+    for n, (entry_id, fields) in enumerate(got):
+        assert set(fields) == {"data", "timestamp"}
+        body = orjson.loads(fields["data"])
+        if n % 3 == 0:
+            assert body == {"event": "usage_log_added", "data": {"n": n}}  # public: no rooms
+        else:
+            assert body == {"event": "usage_log_added", "data": {"n": n},
+                            "rooms": ["admin", f"user-{n}"]}
+        Envelope.model_validate(body)  # what POST /api/publish would accept
+        assert before <= int(fields["timestamp"]) <= int(time.time() * 1000)
+        event = decode_entry(entry_id, fields)  # what the consumer does
+        assert (event.event, event.data) == ("usage_log_added", {"n": n})
+        assert event.rooms == tuple(body.get("rooms", ()))
+    assert pub.stats.published == 20 and pub.stats.dropped == 0
+
+
+async def test_maxlen_trims_approximately(redis_server: RedisProcess, reader: aioredis.Redis):
+    stream = stream_key()
+    async with Publisher(redis_server.url, stream=stream, maxlen=100) as pub:
+        for start in range(0, 3000, 500):
+            ids = await pub.publish_many([("tick", i) for i in range(start, start + 500)])
+            assert all(ids)
+    length = await reader.xlen(stream)
+    assert 100 <= length < 3000  # MAXLEN ~: trimmed by whole nodes, never below maxlen
+
+
+async def test_rooms_are_deduplicated_in_order(redis_server: RedisProcess, reader: aioredis.Redis):
+    stream = stream_key()
+    async with Publisher(redis_server.url, stream=stream) as pub:
+        await pub.publish("x", 1, ("user-1", "admin", "user-1"))
+    [(_, fields)] = await entries(reader, stream)
+    assert orjson.loads(fields["data"])["rooms"] == ["user-1", "admin"]
+
+
+# --------------------------------------------------------------------------- batch
+
+
+async def test_publish_many_is_one_round_trip(fresh_redis: RedisProcess):
+    """Redis counts one read event per batch of bytes it receives: a pipeline is one."""
+    stats = aioredis.from_url(fresh_redis.url, decode_responses=True)
+
+    async def reads() -> int:
+        return int((await stats.info("stats"))["total_reads_processed"])
+
+    async def xadd_calls() -> int:
+        return int((await stats.info("commandstats")).get("cmdstat_xadd", {}).get("calls", 0))
+
+    stream = stream_key()
+    async with Publisher(fresh_redis.url, stream=stream) as pub:
+        await pub.publish("warm-up", None)  # connects (and its handshake) outside the count
+        a = await reads()
+        b = await reads()
+        idle = b - a  # what one INFO costs in read events
+        calls = await xadd_calls()
+        a = await reads()
+        ids = await pub.publish_many([("batch", i, ["admin"]) for i in range(25)])
+        b = await reads()
+        assert b - a - idle == 1, "publish_many took more than one round trip"
+        assert await xadd_calls() - calls == 25
+
+        a = await reads()
+        for i in range(25):
+            await pub.publish("single", i)
+        b = await reads()
+        assert b - a - idle == 25  # the same count of XADDs one by one: 25 round trips
+
+    assert all(ids)
+    keys = [parse_id(i) for i in ids]  # type: ignore[arg-type]
+    assert keys == sorted(keys)
+    got = [(i, decode_entry(i, f)) for i, f in await stats.xrange(stream, "-", "+")]
+    batch = [(i, e.data) for i, e in got if e.event == "batch"]
+    assert batch == list(zip(ids, range(25), strict=True))
+    await stats.aclose()
+
+
+async def test_publish_many_validates_everything_first(
+    redis_server: RedisProcess, reader: aioredis.Redis
+):
+    stream = stream_key()
+    async with Publisher(redis_server.url, stream=stream) as pub:
+        with pytest.raises(ValueError):
+            await pub.publish_many([("fine", 1), ("not fine", 2)])
+        with pytest.raises(ValueError):
+            await pub.publish_many([("fine", 1, ["bad room"])])
+        with pytest.raises(ValueError):
+            await pub.publish_many([("only-name",)])  # type: ignore[list-item]
+        assert await pub.publish_many([]) == []
+    assert await reader.xlen(stream) == 0
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("event", ["", "has space", "x" * 65, "naïve", None, 42])
+async def test_invalid_event_names_raise(redis_server: RedisProcess, event: Any):
+    async with Publisher(redis_server.url, stream=stream_key()) as pub:
+        with pytest.raises(ValueError):
+            await pub.publish(event, {})
+
+
+@pytest.mark.parametrize(
+    "rooms",
+    [["bad room"], [""], ["r" * 65], ["user/1"], "admin", [None], [f"r{i}" for i in range(101)]],
+)
+async def test_invalid_rooms_raise(redis_server: RedisProcess, reader: aioredis.Redis, rooms: Any):
+    stream = stream_key()
+    async with Publisher(redis_server.url, stream=stream) as pub:
+        with pytest.raises(ValueError):
+            await pub.publish("fine", {}, rooms)
+    assert await reader.xlen(stream) == 0
+
+
+async def test_invalid_throttle_arguments_raise(redis_server: RedisProcess):
+    async with Publisher(redis_server.url, stream=stream_key()) as pub:
+        for kwargs in ({"throttle_key": "k", "every": 0}, {"throttle_key": "k", "every": -1},
+                       {"throttle_key": "", "every": 1}, {"every": 1.0}):
+            with pytest.raises(ValueError):
+                await pub.publish("fine", 1, **kwargs)
+
+
+def test_validation_does_not_need_redis():
+    """A programming error is raised even while Redis is away (not swallowed as an outage)."""
+    with SyncPublisher("redis://127.0.0.1:1/0", timeout=0.2) as pub, pytest.raises(ValueError):
+        pub.publish("bad name", 1)
+
+
+# --------------------------------------------------------------------------- odd data
+
+
+class Colour(enum.Enum):
+    RED = "red"
+
+
+@dataclasses.dataclass
+class Usage:
+    tokens: int
+    cost: Decimal
+
+
+class Opaque:
+    def __str__(self) -> str:
+        return "opaque!"
+
+
+class Hostile:
+    def __str__(self) -> str:
+        raise RuntimeError("no str for you")
+
+
+async def test_odd_data_types_encode(redis_server: RedisProcess, reader: aioredis.Redis):
+    stream = stream_key()
+    moment = datetime(2026, 11, 25, 12, 30, 5, 123000, tzinfo=UTC)
+    ident = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    cyclic: list[Any] = [1]
+    cyclic.append(cyclic)
+    cases: dict[str, tuple[Any, Any]] = {
+        "datetime": (moment, "2026-11-25T12:30:05.123000+00:00"),
+        "naive": (datetime(2026, 1, 2, 3, 4, 5), "2026-01-02T03:04:05"),
+        "date": (date(2026, 11, 25), "2026-11-25"),
+        "decimal": (Decimal("0.012345"), 0.012345),
+        "decimal_nan": (Decimal("NaN"), "NaN"),
+        "uuid": (ident, str(ident)),
+        "safe_int": (2**53 - 1, 2**53 - 1),
+        "big_int": (2**53 + 1, str(2**53 + 1)),
+        "huge_negative": (-(2**70), str(-(2**70))),
+        "set": ({3, 1, 2}, [1, 2, 3]),
+        "frozenset": (frozenset({"b", "a"}), ["a", "b"]),
+        "tuple": ((1, "a"), [1, "a"]),
+        "bytes": (b"hi\xff", "hi\ufffd"),
+        "timedelta": (timedelta(minutes=1, milliseconds=500), 60.5),
+        "enum": (Colour.RED, "red"),
+        "dataclass": (Usage(2**60, Decimal("1.5")), {"tokens": str(2**60), "cost": 1.5}),
+        "int_keys": ({1: "a", 2: "b"}, {"1": "a", "2": "b"}),
+        "nan": (float("nan"), None),
+        "object": (Opaque(), "opaque!"),
+        "hostile": (Hostile(), "<unencodable Hostile>"),
+        "cycle": (cyclic, [1, "<cycle>"]),
+        "generator": ((i * i for i in range(3)), [0, 1, 4]),
+    }
+    async with Publisher(redis_server.url, stream=stream) as pub:
+        for name, (value, _) in cases.items():
+            assert await pub.publish("odd", {"case": name, "value": value}), name
+        # a big integer deep inside otherwise plain data takes the slow path correctly
+        assert await pub.publish("odd", {"case": "nested", "value": [{"a": [2**64]}, moment]})
+    decoded = {e.data["case"]: e.data["value"]
+               for e in (decode_entry(i, f) for i, f in await entries(reader, stream))}
+    for name, (_, expected) in cases.items():
+        assert decoded[name] == expected, name
+    assert decoded["nested"] == [{"a": [str(2**64)]}, "2026-11-25T12:30:05.123000+00:00"]
+
+
+def test_encode_envelope_never_raises_on_data():
+    class Weird(dict):  # type: ignore[type-arg]
+        def items(self):  # type: ignore[no-untyped-def]
+            raise RuntimeError("boom")
+
+    for value in (Weird(a=1), {(1, 2): {3, "x"}}, [Hostile()] * 3, object()):
+        body = orjson.loads(encode_envelope("e", value, []))
+        assert body["event"] == "e" and "data" in body
+
+
+# --------------------------------------------------------------------------- fail open
+
+
+async def test_stopped_redis_fails_open_and_keeps_the_callers_pace(
+    fresh_redis: RedisProcess, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO, logger="dualcast.publisher")
+    timeout = 0.3
+    async with Publisher(fresh_redis.url, stream=stream_key(), timeout=timeout) as pub:
+        assert await pub.publish("before", 1)
+        fresh_redis.kill()
+        durations = []
+        loop_started = time.monotonic()
+        for i in range(200):  # a request loop that publishes every 5 ms
+            started = time.monotonic()
+            assert await pub.publish("during", i, ["admin"]) is None
+            durations.append(time.monotonic() - started)
+            await asyncio.sleep(0.005)
+        loop_time = time.monotonic() - loop_started
+    assert max(durations) < timeout + 0.1
+    assert sum(durations) < timeout + 0.2  # at most one call paid, the rest returned at once
+    assert loop_time < 200 * 0.005 + timeout + 1.5  # the loop kept its pace
+    assert pub.stats.outages == 1
+    assert pub.stats.failed >= 1 and pub.stats.failed + pub.stats.short_circuited == 200
+    assert pub.stats.dropped == 200 and pub.stats.published == 1
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "unavailable" in warnings[0].getMessage()
+
+
+async def test_unresponsive_redis_times_out_then_short_circuits(fresh_redis: RedisProcess):
+    """SIGSTOP: the port still accepts connections, nothing answers: the slow case."""
+    timeout = 0.3
+    assert fresh_redis.proc is not None
+    async with Publisher(fresh_redis.url, stream=stream_key(), timeout=timeout) as pub:
+        assert await pub.publish("before", 1)
+        fresh_redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            assert await pub.publish("stalled", 1) is None
+            first = time.monotonic() - started
+            assert timeout * 0.8 <= first < timeout + 0.2
+            durations = []
+            for i in range(50):
+                started = time.monotonic()
+                assert await pub.publish("stalled", i) is None
+                durations.append(time.monotonic() - started)
+                await asyncio.sleep(0.01)
+            assert max(durations) < 0.05  # the breaker answers at once while Redis hangs
+            many_started = time.monotonic()
+            assert await pub.publish_many([("x", 1), ("y", 2)]) == [None, None]
+            assert time.monotonic() - many_started < 0.05
+        finally:
+            fresh_redis.proc.send_signal(signal.SIGCONT)
+
+        async def back() -> str | None:
+            return await pub.publish("after", 1)
+
+        assert await wait_for(back, within=15, what="publishing again after SIGCONT")
+
+
+async def test_recovers_after_redis_restarts_on_the_same_port(
+    fresh_redis: RedisProcess, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO, logger="dualcast.publisher")
+    stream = stream_key()
+    async with Publisher(fresh_redis.url, stream=stream, timeout=0.3, cooldown=0.1) as pub:
+        first = await pub.publish("before", 1)
+        assert first
+        fresh_redis.kill()
+        assert await pub.publish("lost", 2) is None
+        assert not pub.available
+        fresh_redis.start(wipe=True)
+
+        async def back() -> str | None:
+            return await pub.publish("after", 3)
+
+        after = await wait_for(back, within=15, what="publishing after the restart")
+        assert pub.available
+        assert await pub.publish_many([("after", 4), ("after", 5)]) != [None, None]
+    client = aioredis.from_url(fresh_redis.url, decode_responses=True)
+    got = [decode_entry(i, f) for i, f in await client.xrange(stream)]
+    await client.aclose()
+    assert got[0].id == after and [e.data for e in got][-2:] == [4, 5]
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("unavailable" in m for m in messages) == 1
+    assert sum("Redis is back" in m for m in messages) == 1
+
+
+async def test_unreachable_from_the_start_never_raises():
+    async with Publisher("redis://127.0.0.1:1/0", stream=stream_key(), timeout=0.2) as pub:
+        started = time.monotonic()
+        results = [await pub.publish("e", i) for i in range(20)]
+        results += await pub.publish_many([("e", 1), ("e", 2)])
+    assert results == [None] * 22
+    assert time.monotonic() - started < 0.2 + 0.5
+    assert pub.stats.dropped == 22
+
+
+async def test_local_fallback_receives_events_while_redis_is_away(fresh_redis: RedisProcess):
+    local = Recorder()
+    async with Publisher(fresh_redis.url, stream=stream_key(), timeout=0.3, fallback=local) as pub:
+        assert await pub.publish("normal", 1)
+        assert local.calls == []
+        fresh_redis.kill()
+        first = await pub.publish("outage", {"big": 2**60, "when": date(2026, 1, 1)}, ["admin"])
+        second = await pub.publish("outage", 2)
+        many = await pub.publish_many([("outage", 3, ["user-1"]), ("outage", 4)])
+    assert first and second and all(many)
+    assert local.calls == [
+        ("outage", {"big": str(2**60), "when": "2026-01-01"}, ["admin"]),  # as the stream has it
+        ("outage", 2, []), ("outage", 3, ["user-1"]), ("outage", 4, []),
+    ]
+    assert pub.stats.fallback == 4 and pub.stats.dropped == 0
+
+
+async def test_no_redis_url_publishes_to_the_fallback_only():
+    local = Recorder()
+    async with Publisher(None, fallback=local) as pub:
+        entry_id = await pub.publish("e", 1, ["admin"])
+        assert entry_id is not None and entry_id.endswith("-1")  # the fallback's own id
+    assert local.calls == [("e", 1, ["admin"])]
+    async with Publisher(None) as pub:
+        assert await pub.publish("e", 1) is None
+    assert pub.stats.dropped == 1 and pub.stats.short_circuited == 0
+
+
+async def test_a_failing_fallback_does_not_raise(fresh_redis: RedisProcess):
+    class Broken:
+        def publish_local(self, event: str, data: Any, rooms: list[str]) -> str:
+            raise RuntimeError("hub is gone")
+
+    fresh_redis.kill()
+    async with Publisher(fresh_redis.url, stream=stream_key(), timeout=0.2,
+                         fallback=Broken()) as pub:
+        assert await pub.publish("e", 1) is None
+    assert pub.stats.dropped == 1
+
+
+# --------------------------------------------------------------------------- throttle
+
+
+async def test_throttle_keeps_leading_and_trailing_values_and_caps_the_rate(
+    redis_server: RedisProcess, reader: aioredis.Redis
+):
+    stream = stream_key()
+    every = 0.2
+    async with Publisher(redis_server.url, stream=stream) as pub:
+        results = []
+        started = time.monotonic()
+        n = 0
+        while time.monotonic() - started < 1.0 and n < 500:  # a value every ~5 ms for 1 s
+            results.append(await pub.publish("metrics_update", {"n": n}, ["admin"],
+                                              throttle_key="metrics:admin", every=every))
+            n += 1
+            await asyncio.sleep(0.005)
+        last = n - 1
+        assert results[0] is not None  # leading edge: the first value goes out at once
+
+        async def trailing_arrived() -> bool:  # the background task, not close, sends it
+            got = await entries(reader, stream)
+            return bool(got) and orjson.loads(got[-1][1]["data"])["data"] == {"n": last}
+
+        await wait_for(trailing_arrived, within=5, what="the trailing value")
+        assert pub.stats.conflated > 0
+    got = [decode_entry(i, f) for i, f in await entries(reader, stream)]
+    values = [e.data["n"] for e in got]
+    assert values[0] == 0 and values[-1] == last
+    assert values == sorted(values)
+    elapsed = (got[-1].ts - got[0].ts) / 1000
+    assert len(got) <= elapsed / every + 2  # at most once per interval (plus both edges)
+    assert len(got) >= 4  # ...but it did keep publishing through the burst
+    gaps = [(b.ts - a.ts) / 1000 for a, b in itertools.pairwise(got)]
+    assert min(gaps) >= every - 0.03
+
+
+async def test_throttle_keys_are_independent_and_close_flushes(
+    redis_server: RedisProcess, reader: aioredis.Redis
+):
+    stream = stream_key()
+    async with Publisher(redis_server.url, stream=stream) as pub:
+        for user in ("456", "789"):
+            assert await pub.publish("metrics_update", {"u": user, "v": 1}, [f"user-{user}"],
+                                     throttle_key=f"m:{user}", every=60)
+        for v in (2, 3, 4):
+            assert await pub.publish("metrics_update", {"u": "456", "v": v}, ["user-456"],
+                                     throttle_key="m:456", every=60) is None
+        assert await reader.xlen(stream) == 2
+    # closing flushed the last held value (v=4), not the superseded ones
+    values = [(e.data["u"], e.data["v"]) for e in
+              (decode_entry(i, f) for i, f in await entries(reader, stream))]
+    assert values == [("456", 1), ("789", 1), ("456", 4)]
+    assert pub.stats.conflated == 2
+
+
+async def test_throttle_after_a_quiet_interval_is_a_new_leading_edge(
+    redis_server: RedisProcess, reader: aioredis.Redis
+):
+    stream = stream_key()
+    async with Publisher(redis_server.url, stream=stream) as pub:
+        assert await pub.publish("m", 1, throttle_key="k", every=0.1)
+
+        async def idle() -> bool:
+            return not pub._conflator.slots  # the slot is forgotten once its interval passed
+
+        await wait_for(idle, within=5, what="the throttle slot to expire")
+        assert await pub.publish("m", 2, throttle_key="k", every=0.1)  # leading again
+    assert await reader.xlen(stream) == 2
+
+
+# --------------------------------------------------------------------------- sync
+
+
+def test_sync_publisher_publishes_batches_and_throttles(redis_server: RedisProcess):
+    import redis
+
+    stream = stream_key()
+    with SyncPublisher(redis_server.url, stream=stream) as pub:
+        first = pub.publish("script", {"at": datetime(2026, 1, 1, tzinfo=UTC)}, ["admin"])
+        many = pub.publish_many([("script", i) for i in range(10)])
+        assert first and all(many)
+        assert pub.publish("m", 0, throttle_key="k", every=0.1)
+        for v in range(1, 20):
+            assert pub.publish("m", v, throttle_key="k", every=0.1) is None
+        client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+        deadline = time.monotonic() + 5
+        while True:  # the flush thread sends the trailing value without close()
+            got = [decode_entry(i, f) for i, f in client.xrange(stream)]
+            if got[-1].event == "m" and got[-1].data == 19:
+                break
+            assert time.monotonic() < deadline, "no trailing value from the flush thread"
+            time.sleep(0.02)
+    assert [e.data for e in got if e.event == "m"] == [0, 19]
+    ids = [e.id for e in got]
+    assert ids[:11] == [first, *many]
+    client.close()
+
+
+def test_sync_publisher_fails_open_fast(fresh_redis: RedisProcess):
+    timeout = 0.3
+    local = Recorder()
+    with SyncPublisher(fresh_redis.url, stream=stream_key(), timeout=timeout, cooldown=1.0) as pub:
+        assert pub.publish("before", 1)
+        fresh_redis.kill()
+        durations = []
+        for i in range(100):
+            started = time.monotonic()
+            assert pub.publish("during", i) is None
+            durations.append(time.monotonic() - started)
+        assert max(durations) < timeout + 0.1
+        assert sum(durations) < 2 * timeout + 0.2
+        fresh_redis.start()
+        deadline = time.monotonic() + 15
+        while pub.publish("after", 1) is None:  # inline probes, one per cooldown
+            assert time.monotonic() < deadline, "sync publisher never recovered"
+            time.sleep(0.05)
+    assert pub.stats.outages == 1
+    with SyncPublisher(None, fallback=local) as pub2:
+        assert pub2.publish("e", 1)
+    assert local.calls == [("e", 1, [])]
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+async def test_published_events_reach_a_websocket_client(redis_server: RedisProcess, dualcast):
+    stream = stream_key()
+    server = dualcast(redis_server.url, env={"DUALCAST_STREAM": stream})
+    url = f"{server.ws_url}/api/ws?token={token('456', admin=True)}&rooms=admin,user-456"
+    async with websockets.connect(url, open_timeout=10) as ws:
+        welcome = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert welcome["type"] == "welcome"
+        async with Publisher(redis_server.url, stream=stream) as pub:
+            sent = [
+                await pub.publish("provider_status_change", {"providerId": "openai"}),
+                await pub.publish("metrics_update", {"activeSessions": 3}, ["admin"]),
+                await pub.publish("usage_log_added", {"userId": "456"}, ["user-456"]),
+                await pub.publish("usage_log_added", {"userId": "789"}, ["user-789"]),
+            ]
+            sent += await pub.publish_many([("session_created", {"sessionId": "s1"}, ["user-456"]),
+                                            ("session_ended", {"sessionId": "s1"}, ["user-456"])])
+        assert all(sent)
+        expected = [sent[0], sent[1], sent[2], sent[4], sent[5]]  # not user-789's
+        seen: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 10
+        while len(seen) < len(expected):
+            frame = orjson.loads(await asyncio.wait_for(ws.recv(), deadline - time.monotonic()))
+            if frame["type"] == "event":
+                seen.append(frame)
+            elif frame["type"] == "batch":
+                seen.extend(frame["events"])
+    assert [f["id"] for f in seen] == expected
+    assert [f["event"] for f in seen] == ["provider_status_change", "metrics_update",
+                                         "usage_log_added", "session_created", "session_ended"]
+    assert seen[2]["data"] == {"userId": "456"}
+    assert all(isinstance(f["ts"], int) for f in seen)
