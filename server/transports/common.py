@@ -58,20 +58,24 @@ class RoomChoice:
 
 
 def choose_rooms(raw: str | None, identity: Identity, settings: Settings) -> RoomChoice:
-    """Apply DESIGN's subscription rule: no rooms named = every room the token allows."""
+    """Apply DESIGN's subscription rule: no rooms named = every room the token allows.
+
+    At most `max_rooms` distinct names are looked at: a query with thousands of
+    names costs one `too_many_rooms` refusal, not thousands of checks and frames.
+    """
     if raw is None or not raw.strip():
         return RoomChoice(identity.default_rooms())
     pattern = re.compile(settings.room_pattern)
     choice = RoomChoice(set())
-    for name in (part.strip() for part in raw.split(",")):
-        if not name:
-            continue
+    names = list(dict.fromkeys(part.strip() for part in raw.split(",") if part.strip()))
+    if len(names) > settings.max_rooms:
+        choice.too_many = True
+        names = names[: settings.max_rooms]
+    for name in names:
         if not pattern.match(name):
             choice.malformed.append(name[:80])
         elif not identity.may_join(name):
             choice.forbidden.append(name)
-        elif len(choice.rooms) >= settings.max_rooms:
-            choice.too_many = True
         else:
             choice.rooms.add(name)
     return choice
