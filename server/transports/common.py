@@ -72,7 +72,7 @@ def choose_rooms(raw: str | None, identity: Identity, settings: Settings) -> Roo
         choice.too_many = True
         names = names[: settings.max_rooms]
     for name in names:
-        if not pattern.match(name):
+        if not pattern.fullmatch(name):
             choice.malformed.append(name[:80])
         elif not identity.may_join(name):
             choice.forbidden.append(name)
