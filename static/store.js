@@ -1,0 +1,263 @@
+// The store: folds events into the state the panels draw, dedupes by stream id and
+// carries the cursor. It starts from /api/overview (the server's fold of the retained
+// events) and applies live events on top; on `reset` it loads the overview again.
+// No DOM code: fetch is injected so node tests can drive it.
+
+import { compareIds, idTime, maxId } from './transport.js';
+
+export const LOG_LIMIT = 1000;
+export const USAGE_LIMIT = 50;
+export const RPM_MINUTES = 30;
+const SEEN_LIMIT = 20000;
+const HISTORY_MS = 15 * 60 * 1000;
+
+/** Normalise the many spellings of a circuit state to closed / half-open / open. */
+export function circuitState(value) {
+  const v = String(value ?? '').toLowerCase().replace(/[\s_]+/g, '-');
+  if (v === 'half-open' || v === 'halfopen') return 'half-open';
+  if (v === 'open' || v === 'closed') return v;
+  return 'unknown';
+}
+
+function minuteOf(ts) {
+  return Math.floor(ts / 60000) * 60000;
+}
+
+function emptyState() {
+  return {
+    lastId: null, // the cursor: the newest id folded into this state
+    metrics: null, // latest global metrics_update data (no userId)
+    metricsByUser: {},
+    metricsHistory: [], // [{at, data}] of the global metrics, for deltas
+    providers: {},
+    sessions: {},
+    usage: [], // newest first
+    rpm: new Map(), // minute epoch ms -> count of usage_log_added
+    log: [], // newest first: {id, event, data, ts}
+    counts: { events: 0 },
+  };
+}
+
+export class Store {
+  /**
+   * @param {{fetch?: Function, overviewUrl?: string, now?: () => number}} opts
+   */
+  constructor(opts = {}) {
+    this.fetch = opts.fetch ?? (globalThis.fetch ? globalThis.fetch.bind(globalThis) : null);
+    this.overviewUrl = opts.overviewUrl ?? '/api/overview';
+    this.now = opts.now ?? (() => Date.now());
+    this.logLimit = opts.logLimit ?? LOG_LIMIT;
+    this.state = emptyState();
+    this.seen = new Set();
+    this.seenOrder = [];
+    this.listeners = new Set();
+    this.loading = null;
+  }
+
+  get cursor() {
+    return this.state.lastId;
+  }
+
+  /** Listen for changes: fn({type: 'overview'|'events', events?}). Returns an unsubscribe. */
+  subscribe(fn) {
+    this.listeners.add(fn);
+    return () => this.listeners.delete(fn);
+  }
+
+  emit(change) {
+    for (const fn of this.listeners) fn(change, this.state);
+  }
+
+  remember(id) {
+    if (this.seen.has(id)) return false;
+    this.seen.add(id);
+    this.seenOrder.push(id);
+    if (this.seenOrder.length > SEEN_LIMIT) {
+      for (const old of this.seenOrder.splice(0, this.seenOrder.length - SEEN_LIMIT)) {
+        this.seen.delete(old);
+      }
+    }
+    return true;
+  }
+
+  /** Fetch /api/overview and replace the folded state with it (first load and `reset`). */
+  async reload() {
+    if (this.loading) return this.loading;
+    this.loading = (async () => {
+      try {
+        const response = await this.fetch(this.overviewUrl, {
+          cache: 'no-store', credentials: 'same-origin', headers: { Accept: 'application/json' },
+        });
+        if (!response.ok) {
+          const err = new Error(`overview: HTTP ${response.status}`);
+          err.status = response.status;
+          throw err;
+        }
+        this.applyOverview(await response.json());
+        return this.state;
+      } finally {
+        this.loading = null;
+      }
+    })();
+    return this.loading;
+  }
+
+  /** Replace the folded state with an overview (the shape is in the README of static/). */
+  applyOverview(ov) {
+    const log = this.state.log;
+    const next = emptyState();
+    next.log = log; // the log is what this page saw: keep it across reloads
+    next.counts = this.state.counts;
+    next.lastId = ov.last_id ?? null;
+    if (ov.metrics && typeof ov.metrics === 'object' && Object.keys(ov.metrics).length) {
+      next.metrics = ov.metrics;
+      next.metricsHistory.push({ at: this.metricTime(ov.metrics), data: ov.metrics });
+    }
+    next.metricsByUser = { ...(ov.metrics_by_user ?? {}) };
+    next.providers = { ...(ov.providers ?? {}) };
+    next.sessions = { ...(ov.sessions ?? {}) };
+    const usage = Array.isArray(ov.usage) ? ov.usage : [];
+    // the overview lists usage oldest first; we keep newest first
+    next.usage = usage.slice(-USAGE_LIMIT).reverse();
+    for (const [minute, count] of Array.isArray(ov.requests_per_minute)
+      ? ov.requests_per_minute : []) {
+      next.rpm.set(Number(minute), Number(count));
+    }
+    this.state = next;
+    // recent usage entries give the log a start; their ids count as seen
+    const fresh = [];
+    for (const u of usage) {
+      if (typeof u?.id !== 'string' || !this.remember(u.id)) continue;
+      const { id, ts, ...data } = u;
+      fresh.push({ id, event: 'usage_log_added', data, ts: ts ?? idTime(id) });
+    }
+    if (fresh.length) this.addToLog(fresh);
+    this.emit({ type: 'overview', events: fresh.reverse() });
+  }
+
+  metricTime(data) {
+    const t = Number(data?.timestamp);
+    if (Number.isFinite(t) && t > 0) return t < 1e12 ? t * 1000 : t;
+    const parsed = Date.parse(data?.timestamp);
+    return Number.isFinite(parsed) ? parsed : this.now();
+  }
+
+  addToLog(events) {
+    // events oldest first; the log is newest first
+    for (const ev of events) this.state.log.unshift(ev);
+    if (this.state.log.length > this.logLimit) this.state.log.length = this.logLimit;
+  }
+
+  /**
+   * Apply live events (oldest first). Returns the ones that were new to this page.
+   * An id seen before is dropped; an id at or below the overview's last_id is logged
+   * (this page has not shown it) but not folded again (the overview already counts it).
+   */
+  applyEvents(events, cursor = null) {
+    const fresh = [];
+    for (const ev of events) {
+      if (!ev || typeof ev.id !== 'string' || !this.remember(ev.id)) continue;
+      fresh.push(ev);
+      if (compareIds(ev.id, this.state.lastId) > 0) {
+        this.fold(ev);
+        this.state.lastId = ev.id;
+      }
+    }
+    if (cursor && compareIds(cursor, this.state.lastId) > 0) this.state.lastId = cursor;
+    if (fresh.length) {
+      this.state.counts.events += fresh.length;
+      this.addToLog(fresh);
+      this.emit({ type: 'events', events: fresh });
+    }
+    return fresh;
+  }
+
+  /** Move the cursor without events (a poll answer that brought nothing). */
+  advance(cursor) {
+    this.state.lastId = maxId(this.state.lastId, cursor);
+  }
+
+  fold(ev) {
+    const s = this.state;
+    const d = ev.data && typeof ev.data === 'object' ? ev.data : {};
+    switch (ev.event) {
+      case 'metrics_update':
+        if (d.userId !== undefined && d.userId !== null && d.userId !== '') {
+          s.metricsByUser[d.userId] = d;
+        } else {
+          s.metrics = d;
+          const at = this.metricTime(d);
+          s.metricsHistory.push({ at, data: d });
+          const horizon = at - HISTORY_MS;
+          while (s.metricsHistory.length > 2 && s.metricsHistory[0].at < horizon) {
+            s.metricsHistory.shift();
+          }
+        }
+        break;
+      case 'provider_status_change':
+        if (d.providerId !== undefined) {
+          s.providers[d.providerId] = { ...(s.providers[d.providerId] ?? {}), ...d };
+        }
+        break;
+      case 'session_created':
+        if (d.sessionId !== undefined) s.sessions[d.sessionId] = d;
+        break;
+      case 'session_ended':
+        if (d.sessionId !== undefined) delete s.sessions[d.sessionId];
+        break;
+      case 'usage_log_added': {
+        s.usage.unshift({ ...d, id: ev.id, ts: ev.ts });
+        if (s.usage.length > USAGE_LIMIT) s.usage.length = USAGE_LIMIT;
+        const minute = minuteOf(ev.ts ?? idTime(ev.id) ?? this.now());
+        s.rpm.set(minute, (s.rpm.get(minute) ?? 0) + 1);
+        const oldest = minuteOf(this.now()) - 24 * 60 * 60000;
+        for (const key of s.rpm.keys()) if (key < oldest) s.rpm.delete(key);
+        break;
+      }
+      default:
+        break;
+    }
+  }
+
+  /** The metrics the cards show: global ones, else the caller's own (a non-admin user). */
+  currentMetrics(sub = null) {
+    const s = this.state;
+    if (s.metrics) return s.metrics;
+    if (sub !== null) {
+      for (const key of [sub, `user-${sub}`, String(sub).replace(/^user-/, '')]) {
+        if (s.metricsByUser[key]) return s.metricsByUser[key];
+      }
+    }
+    const users = Object.values(s.metricsByUser);
+    return users.length === 1 ? users[0] : null;
+  }
+
+  /** Change of a metric over the last `windowMs` (from the history of global updates). */
+  delta(field, windowMs = 5 * 60 * 1000) {
+    const h = this.state.metricsHistory;
+    if (h.length < 2) return null;
+    const last = h[h.length - 1];
+    let base = h[0];
+    for (const entry of h) {
+      if (entry.at >= last.at - windowMs) {
+        base = entry;
+        break;
+      }
+    }
+    if (base === last) base = h[h.length - 2];
+    const a = Number(base.data?.[field]);
+    const b = Number(last.data?.[field]);
+    if (!Number.isFinite(a) || !Number.isFinite(b)) return null;
+    return { value: b - a, since: last.at - base.at };
+  }
+
+  /** Requests per minute for the last `minutes` minutes, oldest first: [[minute, count]]. */
+  requestsPerMinute(minutes = RPM_MINUTES, now = this.now()) {
+    const end = minuteOf(now);
+    const out = [];
+    for (let m = end - (minutes - 1) * 60000; m <= end; m += 60000) {
+      out.push([m, this.state.rpm.get(m) ?? 0]);
+    }
+    return out;
+  }
+}

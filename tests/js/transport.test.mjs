@@ -1,0 +1,361 @@
+// Unit tests of the transport manager with fake WebSocket, fetch and clock.
+import assert from 'node:assert/strict';
+import { describe, it } from 'node:test';
+
+import {
+  SSEParser, TransportManager, backoff, compareIds,
+} from '../../static/transport.js';
+import {
+  FakeClock, evt, jsonResponse, makeFakeFetch, makeFakeWebSocket, sseFrame, sseResponse,
+} from './fakes.mjs';
+
+/** A manager wired to fakes, recording what it reports. */
+function setup({ routes = {}, cursor = '1000-0', clock = new FakeClock(), ...opts } = {}) {
+  const WS = makeFakeWebSocket();
+  const fetch = makeFakeFetch(routes);
+  const seen = [];
+  const statuses = [];
+  const resets = [];
+  const errors = [];
+  const manager = new TransportManager({
+    WebSocket: WS, fetch, setTimeout: clock.setTimeout, clearTimeout: clock.clearTimeout,
+    now: clock.now, random: () => 0.5, wsBase: 'ws://test', cursor,
+    onEvents: (list) => seen.push(...list.map((e) => e.id)),
+    onStatus: (s) => statuses.push(`${s.transport}/${s.state}`),
+    onReset: (id) => resets.push(id),
+    onError: (e) => errors.push(e),
+    ...opts,
+  });
+  return { clock, WS, fetch, manager, seen, statuses, resets, errors };
+}
+
+/** An /api/sse route whose streams the test controls: streams[i] = {request, body}. */
+function sseRoute() {
+  const streams = [];
+  const handler = (request) => {
+    const [response, body] = sseResponse(request.signal);
+    streams.push({ request, body });
+    return response;
+  };
+  return { streams, handler };
+}
+
+/**
+ * An /api/events route answering from a list of published events after `after`; with
+ * nothing to send it holds the answer for `timeout` seconds of the fake clock.
+ */
+function pollRoute(clock, published, { reset = false } = {}) {
+  const handler = (request) => {
+    const after = request.params.get('after');
+    if (reset && after !== '5000-0') {
+      return jsonResponse(200, { events: [], last_id: '5000-0', reset: true });
+    }
+    const events = published.filter((e) => compareIds(e.id, after) > 0)
+      .map(({ id, event, data, ts }) => ({ id, event, data, ts }));
+    const lastId = events.length ? events[events.length - 1].id : after;
+    const answer = jsonResponse(200, { events, last_id: lastId, reset: false });
+    const wait = Number(request.params.get('timeout') ?? 0);
+    if (events.length || !wait) return answer;
+    return new Promise((resolve) => clock.setTimeout(() => resolve(answer), wait * 1000));
+  };
+  return handler;
+}
+
+describe('helpers', { timeout: 5000 }, () => {
+  it('orders stream ids numerically, not as strings', () => {
+    assert.equal(compareIds('999-0', '1000-0'), -1);
+    assert.equal(compareIds('1000-10', '1000-9'), 1);
+    assert.equal(compareIds('1000-1', '1000-1'), 0);
+    assert.equal(compareIds(null, '0-0'), -1);
+    assert.equal(compareIds('18446744073709551615-0', '18446744073709551614-99'), 1);
+  });
+
+  it('full-jitter backoff stays below the capped exponential', () => {
+    assert.equal(backoff(0, 100, 1000, () => 0.999), 99);
+    assert.equal(backoff(3, 100, 1000, () => 0.5), 400);
+    assert.equal(backoff(10, 100, 1000, () => 0.999), 999);
+    assert.equal(backoff(5, 100, 1000, () => 0), 0);
+  });
+
+  it('parses SSE across chunk boundaries, CRLF, comments and multi-line data', () => {
+    const p = new SSEParser();
+    const out = [
+      ...p.push('retry: 3000\r\nevent: welcome\r\ndata: {"last_id":"1-0"}\r'),
+      ...p.push('\n\r\n: ping\n\nid: 2-0\nevent: x\nda'),
+      ...p.push('ta: a\ndata:b\n\n'),
+    ];
+    assert.deepEqual(out, [
+      { id: null, event: 'welcome', data: '{"last_id":"1-0"}' },
+      { id: '2-0', event: 'x', data: 'a\nb' },
+    ]);
+  });
+});
+
+describe('websocket', { timeout: 5000 }, () => {
+  it('is live only after welcome, sends the cursor and rooms, unpacks batches', async () => {
+    const t = setup({ rooms: ['admin', 'user-7'] });
+    t.manager.start();
+    const ws = t.WS.last();
+    assert.equal(ws.params.get('last_event_id'), '1000-0');
+    assert.equal(ws.params.get('rooms'), 'admin,user-7');
+    assert.equal(t.manager.state, 'connecting');
+    ws.welcome('1000-0');
+    assert.equal(t.manager.state, 'live');
+    assert.equal(t.manager.transport, 'websocket');
+    ws.serverSend(evt(1));
+    ws.serverSend({ type: 'batch', events: [evt(2), evt(3)] });
+    ws.serverSend(evt(2)); // a duplicate: dropped
+    assert.deepEqual(t.seen, ['1001-0', '1002-0', '1003-0']);
+    assert.equal(t.manager.cursor, '1003-0');
+  });
+
+  it('falls back to SSE when no welcome arrives within the timeout', async () => {
+    const sse = sseRoute();
+    const t = setup({ routes: { '/api/sse': sse.handler } });
+    t.manager.start();
+    await t.clock.tick(2999);
+    assert.equal(sse.streams.length, 0);
+    await t.clock.tick(2);
+    assert.ok(t.WS.last().closed, 'the silent WebSocket is closed');
+    assert.equal(sse.streams.length, 1);
+    assert.equal(sse.streams[0].request.headers['Last-Event-ID'], '1000-0');
+    sse.streams[0].body.push(sseFrame({ event: 'welcome', data: { rooms: [], last_id: '1000-0' } }));
+    sse.streams[0].body.push(sseFrame({ id: '1001-0', event: 'usage_log_added', data: { n: 1 } }));
+    await t.clock.tick(0);
+    assert.equal(t.manager.transport, 'sse');
+    assert.equal(t.manager.state, 'live');
+    assert.deepEqual(t.seen, ['1001-0']);
+  });
+
+  it('reconnects a WebSocket that dies once, and falls back after repeated deaths', async () => {
+    const sse = sseRoute();
+    const t = setup({ routes: { '/api/sse': sse.handler } });
+    t.manager.start();
+    t.WS.last().welcome();
+    t.WS.last().serverSend(evt(1));
+    t.WS.last().serverClose(1006);
+    assert.equal(t.manager.state, 'connecting');
+    await t.clock.tick(1000);
+    assert.equal(t.WS.instances.length, 2);
+    assert.equal(t.WS.last().params.get('last_event_id'), '1001-0', 'resumes from the cursor');
+    t.WS.last().welcome();
+    t.WS.last().serverClose(1006);
+    await t.clock.tick(2000);
+    t.WS.last().welcome();
+    t.WS.last().serverClose(1006);
+    await t.clock.tick(0);
+    assert.equal(sse.streams.length, 1, 'third death within a minute: SSE');
+    assert.equal(t.manager.transport, 'sse');
+  });
+});
+
+describe('fallback chain and climbing back', { timeout: 5000 }, () => {
+  it('WS refused, SSE held back by a proxy: lands on polling with the same cursor', async () => {
+    const published = [evt(1), evt(2), evt(3)];
+    const sse = sseRoute();
+    const clock = new FakeClock();
+    const t = setup({ clock, routes: { '/api/sse': sse.handler, '/api/events': pollRoute(clock, published) } });
+    t.WS.refuse = true;
+    t.manager.start();
+    await t.clock.tick(0);
+    assert.equal(sse.streams.length, 1, 'refused upgrade: straight to SSE');
+    // the proxy holds the body: no welcome ever
+    await t.clock.tick(3001);
+    assert.equal(t.manager.transport, 'polling');
+    await t.clock.tick(0);
+    const polls = t.fetch.calls.filter((c) => c.path === '/api/events');
+    assert.equal(polls[0].params.get('after'), '1000-0');
+    assert.equal(polls[0].params.get('timeout'), '0', 'first poll answers at once');
+    assert.equal(t.manager.state, 'live');
+    assert.deepEqual(t.seen, ['1001-0', '1002-0', '1003-0']);
+    assert.equal(polls[1].params.get('after'), '1003-0');
+    assert.equal(polls[1].params.get('timeout'), '25');
+    t.manager.stop();
+  });
+
+  it('climbs back from SSE to WebSocket without losing or repeating an event', async () => {
+    const sse = sseRoute();
+    const t = setup({ routes: { '/api/sse': sse.handler }, climbBaseMs: 1000 });
+    t.WS.refuse = true;
+    t.manager.start();
+    await t.clock.tick(0);
+    const stream = sse.streams[0].body;
+    stream.push(sseFrame({ event: 'welcome', data: { rooms: [], last_id: '1000-0' } }));
+    stream.push(sseFrame({ id: '1001-0', event: 'e', data: 1 }));
+    await t.clock.tick(0);
+    assert.equal(t.manager.transport, 'sse');
+    // the block is lifted; the next climb probe (jittered, <= 1 s) opens a WebSocket
+    t.WS.refuse = false;
+    const before = t.WS.instances.length;
+    await t.clock.tick(1000);
+    assert.equal(t.WS.instances.length, before + 1);
+    const probe = t.WS.last();
+    assert.equal(probe.params.get('last_event_id'), '1001-0');
+    // SSE keeps feeding while the probe has not said welcome
+    stream.push(sseFrame({ id: '1002-0', event: 'e', data: 2 }));
+    await t.clock.tick(0);
+    assert.equal(t.manager.transport, 'sse');
+    probe.welcome('1001-0');
+    assert.equal(t.manager.transport, 'websocket');
+    assert.equal(t.manager.state, 'live');
+    assert.ok(sse.streams[0].request.signal.aborted, 'SSE dropped after the switch');
+    // the WS replays from its own start cursor: 1002 again (dropped), then 1003
+    probe.serverSend({ type: 'batch', events: [evt(2), evt(3)] });
+    // a late SSE chunk from the old stream is ignored
+    stream.push(sseFrame({ id: '1004-0', event: 'e', data: 4 }));
+    await t.clock.tick(0);
+    assert.deepEqual(t.seen, ['1001-0', '1002-0', '1003-0']);
+  });
+
+  it('climbs from polling to SSE when WS stays refused, backing off between probes', async () => {
+    const sse = sseRoute();
+    const clock = new FakeClock();
+    const t = setup({
+      clock,
+      routes: { '/api/sse': sse.handler, '/api/events': pollRoute(clock, []) },
+      climbBaseMs: 1000, climbCapMs: 8000,
+    });
+    t.WS.refuse = true;
+    t.manager.start();
+    await t.clock.tick(3100); // SSE held: polling
+    assert.equal(t.manager.transport, 'polling');
+    const probes = () => sse.streams.length;
+    const start = probes();
+    // first round: WS refused, then an SSE probe that also stays silent
+    await t.clock.tick(600);
+    await t.clock.tick(3100);
+    assert.equal(probes(), start + 1);
+    assert.equal(t.manager.transport, 'polling');
+    // second round: SSE now answers with welcome: promoted to SSE
+    for (let i = 0; i < 40 && probes() === start + 1; i += 1) await t.clock.tick(500);
+    assert.equal(probes(), start + 2);
+    sse.streams[sse.streams.length - 1].body.push(
+      sseFrame({ event: 'welcome', data: { rooms: [], last_id: '1000-0' } }));
+    await t.clock.tick(0);
+    assert.equal(t.manager.transport, 'sse');
+    t.manager.stop();
+  });
+});
+
+describe('reset, errors, pause', { timeout: 5000 }, () => {
+  it('WS reset frame: cursor jumps to the head and onReset fires', async () => {
+    const t = setup();
+    t.manager.start();
+    t.WS.last().welcome();
+    t.WS.last().serverSend({ type: 'reset', last_id: '9000-0' });
+    assert.deepEqual(t.resets, ['9000-0']);
+    assert.equal(t.manager.cursor, '9000-0');
+    t.WS.last().serverSend(evt(1)); // older than the new head: not delivered
+    t.WS.last().serverSend({ type: 'event', id: '9001-0', event: 'e', data: null, ts: 9001 });
+    assert.deepEqual(t.seen, ['9001-0']);
+  });
+
+  it('SSE reset event and poll reset answer both reach onReset', async () => {
+    const sse = sseRoute();
+    const clock = new FakeClock();
+    const t = setup({
+      clock,
+      routes: { '/api/sse': sse.handler, '/api/events': pollRoute(clock, [], { reset: true }) },
+    });
+    t.WS.refuse = true;
+    t.manager.start();
+    await t.clock.tick(0);
+    sse.streams[0].body.push(sseFrame({ event: 'welcome', data: { rooms: [], last_id: null } }));
+    sse.streams[0].body.push(sseFrame({ event: 'reset', data: { last_id: '4000-0' } }));
+    await t.clock.tick(0);
+    assert.deepEqual(t.resets, ['4000-0']);
+    assert.equal(t.manager.cursor, '4000-0');
+    // now the stream dies three times fast: polling, whose answer is a reset too
+    for (let i = 0; i < 3; i += 1) {
+      const s = sse.streams[sse.streams.length - 1];
+      if (i > 0) s.body.push(sseFrame({ event: 'welcome', data: { rooms: [], last_id: null } }));
+      await t.clock.tick(0);
+      s.body.end();
+      await t.clock.tick(2000);
+    }
+    assert.equal(t.manager.transport, 'polling');
+    await t.clock.tick(0);
+    assert.equal(t.resets[1], '5000-0');
+    t.manager.stop();
+  });
+
+  it('token_expired error frame stops everything and reports an auth error', async () => {
+    const t = setup();
+    t.manager.start();
+    t.WS.last().welcome();
+    t.WS.last().serverSend({ type: 'error', code: 'token_expired', message: 'expired' });
+    assert.equal(t.errors[0].kind, 'auth');
+    assert.equal(t.manager.state, 'offline');
+    await t.clock.tick(120000);
+    assert.equal(t.WS.instances.length, 1, 'no reconnect after the token expired');
+  });
+
+  it('a 401 on SSE is an auth error, not a reason to poll', async () => {
+    const t = setup({
+      routes: { '/api/sse': () => jsonResponse(401, { error: 'token_expired', message: 'x' }) },
+    });
+    t.WS.refuse = true;
+    t.manager.start();
+    await t.clock.tick(0);
+    assert.equal(t.errors[0].kind, 'auth');
+    assert.equal(t.fetch.calls.filter((c) => c.path === '/api/events').length, 0);
+  });
+
+  it('a non-auth room error frame is reported and the connection kept', async () => {
+    const t = setup();
+    t.manager.start();
+    t.WS.last().welcome();
+    t.WS.last().serverSend({ type: 'error', code: 'forbidden_room', message: 'room x' });
+    assert.equal(t.errors[0].kind, 'frame');
+    assert.equal(t.manager.state, 'live');
+  });
+
+  it('pause drops the connection; resume reconnects from the cursor on the same transport',
+    async () => {
+      const sse = sseRoute();
+      const t = setup({ routes: { '/api/sse': sse.handler } });
+      t.WS.refuse = true;
+      t.manager.start();
+      await t.clock.tick(0);
+      sse.streams[0].body.push(sseFrame({ event: 'welcome', data: { rooms: [], last_id: null } }));
+      sse.streams[0].body.push(sseFrame({ id: '1005-0', event: 'e', data: 5 }));
+      await t.clock.tick(0);
+      t.manager.pause();
+      assert.equal(t.manager.state, 'offline');
+      assert.ok(sse.streams[0].request.signal.aborted);
+      await t.clock.tick(600000);
+      assert.equal(sse.streams.length, 1, 'nothing while paused');
+      t.manager.resume();
+      await t.clock.tick(0);
+      assert.equal(sse.streams.length, 2);
+      assert.equal(sse.streams[1].request.headers['Last-Event-ID'], '1005-0');
+      t.manager.stop();
+    });
+
+  it('server down: polling retries with backoff and says offline, then recovers', async () => {
+    let up = false;
+    const published = [evt(1)];
+    const clock = new FakeClock();
+    const t = setup({
+      clock,
+      routes: {
+        '/api/sse': () => Promise.reject(new TypeError('network')),
+        '/api/events': (r) => (up ? pollRoute(clock, published)(r)
+          : Promise.reject(new TypeError('network'))),
+      },
+    });
+    t.WS.refuse = true;
+    t.manager.start();
+    await t.clock.tick(1000);
+    assert.equal(t.manager.transport, 'polling');
+    await t.clock.tick(5000);
+    assert.equal(t.manager.state, 'offline');
+    const tries = t.fetch.calls.filter((c) => c.path === '/api/events').length;
+    assert.ok(tries >= 2 && tries < 10, `bounded retries, got ${tries}`);
+    up = true;
+    for (let i = 0; i < 60 && t.manager.state !== 'live'; i += 1) await t.clock.tick(1000);
+    assert.equal(t.manager.state, 'live');
+    assert.deepEqual(t.seen, ['1001-0']);
+    t.manager.stop();
+  });
+});
