@@ -401,26 +401,22 @@ class SSEClient(Client):
                 return
         text = self.text
         text += http.body(buf)
-        start = 0
-        while True:
-            eol = text.find(b"\n", start)
-            if eol < 0:
-                break
-            line = text[start:eol]
-            start = eol + 1
-            if line[-1:] == b"\r":
-                line = line[:-1]
-            if not line:
-                self.event = b"message"
-            elif line[:5] == b"data:":
-                if self.event == b"bench":
-                    self.deliver(_loads(line[5:]))
-                elif self.event == b"welcome":
-                    self.set_ready()
-            elif line[:6] == b"event:":
-                self.event = bytes(line[6:]).strip()
-        if start:
-            del text[:start]
+        end = text.rfind(b"\n")
+        if end >= 0:
+            block = bytes(text[:end])
+            del text[: end + 1]
+            event = self.event
+            for line in block.split(b"\n"):
+                if line[:5] == b"data:":
+                    if event == b"bench":
+                        self.deliver(_loads(line[5:]))  # JSON whitespace covers " " and "\r"
+                    elif event == b"welcome":
+                        self.set_ready()
+                elif line[:6] == b"event:":
+                    event = line[6:].strip()
+                elif not line or line == b"\r":
+                    event = b"message"
+            self.event = event
         if http.done:
             self.close_reason = "SSE stream ended"
             self.close()
@@ -457,7 +453,7 @@ class PollClient(Client):
             http = self.http
             if not http.have_head and not http.head(buf):
                 return
-                self.body += http.body(buf)
+            self.body += http.body(buf)
             if not http.done:
                 return
             if http.status != 200:

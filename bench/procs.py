@@ -78,7 +78,7 @@ class Child:
     _log: object = field(default=None, repr=False)
 
     def start(self) -> Child:
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             self.args, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT
         )

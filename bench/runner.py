@@ -17,7 +17,7 @@ from typing import Any
 import jwt
 
 from bench.clients import BUCKET_S, KINDS
-from bench.procs import SECRET, ROOT, Stack, process_cpu, self_cpu
+from bench.procs import ROOT, SECRET, Stack, process_cpu, self_cpu
 from bench.publishers import Publisher, make_publisher, publish_at_rate
 
 

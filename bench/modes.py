@@ -1,0 +1,176 @@
+"""The benchmark's modes: fixed matrix, saturation search, idle connections, routing, poll.
+
+Every mode is bounded in time and count (durations, step limits, drain timeouts),
+starts each server fresh, and yields one JSON-able record per measurement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from bench.clients import client_path
+from bench.runner import Session, mint
+
+PEERS = ["socketio-ws", "broadcaster-ws", "broadcaster-sse"]
+DUALCAST = ["dualcast-ws", "dualcast-sse"]
+DEFAULT_TARGETS = DUALCAST + PEERS
+P99_LIMIT_MS = 250.0
+
+
+def public_paths(kind: str, n: int) -> list[str]:
+    return [client_path(kind)] * n
+
+
+def good(r: dict[str, Any], limit_ms: float = P99_LIMIT_MS) -> bool:
+    """A step passes with zero loss, no cut-offs, p99 within the limit, the rate achieved."""
+    return (
+        r["lost"] == 0 and r["closed"] == 0 and r["deliveries"] > 0
+        and r["p99_ms"] <= limit_ms and r["achieved_rate"] >= 0.95 * r["rate"]
+    )
+
+
+async def matrix(targets: list[str], clients: list[int], rates: list[float], duration: float,
+                 repeat: int, workers: int) -> AsyncIterator[dict[str, Any]]:
+    """Each cell on a fresh server; targets interleaved so they share the machine's mood."""
+    for rep in range(repeat):
+        for n in clients:
+            for rate in rates:
+                for kind in targets:
+                    async with Session(kind, public_paths(kind, n), workers=workers) as s:
+                        warm = await s.warm_up()
+                        r = await s.step(rate, duration, drain=max(5.0, duration))
+                    yield {"mode": "matrix", "repeat": rep, "warm": warm, **r}
+
+
+async def _saturation_run(kind: str, n: int, rates: list[float], duration: float,
+                          workers: int) -> AsyncIterator[dict[str, Any]]:
+    async with Session(kind, public_paths(kind, n), workers=workers) as s:
+        warm = await s.warm_up()
+        for rate in rates:
+            r = await s.step(rate, duration, drain=max(5.0, duration))
+            r.update(mode="saturation-step", warm=warm, passed=good(r))
+            yield r
+            if not r["passed"]:
+                return
+            await asyncio.sleep(0.5)
+
+
+async def saturation(targets: list[str], clients: int, start_rate: float, factor: float,
+                     max_steps: int, duration: float, repeat: int, refine: int,
+                     workers: int) -> AsyncIterator[dict[str, Any]]:
+    """Raise the rate geometrically on one set of connections until a step fails, then
+    bisect (fresh server each time) `refine` times between the last good and first bad."""
+    ladder = [round(start_rate * factor**i, 1) for i in range(max_steps)]
+    for rep in range(repeat):
+        for kind in targets:
+            best: dict[str, Any] | None = None
+            bad_rate: float | None = None
+            async for r in _saturation_run(kind, clients, ladder, duration, workers):
+                r["repeat"] = rep
+                yield r
+                if r["passed"]:
+                    best = r
+                else:
+                    bad_rate = r["rate"]
+            for _ in range(refine):
+                if best is None or bad_rate is None:
+                    break
+                mid = round(math.sqrt(best["rate"] * bad_rate), 1)
+                if mid <= best["rate"] * 1.03 or mid >= bad_rate * 0.97:
+                    break
+                async for r in _saturation_run(kind, clients, [mid], duration, workers):
+                    r["repeat"] = rep
+                    yield r
+                    if r["passed"]:
+                        best = r
+                    else:
+                        bad_rate = mid
+            yield {
+                "mode": "saturation", "target": kind, "repeat": rep, "clients": clients,
+                "saturation_deliveries_per_s": best["deliveries_per_s"] if best else 0,
+                "rate": best["rate"] if best else None,
+                "p99_ms": best["p99_ms"] if best else None,
+                "server_us_per_delivery": best["server_us_per_delivery"] if best else None,
+                "generator_cpu_pct": best["generator_cpu_pct"] if best else None,
+                "first_failing_rate": bad_rate,
+                "reached_top_of_ladder": bad_rate is None,
+            }
+
+
+async def idle(targets: list[str], connections: int, window: float,
+               workers: int) -> AsyncIterator[dict[str, Any]]:
+    """RSS per idle connection, and the server's CPU while only heartbeats flow."""
+    for kind in targets:
+        async with Session(kind, public_paths(kind, connections), workers=workers,
+                           concurrency=100) as s:
+            before = s.cpu_snapshot()
+            await asyncio.sleep(window)
+            after = s.cpu_snapshot()
+            states = await s.status()
+            wall = after["wall"] - before["wall"]
+            yield {
+                "mode": "idle", "target": kind, "connections": connections, **s.info,
+                "window_s": round(wall, 1),
+                "idle_server_cpu_pct": round(100 * (after["server"] - before["server"]) / wall, 2),
+                "idle_generator_cpu_pct": round(
+                    100 * (after["generator"] - before["generator"]) / wall, 2),
+                "alive_at_end": sum(st["alive"] for st in states),
+                "rss_end": s.stack.server_rss(),
+            }
+
+
+async def routing(subscribers: list[int], rooms: list[int], rate: float, duration: float,
+                  workers: int, kind: str = "dualcast-ws") -> AsyncIterator[dict[str, Any]]:
+    """Events for one user room among many: the hub should touch that room only.
+
+    Subscriber i has a token with sub `i % rooms` and joins `user-<sub>`; events go to
+    `user-7`. Dispatch cost = server CPU while publishing minus an idle window of the
+    same length, per event.
+    """
+    room = "user-7"
+    for n, n_rooms in zip(subscribers, rooms, strict=True):
+        subs = [str(i % n_rooms) for i in range(n)]
+        tokens = {sub: mint(sub) for sub in set(subs)}
+        paths = [client_path(kind, tokens[sub], f"user-{sub}") for sub in subs]
+        n_workers = max(1, min(workers, n))
+        receivers = [
+            [j for j, gi in enumerate(range(w, n, n_workers)) if subs[gi] == "7"]
+            for w in range(n_workers)
+        ]
+        expected_receivers = sum(len(r) for r in receivers)
+        async with Session(kind, paths, workers=n_workers, concurrency=100) as s:
+            warm = await s.warm_up(rooms=[room], need=expected_receivers)
+            before = s.cpu_snapshot()
+            await asyncio.sleep(duration)
+            after = s.cpu_snapshot()
+            idle_cpu = after["server"] - before["server"]
+            idle_wall = after["wall"] - before["wall"]
+            r = await s.step(rate, duration, drain=5.0, rooms=[room], receivers=receivers)
+        busy_per_s = r["server_cpu_s"] / r["window_s"]
+        idle_per_s = idle_cpu / idle_wall
+        dispatch_us = 1e6 * (busy_per_s - idle_per_s) * r["window_s"] / r["sent"]
+        yield {
+            "mode": "routing", "rooms": n_rooms, "receivers": expected_receivers, "warm": warm,
+            **r, "idle_server_cpu_pct": round(100 * idle_per_s, 2),
+            "dispatch_us_per_event": round(dispatch_us, 1),
+            "server_us_per_event": round(1e6 * r["server_cpu_s"] / r["sent"], 1),
+        }
+
+
+async def poll(clients: int, rate: float, duration: float, repeat: int,
+               workers: int) -> AsyncIterator[dict[str, Any]]:
+    """Long-pollers that must each get every event."""
+    for rep in range(repeat):
+        kind = "dualcast-poll"
+        async with Session(kind, public_paths(kind, clients), workers=workers) as s:
+            warm = await s.warm_up()
+            r = await s.step(rate, duration, drain=10.0)
+        yield {"mode": "poll", "repeat": rep, "warm": warm, **r}
+
+
+def stamp() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())

@@ -1,0 +1,149 @@
+"""Publishes per second from one process, against a redis-server of its own.
+
+    .venv/bin/python bench/publisher_bench.py [--count 20000] [--batch 100] [--seconds 10]
+
+Measures the producer library (`server.publisher`) one call at a time, with
+concurrent callers, batched with `publish_many`, the blocking `SyncPublisher`,
+and the raw redis-py `XADD` it wraps (the floor of its overhead); plus the cost
+of a throttled (conflated) call, which never touches Redis. Every loop is
+bounded in count and time. Prints a Markdown table; the last line is a
+one-line summary for docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import redis
+import redis.asyncio as aioredis
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from server.publisher import Publisher, SyncPublisher
+from tests.support.procs import RedisProcess
+
+DATA = {
+    "sessionId": "sess_3f2a9c81b7de", "userId": "456", "model": "gpt-4o-mini",
+    "inputTokens": 812, "outputTokens": 214, "costUsd": 0.000250, "latencyMs": 1840,
+    "statusCode": 200,
+}
+ROOMS = ["user-456", "admin"]
+
+
+async def timed(run: Callable[[int], Awaitable[int]], count: int, seconds: float) -> float:
+    """Events per second of `run(n)` (which returns how many it published) in rounds."""
+    done = 0
+    started = time.perf_counter()
+    while done < count and time.perf_counter() - started < seconds:
+        done += await run(min(1000, count - done))
+    return done / (time.perf_counter() - started)
+
+
+async def bench(url: str, count: int, batch: int, seconds: float) -> list[tuple[str, float]]:
+    results: list[tuple[str, float]] = []
+    raw = aioredis.from_url(url, decode_responses=True)
+
+    async def raw_single(n: int) -> int:
+        for _ in range(n):
+            await raw.xadd("bench-raw", {"data": "{}", "timestamp": "0"}, maxlen=10_000)
+        return n
+
+    results.append(("raw redis-py XADD, one at a time (baseline)",
+                    await timed(raw_single, count, seconds)))
+    await raw.aclose()
+
+    async with Publisher(url, stream="bench-single") as pub:
+        async def single(n: int) -> int:
+            for _ in range(n):
+                assert await pub.publish("usage_log_added", DATA, ROOMS)
+            return n
+
+        results.append(("Publisher.publish, one at a time", await timed(single, count, seconds)))
+
+        async def concurrent(n: int) -> int:
+            ids = await asyncio.gather(*(pub.publish("usage_log_added", DATA, ROOMS)
+                                         for _ in range(n)))
+            assert all(ids)
+            return n
+
+        results.append(("Publisher.publish, 1,000 concurrent callers (pool of 16)",
+                        await timed(concurrent, count, seconds)))
+
+    async with Publisher(url, stream="bench-batch") as pub:
+        items = [("usage_log_added", DATA, ROOMS)] * batch
+
+        async def batched(n: int) -> int:
+            sent = 0
+            while sent < n:
+                ids = await pub.publish_many(items)
+                assert all(ids)
+                sent += len(ids)
+            return sent
+
+        results.append((f"Publisher.publish_many, batches of {batch}",
+                        await timed(batched, count * 5, seconds)))
+
+        async def throttled(n: int) -> int:
+            for i in range(n):
+                await pub.publish("metrics_update", {"n": i}, ["admin"],
+                                  throttle_key="bench", every=3600)
+            return n
+
+        results.append(("Publisher.publish with a throttle_key (conflated calls)",
+                        await timed(throttled, count * 5, seconds)))
+
+    with SyncPublisher(url, stream="bench-sync") as spub:
+        started = time.perf_counter()
+        done = 0
+        while done < count and time.perf_counter() - started < seconds:
+            assert spub.publish("usage_log_added", DATA, ROOMS)
+            done += 1
+        results.append(("SyncPublisher.publish, one at a time",
+                        done / (time.perf_counter() - started)))
+
+    check = redis.Redis.from_url(url)
+    assert check.xlen("bench-single") > 0 and check.xlen("bench-batch") > 0
+    check.close()
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=20_000, help="events per single run")
+    parser.add_argument("--batch", type=int, default=100, help="events per publish_many")
+    parser.add_argument("--seconds", type=float, default=10.0, help="time cap per run")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="dualcast-pubbench-") as tmp:
+        server = RedisProcess(Path(tmp) / "redis").start()
+        try:
+            results = asyncio.run(bench(server.url, args.count, args.batch, args.seconds))
+            version = server.command("INFO", "server").decode(errors="replace")
+        finally:
+            server.stop()
+    redis_version = next((line.split(":", 1)[1].strip() for line in version.splitlines()
+                          if line.startswith("redis_version:")), "?")
+    print(f"Python {platform.python_version()}, redis-server {redis_version} on loopback, "
+          f"{os.cpu_count()} CPUs, one process; event = a usage_log_added ({len(str(DATA))} "
+          "bytes of data, 2 rooms)\n")
+    print("| publisher | events/s |")
+    print("|---|---:|")
+    for name, rate in results:
+        print(f"| {name} | {rate:,.0f} |")
+    by = dict(results)
+    single = by["Publisher.publish, one at a time"]
+    batched = next(rate for name, rate in results if name.startswith("Publisher.publish_many"))
+    print(f"\n| publisher, one process | {single:,.0f} events/s one at a time | "
+          f"{batched:,.0f} events/s with publish_many({args.batch}) |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
