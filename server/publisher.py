@@ -87,7 +87,9 @@ class PublisherStats:
     fallback), ``dropped`` (lost: returned None), ``conflated`` (a throttled value
     replaced by a newer one before it was due). ``failed`` counts events whose
     Redis call errored or timed out; ``short_circuited`` those refused at once
-    while the breaker was open (both then end as fallback or dropped).
+    while the breaker was open; ``overloaded`` those that waited the whole timeout
+    for a free connection behind this process's own publishes (all three then
+    end as fallback or dropped).
     """
 
     published: int = 0
@@ -96,6 +98,7 @@ class PublisherStats:
     conflated: int = 0
     failed: int = 0
     short_circuited: int = 0
+    overloaded: int = 0
     outages: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -453,13 +456,16 @@ class _Core:
         return interval
 
     def _fail(
-        self, entries: Sequence[_Entry], reason: Literal["failed", "short_circuited", "local"]
+        self, entries: Sequence[_Entry],
+        reason: Literal["failed", "short_circuited", "overloaded", "local"],
     ) -> list[str | None]:
         """Redis did not take `entries`: hand them to the fallback or drop them."""
         if reason == "failed":
             self.stats.failed += len(entries)
         elif reason == "short_circuited":
             self.stats.short_circuited += len(entries)
+        elif reason == "overloaded":
+            self.stats.overloaded += len(entries)
         if self.fallback is None:
             self.stats.dropped += len(entries)
             return [None] * len(entries)
@@ -526,7 +532,7 @@ class Publisher(_Core):
     ) -> None:
         super().__init__(redis_url, stream, maxlen, timeout, fallback, cooldown, cooldown_max,
                          log_every)
-        self._max_connections = max_connections
+        self._slots = asyncio.Semaphore(max_connections)
         self._redis: aioredis.Redis | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._prober: asyncio.Task[None] | None = None
@@ -542,10 +548,10 @@ class Publisher(_Core):
     def _client(self) -> aioredis.Redis:
         if self._redis is None:
             assert self.redis_url is not None
-            pool = aioredis.BlockingConnectionPool.from_url(
-                self.redis_url, max_connections=self._max_connections, timeout=self.timeout,
-                **self._connection_kwargs(),
-            )
+            # the semaphore in _append bounds the connections: cheaper than redis-py's
+            # BlockingConnectionPool on every call, and a plain pool never raises "Too many
+            # connections" because no more than `max_connections` callers reach it at once
+            pool = aioredis.ConnectionPool.from_url(self.redis_url, **self._connection_kwargs())
             self._redis = aioredis.Redis(connection_pool=pool)
         return self._redis
 
@@ -602,10 +608,21 @@ class Publisher(_Core):
             return self._fail(entries, "local")
         if self._breaker.open:
             return self._fail(entries, "short_circuited")
+        sending = False
+        replies: list[Any] | None = None
         try:
             async with asyncio.timeout(self.timeout):
-                replies = await self._send(entries)
+                async with self._slots:  # callers beyond the pool size wait, within the timeout
+                    if not self._breaker.open:  # it may have opened while this call waited
+                        sending = True
+                        replies = await self._send(entries)
         except _FAILURES as exc:
+            if not sending:
+                # queued behind this process's own publishes for the whole timeout: a local
+                # overload, not a Redis outage, so the breaker stays closed
+                self._log_error("publisher overloaded: no connection free within the timeout",
+                                exc)
+                return self._fail(entries, "overloaded")
             self._breaker.failure(exc, self.stats, self._where, self._outcome)
             self._ensure_prober()
             return self._fail(entries, "failed")
@@ -614,6 +631,8 @@ class Publisher(_Core):
         except Exception as exc:  # never into the caller: count it and go on
             self._log_error("unexpected publish error", exc)
             return self._fail(entries, "failed")
+        if replies is None:
+            return self._fail(entries, "short_circuited")
         return self._results(entries, replies)
 
     async def _send(self, entries: list[_Entry]) -> list[Any]:

@@ -377,6 +377,17 @@ async def test_recovers_after_redis_restarts_on_the_same_port(
     assert sum("Redis is back" in m for m in messages) == 1
 
 
+async def test_local_overload_is_not_an_outage(redis_server: RedisProcess):
+    """Callers queued behind the pool for the whole timeout fail open, the breaker stays shut."""
+    async with Publisher(redis_server.url, stream=stream_key(), timeout=0.05,
+                         max_connections=1) as pub:
+        results = await asyncio.gather(*(pub.publish("burst", i) for i in range(3000)))
+        assert pub.stats.overloaded > 0 and pub.stats.outages == 0
+        assert pub.stats.published == sum(r is not None for r in results) > 0
+        assert pub.available
+        assert await pub.publish("after", 1)  # no breaker to wait for
+
+
 async def test_unreachable_from_the_start_never_raises():
     async with Publisher("redis://127.0.0.1:1/0", stream=stream_key(), timeout=0.2) as pub:
         started = time.monotonic()
