@@ -56,6 +56,9 @@ async def poll_endpoint(request: Request) -> Response:
         return refusal.response()
     hub = rt.hub
     left = identity.seconds_left()
+    # When the token runs out before the poll would, the answer at the deadline is the
+    # expiry error (asyncio timers may fire a hair early, so do not re-read the clock).
+    expires_first = left is not None and left <= timeout
     if left is not None:
         timeout = min(timeout, max(left, 0.0))
     deadline = time.monotonic() + timeout
@@ -92,9 +95,9 @@ async def poll_endpoint(request: Request) -> Response:
                     key = events[-1].key if len(events) == MAX_EVENTS else recent[-1].key
                 if events:
                     return _answer(events, format_id(key))
-            if identity.expired():
-                return error_response(401, "token_expired", "the token has expired; log in again")
             remaining = deadline - time.monotonic()
+            if identity.expired() or (expires_first and remaining <= 0):
+                return error_response(401, "token_expired", "the token has expired; log in again")
             if remaining <= 0 or rt.draining:
                 return _answer([], format_id(key))
             await hub.wait_for_events(remaining)
