@@ -595,3 +595,53 @@ async def test_published_events_reach_a_websocket_client(redis_server: RedisProc
                                          "usage_log_added", "session_created", "session_ended"]
     assert seen[2]["data"] == {"userId": "456"}
     assert all(isinstance(f["ts"], int) for f in seen)
+
+
+async def test_fallback_keeps_an_in_process_dashboard_live_through_an_outage(
+    fresh_redis: RedisProcess,
+):
+    """The opt-in fallback with the real app: Redis dies, events still reach a WS client."""
+    import uvicorn
+
+    from server.app import create_app
+    from server.config import Settings
+    from tests.conftest import SECRET
+
+    stream = stream_key()
+    settings = Settings(redis_url=fresh_redis.url, stream=stream, secret=SECRET,
+                        redis_timeout=0.5, backoff_max=0.5)
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                           lifespan="on"))
+    serving = asyncio.create_task(server.serve())
+    try:
+        async def started() -> bool:
+            return server.started
+
+        await wait_for(started, within=10, what="uvicorn to start")
+        port = server.servers[0].sockets[0].getsockname()[1]
+        url = f"ws://127.0.0.1:{port}/api/ws?token={token('456', admin=True)}"
+        async with websockets.connect(url, open_timeout=10) as ws, Publisher(
+            fresh_redis.url, stream=stream, timeout=0.3, fallback=app.state.dualcast
+        ) as pub:
+            assert orjson.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "welcome"
+            before = await pub.publish("metrics_update", {"activeSessions": 1}, ["admin"])
+            fresh_redis.kill()
+            during = await pub.publish("metrics_update", {"activeSessions": 2}, ["admin"])
+            also = await pub.publish_many([("provider_status_change", {"providerId": "x"})])
+            assert before and during and also[0]
+            assert pub.stats.fallback == 2
+            assert parse_id(before) < parse_id(during) < parse_id(also[0])  # cursors stay ordered
+            seen: list[dict[str, Any]] = []
+            async with asyncio.timeout(10):
+                while len(seen) < 3:
+                    frame = orjson.loads(await ws.recv())
+                    if frame["type"] == "event":
+                        seen.append(frame)
+                    elif frame["type"] == "batch":
+                        seen.extend(frame["events"])
+        assert [f["id"] for f in seen] == [before, during, also[0]]
+        assert [f["data"] for f in seen][:2] == [{"activeSessions": 1}, {"activeSessions": 2}]
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 15)
