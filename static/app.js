@@ -1,0 +1,393 @@
+// Wiring: who am I (login screen), the store, the panels, the tab leader that holds the
+// one connection, the status badge and the room picker.
+//
+// The page states what it is doing on <body>: data-transport="websocket|sse|polling"
+// and data-state="connecting|live|offline" (followers mirror what the leader reports).
+
+import { Dashboard, h } from './panels.js';
+import { Store } from './store.js';
+import { TabCoordinator } from './tabs.js';
+import { TransportManager, maxId } from './transport.js';
+
+const $ = (id) => document.getElementById(id);
+const ROOMS_KEY = 'dualcast.rooms';
+const FOLLOWER_STALE_MS = 30000;
+const PAUSE_AFTER_HIDDEN_MS = 10000;
+
+const store = new Store();
+const ui = new Dashboard(document, store);
+
+const app = {
+  me: null,
+  tabs: null,
+  manager: null,
+  ready: false,
+  pending: [],
+  overviewOk: false,
+  leaderCursor: null,
+  lastTransport: null,
+  rooms: [],
+  followers: new Map(), // tab id -> {visible, at}; only the leader keeps it
+  hiddenSince: null,
+  noticeTimer: null,
+  ticks: 0,
+  loggedOut: false,
+};
+
+// ---- status ------------------------------------------------------------------------
+
+function showStatus(status) {
+  document.body.dataset.transport = status.transport;
+  document.body.dataset.state = status.state;
+  ui.renderStatus(status);
+  $('foot-cursor').textContent = status.cursor ? `cursor ${status.cursor}` : '';
+}
+
+function notice(text, { sticky = false } = {}) {
+  const el = $('notice');
+  el.textContent = text;
+  el.hidden = false;
+  clearTimeout(app.noticeTimer);
+  if (!sticky) app.noticeTimer = setTimeout(() => { el.hidden = true; }, 8000);
+}
+
+// ---- login -------------------------------------------------------------------------
+
+const LOGIN_REASONS = {
+  missing: 'This dashboard needs an access token.',
+  expired: 'Your token has expired. Sign in again with a fresh one.',
+  invalid: 'That token was not accepted.',
+  'signed-out': 'You have signed out.',
+};
+
+function showLogin(reason, message = '') {
+  app.loggedOut = true;
+  if (app.manager) app.manager.stop('auth');
+  if (app.tabs) app.tabs.close();
+  $('dashboard').hidden = true;
+  $('who').hidden = true;
+  $('anon-hint').hidden = true;
+  $('login').hidden = false;
+  const text = LOGIN_REASONS[reason] ?? LOGIN_REASONS.invalid;
+  $('login-reason').textContent = message && reason !== 'signed-out' ? `${text} (${message})` : text;
+  $('login').dataset.reason = reason;
+  showStatus({ transport: document.body.dataset.transport || 'websocket', state: 'offline' });
+  $('login-token').focus();
+}
+
+function reasonOf(body) {
+  const text = `${body.error ?? ''} ${body.message ?? ''}`.toLowerCase();
+  if (text.includes('expired')) return 'expired';
+  if (text.includes('missing') || text.includes('anonymous') || text.includes('required')) {
+    return 'missing';
+  }
+  return 'invalid';
+}
+
+/** GET /api/me: who the cookie (or nothing) makes us. Retries while the server is away. */
+async function whoAmI() {
+  for (let attempt = 0; ; attempt += 1) {
+    try {
+      const response = await fetch('/api/me', {
+        credentials: 'same-origin', cache: 'no-store', headers: { Accept: 'application/json' },
+      });
+      if (response.status === 401 || response.status === 403) {
+        let body = {};
+        try { body = await response.json(); } catch { /* not JSON */ }
+        showLogin(reasonOf(body), body.message ?? '');
+        return null;
+      }
+      if (response.ok) return await response.json();
+      notice(`The server answered ${response.status}; retrying…`);
+    } catch {
+      notice('The server is unreachable; retrying…');
+    }
+    showStatus({ transport: 'websocket', state: 'offline' });
+    const wait = Math.random() * Math.min(30000, 1000 * 2 ** attempt);
+    await new Promise((resolve) => setTimeout(resolve, wait));
+  }
+}
+
+async function logout() {
+  try {
+    await fetch('/api/logout', { method: 'POST', credentials: 'same-origin' });
+  } catch {
+    /* the cookie may stay; the login screen says what to do */
+  }
+  if (app.tabs) app.tabs.post({ type: 'logout' });
+  showLogin('signed-out');
+}
+
+function renderWho(me) {
+  $('who').hidden = false;
+  $('who-sub').textContent = me.anonymous ? 'anonymous' : me.sub;
+  const flags = [];
+  if (me.admin) flags.push('admin');
+  if (me.publish) flags.push('publisher');
+  $('who-flags').textContent = flags.length ? `(${flags.join(', ')})` : '';
+  const rooms = me.anonymous ? 'public events only'
+    : me.admin ? 'may watch every room'
+      : `rooms: ${[...new Set([...(me.rooms ?? []), `user-${me.sub}`])].join(', ')}`;
+  $('who-rooms').textContent = rooms;
+  $('logout').textContent = me.anonymous ? 'Sign in' : 'Sign out';
+  $('anon-hint').hidden = !me.anonymous;
+  if (me.admin) setupRoomPicker(me);
+}
+
+// ---- rooms (admins) ------------------------------------------------------------------
+
+function savedRooms() {
+  try {
+    const rooms = JSON.parse(localStorage.getItem(ROOMS_KEY) ?? '[]');
+    return Array.isArray(rooms) ? rooms.filter((r) => typeof r === 'string') : [];
+  } catch {
+    return [];
+  }
+}
+
+function setupRoomPicker(me) {
+  $('rooms-picker').hidden = false;
+  const known = new Set(['admin', `user-${me.sub}`, ...(me.rooms ?? []), ...app.rooms]);
+  const options = $('rooms-options');
+  const draw = () => {
+    options.replaceChildren(...[...known].sort().map((room) => {
+      const id = `room-${room.replace(/[^A-Za-z0-9_-]/g, '_')}`;
+      return h('label', { for: id, class: 'room-option' },
+        h('input', {
+          type: 'checkbox', id, name: 'rooms', value: room, checked: app.rooms.includes(room),
+        }), ` ${room}`);
+    }));
+  };
+  draw();
+  $('rooms-add-btn').addEventListener('click', () => {
+    const input = $('rooms-add');
+    const room = input.value.trim();
+    if (!room || !input.checkValidity()) {
+      input.reportValidity();
+      return;
+    }
+    known.add(room);
+    app.rooms = [...new Set([...selectedRooms(), room])];
+    draw();
+    input.value = '';
+  });
+  $('rooms-form').addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    setRooms(selectedRooms(), true);
+    $('rooms-picker').open = false;
+  });
+  app.redrawRooms = draw;
+}
+
+function selectedRooms() {
+  return [...document.querySelectorAll('#rooms-options input:checked')].map((el) => el.value);
+}
+
+function setRooms(rooms, announce) {
+  app.rooms = rooms;
+  try {
+    localStorage.setItem(ROOMS_KEY, JSON.stringify(rooms));
+  } catch {
+    /* storage may be off: the choice lasts for this page */
+  }
+  if (app.redrawRooms) app.redrawRooms();
+  if (announce && app.tabs) app.tabs.post({ type: 'rooms', rooms });
+  if (app.manager) app.manager.restart({ rooms });
+}
+
+// ---- leader and followers -----------------------------------------------------------
+
+function startCursor() {
+  let cursor = maxId(store.cursor, app.leaderCursor);
+  // an empty stream at load time: take everything from its start, so nothing is missed
+  if (!cursor && app.overviewOk) cursor = '0-0';
+  return cursor;
+}
+
+function becomeLeader() {
+  if (app.loggedOut) return;
+  app.followers.clear();
+  app.manager = new TransportManager({
+    wsBase: location.origin.replace(/^http/, 'ws'),
+    cursor: startCursor(),
+    rooms: app.rooms,
+    initial: app.lastTransport ?? undefined,
+    onEvents: (events, cursor) => {
+      store.applyEvents(events, cursor);
+      app.tabs.post({ type: 'events', events, cursor });
+    },
+    onStatus: (status) => {
+      app.lastTransport = status.transport;
+      showStatus({ ...status, role: 'leader' });
+      app.tabs.post({ type: 'status', status });
+    },
+    onReset: (lastId) => {
+      reloadOverview();
+      app.tabs.post({ type: 'reset', lastId });
+    },
+    onError: (error) => {
+      handleError(error);
+      app.tabs.post({ type: 'error', error });
+    },
+  });
+  app.manager.start();
+  evaluateVisibility();
+}
+
+function onMessage(msg) {
+  const leader = app.tabs?.isLeader;
+  switch (msg.type) {
+    case 'events':
+      app.leaderCursor = maxId(app.leaderCursor, msg.cursor ?? null);
+      if (leader) break;
+      if (!app.ready) app.pending.push(msg);
+      else store.applyEvents(msg.events ?? [], msg.cursor ?? null);
+      break;
+    case 'status':
+      if (leader) break;
+      app.lastTransport = msg.status.transport;
+      app.leaderCursor = maxId(app.leaderCursor, msg.status.cursor ?? null);
+      showStatus({ ...msg.status, role: 'follower' });
+      break;
+    case 'reset':
+      if (!leader) reloadOverview();
+      break;
+    case 'error':
+      if (!leader) handleError(msg.error);
+      break;
+    case 'hello':
+      if (leader && app.manager) app.tabs.post({ type: 'status', status: app.manager.status() });
+      if (leader) noteFollower(msg.from, msg.visible);
+      break;
+    case 'visibility':
+      if (leader) noteFollower(msg.from, msg.visible);
+      break;
+    case 'bye':
+      app.followers.delete(msg.from);
+      if (leader) evaluateVisibility();
+      break;
+    case 'rooms':
+      setRooms(Array.isArray(msg.rooms) ? msg.rooms : [], false);
+      break;
+    case 'logout':
+      showLogin('signed-out');
+      break;
+    default:
+      break;
+  }
+}
+
+function noteFollower(id, visible) {
+  app.followers.set(id, { visible: Boolean(visible), at: Date.now() });
+  evaluateVisibility();
+}
+
+/** The leader pauses only when no tab of ours is visible, and only after a grace period. */
+function evaluateVisibility() {
+  if (!app.tabs?.isLeader || !app.manager) return;
+  const now = Date.now();
+  let anyVisible = document.visibilityState === 'visible';
+  for (const [id, f] of app.followers) {
+    if (now - f.at > FOLLOWER_STALE_MS) app.followers.delete(id);
+    else if (f.visible) anyVisible = true;
+  }
+  if (anyVisible) {
+    app.hiddenSince = null;
+    app.manager.resume();
+  } else {
+    app.hiddenSince ??= now;
+    if (now - app.hiddenSince >= PAUSE_AFTER_HIDDEN_MS) app.manager.pause();
+  }
+}
+
+function handleError(error) {
+  if (error.kind === 'auth') {
+    showLogin(reasonOf({ error: error.code, message: error.message }), error.message ?? '');
+    return;
+  }
+  const what = error.message || error.code || 'error';
+  if (error.kind === 'fatal' && app.rooms.length && app.tabs?.isLeader) {
+    notice(`The server refused these rooms (${what}); back to the default rooms.`);
+    setRooms([], true);
+    app.manager.start();
+    return;
+  }
+  notice(`Server says: ${what}`);
+}
+
+async function reloadOverview() {
+  try {
+    await store.reload();
+    app.overviewOk = true;
+  } catch (err) {
+    if (err.status === 401) showLogin('expired');
+    else notice('Could not reload the overview; live events continue.');
+  }
+}
+
+// ---- start ---------------------------------------------------------------------------
+
+function tick() {
+  app.ticks += 1;
+  ui.tick();
+  if (!app.tabs || app.loggedOut) return;
+  if (app.tabs.isLeader) {
+    evaluateVisibility();
+    if (app.manager && app.ticks % 5 === 0) {
+      app.tabs.post({ type: 'status', status: app.manager.status() });
+    }
+  } else if (app.ticks % 10 === 0) {
+    app.tabs.post({ type: 'visibility', visible: document.visibilityState === 'visible' });
+  }
+}
+
+async function boot() {
+  showStatus({ transport: 'websocket', state: 'connecting' });
+  $('logout').addEventListener('click', () => {
+    if (app.me?.anonymous) showLogin('missing');
+    else logout();
+  });
+  $('anon-login').addEventListener('click', () => showLogin('missing'));
+
+  const me = await whoAmI();
+  if (!me) return;
+  app.me = me;
+  ui.sub = me.sub ?? null;
+  app.rooms = me.admin ? savedRooms() : [];
+  renderWho(me);
+  $('dashboard').hidden = false;
+
+  store.subscribe((change) => {
+    if (change.type === 'overview') ui.renderAll();
+    else ui.addEvents(change.events);
+  });
+
+  app.tabs = new TabCoordinator({ onLeader: becomeLeader, onMessage });
+  app.tabs.listen(); // before the overview: nothing the leader sends meanwhile is missed
+  app.tabs.post({ type: 'hello', visible: document.visibilityState === 'visible' });
+
+  try {
+    await store.reload();
+    app.overviewOk = true;
+  } catch (err) {
+    if (err.status === 401) {
+      showLogin('expired');
+      return;
+    }
+    notice('Could not load the overview; showing live events only.');
+    ui.renderAll();
+  }
+  app.ready = true;
+  for (const msg of app.pending.splice(0)) store.applyEvents(msg.events ?? [], msg.cursor ?? null);
+
+  document.addEventListener('visibilitychange', () => {
+    if (!app.tabs || app.loggedOut) return;
+    if (app.tabs.isLeader) evaluateVisibility();
+    else app.tabs.post({ type: 'visibility', visible: document.visibilityState === 'visible' });
+  });
+  window.addEventListener('pagehide', () => app.tabs?.post({ type: 'bye' }));
+  setInterval(tick, 1000);
+  app.tabs.elect();
+}
+
+boot();

@@ -1,0 +1,398 @@
+// The panels: metric cards, providers, live sessions, the requests-per-minute chart and
+// the event log. They read the store's state and write the DOM; nothing else.
+// Every event-log row carries data-event-id="<stream id>" (tests rely on it).
+
+import { circuitState } from './store.js';
+
+const SVG = 'http://www.w3.org/2000/svg';
+const nf = new Intl.NumberFormat(undefined, { maximumFractionDigits: 0 });
+const nf1 = new Intl.NumberFormat(undefined, { maximumFractionDigits: 1 });
+const usd = new Intl.NumberFormat(undefined, {
+  style: 'currency', currency: 'USD', minimumFractionDigits: 2, maximumFractionDigits: 2,
+});
+const usdSmall = new Intl.NumberFormat(undefined, {
+  style: 'currency', currency: 'USD', minimumFractionDigits: 4, maximumFractionDigits: 4,
+});
+const timeFmt = new Intl.DateTimeFormat(undefined, {
+  hour: '2-digit', minute: '2-digit', second: '2-digit', hour12: false,
+});
+const hmFmt = new Intl.DateTimeFormat(undefined, { hour: '2-digit', minute: '2-digit', hour12: false });
+
+export const EVENT_TYPES = [
+  'session_created', 'session_ended', 'metrics_update', 'provider_status_change',
+  'usage_log_added',
+];
+
+/** Create an element: h('td', {class: 'x'}, 'text', child). Text is never parsed as HTML. */
+export function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (value === null || value === undefined || value === false) continue;
+    if (key === 'class') el.className = value;
+    else if (key === 'text') el.textContent = value;
+    else el.setAttribute(key, value === true ? '' : String(value));
+  }
+  for (const child of children) {
+    if (child === null || child === undefined) continue;
+    el.append(child instanceof Node ? child : String(child));
+  }
+  return el;
+}
+
+function num(value) {
+  const n = Number(value);
+  return Number.isFinite(n) ? n : null;
+}
+
+export function money(value) {
+  const n = num(value);
+  if (n === null) return '—';
+  return Math.abs(n) < 1 && n !== 0 ? usdSmall.format(n) : usd.format(n);
+}
+
+export function duration(ms) {
+  const n = num(ms);
+  if (n === null) return '—';
+  if (n < 1000) return `${nf.format(n)} ms`;
+  if (n < 60000) return `${nf1.format(n / 1000)} s`;
+  const m = Math.floor(n / 60000);
+  if (m < 60) return `${m} min ${Math.floor((n % 60000) / 1000)} s`;
+  return `${Math.floor(m / 60)} h ${m % 60} min`;
+}
+
+export function age(ms) {
+  if (ms === null || ms === undefined) return '—';
+  const s = Math.max(0, Math.round(ms / 1000));
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min`;
+  return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+}
+
+function toMs(value) {
+  const n = Number(value);
+  if (Number.isFinite(n) && n > 0) return n < 1e12 ? n * 1000 : n;
+  const parsed = Date.parse(value);
+  return Number.isFinite(parsed) ? parsed : null;
+}
+
+/** One line that says what an event is about, for the log. */
+export function summarize(ev) {
+  const d = ev.data && typeof ev.data === 'object' ? ev.data : {};
+  const has = (k) => d[k] !== undefined && d[k] !== null;
+  switch (ev.event) {
+    case 'session_created':
+      return `session ${d.sessionId ?? '?'} · user ${d.userId ?? '?'} · ${d.providerId ?? '?'}`
+        + `${has('model') ? ` / ${d.model}` : ''}`;
+    case 'session_ended':
+      return `session ${d.sessionId ?? '?'} ended${has('status') ? ` · ${d.status}` : ''}`
+        + `${has('durationMs') ? ` · ${duration(d.durationMs)}` : ''}`
+        + `${has('costUsd') ? ` · ${money(d.costUsd)}` : ''}`;
+    case 'metrics_update':
+      return `${has('userId') ? `user ${d.userId} · ` : ''}active ${d.activeSessions ?? '—'}`
+        + ` · requests ${has('totalRequests') ? nf.format(d.totalRequests) : '—'}`
+        + ` · ${money(d.totalCost)}`
+        + `${has('avgResponseMs') ? ` · avg ${duration(d.avgResponseMs)}` : ''}`;
+    case 'provider_status_change':
+      return `${d.name ?? d.providerId ?? '?'} → ${d.status ?? '?'}`
+        + ` · circuit ${circuitState(d.circuitState)}`
+        + `${has('failureCount') ? ` · ${d.failureCount} failures` : ''}`;
+    case 'usage_log_added':
+      return `${d.userId ?? '?'} · ${d.model ?? '?'}`
+        + ` · ${nf.format(d.inputTokens ?? 0)} → ${nf.format(d.outputTokens ?? 0)} tok`
+        + ` · ${money(d.costUsd)} · ${duration(d.latencyMs)}`
+        + `${has('statusCode') ? ` · ${d.statusCode}` : ''}`;
+    default: {
+      const text = JSON.stringify(ev.data);
+      return text === undefined ? '' : text.length > 160 ? `${text.slice(0, 157)}…` : text;
+    }
+  }
+}
+
+const TRANSPORT_LABEL = { websocket: 'WebSocket', sse: 'SSE', polling: 'Polling' };
+
+export class Dashboard {
+  /**
+   * @param {Document} doc
+   * @param {import('./store.js').Store} store
+   */
+  constructor(doc, store) {
+    this.doc = doc;
+    this.store = store;
+    this.$ = (id) => doc.getElementById(id);
+    this.sub = null;
+    this.rowText = new WeakMap();
+    this.filter = { text: '', type: '' };
+    this.renderTimer = null;
+    this.lastRender = 0;
+    this.status = { transport: 'websocket', state: 'connecting', lastEventAt: null };
+    this.setupFilter();
+    this.setupResize();
+  }
+
+  setupResize() {
+    let timer = null;
+    window.addEventListener('resize', () => {
+      clearTimeout(timer);
+      timer = setTimeout(() => this.renderChart(), 150);
+    });
+  }
+
+  setupFilter() {
+    const text = this.$('log-filter');
+    const type = this.$('log-type');
+    if (!text || !type) return;
+    for (const name of EVENT_TYPES) type.append(h('option', { value: name }, name));
+    const apply = () => {
+      this.filter = { text: text.value.trim().toLowerCase(), type: type.value };
+      for (const row of this.$('log').children) this.applyFilter(row);
+      this.updateLogCount();
+    };
+    text.addEventListener('input', apply);
+    type.addEventListener('change', apply);
+  }
+
+  applyFilter(row) {
+    const { text, type } = this.filter;
+    const ok = (!type || row.dataset.event === type)
+      && (!text || (this.rowText.get(row) ?? '').includes(text));
+    row.hidden = !ok;
+  }
+
+  // ---- store changes -------------------------------------------------------
+
+  /** Whole redraw (first load, overview reload). */
+  renderAll() {
+    const list = this.$('log');
+    list.replaceChildren(...this.store.state.log.map((ev) => this.logRow(ev)));
+    this.updateLogCount();
+    this.renderPanels();
+  }
+
+  /** New events: rows go in at once; the other panels redraw at most a few times a second. */
+  addEvents(events) {
+    const list = this.$('log');
+    const frag = this.doc.createDocumentFragment();
+    for (let i = events.length - 1; i >= 0; i -= 1) frag.append(this.logRow(events[i]));
+    list.prepend(frag);
+    const limit = this.store.logLimit;
+    while (list.children.length > limit) list.lastElementChild.remove();
+    this.updateLogCount();
+    this.scheduleRender();
+  }
+
+  scheduleRender() {
+    if (this.renderTimer !== null) return;
+    const wait = Math.max(0, 250 - (Date.now() - this.lastRender));
+    this.renderTimer = setTimeout(() => {
+      this.renderTimer = null;
+      this.renderPanels();
+    }, wait);
+  }
+
+  renderPanels() {
+    this.lastRender = Date.now();
+    this.renderCards();
+    this.renderProviders();
+    this.renderSessions();
+    this.renderChart();
+  }
+
+  logRow(ev) {
+    const ts = ev.ts ?? null;
+    const when = ts ? new Date(ts) : null;
+    const row = h('li', {
+      class: `ev ev-${String(ev.event).replace(/[^A-Za-z0-9_-]/g, '_')}`,
+      'data-event-id': ev.id, 'data-event': ev.event,
+    },
+    h('time', { datetime: when ? when.toISOString() : null }, when ? timeFmt.format(when) : ''),
+    h('span', { class: 'ev-name' }, ev.event),
+    h('span', { class: 'ev-summary' }, summarize(ev)),
+    h('code', { class: 'ev-id', title: 'stream id' }, ev.id));
+    this.rowText.set(row, `${ev.event} ${ev.id} ${JSON.stringify(ev.data)}`.toLowerCase());
+    this.applyFilter(row);
+    return row;
+  }
+
+  updateLogCount() {
+    const list = this.$('log');
+    const total = list.children.length;
+    let shown = 0;
+    for (const row of list.children) if (!row.hidden) shown += 1;
+    this.$('log-count').textContent = shown === total ? `${total}` : `${shown} of ${total}`;
+    this.$('log-empty').hidden = total > 0;
+  }
+
+  // ---- cards -----------------------------------------------------------------
+
+  renderCards() {
+    const m = this.store.currentMetrics(this.sub) ?? {};
+    const cards = [
+      ['sessions', m.activeSessions, (v) => nf.format(v), 'activeSessions', false],
+      ['requests', m.totalRequests, (v) => nf.format(v), 'totalRequests', false],
+      ['cost', m.totalCost, money, 'totalCost', false],
+      ['latency', m.avgResponseMs, duration, 'avgResponseMs', true],
+    ];
+    for (const [key, value, fmt, field, lowerIsBetter] of cards) {
+      const n = num(value);
+      this.$(`card-${key}`).textContent = n === null ? '—' : fmt(n);
+      const deltaEl = this.$(`delta-${key}`);
+      const d = this.store.state.metrics ? this.store.delta(field) : null;
+      if (!d || d.value === 0 || !Number.isFinite(d.value)) {
+        deltaEl.textContent = d ? `no change · ${age(d.since)}` : '';
+        deltaEl.className = 'delta';
+        continue;
+      }
+      const up = d.value > 0;
+      const abs = Math.abs(d.value);
+      const shown = key === 'cost' ? money(abs) : key === 'latency' ? duration(abs) : nf1.format(abs);
+      deltaEl.textContent = `${up ? '▲' : '▼'} ${shown} · ${age(d.since)}`;
+      const good = lowerIsBetter ? !up : up;
+      deltaEl.className = `delta ${key === 'cost' || key === 'requests' || key === 'sessions'
+        ? 'neutral' : good ? 'good' : 'bad'}`;
+      deltaEl.setAttribute('aria-label', `${up ? 'up' : 'down'} ${shown} in the last ${age(d.since)}`);
+    }
+  }
+
+  // ---- providers ---------------------------------------------------------------
+
+  renderProviders() {
+    const list = this.$('providers');
+    const providers = Object.values(this.store.state.providers)
+      .sort((a, b) => String(a.name ?? a.providerId).localeCompare(String(b.name ?? b.providerId)));
+    this.$('providers-empty').hidden = providers.length > 0;
+    list.replaceChildren(...providers.map((p) => {
+      const circuit = circuitState(p.circuitState);
+      const status = String(p.status ?? 'unknown').toLowerCase();
+      const at = toMs(p.timestamp);
+      return h('li', { class: `provider circuit-${circuit}`, 'data-provider-id': p.providerId },
+        h('div', { class: 'provider-name' }, p.name ?? p.providerId,
+          p.name && p.name !== p.providerId ? h('span', { class: 'muted' }, ` ${p.providerId}`) : null),
+        h('span', { class: `pill status-${status.replace(/[^a-z0-9-]/g, '')}` }, status),
+        h('span', {
+          class: `pill circuit circuit-${circuit}`, title: 'circuit breaker state',
+          'aria-label': `circuit ${circuit}`,
+        }, circuit),
+        h('span', { class: 'muted small' },
+          `${nf.format(num(p.failureCount) ?? 0)} failures${at ? ` · ${hmFmt.format(new Date(at))}` : ''}`));
+    }));
+  }
+
+  // ---- sessions -----------------------------------------------------------------
+
+  renderSessions() {
+    const now = Date.now();
+    const sessions = Object.values(this.store.state.sessions)
+      .map((s) => ({ ...s, started: toMs(s.createdAt) }))
+      .sort((a, b) => (b.started ?? 0) - (a.started ?? 0));
+    this.$('sessions-count').textContent = nf.format(sessions.length);
+    this.$('sessions-empty').hidden = sessions.length > 0;
+    const shown = sessions.slice(0, 100);
+    this.$('sessions').replaceChildren(...shown.map((s) => h('tr', { 'data-session-id': s.sessionId },
+      h('td', { class: 'mono' }, s.sessionId),
+      h('td', {}, s.userId ?? '—'),
+      h('td', {}, s.providerId ?? '—'),
+      h('td', {}, s.model ?? '—'),
+      h('td', { class: 'num', 'data-started': s.started ?? '' },
+        s.started ? age(now - s.started) : '—'))));
+  }
+
+  /** Once a second: ages in the sessions table and the badge. */
+  tick(now = Date.now()) {
+    for (const cell of this.$('sessions').querySelectorAll('td[data-started]')) {
+      const started = Number(cell.dataset.started);
+      if (started) cell.textContent = age(now - started);
+    }
+    this.renderAge(now);
+    const minute = Math.floor(now / 60000);
+    if (minute !== this.chartMinute) this.renderChart();
+  }
+
+  // ---- chart -----------------------------------------------------------------
+
+  renderChart() {
+    const now = Date.now();
+    this.chartMinute = Math.floor(now / 60000);
+    const data = this.store.requestsPerMinute(30, now);
+    const svg = this.$('rpm-chart');
+    // draw in CSS pixels, so text keeps its shape at any width
+    const W = Math.max(280, Math.round(svg.clientWidth || 600));
+    const H = Math.max(120, Math.round(svg.clientHeight || 180));
+    svg.setAttribute('viewBox', `0 0 ${W} ${H}`);
+    const pad = { l: 36, r: 8, t: 10, b: 22 };
+    const peak = Math.max(0, ...data.map(([, c]) => c));
+    const top = niceMax(peak);
+    const iw = W - pad.l - pad.r;
+    const ih = H - pad.t - pad.b;
+    const bw = iw / data.length;
+    const s = (tag, attrs = {}, text = null) => {
+      const el = this.doc.createElementNS(SVG, tag);
+      for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, String(v));
+      if (text !== null) el.textContent = text;
+      return el;
+    };
+    const nodes = [];
+    for (let i = 0; i <= 4; i += 1) {
+      const v = (top / 4) * i;
+      const y = pad.t + ih - (v / top) * ih;
+      nodes.push(s('line', { x1: pad.l, x2: W - pad.r, y1: y, y2: y, class: 'grid' }));
+      nodes.push(s('text', { x: pad.l - 6, y: y + 4, class: 'axis', 'text-anchor': 'end' },
+        nf1.format(v)));
+    }
+    data.forEach(([minute, count], i) => {
+      const bh = top ? (count / top) * ih : 0;
+      const x = pad.l + i * bw + 1;
+      const bar = s('rect', {
+        x, y: pad.t + ih - bh, width: Math.max(1, bw - 2), height: bh, rx: 2,
+        class: i === data.length - 1 ? 'bar current' : 'bar',
+      });
+      bar.append(s('title', {}, `${hmFmt.format(new Date(minute))}: ${count} requests`));
+      nodes.push(bar);
+      const every = W < 420 ? 10 : 5;
+      if (i % every === every - 1 || i === 0) {
+        nodes.push(s('text', { x: x + bw / 2, y: H - 6, class: 'axis', 'text-anchor': 'middle' },
+          hmFmt.format(new Date(minute))));
+      }
+    });
+    svg.replaceChildren(...nodes);
+    const latest = data.length ? data[data.length - 1][1] : 0;
+    svg.setAttribute('aria-label',
+      `Requests per minute over the last 30 minutes: ${latest} this minute, peak ${peak}`);
+    this.$('rpm-latest').textContent = `${nf.format(latest)}/min now · peak ${nf.format(peak)}`;
+  }
+
+  // ---- status badge --------------------------------------------------------------
+
+  renderStatus(status) {
+    this.status = { ...this.status, ...status };
+    const st = this.status;
+    this.$('status-transport').textContent = TRANSPORT_LABEL[st.transport] ?? st.transport;
+    const stateText = st.paused ? 'paused (tab hidden)' : st.state;
+    this.$('status-state').textContent = stateText;
+    const badge = this.$('status');
+    badge.dataset.state = st.state;
+    badge.title = [
+      `transport: ${TRANSPORT_LABEL[st.transport] ?? st.transport}`,
+      `state: ${stateText}`,
+      st.role ? `this tab: ${st.role}` : null,
+      st.probing ? `trying ${TRANSPORT_LABEL[st.probing]}` : null,
+      st.cursor ? `cursor: ${st.cursor}` : null,
+    ].filter(Boolean).join('\n');
+    this.$('status-role').textContent = st.role === 'follower' ? 'shared' : '';
+    this.renderAge();
+  }
+
+  renderAge(now = Date.now()) {
+    const at = this.status.lastEventAt;
+    this.$('status-age').textContent = at ? `last event ${age(now - at)} ago` : 'no events yet';
+  }
+}
+
+/** A round upper bound for an axis: 1, 2, 5 × 10^k, at least 4 so ticks are whole. */
+export function niceMax(value) {
+  if (value <= 4) return 4;
+  const exp = 10 ** Math.floor(Math.log10(value));
+  for (const m of [1, 2, 2.5, 5, 10]) {
+    if (m * exp >= value) return m * exp;
+  }
+  return 10 * exp;
+}
