@@ -133,7 +133,7 @@ class Session:
             self.say({"type": "pong"})
         elif kind in ("join", "leave"):
             room = frame.get("room")
-            if not isinstance(room, str) or not self._room_re.match(room):
+            if not isinstance(room, str) or not self._room_re.fullmatch(room):
                 self.abuse("bad_room", "room must be a name matching the room pattern")
             elif kind == "leave":
                 self.feed.leave(room)
