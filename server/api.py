@@ -97,12 +97,12 @@ async def publish(request: Request) -> Response:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
         return error_response(422, "invalid", f"{where}: {first['msg']}", field=where)
-    if not re.match(settings.event_pattern, envelope.event):
+    if not re.fullmatch(settings.event_pattern, envelope.event):
         return error_response(422, "invalid", "event: does not match the event-name pattern",
                               field="event")
     room_re = re.compile(settings.room_pattern)
     for room in envelope.rooms:
-        if not room_re.match(room):
+        if not room_re.fullmatch(room):
             return error_response(422, "invalid", f"rooms: {room!r} is not a valid room name",
                                   field="rooms")
     try:
