@@ -185,7 +185,7 @@ class Follower:
     def __init__(
         self, kind: str, host: str, port: int, token: str | None = None,
         rooms: str | None = None, last_id: str | None = None, reconnect: bool = True,
-        backoff: tuple[float, float] = (0.05, 0.5),
+        backoff: tuple[float, float] = (0.05, 0.5), latencies: bool = False,
     ) -> None:
         assert kind in ("ws", "sse")
         self.kind = kind
@@ -196,6 +196,8 @@ class Follower:
         self.reconnect = reconnect
         self.backoff = backoff
         self.record = Record(last_id=last_id)
+        #: seconds from the producer's `t` to arrival, when asked for (bench scripts)
+        self.latencies: list[float] | None = [] if latencies else None
         self.retry_ms: int | None = None
         self.conn: _Conn | None = None
         self._stopping = False
@@ -207,17 +209,19 @@ class Follower:
     def ids(self) -> list[str]:
         return self.record.ids
 
-    def _event(self, entry_id: str) -> None:
+    def _event(self, entry_id: str, data: Any = None) -> None:
         self.record.ids.append(entry_id)
         self.record.last_id = entry_id
+        if self.latencies is not None and isinstance(data, dict) and "t" in data:
+            self.latencies.append(time.time() - data["t"])
 
     def _ws_frame(self, frame: dict[str, Any], conn: _Conn) -> None:
         kind = frame.get("type")
         if kind == "batch":
             for item in frame["events"]:
-                self._event(item["id"])
+                self._event(item["id"], item.get("data"))
         elif kind == "event":
-            self._event(frame["id"])
+            self._event(frame["id"], frame.get("data"))
         elif kind == "welcome":
             if self.record.last_id is None:
                 self.record.last_id = frame["last_id"]
@@ -241,7 +245,7 @@ class Follower:
             self.record.resets.append(data["last_id"])
             self.record.last_id = data["last_id"]
         elif "id" in block:
-            self._event(block["id"])
+            self._event(block["id"], data)
         elif name == "error":
             self.record.errors.append(data)
 
@@ -455,6 +459,33 @@ async def stream_ids(redis_url: str, after: str = "-", stream: str = STREAM) -> 
             start = f"({page[-1][0]}"
     finally:
         await client.aclose()
+
+
+async def stream_entries(redis_url: str, after: str = "-",
+                         stream: str = STREAM) -> list[tuple[str, list[str]]]:
+    """Every (id, rooms) in the stream after `after`: who may see what."""
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        start = after if after == "-" else f"({after}"
+        out: list[tuple[str, list[str]]] = []
+        while True:
+            page = await client.xrange(stream, min=start, max="+", count=1000)
+            if not page:
+                return out
+            for entry_id, fields in page:
+                try:
+                    rooms = orjson.loads(fields.get("data", "{}")).get("rooms") or []
+                except (orjson.JSONDecodeError, AttributeError):
+                    rooms = []
+                out.append((str(entry_id), list(rooms)))
+            start = f"({page[-1][0]}"
+    finally:
+        await client.aclose()
+
+
+def visible(entries: list[tuple[str, list[str]]], rooms: set[str]) -> list[str]:
+    """The ids a subscriber in `rooms` should see (public events plus its rooms)."""
+    return [i for i, r in entries if not r or rooms.intersection(r)]
 
 
 def check_exact(seen: list[str], expected: list[str]) -> str | None:
