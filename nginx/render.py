@@ -1,0 +1,267 @@
+"""Render dualcast's nginx configs from nginx/templates/ (stdlib only).
+
+One template is the single source of the production config (`nginx/dualcast.conf`,
+the file a user installs) and of the test configs that imitate proxies which break
+real-time transports:
+
+- ``plain``: exactly the production config, with the tests' ports and paths;
+- ``no-websocket``: refuses every WebSocket upgrade with 403, like a corporate
+  proxy that speaks plain HTTP only; SSE and polls pass;
+- ``buffering``: refuses WebSocket too, and buffers every response (HTTP/1.0 to
+  the instances, ``proxy_buffering on``, ``X-Accel-Buffering`` ignored), which
+  holds an SSE stream back completely while polls still answer.
+
+Placeholders are ``{{name}}``: nginx's own ``$variables`` and ``@named``
+locations never clash with them. A missing or unused value is an error, so a
+template edit cannot silently render a half-filled config.
+
+Command line (prints to stdout)::
+
+    python nginx/render.py                      # the production config
+    python nginx/render.py --upstream 10.0.0.5:8000 --upstream 10.0.0.6:8000 \\
+        --server-name push.example.com --static-root /srv/dualcast/static
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+SITE_TEMPLATE = TEMPLATES / "dualcast.conf.tmpl"
+MAIN_TEMPLATE = TEMPLATES / "nginx.conf.tmpl"
+
+MODES = ("plain", "no-websocket", "buffering")
+
+#: What `nginx/dualcast.conf` is rendered with.
+PRODUCTION = {
+    "upstreams": ["127.0.0.1:8001", "127.0.0.1:8002", "127.0.0.1:8003"],
+    "listen": "80",
+    "server_name": "dualcast.example.com",
+    "static_root": "/srv/dualcast/static",
+    "access_log": "/var/log/nginx/dualcast.access.log",
+}
+
+_PLACEHOLDER = re.compile(r"\{\{\s*([a-z_]+)\s*\}\}")
+
+_MODE_NOTICE = {
+    "plain": "",
+    "no-websocket": """
+# TEST CONFIG (mode no-websocket): imitates a proxy that refuses WebSocket
+# upgrades. Never deploy it.
+""",
+    "buffering": """
+# TEST CONFIG (mode buffering): imitates a proxy that refuses WebSocket and
+# buffers every response, which holds SSE back. Never deploy it.
+""",
+}
+
+_REFUSE_UPGRADE = """
+    # Fault: refuse every WebSocket upgrade with 403 before it reaches an
+    # instance, like a corporate proxy that speaks plain HTTP only.
+    if ($http_upgrade) {
+        return 403;
+    }
+"""
+
+_BUFFER_EVERYTHING = """
+    # Fault: buffer every response, ignoring the app's X-Accel-Buffering: no as
+    # old proxies do. Requests go out as HTTP/1.0 (see proxy_http_version above)
+    # to the relay below, which answers without chunked encoding, so this
+    # server passes a body on only when a buffer fills or the response ends:
+    # an SSE stream is held back completely.
+    proxy_buffering on;
+    proxy_ignore_headers X-Accel-Buffering;
+    # Send the response headers at once (nginx would otherwise hold them with
+    # the first 1460 bytes): the nasty case, where a browser's EventSource
+    # fires onopen on a stream whose body never comes.
+    postpone_output 0;
+"""
+
+_RELAY = """
+# ---- fault relay (buffering mode only) ----
+# The buffering server above reaches the instances through this inner hop.
+# uvicorn sends chunked encoding even to an HTTP/1.0 request, and nginx passes
+# every complete chunk on at once, buffering or not (an SSE event is a chunk).
+# nginx itself answers an HTTP/1.0 request with one close-delimited body, so
+# through this hop the server above sees no chunks, and holds the stream the
+# way a real buffering proxy does.
+upstream dualcast_instances {
+{{upstream_servers}}
+    keepalive 32;
+}
+
+server {
+    listen unix:{{relay_socket}};
+    access_log off;
+
+    location / {
+        proxy_pass http://dualcast_instances;
+        proxy_http_version 1.1;
+        proxy_set_header Host $http_host;
+        proxy_set_header Connection "";
+        # Pass everything on at once: the holding happens in the server above.
+        proxy_buffering off;
+        proxy_read_timeout 1h;
+    }
+}
+"""
+
+_TEST_UPSTREAM_HEADER = """
+    # Test hook: which instance served the request (tests check that both
+    # instances get clients, and which one a client must fail over from).
+    add_header X-Dualcast-Upstream $upstream_addr always;
+"""
+
+_TEST_LOCATIONS = """
+    # ---- test hooks (rendered only for tests) ----
+    # Which config is live: a test waits for the new generation after a reload.
+    location = /__nginx {
+        default_type text/plain;
+        return 200 "{{mode}} {{generation}}\\n";
+    }
+"""
+
+
+class TemplateError(ValueError):
+    """A template and its values do not match (missing or unused placeholders)."""
+
+
+def fill(template: str, values: Mapping[str, object]) -> str:
+    """Replace every ``{{name}}`` in `template`; every name must be given, every value used."""
+    names = set(_PLACEHOLDER.findall(template))
+    missing = names - values.keys()
+    unused = values.keys() - names
+    if missing or unused:
+        raise TemplateError(f"missing values {sorted(missing)}, unused values {sorted(unused)}")
+    return _PLACEHOLDER.sub(lambda match: str(values[match.group(1)]), template)
+
+
+def render_site(
+    *,
+    upstreams: Sequence[str],
+    listen: str,
+    server_name: str,
+    static_root: str | Path,
+    access_log: str | Path,
+    mode: str = "plain",
+    test_hooks: bool = False,
+    generation: int = 0,
+    relay_socket: str | Path | None = None,
+) -> str:
+    """The http-level config (map, upstream, server) for one mode.
+
+    `test_hooks` adds a header naming the instance that served a request (in
+    mode buffering: the relay) and a ``/__nginx`` location that answers
+    ``<mode> <generation>``. Mode buffering needs `relay_socket`, a unix socket
+    path for its inner hop.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown nginx mode {mode!r}; one of {', '.join(MODES)}")
+    if not upstreams:
+        raise ValueError("at least one upstream (host:port) is needed")
+    server_extra = ""
+    if mode in ("no-websocket", "buffering"):
+        server_extra += _REFUSE_UPGRADE
+    if mode == "buffering":
+        server_extra += _BUFFER_EVERYTHING
+    test_locations = ""
+    if test_hooks:
+        server_extra += _TEST_UPSTREAM_HEADER
+        test_locations = fill(_TEST_LOCATIONS, {"mode": mode, "generation": generation})
+    servers = "\n".join(
+        f"    server {upstream} max_fails=1 fail_timeout=5s;" for upstream in upstreams
+    )
+    relay = ""
+    if mode == "buffering":
+        if relay_socket is None:
+            raise ValueError("mode buffering needs relay_socket (a unix socket path)")
+        relay = fill(_RELAY, {"upstream_servers": servers, "relay_socket": relay_socket})
+        servers = f"    server unix:{relay_socket};"
+    title = "production config" if mode == "plain" and not test_hooks else f"mode {mode}"
+    return fill(
+        SITE_TEMPLATE.read_text(),
+        {
+            "title": title,
+            "mode_notice": _MODE_NOTICE[mode],
+            "upstream_servers": servers,
+            "listen": listen,
+            "server_name": server_name,
+            "static_root": static_root,
+            "access_log": access_log,
+            "upstream_http_version": "1.0" if mode == "buffering" else "1.1",
+            "sse_buffering": "on" if mode == "buffering" else "off",
+            "server_extra": server_extra,
+            "test_locations": test_locations,
+            "relay": relay,
+        },
+    )
+
+
+def render_main(
+    *,
+    prefix: str | Path,
+    site_conf: str | Path,
+    mime_types: str | Path | None = "/etc/nginx/mime.types",
+    run_as_root: bool = False,
+    error_log_level: str = "info",
+) -> str:
+    """A self-contained main config around `site_conf`, everything under `prefix`.
+
+    `run_as_root` keeps the workers root (only when the master runs as root):
+    otherwise they drop to an unprivileged user that cannot enter private temp
+    folders such as pytest's (mode 0700).
+    """
+    if mime_types is not None and Path(mime_types).exists():
+        types = f"    include {mime_types};"
+    else:  # enough for the dashboard; a browser refuses JS modules served as octet-stream
+        types = (
+            "    types {\n        text/html html;\n        text/css css;\n"
+            "        application/javascript js mjs;\n        application/json json;\n"
+            "        image/svg+xml svg;\n        image/png png;\n        image/x-icon ico;\n    }"
+        )
+    return fill(
+        MAIN_TEMPLATE.read_text(),
+        {
+            "user": "user root;" if run_as_root else "",
+            "prefix": prefix,
+            "error_log_level": error_log_level,
+            "mime_types": types,
+            "site_conf": site_conf,
+        },
+    )
+
+
+def render_production() -> str:
+    """Exactly the content of `nginx/dualcast.conf` (a test keeps the two equal)."""
+    return render_site(**PRODUCTION)  # type: ignore[arg-type]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--upstream", action="append", metavar="HOST:PORT",
+        help="a dualcast instance; repeat once per instance (default: 127.0.0.1:8001-8003)",
+    )
+    parser.add_argument("--listen", default=PRODUCTION["listen"])
+    parser.add_argument("--server-name", default=PRODUCTION["server_name"])
+    parser.add_argument("--static-root", default=PRODUCTION["static_root"])
+    parser.add_argument("--access-log", default=PRODUCTION["access_log"])
+    args = parser.parse_args(argv)
+    print(
+        render_site(
+            upstreams=args.upstream or PRODUCTION["upstreams"],
+            listen=args.listen,
+            server_name=args.server_name,
+            static_root=args.static_root,
+            access_log=args.access_log,
+        ),
+        end="",
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

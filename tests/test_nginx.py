@@ -1,0 +1,492 @@
+"""dualcast behind a real nginx: the production config and the proxies that break transports.
+
+Every test here runs Debian's nginx (rendered from nginx/templates/, checked with
+`nginx -t`) as a child on a free loopback port, in front of two real dualcast
+instances that share one real redis-server. Clients are real: websockets for
+WebSocket, httpx streaming for SSE and long-polls.
+
+nginx missing: the tests skip with a loud reason (and fail under CI=true).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import statistics
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+from websockets.exceptions import InvalidStatus
+
+from server.config import Settings
+from tests.conftest import token
+from tests.support.clients import SSEClient, wait_for, xadd
+from tests.support.nginx import MODES, NginxError, NginxProcess, render, require_nginx
+from tests.support.procs import ROOT, DualcastProcess, RedisProcess, free_port
+
+pytestmark = pytest.mark.nginx
+
+UPSTREAM_HEADER = "x-dualcast-upstream"
+
+
+# ---- fixtures --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nginx_binary() -> str:
+    return require_nginx()
+
+
+@pytest.fixture
+def pair(
+    nginx_binary: str, redis_server: RedisProcess, dualcast: Callable[..., DualcastProcess]
+) -> list[DualcastProcess]:
+    """Two dualcast instances on one redis with one shared secret, as a deployment runs them."""
+    return [dualcast(redis_server.url), dualcast(redis_server.url)]
+
+
+@pytest.fixture
+def proxy(tmp_path: Path, pair: list[DualcastProcess]) -> Iterator[Callable[..., NginxProcess]]:
+    """Factory: nginx in front of `pair` in a mode, stopped when the test ends."""
+    started: list[NginxProcess] = []
+
+    def start(mode: str = "plain", static_dir: Path | None = None) -> NginxProcess:
+        proc = NginxProcess(
+            tmp_path / f"nginx{len(started)}", [p.port for p in pair], mode, static_dir
+        )
+        started.append(proc)
+        return proc.start()
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+def port_of(upstream: str | None) -> int:
+    """The instance port in an X-Dualcast-Upstream value such as `127.0.0.1:40123`."""
+    assert upstream, "nginx named no upstream"
+    return int(upstream.rsplit(":", 1)[1])
+
+
+def open_connections(instance: DualcastProcess, transport: str) -> int:
+    """The instance's own count of open subscribers (its /metrics, read directly)."""
+    text = httpx.get(instance.url + "/metrics", timeout=5).text
+    match = re.search(rf'^dualcast_connections\{{transport="{transport}"\}} (\S+)$', text, re.M)
+    return int(float(match.group(1))) if match else 0
+
+
+def start_marker(redis: RedisProcess) -> str:
+    """Append a marker event and return its id: the cursor every client of a test starts
+    after, so each sees exactly the events the test publishes (the redis is shared)."""
+    return xadd(redis, "test_start", {"at": time.time()})
+
+
+# ---- lean clients that also report which instance nginx chose ---------------------------
+
+
+@dataclass
+class SseStream:
+    """One SSE response read event by event from a background task."""
+
+    response: httpx.Response
+    queue: asyncio.Queue[dict[str, Any] | None] = field(default_factory=asyncio.Queue)
+    ended: bool = False
+
+    @property
+    def upstream(self) -> str | None:
+        return self.response.headers.get(UPSTREAM_HEADER)
+
+    async def pump(self) -> None:
+        block: dict[str, str] = {}
+        try:
+            async for line in self.response.aiter_lines():
+                if line == "":
+                    if "data" in block:
+                        data = json.loads(block["data"])
+                        await self.queue.put(
+                            {"id": block.get("id"), "event": block.get("event", "message"),
+                             "data": data, "received": time.perf_counter()}
+                        )
+                    block = {}
+                elif not line.startswith(":"):
+                    key, _, value = line.partition(":")
+                    block[key] = value.removeprefix(" ")
+        except (httpx.HTTPError, OSError):
+            pass  # the connection broke (e.g. its instance died): the stream has ended
+        finally:
+            self.ended = True
+            await self.queue.put(None)
+
+    async def next(self, within: float = 10) -> dict[str, Any] | None:
+        """The next event, None when the stream ended; TimeoutError when nothing came."""
+        return await asyncio.wait_for(self.queue.get(), within)
+
+
+@asynccontextmanager
+async def sse(base: str, last_event_id: str | None = None) -> AsyncIterator[SseStream]:
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    async with (
+        httpx.AsyncClient(timeout=httpx.Timeout(10, read=None)) as client,
+        client.stream("GET", base + "/api/sse", headers=headers) as response,
+    ):
+        stream = SseStream(response)
+        task = asyncio.create_task(stream.pump())
+        try:
+            yield stream
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+class Resuming:
+    """A subscriber that does what the dashboard does: when its connection drops it
+    reconnects through nginx with the last id it saw, and carries on."""
+
+    def __init__(self, kind: str, base: str, ws_base: str, after: str) -> None:
+        self.kind = kind
+        self.base = base
+        self.ws_base = ws_base
+        self.last_id = after
+        self.ids: list[str] = []
+        self.upstreams: list[int] = []
+        self.connected = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+
+    def _seen(self, event_id: str) -> None:
+        self.ids.append(event_id)
+        self.last_id = event_id
+
+    async def _run(self) -> None:
+        for _attempt in range(20):  # bounded: a test never loops forever
+            try:
+                if self.kind == "ws":
+                    await self._ws_once()
+                else:
+                    await self._sse_once()
+            except (OSError, httpx.HTTPError, websockets.ConnectionClosed, InvalidStatus):
+                pass
+            self.connected.clear()
+            await asyncio.sleep(0.1)  # reconnect backoff, as a client would
+
+    async def _ws_once(self) -> None:
+        url = f"{self.ws_base}/api/ws?last_event_id={self.last_id}"
+        async with websockets.connect(url, open_timeout=10) as conn:
+            assert conn.response is not None
+            self.upstreams.append(port_of(conn.response.headers.get(UPSTREAM_HEADER)))
+            async for raw in conn:
+                frame = json.loads(raw)
+                frames = frame["events"] if frame["type"] == "batch" else [frame]
+                for item in frames:
+                    if item["type"] == "welcome":
+                        self.connected.set()
+                    elif item["type"] == "event":
+                        self._seen(item["id"])
+
+    async def _sse_once(self) -> None:
+        async with sse(self.base, last_event_id=self.last_id) as stream:
+            assert stream.response.status_code == 200
+            self.upstreams.append(port_of(stream.upstream))
+            while (event := await stream.next(within=60)) is not None:
+                if event["event"] == "welcome":
+                    self.connected.set()
+                elif event["id"]:
+                    self._seen(event["id"])
+
+
+# ---- configs: render, nginx -t (no instance needed) ------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_renders_and_passes_nginx_t(
+    tmp_path: Path, nginx_binary: str, mode: str
+) -> None:
+    proc = NginxProcess(tmp_path, [free_port(), free_port()], mode)
+    proc.render()  # raises NginxError with nginx's message if `nginx -t` refuses it
+    text = proc.site_conf.read_text()
+    assert "{{" not in text
+    assert ("return 403;" in text) is (mode != "plain")
+
+
+def test_the_shipped_production_config_is_the_rendered_template() -> None:
+    shipped = (ROOT / "nginx" / "dualcast.conf").read_text()
+    assert shipped == render.render_production(), (
+        "nginx/dualcast.conf is out of date: python nginx/render.py > nginx/dualcast.conf"
+    )
+
+
+def test_the_shipped_production_config_passes_nginx_t(tmp_path: Path, nginx_binary: str) -> None:
+    # Its access log would be /var/log/nginx/...: point it into the prefix for the check.
+    site = (ROOT / "nginx" / "dualcast.conf").read_text().replace(
+        render.PRODUCTION["access_log"], str(tmp_path / "logs" / "access.log")
+    )
+    (tmp_path / "dualcast.conf").write_text(site)
+    (tmp_path / "nginx.conf").write_text(
+        render.render_main(prefix=tmp_path, site_conf=tmp_path / "dualcast.conf")
+    )
+    NginxProcess(tmp_path, [1]).validate()
+
+
+def test_a_poll_is_never_cut_off_by_nginx_before_the_app_answers() -> None:
+    shipped = (ROOT / "nginx" / "dualcast.conf").read_text()
+    block = shipped.split("location = /api/events {", 1)[1].split("}", 1)[0]
+    seconds = int(re.search(r"proxy_read_timeout (\d+)s;", block).group(1))  # type: ignore[union-attr]
+    assert seconds > Settings().poll_timeout_max + 5
+
+
+def test_a_config_nginx_refuses_fails_loudly_with_its_message(
+    tmp_path: Path, nginx_binary: str
+) -> None:
+    proc = NginxProcess(tmp_path, [free_port()])
+    proc.render()
+    proc.site_conf.write_text(proc.site_conf.read_text().replace("least_conn;", "least_conn"))
+    with pytest.raises(NginxError, match="nginx -t refused"):
+        proc.validate()
+    with pytest.raises(render.TemplateError, match="missing values"):
+        render.fill("listen {{listen}};", {})
+
+
+# ---- the production config, end to end ---------------------------------------------------
+
+
+async def test_static_files_come_from_nginx_and_login_links_from_dualcast(
+    tmp_path: Path, proxy: Callable[..., NginxProcess]
+) -> None:
+    static = tmp_path / "static"
+    static.mkdir()
+    (static / "index.html").write_text("<!doctype html><title>served by nginx</title>")
+    (static / "app.js").write_text("export const where = 'nginx';\n")
+    nginx = proxy("plain", static_dir=static)
+    alice = token("alice")
+    async with httpx.AsyncClient(base_url=nginx.url, timeout=10) as client:
+        page = await client.get("/")
+        assert page.status_code == 200 and "served by nginx" in page.text
+        assert UPSTREAM_HEADER not in page.headers  # no instance was woken for it
+        assert page.headers["cache-control"] == "no-cache"
+        script = await client.get("/app.js")
+        assert script.headers["content-type"].startswith("application/javascript")
+
+        login = await client.get("/", params={"token": alice})
+        assert login.status_code in (302, 303, 307), login.text
+        assert UPSTREAM_HEADER in login.headers  # dualcast answered, not the static files
+        assert "token=" not in login.headers["location"]
+        assert "dualcast_token" in login.cookies
+        me = await client.get("/api/me")  # the cookie alone now says who we are
+        assert me.status_code == 200 and me.json()["sub"] == "alice"
+
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get("/readyz")).status_code == 200
+        assert "dualcast_connections" in (await client.get("/metrics")).text
+
+
+async def test_ws_sse_and_poll_through_nginx_reach_both_instances(
+    redis_server: RedisProcess, pair: list[DualcastProcess], proxy: Callable[..., NginxProcess]
+) -> None:
+    nginx = proxy("plain")
+    after = start_marker(redis_server)
+    ports = {p.port for p in pair}
+    async with httpx.AsyncClient(base_url=nginx.url, timeout=40) as client:
+        # least_conn: the second connection of each kind goes to the other instance
+        sockets = [
+            await websockets.connect(f"{nginx.ws_url}/api/ws?last_event_id={after}")
+            for _ in range(2)
+        ]
+        try:
+            ws_ports = {port_of(s.response.headers.get(UPSTREAM_HEADER)) for s in sockets}  # type: ignore[union-attr]
+            assert ws_ports == ports
+            async with sse(nginx.url, last_event_id=after) as s1, sse(
+                nginx.url, last_event_id=after
+            ) as s2:
+                assert {port_of(s1.upstream), port_of(s2.upstream)} == ports
+                polls = [
+                    asyncio.create_task(
+                        client.get("/api/events", params={"after": after, "timeout": "20"})
+                    )
+                    for _ in range(2)
+                ]
+                # the instances themselves count one subscriber of each kind
+                for instance in pair:
+                    for transport in ("websocket", "sse", "polling"):
+                        await wait_for(
+                            lambda i=instance, t=transport: open_connections(i, t) == 1,
+                            timeout=10, what=f"one {transport} subscriber on {instance.port}",
+                        )
+                published = await client.post(
+                    "/api/publish",
+                    json={"event": "hello", "data": {"via": "nginx"}},
+                    headers={"Authorization": f"Bearer {token('producer', publish=True)}"},
+                )
+                assert published.status_code == 202, published.text
+                event_id = published.json()["id"]
+
+                for stream in (s1, s2):
+                    welcome = await stream.next()
+                    assert welcome is not None and welcome["event"] == "welcome"
+                    event = await stream.next()
+                    assert event is not None
+                    assert (event["id"], event["data"]) == (event_id, {"via": "nginx"})
+                answers = await asyncio.gather(*polls)
+                assert {port_of(a.headers.get(UPSTREAM_HEADER)) for a in answers} == ports
+                for answer in answers:
+                    assert [e["id"] for e in answer.json()["events"]] == [event_id]
+                for sock in sockets:
+                    assert json.loads(await sock.recv())["type"] == "welcome"
+                    frame = json.loads(await asyncio.wait_for(sock.recv(), 10))
+                    events = frame["events"] if frame["type"] == "batch" else [frame]
+                    assert [e["id"] for e in events] == [event_id]
+        finally:
+            for sock in sockets:
+                await sock.close()
+
+
+async def test_sse_events_pass_nginx_while_the_stream_stays_open(
+    redis_server: RedisProcess, pair: list[DualcastProcess], proxy: Callable[..., NginxProcess],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Each event arrives while the response is still open (a buffering proxy would hold it
+    until the end); the latency is reported, not asserted (it goes to docs/performance.md)."""
+    nginx = proxy("plain")
+    samples = 30
+    results: dict[str, list[float]] = {}
+    for label, base in (("through nginx", nginx.url), ("direct", pair[0].url)):
+        latencies: list[float] = []
+        async with sse(base) as stream:
+            welcome = await stream.next()
+            assert welcome is not None and welcome["event"] == "welcome"
+            for n in range(samples):
+                sent = time.perf_counter()
+                event_id = xadd(redis_server, "tick", {"n": n})
+                event = await stream.next(within=10)
+                assert event is not None, "the stream ended instead of delivering"
+                assert (event["id"], event["data"]) == (event_id, {"n": n})
+                latencies.append((event["received"] - sent) * 1000)
+            assert not stream.ended  # still open after every event went through
+        results[label] = latencies
+    with capsys.disabled():
+        print("\nSSE publish-to-receive latency (XADD -> client parsed the event), "
+              f"{samples} events, one subscriber, two instances on one redis:")
+        for label, values in results.items():
+            ordered = sorted(values)
+            print(f"  {label:>13}: median {statistics.median(ordered):.2f} ms, "
+                  f"p90 {ordered[int(len(ordered) * 0.9) - 1]:.2f} ms, max {ordered[-1]:.2f} ms")
+
+
+async def test_clients_of_a_killed_instance_resume_on_the_other_and_lose_nothing(
+    redis_server: RedisProcess, pair: list[DualcastProcess], proxy: Callable[..., NginxProcess]
+) -> None:
+    nginx = proxy("plain")
+    after = start_marker(redis_server)
+    kinds = ("ws", "ws", "sse", "sse")
+    clients = [Resuming(kind, nginx.url, nginx.ws_url, after) for kind in kinds]
+    published: list[str] = []
+
+    def publish(count: int) -> None:
+        for _ in range(count):
+            published.append(xadd(redis_server, "step", {"n": len(published)}))
+
+    def everyone_has_all() -> bool:
+        return all(c.ids[-1:] == published[-1:] for c in clients)
+
+    try:
+        for client in clients:
+            client.start()
+            await asyncio.wait_for(client.connected.wait(), 10)
+        victim = next(p for p in pair if p.port == clients[0].upstreams[0])
+        survivor = next(p for p in pair if p is not victim)
+        on_victim = [c for c in clients if c.upstreams == [victim.port]]
+        # least_conn spread them: one WebSocket and one SSE client on each instance
+        assert sorted(c.kind for c in on_victim) == ["sse", "ws"]
+
+        publish(5)
+        await wait_for(everyone_has_all, timeout=10, what="the first 5 events everywhere")
+
+        victim.kill()  # SIGKILL: no goodbye, the connections just break
+        publish(5)  # while its clients are away (or reconnecting)
+        await wait_for(
+            lambda: all(c.upstreams[-1] == survivor.port and c.connected.is_set()
+                        for c in on_victim),
+            timeout=15, what="the victim's clients reconnected through nginx to the survivor",
+        )
+        publish(5)
+        await wait_for(everyone_has_all, timeout=10, what="all 15 events everywhere")
+        for client in clients:
+            assert client.ids == published, f"{client.kind} via {client.upstreams}"
+        for client in on_victim:
+            assert client.upstreams == [victim.port, survivor.port]
+    finally:
+        for client in clients:
+            await client.stop()
+
+
+# ---- proxies that break real-time transports ----------------------------------------------
+
+
+async def test_a_proxy_without_websocket_makes_ws_fail_and_sse_work(
+    redis_server: RedisProcess, proxy: Callable[..., NginxProcess]
+) -> None:
+    nginx = proxy("no-websocket")
+    with pytest.raises(InvalidStatus) as refused:
+        await websockets.connect(nginx.ws_url + "/api/ws", open_timeout=10)
+    assert refused.value.response.status_code == 403
+
+    after = start_marker(redis_server)
+    async with SSEClient(nginx.url, last_event_id=after) as client:
+        event_id = xadd(redis_server, "over_sse", {"ok": True})
+        await wait_for(lambda: client.seen.ids == [event_id], timeout=10, what="the SSE event")
+        assert not client.ended.is_set()
+
+
+async def test_a_buffering_proxy_holds_sse_back_while_polls_answer(
+    redis_server: RedisProcess, proxy: Callable[..., NginxProcess]
+) -> None:
+    nginx = proxy("buffering")
+    after = start_marker(redis_server)
+    with pytest.raises(InvalidStatus):
+        await websockets.connect(nginx.ws_url + "/api/ws", open_timeout=10)
+
+    async with sse(nginx.url, last_event_id=after) as stream:
+        # the headers pass (a browser's EventSource would fire onopen) ...
+        assert stream.response.status_code == 200
+        event_id = xadd(redis_server, "held", {"n": 1})
+        # ... but neither the welcome nor the event come through
+        with pytest.raises(TimeoutError):
+            await stream.next(within=3)
+
+        async with httpx.AsyncClient(base_url=nginx.url, timeout=40) as client:
+            answer = await client.get("/api/events", params={"after": after, "timeout": "5"})
+        assert answer.status_code == 200
+        assert [e["id"] for e in answer.json()["events"]] == [event_id]
+
+
+async def test_reload_switches_the_proxy_behaviour_live(
+    redis_server: RedisProcess, proxy: Callable[..., NginxProcess]
+) -> None:
+    """How a test lifts the blocking: same port, new mode, `nginx -s reload` semantics."""
+    nginx = proxy("no-websocket")
+    with pytest.raises(InvalidStatus):
+        await websockets.connect(nginx.ws_url + "/api/ws", open_timeout=10)
+    port = nginx.port
+    nginx.reload("plain")
+    assert nginx.port == port
+    async with websockets.connect(nginx.ws_url + "/api/ws", open_timeout=10) as conn:
+        assert json.loads(await asyncio.wait_for(conn.recv(), 10))["type"] == "welcome"
+    nginx.reload("buffering")
+    async with sse(nginx.url) as stream:
+        with pytest.raises(TimeoutError):
+            await stream.next(within=2)
+
