@@ -1,0 +1,357 @@
+"""Bad input and limits (issue 4): each refusal is a clear error that costs nobody else.
+
+One server with small limits (3 rooms, 4 KiB frames, 2 KiB bodies, 5 bad frames) on
+real Redis; every test keeps a healthy WebSocket subscriber connected and checks
+at the end that it is still open and still receiving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+
+from tests.conftest import SECRET, token
+from tests.support.clients import WSClient, wait_for
+from tests.support.procs import DualcastProcess, RedisProcess
+
+MAX_ROOMS = 3
+MAX_FRAME = 4096
+MAX_BODY = 2048
+MAX_BAD = 5
+
+ADMIN = token("root", admin=True)
+PUBLISHER = token("producer", publish=True)
+USER = token("456")
+
+
+@pytest.fixture(scope="module")
+def server(redis_server: RedisProcess, tmp_path_factory: pytest.TempPathFactory,
+           ) -> Iterator[DualcastProcess]:
+    proc = DualcastProcess(
+        tmp_path_factory.mktemp("limits"), redis_url=redis_server.url,
+        env={"DUALCAST_SECRET": SECRET, "DUALCAST_STREAM": f"limits-{uuid.uuid4().hex}",
+             "DUALCAST_MAX_ROOMS": str(MAX_ROOMS), "DUALCAST_MAX_FRAME_BYTES": str(MAX_FRAME),
+             "DUALCAST_MAX_BODY_BYTES": str(MAX_BODY), "DUALCAST_MAX_BAD_FRAMES": str(MAX_BAD)},
+    )
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+async def healthy(server: DualcastProcess) -> AsyncIterator[WSClient]:
+    """A well-behaved subscriber that must not notice anyone else's bad input."""
+    async with WSClient(server.ws_url, token=USER) as ws:
+        yield ws
+
+
+async def still_served(server: DualcastProcess, ws: WSClient) -> None:
+    tag = uuid.uuid4().hex
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        response = await client.post("/api/publish", headers={"Authorization": f"Bearer {ADMIN}"},
+                                     json={"event": "canary", "data": {"tag": tag},
+                                           "rooms": ["user-456"]})
+        assert response.status_code == 202, response.text
+        assert (await client.get("/healthz")).status_code == 200
+    await wait_for(lambda: any(e["data"] == {"tag": tag} for e in ws.seen.events), 10,
+                   "the healthy client to get the canary")
+    assert ws.seen.closed is None and not ws.seen.errors
+
+
+def assert_json_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert body["error"] == code, body
+    assert isinstance(body["message"], str) and body["message"]
+    return dict(body)
+
+
+async def raw_ws(server: DualcastProcess, query: str = "") -> websockets.ClientConnection:
+    conn = await websockets.connect(f"{server.ws_url}/api/ws?token={ADMIN}{query}",
+                                    max_size=2**22)
+    welcome = json.loads(await asyncio.wait_for(conn.recv(), 5))
+    assert welcome["type"] == "welcome"
+    return conn
+
+
+async def next_frame(conn: websockets.ClientConnection) -> dict[str, Any]:
+    return dict(json.loads(await asyncio.wait_for(conn.recv(), 5)))
+
+
+async def closed_with(conn: websockets.ClientConnection) -> int | None:
+    """Read until the server closes; the close code it sent."""
+    with pytest.raises(websockets.ConnectionClosed):
+        for _ in range(100):
+            await asyncio.wait_for(conn.recv(), 5)
+    return conn.close_code
+
+
+# --- room names and counts -------------------------------------------------------------
+
+#: (Whitespace around a name in the comma list is trimmed, so "room\n" is fine there; on a
+#: WS `join` frame it is refused.)
+BAD_ROOMS = ["a b", "x" * 65, "röom", "room/1", "<script>", "a;b", "'", "room\x00"]
+
+
+@pytest.mark.parametrize("room", BAD_ROOMS)
+async def test_malformed_room_is_400_on_sse_and_poll(
+    server: DualcastProcess, healthy: WSClient, room: str,
+) -> None:
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        for path in ("/api/sse", "/api/events", "/api/overview"):
+            response = await client.get(path, params={"token": ADMIN, "rooms": f"admin,{room}",
+                                                      "timeout": "0"})
+            body = assert_json_error(response, 400, "bad_room")
+            assert "room" in body["message"]
+    await still_served(server, healthy)
+
+
+async def test_malformed_rooms_on_ws_get_error_frames_connection_kept(
+    server: DualcastProcess, healthy: WSClient,
+) -> None:
+    conn = await raw_ws(server, "&rooms=admin,bad%20room")
+    try:
+        frame = await next_frame(conn)
+        assert frame["type"] == "error" and frame["code"] == "bad_room"
+        for room in ("x" * 65, "room\n", 42, ["admin"]):  # under MAX_BAD: abuse closes
+            await conn.send(json.dumps({"type": "join", "room": room}))
+            frame = await next_frame(conn)
+            assert frame["type"] == "error" and frame["code"] == "bad_room", room
+        await conn.send(json.dumps({"type": "ping"}))
+        assert (await next_frame(conn)) == {"type": "pong"}
+        await conn.send(json.dumps({"type": "join", "room": "ok-room"}))
+        assert (await next_frame(conn)) == {"type": "joined", "room": "ok-room"}
+    finally:
+        await conn.close()
+    await still_served(server, healthy)
+
+
+async def test_too_many_rooms(
+    server: DualcastProcess, healthy: WSClient,
+) -> None:
+    four = "r1,r2,r3,r4"
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        for path in ("/api/sse", "/api/events"):
+            response = await client.get(path, params={"token": ADMIN, "rooms": four,
+                                                      "timeout": "0"})
+            body = assert_json_error(response, 400, "too_many_rooms")
+            assert str(MAX_ROOMS) in body["message"]
+        # Three is fine, and duplicates count once.
+        response = await client.get("/api/events", params={"token": ADMIN, "timeout": "0",
+                                                           "rooms": "r1,r2,r3,r1,r2"})
+        assert response.status_code == 200, response.text
+        # A thousand names cost one refusal (kept under 8 KiB: uvicorn's websockets-sansio
+        # never answers a WS upgrade whose request line is longer).
+        many = ",".join(f"r{i}" for i in range(1000))
+        response = await client.get("/api/events", params={"token": USER, "rooms": many})
+        assert_json_error(response, 400, "too_many_rooms")
+    conn = await raw_ws(server, f"&rooms={four}")
+    try:
+        frame = await next_frame(conn)
+        assert frame["type"] == "error" and frame["code"] == "too_many_rooms"
+        await conn.send(json.dumps({"type": "join", "room": "r9"}))
+        frame = await next_frame(conn)
+        assert frame["type"] == "error" and frame["code"] == "too_many_rooms"
+        await conn.send(json.dumps({"type": "leave", "room": "r1"}))
+        assert (await next_frame(conn)) == {"type": "left", "room": "r1"}
+        await conn.send(json.dumps({"type": "join", "room": "r9"}))
+        assert (await next_frame(conn)) == {"type": "joined", "room": "r9"}
+    finally:
+        await conn.close()
+    ws = WSClient(server.ws_url, token=USER, rooms=many)
+    await ws.connect()
+    try:
+        await ws.send({"type": "ping"})
+        await wait_for(lambda: any(f["type"] == "pong" for f in ws.seen.frames), 5, "pong")
+        assert len(ws.seen.errors) <= MAX_ROOMS + 1
+        assert ws.seen.errors[-1]["code"] == "too_many_rooms"
+    finally:
+        await ws.close()
+    await still_served(server, healthy)
+
+
+# --- WebSocket frames ------------------------------------------------------------------
+
+
+async def test_frame_over_the_limit_closes_1009(
+    server: DualcastProcess, healthy: WSClient,
+) -> None:
+    conn = await raw_ws(server)
+    await conn.send(json.dumps({"type": "ping", "pad": "x" * MAX_FRAME}))
+    assert await closed_with(conn) == 1009
+    conn = await raw_ws(server)
+    try:
+        await conn.send(json.dumps({"type": "ping", "pad": "x" * (MAX_FRAME - 100)}))
+        assert (await next_frame(conn)) == {"type": "pong"}
+    finally:
+        await conn.close()
+    await still_served(server, healthy)
+
+
+@pytest.mark.parametrize(("frame", "code"), [
+    ("{not json", "bad_json"),
+    ("", "bad_json"),
+    ("[1, 2]", "bad_frame"),
+    ('"ping"', "bad_frame"),
+    ("null", "bad_frame"),
+    (b"\x00\x01binary", "bad_frame"),
+    ('{"type": "subscribe", "room": "admin"}', "unknown_type"),
+    ('{"no_type": 1}', "unknown_type"),
+    ('{"type": 7}', "unknown_type"),
+    ('{"type": "auth"}', "bad_frame"),
+    ('{"type": "auth", "token": 5}', "bad_frame"),
+])
+async def test_bad_frames_get_error_frames_and_the_connection_stays(
+    server: DualcastProcess, healthy: WSClient, frame: str | bytes, code: str,
+) -> None:
+    conn = await raw_ws(server)
+    try:
+        await conn.send(frame)
+        reply = await next_frame(conn)
+        assert reply["type"] == "error" and reply["code"] == code and reply["message"]
+        await conn.send(json.dumps({"type": "ping"}))
+        assert (await next_frame(conn)) == {"type": "pong"}
+    finally:
+        await conn.close()
+    await still_served(server, healthy)
+
+
+async def test_repeated_abuse_closes_1008(
+    server: DualcastProcess, healthy: WSClient,
+) -> None:
+    conn = await raw_ws(server)
+    for i in range(MAX_BAD):
+        await conn.send("{bad" if i % 2 else '{"type":"nope"}')
+    errors = 0
+    with pytest.raises(websockets.ConnectionClosed):
+        for _ in range(MAX_BAD + 2):
+            frame = await next_frame(conn)
+            assert frame["type"] == "error"
+            errors += 1
+    assert errors == MAX_BAD
+    assert conn.close_code == 1008
+    await still_served(server, healthy)
+
+
+async def test_bad_cursor_on_ws_is_an_error_frame(
+    server: DualcastProcess, healthy: WSClient,
+) -> None:
+    conn = await raw_ws(server, "&last_event_id=yesterday")
+    try:
+        frame = await next_frame(conn)
+        assert frame["type"] == "error" and frame["code"] == "bad_cursor"
+        await conn.send(json.dumps({"type": "ping"}))
+        assert (await next_frame(conn)) == {"type": "pong"}
+    finally:
+        await conn.close()
+    await still_served(server, healthy)
+
+
+# --- cursors and timeouts --------------------------------------------------------------
+
+BAD_IDS = ["abc", "1-2-3", "-1", "1-", "99999999999999999999999-0", "1.5", " ", "0x10", "1-a"]
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+async def test_bad_cursors_are_400(server: DualcastProcess, healthy: WSClient, bad: str) -> None:
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        response = await client.get("/api/events", params={"after": bad, "timeout": "0"})
+        assert_json_error(response, 400, "bad_cursor")
+        response = await client.get("/api/sse", params={"last_event_id": bad})
+        assert_json_error(response, 400, "bad_cursor")
+        if bad.strip():
+            response = await client.get("/api/sse", headers={"Last-Event-ID": bad})
+            assert_json_error(response, 400, "bad_cursor")
+    await still_served(server, healthy)
+
+
+@pytest.mark.parametrize("bad", ["-1", "31", "abc", "nan", "inf", "-inf", "1e9", "0x5", " "])
+async def test_bad_poll_timeouts_are_400(
+    server: DualcastProcess, healthy: WSClient, bad: str,
+) -> None:
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        response = await client.get("/api/events", params={"timeout": bad})
+        body = assert_json_error(response, 400, "bad_timeout")
+        assert "timeout" in body["message"]
+    await still_served(server, healthy)
+
+
+# --- publish bodies --------------------------------------------------------------------
+
+
+def _post(client: httpx.AsyncClient, content: bytes | str,
+          headers: dict[str, str] | None = None) -> Any:
+    return client.post("/api/publish", content=content,
+                       headers={"Authorization": f"Bearer {PUBLISHER}",
+                                "Content-Type": "application/json", **(headers or {})})
+
+
+async def test_publish_body_over_the_limit_is_413(
+    server: DualcastProcess, healthy: WSClient,
+) -> None:
+    big = json.dumps({"event": "big", "data": "x" * MAX_BODY})
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        assert_json_error(await _post(client, big), 413, "too_large")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            """No Content-Length: the limit holds on a chunked body too."""
+            for _ in range(8):
+                yield b" " * 512
+            yield b'{"event": "big", "data": 1}'
+
+        response = await client.post("/api/publish", content=chunks(),
+                                     headers={"Authorization": f"Bearer {PUBLISHER}"})
+        assert_json_error(response, 413, "too_large")
+        ok = json.dumps({"event": "fits", "data": "x" * (MAX_BODY - 100)})
+        assert (await _post(client, ok)).status_code == 202
+    await still_served(server, healthy)
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"event": "bad name", "data": 1}, "event"),
+    ({"event": "", "data": 1}, "event"),
+    ({"event": "x" * 65, "data": 1}, "event"),
+    ({"event": "ok\n", "data": 1}, "event"),
+    ({"event": 5, "data": 1}, "event"),
+    ({"data": 1}, "event"),
+    ({"event": "ok", "rooms": "admin"}, "rooms"),
+    ({"event": "ok", "rooms": ["bad room"]}, "rooms"),
+    ({"event": "ok", "rooms": [1]}, "rooms"),
+    ({"event": "ok", "extra": True}, "extra"),
+])
+async def test_invalid_envelopes_are_422_naming_the_field(
+    server: DualcastProcess, healthy: WSClient, body: dict[str, Any], field: str,
+) -> None:
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        response = await _post(client, json.dumps(body))
+        answer = assert_json_error(response, 422, "invalid")
+        assert answer["field"].split(".")[0] == field, answer
+        assert field in answer["message"]
+    await still_served(server, healthy)
+
+
+@pytest.mark.parametrize("body", ["not json", "{", "", "\xff", "[1, 2", '{"event": NaN}'])
+async def test_publish_bodies_that_are_not_json_are_400(
+    server: DualcastProcess, healthy: WSClient, body: str,
+) -> None:
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        response = await _post(client, body.encode("latin-1"))
+        assert_json_error(response, 400, "bad_json")
+    await still_served(server, healthy)
+
+
+@pytest.mark.parametrize("body", ["[]", "1", "null", '"event"'])
+async def test_publish_json_that_is_not_an_object_is_422(
+    server: DualcastProcess, healthy: WSClient, body: str,
+) -> None:
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        assert_json_error(await _post(client, body), 422, "invalid")
+    await still_served(server, healthy)
