@@ -355,12 +355,14 @@ class _Breaker:
         self._last_log = -math.inf
 
     def failure(
-        self, exc: BaseException, stats: PublisherStats, where: str, outcome: str
+        self, exc: BaseException, stats: PublisherStats, where: str, outcome: str,
+        probe: bool = False,
     ) -> None:
         now = time.monotonic()
         if self.open:
-            self.cooldown = min(self.cooldown * 2, self.cooldown_max)
-            self.retry_at = now + self.cooldown
+            if probe:  # a failed probe backs off; calls that were in flight do not
+                self.cooldown = min(self.cooldown * 2, self.cooldown_max)
+                self.retry_at = now + self.cooldown
             return
         self.open = True
         self.opened_at = now
@@ -659,10 +661,10 @@ class Publisher(_Core):
                 async with asyncio.timeout(self.timeout):
                     await self._client().ping()
             except _FAILURES as exc:
-                self._breaker.failure(exc, self.stats, self._where, self._outcome)
+                self._breaker.failure(exc, self.stats, self._where, self._outcome, probe=True)
             except Exception as exc:
                 self._log_error("unexpected probe error", exc)
-                self._breaker.failure(exc, self.stats, self._where, self._outcome)
+                self._breaker.failure(exc, self.stats, self._where, self._outcome, probe=True)
             else:
                 self._breaker.success(self.stats)
 
@@ -833,8 +835,15 @@ class SyncPublisher(_Core):
                         pipe.xadd(self.stream, entry.fields(), **args)  # type: ignore[arg-type]
                     replies = list(pipe.execute(raise_on_error=False))
         except _FAILURES as exc:
+            if isinstance(exc, redis.ConnectionError) and "No connection available" in str(exc):
+                # every pooled connection busy with this process's other threads for the
+                # whole timeout: a local overload, not a Redis outage
+                self._log_error("publisher overloaded: no connection free within the timeout",
+                                exc)
+                return self._fail(entries, "overloaded")
             with self._lock:
-                self._breaker.failure(exc, self.stats, self._where, self._outcome)
+                self._breaker.failure(exc, self.stats, self._where, self._outcome,
+                                      probe=self._breaker.open)
             return self._fail(entries, "failed")
         except Exception as exc:
             self._log_error("unexpected publish error", exc)

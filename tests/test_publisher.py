@@ -568,6 +568,20 @@ def test_sync_publisher_fails_open_fast(fresh_redis: RedisProcess):
     assert local.calls == [("e", 1, [])]
 
 
+def test_sync_local_overload_is_not_an_outage(redis_server: RedisProcess):
+    with SyncPublisher(redis_server.url, stream=stream_key(), timeout=0.2,
+                       max_connections=1) as pub:
+        assert pub.publish("warm-up", 0)
+        pool = pub._client().connection_pool
+        held = pool.get_connection()  # another thread of this process holds the only one
+        try:
+            assert pub.publish("queued", 1) is None
+        finally:
+            pool.release(held)
+        assert pub.stats.overloaded == 1 and pub.stats.outages == 0
+        assert pub.publish("after", 2)
+
+
 # --------------------------------------------------------------------------- end to end
 
 
