@@ -1,0 +1,137 @@
+"""`dualcast token`, the admin URL of a secret-less `dualcast serve`, `dualcast publish --url`.
+
+The CLI runs as a real subprocess (`python -m server ...`), as a user would run it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import jwt
+import pytest
+
+from tests.conftest import SECRET, token
+from tests.support.procs import ROOT, DualcastProcess, wait_until
+
+
+def cli(*args: str, secret: str | None = SECRET) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DUALCAST_")}
+    env.pop("REDIS_URL", None)
+    if secret is not None:
+        env["DUALCAST_SECRET"] = secret
+    return subprocess.run([sys.executable, "-m", "server", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def decode(tok: str, secret: str = SECRET) -> dict[str, object]:
+    return dict(jwt.decode(tok, secret, algorithms=["HS256"]))
+
+
+def test_token_carries_the_claims_asked_for() -> None:
+    before = time.time()
+    done = cli("token", "--sub", "456", "--room", "R", "--room", "team-x", "--admin",
+               "--publish", "--ttl", "1h")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1
+    claims = decode(lines[0])
+    assert claims["sub"] == "456"
+    assert claims["rooms"] == ["R", "team-x"]
+    assert claims["admin"] is True and claims["publish"] is True
+    assert before + 3600 - 5 <= float(claims["exp"]) <= time.time() + 3600 + 5  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("ttl", "seconds"), [("90s", 90), ("30m", 1800), ("7d", 7 * 86400),
+                                              ("120", 120)])
+def test_token_ttl_units(ttl: str, seconds: int) -> None:
+    done = cli("token", "--sub", "7", "--ttl", ttl)
+    assert done.returncode == 0, done.stderr
+    claims = decode(done.stdout.strip())
+    assert abs(float(claims["exp"]) - time.time() - seconds) < 10  # type: ignore[arg-type]
+    assert claims["admin"] is False and claims["publish"] is False and claims["rooms"] == []
+
+
+def test_token_with_explicit_secret_and_errors() -> None:
+    other = "cli-secret-" + "z" * 24
+    done = cli("token", "--sub", "1", "--secret", other, secret=None)
+    assert done.returncode == 0, done.stderr
+    assert decode(done.stdout.strip(), other)["sub"] == "1"
+
+    missing = cli("token", "--sub", "1", secret=None)
+    assert missing.returncode == 2 and missing.stdout == ""
+    assert "DUALCAST_SECRET" in missing.stderr
+
+    bad_ttl = cli("token", "--sub", "1", "--ttl", "soon")
+    assert bad_ttl.returncode == 2 and "--ttl" in bad_ttl.stderr and bad_ttl.stdout == ""
+
+    no_sub = cli("token")
+    assert no_sub.returncode == 2 and "--sub" in no_sub.stderr
+
+
+def test_minted_token_works_against_a_server(dualcast: Callable[..., DualcastProcess]) -> None:
+    server = dualcast()
+    tok = cli("token", "--sub", "456", "--room", "team-x", "--ttl", "10m").stdout.strip()
+    me = httpx.get(server.url + "/api/me", headers={"Authorization": f"Bearer {tok}"}).json()
+    assert me["sub"] == "456" and set(me["rooms"]) == {"team-x", "user-456"}
+
+
+def test_serve_without_secret_prints_a_working_admin_url(tmp_path: Path) -> None:
+    proc = DualcastProcess(tmp_path / "nosecret")  # no DUALCAST_SECRET in its environment
+    try:
+        proc.start()
+        match = wait_until(
+            lambda: re.search(r"(http://\S+/\?token=(\S+))", proc.log()), timeout=10,
+            what="the admin URL in the output",
+        )
+        url, tok = match.group(1), match.group(2)
+        assert url.startswith(f"http://127.0.0.1:{proc.port}/?token=")
+        text = proc.log()
+        assert "DUALCAST_SECRET" in text and "instances" in text  # the warning
+        with httpx.Client(timeout=10) as client:
+            login = client.get(url)
+            assert login.status_code == 303 and login.headers["location"] == "/"
+            assert "dualcast_token" in client.cookies
+            me = client.get(proc.url + "/api/me").json()
+            assert me["admin"] is True and me["anonymous"] is False
+            # The process secret is not a fixed one: tests' tokens do not work here.
+            refused = client.get(proc.url + "/api/me",
+                                 headers={"Authorization": f"Bearer {token()}"})
+            assert refused.status_code == 401
+            published = client.post(proc.url + "/api/publish",
+                                     headers={"Authorization": f"Bearer {tok}"},
+                                     json={"event": "hello", "data": 1, "rooms": ["admin"]})
+            assert published.status_code == 202
+    finally:
+        proc.stop()
+
+
+def test_publish_url_mints_a_token_from_the_secret(
+    dualcast: Callable[..., DualcastProcess],
+) -> None:
+    server = dualcast()
+    done = cli("publish", "note", '{"n": 1}', "--room", "user-456", "--url", server.url)
+    assert done.returncode == 0, done.stderr
+    entry_id = done.stdout.strip()
+    answer = httpx.get(server.url + "/api/events",
+                       params={"after": "0", "timeout": "0", "token": token("456")}).json()
+    assert [(e["id"], e["event"], e["data"]) for e in answer["events"]] == [
+        (entry_id, "note", {"n": 1})]
+    hidden = httpx.get(server.url + "/api/events",
+                       params={"after": "0", "timeout": "0", "token": token("789")}).json()
+    assert hidden["events"] == []
+
+    anonymous = cli("publish", "note", "{}", "--url", server.url, secret=None)
+    assert anonymous.returncode == 1 and "401" in anonymous.stderr
+    plain = cli("publish", "note", "{}", "--url", server.url, "--token", token("456"),
+                secret=None)
+    assert plain.returncode == 1 and "403" in plain.stderr
+    given = cli("publish", "note", "{}", "--url", server.url,
+                "--token", token("p", publish=True), secret=None)
+    assert given.returncode == 0, given.stderr
