@@ -98,13 +98,13 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.redis_url is None and self.workers > 1:
             raise ValueError(
-                "workers: the memory engine lives in one process; "
+                "DUALCAST_WORKERS: the memory engine lives in one process; "
                 "set DUALCAST_REDIS_URL to run several workers"
             )
         if self.block_ms / 1000 >= self.stall_seconds:
-            raise ValueError("stall_seconds: must be longer than block_ms")
+            raise ValueError("DUALCAST_STALL_SECONDS: must be longer than DUALCAST_BLOCK_MS")
         if not self.transports:
-            raise ValueError("transports: at least one transport must be enabled")
+            raise ValueError("DUALCAST_TRANSPORTS: at least one transport must be enabled")
         return self
 
     @property
@@ -124,7 +124,7 @@ def load_settings(**overrides: object) -> Settings:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "settings"
         message = first["msg"].removeprefix("Value error, ")
-        if ":" in message.split(" ")[0]:
+        if message.startswith("DUALCAST_"):
             raise SettingsError(f"bad setting {message}") from None
-        env = f"DUALCAST_{where.upper()}" if where != "settings" else where
+        env = f"DUALCAST_{where.split('.')[0].upper()}"
         raise SettingsError(f"bad setting {env}: {message} (got {first.get('input')!r})") from None

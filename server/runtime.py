@@ -59,12 +59,7 @@ class Runtime:
     async def stop(self) -> None:
         self.hub.close_all(CloseReason.SHUTDOWN)
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
+            await _cancel(task)
         self._tasks.clear()
         await self.log.close()
 
@@ -99,3 +94,19 @@ class Runtime:
         entry_id = format_id(key)
         self.hub.publish([decode_entry(entry_id, entry_fields(envelope, now))])
         return entry_id
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    """Cancel and await a task. A cancel can be swallowed by a library racing its own
+    timeout (seen in redis-py's blocking read on Python 3.11), so cancel again until done.
+    """
+    for _ in range(20):
+        if task.done():
+            break
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.25)
+    if not task.done():
+        log.error("background task %s did not stop", task.get_name())
+        return
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task %s failed", task.get_name(), exc_info=task.exception())

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from server.config import Settings
-from server.events import ZERO, parse_id
+from server.events import ZERO, StreamId, parse_id
 from server.log.base import LogInfo, LogUnavailable, RawEntry
 
 
@@ -107,11 +107,25 @@ class RedisLog:
                 return LogInfo(exists=False, length=0, first_id=None, last_id=ZERO)
             raise
         first = raw.get("first-entry")
-        max_deleted = raw.get("max-deleted-entry-id")
+        first_id = parse_id(str(first[0])) if first else None
+        last_id = parse_id(str(raw["last-generated-id"]))
+        length = int(raw.get("length", 0))
+        max_deleted = parse_id(str(raw.get("max-deleted-entry-id") or "0-0"))
+        # MAXLEN trimming does not move max-deleted-entry-id (only XDEL does), but
+        # entries-added > length says the head was trimmed: everything before the
+        # first retained entry may be gone.
+        added = raw.get("entries-added")
+        if added is not None and int(added) > length:
+            before_first = _just_before(first_id) if first_id is not None else last_id
+            max_deleted = max(max_deleted, before_first)
+        elif added is None and first_id is not None:
+            max_deleted = max(max_deleted, _just_before(first_id))  # Redis < 7: assume trimmed
         return LogInfo(
-            exists=True,
-            length=int(raw.get("length", 0)),
-            first_id=parse_id(str(first[0])) if first else None,
-            last_id=parse_id(str(raw["last-generated-id"])),
-            max_deleted=parse_id(str(max_deleted)) if max_deleted else ZERO,
+            exists=True, length=length, first_id=first_id, last_id=last_id,
+            max_deleted=max_deleted,
         )
+
+
+def _just_before(key: StreamId) -> StreamId:
+    ms, seq = key
+    return (ms, seq - 1) if seq > 0 else (ms - 1, 2**64 - 1)

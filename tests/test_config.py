@@ -1,0 +1,68 @@
+"""Settings: defaults, env names, and one clear line naming a bad setting."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from server.config import SettingsError, load_settings
+from tests.support.procs import ROOT
+
+
+def test_defaults_are_the_memory_engine_and_the_design_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.delenv("DUALCAST_REDIS_URL", raising=False)
+    settings = load_settings()
+    assert settings.engine == "memory"
+    assert settings.stream == "websocket-broadcast"
+    assert settings.maxlen == 10_000
+    assert settings.transports == ["websocket", "sse", "polling"]
+
+
+def test_plain_redis_url_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    assert load_settings().redis_url == "redis://127.0.0.1:1/0"
+    monkeypatch.setenv("DUALCAST_REDIS_URL", "redis://127.0.0.1:2/0")
+    assert load_settings().redis_url == "redis://127.0.0.1:2/0"
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "named"),
+    [
+        ("DUALCAST_MAXLEN", "lots", "DUALCAST_MAXLEN"),
+        ("DUALCAST_QUEUE_SIZE", "0", "DUALCAST_QUEUE_SIZE"),
+        ("DUALCAST_REDIS_URL", "http://example", "DUALCAST_REDIS_URL"),
+        ("DUALCAST_TRANSPORTS", "carrier-pigeon", "DUALCAST_TRANSPORTS"),
+        ("DUALCAST_SECRET", "short", "DUALCAST_SECRET"),
+        ("DUALCAST_ROOM_PATTERN", "([", "DUALCAST_ROOM_PATTERN"),
+    ],
+)
+def test_bad_setting_is_one_line_naming_it(
+    monkeypatch: pytest.MonkeyPatch, env: str, value: str, named: str
+) -> None:
+    monkeypatch.setenv(env, value)
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    message = str(info.value)
+    assert named in message
+    assert "\n" not in message
+
+
+def test_memory_engine_refuses_several_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    with pytest.raises(SettingsError, match="DUALCAST_WORKERS.*memory engine"):
+        load_settings(workers=2)
+
+
+def test_serve_with_a_bad_setting_exits_with_one_clear_line() -> None:
+    env = {"PATH": "/usr/bin:/bin", "DUALCAST_PORT": "not-a-port"}
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "serve"], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "DUALCAST_PORT" in lines[0]
