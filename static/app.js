@@ -204,10 +204,26 @@ function startCursor() {
   return cursor;
 }
 
+/**
+ * Optional timing overrides from localStorage `dualcast.tuning` (JSON), for tests and
+ * for operators who want a faster climb: climbBaseMs, climbCapMs, welcomeTimeoutMs.
+ */
+function tuning() {
+  const allowed = ['climbBaseMs', 'climbCapMs', 'welcomeTimeoutMs', 'retryBaseMs', 'retryCapMs'];
+  try {
+    const raw = JSON.parse(localStorage.getItem('dualcast.tuning') ?? '{}');
+    return Object.fromEntries(Object.entries(raw)
+      .filter(([k, v]) => allowed.includes(k) && Number.isFinite(v) && v > 0));
+  } catch {
+    return {};
+  }
+}
+
 function becomeLeader() {
   if (app.loggedOut) return;
   app.followers.clear();
   app.manager = new TransportManager({
+    ...tuning(),
     wsBase: location.origin.replace(/^http/, 'ws'),
     cursor: startCursor(),
     rooms: app.rooms,

@@ -1,0 +1,267 @@
+"""The dashboard in a real Chromium: it picks a transport on its own and shows every event once.
+
+Each test runs a real dualcast (on a real redis-server, with a stream of its own) and,
+where a proxy is the point, a real nginx in one of its fault modes. The browser is
+Debian's Chromium driven by Playwright; assertions read what a user sees and the DOM
+contract (<body data-transport data-state>, data-event-id on every log row).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import token
+from tests.e2e.conftest import (
+    Page,
+    Stack,
+    artifact,
+    assert_each_once,
+    log_ids,
+    login_url,
+    wait_ids,
+    wait_transport,
+)
+from tests.support.nginx import NginxProcess, require_nginx
+from tests.support.procs import ROOT, wait_until
+
+pytestmark = pytest.mark.browser
+
+FAST_CLIMB = {"climbBaseMs": 1500, "climbCapMs": 4000}
+
+
+def usage(n: int, user: str = "456") -> dict[str, Any]:
+    return {
+        "sessionId": f"s-{n}", "userId": user, "model": "gpt-4o", "inputTokens": 100 + n,
+        "outputTokens": 50, "costUsd": 0.001 * n, "latencyMs": 300 + n, "statusCode": 200,
+    }
+
+
+@pytest.fixture
+def nginx(tmp_path: Path) -> Iterator[Callable[..., NginxProcess]]:
+    """Factory: a real nginx in front of one dualcast, in a mode; stopped at the end."""
+    started: list[NginxProcess] = []
+
+    def start(upstream_port: int, mode: str) -> NginxProcess:
+        require_nginx()
+        proc = NginxProcess(tmp_path / f"nginx{len(started)}", [upstream_port], mode=mode)
+        started.append(proc)
+        return proc.start()
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+def test_websocket_shows_published_events(stack: Callable[..., Stack],
+                                          open_page: Callable[..., Page]) -> None:
+    s = stack()
+    p = open_page(login_url(s.base_url, sub="ops", admin=True))
+    page = p.page
+    wait_transport(page, "websocket")
+    assert page.url.rstrip("/") == s.base_url, "the login link redirects to the clean URL"
+    assert page.text_content("#who-sub") == "ops"
+    ids = [s.publish("usage_log_added", usage(n)) for n in range(5)]
+    ids.append(s.publish("metrics_update", {
+        "activeSessions": 7, "totalRequests": 1234, "totalCost": 5.5, "avgResponseMs": 420,
+        "timestamp": int(time.time() * 1000)}))
+    ids.append(s.publish("provider_status_change", {
+        "providerId": "openai", "name": "OpenAI", "status": "degraded",
+        "circuitState": "half-open", "failureCount": 3, "timestamp": int(time.time() * 1000)}))
+    assert_each_once(wait_ids(page, ids), ids)
+    # the panels follow the events
+    page.wait_for_function("document.getElementById('card-requests').textContent === '1,234'")
+    assert page.text_content("#card-sessions") == "7"
+    assert "half-open" in (page.text_content('[data-provider-id="openai"]') or "")
+    assert page.text_content("#status-transport") == "WebSocket"
+    assert p.unexpected_errors() == []
+
+
+@pytest.mark.parametrize("blocker", ["server-setting", "nginx-no-websocket"])
+def test_websocket_refused_lands_on_sse(blocker: str, stack: Callable[..., Stack],
+                                        open_page: Callable[..., Page],
+                                        nginx: Callable[..., NginxProcess]) -> None:
+    if blocker == "server-setting":
+        s = stack(env={"DUALCAST_TRANSPORTS": "sse,polling"})
+        base = s.base_url
+    else:
+        s = stack()
+        base = nginx(s.server.port, "no-websocket").url
+    p = open_page(login_url(base, sub="ops", admin=True))
+    wait_transport(p.page, "sse")
+    ids = [s.publish("usage_log_added", usage(n)) for n in range(10)]
+    assert_each_once(wait_ids(p.page, ids), ids)
+    assert p.page.text_content("#status-transport") == "SSE"
+    assert p.unexpected_errors() == []
+
+
+def test_buffering_proxy_lands_on_polling_then_climbs_back(
+    stack: Callable[..., Stack], open_page: Callable[..., Page],
+    nginx: Callable[..., NginxProcess],
+) -> None:
+    """Polling behind a buffering proxy; SSE, then WebSocket as the proxy is fixed; ids once.
+
+    A producer publishes all along, so events arrive during every switch.
+    """
+    s = stack()
+    proxy = nginx(s.server.port, "buffering")
+    p = open_page(login_url(proxy.url, sub="ops", admin=True), tuning=FAST_CLIMB)
+    page = p.page
+    wait_transport(page, "polling", timeout=30)
+    first = [s.publish("usage_log_added", usage(n)) for n in range(5)]
+    assert_each_once(wait_ids(page, first), first)
+
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def producer() -> None:
+        try:
+            for n in range(400):  # bounded: at most 400 events, ~20 s
+                if stop.is_set():
+                    return
+                s.publish("usage_log_added", usage(100 + n))
+                time.sleep(0.05)  # pacing the producer, not synchronisation
+        except BaseException as exc:  # reported by the main thread
+            failures.append(exc)
+
+    thread = threading.Thread(target=producer, daemon=True)
+    thread.start()
+    try:
+        proxy.reload("no-websocket")  # SSE passes now: the page climbs to it
+        wait_transport(page, "sse", timeout=40)
+        proxy.reload("plain")  # everything passes: the page climbs to WebSocket
+        wait_transport(page, "websocket", timeout=40)
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not failures, failures
+    last = s.publish("usage_log_added", usage(999))
+    ids = wait_ids(page, [*s.published, last], timeout=30)
+    assert_each_once(ids, s.published)
+    assert len(s.published) > 10
+
+
+def test_eight_tabs_share_one_sse_connection(stack: Callable[..., Stack],
+                                             open_page: Callable[..., Page]) -> None:
+    s = stack(env={"DUALCAST_TRANSPORTS": "sse,polling"})
+    first = open_page(login_url(s.base_url, sub="ops", admin=True))
+    context = first.page.context
+    wait_transport(first.page, "sse")
+    pages = [first] + [open_page(s.base_url + "/", context=context) for _ in range(7)]
+    for p in pages:
+        wait_transport(p.page, "sse")  # followers mirror what the leader reports
+    wait_until(lambda: s.gauge("sse") == 1, timeout=15, what="one SSE connection on the server")
+    ids = [s.publish("usage_log_added", usage(n)) for n in range(5)]
+    for p in pages:
+        assert_each_once(wait_ids(p.page, ids), ids)
+    assert s.gauge("sse") == 1
+    roles = [p.page.text_content("#status-role") for p in pages]
+    assert roles.count("") == 1 and roles.count("shared") == 7, roles
+
+    # the leader closes: another tab takes over from the same cursor
+    leader = pages[roles.index("")]
+    leader.page.close()
+    rest = [p for p in pages if p is not leader]
+    more = [s.publish("usage_log_added", usage(100 + n)) for n in range(5)]
+    for p in rest:
+        assert_each_once(wait_ids(p.page, ids + more), ids + more)
+        wait_transport(p.page, "sse")
+    wait_until(lambda: s.gauge("sse") == 1, timeout=15, what="still one SSE connection")
+    for p in rest:
+        assert p.unexpected_errors() == []
+
+
+def test_admin_sees_admin_events_and_a_user_does_not(stack: Callable[..., Stack],
+                                                     open_page: Callable[..., Page]) -> None:
+    s = stack()
+    admin = open_page(login_url(s.base_url, sub="ops", admin=True))
+    user = open_page(login_url(s.base_url, sub="456"))
+    wait_transport(admin.page, "websocket")
+    wait_transport(user.page, "websocket")
+    assert "rooms: user-456" in (user.page.text_content("#who-rooms") or "")
+    assert user.page.is_hidden("#rooms-picker") and admin.page.is_visible("#rooms-picker")
+    secret = s.publish("provider_status_change", {"providerId": "x", "status": "down",
+                                                  "circuitState": "open", "failureCount": 9},
+                       rooms=["admin"])
+    mine = s.publish("usage_log_added", usage(1), rooms=["user-456"])
+    public = s.publish("usage_log_added", usage(2))
+    wait_ids(admin.page, [secret, public])
+    # ids are delivered in order: once the later public event is shown, the earlier ones
+    # the user may see are there too, and an admin event would have been
+    user_ids = wait_ids(user.page, [mine, public])
+    assert secret not in user_ids
+    assert mine not in log_ids(admin.page), "an admin joins user rooms only when asked"
+
+
+def test_expired_token_shows_the_login_screen(stack: Callable[..., Stack],
+                                              open_page: Callable[..., Page]) -> None:
+    s = stack()
+    context = open_page.new_context()  # type: ignore[attr-defined]
+    p = open_page(login_url(s.base_url, sub="ops", admin=True, ttl=3), context=context)
+    wait_transport(p.page, "websocket")
+    # the token runs out while the page is live: the server ends the connection
+    p.page.wait_for_selector("#login:not([hidden])", timeout=20000)
+    assert "expired" in (p.page.text_content("#login-reason") or "").lower()
+    assert p.page.get_attribute("body", "data-state") == "offline"
+    assert p.page.is_hidden("#dashboard")
+
+
+def test_anonymous_sees_public_events_and_a_hint(stack: Callable[..., Stack],
+                                                 open_page: Callable[..., Page]) -> None:
+    s = stack()
+    p = open_page(s.base_url + "/")
+    wait_transport(p.page, "websocket")
+    assert p.page.is_visible("#anon-hint")
+    admin_only = s.publish("usage_log_added", usage(1), rooms=["admin"])
+    public = s.publish("usage_log_added", usage(2))
+    ids = wait_ids(p.page, [public])
+    assert admin_only not in ids
+
+
+def test_no_anonymous_shows_the_login_screen(stack: Callable[..., Stack],
+                                             open_page: Callable[..., Page]) -> None:
+    s = stack(env={"DUALCAST_ALLOW_ANONYMOUS": "false"})
+    p = open_page(s.base_url + "/")
+    p.page.wait_for_selector("#login:not([hidden])", timeout=10000)
+    assert p.page.get_attribute("body", "data-state") == "offline"
+    assert p.page.is_visible("#login-token")
+    # signing in from that screen goes through the cookie flow
+    p.page.fill("#login-token", token("ops", admin=True))
+    p.page.click("#login-form button[type=submit]")
+    wait_transport(p.page, "websocket")
+    assert p.page.text_content("#who-sub") == "ops"
+
+
+def test_screenshot_with_demo_traffic(stack: Callable[..., Stack],
+                                      open_page: Callable[..., Page]) -> None:
+    """Demo traffic fills every panel; screenshots go to test-artifacts/ (gitignored)."""
+    s = stack(args=["--demo"])
+    p = open_page(login_url(s.base_url, sub="ops", admin=True), color_scheme="dark")
+    page = p.page
+    wait_transport(page, "websocket")
+    wait_until(lambda: len(log_ids(page)) >= 40, timeout=60, what="40 demo events in the log")
+    page.wait_for_selector("#providers li", timeout=30000)
+    page.wait_for_function("document.getElementById('card-requests').textContent !== '—'",
+                           timeout=30000)
+    page.screenshot(path=str(artifact("dashboard-dark.png")), full_page=True)
+    page.emulate_media(color_scheme="light")
+    page.screenshot(path=str(artifact("dashboard-light.png")), full_page=True)
+    page.emulate_media(color_scheme="dark")
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.screenshot(path=str(artifact("dashboard-phone.png")), full_page=False)
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390, f"the page scrolls sideways on a phone ({width}px)"
+    assert p.unexpected_errors() == []
+    if ROOT.joinpath("docs").is_dir() and _env_flag("DUALCAST_UPDATE_DOCS_SCREENSHOT"):
+        page.set_viewport_size({"width": 1280, "height": 900})
+        page.screenshot(path=str(ROOT / "docs" / "dashboard.png"), full_page=False)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
