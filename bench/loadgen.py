@@ -71,7 +71,7 @@ class Worker:
                 "deliveries": self.tally.deliveries}
 
     async def collect(
-        self, expect: int, timeout: float, receivers: list[int] | None = None
+        self, expect: int, wait_s: float, receivers: list[int] | None = None
     ) -> dict[str, Any]:
         """Wait until every live client has all `expect` events (or timeout); report; reset.
 
@@ -80,7 +80,7 @@ class Worker:
         """
         wanted = set(range(len(self.clients)) if receivers is None else receivers)
         targets = [c for i, c in enumerate(self.clients) if i in wanted]
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             if all(c.count >= expect or c.closed for c in targets):
                 break
@@ -102,8 +102,10 @@ class Worker:
                 closed += 1
                 reasons[c.close_reason[:120]] += 1
             c.reset()
-        result = {"op": "result", **self.tally.summary(), "lost": lost, "duplicated": dup,
-                  "out_of_order": ooo, "misrouted": misrouted, "clients_with_loss": clients_with_loss,
+        result = {"op": "result", **self.tally.summary(),
+                  "lost": lost, "duplicated": dup,
+                  "out_of_order": ooo, "misrouted": misrouted,
+                  "clients_with_loss": clients_with_loss,
                   "closed": closed, "close_reasons": reasons.most_common(3),
                   "clients": len(self.clients)}
         self.tally.reset()

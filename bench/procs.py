@@ -63,7 +63,8 @@ def wait_until(condition: Callable[[], T], timeout: float, what: str) -> T:
 def http_ok(port: int, path: str) -> bool:
     """A minimal GET that needs no HTTP library: True on a 200 status line."""
     with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        sock.sendall(request.encode())
         return sock.recv(64).startswith(b"HTTP/1.1 200")
 
 

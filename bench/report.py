@@ -45,7 +45,7 @@ def med(values: Iterable[Any]) -> float | None:
 
 def fmt(value: Any, digits: int = 1) -> str:
     if value is None:
-        return "–"
+        return "-"
     if isinstance(value, float):
         if abs(value) >= 1000:
             return f"{value:,.0f}"
@@ -61,7 +61,9 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(out)
 
 
-def _group(records: list[dict[str, Any]], *keys: str) -> dict[tuple[Any, ...], list[dict[str, Any]]]:
+def _group(
+    records: list[dict[str, Any]], *keys: str
+) -> dict[tuple[Any, ...], list[dict[str, Any]]]:
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         groups[tuple(r.get(k) for k in keys)].append(r)
@@ -71,7 +73,7 @@ def _group(records: list[dict[str, Any]], *keys: str) -> dict[tuple[Any, ...], l
 def best_peer(values: dict[str, float | None], higher_is_better: bool = True) -> tuple[str, float]:
     peers = {k: v for k, v in values.items() if not k.startswith("dualcast") and v}
     if not peers:
-        return ("–", float("nan"))
+        return ("-", float("nan"))
     pick = max if higher_is_better else min
     name = pick(peers, key=lambda k: peers[k])  # type: ignore[arg-type,return-value]
     return name, float(peers[name])  # type: ignore[arg-type]
@@ -97,7 +99,7 @@ def saturation_md(records: list[dict[str, Any]]) -> str:
         if sat.get(kind):
             for peer in ("broadcaster-ws", "broadcaster-sse", "socketio-ws"):
                 if sat.get(peer):
-                    ratios.append(f"{kind} / {peer}: **{sat[kind] / sat[peer]:.2f}×**")
+                    ratios.append(f"{kind} / {peer}: **{sat[kind] / sat[peer]:.2f}x**")
     if ratios:
         text += "\n\nRatios of medians: " + "; ".join(ratios) + "."
     return text
@@ -147,9 +149,9 @@ def routing_md(records: list[dict[str, Any]]) -> str:
     if len(by_n) >= 2:
         small, large = by_n[min(by_n)], by_n[max(by_n)]
         if small["dispatch_us_per_event"] > 0:
+            ratio = large["dispatch_us_per_event"] / small["dispatch_us_per_event"]
             text += (f"\n\nDispatch cost ratio {large['clients']:,} vs {small['clients']:,} "
-                     f"subscribers: **{large['dispatch_us_per_event'] / small['dispatch_us_per_event']:.2f}×**"
-                     " (target: within 1.2×).")
+                     f"subscribers: **{ratio:.2f}x** (target: within 1.2x).")
     return text
 
 

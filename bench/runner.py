@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import jwt
+import psutil
 
 from bench.clients import BUCKET_S, KINDS
 from bench.procs import ROOT, SECRET, Stack, process_cpu, self_cpu
@@ -53,16 +57,16 @@ class WorkerProc:
         self.proc.stdin.write(json.dumps(obj).encode() + b"\n")
         await self.proc.stdin.drain()
 
-    async def recv(self, timeout: float) -> dict[str, Any]:
+    async def recv(self, wait_s: float) -> dict[str, Any]:
         assert self.proc.stdout is not None
-        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        line = await asyncio.wait_for(self.proc.stdout.readline(), wait_s)
         if not line:
             raise RuntimeError(f"load worker {self.pid} exited ({self.proc.returncode})")
         return json.loads(line)
 
-    async def ask(self, obj: dict[str, Any], timeout: float) -> dict[str, Any]:
+    async def ask(self, obj: dict[str, Any], wait_s: float) -> dict[str, Any]:
         await self.send(obj)
-        return await self.recv(timeout)
+        return await self.recv(wait_s)
 
     async def stop(self) -> None:
         if self.proc.returncode is None:
@@ -166,7 +170,7 @@ class Session:
             await self.publisher.start()
         return self.publisher
 
-    async def warm_up(self, rooms: list[str] | None = None, timeout: float = 20,
+    async def warm_up(self, rooms: list[str] | None = None, wait_s: float = 20,
                       need: int | None = None) -> bool:
         """Publish warm-up events (seq < 0) until every live client has seen one.
 
@@ -175,7 +179,7 @@ class Session:
         lifespan) without a sleep.
         """
         pub = await self.publisher_for(rooms)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + wait_s
         seq = -1
         while time.monotonic() < deadline:
             await pub.publish(seq)
@@ -189,12 +193,28 @@ class Session:
                 return True
         return False
 
+    async def _profile(self, rate: float, duration: float) -> asyncio.subprocess.Process | None:
+        """With BENCH_PROFILE=<dir>, sample the server with py-spy while publishing."""
+        folder = os.environ.get("BENCH_PROFILE")
+        if not folder:
+            return None
+        assert self.stack.server is not None
+        os.makedirs(folder, exist_ok=True)
+        out = Path(folder) / f"{self.kind}-{len(self.paths)}c-{rate:g}r.txt"
+        return await asyncio.create_subprocess_exec(
+            shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy",
+            "record", "-p", str(self.stack.server.pid), "-d", str(int(duration)),
+            "-r", "200", "-f", "raw", "-o", str(out), "--nonblocking",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )
+
     def cpu_snapshot(self) -> dict[str, float]:
         return {
             "server": self.stack.server_cpu(),
             "redis": self.stack.redis_cpu(),
             "generator": sum(process_cpu(w.pid) for w in self.workers),
             "publisher": self_cpu(),
+            "machine": machine_busy(),
             "wall": time.monotonic(),
         }
 
@@ -203,9 +223,15 @@ class Session:
                    receivers: list[list[int]] | None = None) -> dict[str, Any]:
         """Publish at `rate` for `duration`; gather latency, loss and CPU from every worker."""
         pub = await self.publisher_for(rooms)
+        spy = await self._profile(rate, duration)
         before = self.cpu_snapshot()
         start_wall = time.time()
         sent = await publish_at_rate(pub, rate, duration)
+        if spy is not None:
+            try:
+                await asyncio.wait_for(spy.wait(), duration + 15)
+            except TimeoutError:
+                spy.kill()
         answers = await asyncio.gather(*(
             w.ask({"op": "collect", "expect": sent["sent"], "timeout": drain,
                    "receivers": receivers[i] if receivers else None}, drain + 30)
@@ -227,6 +253,8 @@ class Session:
         def us_per_delivery(key: str) -> float | None:
             return round(1e6 * (after[key] - before[key]) / deliveries, 2) if deliveries else None
 
+        ours = sum(after[k] - before[k] for k in ("server", "redis", "generator", "publisher"))
+        foreign = (after["machine"] - before["machine"]) - ours
         return {
             "target": self.kind, "rate": rate, "duration": duration, **sent,
             "clients": len(self.paths), **self.info,
@@ -245,11 +273,18 @@ class Session:
             "window_s": round(wall, 2),
             "server_cpu_pct": pct("server"), "redis_cpu_pct": pct("redis"),
             "generator_cpu_pct": pct("generator"), "publisher_cpu_pct": pct("publisher"),
+            "foreign_cpu_pct": round(100 * foreign / wall, 1),
             "server_cpu_s": round(after["server"] - before["server"], 4),
             "server_us_per_delivery": us_per_delivery("server"),
             "generator_us_per_delivery": us_per_delivery("generator"),
             "rss_end": self.stack.server_rss(),
         }
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine has been busy (all cores), to tell our load from others'."""
+    t = psutil.cpu_times()
+    return float(t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0))
 
 
 def median(values: list[float]) -> float:
