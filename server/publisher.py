@@ -430,7 +430,7 @@ class _Core:
 
     @property
     def _outcome(self) -> str:
-        return "sent to the local fallback" if self.fallback else "dropped (fail open)"
+        return "sent to the local fallback" if self.fallback is not None else "dropped (fail open)"
 
     @property
     def available(self) -> bool:
@@ -641,7 +641,10 @@ class Publisher(_Core):
         client = self._client()
         args = self._xadd_args()
         if len(entries) == 1:
-            return [await client.xadd(self.stream, entries[0].fields(), **args)]  # type: ignore[arg-type]
+            try:
+                return [await client.xadd(self.stream, entries[0].fields(), **args)]  # type: ignore[arg-type]
+            except redis.ResponseError as exc:  # Redis answered: a refusal, not an outage
+                return [exc]
         async with client.pipeline(transaction=False) as pipe:
             for entry in entries:
                 pipe.xadd(self.stream, entry.fields(), **args)  # type: ignore[arg-type]
@@ -827,8 +830,12 @@ class SyncPublisher(_Core):
         try:
             client = self._client()
             args = self._xadd_args()
+            replies: list[Any]
             if len(entries) == 1:
-                replies: list[Any] = [client.xadd(self.stream, entries[0].fields(), **args)]  # type: ignore[arg-type]
+                try:
+                    replies = [client.xadd(self.stream, entries[0].fields(), **args)]  # type: ignore[arg-type]
+                except redis.ResponseError as exc:  # Redis answered: a refusal, not an outage
+                    replies = [exc]
             else:
                 with client.pipeline(transaction=False) as pipe:
                     for entry in entries:

@@ -395,6 +395,21 @@ async def test_local_overload_is_not_an_outage(redis_server: RedisProcess):
         assert pub.stats.published == 2 + sum(r is not None for r in results)
 
 
+async def test_redis_refusing_the_write_is_not_an_outage(
+    redis_server: RedisProcess, reader: aioredis.Redis
+):
+    """WRONGTYPE (the key is not a stream): None and counted, the breaker stays shut."""
+    stream = stream_key()
+    await reader.set(stream, "not a stream")
+    async with Publisher(redis_server.url, stream=stream) as pub:
+        assert await pub.publish("e", 1) is None
+        assert await pub.publish_many([("e", 1), ("e", 2)]) == [None, None]
+        assert pub.stats.failed == 3 and pub.stats.outages == 0 and pub.available
+    with SyncPublisher(redis_server.url, stream=stream) as spub:
+        assert spub.publish("e", 1) is None
+        assert spub.stats.failed == 1 and spub.stats.outages == 0
+
+
 async def test_unreachable_from_the_start_never_raises():
     async with Publisher("redis://127.0.0.1:1/0", stream=stream_key(), timeout=0.2) as pub:
         started = time.monotonic()
