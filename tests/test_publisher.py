@@ -531,6 +531,37 @@ async def test_throttle_after_a_quiet_interval_is_a_new_leading_edge(
     assert await reader.xlen(stream) == 2
 
 
+def test_conflator_edges_on_a_fake_clock():
+    """The throttle's rules, clock-driven: lodash-style leading + trailing edges per key."""
+    from server.publisher import _Conflator, _prepare
+
+    c = _Conflator()
+
+    def offer(key: str, value: int, now: float, every: float = 1.0) -> bool:
+        return c.offer(key, every, _prepare("m", value, None), now)[0]
+
+    def due(now: float) -> list[int]:
+        return [orjson.loads(e.body)["data"] for e in c.pop_due(now)]
+
+    assert offer("a", 1, 0.0)  # leading edge
+    assert not offer("a", 2, 0.1) and not offer("a", 3, 0.5)  # held, 3 replaces 2
+    assert offer("b", 10, 0.2)  # another key has its own interval
+    assert due(0.99) == []
+    assert due(1.0) == [3]  # trailing edge at the end of a's interval...
+    assert not offer("a", 4, 1.5)  # ...which started a new interval
+    assert due(1.2) == []  # b had nothing held: forgotten
+    assert "b" not in c.slots
+    assert due(2.0) == [4]
+    assert due(3.0) == [] and "a" not in c.slots  # a quiet interval ends the key
+    assert offer("a", 5, 3.1)  # so the next value is a leading edge again
+    # many keys: each gets its trailing value exactly once, in due order
+    for k in range(1000):
+        assert offer(f"k{k}", 0, 10.0 + k / 1000)
+        assert not offer(f"k{k}", k, 10.5 + k / 1000)
+    assert sorted(due(12.0)) == list(range(1000))
+    assert c.drain() == [] and not c.slots
+
+
 # --------------------------------------------------------------------------- sync
 
 
