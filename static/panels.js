@@ -40,6 +40,7 @@ export function h(tag, attrs = {}, ...children) {
 }
 
 function num(value) {
+  if (value === null || value === undefined || value === '') return null;
   const n = Number(value);
   return Number.isFinite(n) ? n : null;
 }
@@ -129,12 +130,21 @@ export class Dashboard {
     this.setupResize();
   }
 
+  /** Redraw the chart when its box changes size (window resize, layout change). */
   setupResize() {
     let timer = null;
-    window.addEventListener('resize', () => {
+    const redraw = () => {
       clearTimeout(timer);
-      timer = setTimeout(() => this.renderChart(), 150);
-    });
+      timer = setTimeout(() => {
+        const svg = this.$('rpm-chart');
+        if (svg && Math.round(svg.clientWidth) !== svg.viewBox.baseVal?.width) this.renderChart();
+      }, 100);
+    };
+    if (typeof ResizeObserver === 'function' && this.$('rpm-chart')) {
+      new ResizeObserver(redraw).observe(this.$('rpm-chart'));
+    } else {
+      window.addEventListener('resize', redraw);
+    }
   }
 
   setupFilter() {
@@ -349,8 +359,11 @@ export class Dashboard {
       nodes.push(bar);
       const every = W < 420 ? 10 : 5;
       if (i % every === every - 1 || i === 0) {
-        nodes.push(s('text', { x: x + bw / 2, y: H - 6, class: 'axis', 'text-anchor': 'middle' },
-          hmFmt.format(new Date(minute))));
+        const last = i === data.length - 1;
+        nodes.push(s('text', {
+          x: last ? W - pad.r : x + bw / 2, y: H - 6, class: 'axis',
+          'text-anchor': last ? 'end' : 'middle',
+        }, hmFmt.format(new Date(minute))));
       }
     });
     svg.replaceChildren(...nodes);
@@ -387,12 +400,12 @@ export class Dashboard {
   }
 }
 
-/** A round upper bound for an axis: 1, 2, 5 × 10^k, at least 4 so ticks are whole. */
+/** A round upper bound for an axis with four equal, readable steps (4, 8, 24, 40, 600…). */
 export function niceMax(value) {
-  if (value <= 4) return 4;
-  const exp = 10 ** Math.floor(Math.log10(value));
-  for (const m of [1, 2, 2.5, 5, 10]) {
-    if (m * exp >= value) return m * exp;
+  const step = Math.max(1, value / 4);
+  const exp = 10 ** Math.floor(Math.log10(step));
+  for (const m of [1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10]) {
+    if (m * exp >= step && Number.isInteger(m * exp)) return 4 * m * exp;
   }
-  return 10 * exp;
+  return 40 * exp;
 }

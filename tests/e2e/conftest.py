@@ -83,6 +83,7 @@ class Stack:
     server: DualcastProcess
     base_url: str
     stream: str
+    redis: RedisProcess
     published: list[str] = field(default_factory=list)
 
     def publish(self, event: str = "usage_log_added", data: Any = None,
@@ -114,11 +115,12 @@ def stack(
 ) -> Callable[..., Stack]:
     """Factory: a dualcast on the session's redis, with a stream key of this test's own."""
 
-    def start(env: dict[str, str] | None = None, args: list[str] | None = None) -> Stack:
-        stream = f"dash-{uuid.uuid4().hex[:12]}"
+    def start(env: dict[str, str] | None = None, args: list[str] | None = None,
+              stream: str | None = None) -> Stack:
+        stream = stream or f"dash-{uuid.uuid4().hex[:12]}"
         server = dualcast(redis_server.url, env={"DUALCAST_STREAM": stream, **(env or {})},
                           args=args)
-        return Stack(server=server, base_url=server.url, stream=stream)
+        return Stack(server=server, base_url=server.url, stream=stream, redis=redis_server)
 
     return start
 

@@ -8,14 +8,19 @@ contract (<body data-transport data-state>, data-event-id on every log row).
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import random
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from tests.conftest import token
 from tests.e2e.conftest import (
@@ -29,10 +34,15 @@ from tests.e2e.conftest import (
     wait_transport,
 )
 from tests.support.nginx import NginxProcess, require_nginx
-from tests.support.procs import ROOT, wait_until
+from tests.support.procs import ROOT, RedisProcess, wait_until
 
 pytestmark = pytest.mark.browser
 
+# the chart is drawn for the width it has (text keeps its shape): true once it has redrawn
+CHART_FITS = (
+    "(() => { const s = document.getElementById('rpm-chart');"
+    " return s.viewBox.baseVal.width === Math.round(s.clientWidth); })()"
+)
 FAST_CLIMB = {"climbBaseMs": 1500, "climbCapMs": 4000}
 
 
@@ -238,14 +248,41 @@ def test_no_anonymous_shows_the_login_screen(stack: Callable[..., Stack],
     assert p.page.text_content("#who-sub") == "ops"
 
 
-def test_screenshot_with_demo_traffic(stack: Callable[..., Stack],
+def seed_history(redis_url: str, stream: str, minutes: int = 30) -> None:
+    """Backdated usage entries (stream `timestamp` in the past), so the chart has history.
+
+    The demo starts from nothing; a dashboard opened on a running system would show the
+    last half hour. Entries use the DESIGN wire format, as any producer writes them.
+    """
+    rng = random.Random(7)
+    now = int(time.time() * 1000)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        pipe = client.pipeline(transaction=False)
+        for minute in range(minutes, 0, -1):
+            wave = 30 + 18 * math.sin(minute / 4) + rng.randint(0, 10)
+            for i in range(int(wave)):
+                ts = now - minute * 60_000 + i * (60_000 // int(wave))
+                envelope = {"event": "usage_log_added", "data": usage(i, str(rng.choice(
+                    ["123", "234", "456", "567", "789", "890"])))}
+                pipe.xadd(stream, {"data": json.dumps(envelope), "timestamp": str(ts)})
+        pipe.execute()
+    finally:
+        client.close()
+
+
+def test_screenshot_with_demo_traffic(stack: Callable[..., Stack], redis_server: RedisProcess,
                                       open_page: Callable[..., Page]) -> None:
     """Demo traffic fills every panel; screenshots go to test-artifacts/ (gitignored)."""
-    s = stack(args=["--demo"])
+    stream = f"dash-shot-{uuid.uuid4().hex[:8]}"
+    seed_history(redis_server.url, stream)
+    s = stack(stream=stream, args=["--demo"])
     p = open_page(login_url(s.base_url, sub="ops", admin=True), color_scheme="dark")
     page = p.page
     wait_transport(page, "websocket")
-    wait_until(lambda: len(log_ids(page)) >= 40, timeout=60, what="40 demo events in the log")
+    live_rows = "document.querySelectorAll('#log [data-event]:not([data-event=usage_log_added])')"
+    wait_until(lambda: page.evaluate(f"{live_rows}.length") >= 20, timeout=60,
+               what="20 live demo events (not the seeded usage) in the log")
     page.wait_for_selector("#providers li", timeout=30000)
     page.wait_for_function("document.getElementById('card-requests').textContent !== '—'",
                            timeout=30000)
@@ -254,12 +291,14 @@ def test_screenshot_with_demo_traffic(stack: Callable[..., Stack],
     page.screenshot(path=str(artifact("dashboard-light.png")), full_page=True)
     page.emulate_media(color_scheme="dark")
     page.set_viewport_size({"width": 390, "height": 844})
+    page.wait_for_function(CHART_FITS)  # the chart redraws for its new width
     page.screenshot(path=str(artifact("dashboard-phone.png")), full_page=False)
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= 390, f"the page scrolls sideways on a phone ({width}px)"
     assert p.unexpected_errors() == []
     if ROOT.joinpath("docs").is_dir() and _env_flag("DUALCAST_UPDATE_DOCS_SCREENSHOT"):
         page.set_viewport_size({"width": 1280, "height": 900})
+        page.wait_for_function(CHART_FITS)
         page.screenshot(path=str(ROOT / "docs" / "dashboard.png"), full_page=False)
 
 
