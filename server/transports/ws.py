@@ -185,7 +185,11 @@ class Session:
             if self.close_code is not None:
                 return
             try:
-                items = await self.feed.next(timeout=left if left is not None else None)
+                # While the feed replays it awaits the log; a control frame queued then
+                # (a pong) wakes nobody, so right after the replay do not block on the
+                # queue: come back and flush the control frames first.
+                replaying = self.feed._replaying
+                items = await self.feed.next(timeout=0 if replaying else left)
             except FeedClosed as closed:
                 if closed.reason is CloseReason.LAGGING:
                     self.end(Close.TRY_AGAIN, "too slow: resume from your last id")
