@@ -391,6 +391,9 @@ export class Dashboard {
       st.cursor ? `cursor: ${st.cursor}` : null,
     ].filter(Boolean).join('\n');
     this.$('status-role').textContent = st.role === 'follower' ? 'shared' : '';
+    // screen readers hear transport and state changes, not the ticking age
+    const spoken = `${TRANSPORT_LABEL[st.transport] ?? st.transport} ${stateText}`;
+    if (this.$('status-live').textContent !== spoken) this.$('status-live').textContent = spoken;
     this.renderAge();
   }
 

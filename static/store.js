@@ -52,6 +52,7 @@ export class Store {
     this.seenOrder = [];
     this.listeners = new Set();
     this.loading = null;
+    this.during = null;
   }
 
   get cursor() {
@@ -83,6 +84,8 @@ export class Store {
   /** Fetch /api/overview and replace the folded state with it (first load and `reset`). */
   async reload() {
     if (this.loading) return this.loading;
+    // events that arrive while the overview is on its way: refolded on top of it if newer
+    this.during = [];
     this.loading = (async () => {
       try {
         const response = await this.fetch(this.overviewUrl, {
@@ -93,16 +96,26 @@ export class Store {
           err.status = response.status;
           throw err;
         }
-        this.applyOverview(await response.json());
+        const overview = await response.json();
+        const during = this.during;
+        this.during = null;
+        this.applyOverview(overview);
+        for (const ev of during) {
+          if (compareIds(ev.id, this.state.lastId) > 0) {
+            this.fold(ev);
+            this.state.lastId = ev.id;
+          }
+        }
         return this.state;
       } finally {
+        this.during = null;
         this.loading = null;
       }
     })();
     return this.loading;
   }
 
-  /** Replace the folded state with an overview (the shape is in the README of static/). */
+  /** Replace the folded state with an overview (shape: static/README.md). */
   applyOverview(ov) {
     const log = this.state.log;
     const next = emptyState();
@@ -158,6 +171,7 @@ export class Store {
     for (const ev of events) {
       if (!ev || typeof ev.id !== 'string' || !this.remember(ev.id)) continue;
       fresh.push(ev);
+      if (this.during) this.during.push(ev);
       if (compareIds(ev.id, this.state.lastId) > 0) {
         this.fold(ev);
         this.state.lastId = ev.id;

@@ -486,7 +486,7 @@ export class TransportManager {
     this.retryBaseMs = opts.retryBaseMs ?? 500;
     this.retryCapMs = opts.retryCapMs ?? 15000;
     this.climbBaseMs = opts.climbBaseMs ?? 5000;
-    this.climbCapMs = opts.climbCapMs ?? 60000;
+    this.climbCapMs = opts.climbCapMs ?? 30000;
     this.stableMs = opts.stableMs ?? 30000;
     this.deathWindowMs = opts.deathWindowMs ?? 60000;
     this.maxDeaths = opts.maxDeaths ?? 3;

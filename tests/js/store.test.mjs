@@ -132,4 +132,25 @@ describe('store', { timeout: 5000 }, () => {
     assert.equal(store.state.log.length, 10);
     assert.equal(store.state.log[0].id, `${MIN}-124`);
   });
+
+  it('events that arrive while the overview loads are refolded on top of it', async () => {
+    let release;
+    const fetch = makeFakeFetch({
+      '/api/overview': () => new Promise((resolve) => {
+        release = () => resolve(jsonResponse(200, overview()));
+      }),
+    });
+    const store = new Store({ fetch, now: () => NOW });
+    const loading = store.reload();
+    await new Promise((r) => setImmediate(r));
+    // one event the overview already counts, one newer than its snapshot
+    store.applyEvents([
+      ev(`${MIN}-4`, 'session_created', { sessionId: 'old' }),
+      ev(`${MIN}-9`, 'session_created', { sessionId: 'new' }),
+    ]);
+    release();
+    await loading;
+    assert.deepEqual(Object.keys(store.state.sessions).sort(), ['new', 's1']);
+    assert.equal(store.cursor, `${MIN}-9`);
+  });
 });
