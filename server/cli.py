@@ -132,6 +132,14 @@ def _make_draining_server() -> type:
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             for srv in self.servers:
                 srv.close()
+            # A proxy (nginx `keepalive`) keeps idle HTTP connections open and would
+            # send new requests (WS upgrades, SSE) down them during the drain, to an
+            # instance that is leaving. Close the idle ones now (a request in flight,
+            # such as an SSE stream, only loses keep-alive); the proxy then retries
+            # elsewhere. WebSockets are left to the drain (1001, spread over time).
+            for connection in list(self.server_state.connections):
+                if hasattr(connection, "cycle"):  # an HTTP/1.1 protocol, not a WebSocket
+                    connection.shutdown()
             grace = self.config.timeout_graceful_shutdown or 10.0
             await self.dualcast.drain(grace)
             await super().shutdown(sockets)
