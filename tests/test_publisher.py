@@ -33,6 +33,11 @@ from tests.support.procs import RedisProcess
 pytestmark = pytest.mark.timeout(60)
 
 
+#: The timeout of tests that are not about timeouts: generous, so a loaded CI machine
+#: (a stalled loop or redis-server) cannot turn a slow success into a fail-open None.
+OK = 5.0
+
+
 def stream_key() -> str:
     return f"test-pub-{uuid.uuid4().hex[:12]}"
 
@@ -77,7 +82,7 @@ class Recorder:
 async def test_ids_in_order_and_wire_format(redis_server: RedisProcess, reader: aioredis.Redis):
     stream = stream_key()
     before = int(time.time() * 1000)
-    async with Publisher(redis_server.url, stream=stream) as pub:
+    async with Publisher(redis_server.url, stream=stream, timeout=OK) as pub:
         ids = []
         for i in range(20):
             rooms = [] if i % 3 == 0 else ["admin", f"user-{i}"]
@@ -106,7 +111,7 @@ async def test_ids_in_order_and_wire_format(redis_server: RedisProcess, reader: 
 
 async def test_maxlen_trims_approximately(redis_server: RedisProcess, reader: aioredis.Redis):
     stream = stream_key()
-    async with Publisher(redis_server.url, stream=stream, maxlen=100) as pub:
+    async with Publisher(redis_server.url, stream=stream, maxlen=100, timeout=OK) as pub:
         for start in range(0, 3000, 500):
             ids = await pub.publish_many([("tick", i) for i in range(start, start + 500)])
             assert all(ids)
@@ -116,7 +121,7 @@ async def test_maxlen_trims_approximately(redis_server: RedisProcess, reader: ai
 
 async def test_rooms_are_deduplicated_in_order(redis_server: RedisProcess, reader: aioredis.Redis):
     stream = stream_key()
-    async with Publisher(redis_server.url, stream=stream) as pub:
+    async with Publisher(redis_server.url, stream=stream, timeout=OK) as pub:
         await pub.publish("x", 1, ("user-1", "admin", "user-1"))
     [(_, fields)] = await entries(reader, stream)
     assert orjson.loads(fields["data"])["rooms"] == ["user-1", "admin"]
@@ -136,7 +141,7 @@ async def test_publish_many_is_one_round_trip(fresh_redis: RedisProcess):
         return int((await stats.info("commandstats")).get("cmdstat_xadd", {}).get("calls", 0))
 
     stream = stream_key()
-    async with Publisher(fresh_redis.url, stream=stream) as pub:
+    async with Publisher(fresh_redis.url, stream=stream, timeout=OK) as pub:
         await pub.publish("warm-up", None)  # connects (and its handshake) outside the count
         a = await reads()
         b = await reads()
@@ -167,7 +172,7 @@ async def test_publish_many_validates_everything_first(
     redis_server: RedisProcess, reader: aioredis.Redis
 ):
     stream = stream_key()
-    async with Publisher(redis_server.url, stream=stream) as pub:
+    async with Publisher(redis_server.url, stream=stream, timeout=OK) as pub:
         with pytest.raises(ValueError):
             await pub.publish_many([("fine", 1), ("not fine", 2)])
         with pytest.raises(ValueError):
@@ -183,7 +188,7 @@ async def test_publish_many_validates_everything_first(
 
 @pytest.mark.parametrize("event", ["", "has space", "x" * 65, "naïve", None, 42])
 async def test_invalid_event_names_raise(redis_server: RedisProcess, event: Any):
-    async with Publisher(redis_server.url, stream=stream_key()) as pub:
+    async with Publisher(redis_server.url, stream=stream_key(), timeout=OK) as pub:
         with pytest.raises(ValueError):
             await pub.publish(event, {})
 
@@ -194,14 +199,14 @@ async def test_invalid_event_names_raise(redis_server: RedisProcess, event: Any)
 )
 async def test_invalid_rooms_raise(redis_server: RedisProcess, reader: aioredis.Redis, rooms: Any):
     stream = stream_key()
-    async with Publisher(redis_server.url, stream=stream) as pub:
+    async with Publisher(redis_server.url, stream=stream, timeout=OK) as pub:
         with pytest.raises(ValueError):
             await pub.publish("fine", {}, rooms)
     assert await reader.xlen(stream) == 0
 
 
 async def test_invalid_throttle_arguments_raise(redis_server: RedisProcess):
-    async with Publisher(redis_server.url, stream=stream_key()) as pub:
+    async with Publisher(redis_server.url, stream=stream_key(), timeout=OK) as pub:
         for kwargs in ({"throttle_key": "k", "every": 0}, {"throttle_key": "k", "every": -1},
                        {"throttle_key": "", "every": 1}, {"every": 1.0}):
             with pytest.raises(ValueError):
@@ -267,7 +272,7 @@ async def test_odd_data_types_encode(redis_server: RedisProcess, reader: aioredi
         "cycle": (cyclic, [1, "<cycle>"]),
         "generator": ((i * i for i in range(3)), [0, 1, 4]),
     }
-    async with Publisher(redis_server.url, stream=stream) as pub:
+    async with Publisher(redis_server.url, stream=stream, timeout=OK) as pub:
         for name, (value, _) in cases.items():
             assert await pub.publish("odd", {"case": name, "value": value}), name
         # a big integer deep inside otherwise plain data takes the slow path correctly
@@ -401,11 +406,11 @@ async def test_redis_refusing_the_write_is_not_an_outage(
     """WRONGTYPE (the key is not a stream): None and counted, the breaker stays shut."""
     stream = stream_key()
     await reader.set(stream, "not a stream")
-    async with Publisher(redis_server.url, stream=stream) as pub:
+    async with Publisher(redis_server.url, stream=stream, timeout=OK) as pub:
         assert await pub.publish("e", 1) is None
         assert await pub.publish_many([("e", 1), ("e", 2)]) == [None, None]
         assert pub.stats.failed == 3 and pub.stats.outages == 0 and pub.available
-    with SyncPublisher(redis_server.url, stream=stream) as spub:
+    with SyncPublisher(redis_server.url, stream=stream, timeout=OK) as spub:
         assert spub.publish("e", 1) is None
         assert spub.stats.failed == 1 and spub.stats.outages == 0
 
@@ -468,7 +473,7 @@ async def test_throttle_keeps_leading_and_trailing_values_and_caps_the_rate(
 ):
     stream = stream_key()
     every = 0.2
-    async with Publisher(redis_server.url, stream=stream) as pub:
+    async with Publisher(redis_server.url, stream=stream, timeout=OK) as pub:
         results = []
         started = time.monotonic()
         n = 0
@@ -501,7 +506,7 @@ async def test_throttle_keys_are_independent_and_close_flushes(
     redis_server: RedisProcess, reader: aioredis.Redis
 ):
     stream = stream_key()
-    async with Publisher(redis_server.url, stream=stream) as pub:
+    async with Publisher(redis_server.url, stream=stream, timeout=OK) as pub:
         for user in ("456", "789"):
             assert await pub.publish("metrics_update", {"u": user, "v": 1}, [f"user-{user}"],
                                      throttle_key=f"m:{user}", every=60)
@@ -520,7 +525,7 @@ async def test_throttle_after_a_quiet_interval_is_a_new_leading_edge(
     redis_server: RedisProcess, reader: aioredis.Redis
 ):
     stream = stream_key()
-    async with Publisher(redis_server.url, stream=stream) as pub:
+    async with Publisher(redis_server.url, stream=stream, timeout=OK) as pub:
         assert await pub.publish("m", 1, throttle_key="k", every=0.1)
 
         async def idle() -> bool:
@@ -569,7 +574,7 @@ def test_sync_publisher_publishes_batches_and_throttles(redis_server: RedisProce
     import redis
 
     stream = stream_key()
-    with SyncPublisher(redis_server.url, stream=stream) as pub:
+    with SyncPublisher(redis_server.url, stream=stream, timeout=OK) as pub:
         first = pub.publish("script", {"at": datetime(2026, 1, 1, tzinfo=UTC)}, ["admin"])
         many = pub.publish_many([("script", i) for i in range(10)])
         assert first and all(many)
@@ -638,7 +643,7 @@ async def test_published_events_reach_a_websocket_client(redis_server: RedisProc
     async with websockets.connect(url, open_timeout=10) as ws:
         welcome = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
         assert welcome["type"] == "welcome"
-        async with Publisher(redis_server.url, stream=stream) as pub:
+        async with Publisher(redis_server.url, stream=stream, timeout=OK) as pub:
             sent = [
                 await pub.publish("provider_status_change", {"providerId": "openai"}),
                 await pub.publish("metrics_update", {"activeSessions": 3}, ["admin"]),
