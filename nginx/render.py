@@ -91,6 +91,7 @@ _RELAY = """
 upstream dualcast_instances {
 {{upstream_servers}}
     keepalive 32;
+    keepalive_timeout 4s;
 }
 
 server {

@@ -20,6 +20,7 @@ from pathlib import Path
 from types import ModuleType
 
 import httpx
+import psutil
 
 from tests.support.procs import ROOT, free_port, wait_until
 
@@ -58,6 +59,14 @@ def require_nginx() -> str:
             pytest.fail(f"CI=true but {reason}")
         pytest.skip(f"SKIPPED LOUDLY: {reason}")
     return binary
+
+
+def _listening(process: psutil.Process) -> bool:
+    """Whether a (worker) process still holds a listening TCP socket."""
+    try:
+        return any(c.status == psutil.CONN_LISTEN for c in process.net_connections("tcp"))
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
 
 
 class NginxError(RuntimeError):
@@ -147,6 +156,8 @@ class NginxProcess:
     def start(self) -> NginxProcess:
         self.generation += 1
         self.render()
+        # A relay socket left by an nginx that was killed would make bind() fail.
+        (self.prefix / "relay.sock").unlink(missing_ok=True)
         self.proc = subprocess.Popen(
             [*self._base_args(), "-g", "daemon off; master_process on;"],
             stdout=subprocess.DEVNULL,
@@ -168,10 +179,18 @@ class NginxProcess:
                 raise ValueError(f"unknown nginx mode {mode!r}")
             self.mode = mode
         assert self.proc is not None and self.proc.poll() is None, "nginx is not running"
+        old_workers = psutil.Process(self.proc.pid).children()
         self.generation += 1
         self.render()
         self.proc.send_signal(signal.SIGHUP)
         self._wait_live()
+        # The master starts the new workers, waits 100 ms, then tells the old ones to
+        # quit; until an old worker closes its listening socket it still accepts new
+        # connections with the old config. Wait for that, not just for one lucky answer.
+        wait_until(
+            lambda: not any(_listening(worker) for worker in old_workers),
+            timeout=15, what="the old nginx workers to stop accepting",
+        )
         return self
 
     def _wait_live(self) -> None:
