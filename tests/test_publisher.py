@@ -578,9 +578,9 @@ def test_sync_publisher_publishes_batches_and_throttles(redis_server: RedisProce
         first = pub.publish("script", {"at": datetime(2026, 1, 1, tzinfo=UTC)}, ["admin"])
         many = pub.publish_many([("script", i) for i in range(10)])
         assert first and all(many)
-        assert pub.publish("m", 0, throttle_key="k", every=0.1)
+        assert pub.publish("m", 0, throttle_key="k", every=1.0)
         for v in range(1, 20):
-            assert pub.publish("m", v, throttle_key="k", every=0.1) is None
+            assert pub.publish("m", v, throttle_key="k", every=1.0) is None
         client = redis.Redis.from_url(redis_server.url, decode_responses=True)
         deadline = time.monotonic() + 5
         while True:  # the flush thread sends the trailing value without close()
