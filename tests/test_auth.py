@@ -197,7 +197,7 @@ async def test_matrix_live_over_ws_sse_and_poll(server: DualcastProcess) -> None
         for name, (tok, rooms, _) in WHO.items():
             ws = WSClient(server.ws_url, **query(tok, rooms))
             await ws.connect()
-            sse = SSEClient(server.url, **query(tok, rooms))
+            sse = SSEClient(server.url, None, **query(tok, rooms))
             await sse.connect()
             poller = Poller(server.url, after=start, **query(tok, rooms))
             poller.start()
@@ -225,7 +225,7 @@ async def test_matrix_replay_and_long_poll_history(server: DualcastProcess) -> N
     for name, (tok, rooms, expected) in WHO.items():
         ws = WSClient(server.ws_url, **query(tok, rooms, last_event_id=start))
         sse_header = SSEClient(server.url, headers={"Last-Event-ID": start}, **query(tok, rooms))
-        sse_query = SSEClient(server.url, **query(tok, rooms, last_event_id=start))
+        sse_query = SSEClient(server.url, None, **query(tok, rooms, last_event_id=start))
         try:
             await ws.connect()
             await sse_header.connect()
@@ -432,6 +432,25 @@ async def test_ws_refresh_with_another_subject_or_bad_token_is_refused(
         assert labels(ws.seen.events, tag) == {"public", "u456", "admin_u456"}
 
 
+async def test_ws_refresh_to_fewer_rights_leaves_the_rooms_it_lost(
+    server: DualcastProcess,
+) -> None:
+    """An admin connection refreshed with a plain token of the same subject is no longer
+    in `admin`: it is told (`left`) and admin events stop reaching it."""
+    tag = uuid.uuid4().hex[:8]
+    async with WSClient(server.ws_url, token=ADMIN, rooms="admin,user-456") as ws:
+        await ws.send({"type": "auth", "token": token("root")})
+        await wait_for(lambda: len([f for f in ws.seen.frames if f["type"] == "left"]) == 2, 5,
+                       "left admin and user-456")
+        assert {f["room"] for f in ws.seen.frames if f["type"] == "left"} == {"admin", "user-456"}
+        await ws.send({"type": "join", "room": "admin"})
+        await wait_for(lambda: bool(ws.seen.errors), 5, "the refused join")
+        assert ws.seen.errors[0]["code"] == "forbidden_room"
+        await publish_set(server.url, tag)
+        await wait_for(lambda: has_marker(ws.seen.events, tag), 10, "marker")
+        assert labels(ws.seen.events, tag) == {"public"}
+
+
 async def test_sse_stream_ends_with_an_error_event_at_expiry(server: DualcastProcess) -> None:
     short = token("456", ttl=2)
     async with SSEClient(server.url, token=short) as sse:
@@ -503,6 +522,16 @@ async def test_cross_origin_websocket_refused_with_403(
         await websockets.connect(f"{server.ws_url}/api/ws?token={ADMIN}", origin=origin)  # type: ignore[arg-type]
     assert refused.value.response.status_code == 403
     assert json.loads(refused.value.response.body or b"{}")["error"] == "bad_origin"
+
+
+async def test_cross_origin_websocket_with_the_login_cookie_is_refused(
+    server: DualcastProcess,
+) -> None:
+    """The hijacking case itself: an evil page's WebSocket would carry the victim's cookie."""
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        await websockets.connect(f"{server.ws_url}/api/ws", origin="https://evil.example",  # type: ignore[arg-type]
+                                 additional_headers={"Cookie": f"dualcast_token={ADMIN}"})
+    assert refused.value.response.status_code == 403
 
 
 @pytest.mark.parametrize("origin", ["same-host", ALLOWED_ORIGIN, None])

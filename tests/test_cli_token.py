@@ -90,6 +90,7 @@ def test_serve_without_secret_prints_a_working_admin_url(tmp_path: Path) -> None
             lambda: re.search(r"(http://\S+/\?token=(\S+))", proc.log()), timeout=10,
             what="the admin URL in the output",
         )
+        assert match is not None
         url, tok = match.group(1), match.group(2)
         assert url.startswith(f"http://127.0.0.1:{proc.port}/?token=")
         text = proc.log()

@@ -255,6 +255,24 @@ async def test_bad_cursor_on_ws_is_an_error_frame(
     await still_served(server, healthy)
 
 
+async def test_ping_during_a_replay_is_answered(
+    server: DualcastProcess, healthy: WSClient,
+) -> None:
+    """A pong queued while the feed replays from the log must not wait for the next event
+    (regression: it was held until one arrived, forever for a quiet anonymous client)."""
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        for i in range(30):
+            response = await client.post("/api/publish",
+                                         headers={"Authorization": f"Bearer {ADMIN}"},
+                                         json={"event": "private", "data": i, "rooms": ["admin"]})
+            assert response.status_code == 202
+    async with websockets.connect(f"{server.ws_url}/api/ws?last_event_id=0") as conn:
+        assert (await next_frame(conn))["type"] == "welcome"
+        await conn.send(json.dumps({"type": "ping"}))
+        assert (await next_frame(conn)) == {"type": "pong"}
+    await still_served(server, healthy)
+
+
 # --- cursors and timeouts --------------------------------------------------------------
 
 BAD_IDS = ["abc", "1-2-3", "-1", "1-", "99999999999999999999999-0", "1.5", " ", "0x10", "1-a"]
