@@ -26,7 +26,7 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from server.config import Settings
+from server.config import load_settings
 from tests.conftest import token
 from tests.support.clients import SSEClient, wait_for, xadd
 from tests.support.nginx import MODES, NginxError, NginxProcess, render, require_nginx
@@ -102,7 +102,8 @@ class SseStream:
 
     @property
     def upstream(self) -> str | None:
-        return self.response.headers.get(UPSTREAM_HEADER)
+        value: str | None = self.response.headers.get(UPSTREAM_HEADER)
+        return value
 
     async def pump(self) -> None:
         block: dict[str, str] = {}
@@ -246,7 +247,7 @@ def test_a_poll_is_never_cut_off_by_nginx_before_the_app_answers() -> None:
     shipped = (ROOT / "nginx" / "dualcast.conf").read_text()
     block = shipped.split("location = /api/events {", 1)[1].split("}", 1)[0]
     seconds = int(re.search(r"proxy_read_timeout (\d+)s;", block).group(1))  # type: ignore[union-attr]
-    assert seconds > Settings().poll_timeout_max + 5
+    assert seconds > load_settings().poll_timeout_max + 5
 
 
 def test_a_config_nginx_refuses_fails_loudly_with_its_message(
@@ -292,6 +293,33 @@ async def test_static_files_come_from_nginx_and_login_links_from_dualcast(
         assert (await client.get("/healthz")).status_code == 200
         assert (await client.get("/readyz")).status_code == 200
         assert "dualcast_connections" in (await client.get("/metrics")).text
+
+
+async def test_browser_origin_and_body_limits_survive_the_proxy(
+    proxy: Callable[..., NginxProcess],
+) -> None:
+    """nginx passes the Host with its port, so a page's own Origin is accepted and a foreign
+    one refused; a body over the app's limit gets the app's JSON answer, a huge one nginx's."""
+    nginx = proxy("plain")
+    async with websockets.connect(
+        nginx.ws_url + "/api/ws", origin=nginx.url, open_timeout=10  # type: ignore[arg-type]
+    ) as conn:
+        assert json.loads(await asyncio.wait_for(conn.recv(), 10))["type"] == "welcome"
+    with pytest.raises(InvalidStatus) as refused:
+        await websockets.connect(
+            nginx.ws_url + "/api/ws", origin="http://evil.example", open_timeout=10  # type: ignore[arg-type]
+        )
+    assert refused.value.response.status_code == 403
+
+    headers = {"Authorization": f"Bearer {token('producer', publish=True)}"}
+    big = {"event": "big", "data": "x" * 300_000}  # over DUALCAST_MAX_BODY_BYTES (256 KiB)
+    async with httpx.AsyncClient(base_url=nginx.url, timeout=10) as client:
+        answer = await client.post("/api/publish", json=big, headers=headers)
+        assert answer.status_code == 413
+        assert answer.json()["error"] == "too_large"  # the app's own error, as JSON
+        huge = await client.post("/api/publish", content=b"x" * 2_000_000, headers=headers)
+        assert huge.status_code == 413
+        assert UPSTREAM_HEADER not in huge.headers  # nginx stopped it; no instance read it
 
 
 async def test_ws_sse_and_poll_through_nginx_reach_both_instances(
@@ -363,7 +391,7 @@ async def test_sse_events_pass_nginx_while_the_stream_stays_open(
     nginx = proxy("plain")
     samples = 30
     results: dict[str, list[float]] = {}
-    for label, base in (("through nginx", nginx.url), ("direct", pair[0].url)):
+    for label, base in (("SSE through nginx", nginx.url), ("SSE direct", pair[0].url)):
         latencies: list[float] = []
         async with sse(base) as stream:
             welcome = await stream.next()
@@ -377,12 +405,25 @@ async def test_sse_events_pass_nginx_while_the_stream_stays_open(
                 latencies.append((event["received"] - sent) * 1000)
             assert not stream.ended  # still open after every event went through
         results[label] = latencies
+    for label, ws_base in (("WS through nginx", nginx.ws_url), ("WS direct", pair[0].ws_url)):
+        latencies = []
+        async with websockets.connect(ws_base + "/api/ws", open_timeout=10) as conn:
+            assert json.loads(await asyncio.wait_for(conn.recv(), 10))["type"] == "welcome"
+            for n in range(samples):
+                sent = time.perf_counter()
+                event_id = xadd(redis_server, "tick", {"n": n})
+                frame = json.loads(await asyncio.wait_for(conn.recv(), 10))
+                received = time.perf_counter()
+                events = frame["events"] if frame["type"] == "batch" else [frame]
+                assert [e["id"] for e in events] == [event_id]
+                latencies.append((received - sent) * 1000)
+        results[label] = latencies
     with capsys.disabled():
-        print("\nSSE publish-to-receive latency (XADD -> client parsed the event), "
-              f"{samples} events, one subscriber, two instances on one redis:")
+        print(f"\npublish-to-receive latency (raw XADD -> client parsed the event), {samples} "
+              "events one at a time, one subscriber, two instances on one redis:")
         for label, values in results.items():
             ordered = sorted(values)
-            print(f"  {label:>13}: median {statistics.median(ordered):.2f} ms, "
+            print(f"  {label:>17}: median {statistics.median(ordered):.2f} ms, "
                   f"p90 {ordered[int(len(ordered) * 0.9) - 1]:.2f} ms, max {ordered[-1]:.2f} ms")
 
 
