@@ -34,7 +34,7 @@ from tests.e2e.conftest import (
     wait_transport,
 )
 from tests.support.nginx import NginxProcess, require_nginx
-from tests.support.procs import ROOT, RedisProcess, wait_until
+from tests.support.procs import ROOT, DualcastProcess, RedisProcess, wait_until
 
 pytestmark = pytest.mark.browser
 
@@ -304,3 +304,69 @@ def test_screenshot_with_demo_traffic(stack: Callable[..., Stack], redis_server:
 
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def test_cursor_lost_while_away_resets_and_reloads_the_overview(
+    stack: Callable[..., Stack], open_page: Callable[..., Page],
+    dualcast: Callable[..., DualcastProcess], redis_server: RedisProcess,
+) -> None:
+    """The server goes away and the stream is trimmed past the page's cursor meanwhile:
+    on return the page is told `reset` and reloads the overview, then shows new events."""
+    s = stack()
+    p = open_page(login_url(s.base_url, sub="ops", admin=True), tuning=FAST_CLIMB)
+    page = p.page
+    wait_transport(page, "websocket")
+    seen = s.publish("usage_log_added", usage(0))
+    wait_ids(page, [seen])
+    s.server.stop()
+    page.wait_for_selector('body:not([data-state="live"])', state="attached", timeout=30000)
+    client = redis.Redis.from_url(redis_server.url)
+    try:  # a producer writes on; MAXLEN ~ 10 trims whole nodes, so the page's cursor goes
+        for n in range(300):
+            envelope = {"event": "usage_log_added", "data": usage(n + 1)}
+            client.xadd(s.stream, {"data": json.dumps(envelope)}, maxlen=10, approximate=True)
+        metrics = {"event": "metrics_update", "data": {
+            "activeSessions": 3, "totalRequests": 4242, "totalCost": 1.0,
+            "timestamp": int(time.time() * 1000)}}
+        metrics_id = client.xadd(
+            s.stream, {"data": json.dumps(metrics)}, maxlen=10, approximate=True
+        ).decode()
+        first = client.xrange(s.stream, count=1)[0][0].decode()
+    finally:
+        client.close()
+    assert first != seen
+    s.server = dualcast(redis_server.url, env={"DUALCAST_STREAM": s.stream},
+                        port=s.server.port)
+    # the metrics event is at the head the reset names, so it is never delivered live:
+    # the card shows it because the page reloaded the overview
+    page.wait_for_function(
+        "document.getElementById('card-requests').textContent === '4,242'", timeout=45000
+    )
+    after = s.publish("usage_log_added", usage(999))
+    ids = wait_ids(page, [after], timeout=40)
+    assert_each_once(ids, [seen, after])
+    assert metrics_id not in ids, "replayed, not reset: the trimmed cursor was not noticed"
+
+
+def test_admin_room_picker_joins_a_user_room(stack: Callable[..., Stack],
+                                             open_page: Callable[..., Page]) -> None:
+    s = stack()
+    p = open_page(login_url(s.base_url, sub="ops", admin=True))
+    page = p.page
+    wait_transport(page, "websocket")
+    page.click("#rooms-picker summary")
+    page.fill("#rooms-add", "user-456")
+    page.click("#rooms-add-btn")
+    assert page.is_checked('#rooms-options input[value="user-456"]')
+    page.check('#rooms-options input[value="admin"]')
+    page.click("#rooms-form button[type=submit]")
+    # the connection restarts with the chosen rooms (same cursor): wait until it is live
+    wait_until(lambda: s.gauge("websocket") == 1, timeout=15, what="one WebSocket again")
+    wait_transport(page, "websocket")
+    theirs = s.publish("usage_log_added", usage(1), rooms=["user-456"])
+    admin_event = s.publish("usage_log_added", usage(2), rooms=["admin"])
+    assert_each_once(wait_ids(page, [theirs, admin_event]), [theirs, admin_event])
+    # the choice is remembered for the next page of this browser
+    again = open_page(s.base_url + "/", context=page.context)
+    wait_transport(again.page, "websocket")
+    assert again.page.is_checked('#rooms-options input[value="user-456"]')
