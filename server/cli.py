@@ -147,7 +147,7 @@ def _make_draining_server() -> type:
     return _DrainingServer
 
 
-def DrainingServer(config: Any, app: Any) -> Any:  # noqa: N802 - a class factory
+def DrainingServer(config: Any, app: Any) -> Any:
     return _make_draining_server()(config, app)
 
 

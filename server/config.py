@@ -7,13 +7,15 @@ Every knob is an environment variable with the `DUALCAST_` prefix (plain
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 from server.events import EVENT_NAME_PATTERN, ROOM_NAME_PATTERN
+
+Transport = Literal["websocket", "sse", "polling"]
+ALL_TRANSPORTS: tuple[Transport, ...] = ("websocket", "sse", "polling")
 
 
 class Settings(BaseSettings):
@@ -50,8 +52,8 @@ class Settings(BaseSettings):
     cookie_secure: Literal["auto", "always", "never"] = "auto"
 
     # transports
-    transports: Annotated[list[Literal["websocket", "sse", "polling"]], NoDecode] = Field(
-        default_factory=lambda: ["websocket", "sse", "polling"]
+    transports: Annotated[list[Transport], NoDecode] = Field(
+        default_factory=lambda: list(ALL_TRANSPORTS)
     )
     queue_size: int = Field(1_000, ge=1, description="events waiting per subscriber before cut-off")
     ping_interval: float = Field(15.0, gt=0, le=3600, description="SSE ping / WS heartbeat")
@@ -84,6 +86,11 @@ class Settings(BaseSettings):
         except re.error as exc:
             raise ValueError(f"not a regular expression: {exc}") from None
         return value
+
+    @field_validator("secret", mode="before")
+    @classmethod
+    def _empty_secret(cls, value: object) -> object:
+        return None if value == "" else value
 
     @field_validator("redis_url")
     @classmethod

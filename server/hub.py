@@ -35,12 +35,19 @@ class Reset:
 Item = Event | Reset
 
 
+@dataclass
+class HubStats:
+    events: int = 0
+    deliveries: int = 0
+    cutoffs: int = 0
+
+
 class Subscriber:
     """One connected client, whatever its transport: a room set and a bounded queue."""
 
     __slots__ = (
         "_queue", "_waiter", "catching_up", "closed", "cursor", "maxsize", "missed", "rooms",
-        "transport",
+        "stats", "transport",
     )
 
     def __init__(self, transport: str, rooms: Iterable[str], maxsize: int) -> None:
@@ -55,6 +62,7 @@ class Subscriber:
         self.catching_up = False
         self.missed = False
         self.cursor: StreamId = ZERO
+        self.stats: HubStats | None = None  # set by the hub that holds this subscriber
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -70,6 +78,8 @@ class Subscriber:
                 self._queue.clear()
                 return
             self.close(CloseReason.LAGGING)
+            if self.stats is not None:
+                self.stats.cutoffs += 1
             return
         self._queue.append(item)
         self._wake()
@@ -114,13 +124,6 @@ class Subscriber:
             self._waiter = None
 
 
-@dataclass
-class HubStats:
-    events: int = 0
-    deliveries: int = 0
-    cutoffs: int = 0
-
-
 class Hub:
     def __init__(self, recent_window: int = 2000) -> None:
         self.subscribers: set[Subscriber] = set()
@@ -140,13 +143,12 @@ class Hub:
     # registry -----------------------------------------------------------
 
     def add(self, sub: Subscriber) -> None:
+        sub.stats = self.stats
         self.subscribers.add(sub)
         for room in sub.rooms:
             self._by_room.setdefault(room, set()).add(sub)
 
     def remove(self, sub: Subscriber) -> None:
-        if sub.closed is CloseReason.LAGGING and sub in self.subscribers:
-            self.stats.cutoffs += 1
         self.subscribers.discard(sub)
         for room in sub.rooms:
             members = self._by_room.get(room)
@@ -249,8 +251,8 @@ class Hub:
         """Events after `key` from memory, or None when `key` is older than the window."""
         if key >= self.last_key:
             return []
-        if not self._recent_enabled or key < self._recent_floor:
-            return None
+        if not self._recent_enabled or key < self._recent_floor or key == ZERO:
+            return None  # `0` means "from the oldest retained": that is the log's to say
         return [e for e in self.recent if e.key > key]
 
     def close_all(self, reason: CloseReason) -> None:

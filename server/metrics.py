@@ -40,8 +40,12 @@ class RuntimeCollector(Collector):
         yield opened
         c = rt.consumer.stats
         h = rt.hub.stats
-        yield CounterMetricFamily("dualcast_events_consumed", "Events read from the log", c.consumed)
-        yield CounterMetricFamily("dualcast_deliveries", "Events queued to subscribers", h.deliveries)
+        yield CounterMetricFamily(
+            "dualcast_events_consumed", "Events read from the log", c.consumed
+        )
+        yield CounterMetricFamily(
+            "dualcast_deliveries", "Events queued to subscribers", h.deliveries
+        )
         yield CounterMetricFamily("dualcast_drops", "Subscribers cut off for lagging", h.cutoffs)
         yield CounterMetricFamily(
             "dualcast_malformed_entries", "Stream entries skipped as malformed", c.malformed

@@ -52,7 +52,7 @@ def test_bad_setting_is_one_line_naming_it(
 
 def test_memory_engine_refuses_several_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("REDIS_URL", raising=False)
-    with pytest.raises(SettingsError, match="DUALCAST_WORKERS.*memory engine"):
+    with pytest.raises(SettingsError, match=r"DUALCAST_WORKERS.*memory engine"):
         load_settings(workers=2)
 
 

@@ -87,7 +87,7 @@ class RedisLog:
     async def read_after(self, after: str, count: int) -> list[RawEntry]:
         async with _translated("XRANGE"):
             entries = await self._client.xrange(self.stream, min=f"({after}", max="+", count=count)
-        return [(str(i), f) for i, f in entries]
+        return [(str(i), dict(f)) for i, f in entries or ()]  # type: ignore[arg-type]
 
     async def read_blocking(self, after: str, count: int, block_ms: int) -> list[RawEntry]:
         async with _translated("XREAD"):
@@ -96,7 +96,10 @@ class RedisLog:
             return []
         # RESP2 gives [[stream, entries]], RESP3 a {stream: [entries]} map.
         batches = reply.values() if isinstance(reply, dict) else (e for _, e in reply)
-        return [(str(i), f) for entries in batches for i, f in entries]
+        return [
+            (str(i), dict(f))  # type: ignore[arg-type]
+            for entries in batches for i, f in entries  # type: ignore[misc]
+        ]
 
     async def info(self) -> LogInfo:
         try:

@@ -35,7 +35,9 @@ def _timeout(raw: str | None, limit: float) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise Refusal(400, "bad_timeout", f"timeout must be seconds between 0 and {limit:g}") from None
+        raise Refusal(
+            400, "bad_timeout", f"timeout must be seconds between 0 and {limit:g}"
+        ) from None
     if not 0 <= value <= limit or value != value:
         raise Refusal(400, "bad_timeout", f"timeout must be seconds between 0 and {limit:g}")
     return value

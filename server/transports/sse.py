@@ -82,7 +82,9 @@ async def _stream(
                 feed.sub.close(CloseReason.SHUTDOWN)
             left = identity.seconds_left()
             if left is not None and left <= 0:
-                yield _message("error", {"code": "token_expired", "message": "the token has expired"})
+                yield _message(
+                    "error", {"code": "token_expired", "message": "the token has expired"}
+                )
                 return
             try:
                 # A drain (SIGTERM) closes the subscriber, which wakes this wait.

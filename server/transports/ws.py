@@ -85,6 +85,8 @@ class Session:
         self.close_code: int | None = None
         self.close_reason = ""
         self.bad_frames = 0
+        self.stalled = False
+        self.send_timeout = max(rt.settings.ping_interval * 2, 10.0)
         self._room_re = re.compile(rt.settings.room_pattern)
 
     def say(self, frame: dict[str, Any]) -> None:
@@ -197,7 +199,14 @@ class Session:
                     self.end(Close.GOING_AWAY, "server is restarting")
                 return
             for frame in encode_items(items):
-                await ws.send_text(frame)
+                try:
+                    await asyncio.wait_for(ws.send_text(frame), self.send_timeout)
+                except TimeoutError:
+                    # The peer stopped reading: give up on it without blocking on a close
+                    # frame it will never read; uvicorn closes the transport.
+                    self.close_code = Close.TRY_AGAIN
+                    self.stalled = True
+                    return
 
 
 async def websocket_endpoint(ws: WebSocket) -> None:
@@ -251,7 +260,7 @@ async def _run(session: Session) -> None:
         for task in (reader, writer):
             task.cancel()
         await asyncio.gather(reader, writer, return_exceptions=True)
-    client_gone = reader in done and session.close_code is None
+    client_gone = (reader in done and session.close_code is None) or session.stalled
     for task in done:
         exc = task.exception() if not task.cancelled() else None
         if exc is not None and not isinstance(exc, (WebSocketDisconnect, OSError, RuntimeError)):

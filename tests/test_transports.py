@@ -1,0 +1,391 @@
+"""WebSocket, SSE and long-poll against real servers on one real Redis.
+
+Every client here is a real protocol client; events come from raw XADDs (any
+producer) or the publish API; assertions are what a subscriber sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import SECRET, require_tool, token
+from tests.support.clients import Poller, SSEClient, WSClient, wait_for, xadd
+from tests.support.procs import DualcastProcess, RedisProcess
+
+pytestmark = pytest.mark.timeout(90)
+
+
+class Cluster:
+    """Two dualcast instances (A, B) sharing one Redis stream of this module's own."""
+
+    def __init__(self, redis: RedisProcess, a: DualcastProcess, b: DualcastProcess, stream: str):
+        self.redis, self.a, self.b, self.stream = redis, a, b, stream
+
+    def xadd(self, event: str, data: object, rooms: list[str] | None = None) -> str:
+        return xadd(self.redis, event, data, rooms, self.stream)
+
+
+@pytest.fixture(scope="module")
+def cluster(redis_server: RedisProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    stream = f"transports-{uuid.uuid4().hex[:8]}"
+    env = {"DUALCAST_SECRET": SECRET, "DUALCAST_STREAM": stream, "DUALCAST_QUEUE_SIZE": "50",
+           "DUALCAST_REPLAY_MAX": "300", "DUALCAST_REPLAY_PAGE": "40"}
+    root = tmp_path_factory.mktemp("cluster")
+    a = DualcastProcess(root / "a", redis_server.url, env=env).start()
+    b = DualcastProcess(root / "b", redis_server.url, env=env).start()
+    yield Cluster(redis_server, a, b, stream)
+    a.stop()
+    b.stop()
+
+
+async def test_each_transport_receives_in_order_with_stream_ids(cluster: Cluster) -> None:
+    ws = WSClient(cluster.a.ws_url)
+    sse = SSEClient(cluster.a.url)
+    poll = Poller(cluster.a.url)
+    await ws.connect()
+    await sse.connect()
+    await poll.poll_once(0)
+    poll.start()
+    try:
+        assert ws.seen.welcome is not None and ws.seen.welcome["rooms"] == []
+        ids = [cluster.xadd("tick", {"n": n}) for n in range(30)]
+        for client in (ws, sse, poll):
+            await wait_for(lambda c=client: len(c.seen.ids) >= 30, 10, "30 events")
+            assert client.seen.ids == ids
+            assert [e["data"]["n"] for e in client.seen.events] == list(range(30))
+        frame = ws.seen.events[0]
+        assert set(frame) >= {"type", "id", "event", "data", "ts"} and frame["event"] == "tick"
+        assert isinstance(frame["ts"], int)
+    finally:
+        await ws.close()
+        await sse.close()
+        await poll.close()
+
+
+async def test_room_events_reach_members_and_public_events_reach_all(cluster: Cluster) -> None:
+    admin = WSClient(cluster.a.ws_url, token=token("1", admin=True))
+    user = SSEClient(cluster.b.url, token=token("456"))
+    anon = WSClient(cluster.b.ws_url)
+    for c in (admin, user, anon):
+        await c.connect()
+    try:
+        assert admin.seen.welcome and admin.seen.welcome["rooms"] == ["admin", "user-1"]
+        a = cluster.xadd("secret", 1, ["admin"])
+        u = cluster.xadd("mine", 2, ["user-456"])
+        p = cluster.xadd("public", 3)
+        await wait_for(lambda: p in anon.seen.ids and p in user.seen.ids and p in admin.seen.ids, 10)
+        assert admin.seen.ids == [a, p]  # admin joined admin + user-1 by default, not user-456
+        assert user.seen.ids == [u, p]
+        assert anon.seen.ids == [p]
+    finally:
+        for c in (admin, user, anon):
+            await c.close()
+
+
+async def test_ws_join_and_leave_while_connected(cluster: Cluster) -> None:
+    async with WSClient(cluster.a.ws_url, token=token("9", rooms=["ops"]), rooms="user-9") as c:
+        before = cluster.xadd("ops", 0, ["ops"])
+        await c.send({"type": "join", "room": "ops"})
+        await wait_for(lambda: {"type": "joined", "room": "ops"} in c.seen.frames, 5)
+        inside = cluster.xadd("ops", 1, ["ops"])
+        await wait_for(lambda: inside in c.seen.ids, 5)
+        await c.send({"type": "leave", "room": "ops"})
+        await wait_for(lambda: {"type": "left", "room": "ops"} in c.seen.frames, 5)
+        cluster.xadd("ops", 2, ["ops"])
+        marker = cluster.xadd("public", 3)
+        await wait_for(lambda: marker in c.seen.ids, 5)
+        assert c.seen.ids == [inside, marker] and before not in c.seen.ids
+        await c.send({"type": "ping"})
+        await wait_for(lambda: {"type": "pong"} in c.seen.frames, 5)
+
+
+async def _producer(cluster: Cluster, ids: list[str], stop: asyncio.Event) -> None:
+    n = 0
+    while not stop.is_set() and n < 2000:
+        ids.append(cluster.xadd("flow", n))
+        n += 1
+        await asyncio.sleep(0.005)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [("ws", "ws"), ("ws", "sse"), ("sse", "poll"), ("poll", "ws"), ("sse", "sse")],
+)
+async def test_resume_across_transports_and_instances_loses_nothing(
+    cluster: Cluster, first: str, second: str
+) -> None:
+    """Disconnect mid-flow, reconnect (on the other instance) with the last id seen."""
+    published: list[str] = []
+    stop = asyncio.Event()
+    await asyncio.sleep(0)
+    start_marker = cluster.xadd("flow-start", None)
+    producer = asyncio.create_task(_producer(cluster, published, stop))
+    seen: list[str] = []
+    try:
+        cursor = start_marker
+        for kind, server in ((first, cluster.a), (second, cluster.b)):
+            got = await _consume(kind, server, cursor)
+            seen += got
+            cursor = seen[-1] if seen else cursor
+        stop.set()
+        await producer
+        # the last client catches up on the rest after the producer stopped
+        if not seen or seen[-1] != published[-1]:
+            seen += await _consume("poll", cluster.a, cursor, until=published[-1])
+    finally:
+        stop.set()
+        await producer
+    assert seen == published, f"{len(seen)} seen vs {len(published)} published"
+
+
+async def _consume(kind: str, server: DualcastProcess, cursor: str,
+                   until: str | None = None) -> list[str]:
+    """Connect with `cursor`, take events for a while (at least 30), then drop the connection."""
+    def done(ids: list[str]) -> bool:
+        if until is not None:
+            return bool(ids) and ids[-1] == until
+        return len(ids) >= 30
+
+    if kind == "ws":
+        client: WSClient | SSEClient | Poller = WSClient(server.ws_url, last_event_id=cursor)
+        await client.connect()  # type: ignore[union-attr]
+    elif kind == "sse":
+        client = SSEClient(server.url, headers={"Last-Event-ID": cursor})
+        await client.connect()
+    else:
+        client = Poller(server.url, after=cursor)
+        client.start()
+    try:
+        await wait_for(lambda: done(client.seen.ids), 20, f"{kind} events")
+    finally:
+        await client.close()
+    assert client.seen.resets == []
+    return list(client.seen.ids)
+
+
+async def test_publish_on_a_reaches_every_transport_on_b(cluster: Cluster) -> None:
+    ws = WSClient(cluster.b.ws_url)
+    sse = SSEClient(cluster.b.url)
+    poll = Poller(cluster.b.url)
+    await ws.connect()
+    await sse.connect()
+    await poll.poll_once(0)
+    poll.start()
+    try:
+        async with httpx.AsyncClient(base_url=cluster.a.url) as http:
+            answer = await http.post("/api/publish", json={"event": "via-a", "data": {"k": 1}},
+                                     headers={"Authorization": f"Bearer {token('p', publish=True)}"})
+        assert answer.status_code == 202
+        entry_id = answer.json()["id"]
+        for client in (ws, sse, poll):
+            await wait_for(lambda c=client: entry_id in c.seen.ids, 10, "the published event")
+    finally:
+        await ws.close()
+        await sse.close()
+        await poll.close()
+
+
+async def test_trimmed_newer_and_malformed_cursors(
+    fresh_redis: RedisProcess, dualcast: object
+) -> None:
+    server = dualcast(fresh_redis.url, env={"DUALCAST_MAXLEN": "10"})  # type: ignore[operator]
+    old = xadd(fresh_redis, "old", 0)
+    ids = [xadd(fresh_redis, "tick", n) for n in range(400)]
+    fresh_redis.command("XTRIM", "websocket-broadcast", "MAXLEN", "10")  # as MAXLEN ~ would
+    first = fresh_redis.command("XRANGE", "websocket-broadcast", "-", "+", "COUNT", "1")
+    assert old.encode() not in first
+    head = ids[-1]
+    future = "99999999999999-0"
+    async with WSClient(server.ws_url, last_event_id=old) as ws:
+        await wait_for(lambda: ws.seen.resets, 10, "a reset frame")
+        assert ws.seen.resets == [head] and ws.seen.ids == []
+        live = xadd(fresh_redis, "live", 1)
+        await wait_for(lambda: ws.seen.ids == [live], 10)
+    for cursor in (old, future):
+        async with SSEClient(server.url, last_event_id=cursor) as sse:
+            await wait_for(lambda s=sse: s.seen.resets, 10, "an SSE reset event")
+            assert sse.seen.ids == []
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            body = (await http.get("/api/events", params={"after": cursor, "timeout": 0})).json()
+            assert body["reset"] is True and body["events"] == [] and body["last_id"] >= head
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        for path, key in (("/api/sse", "last_event_id"), ("/api/events", "after")):
+            bad = await http.get(path, params={key: "yesterday"})
+            assert bad.status_code == 400 and bad.json()["error"] == "bad_cursor"
+    # from the oldest retained: no reset, everything retained in order
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        body = (await http.get("/api/events", params={"after": "0", "timeout": 0})).json()
+    assert body["reset"] is False and body["events"] and body["events"][0]["id"] != old
+
+
+async def test_replay_past_the_cap_is_a_reset(cluster: Cluster) -> None:
+    start = cluster.xadd("cap-start", None)
+    for n in range(400):  # DUALCAST_REPLAY_MAX is 300 here
+        cluster.xadd("bulk", n)
+    async with WSClient(cluster.a.ws_url, last_event_id=start) as ws:
+        await wait_for(lambda: ws.seen.resets, 10, "a reset after the replay cap")
+        assert len(ws.seen.ids) <= 300
+        after = cluster.xadd("after-cap", None)
+        await wait_for(lambda: ws.seen.ids and ws.seen.ids[-1] == after, 10)
+
+
+async def test_slow_ws_client_is_cut_off_while_a_fast_one_keeps_receiving(cluster: Cluster) -> None:
+    import websockets
+
+    fast = WSClient(cluster.a.ws_url)
+    await fast.connect()
+    # A client that never reads, with tiny buffers, so the server's queue (50) fills.
+    slow = await websockets.connect(cluster.a.ws_url + "/api/ws", max_queue=1)
+    slow.transport.pause_reading()  # type: ignore[attr-defined]
+    payload = "x" * 8000
+    try:
+        # Published from a thread, paced, so the fast client reads as a healthy one would;
+        # 16 MB in all, more than loopback socket buffers hold for the stuck client.
+        def produce() -> list[str]:
+            out = []
+            for _ in range(2000):
+                out.append(cluster.xadd("big", payload))
+                time.sleep(0.0005)
+            return out
+
+        ids = await asyncio.to_thread(produce)
+        await wait_for(lambda: len(fast.seen.ids) == 2000, 60, "the fast client's events")
+        assert fast.seen.ids == ids and fast.seen.closed is None
+        await wait_for(lambda: _counter(cluster.a, "dualcast_drops_total") >= 1, 20, "a cut-off")
+        slow.transport.resume_reading()  # type: ignore[attr-defined]
+        code = None
+        async with asyncio.timeout(20):
+            try:
+                while True:
+                    await slow.recv()
+            except websockets.ConnectionClosed as closed:
+                code = closed.rcvd.code if closed.rcvd else None
+        assert code == 1013
+    finally:
+        await fast.close()
+        await slow.close()
+
+
+async def test_sse_headers_and_a_gone_client_is_freed(cluster: Cluster) -> None:
+    async with httpx.AsyncClient(base_url=cluster.b.url, timeout=10) as http:
+        async with http.stream("GET", "/api/sse") as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            assert response.headers["x-accel-buffering"] == "no"
+            assert "no-cache" in response.headers["cache-control"]
+            lines = response.aiter_lines()
+            assert await anext(lines) == "retry: 3000"
+            assert await anext(lines) == "event: welcome"
+            await wait_for(lambda: _gauge(cluster.b, "sse") >= 1, 5)
+        await wait_for(lambda: _gauge(cluster.b, "sse") == 0, 10, "the SSE subscriber freed")
+
+
+def _counter(server: DualcastProcess, name: str) -> float:
+    text = httpx.get(server.url + "/metrics", timeout=5).text
+    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else -1
+
+
+def _gauge(server: DualcastProcess, transport: str) -> float:
+    text = httpx.get(server.url + "/metrics", timeout=5).text
+    match = re.search(rf'dualcast_connections\{{transport="{transport}"\}} (\S+)', text)
+    return float(match.group(1)) if match else -1
+
+
+def test_curl_streams_sse(cluster: Cluster) -> None:
+    curl = require_tool("curl", "the SSE streaming test runs the real curl -N")
+    proc = subprocess.Popen([curl, "-sN", cluster.a.url + "/api/sse"], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None
+        lines = iter(proc.stdout.readline, "")
+        assert next(lines).strip() == "retry: 3000"
+        assert next(lines).strip() == "event: welcome"
+        entry_id = cluster.xadd("curl", {"hello": "world"})
+        got = [next(lines).strip() for _ in range(6)]
+        assert f"id: {entry_id}" in got and "event: curl" in got
+        assert 'data: {"hello":"world"}' in got
+    finally:
+        proc.kill()
+        proc.wait(5)
+
+
+async def test_overview_folds_retained_events_the_caller_may_see(
+    fresh_redis: RedisProcess, dualcast: object
+) -> None:
+    a = dualcast(fresh_redis.url)  # type: ignore[operator]
+    b = dualcast(fresh_redis.url)  # type: ignore[operator]
+    x = lambda *args: xadd(fresh_redis, *args)  # noqa: E731
+    x("session_created", {"sessionId": "s1", "userId": "456", "providerId": "openai"}, ["admin"])
+    x("session_created", {"sessionId": "s2", "userId": "456", "providerId": "openai"}, ["admin"])
+    x("session_ended", {"sessionId": "s1", "userId": "456", "costUsd": 0.1}, ["admin"])
+    x("provider_status_change", {"providerId": "openai", "status": "degraded",
+                                 "circuitState": "half-open", "failureCount": 3}, ["admin"])
+    x("metrics_update", {"activeSessions": 1, "totalRequests": 10, "totalCost": 1.5}, ["admin"])
+    x("usage_log_added", {"sessionId": "s2", "userId": "456", "costUsd": 0.01}, ["user-456"])
+    admin = {"Authorization": f"Bearer {token('1', admin=True)}"}
+    answers = [httpx.get(s.url + "/api/overview", headers=admin, timeout=10).json() for s in (a, b)]
+    assert answers[0] == answers[1]  # the same on every instance
+    state = answers[0]
+    assert list(state["sessions"]) == ["s2"]
+    assert state["providers"]["openai"]["circuitState"] == "half-open"
+    assert state["metrics"]["totalRequests"] == 10
+    assert state["usage"] == []  # usage went to user-456, which admin did not join by default
+    user = httpx.get(a.url + "/api/overview", timeout=10,
+                     headers={"Authorization": f"Bearer {token('456')}"}).json()
+    assert user["sessions"] == {} and user["metrics"] == {}
+    assert [u["sessionId"] for u in user["usage"]] == ["s2"]
+    assert user["requests_per_minute"] and user["requests_per_minute"][0][1] == 1
+
+
+async def test_publish_validates_limits_and_fails_open(
+    fresh_redis: RedisProcess, dualcast: object
+) -> None:
+    server = dualcast(fresh_redis.url, env={"DUALCAST_MAX_BODY_BYTES": "1024",  # type: ignore[operator]
+                                            "DUALCAST_REDIS_TIMEOUT": "1"})
+    auth = {"Authorization": f"Bearer {token('p', publish=True)}"}
+    async with httpx.AsyncClient(base_url=server.url, headers=auth, timeout=10) as http:
+        ok = await http.post("/api/publish", json={"event": "e", "data": [1], "rooms": ["admin"]})
+        assert ok.status_code == 202 and re.match(r"^\d+-\d+$", ok.json()["id"])
+        bad = await http.post("/api/publish", json={"event": "bad name!", "data": 1})
+        assert bad.status_code == 422 and bad.json()["field"] == "event"
+        bad = await http.post("/api/publish", json={"data": 1})
+        assert bad.status_code == 422 and bad.json()["field"] == "event"
+        bad = await http.post("/api/publish", json={"event": "e", "rooms": "admin"})
+        assert bad.status_code == 422 and bad.json()["field"] == "rooms"
+        big = await http.post("/api/publish", json={"event": "e", "data": "x" * 2000})
+        assert big.status_code == 413
+        junk = await http.post("/api/publish", content=b"{not json")
+        assert junk.status_code == 400
+        fresh_redis.stop()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        down = await http.post("/api/publish", json={"event": "e", "data": 1})
+        assert down.status_code == 503 and "unreachable" in down.json()["message"]
+        assert loop.time() - started < 5  # nothing hangs
+        fresh_redis.start()
+
+
+def test_readme_run_command_serves_healthz_with_no_redis(dualcast: object) -> None:
+    server = dualcast(None, env={"DUALCAST_SECRET": ""})  # type: ignore[operator]
+    assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
+    ready = httpx.get(server.url + "/readyz").json()
+    assert ready["engine"] == "memory"
+    assert "dashboard as admin: http://" in server.log()
+
+
+def _ignore(_: object) -> None:
+    return None
+
+
+_ = (json, Path, _ignore)
