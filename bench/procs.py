@@ -26,7 +26,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
 
-SECRET = "bench-secret-0123456789abcdef"  # HS256 secret of the bench's tokens (>= 16 chars)
+SECRET = "bench-secret-0123456789abcdef-0123456789"  # HS256 key of the bench tokens (>= 32 B)
 
 
 def raise_nofile() -> int:
