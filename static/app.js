@@ -206,10 +206,14 @@ function startCursor() {
 
 /**
  * Optional timing overrides from localStorage `dualcast.tuning` (JSON), for tests and
- * for operators who want a faster climb: climbBaseMs, climbCapMs, welcomeTimeoutMs.
+ * for operators who want a faster climb: climbBaseMs, climbCapMs, welcomeTimeoutMs,
+ * retryBaseMs, retryCapMs, pauseAfterHiddenMs.
  */
 function tuning() {
-  const allowed = ['climbBaseMs', 'climbCapMs', 'welcomeTimeoutMs', 'retryBaseMs', 'retryCapMs'];
+  const allowed = [
+    'climbBaseMs', 'climbCapMs', 'welcomeTimeoutMs', 'retryBaseMs', 'retryCapMs',
+    'pauseAfterHiddenMs',
+  ];
   try {
     const raw = JSON.parse(localStorage.getItem('dualcast.tuning') ?? '{}');
     return Object.fromEntries(Object.entries(raw)
@@ -312,7 +316,8 @@ function evaluateVisibility() {
     app.manager.resume();
   } else {
     app.hiddenSince ??= now;
-    if (now - app.hiddenSince >= PAUSE_AFTER_HIDDEN_MS) app.manager.pause();
+    const grace = tuning().pauseAfterHiddenMs ?? PAUSE_AFTER_HIDDEN_MS;
+    if (now - app.hiddenSince >= grace) app.manager.pause();
   }
 }
 

@@ -370,3 +370,50 @@ def test_admin_room_picker_joins_a_user_room(stack: Callable[..., Stack],
     again = open_page(s.base_url + "/", context=page.context)
     wait_transport(again.page, "websocket")
     assert again.page.is_checked('#rooms-options input[value="user-456"]')
+
+
+# Headless pages are always "visible": this makes a page's visibility ours to set
+# (window.__setVisibility('hidden'|'visible') fires visibilitychange, as the browser would).
+FAKE_VISIBILITY = """
+(() => {
+  let state = 'visible';
+  Object.defineProperty(Document.prototype, 'visibilityState',
+    { get() { return state; }, configurable: true });
+  Object.defineProperty(Document.prototype, 'hidden',
+    { get() { return state === 'hidden'; }, configurable: true });
+  window.__setVisibility = (s) => {
+    state = s;
+    document.dispatchEvent(new Event('visibilitychange'));
+  };
+})();
+"""
+
+
+def test_hidden_tabs_pause_and_catch_up_from_the_cursor(
+    stack: Callable[..., Stack], open_page: Callable[..., Page]
+) -> None:
+    """No tab visible: the leader drops its connection; one visible again: it resumes from
+    the cursor and shows what was published meanwhile, once. A visible follower counts."""
+    s = stack()
+    context = open_page.new_context(tuning={"pauseAfterHiddenMs": 300})  # type: ignore[attr-defined]
+    context.add_init_script(FAKE_VISIBILITY)
+    leader = open_page(login_url(s.base_url, sub="ops", admin=True), context=context)
+    wait_transport(leader.page, "websocket")
+    follower = open_page(s.base_url + "/", context=context)
+    wait_transport(follower.page, "websocket")
+    before = s.publish("usage_log_added", usage(0))
+    wait_ids(follower.page, [before])
+
+    follower.page.evaluate("window.__setVisibility('hidden')")
+    leader.page.evaluate("window.__setVisibility('hidden')")
+    wait_transport(leader.page, "websocket", state="offline")
+    wait_transport(follower.page, "websocket", state="offline")  # it mirrors the leader
+    wait_until(lambda: s.gauge("websocket") == 0, timeout=15, what="the connection dropped")
+    meanwhile = [s.publish("usage_log_added", usage(n)) for n in range(1, 6)]
+
+    # the follower comes back: the hidden leader resumes for it, from its cursor
+    follower.page.evaluate("window.__setVisibility('visible')")
+    wait_transport(leader.page, "websocket")
+    for p in (leader, follower):
+        assert_each_once(wait_ids(p.page, [before, *meanwhile]), [before, *meanwhile])
+    assert s.gauge("websocket") == 1
