@@ -77,6 +77,11 @@ class Feed:
         sub = self.sub
         if self._requested is None:
             sub.cursor = self.hub.last_key
+            # The welcome's cursor must be where live delivery starts: SSE builds
+            # the Feed in the request handler and enters it later, in the stream,
+            # so events published in between would be skipped by this subscriber
+            # while its welcome claims an older cursor (found by bench/soak.py).
+            self.start_id = self.hub.last_id
         else:
             sub.cursor = self._requested
             sub.catching_up = True
