@@ -104,6 +104,7 @@ class Target:
         assert self.http.get("/healthz").status_code == 200
         log = self.proc.log()
         assert "Traceback" not in log and "Exception in ASGI" not in log, log[-3000:]
+        assert "eyJ" not in log, "a token reached the log"
 
 
 @pytest.fixture(scope="module")

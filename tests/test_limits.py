@@ -373,3 +373,12 @@ async def test_publish_json_that_is_not_an_object_is_422(
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
         assert_json_error(await _post(client, body), 422, "invalid")
     await still_served(server, healthy)
+
+
+def test_zz_the_log_holds_no_token(server: DualcastProcess) -> None:
+    """After every refusal above (tokens in queries of WS, SSE, poll), none reached the log."""
+    text = server.log()
+    assert "WebSocket /api/ws" in text
+    for tok in (ADMIN, PUBLISHER, USER):
+        assert tok not in text
+    assert "eyJ" not in text
