@@ -267,6 +267,35 @@ async def test_matrix_overview(server: DualcastProcess) -> None:
         assert_json_error(response, 403, "forbidden_room")
 
 
+async def test_raw_producer_entries_keep_their_rooms(
+    server: DualcastProcess, redis_server: RedisProcess,
+) -> None:
+    """Entries XADDed by other producers: a room list limits them like a published one, a
+    `rooms` of the wrong type is skipped (never taken for public), null means public."""
+    tag = uuid.uuid4().hex[:8]
+    stream = server.extra_env["DUALCAST_STREAM"]
+
+    def raw(label: str, **body: Any) -> None:
+        data = json.dumps({"event": "session_created", "data": {"tag": tag, "label": label},
+                           **body})
+        redis_server.command("XADD", stream, "*", "data", data,
+                             "timestamp", str(int(time.time() * 1000)))
+
+    async with WSClient(server.ws_url) as anon, WSClient(server.ws_url, token=USER_456) as user:
+        raw("admin", rooms=["admin"])
+        raw("u456", rooms=["user-456"])
+        raw("string-rooms", rooms="user-456")
+        raw("number-rooms", rooms=7)
+        raw("null-rooms", rooms=None)
+        raw("empty-rooms", rooms=[])
+        marker = json.dumps({"event": "marker", "data": {"tag": tag}})
+        redis_server.command("XADD", stream, "*", "data", marker)
+        for ws in (anon, user):
+            await wait_for(lambda w=ws: has_marker(w.seen.events, tag), 10, "marker")
+        assert labels(anon.seen.events, tag) == {"null-rooms", "empty-rooms"}
+        assert labels(user.seen.events, tag) == {"u456", "null-rooms", "empty-rooms"}
+
+
 async def test_api_me_describes_the_caller(server: DualcastProcess) -> None:
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
         anonymous = (await client.get("/api/me")).json()
