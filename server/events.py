@@ -97,7 +97,7 @@ class Event:
         self.ts = ts
         self._ws: str | None = None
         self._sse: bytes | None = None
-        self._poll: dict[str, Any] | None = None
+        self._poll: bytes | None = None
 
     @property
     def public(self) -> bool:
@@ -123,9 +123,12 @@ class Event:
             )
         return self._sse
 
-    def poll_item(self) -> dict[str, Any]:
+    def poll_item(self) -> bytes:
+        """The long-poll item `{"id","event","data","ts"}`, encoded once for every poller."""
         if self._poll is None:
-            self._poll = {"id": self.id, "event": self.event, "data": self.data, "ts": self.ts}
+            self._poll = dumps(
+                {"id": self.id, "event": self.event, "data": self.data, "ts": self.ts}
+            )
         return self._poll
 
     def __repr__(self) -> str:

@@ -253,7 +253,14 @@ class Hub:
             return []
         if not self._recent_enabled or key < self._recent_floor or key == ZERO:
             return None  # `0` means "from the oldest retained": that is the log's to say
-        return [e for e in self.recent if e.key > key]
+        # Walk back from the newest: a caught-up poller costs a step or two, not the window.
+        found: list[Event] = []
+        for event in reversed(self.recent):
+            if event.key <= key:
+                break
+            found.append(event)
+        found.reverse()
+        return found
 
     def close_all(self, reason: CloseReason) -> None:
         for sub in list(self.subscribers):

@@ -16,7 +16,7 @@ from server.config import Settings
 from server.consumer import Consumer
 from server.events import Envelope, decode_entry, entry_fields, format_id
 from server.hub import CloseReason, Hub
-from server.log import EventLog, create_log
+from server.log import EventLog, LogInfo, create_log
 
 log = logging.getLogger("dualcast")
 
@@ -39,7 +39,22 @@ class Runtime:
         self.stats = TransportStats()
         self.draining = False
         self._tasks: list[asyncio.Task[None]] = []
-        self._local_seq = 0
+        self._window: LogInfo | None = None
+        self._window_at = 0.0
+        self._window_lock = asyncio.Lock()
+
+    async def log_window(self, max_age: float = 0.0) -> LogInfo:
+        """The log's retained window, shared by concurrent callers and cached for `max_age`
+        seconds, so a thousand long-pollers cost one XINFO, not a thousand."""
+        loop = asyncio.get_running_loop()
+        if self._window is not None and loop.time() - self._window_at <= max_age:
+            return self._window
+        async with self._window_lock:
+            if self._window is not None and loop.time() - self._window_at <= max_age:
+                return self._window
+            info = await self.log.info()
+            self._window, self._window_at = info, loop.time()
+            return info
 
     def start_task(self, coro: Any, name: str) -> asyncio.Task[None]:
         """Start a background task the lifespan owns; a crash is logged, never silent."""

@@ -95,6 +95,8 @@ async def test_room_events_reach_members_and_public_events_reach_all(cluster: Cl
 async def test_ws_join_and_leave_while_connected(cluster: Cluster) -> None:
     async with WSClient(cluster.a.ws_url, token=token("9", rooms=["ops"]), rooms="user-9") as c:
         before = cluster.xadd("ops", 0, ["ops"])
+        fence = cluster.xadd("public", "fence")  # once it arrives, `before` has gone by
+        await wait_for(lambda: fence in c.seen.ids, 5)
         await c.send({"type": "join", "room": "ops"})
         await wait_for(lambda: {"type": "joined", "room": "ops"} in c.seen.frames, 5)
         inside = cluster.xadd("ops", 1, ["ops"])
@@ -104,7 +106,7 @@ async def test_ws_join_and_leave_while_connected(cluster: Cluster) -> None:
         cluster.xadd("ops", 2, ["ops"])
         marker = cluster.xadd("public", 3)
         await wait_for(lambda: marker in c.seen.ids, 5)
-        assert c.seen.ids == [inside, marker] and before not in c.seen.ids
+        assert c.seen.ids == [fence, inside, marker] and before not in c.seen.ids
         await c.send({"type": "ping"})
         await wait_for(lambda: {"type": "pong"} in c.seen.frames, 5)
 

@@ -11,9 +11,9 @@ import asyncio
 import time
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
-from server.events import Event, format_id, parse_id
+from server.events import ZERO, Event, format_id, parse_id
 from server.feed import cursor_gone, decode_visible
 from server.log import LogUnavailable
 from server.runtime import Runtime
@@ -23,10 +23,11 @@ MAX_EVENTS = 500
 
 
 def _answer(events: list[Event], last_id: str, reset: bool = False) -> Response:
-    return JSONResponse(
-        {"events": [e.poll_item() for e in events], "last_id": last_id, "reset": reset},
-        headers={"Cache-Control": "no-store"},
+    # Each event's item is encoded once and shared by every poller that gets it.
+    body = b'{"events":[%s],"last_id":"%s","reset":%s}' % (
+        b",".join(e.poll_item() for e in events), last_id.encode(), b"true" if reset else b"false"
     )
+    return Response(body, media_type="application/json", headers={"Cache-Control": "no-store"})
 
 
 def _timeout(raw: str | None, limit: float) -> float:
@@ -70,11 +71,18 @@ async def poll_endpoint(request: Request) -> Response:
             key = hub.last_key
         else:
             key = cursor
+        if cursor is not None:
+            # A cursor this instance still holds in memory may use a window a second old
+            # (at worst it is answered from memory instead of reset: nothing is lost);
+            # any other cursor is checked against the log's window as it is now.
+            in_memory = cursor <= hub.last_key and hub.recent_after(cursor) is not None
             try:
-                info = await rt.log.info()
+                info = await rt.log_window(1.0 if in_memory else 0.0)
             except LogUnavailable as exc:
                 return error_response(503, "log_unavailable", f"event log unreachable: {exc}")
-            if cursor_gone(cursor, info):
+            # (an in-memory cursor is not newer than the stream: the consumer read it there)
+            gone = cursor < info.max_deleted if in_memory else cursor_gone(cursor, info)
+            if gone and cursor != ZERO:
                 return _answer([], hub.last_id, reset=True)
         while True:
             recent = hub.recent_after(key)
