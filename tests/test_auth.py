@@ -128,11 +128,11 @@ def server(redis_server: RedisProcess, tmp_path_factory: pytest.TempPathFactory,
 @pytest.fixture(scope="module")
 def closed_server(redis_server: RedisProcess, tmp_path_factory: pytest.TempPathFactory,
                   ) -> Iterator[DualcastProcess]:
-    """A server with DUALCAST_ALLOW_ANONYMOUS=false."""
+    """A server with DUALCAST_ALLOW_ANONYMOUS=false (and cookies always Secure)."""
     proc = DualcastProcess(
         tmp_path_factory.mktemp("closed"), redis_url=redis_server.url,
         env={"DUALCAST_SECRET": SECRET, "DUALCAST_STREAM": f"closed-{uuid.uuid4().hex}",
-             "DUALCAST_ALLOW_ANONYMOUS": "false"},
+             "DUALCAST_ALLOW_ANONYMOUS": "false", "DUALCAST_COOKIE_SECURE": "always"},
     )
     proc.start()
     yield proc
@@ -631,6 +631,15 @@ async def test_login_cookie_is_secure_only_over_https(server: DualcastProcess, h
         assert response.status_code == 303
         attrs = [part.strip().lower() for part in _set_cookie(response).split(";")]
         assert ("secure" in attrs) is (how == "x-forwarded-proto")
+
+
+async def test_cookie_secure_always_setting(closed_server: DualcastProcess) -> None:
+    """Behind a TLS terminator that sends no X-Forwarded-Proto: DUALCAST_COOKIE_SECURE=always."""
+    async with httpx.AsyncClient(base_url=closed_server.url, timeout=10) as client:
+        response = await client.get("/", params={"token": USER_456})
+        assert response.status_code == 303
+        attrs = [part.strip().lower() for part in _set_cookie(response).split(";")]
+        assert "secure" in attrs and "httponly" in attrs
 
 
 # --- publish ---------------------------------------------------------------------------
