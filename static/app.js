@@ -71,6 +71,7 @@ function showLogin(reason, message = '') {
   const text = LOGIN_REASONS[reason] ?? LOGIN_REASONS.invalid;
   $('login-reason').textContent = message && reason !== 'signed-out' ? `${text} (${message})` : text;
   $('login').dataset.reason = reason;
+  $('login-forget').hidden = reason === 'missing' || reason === 'signed-out';
   showStatus({ transport: document.body.dataset.transport || 'websocket', state: 'offline' });
   $('login-token').focus();
 }
@@ -106,6 +107,34 @@ async function whoAmI() {
     const wait = Math.random() * Math.min(30000, 1000 * 2 ** attempt);
     await new Promise((resolve) => setTimeout(resolve, wait));
   }
+}
+
+/**
+ * Ask /api/me about a pasted token before the cookie flow: a bad token gets a message
+ * here instead of the server's bare JSON refusal of `/?token=…`.
+ */
+async function checkToken(ev) {
+  ev.preventDefault();
+  const value = $('login-token').value.trim();
+  if (!value) return;
+  try {
+    const response = await fetch('/api/me', {
+      headers: { Authorization: `Bearer ${value}`, Accept: 'application/json' },
+      cache: 'no-store', credentials: 'omit',
+    });
+    if (!response.ok) {
+      let body = {};
+      try { body = await response.json(); } catch { /* not JSON */ }
+      const reason = reasonOf(body);
+      $('login-reason').textContent = `${LOGIN_REASONS[reason === 'missing' ? 'invalid' : reason]}`
+        + `${body.message ? ` (${body.message})` : ''}`;
+      $('login').dataset.reason = 'invalid';
+      return;
+    }
+  } catch {
+    /* unreachable: let the cookie flow say so */
+  }
+  location.assign(`/?token=${encodeURIComponent(value)}`);
 }
 
 async function logout() {
@@ -369,6 +398,14 @@ async function boot() {
     else logout();
   });
   $('anon-login').addEventListener('click', () => showLogin('missing'));
+  $('login-form').addEventListener('submit', checkToken);
+  $('login-clear').addEventListener('click', async () => {
+    try {
+      await fetch('/api/logout', { method: 'POST', credentials: 'same-origin' });
+    } finally {
+      location.assign('/');
+    }
+  });
 
   const me = await whoAmI();
   if (!me) return;

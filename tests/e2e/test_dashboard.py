@@ -262,6 +262,12 @@ def test_no_anonymous_shows_the_login_screen(stack: Callable[..., Stack],
     p.page.wait_for_selector("#login:not([hidden])", timeout=10000)
     assert p.page.get_attribute("body", "data-state") == "offline"
     assert p.page.is_visible("#login-token")
+    # a bad token is refused on the page itself
+    p.page.fill("#login-token", "not-a-token")
+    p.page.click("#login-form button[type=submit]")
+    p.page.wait_for_function(
+        "document.getElementById('login-reason').textContent.includes('not accepted')"
+    )
     # signing in from that screen goes through the cookie flow
     p.page.fill("#login-token", token("ops", admin=True))
     p.page.click("#login-form button[type=submit]")
@@ -456,3 +462,16 @@ def test_sign_out_clears_the_cookie_in_every_tab(
     second.page.reload()  # the HttpOnly cookie is gone: the server says who we are not
     second.page.wait_for_selector("#login:not([hidden])", timeout=10000)
     assert "needs an access token" in (second.page.text_content("#login-reason") or "")
+
+
+def test_expired_cookie_can_be_forgotten_for_anonymous_access(
+    stack: Callable[..., Stack], open_page: Callable[..., Page]
+) -> None:
+    s = stack()
+    p = open_page(login_url(s.base_url, sub="ops", ttl=2))
+    wait_transport(p.page, "websocket")
+    p.page.wait_for_selector("#login:not([hidden])", timeout=20000)
+    p.page.click("#login-clear")
+    wait_transport(p.page, "websocket")
+    assert p.page.is_visible("#anon-hint")
+    assert p.page.text_content("#who-sub") == "anonymous"
