@@ -659,6 +659,8 @@ export class TransportManager {
   promote(probe) {
     const old = this.conn;
     this.clear('probeWelcome');
+    this.clear('retry'); // the old transport may have been waiting to reconnect
+    this.clear('welcome');
     this.probe = null;
     this.conn = probe;
     this.level = this.order.indexOf(probe.name);

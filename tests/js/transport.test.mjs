@@ -207,6 +207,28 @@ describe('fallback chain and climbing back', { timeout: 5000 }, () => {
     assert.deepEqual(t.seen, ['1001-0', '1002-0', '1003-0']);
   });
 
+  it('a probe that wins while the old transport waits to reconnect cancels that reconnect',
+    async () => {
+      const sse = sseRoute();
+      const t = setup({ routes: { '/api/sse': sse.handler }, climbBaseMs: 1000 });
+      t.WS.refuse = true;
+      t.manager.start();
+      await t.clock.tick(0);
+      sse.streams[0].body.push(sseFrame({ event: 'welcome', data: { rooms: [], last_id: null } }));
+      await t.clock.tick(0);
+      t.WS.refuse = false;
+      t.manager.retryBaseMs = 5000; // the SSE reconnect will wait a while
+      await t.clock.tick(1000); // the climb probe opens
+      const probe = t.WS.last();
+      sse.streams[0].body.end(); // SSE dies: a reconnect is scheduled
+      await t.clock.tick(0);
+      probe.welcome();
+      assert.equal(t.manager.transport, 'websocket');
+      await t.clock.tick(30000);
+      assert.equal(sse.streams.length, 1, 'no SSE reconnect after the switch');
+      assert.equal(t.WS.open().length, 1);
+    });
+
   it('climbs from polling to SSE when WS stays refused, backing off between probes', async () => {
     const sse = sseRoute();
     const clock = new FakeClock();
