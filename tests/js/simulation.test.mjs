@@ -34,7 +34,7 @@ class FakeServer {
         this.url = url;
         this.closed = false;
         const params = new URL(url).searchParams;
-        if (!server.ws) {
+        if (!server.ws || server.down) {
           setImmediate(() => this.onclose?.({ code: 1006 }));
           return;
         }
@@ -77,6 +77,7 @@ class FakeServer {
 
     this.fetch = (url, init = {}) => {
       const u = new URL(url, 'http://x');
+      if (server.down) return Promise.reject(new TypeError('connection refused'));
       if (u.pathname === '/api/sse') return server.sseAnswer(init);
       if (u.pathname === '/api/events') return server.pollAnswer(u.searchParams, init);
       return Promise.resolve(jsonResponse(404, {}));
@@ -97,6 +98,15 @@ class FakeServer {
 
   killAll() {
     for (const sub of [...this.subs]) sub.kill();
+  }
+
+  /** The whole server goes away (restart): every connection drops, nothing answers. */
+  setDown(down) {
+    this.down = down;
+    if (down) {
+      this.killAll();
+      for (const wake of [...this.pollers]) wake(); // waiting polls end (as errors below)
+    }
   }
 
   sseAnswer(init) {
@@ -122,6 +132,7 @@ class FakeServer {
     const after = params.get('after');
     const wait = Number(params.get('timeout') ?? 0);
     const answer = () => {
+      if (this.down) throw new TypeError('connection reset');
       const events = this.after(after);
       const lastId = events.length ? events[events.length - 1].id
         : (after ?? (this.log.length ? this.log[this.log.length - 1].id : '0-0'));
@@ -132,7 +143,11 @@ class FakeServer {
       const done = () => {
         this.pollers.delete(done);
         this.clock.clearTimeout(timer);
-        resolve(answer());
+        try {
+          resolve(answer());
+        } catch (err) {
+          reject(err);
+        }
       };
       const timer = this.clock.setTimeout(done, wait * 1000);
       this.pollers.add(done);
@@ -162,14 +177,16 @@ async function simulate(seed) {
   for (let step = 0; step < 250; step += 1) {
     const r = rand();
     if (r < 0.45) server.publish();
-    else if (r < 0.75) await clock.tick(Math.floor(rand() * 4000));
-    else if (r < 0.85) server.killAll();
-    else if (r < 0.92) server.ws = !server.ws;
-    else server.sse = !server.sse;
+    else if (r < 0.73) await clock.tick(Math.floor(rand() * 4000));
+    else if (r < 0.83) server.killAll();
+    else if (r < 0.89) server.ws = !server.ws;
+    else if (r < 0.95) server.sse = !server.sse;
+    else server.setDown(!server.down);
     await clock.tick(0);
   }
   server.ws = true;
   server.sse = true;
+  server.setDown(false);
   server.publish();
   for (let i = 0; i < 120 && !(manager.transport === 'websocket' && manager.state === 'live'
     && seen.length === server.log.length); i += 1) {
@@ -179,7 +196,7 @@ async function simulate(seed) {
   return { seen, log: server.log.map((e) => e.id), manager, transports };
 }
 
-describe('simulation: random outages, every event once', { timeout: 60000 }, () => {
+describe('simulation: random outages and restarts, every event once', { timeout: 60000 }, () => {
   const visited = new Set();
   for (const seed of [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]) {
     it(`seed ${seed}`, async () => {
