@@ -86,6 +86,7 @@ class Session:
         self.close_reason = ""
         self.bad_frames = 0
         self.stalled = False
+        self.gone = False
         self.send_timeout = max(rt.settings.ping_interval * 2, 10.0)
         self._room_re = re.compile(rt.settings.room_pattern)
 
@@ -103,6 +104,13 @@ class Session:
         self.feed.sub._wake()
 
     # reader ----------------------------------------------------------------
+
+    async def read_until_gone(self) -> None:
+        try:
+            await self.read()
+        finally:
+            self.gone = True
+            self.feed.sub._wake()
 
     async def read(self) -> None:
         while True:
@@ -251,21 +259,26 @@ async def websocket_endpoint(ws: WebSocket) -> None:
 
 
 async def _run(session: Session) -> None:
+    """The writer runs in the connection's own task and the reader in one more: the
+    fewest tasks per idle connection. Whoever ends first ends the session."""
     ws = session.ws
-    reader = asyncio.create_task(session.read())
-    writer = asyncio.create_task(session.write())
+    reader = asyncio.create_task(session.read_until_gone())
+    failure: BaseException | None = None
     try:
-        done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+        await session.write()
+    except (WebSocketDisconnect, OSError, RuntimeError):
+        session.gone = True  # a send failed: the client is gone
+    except Exception as exc:
+        failure = exc
     finally:
-        for task in (reader, writer):
-            task.cancel()
-        await asyncio.gather(reader, writer, return_exceptions=True)
-    client_gone = (reader in done and session.close_code is None) or session.stalled
-    for task in done:
-        exc = task.exception() if not task.cancelled() else None
-        if exc is not None and not isinstance(exc, (WebSocketDisconnect, OSError, RuntimeError)):
-            log.error("websocket session failed", exc_info=exc)
-    if client_gone:
+        reader.cancel()
+        results = await asyncio.gather(reader, return_exceptions=True)
+    for error in (failure, *results):
+        if isinstance(error, Exception) and not isinstance(
+            error, (WebSocketDisconnect, OSError, RuntimeError)
+        ):
+            log.error("websocket session failed", exc_info=error)
+    if (session.gone and session.close_code is None) or session.stalled:
         return
     try:
         await ws.close(session.close_code or Close.NORMAL, session.close_reason)
