@@ -11,13 +11,14 @@ import argparse
 import asyncio
 import json
 import shlex
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from bench import modes, report
-from bench.procs import ROOT, raise_nofile
+from bench.procs import ROOT, Child, raise_nofile
 
 DOCS = ROOT / "docs" / "performance.md"
 INTRO = (
@@ -161,12 +162,20 @@ def main() -> None:
             print(f"<!-- {mode}: {path.name} -->")
             print(report.markdown(report.load(path)) + "\n")
     else:
+        # SIGTERM ends the run like Ctrl-C; either way every child we started is stopped.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
-            import uvloop
-        except ImportError:
-            asyncio.run(run(args))
-        else:
-            uvloop.run(run(args))
+            try:
+                import uvloop
+            except ImportError:
+                asyncio.run(run(args))
+            else:
+                uvloop.run(run(args))
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
+        finally:
+            Child.stop_all()
     if args.docs:
         print(f"wrote {report.write_docs(DOCS, INTRO)}", file=sys.stderr)
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import psutil
 
@@ -70,7 +70,14 @@ def http_ok(port: int, path: str) -> bool:
 
 @dataclass
 class Child:
-    """A child process started by the bench, stopped by its PID."""
+    """A child process started by the bench, stopped by its PID.
+
+    `Child.live` lets the CLI stop every server and redis-server it started even when
+    it is interrupted in the middle of a run (load workers exit on their own when
+    their stdin closes).
+    """
+
+    live: ClassVar[set[Child]] = set()
 
     args: list[str]
     env: dict[str, str]
@@ -83,7 +90,16 @@ class Child:
         self.proc = subprocess.Popen(
             self.args, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT
         )
+        Child.live.add(self)
         return self
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    @classmethod
+    def stop_all(cls) -> None:
+        for child in list(cls.live):
+            child.stop(timeout=5)
 
     @property
     def pid(self) -> int:
@@ -104,6 +120,7 @@ class Child:
         if self._log is not None:
             self._log.close()  # type: ignore[attr-defined]
             self._log = None
+        Child.live.discard(self)
 
     def log_tail(self, n: int = 3000) -> str:
         try:

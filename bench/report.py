@@ -18,6 +18,7 @@ from typing import Any
 from bench.procs import ROOT
 
 RESULTS = ROOT / "bench" / "results"
+NOTES = ROOT / "bench" / "NOTES.md"  # hand-written findings, appended to docs/performance.md
 MODES = ["saturation", "matrix", "idle", "routing", "poll"]
 
 
@@ -214,5 +215,7 @@ def write_docs(path: Path, intro: str) -> Path:
     m = machine()
     head = (f"# Performance\n\n{intro}\n\nMachine: {m['nproc']} CPUs, {m['cpu']}, "
             f"Python {m['python']}, Linux {m['kernel']}.\n")
-    path.write_text(head + "\n" + "\n\n".join(sections) + "\n")
+    notes = NOTES.read_text().strip() if NOTES.exists() else ""
+    tail = f"\n\n{notes}\n" if notes else "\n"
+    path.write_text(head + "\n" + "\n\n".join(sections) + tail)
     return path

@@ -208,6 +208,24 @@ class Session:
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         )
 
+    async def quiet(self, max_wait: float = 20.0, threshold: float = 0.5) -> float:
+        """Wait (bounded) until other users of the machine take under `threshold` of a core.
+
+        These machines are shared: a step measured while someone else's test suite
+        holds a core says little. Returns the last 1-second reading of other load.
+        """
+        deadline = time.monotonic() + max_wait
+        other = 0.0
+        while True:
+            before = self.cpu_snapshot()
+            await asyncio.sleep(1.0)
+            after = self.cpu_snapshot()
+            ours = sum(after[k] - before[k] for k in ("server", "redis", "generator", "publisher"))
+            busy = after["machine"] - before["machine"]
+            other = (busy - ours) / (after["wall"] - before["wall"])
+            if other < threshold or time.monotonic() > deadline:
+                return other
+
     def cpu_snapshot(self) -> dict[str, float]:
         return {
             "server": self.stack.server_cpu(),
