@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     shutdown_grace: float = Field(10.0, ge=0, le=600, description="seconds to drain on SIGTERM")
     static_dir: str | None = Field(None, description="dashboard folder; default: the bundled one")
+    forwarded_allow_ips: str = Field(
+        "127.0.0.1,::1",
+        description="proxies whose X-Forwarded-For/-Proto are trusted (comma list, * = any)",
+    )
 
     # auth
     secret: str | None = Field(None, min_length=16, description="HS256 secret of the tokens")
