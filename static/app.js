@@ -69,7 +69,8 @@ function showLogin(reason, message = '') {
   $('anon-hint').hidden = true;
   $('login').hidden = false;
   const text = LOGIN_REASONS[reason] ?? LOGIN_REASONS.invalid;
-  $('login-reason').textContent = message && reason !== 'signed-out' ? `${text} (${message})` : text;
+  // the server's words add something only when the reason is not already plain
+  $('login-reason').textContent = message && reason === 'invalid' ? `${text} (${message})` : text;
   $('login').dataset.reason = reason;
   $('login-forget').hidden = reason === 'missing' || reason === 'signed-out';
   showStatus({ transport: document.body.dataset.transport || 'websocket', state: 'offline' });
@@ -406,6 +407,14 @@ async function boot() {
       location.assign('/');
     }
   });
+
+  // a login link the server refused may send us here as /#login_error=<code>
+  const refused = /(?:^#|&)login_error=([\w.-]+)/.exec(location.hash);
+  if (refused) {
+    history.replaceState(null, '', location.pathname + location.search);
+    showLogin(reasonOf({ error: refused[1] }), refused[1].replace(/_/g, ' '));
+    return;
+  }
 
   const me = await whoAmI();
   if (!me) return;

@@ -475,3 +475,15 @@ def test_expired_cookie_can_be_forgotten_for_anonymous_access(
     wait_transport(p.page, "websocket")
     assert p.page.is_visible("#anon-hint")
     assert p.page.text_content("#who-sub") == "anonymous"
+
+
+def test_a_refused_login_link_can_land_on_the_login_screen(
+    stack: Callable[..., Stack], open_page: Callable[..., Page]
+) -> None:
+    """`/#login_error=<code>` (where a server may send a refused `/?token=` link) shows why."""
+    s = stack()
+    p = open_page(s.base_url + "/#login_error=token_expired")
+    p.page.wait_for_selector("#login:not([hidden])", timeout=10000)
+    assert "expired" in (p.page.text_content("#login-reason") or "")
+    assert p.page.evaluate("location.hash") == ""
+    assert p.page.is_visible("#login-forget")
