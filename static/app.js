@@ -378,9 +378,26 @@ async function reloadOverview() {
 
 // ---- start ---------------------------------------------------------------------------
 
+/** The cookie cannot be refreshed from the page: say in time that the token runs out. */
+function renderExpiry() {
+  const exp = Number(app.me?.exp);
+  const el = $('who-exp');
+  if (!exp || app.loggedOut) {
+    el.hidden = true;
+    return;
+  }
+  const left = exp * 1000 - Date.now();
+  el.hidden = left > 15 * 60000;
+  if (!el.hidden) {
+    const min = Math.max(0, Math.ceil(left / 60000));
+    el.textContent = `token expires in ${min} min`;
+  }
+}
+
 function tick() {
   app.ticks += 1;
   ui.tick();
+  renderExpiry();
   if (!app.tabs || app.loggedOut) return;
   if (app.tabs.isLeader) {
     evaluateVisibility();
