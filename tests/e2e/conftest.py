@@ -45,9 +45,13 @@ def _skip_or_fail(reason: str) -> None:
     pytest.skip(message)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """One headless Chromium for the session; every test opens its own contexts."""
+    """One headless Chromium per module; every test opens its own contexts.
+
+    Module scope, not session: Playwright's sync API owns an event loop while it runs,
+    and the async tests of other modules should not share a session with it.
+    """
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
