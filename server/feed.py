@@ -95,6 +95,10 @@ class Feed:
         self.hub.remove(self.sub)
 
     @property
+    def replaying(self) -> bool:
+        return self._replaying
+
+    @property
     def cursor(self) -> str:
         return format_id(self.sub.cursor)
 

@@ -192,13 +192,13 @@ class Session:
                 control, self.control = self.control, []
                 for frame in control:
                     await ws.send_text(frame)
-            if self.close_code is not None:
+            if self.close_code is not None or self.gone:
                 return
             try:
                 # While the feed replays it awaits the log; a control frame queued then
                 # (a pong) wakes nobody, so right after the replay do not block on the
                 # queue: come back and flush the control frames first.
-                replaying = self.feed._replaying
+                replaying = self.feed.replaying
                 items = await self.feed.next(timeout=0 if replaying else left)
             except FeedClosed as closed:
                 if closed.reason is CloseReason.LAGGING:
