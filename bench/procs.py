@@ -82,13 +82,14 @@ class Child:
     args: list[str]
     env: dict[str, str]
     log_path: Path
+    cwd: Path = ROOT
     proc: subprocess.Popen[bytes] | None = None
     _log: object = field(default=None, repr=False)
 
     def start(self) -> Child:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            self.args, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT
+            self.args, cwd=self.cwd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT
         )
         Child.live.add(self)
         return self
@@ -176,6 +177,9 @@ class Stack:
             args = [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1",
                     "--port", str(self.port)]
             health = "/healthz"
+            # A/B runs: BENCH_DUALCAST_ROOT=<another checkout> serves that tree's `server`
+            # (`python -m` puts the working directory first on sys.path).
+            cwd = Path(os.environ.get("BENCH_DUALCAST_ROOT") or ROOT)
         else:
             module = {"socketio": "bench.peers.socketio_app:app",
                       "broadcaster": "bench.peers.broadcaster_app:app"}[self.target]
@@ -183,8 +187,9 @@ class Stack:
             args = [sys.executable, "-m", "uvicorn", module, "--host", "127.0.0.1",
                     "--port", str(self.port), "--log-level", "warning"]
             health = "/healthz"
+            cwd = ROOT
         env.update(self.extra_env)
-        self.server = Child(args, env, self.workdir / f"{self.target}.log").start()
+        self.server = Child(args, env, self.workdir / f"{self.target}.log", cwd).start()
 
         def healthy() -> bool:
             assert self.server is not None
@@ -198,6 +203,23 @@ class Stack:
             self.stop()
             raise
         return self
+
+    def version(self) -> str:
+        """What is being served: the git commit of dualcast's tree (+dirty), or peer versions."""
+        if self.target != "dualcast":
+            from importlib.metadata import version
+
+            dist = {"socketio": "python-socketio", "broadcaster": "broadcaster"}[self.target]
+            return f"{dist} {version(dist)}"
+        root = Path(os.environ.get("BENCH_DUALCAST_ROOT") or ROOT)
+        try:
+            head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                                  capture_output=True, text=True, timeout=10).stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain", "server"], cwd=root,
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return "unknown"
+        return f"dualcast {head}{'+dirty' if dirty else ''}"
 
     def stop(self) -> None:
         if self.server is not None:

@@ -209,8 +209,10 @@ def write_docs(path: Path, intro: str) -> Path:
         meta = records[0]
         cmd = meta.get("command", "")
         when = meta.get("started", "")
+        served = ", ".join(sorted({r["served"] for r in records if r.get("served")}))
         sections.append(
-            f"## {TITLES[mode]}\n\nRun {when}, `{files[mode].name}`; command: `{cmd}`\n\n{body}"
+            f"## {TITLES[mode]}\n\nRun {when}, `{files[mode].name}`; command: `{cmd}`; "
+            f"served: {served}\n\n{body}"
         )
     m = machine()
     head = (f"# Performance\n\n{intro}\n\nMachine: {m['nproc']} CPUs, {m['cpu']}, "

@@ -154,6 +154,7 @@ class Session:
         ok = sum(a["ok"] for a in answers)
         errors: list[Any] = [e for a in answers for e in a["errors"]]
         self.info = {
+            "served": self.stack.version(),
             "connected": ok, "failed_connect": sum(a["failed"] for a in answers),
             "connect_errors": errors[:5], "connect_seconds": round(connect_seconds, 2),
             "connect_server_cpu_s": round(connect_cpu, 3),
