@@ -59,6 +59,8 @@ class Record:
     retries: list[int] = field(default_factory=list)
     connected_at: list[float] = field(default_factory=list)
     last_id: str | None = None
+    #: the cursor of the first `welcome`: where this client's view of the stream starts
+    first_welcome: str | None = None
 
 
 class _Conn(asyncio.Protocol):
@@ -223,6 +225,8 @@ class Follower:
         elif kind == "event":
             self._event(frame["id"], frame.get("data"))
         elif kind == "welcome":
+            if self.record.first_welcome is None:
+                self.record.first_welcome = frame["last_id"]
             if self.record.last_id is None:
                 self.record.last_id = frame["last_id"]
             if not conn.welcome.done():
@@ -237,6 +241,8 @@ class Follower:
         name = block.get("event", "message")
         data = orjson.loads(block["data"]) if block.get("data") else None
         if name == "welcome":
+            if self.record.first_welcome is None:
+                self.record.first_welcome = data["last_id"]
             if self.record.last_id is None:
                 self.record.last_id = data["last_id"]
             if not conn.welcome.done():
