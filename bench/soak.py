@@ -141,6 +141,12 @@ class SampledDualcast(DualcastProcess):
         except (OSError, ValueError):
             return []
 
+    def task_chains(self) -> list[Any]:
+        try:
+            return list(json.loads(Path(self.sample_path + ".chains").read_text()))
+        except (OSError, ValueError):
+            return []
+
     def tasks(self) -> int:
         try:
             return int(Path(self.sample_path).read_text())
@@ -193,6 +199,8 @@ class SoakResult:
     samples: list[dict[str, float]] = field(default_factory=list)
     generator_cpu_s: float = 0.0
     task_kinds_after: list[Any] = field(default_factory=list)
+    task_chains_after: list[Any] = field(default_factory=list)
+    settle_seconds: float = 0.0
     log_problems: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -208,7 +216,8 @@ class SoakResult:
             f"  fds: baseline {b['fds']:.0f} ({b['redis_fds']:.0f} to Redis), loaded "
             f"{e['fds']:.0f}, clients gone {a['fds']:.0f} ({a['redis_fds']:.0f} to Redis); "
             f"tasks: baseline {b['tasks']:.0f}, after warm-up "
-            f"{w['tasks']:.0f}, end {e['tasks']:.0f}, clients gone {a['tasks']:.0f}",
+            f"{w['tasks']:.0f}, end {e['tasks']:.0f}, clients gone {a['tasks']:.0f} "
+            f"(settled in {self.settle_seconds:.1f}s)",
             f"  generator CPU {self.generator_cpu_s:.1f}s; log problems: "
             f"{len(self.log_problems)}",
         ])
@@ -336,9 +345,12 @@ async def soak(seconds: float = 600, clients: int = 200, rate: float = 50, churn
             return (fds - pooled <= base["fds"] - base["redis_fds"]
                     and dc.tasks() <= base["tasks"] + 1)
 
-        await _settle(settled, 20)
+        t_left = time.monotonic()
+        await _settle(settled, 45)
+        result.settle_seconds = time.monotonic() - t_left
         result.after_clients_left = asdict(snapshot(0))
         result.task_kinds_after = dc.task_kinds()
+        result.task_chains_after = dc.task_chains()
         result.generator_cpu_s = time.process_time() - cpu0
         from tests.reliability.conftest import log_problems
 
