@@ -107,7 +107,13 @@ async def latency(clients: int, stuck: int, events: int, rate: float, bulk: int)
         followers = [Follower("ws" if i % 2 else "sse", "127.0.0.1", dc.port, token=plain,
                               latencies=True) for i in range(clients)]
         await start_followers(followers, within=60)
-        await Producer(redis.url, rate=100).start(limit=20).wait(10)  # warm-up
+        warm = Producer(redis.url, rate=100).start(limit=20)
+        await warm.wait(10)
+        deadline = time.monotonic() + 30
+        while any(f.record.last_id != warm.acked[-1] for f in followers):  # warm-up delivered
+            if time.monotonic() > deadline:
+                raise TimeoutError("warm-up events were not delivered to every client")
+            await asyncio.sleep(0.1)
         a = await _phase(redis, followers, events, rate, bulk)
         blocked = [Stuck("ws" if i % 2 else "sse", "127.0.0.1", dc.port, token=heavy)
                    for i in range(stuck)]
