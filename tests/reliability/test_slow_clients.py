@@ -106,3 +106,35 @@ async def test_stuck_clients_are_cut_off_and_resume_without_loss(
           f" RSS {rss_before:.0f} -> {rss_after:.0f} MB")
     await asyncio.gather(*(f.stop() for f in normal + back))
     assert log_problems(dc) == []
+
+
+async def test_slow_reader_is_told_1013_and_resumes_without_loss(
+    fresh_redis: RedisProcess, dualcast: Callable[..., DualcastProcess]
+) -> None:
+    """A client that falls behind but still reads sees the cut-off itself: WS close 1013,
+    SSE a `lagging` error then the end of the stream (heartbeat too slow to interfere)."""
+    redis = fresh_redis
+    dc = dualcast(redis.url, env={**SLOW_ENV, "DUALCAST_QUEUE_SIZE": "16",
+                                  "DUALCAST_PING_INTERVAL": "60"})
+    await Producer(redis.url, rate=500).start(limit=5).wait(10)
+    heavy = token("bulk", rooms=["bulk"])
+    slow = [Stuck(kind, "127.0.0.1", dc.port, token=heavy) for kind in ("ws", "sse")]
+    await asyncio.gather(*(s.open() for s in slow))
+    start = {id(s): s.follower.record.last_id for s in slow}
+    # ~8 MB: more than the socket buffers hold, so each queue overflows.
+    await Producer(redis.url, rate=200, pad=64_000, rooms=["bulk"]).start(limit=120).wait(30)
+    endings = await asyncio.gather(*(s.resume(within=15) for s in slow))
+    assert endings == ["ws 1013", "sse end"], endings
+    assert [e.get("code") for e in slow[1].follower.record.errors] == ["lagging"]
+    for s in slow:
+        expected = [i for i, _ in await stream_entries(redis.url, after=start[id(s)] or "-")]
+        back = Follower(s.follower.kind, "127.0.0.1", dc.port, token=heavy,
+                        last_id=s.follower.record.last_id, reconnect=False)
+        await start_followers([back])
+        n = len(expected)
+        await wait_for(lambda s=s, b=back, n=n: len(s.follower.ids) + len(b.ids) >= n,
+                       15, what="the slow client to catch up")
+        assert check_exact(s.follower.ids + back.ids, expected) is None
+        await back.stop()
+    assert await metric(dc, "dualcast_drops") == 2
+    assert log_problems(dc) == []
