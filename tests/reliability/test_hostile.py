@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
+from bench.soak import SampledDualcast
 from tests.conftest import SECRET, token
 from tests.reliability.conftest import fd_count, log_problems, metric
 from tests.reliability.lean import Follower, Producer, check_exact, start_followers, stream_ids
@@ -42,10 +43,11 @@ ABRUPT = int(os.environ.get("RELIABILITY_ABRUPT_CONNECTIONS", "2000"))
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RedisProcess,
-                                                                        DualcastProcess]]:
+                                                                        SampledDualcast]]:
     redis = RedisProcess(tmp_path_factory.mktemp("hostile-redis")).start()
-    dc = DualcastProcess(
-        tmp_path_factory.mktemp("hostile-dc"), redis_url=redis.url,
+    # Started through bench.soak's wrapper: it samples asyncio tasks inside the app.
+    dc = SampledDualcast(
+        tmp_path_factory.mktemp("hostile-dc"), redis.url,
         env={"DUALCAST_SECRET": SECRET, "DUALCAST_POLL_TIMEOUT_MAX": "1",
              "DUALCAST_PING_INTERVAL": "5", "DUALCAST_BLOCK_MS": "500",
              "DUALCAST_REDIS_TIMEOUT": "1"},
@@ -230,7 +232,7 @@ async def _abrupt(port: int, i: int, tok: str) -> str:
 
 
 async def test_2000_abrupt_connections_leave_no_trace(
-    target: tuple[RedisProcess, DualcastProcess]
+    target: tuple[RedisProcess, SampledDualcast]
 ) -> None:
     redis, dc = target
     assert dc.proc is not None
@@ -240,6 +242,8 @@ async def test_2000_abrupt_connections_leave_no_trace(
     await start_followers([healthy])
     start = healthy.record.last_id
     baseline_fds = fd_count(pid)
+    await asyncio.sleep(1.1)  # the sampler writes once a second: a fresh baseline
+    baseline_tasks = dc.tasks()
     baseline_conns = await metric(dc, "dualcast_connections")
     producer = Producer(redis.url, rate=100).start()
 
@@ -263,17 +267,19 @@ async def test_2000_abrupt_connections_leave_no_trace(
     assert healthy.record.closes == []
 
     async def settled() -> bool:
-        return (fd_count(pid) <= baseline_fds + 2
+        return (fd_count(pid) <= baseline_fds + 2 and dc.tasks() <= baseline_tasks
                 and await metric(dc, "dualcast_connections") == baseline_conns)
 
     deadline = time.monotonic() + 20
     while not await settled():
         assert time.monotonic() < deadline, (
-            f"fds {fd_count(pid)} (baseline {baseline_fds}), connections "
+            f"fds {fd_count(pid)} (baseline {baseline_fds}), tasks {dc.tasks()} (baseline "
+            f"{baseline_tasks}: {dc.task_chains()[:2]}), connections "
             f"{await metric(dc, 'dualcast_connections')} (baseline {baseline_conns})")
         await asyncio.sleep(0.2)
     await healthy.stop()
     print(f"\nabrupt: {len(kinds)} connections in {took:.1f}s "
           f"({', '.join(f'{k} {kinds.count(k)}' for k in sorted(set(kinds)))}); fds "
-          f"{baseline_fds} -> peak {peak_fds} -> {fd_count(pid)}; healthy client got "
+          f"{baseline_fds} -> peak {peak_fds} -> {fd_count(pid)}; tasks {baseline_tasks} -> "
+          f"{dc.tasks()}; healthy client got "
           f"{len(expected)} events, none lost or twice")
