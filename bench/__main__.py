@@ -79,7 +79,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--subscribers", type=ints, default=[100, 10_000])
     r.add_argument("--rooms", type=ints, default=[10, 1000])
     r.add_argument("--rate", type=float, default=200.0)
-    r.add_argument("--duration", type=float, default=5.0)
+    # Longer than the 15 s heartbeat, so the idle window and the measured one each hold
+    # one round of pings to every subscriber (the idle one is subtracted).
+    r.add_argument("--duration", type=float, default=16.0)
 
     q = sub.add_parser("poll", help="long-pollers at a fixed rate")
     q.add_argument("--clients", type=int, default=1000)
@@ -120,7 +122,7 @@ def runs(args: argparse.Namespace) -> list[tuple[str, Callable[[], AsyncIterator
             ("saturation", lambda: modes.saturation(t, 1000, 10.0, 1.5, 12, 5.0, rep, 1, w)),
             ("matrix", lambda: modes.matrix(t, [100, 1000], [100.0, 1000.0], 5.0, 1, w)),
             ("idle", lambda: modes.idle(t, idle_n, 32.0, max(w, 4))),
-            ("routing", lambda: modes.routing([100, 10_000], [10, 1000], 200.0, 5.0, max(w, 4))),
+            ("routing", lambda: modes.routing([100, 10_000], [10, 1000], 200.0, 16.0, max(w, 4))),
             ("poll", lambda: modes.poll(1000, 20.0, 10.0, 1, w)),
         ]
     raise SystemExit(f"unknown mode {args.mode}")

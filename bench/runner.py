@@ -278,6 +278,7 @@ class Session:
         other = (after["machine"] - before["machine"]) - ours
         return {
             "target": self.kind, "rate": rate, "duration": duration, **sent,
+            "profiled": spy is not None,  # py-spy ran: its sampling costs the machine CPU
             "clients": len(self.paths), **self.info,
             "deliveries": deliveries, "deliveries_per_s": round(deliveries / span),
             "p50_ms": percentile(hist, deliveries, 0.50),
