@@ -22,6 +22,7 @@ import json
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from bench.clients import KINDS, Client, PollClient, Tally
@@ -46,6 +47,7 @@ class Worker:
         async def one(path: str) -> None:
             async with sem:
                 try:
+                    factory: Callable[[], Client]
                     if cls is PollClient:
                         factory = lambda: PollClient(  # noqa: E731
                             self.tally, host, port, path, self.spec.get("wait", 20)

@@ -27,7 +27,7 @@ def public_paths(kind: str, n: int) -> list[str]:
 
 def good(r: dict[str, Any], limit_ms: float = P99_LIMIT_MS) -> bool:
     """A step passes with zero loss, no cut-offs, p99 within the limit, the rate achieved."""
-    return (
+    return bool(
         r["lost"] == 0 and r["closed"] == 0 and r["deliveries"] > 0
         and r["p99_ms"] <= limit_ms and r["achieved_rate"] >= 0.95 * r["rate"]
     )

@@ -97,10 +97,13 @@ def saturation_md(records: list[dict[str, Any]]) -> str:
                   "events/s at it", "p99 ms", "server µs/delivery", "generator CPU %"], rows)
     ratios = []
     for kind in ("dualcast-ws", "dualcast-sse"):
-        if sat.get(kind):
-            for peer in ("broadcaster-ws", "broadcaster-sse", "socketio-ws"):
-                if sat.get(peer):
-                    ratios.append(f"{kind} / {peer}: **{sat[kind] / sat[peer]:.2f}x**")
+        ours = sat.get(kind)
+        if not ours:
+            continue
+        for peer in ("broadcaster-ws", "broadcaster-sse", "socketio-ws"):
+            theirs = sat.get(peer)
+            if theirs:
+                ratios.append(f"{kind} / {peer}: **{ours / theirs:.2f}x**")
     if ratios:
         text += "\n\nRatios of medians: " + "; ".join(ratios) + "."
     return text

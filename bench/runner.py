@@ -62,7 +62,8 @@ class WorkerProc:
         line = await asyncio.wait_for(self.proc.stdout.readline(), wait_s)
         if not line:
             raise RuntimeError(f"load worker {self.pid} exited ({self.proc.returncode})")
-        return json.loads(line)
+        answer: dict[str, Any] = json.loads(line)
+        return answer
 
     async def ask(self, obj: dict[str, Any], wait_s: float) -> dict[str, Any]:
         await self.send(obj)

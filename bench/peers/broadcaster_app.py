@@ -26,6 +26,7 @@ from contextlib import asynccontextmanager
 
 from broadcaster import Broadcast
 from broadcaster._backends.redis import RedisBackend
+from broadcaster._base import Subscriber, Unsubscribed
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -42,6 +43,15 @@ class FixedRedisBackend(RedisBackend):
     async def subscribe(self, channel: str) -> None:
         await self._pubsub.subscribe(channel)
         self._ready.set()
+
+
+async def messages(subscriber: Subscriber) -> AsyncIterator[str]:
+    """The subscriber's messages until it is unsubscribed (typed, unlike its __aiter__)."""
+    try:
+        while True:
+            yield (await subscriber.get()).message
+    except Unsubscribed:
+        return
 
 
 def make_broadcast(redis_url: str) -> Broadcast:
@@ -62,16 +72,16 @@ def create_app(redis_url: str) -> Starlette:
                 drain.cancel()
         await broadcast.disconnect()
 
-    async def _drain(subscriber: object) -> None:
-        async for _ in subscriber:  # type: ignore[attr-defined]
+    async def _drain(subscriber: Subscriber) -> None:
+        async for _ in messages(subscriber):
             pass
 
     async def sse(_: Request) -> EventSourceResponse:
         async def stream() -> AsyncIterator[dict[str, str]]:
             async with broadcast.subscribe(CHANNEL) as subscriber:
                 yield {"event": "welcome", "data": "{}"}
-                async for event in subscriber:  # type: ignore[attr-defined]
-                    yield {"event": "bench", "data": event.message}
+                async for message in messages(subscriber):
+                    yield {"event": "bench", "data": message}
 
         return EventSourceResponse(stream())
 
@@ -81,8 +91,8 @@ def create_app(redis_url: str) -> Starlette:
             await websocket.send_text('{"type":"welcome"}')
 
             async def pump() -> None:
-                async for event in subscriber:  # type: ignore[attr-defined]
-                    await websocket.send_text(event.message)
+                async for message in messages(subscriber):
+                    await websocket.send_text(message)
 
             task = asyncio.create_task(pump())
             try:
