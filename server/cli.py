@@ -70,7 +70,8 @@ def _serve(args: argparse.Namespace) -> int:
         "ws_per_message_deflate": False,  # costly per connection; see PITFALLS
         "ws_ping_interval": settings.ping_interval, "ws_ping_timeout": settings.ping_interval,
         "timeout_graceful_shutdown": settings.shutdown_grace,
-        "access_log": False, "proxy_headers": True, "forwarded_allow_ips": settings.forwarded_allow_ips,
+        "access_log": False, "proxy_headers": True,
+        "forwarded_allow_ips": settings.forwarded_allow_ips,
         "lifespan": "on",
     }
     if settings.workers > 1:

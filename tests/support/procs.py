@@ -148,7 +148,7 @@ class DualcastProcess:
         if self.redis_url:
             env["DUALCAST_REDIS_URL"] = self.redis_url
         env.update(self.extra_env)
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1",
              "--port", str(self.port), *self.args],
