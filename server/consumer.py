@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 from server.config import Settings
 from server.events import (
-    ZERO,
     Event,
     MalformedEntry,
     StreamId,
@@ -102,18 +101,9 @@ class Consumer:
             self.position = info.last_id
             self.hub.set_position(info.last_id)
             log.info("consuming %s engine from %s", self.log.engine, format_id(info.last_id))
-        elif info.last_id < self.position:
-            # The stream is behind what we delivered: Redis lost data (restarted
-            # empty, or a failover to a stale replica). Cursors are meaningless.
-            log.warning(
-                "stream went backwards (%s < %s): Redis lost data; telling every client to reset",
-                format_id(info.last_id), format_id(self.position),
-            )
-            self.stats.resets += 1
-            self.position = info.last_id
-            self.hub.reset_all(info.last_id)
-        elif not self.connected and self.stats.reconnects:
-            log.info("event log back; resuming after %s", format_id(self.position))
+        elif not self._went_backwards(info.last_id) and self.stats.reconnects:
+            if not self.connected:
+                log.info("event log back; resuming after %s", format_id(self.position))
         self.connected = True
         self.last_error = None
         self.last_read_at = time.monotonic()
@@ -148,13 +138,22 @@ class Consumer:
         if now - self._last_info_at < 1.0:
             return
         self._last_info_at = now
-        info = await self.log.info()
+        self._went_backwards((await self.log.info()).last_id)
+
+    def _went_backwards(self, head: StreamId) -> bool:
+        """The stream is behind what we delivered: Redis lost data (restarted empty, or a
+        failover to a stale replica). Cursors are meaningless: every client must reset."""
         assert self.position is not None
-        if info.last_id < self.position and self.position != ZERO:
-            self.stats.resets += 1
-            log.warning("stream went backwards; telling every client to reset")
-            self.position = info.last_id
-            self.hub.reset_all(info.last_id)
+        if not head < self.position:
+            return False
+        log.warning(
+            "stream went backwards (%s < %s): Redis lost data; telling every client to reset",
+            format_id(head), format_id(self.position),
+        )
+        self.stats.resets += 1
+        self.position = head
+        self.hub.reset_all(head)
+        return True
 
     async def lag(self) -> int:
         """Entries between the stream head and what this consumer delivered (for /metrics)."""

@@ -102,9 +102,10 @@ class Feed:
     def cursor(self) -> str:
         return format_id(self.sub.cursor)
 
-    def _jump_to_head(self) -> Reset:
+    def _jump_to_head(self, cursor: StreamId) -> Reset:
+        """Stop replaying: tell the client `reset` and go live from `cursor`."""
         sub = self.sub
-        sub.cursor = max(self.hub.last_key, sub.cursor) if self._checked else self.hub.last_key
+        sub.cursor = cursor
         sub.catching_up = False
         sub.missed = False
         self._replaying = False
@@ -114,13 +115,9 @@ class Feed:
         sub = self.sub
         if not self._checked:
             info = await self.log.info()
-            if cursor_gone(sub.cursor, info):
-                self._checked = True
-                sub.cursor = self.hub.last_key
-                sub.catching_up = False
-                self._replaying = False
-                return [Reset(self.hub.last_id)]
             self._checked = True
+            if cursor_gone(sub.cursor, info):
+                return [self._jump_to_head(self.hub.last_key)]
         page = self.settings.replay_page
         entries = await self.log.read_after(format_id(sub.cursor), page)
         if not entries:
@@ -130,7 +127,8 @@ class Feed:
             return []
         self._replayed += len(entries)
         if self._replayed > self.settings.replay_max:
-            return [self._jump_to_head()]
+            # (the replay may have read past the consumer: never go back behind it)
+            return [self._jump_to_head(max(self.hub.last_key, sub.cursor))]
         events = decode_visible(entries, sub.rooms)
         sub.cursor = parse_id(entries[-1][0])
         return list(events)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from server.events import Event, format_id, parse_id
+from server.events import Event
 from server.feed import decode_visible
 from server.log import EventLog
 
@@ -67,7 +67,6 @@ async def build_overview(log: EventLog, rooms: set[str], page: int = 1000) -> di
         fold(decode_visible(entries, rooms), state)
         if len(entries) < page:
             break
-    state["last_id"] = after if after != "0-0" else state["last_id"]
     if after != "0-0":
-        state["last_id"] = format_id(parse_id(after))
+        state["last_id"] = after  # the newest retained entry, even one the caller may not see
     return state
