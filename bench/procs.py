@@ -189,6 +189,11 @@ class Stack:
             health = "/healthz"
             cwd = ROOT
         env.update(self.extra_env)
+        if self.target == "dualcast":
+            # A/B runs of a setting: BENCH_SERVER_ENV="DUALCAST_POLL_COALESCE_MS=0,..."
+            for pair in filter(None, os.environ.get("BENCH_SERVER_ENV", "").split(",")):
+                name, _, value = pair.partition("=")
+                env[name.strip()] = value.strip()
         self.server = Child(args, env, self.workdir / f"{self.target}.log", cwd).start()
 
         def healthy() -> bool:

@@ -15,6 +15,7 @@ from server.events import Envelope, entry_fields
 from server.log import LogUnavailable
 from server.metrics import Metrics
 from server.overview import build_overview
+from server.query import query_of
 from server.runtime import Runtime
 from server.transports.common import Refusal, caller, error_response, strict_rooms
 
@@ -57,7 +58,7 @@ async def overview(request: Request) -> Response:
     rt = _rt(request)
     try:
         identity = caller(request, rt.settings, rt.secret)
-        rooms = strict_rooms(request.query_params.get("rooms"), identity, rt.settings)
+        rooms = strict_rooms(query_of(request).get("rooms"), identity, rt.settings)
     except Refusal as refusal:
         return refusal.response()
     try:
@@ -125,7 +126,7 @@ def _secure(request: Request, mode: str) -> bool:
 async def login_redirect(request: Request) -> Response | None:
     """`GET /?token=…`: validate, set the cookie, redirect so the token leaves the URL bar."""
     rt = _rt(request)
-    token = request.query_params.get("token")
+    token = query_of(request).get("token")
     if token is None:
         return None
     try:

@@ -41,20 +41,34 @@ class Runtime:
         self._tasks: list[asyncio.Task[None]] = []
         self._window: LogInfo | None = None
         self._window_at = 0.0
-        self._window_lock = asyncio.Lock()
+        self._window_fetch: asyncio.Future[LogInfo] | None = None
 
     async def log_window(self, max_age: float = 0.0) -> LogInfo:
-        """The log's retained window, shared by concurrent callers and cached for `max_age`
-        seconds, so a thousand long-pollers cost one XINFO, not a thousand."""
+        """The log's retained window, cached for `max_age` seconds and fetched once for
+        all concurrent callers, so a thousand long-pollers cost one XINFO, not a thousand.
+
+        Callers share the fetch in flight rather than queue on a lock: an asyncio.Lock
+        hands over to one waiter per loop iteration, and under load a thousand pollers
+        behind it waited seconds (the long-poll bench's p99, issue 8).
+        """
         loop = asyncio.get_running_loop()
         if self._window is not None and loop.time() - self._window_at <= max_age:
             return self._window
-        async with self._window_lock:
-            if self._window is not None and loop.time() - self._window_at <= max_age:
-                return self._window
+        fetch = self._window_fetch
+        if fetch is None:
+            fetch = self._window_fetch = asyncio.ensure_future(self._fetch_window())
+            # (its error reaches whoever awaits; none left is not "never retrieved")
+            fetch.add_done_callback(lambda f: f.cancelled() or f.exception())
+        # shield: one caller's cancellation must not cancel the fetch the others await
+        return await asyncio.shield(fetch)
+
+    async def _fetch_window(self) -> LogInfo:
+        try:
             info = await self.log.info()
-            self._window, self._window_at = info, loop.time()
+            self._window, self._window_at = info, asyncio.get_running_loop().time()
             return info
+        finally:
+            self._window_fetch = None
 
     def start_task(self, coro: Any, name: str) -> asyncio.Task[None]:
         """Start a background task the lifespan owns; a crash is logged, never silent."""

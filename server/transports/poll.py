@@ -12,22 +12,44 @@ import time
 
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from server.events import ZERO, Event, format_id, parse_id
 from server.feed import cursor_gone, decode_visible
 from server.log import LogUnavailable
+from server.query import query_of
 from server.runtime import Runtime
 from server.transports.common import Refusal, caller, error_response, parse_cursor, strict_rooms
 
 MAX_EVENTS = 500
 
 
-def _answer(events: list[Event], last_id: str, reset: bool = False) -> Response:
+class Answer:
+    """A poll answer: JSON bytes sent as two ASGI messages.
+
+    Starlette's Response builds and checks its headers per instance; a long-poll
+    answer is the most frequent response this server makes, with fixed headers.
+    """
+
+    __slots__ = ("body",)
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/json"),
+            (b"cache-control", b"no-store"),
+            (b"content-length", b"%d" % len(self.body)),
+        ]})
+        await send({"type": "http.response.body", "body": self.body})
+
+
+def _answer(events: list[Event], last_id: str, reset: bool = False) -> Answer:
     # Each event's item is encoded once and shared by every poller that gets it.
-    body = b'{"events":[%s],"last_id":"%s","reset":%s}' % (
+    return Answer(b'{"events":[%s],"last_id":"%s","reset":%s}' % (
         b",".join(e.poll_item() for e in events), last_id.encode(), b"true" if reset else b"false"
-    )
-    return Response(body, media_type="application/json", headers={"Cache-Control": "no-store"})
+    ))
 
 
 def _timeout(raw: str | None, limit: float) -> float:
@@ -44,16 +66,16 @@ def _timeout(raw: str | None, limit: float) -> float:
     return value
 
 
-async def poll_endpoint(request: Request) -> Response:
+async def poll_endpoint(request: Request) -> Response | Answer:
     rt: Runtime = request.app.state.dualcast
     settings = rt.settings
     if "polling" not in settings.transports:
         return error_response(404, "polling_disabled", "long-polling is not offered here")
     try:
         identity = caller(request, settings, rt.secret)
-        rooms = strict_rooms(request.query_params.get("rooms"), identity, settings)
-        cursor = parse_cursor(request.query_params.get("after"), "after")
-        timeout = _timeout(request.query_params.get("timeout"), settings.poll_timeout_max)
+        rooms = strict_rooms(query_of(request).get("rooms"), identity, settings)
+        cursor = parse_cursor(query_of(request).get("after"), "after")
+        timeout = _timeout(query_of(request).get("timeout"), settings.poll_timeout_max)
     except Refusal as refusal:
         rt.stats.refused += 1
         return refusal.response()
@@ -65,6 +87,7 @@ async def poll_endpoint(request: Request) -> Response:
     if left is not None:
         timeout = min(timeout, max(left, 0.0))
     deadline = time.monotonic() + timeout
+    rt.stats.opened["polling"] += 1
     rt.stats.polls_waiting += 1
     try:
         if cursor is None:

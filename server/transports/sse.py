@@ -23,6 +23,7 @@ from server.auth import Identity
 from server.events import Event, dumps
 from server.feed import Feed, FeedClosed
 from server.hub import CloseReason
+from server.query import query_of
 from server.runtime import Runtime
 from server.transports.common import Refusal, caller, error_response, parse_cursor, strict_rooms
 
@@ -47,8 +48,8 @@ async def sse_endpoint(request: Request) -> Response | EventStream:
         return error_response(404, "sse_disabled", "SSE is not offered here")
     try:
         identity = caller(request, settings, rt.secret)
-        rooms = strict_rooms(request.query_params.get("rooms"), identity, settings)
-        raw_cursor = request.headers.get("last-event-id") or request.query_params.get(
+        rooms = strict_rooms(query_of(request).get("rooms"), identity, settings)
+        raw_cursor = request.headers.get("last-event-id") or query_of(request).get(
             "last_event_id"
         )
         cursor = parse_cursor(raw_cursor)

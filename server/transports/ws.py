@@ -21,6 +21,7 @@ from server.auth import AuthError, Identity, decode_token
 from server.events import Event, dumps
 from server.feed import Feed, FeedClosed
 from server.hub import CloseReason, Reset
+from server.query import query_of
 from server.runtime import Runtime
 from server.transports.common import Refusal, caller, choose_rooms, error_response, parse_cursor
 
@@ -243,13 +244,13 @@ async def websocket_endpoint(ws: WebSocket) -> None:
         await ws.close(Close.POLICY, refusal.code)
         return
     await ws.accept()
-    choice = choose_rooms(ws.query_params.get("rooms"), identity, settings)
+    choice = choose_rooms(query_of(ws).get("rooms"), identity, settings)
     errors = [("bad_room", f"malformed room name {r!r}") for r in choice.malformed]
     errors += [("forbidden_room", f"not allowed in room {r!r}") for r in choice.forbidden]
     if choice.too_many:
         errors.append(("too_many_rooms", f"at most {settings.max_rooms} rooms per subscriber"))
     try:
-        cursor = parse_cursor(ws.query_params.get("last_event_id"))
+        cursor = parse_cursor(query_of(ws).get("last_event_id"))
     except Refusal as refusal:
         errors.append((refusal.code, refusal.message))
         cursor = None

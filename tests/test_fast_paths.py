@@ -1,0 +1,146 @@
+"""The shortcuts taken for speed (issue 8) keep the behaviour they replace.
+
+Query strings parse like Starlette's QueryParams; a cached token still expires;
+concurrent readers of the log's window share one fetch; the subscriber endpoints
+served in front of Starlette still answer other methods with Starlette's 405;
+an idle SSE stream gets its `: ping` comment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from urllib.parse import parse_qsl
+
+import httpx
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from server import auth
+from server.auth import AuthError, decode_token, mint_token
+from server.config import Settings
+from server.log import LogInfo
+from server.query import parse_query
+from server.runtime import Runtime
+from tests.conftest import SECRET, token
+from tests.support.procs import DualcastProcess
+
+query_text = st.text(alphabet=st.sampled_from("ab=&%+2Ee9 é€;x"), max_size=40)
+
+
+@given(raw=query_text)
+def test_query_parses_like_starlette(raw: str) -> None:
+    assert parse_query(raw.encode("utf-8")) == dict(parse_qsl(raw.encode("utf-8").decode("latin-1"),
+                                                              keep_blank_values=True))
+
+
+def test_a_cached_token_is_refused_once_it_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    soon = mint_token(SECRET, "456", ttl=60)
+    first = decode_token(soon, SECRET)
+    assert decode_token(soon, SECRET) is first  # the second look is the cache's
+    later = time.time() + 120
+    monkeypatch.setattr(auth.time, "time", lambda: later)
+    with pytest.raises(AuthError) as refused:
+        decode_token(soon, SECRET)
+    assert refused.value.code == "token_expired"
+
+
+def test_the_token_cache_is_bounded_and_keyed_by_secret() -> None:
+    other = "another-secret-0123456789abcdef-0123456789"
+    mine = mint_token(SECRET, "456", ttl=600)
+    decode_token(mine, SECRET)
+    with pytest.raises(AuthError):
+        decode_token(mine, other)  # verified under one secret is not verified under another
+    for n in range(auth._VERIFIED_MAX + 10):
+        decode_token(mint_token(SECRET, f"u{n}", ttl=600), SECRET)
+    assert len(auth._VERIFIED) <= auth._VERIFIED_MAX
+
+
+@pytest.mark.timeout(10)
+async def test_concurrent_window_readers_share_one_fetch() -> None:
+    rt = Runtime(Settings(), SECRET)
+    calls = 0
+    real_info = rt.log.info
+    gate = asyncio.Event()
+
+    async def slow_info() -> LogInfo:
+        nonlocal calls
+        calls += 1
+        await gate.wait()
+        return await real_info()
+
+    rt.log.info = slow_info  # type: ignore[method-assign]
+    readers = [asyncio.create_task(rt.log_window(1.0)) for _ in range(200)]
+    await asyncio.sleep(0)
+    gate.set()
+    windows = await asyncio.gather(*readers)
+    assert calls == 1 and all(w is windows[0] for w in windows)
+    assert await rt.log_window(1.0) is windows[0]  # fresh enough: the cache answers
+    assert calls == 1
+    readers[0].cancel()  # a reader cancelled after the fact changes nothing
+    await rt.log_window(0.0)
+    assert calls == 2
+
+
+@pytest.mark.timeout(10)
+async def test_a_cancelled_window_reader_does_not_cancel_the_others() -> None:
+    rt = Runtime(Settings(), SECRET)
+    gate = asyncio.Event()
+    real_info = rt.log.info
+
+    async def slow_info() -> LogInfo:
+        await gate.wait()
+        return await real_info()
+
+    rt.log.info = slow_info  # type: ignore[method-assign]
+    first = asyncio.create_task(rt.log_window(0.0))
+    second = asyncio.create_task(rt.log_window(0.0))
+    await asyncio.sleep(0)
+    first.cancel()
+    gate.set()
+    assert (await second).exists is not None
+    assert first.cancelled()
+
+
+@pytest.fixture
+def pinging(dualcast: Callable[..., DualcastProcess]) -> DualcastProcess:
+    return dualcast(env={"DUALCAST_PING_INTERVAL": "1"})
+
+
+@pytest.mark.timeout(30)
+async def test_idle_sse_gets_a_ping_comment_and_stays_live(pinging: DualcastProcess) -> None:
+    async with httpx.AsyncClient(base_url=pinging.url, timeout=10) as http:
+        async with http.stream("GET", "/api/sse") as response:
+            lines = response.aiter_lines()
+            seen: list[str] = []
+
+            async def until(line: str) -> None:
+                async for got in lines:
+                    seen.append(got)
+                    if got == line:
+                        return
+
+            await asyncio.wait_for(until(": ping"), 5)
+            assert seen[:2] == ["retry: 3000", "event: welcome"]
+            await asyncio.wait_for(until(": ping"), 5)  # and again: the stream goes on
+            answer = await http.post("/api/publish", json={"event": "tick", "data": {"n": 1}},
+                                     headers={"Authorization": "Bearer " + token("p", publish=True)})
+            assert answer.status_code == 202
+            await asyncio.wait_for(until("event: tick"), 5)
+
+
+@pytest.mark.timeout(30)
+async def test_other_methods_on_subscriber_paths_get_starlettes_405(
+    pinging: DualcastProcess,
+) -> None:
+    async with httpx.AsyncClient(base_url=pinging.url, timeout=10) as http:
+        for path in ("/api/sse", "/api/events"):
+            refused = await http.post(path)
+            assert refused.status_code == 405, path
+            assert "GET" in refused.headers["allow"]
+        answer = await http.get("/api/events", params={"timeout": "0"})
+        assert answer.status_code == 200 and answer.headers["cache-control"] == "no-store"
+        body = answer.json()
+        assert body["events"] == [] and body["reset"] is False and "last_id" in body
