@@ -86,6 +86,18 @@ async def saturation(targets: list[str], clients: int, start_rate: float, factor
                     best = r
             # The run stops at the first rate that failed (after its retry), if any.
             bad_rate = last["rate"] if last is not None and not last["passed"] else None
+            # A target that fails the first rung: step down (fresh server each time), so
+            # a slow peer gets its figure instead of 0.
+            down = start_rate
+            while best is None and bad_rate is not None and down / factor >= 0.5:
+                down = round(down / factor, 2)
+                async for r in _saturation_run(kind, clients, [down], duration, workers):
+                    r["repeat"] = rep
+                    yield r
+                    if r["passed"]:
+                        best = r
+                if best is None:
+                    bad_rate = down
             for _ in range(refine):
                 if best is None or bad_rate is None:
                     break
