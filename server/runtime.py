@@ -17,6 +17,7 @@ from server.consumer import Consumer
 from server.events import Envelope, decode_entry, entry_fields, format_id
 from server.hub import CloseReason, Hub
 from server.log import EventLog, LogInfo, create_log
+from server.stalls import StallWatch
 
 log = logging.getLogger("dualcast")
 
@@ -36,6 +37,8 @@ class Runtime:
         self.log: EventLog = create_log(settings)
         self.hub = Hub(settings.recent_window)
         self.consumer = Consumer(self.log, self.hub, settings)
+        # A client that stops reading is dropped after this long in one send.
+        self.stalls = StallWatch(max(settings.ping_interval * 2, 10.0))
         self.stats = TransportStats()
         self.draining = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -84,6 +87,7 @@ class Runtime:
 
     async def start(self) -> None:
         self.start_task(self.consumer.run(), "dualcast-consumer")
+        self.start_task(self.stalls.run(), "dualcast-stall-watch")
 
     async def stop(self) -> None:
         self.hub.close_all(CloseReason.SHUTDOWN)

@@ -24,6 +24,7 @@ from server.config import Settings
 from server.log import LogInfo
 from server.query import parse_query
 from server.runtime import Runtime
+from server.stalls import StallWatch
 from tests.conftest import SECRET, token
 from tests.support.procs import DualcastProcess
 
@@ -144,3 +145,36 @@ async def test_other_methods_on_subscriber_paths_get_starlettes_405(
         assert answer.status_code == 200 and answer.headers["cache-control"] == "no-store"
         body = answer.json()
         assert body["events"] == [] and body["reset"] is False and "last_id" in body
+
+
+@pytest.mark.timeout(10)
+async def test_the_stall_watch_cancels_only_a_send_that_lasts() -> None:
+    watch = StallWatch(limit=5.0)
+    blocked = asyncio.get_running_loop().create_future()
+    outcome: list[str] = []
+
+    async def writer_task(sends_forever: bool) -> None:
+        with watch.writer() as writer:
+            try:
+                writer.sending_since = time.monotonic()
+                if sends_forever:
+                    await blocked  # a send to a client that stopped reading
+                writer.sending_since = 0.0
+                await asyncio.sleep(3600)  # idle between sends: never "stalled"
+            except asyncio.CancelledError:
+                if not writer.cancelled_by_us():
+                    outcome.append("cancelled")
+                    raise
+                outcome.append("stalled")
+
+    stuck = asyncio.create_task(writer_task(True))
+    idle = asyncio.create_task(writer_task(False))
+    await asyncio.sleep(0)
+    assert watch.sweep(time.monotonic()) == 0  # nobody has been sending for 5 s yet
+    assert watch.sweep(time.monotonic() + 6) == 1
+    await stuck
+    assert outcome == ["stalled"] and not stuck.cancelled() and len(watch.writers) == 1
+    idle.cancel()  # a shutdown's cancel is not mistaken for a stall
+    with pytest.raises(asyncio.CancelledError):
+        await idle
+    assert outcome == ["stalled", "cancelled"] and watch.writers == set()

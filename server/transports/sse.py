@@ -12,8 +12,10 @@ waiting for a client go out in a single write.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
+from time import monotonic
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -25,6 +27,7 @@ from server.feed import Feed, FeedClosed
 from server.hub import CloseReason
 from server.query import query_of
 from server.runtime import Runtime
+from server.stalls import Writer
 from server.transports.common import Refusal, caller, error_response, parse_cursor, strict_rooms
 
 log = logging.getLogger("dualcast.sse")
@@ -62,6 +65,10 @@ async def sse_endpoint(request: Request) -> Response | EventStream:
     return EventStream(rt, Feed(rt.hub, rt.log, settings, "sse", rooms, cursor), identity)
 
 
+class _Stalled(Exception):
+    """The client stopped reading: the stream ends without its last write."""
+
+
 class EventStream:
     """The ASGI response of one SSE subscriber, from `welcome` to the last write."""
 
@@ -69,23 +76,25 @@ class EventStream:
         self.rt = rt
         self.feed = feed
         self.identity = identity
-        settings = rt.settings
-        self.ping_interval = settings.ping_interval
+        self.ping_interval = rt.settings.ping_interval
         # A client that stops reading blocks our write once the socket buffers are
-        # full; after this long it is dropped (it reconnects with Last-Event-ID).
-        self.send_timeout = max(settings.ping_interval * 2, 10.0)
+        # full; the runtime's stall watch then cancels it (it reconnects with
+        # Last-Event-ID). Set in __call__.
+        self.writer = Writer(None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
-        async with self.feed:
-            watcher = asyncio.create_task(self._watch(receive))
-            try:
-                finished = await self._write(send)
-            finally:
-                watcher.cancel()
-        if finished:
-            await self._send(send, {"type": "http.response.body", "body": b"",
-                                    "more_body": False})
+        with self.rt.stalls.writer() as writer, contextlib.suppress(_Stalled):
+            self.writer = writer
+            async with self.feed:
+                watcher = asyncio.create_task(self._watch(receive))
+                try:
+                    finished = await self._write(send)
+                finally:
+                    watcher.cancel()
+            if finished:
+                await self._send(send, {"type": "http.response.body", "body": b"",
+                                        "more_body": False})
 
     async def _watch(self, receive: Receive) -> None:
         """The one reader: a disconnect wakes the writer (uvicorn's sends after a
@@ -94,38 +103,38 @@ class EventStream:
             pass
         self.feed.sub.close(CloseReason.GONE)
 
-    async def _send(self, send: Send, message: Message) -> bool:
+    async def _send(self, send: Send, message: Message) -> None:
+        """One ASGI send; raises _Stalled when the stall watch gave up on the client."""
+        writer = self.writer
+        writer.sending_since = monotonic()
         try:
-            async with asyncio.timeout(self.send_timeout):
-                await send(message)
-        except TimeoutError:
-            log.info("SSE client stopped reading for %.0f s: dropped", self.send_timeout)
-            return False
-        return True
+            await send(message)
+        except asyncio.CancelledError:
+            if writer.cancelled_by_us():
+                raise _Stalled from None
+            raise
+        writer.sending_since = 0.0
 
-    async def _chunk(self, send: Send, body: bytes) -> bool:
-        return await self._send(send, {"type": "http.response.body", "body": body,
-                                       "more_body": True})
+    async def _chunk(self, send: Send, body: bytes) -> None:
+        await self._send(send, {"type": "http.response.body", "body": body, "more_body": True})
 
     async def _write(self, send: Send) -> bool:
-        """Until the stream ends; False when the client is gone or stalled (no last write)."""
+        """Until the stream ends; False when the client is gone (no last write then)."""
         feed, settings = self.feed, self.rt.settings
-        hello = b"retry: %d\n" % settings.sse_retry_ms + _message(
+        await self._chunk(send, b"retry: %d\n" % settings.sse_retry_ms + _message(
             "welcome", {"rooms": sorted(feed.sub.rooms), "last_id": feed.start_id}
-        )
-        if not await self._chunk(send, hello):
-            return False
+        ))
         loop = asyncio.get_running_loop()
         quiet_since = loop.time()
         while True:
             left = self.identity.seconds_left()
             if left is not None and left <= 0:
-                return await self._chunk(send, _message(
+                await self._chunk(send, _message(
                     "error", {"code": "token_expired", "message": "the token has expired"}))
+                return True
             ping_in = quiet_since + self.ping_interval - loop.time()
             if ping_in <= 0:
-                if not await self._chunk(send, PING):
-                    return False
+                await self._chunk(send, PING)
                 quiet_since = loop.time()
                 continue
             try:
@@ -139,19 +148,19 @@ class EventStream:
                 else _message("reset", {"last_id": item.last_id})
                 for item in items
             ]
-            if not await self._chunk(send, b"".join(chunks)):
-                return False
+            await self._chunk(send, b"".join(chunks))
             quiet_since = loop.time()
 
     async def _closed(self, send: Send, reason: CloseReason) -> bool:
         if reason is CloseReason.GONE:
             return False
         if reason is CloseReason.LAGGING:
-            return await self._chunk(send, _message(
+            await self._chunk(send, _message(
                 "error", {"code": "lagging", "message": "too slow: reconnect with Last-Event-ID"}))
+            return True
         # A drain: spread the reconnects of thousands of clients over the grace period.
         settings = self.rt.settings
         spread = max(settings.shutdown_grace, 1.0) * 1000
         retry = int(settings.sse_retry_ms + random.uniform(0, spread))
-        return await self._chunk(send, b"retry: %d\n\n" % retry)
-
+        await self._chunk(send, b"retry: %d\n\n" % retry)
+        return True

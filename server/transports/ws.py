@@ -11,6 +11,7 @@ import asyncio
 import enum
 import logging
 import re
+from time import monotonic
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,6 +24,7 @@ from server.feed import Feed, FeedClosed
 from server.hub import CloseReason, Reset
 from server.query import query_of
 from server.runtime import Runtime
+from server.stalls import Writer
 from server.transports.common import Refusal, caller, choose_rooms, error_response, parse_cursor
 
 log = logging.getLogger("dualcast.ws")
@@ -88,8 +90,15 @@ class Session:
         self.bad_frames = 0
         self.stalled = False
         self.gone = False
-        self.send_timeout = max(rt.settings.ping_interval * 2, 10.0)
+        #: Set by _run: when the current send began, for the runtime's stall watch.
+        self.writer = Writer(None)
         self._room_re = re.compile(rt.settings.room_pattern)
+
+    async def send(self, frame: str) -> None:
+        writer = self.writer
+        writer.sending_since = monotonic()
+        await self.ws.send_text(frame)
+        writer.sending_since = 0.0
 
     def say(self, frame: dict[str, Any]) -> None:
         self.control.append(dumps(frame).decode())
@@ -187,12 +196,12 @@ class Session:
         while True:
             left = self.identity.seconds_left()
             if left is not None and left <= 0:
-                await ws.send_text(error_frame("token_expired", "the token has expired"))
+                await self.send(error_frame("token_expired", "the token has expired"))
                 self.end(Close.POLICY, "token expired")
             if self.control:
                 control, self.control = self.control, []
                 for frame in control:
-                    await ws.send_text(frame)
+                    await self.send(frame)
             if self.close_code is not None or self.gone:
                 return
             try:
@@ -207,18 +216,12 @@ class Session:
                 else:
                     self.end(Close.GOING_AWAY, "server is restarting")
                 return
+            writer = self.writer
             for frame in encode_items(items):
-                try:
-                    # asyncio.timeout is a timer handle, not a task per frame like wait_for
-                    # (which the bench measured at a third of the server's CPU).
-                    async with asyncio.timeout(self.send_timeout):
-                        await ws.send_text(frame)
-                except TimeoutError:
-                    # The peer stopped reading: give up on it without blocking on a close
-                    # frame it will never read; uvicorn closes the transport.
-                    self.close_code = Close.TRY_AGAIN
-                    self.stalled = True
-                    return
+                # (Session.send inlined: this is the fan-out's hot path)
+                writer.sending_since = monotonic()
+                await ws.send_text(frame)
+            writer.sending_since = 0.0
 
 
 async def websocket_endpoint(ws: WebSocket) -> None:
@@ -269,6 +272,12 @@ async def websocket_endpoint(ws: WebSocket) -> None:
 async def _run(session: Session) -> None:
     """The writer runs in the connection's own task and the reader in one more: the
     fewest tasks per idle connection. Whoever ends first ends the session."""
+    with session.rt.stalls.writer() as writer:
+        session.writer = writer
+        await _session(session, writer)
+
+
+async def _session(session: Session, writer: Writer) -> None:
     ws = session.ws
     reader = asyncio.create_task(session.read_until_gone())
     failure: BaseException | None = None
@@ -276,6 +285,12 @@ async def _run(session: Session) -> None:
         await session.write()
     except (WebSocketDisconnect, OSError, RuntimeError):
         session.gone = True  # a send failed: the client is gone
+    except asyncio.CancelledError:
+        if not writer.cancelled_by_us():
+            raise
+        # The peer stopped reading: give up on it without blocking on a close
+        # frame it will never read; uvicorn closes the transport.
+        session.stalled = True
     except Exception as exc:
         failure = exc
     finally:
@@ -289,9 +304,14 @@ async def _run(session: Session) -> None:
     if (session.gone and session.close_code is None) or session.stalled:
         return
     try:
+        # (a lagging client may not read its close frame either: watched like any send)
+        writer.sending_since = monotonic()
         await ws.close(session.close_code or Close.NORMAL, session.close_reason)
     except (RuntimeError, OSError, WebSocketDisconnect):
         pass  # the client went first
+    except asyncio.CancelledError:
+        if not writer.cancelled_by_us():
+            raise
 
 
 async def _deny(ws: WebSocket, status: int, code: str, message: str) -> None:
