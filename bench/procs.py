@@ -190,7 +190,7 @@ class Stack:
             cwd = ROOT
         env.update(self.extra_env)
         if self.target == "dualcast":
-            # A/B runs of a setting: BENCH_SERVER_ENV="DUALCAST_POLL_COALESCE_MS=0,..."
+            # A/B runs of a setting: BENCH_SERVER_ENV="DUALCAST_QUEUE_SIZE=500,..."
             for pair in filter(None, os.environ.get("BENCH_SERVER_ENV", "").split(",")):
                 name, _, value = pair.partition("=")
                 env[name.strip()] = value.strip()

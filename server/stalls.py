@@ -4,9 +4,9 @@ A client that stops reading fills the socket buffers, and then a write to it
 waits forever (closing the transport waits for the buffer to drain, too).
 Bounding every send with `asyncio.timeout` armed and cancelled a timer per
 frame: 15 % of the server's CPU at 100 clients x 100 events/s (py-spy, issue 8).
-Instead each writer notes when its current send began, and one task per process
-cancels the writers whose send has lasted longer than the limit; the writer
-tells that cancellation from any other by its `stalled` flag.
+Instead each send runs inside `with writer:`, which notes when it began; one task
+per process cancels the writers whose send has lasted longer than the limit, and
+the `with` turns that cancellation (and only that one) into `Stalled`.
 """
 
 from __future__ import annotations
@@ -16,12 +16,21 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import TracebackType
 
 log = logging.getLogger("dualcast.stalls")
 
 
+class Stalled(Exception):
+    """The watch gave up on a send: the client stopped reading."""
+
+
 class Writer:
-    """One connection's sending task and the moment its current send began (0: idle)."""
+    """One connection's sending task and the moment its current send began (0: idle).
+
+    `with writer: await send(...)` marks one send; a plain class, not a generator
+    context manager, because it wraps every frame of the fan-out.
+    """
 
     __slots__ = ("sending_since", "stalled", "task")
 
@@ -30,12 +39,18 @@ class Writer:
         self.sending_since = 0.0
         self.stalled = False
 
-    def cancelled_by_us(self) -> bool:
-        """In an `except CancelledError`: True (and the cancel is taken back) when the
-        watch cancelled a stalled send and nobody else also asked this task to stop."""
-        if not self.stalled or self.task is None:
-            return False
-        return self.task.uncancel() == 0
+    def __enter__(self) -> Writer:
+        self.sending_since = time.monotonic()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.sending_since = 0.0
+        # The watch's cancel becomes Stalled (and is taken back), unless somebody else
+        # (a shutdown) also asked this task to stop: that one goes on as it is.
+        if (exc_type is not None and issubclass(exc_type, asyncio.CancelledError)
+                and self.stalled and self.task is not None and self.task.uncancel() == 0):
+            raise Stalled from None
 
 
 class StallWatch:

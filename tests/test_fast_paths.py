@@ -24,7 +24,7 @@ from server.config import Settings
 from server.log import LogInfo
 from server.query import parse_query
 from server.runtime import Runtime
-from server.stalls import StallWatch
+from server.stalls import Stalled, StallWatch
 from tests.conftest import SECRET, token
 from tests.support.procs import DualcastProcess
 
@@ -156,16 +156,15 @@ async def test_the_stall_watch_cancels_only_a_send_that_lasts() -> None:
     async def writer_task(sends_forever: bool) -> None:
         with watch.writer() as writer:
             try:
-                writer.sending_since = time.monotonic()
-                if sends_forever:
-                    await blocked  # a send to a client that stopped reading
-                writer.sending_since = 0.0
+                with writer:
+                    if sends_forever:
+                        await blocked  # a send to a client that stopped reading
                 await asyncio.sleep(3600)  # idle between sends: never "stalled"
-            except asyncio.CancelledError:
-                if not writer.cancelled_by_us():
-                    outcome.append("cancelled")
-                    raise
+            except Stalled:
                 outcome.append("stalled")
+            except asyncio.CancelledError:
+                outcome.append("cancelled")
+                raise
 
     stuck = asyncio.create_task(writer_task(True))
     idle = asyncio.create_task(writer_task(False))

@@ -73,9 +73,10 @@ async def poll_endpoint(request: Request) -> Response | Answer:
         return error_response(404, "polling_disabled", "long-polling is not offered here")
     try:
         identity = caller(request, settings, rt.secret)
-        rooms = strict_rooms(query_of(request).get("rooms"), identity, settings)
-        cursor = parse_cursor(query_of(request).get("after"), "after")
-        timeout = _timeout(query_of(request).get("timeout"), settings.poll_timeout_max)
+        query = query_of(request)
+        rooms = strict_rooms(query.get("rooms"), identity, settings)
+        cursor = parse_cursor(query.get("after"), "after")
+        timeout = _timeout(query.get("timeout"), settings.poll_timeout_max)
     except Refusal as refusal:
         rt.stats.refused += 1
         return refusal.response()

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import random
-from time import monotonic
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -27,7 +26,7 @@ from server.feed import Feed, FeedClosed
 from server.hub import CloseReason
 from server.query import query_of
 from server.runtime import Runtime
-from server.stalls import Writer
+from server.stalls import Stalled, Writer
 from server.transports.common import Refusal, caller, error_response, parse_cursor, strict_rooms
 
 log = logging.getLogger("dualcast.sse")
@@ -51,11 +50,9 @@ async def sse_endpoint(request: Request) -> Response | EventStream:
         return error_response(404, "sse_disabled", "SSE is not offered here")
     try:
         identity = caller(request, settings, rt.secret)
-        rooms = strict_rooms(query_of(request).get("rooms"), identity, settings)
-        raw_cursor = request.headers.get("last-event-id") or query_of(request).get(
-            "last_event_id"
-        )
-        cursor = parse_cursor(raw_cursor)
+        query = query_of(request)
+        rooms = strict_rooms(query.get("rooms"), identity, settings)
+        cursor = parse_cursor(request.headers.get("last-event-id") or query.get("last_event_id"))
     except Refusal as refusal:
         rt.stats.refused += 1
         return refusal.response()
@@ -63,10 +60,6 @@ async def sse_endpoint(request: Request) -> Response | EventStream:
         return error_response(503, "draining", "server is restarting; retry elsewhere")
     rt.stats.opened["sse"] += 1
     return EventStream(rt, Feed(rt.hub, rt.log, settings, "sse", rooms, cursor), identity)
-
-
-class _Stalled(Exception):
-    """The client stopped reading: the stream ends without its last write."""
 
 
 class EventStream:
@@ -84,7 +77,7 @@ class EventStream:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
-        with self.rt.stalls.writer() as writer, contextlib.suppress(_Stalled):
+        with self.rt.stalls.writer() as writer, contextlib.suppress(Stalled):
             self.writer = writer
             async with self.feed:
                 watcher = asyncio.create_task(self._watch(receive))
@@ -104,16 +97,10 @@ class EventStream:
         self.feed.sub.close(CloseReason.GONE)
 
     async def _send(self, send: Send, message: Message) -> None:
-        """One ASGI send; raises _Stalled when the stall watch gave up on the client."""
-        writer = self.writer
-        writer.sending_since = monotonic()
-        try:
+        """One ASGI send; raises Stalled when the stall watch gave up on the client
+        (the stream then ends without its last write)."""
+        with self.writer:
             await send(message)
-        except asyncio.CancelledError:
-            if writer.cancelled_by_us():
-                raise _Stalled from None
-            raise
-        writer.sending_since = 0.0
 
     async def _chunk(self, send: Send, body: bytes) -> None:
         await self._send(send, {"type": "http.response.body", "body": body, "more_body": True})

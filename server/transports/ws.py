@@ -11,7 +11,6 @@ import asyncio
 import enum
 import logging
 import re
-from time import monotonic
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,7 +23,7 @@ from server.feed import Feed, FeedClosed
 from server.hub import CloseReason, Reset
 from server.query import query_of
 from server.runtime import Runtime
-from server.stalls import Writer
+from server.stalls import Stalled, Writer
 from server.transports.common import Refusal, caller, choose_rooms, error_response, parse_cursor
 
 log = logging.getLogger("dualcast.ws")
@@ -95,10 +94,8 @@ class Session:
         self._room_re = re.compile(rt.settings.room_pattern)
 
     async def send(self, frame: str) -> None:
-        writer = self.writer
-        writer.sending_since = monotonic()
-        await self.ws.send_text(frame)
-        writer.sending_since = 0.0
+        with self.writer:
+            await self.ws.send_text(frame)
 
     def say(self, frame: dict[str, Any]) -> None:
         self.control.append(dumps(frame).decode())
@@ -218,10 +215,8 @@ class Session:
                 return
             writer = self.writer
             for frame in encode_items(items):
-                # (Session.send inlined: this is the fan-out's hot path)
-                writer.sending_since = monotonic()
-                await ws.send_text(frame)
-            writer.sending_since = 0.0
+                with writer:  # (Session.send inlined: this is the fan-out's hot path)
+                    await ws.send_text(frame)
 
 
 async def websocket_endpoint(ws: WebSocket) -> None:
@@ -285,9 +280,7 @@ async def _session(session: Session, writer: Writer) -> None:
         await session.write()
     except (WebSocketDisconnect, OSError, RuntimeError):
         session.gone = True  # a send failed: the client is gone
-    except asyncio.CancelledError:
-        if not writer.cancelled_by_us():
-            raise
+    except Stalled:
         # The peer stopped reading: give up on it without blocking on a close
         # frame it will never read; uvicorn closes the transport.
         session.stalled = True
@@ -305,13 +298,10 @@ async def _session(session: Session, writer: Writer) -> None:
         return
     try:
         # (a lagging client may not read its close frame either: watched like any send)
-        writer.sending_since = monotonic()
-        await ws.close(session.close_code or Close.NORMAL, session.close_reason)
-    except (RuntimeError, OSError, WebSocketDisconnect):
-        pass  # the client went first
-    except asyncio.CancelledError:
-        if not writer.cancelled_by_us():
-            raise
+        with writer:
+            await ws.close(session.close_code or Close.NORMAL, session.close_reason)
+    except (RuntimeError, OSError, WebSocketDisconnect, Stalled):
+        pass  # the client went first, or stopped reading
 
 
 async def _deny(ws: WebSocket, status: int, code: str, message: str) -> None:
