@@ -64,8 +64,8 @@ class Subscriber:
     """
 
     __slots__ = (
-        "_queue", "_waiter", "catching_up", "closed", "cursor", "maxsize", "missed", "rooms",
-        "stats", "transport",
+        "_alarm", "_loop", "_queue", "_waiter", "catching_up", "closed", "cursor", "maxsize",
+        "missed", "rooms", "stats", "transport",
     )
 
     def __init__(self, transport: str, rooms: Iterable[str], maxsize: int) -> None:
@@ -74,6 +74,11 @@ class Subscriber:
         self.maxsize = maxsize
         self._queue: list[Item] = []
         self._waiter: asyncio.Future[None] | None = None
+        #: The running loop, fetched once: on Python 3.11 every get_running_loop()
+        #: is a getpid() system call, and `wait` runs once per delivery.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: The timer that ends a `wait` with a timeout; see `wait`.
+        self._alarm: asyncio.TimerHandle | None = None
         self.closed: CloseReason | None = None
         #: While replaying from the log, an overflow is not fatal: the log still
         #: holds what was dropped, so the replay just reads further.
@@ -129,17 +134,42 @@ class Subscriber:
         return items
 
     async def wait(self, timeout: float | None = None) -> None:
-        """Until something is queued, the subscriber is closed, or `timeout` passes."""
+        """Until something is queued, the subscriber is closed, or about `timeout` passes.
+
+        It may also return early, with nothing queued (callers loop and re-check their
+        own deadlines): the timer is lazy. Writers wait with a deadline on every
+        delivery (the next SSE ping, a token's expiry), and arming and cancelling a
+        timer per delivery was a measurable share of the fan-out. So one alarm stays
+        armed across waits; a wait re-arms it only when it would ring too late, and
+        a wait whose deadline moved on since returns early once and re-arms.
+        """
         if self._queue or self.closed is not None:
             return
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
-        timer = _timer(timeout, waiter)
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        if timeout is not None:
+            deadline = loop.time() + max(timeout, 0.0)
+            alarm = self._alarm
+            if alarm is None or alarm.when() > deadline:
+                if alarm is not None:
+                    alarm.cancel()
+                self._alarm = loop.call_at(deadline, self._ring)
         try:
             await waiter
         finally:
             self._waiter = None
-            if timer is not None:
-                timer.cancel()
+
+    def _ring(self) -> None:
+        self._alarm = None
+        self._wake()
+
+    def disarm(self) -> None:
+        """Cancel a pending alarm (the subscriber leaves the hub)."""
+        if self._alarm is not None:
+            self._alarm.cancel()
+            self._alarm = None
 
 
 class Hub:
@@ -168,6 +198,7 @@ class Hub:
             self._by_room.setdefault(room, set()).add(sub)
 
     def remove(self, sub: Subscriber) -> None:
+        sub.disarm()
         self.subscribers.discard(sub)
         for room in sub.rooms:
             members = self._by_room.get(room)

@@ -21,6 +21,8 @@ from hypothesis import strategies as st
 from server import auth
 from server.auth import AuthError, decode_token, mint_token
 from server.config import Settings
+from server.events import Event
+from server.hub import Hub, Subscriber
 from server.log import LogInfo
 from server.query import parse_query
 from server.runtime import Runtime
@@ -177,3 +179,38 @@ async def test_the_stall_watch_cancels_only_a_send_that_lasts() -> None:
     with pytest.raises(asyncio.CancelledError):
         await idle
     assert outcome == ["stalled", "cancelled"] and watch.writers == set()
+
+
+@pytest.mark.timeout(10)
+async def test_a_waiting_writer_keeps_one_alarm_across_deliveries() -> None:
+    """Writers wait with a deadline on every delivery; the subscriber re-arms its timer
+    only when it would ring too late, and the timeout still ends an idle wait."""
+    hub = Hub()
+    hub.set_position((1, 0))
+    sub = Subscriber("sse", ["public"], maxsize=100)
+    hub.add(sub)
+    waiting = asyncio.create_task(sub.wait(5.0))
+    await asyncio.sleep(0)
+    alarm = sub._alarm
+    assert alarm is not None
+    for n in range(2, 12):  # ten deliveries, each followed by a wait with a later deadline
+        hub.publish([Event(f"{n}-0", "tick", {}, ("public",), n)])
+        await waiting
+        assert len(sub.drain()) == 1
+        waiting = asyncio.create_task(sub.wait(5.0))
+        await asyncio.sleep(0)
+        assert sub._alarm is alarm
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    started = time.monotonic()
+    await sub.wait(0.05)  # sooner than the armed alarm: re-armed, and it rings
+    assert 0.04 <= time.monotonic() - started < 1.0
+    assert sub._alarm is None
+    waiting = asyncio.create_task(sub.wait(3.0))
+    await asyncio.sleep(0)
+    armed = sub._alarm
+    assert armed is not None
+    waiting.cancel()
+    hub.remove(sub)  # a subscriber that leaves takes its alarm with it
+    assert sub._alarm is None and armed.cancelled()

@@ -189,7 +189,7 @@ class Session:
     # writer ----------------------------------------------------------------
 
     async def write(self) -> None:
-        ws = self.ws
+        asgi_send = self.ws._send
         while True:
             left = self.identity.seconds_left()
             if left is not None and left <= 0:
@@ -215,8 +215,11 @@ class Session:
                 return
             writer = self.writer
             for frame in encode_items(items):
-                with writer:  # (Session.send inlined: this is the fan-out's hot path)
-                    await ws.send_text(frame)
+                # The fan-out's hot path: Session.send inlined, and the ASGI send called
+                # directly (Starlette's send_text re-checks the state on every frame; a
+                # failed send raises OSError here, which ends the session as "gone").
+                with writer:
+                    await asgi_send({"type": "websocket.send", "text": frame})
 
 
 async def websocket_endpoint(ws: WebSocket) -> None:
