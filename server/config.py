@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     room_pattern: str = ROOM_NAME_PATTERN
     event_pattern: str = EVENT_NAME_PATTERN
     max_bad_frames: int = Field(10, ge=1, description="bad WS frames before close 1008")
+    gc_refresh: float = Field(
+        3600.0, ge=0,
+        description="seconds between full garbage collections that rescan every connection "
+                    "(others skip what the last one kept); 0 = Python's default collector",
+    )
 
     @field_validator("allowed_origins", "transports", mode="before")
     @classmethod

@@ -6,6 +6,7 @@ delivery); this collector turns them into metric families when scraped.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -67,6 +68,11 @@ class RuntimeCollector(Collector):
         yield GaugeMetricFamily(
             "dualcast_consumer_connected", "1 when the log is reachable",
             1 if rt.consumer.connected else 0,
+        )
+        yield GaugeMetricFamily(
+            "dualcast_gc_frozen_objects",
+            "Objects kept by the last full collection, skipped by the next ones",
+            gc.get_freeze_count(),
         )
 
 

@@ -9,17 +9,21 @@ an idle SSE stream gets its `: ping` comment.
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import Callable
 from urllib.parse import parse_qsl
 
 import httpx
+import orjson
 import pytest
+import websockets
 from hypothesis import given
 from hypothesis import strategies as st
 
 from server import auth
 from server.auth import AuthError, decode_token, mint_token
+from server.collector import FreezeAfterFullCollections
 from server.config import Settings
 from server.events import Event
 from server.hub import Hub, Subscriber
@@ -214,3 +218,58 @@ async def test_a_waiting_writer_keeps_one_alarm_across_deliveries() -> None:
     waiting.cancel()
     hub.remove(sub)  # a subscriber that leaves takes its alarm with it
     assert sub._alarm is None and armed.cancelled()
+
+
+def test_full_collections_freeze_what_they_keep_and_thaw_on_schedule() -> None:
+    """Survivors of a full pass are frozen (later passes skip them), frozen objects are
+    still freed by reference counting, and a due refresh thaws them for one full scan."""
+    collector = FreezeAfterFullCollections(refresh=3600)
+    collector.install()
+    try:
+        baseline = gc.get_freeze_count()
+        kept = [[n] for n in range(20_000)]  # a connection's worth of lists, times many
+        gc.collect()
+        assert gc.get_freeze_count() >= baseline + 20_000
+        del kept  # no cycles: reference counting frees them although they are frozen
+        assert gc.get_freeze_count() < baseline + 1_000
+        collector.thawed_at -= 3600  # the refresh is due
+        gc.collect()
+        assert gc.get_freeze_count() == 0 and collector.thawed  # the next pass scans all
+        gc.collect()
+        assert gc.get_freeze_count() > 0 and not collector.thawed
+    finally:
+        collector.uninstall()
+    assert gc.get_freeze_count() == 0
+    assert collector._on_collection not in gc.callbacks
+
+
+@pytest.mark.timeout(120)
+async def test_closed_connections_leave_no_frozen_objects_behind(
+        dualcast: Callable[..., DualcastProcess]) -> None:
+    """Real WebSocket connections frozen by a full pass are freed when they close."""
+    server = dualcast()
+
+    async def frozen() -> int:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+            text = (await http.get("/metrics")).text
+        line = next(x for x in text.splitlines() if x.startswith("dualcast_gc_frozen_objects "))
+        return int(float(line.split()[1]))
+
+    before = await frozen()
+    conns: list[websockets.ClientConnection] = []
+    try:
+        # Enough connections that the growth rule runs full passes while they are open.
+        deadline = time.monotonic() + 60
+        while await frozen() < before + 20_000:
+            assert len(conns) < 3_000 and time.monotonic() < deadline, (
+                f"no full collection froze the connections ({await frozen()} frozen)")
+            for _ in range(100):
+                conns.append(await websockets.connect(server.ws_url + "/api/ws"))
+        for conn in conns[-100:]:
+            assert orjson.loads(await conn.recv())["type"] == "welcome"
+    finally:
+        await asyncio.gather(*(c.close() for c in conns))
+    deadline = time.monotonic() + 30
+    while (now := await frozen()) > before + 5_000:
+        assert time.monotonic() < deadline, f"{now - before} objects still frozen after close"
+        await asyncio.sleep(0.2)
