@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import secrets
+import signal
 import socket
 import sys
 from typing import Any
@@ -97,7 +98,48 @@ def app_from_env() -> Any:
     from server.auth import install_log_redaction
 
     install_log_redaction()  # the worker's logging is configured by now
-    return create_app(load_settings())
+    app = create_app(load_settings())
+    _drain_on_exit_signals(app)
+    return app
+
+
+def _drain_on_exit_signals(app: Any) -> None:
+    """`--workers N`: uvicorn's supervisor builds each worker's Server itself, so the
+    DrainingServer is not used there. Instead, once the app has started (uvicorn's own
+    SIGTERM/SIGINT handlers are installed by then), put a drain in front of them: the
+    first signal sends the subscribers away (WS 1001, jittered SSE `retry:`), then hands
+    the signal on to uvicorn, which shuts down as it always does. A second signal goes
+    to uvicorn at once."""
+    runtime = app.state.dualcast
+    started = runtime.start
+
+    async def start() -> None:
+        await started()
+        loop = asyncio.get_running_loop()
+        asked: list[int] = []
+
+        async def drain_then_exit(signum: int, then: Any) -> None:
+            try:
+                await runtime.drain(runtime.settings.shutdown_grace)
+            finally:
+                then(signum, None)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            uvicorn_handler = signal.getsignal(sig)
+            if not callable(uvicorn_handler):
+                continue
+
+            def on_signal(signum: int, frame: Any, then: Any = uvicorn_handler) -> None:
+                if asked:
+                    then(signum, frame)
+                    return
+                asked.append(signum)
+                loop.call_soon_threadsafe(
+                    runtime.start_task, drain_then_exit(signum, then), "dualcast-drain")
+
+            signal.signal(sig, on_signal)
+
+    runtime.start = start
 
 
 def _attach_demo(app: Any, speed: float) -> None:

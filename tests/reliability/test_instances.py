@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import token
 from tests.reliability.conftest import log_problems
@@ -108,10 +109,13 @@ async def test_instance_killed_behind_nginx_clients_move_and_lose_nothing(
     assert log_problems(b) == []
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_sigterm_drains_with_1001_and_jittered_retry_within_grace(
-    fresh_redis: RedisProcess, dualcast: Callable[..., DualcastProcess]
+    fresh_redis: RedisProcess, dualcast: Callable[..., DualcastProcess], workers: int
 ) -> None:
-    dc = dualcast(fresh_redis.url, env=INSTANCE_ENV)
+    """One process (our DrainingServer) and `--workers 2` (uvicorn's supervisor sends
+    each worker SIGTERM; the drain sits in front of uvicorn's handler) alike."""
+    dc = dualcast(fresh_redis.url, env={**INSTANCE_ENV, "DUALCAST_WORKERS": str(workers)})
     assert dc.proc is not None
     tok = token("rel")
     followers = [Follower(kind, "127.0.0.1", dc.port, token=tok, reconnect=False)
@@ -141,7 +145,7 @@ async def test_sigterm_drains_with_1001_and_jittered_retry_within_grace(
     assert exit_code in (0, -signal.SIGTERM)
     assert "Application shutdown complete" in dc.log()
     assert took < GRACE + 2, f"exit took {took:.1f}s with a {GRACE}s grace period"
-    print(f"\nSIGTERM: {len(followers)} clients closed over {closed_at[0]:.2f}-"
+    print(f"\nSIGTERM ({workers} worker(s)): {len(followers)} clients closed over {closed_at[0]:.2f}-"
           f"{closed_at[-1]:.2f}s, SSE retry {min(finals)}-{max(finals)} ms, exit after {took:.2f}s")
     assert log_problems(dc) == []
 
