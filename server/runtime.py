@@ -17,7 +17,7 @@ from server.consumer import Consumer
 from server.events import Envelope, decode_entry, entry_fields, format_id
 from server.hub import CloseReason, Hub
 from server.log import EventLog, LogInfo, create_log
-from server.stalls import StallWatch
+from server.stalls import StallWatch, unfinished_by_stall
 
 log = logging.getLogger("dualcast")
 
@@ -86,6 +86,7 @@ class Runtime:
         return task
 
     async def start(self) -> None:
+        logging.getLogger("uvicorn.error").addFilter(unfinished_by_stall)  # (once per process)
         self.start_task(self.consumer.run(), "dualcast-consumer")
         self.start_task(self.stalls.run(), "dualcast-stall-watch")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import socket
 import time
 from collections.abc import Callable
 from urllib.parse import parse_qsl
@@ -273,3 +274,41 @@ async def test_closed_connections_leave_no_frozen_objects_behind(
     while (now := await frozen()) > before + 5_000:
         assert time.monotonic() < deadline, f"{now - before} objects still frozen after close"
         await asyncio.sleep(0.2)
+
+
+@pytest.mark.timeout(60)
+async def test_an_sse_client_dropped_for_not_reading_is_not_logged_as_an_error(
+        dualcast: Callable[..., DualcastProcess]) -> None:
+    """The stall watch ends such a stream without its last write (it could never be
+    read); uvicorn's "returned without completing response" error is ours, not a bug."""
+    server = dualcast(env={"DUALCAST_PING_INTERVAL": "1", "DUALCAST_LOG_LEVEL": "info"})
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.connect(("127.0.0.1", server.port))
+    stuck.sendall(b"GET /api/sse HTTP/1.1\r\nHost: dualcast\r\n\r\n")  # and never reads
+    try:
+        headers = {"Authorization": "Bearer " + token("p", publish=True)}
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+            for n in range(300):  # ~18 MB: more than the socket buffers hold
+                answer = await http.post("/api/publish", headers=headers,
+                                         json={"event": "big", "data": {"n": n, "pad": "x" * 60_000}})
+                assert answer.status_code == 202
+        deadline = time.monotonic() + 30
+        while "dropped 1 clients that stopped reading" not in server.log():
+            assert time.monotonic() < deadline, "the stall watch did not drop the client"
+            await asyncio.sleep(0.2)
+
+
+        def read_to_the_end() -> None:
+            stuck.settimeout(20)
+            while stuck.recv(1 << 20):
+                pass
+
+        # The server has closed the connection (uvicorn does so right after its log
+        # line) once what it had buffered is read and the socket ends.
+        await asyncio.wait_for(asyncio.to_thread(read_to_the_end), 25)
+    finally:
+        stuck.close()
+    problems = [line for line in server.log().splitlines()
+                if "ERROR" in line or "without completing" in line or "Traceback" in line]
+    assert problems == []

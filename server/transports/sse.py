@@ -12,7 +12,6 @@ waiting for a client go out in a single write.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 
@@ -26,7 +25,7 @@ from server.feed import Feed, FeedClosed
 from server.hub import CloseReason
 from server.query import query_of
 from server.runtime import Runtime
-from server.stalls import Stalled, Writer
+from server.stalls import Stalled, Writer, unfinished_by_stall
 from server.transports.common import Refusal, caller, error_response, parse_cursor, strict_rooms
 
 log = logging.getLogger("dualcast.sse")
@@ -77,17 +76,20 @@ class EventStream:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
-        with self.rt.stalls.writer() as writer, contextlib.suppress(Stalled):
+        with self.rt.stalls.writer() as writer:
             self.writer = writer
-            async with self.feed:
-                watcher = asyncio.create_task(self._watch(receive))
-                try:
-                    finished = await self._write(send)
-                finally:
-                    watcher.cancel()
-            if finished:
-                await self._send(send, {"type": "http.response.body", "body": b"",
-                                        "more_body": False})
+            try:
+                async with self.feed:
+                    watcher = asyncio.create_task(self._watch(receive))
+                    try:
+                        finished = await self._write(send)
+                    finally:
+                        watcher.cancel()
+                if finished:
+                    await self._send(send, {"type": "http.response.body", "body": b"",
+                                            "more_body": False})
+            except Stalled:
+                unfinished_by_stall.mark_current()  # uvicorn's "without completing" is ours
 
     async def _watch(self, receive: Receive) -> None:
         """The one reader: a disconnect wakes the writer (uvicorn's sends after a
