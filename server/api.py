@@ -132,6 +132,11 @@ async def login_redirect(request: Request) -> Response | None:
     try:
         decode_token(token, rt.secret)
     except AuthError as exc:
+        if "text/html" in request.headers.get("accept", ""):
+            # A person followed the link: show the dashboard's login screen and why
+            # (static/app.js reads #login_error), not a JSON body.
+            return RedirectResponse(f"/#login_error={exc.code}", status_code=303,
+                                    headers={"Cache-Control": "no-store"})
         return error_response(401, exc.code, exc.message)
     response = RedirectResponse("/", status_code=303, headers={"Cache-Control": "no-store"})
     response.set_cookie(

@@ -623,6 +623,23 @@ async def test_cookie_login_flow(server: DualcastProcess) -> None:
         assert me["anonymous"] is True
 
 
+async def test_a_refused_login_link_sends_a_browser_to_the_login_screen(
+        server: DualcastProcess) -> None:
+    """A person who follows an expired link lands on the dashboard's login screen with
+    the reason (`/#login_error=<code>`); an API client still gets the 401 JSON."""
+    expired = mint_token(SECRET, "456", ttl=-60)
+    browser = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        followed = await client.get("/", params={"token": expired}, headers=browser)
+        assert followed.status_code == 303
+        assert followed.headers["location"] == "/#login_error=token_expired"
+        assert "set-cookie" not in followed.headers
+        forged = await client.get("/", params={"token": "not-a-jwt"}, headers=browser)
+        assert forged.headers["location"] == "/#login_error=invalid_token"
+        api = await client.get("/", params={"token": expired})
+        assert api.status_code == 401 and api.json()["error"] == "token_expired"
+
+
 @pytest.mark.parametrize("how", ["x-forwarded-proto", "plain-http"])
 async def test_login_cookie_is_secure_only_over_https(server: DualcastProcess, how: str) -> None:
     headers = {"X-Forwarded-Proto": "https"} if how == "x-forwarded-proto" else {}

@@ -477,6 +477,18 @@ def test_expired_cookie_can_be_forgotten_for_anonymous_access(
     assert p.page.text_content("#who-sub") == "anonymous"
 
 
+def test_following_an_expired_login_link_shows_why_on_the_login_screen(
+    stack: Callable[..., Stack], open_page: Callable[..., Page]
+) -> None:
+    """A person who opens an expired `/?token=` link sees the login screen and the
+    reason, with the token gone from the address bar (not a JSON error body)."""
+    s = stack()
+    p = open_page(s.base_url + "/?token=" + token("456", ttl=-60))
+    p.page.wait_for_selector("#login:not([hidden])", timeout=10000)
+    assert "expired" in (p.page.text_content("#login-reason") or "")
+    assert p.page.evaluate("location.pathname + location.search + location.hash") == "/"
+
+
 def test_a_refused_login_link_can_land_on_the_login_screen(
     stack: Callable[..., Stack], open_page: Callable[..., Page]
 ) -> None:
