@@ -39,6 +39,8 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from server.transports.ws_protocol import WebSocketProtocol
+
     settings = _settings(
         args, host=args.host, port=args.port, workers=args.workers,
         log_level=args.log_level,
@@ -67,6 +69,7 @@ def _serve(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
     common: dict[str, Any] = {
         "host": settings.host, "port": settings.port, "log_level": settings.log_level,
+        "ws": WebSocketProtocol,  # uvicorn's default, with refused handshakes answered
         "ws_max_size": settings.max_frame_bytes,
         "ws_per_message_deflate": False,  # costly per connection; see PITFALLS
         "ws_ping_interval": settings.ping_interval, "ws_ping_timeout": settings.ping_interval,

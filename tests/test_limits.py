@@ -375,6 +375,32 @@ async def test_publish_json_that_is_not_an_object_is_422(
     await still_served(server, healthy)
 
 
+def _upgrade(path: str, extra_headers: str = "") -> bytes:
+    return (f"GET {path} HTTP/1.1\r\nHost: dualcast\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            f"Sec-WebSocket-Version: 13\r\n{extra_headers}\r\n").encode()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("request_bytes", "status"), [
+    (_upgrade("/api/ws?pad=" + "x" * 9_000), b"414"),
+    (_upgrade("/api/ws", "X-Pad: " + "x" * 9_000 + "\r\n"), b"431"),
+], ids=["request-line-over-8KiB", "header-line-over-8KiB"])
+async def test_an_upgrade_too_large_to_parse_is_answered_and_closed(
+    server: DualcastProcess, healthy: WSClient, request_bytes: bytes, status: bytes,
+) -> None:
+    """uvicorn left such a connection open forever, unanswered (server/transports/
+    ws_protocol.py): each one held a socket for as long as the client liked."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(request_bytes)
+        answer = await asyncio.wait_for(reader.read(), 5)  # until the server closes
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 " + status), answer[:80]
+    await still_served(server, healthy)
+
+
 def test_zz_the_log_holds_no_token(server: DualcastProcess) -> None:
     """After every refusal above (tokens in queries of WS, SSE, poll), none reached the log."""
     text = server.log()
