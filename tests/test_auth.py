@@ -553,6 +553,17 @@ async def test_cross_origin_websocket_refused_with_403(
     assert json.loads(refused.value.response.body or b"{}")["error"] == "bad_origin"
 
 
+async def test_a_refused_upgrade_is_not_logged_as_an_error(server: DualcastProcess) -> None:
+    """A 403 denial is the handshake's answer: uvicorn logged "returned without
+    completing handshake" at error level after each one (server/transports/ws_protocol.py)."""
+    for _ in range(3):
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            await websockets.connect(f"{server.ws_url}/api/ws", origin="http://evil.example")  # type: ignore[arg-type]
+        assert refused.value.response.status_code == 403
+    assert "403" in server.log()  # uvicorn's access line: the refusals are in this log
+    assert [line for line in server.log().splitlines() if "ERROR" in line] == []
+
+
 async def test_cross_origin_websocket_with_the_login_cookie_is_refused(
     server: DualcastProcess,
 ) -> None:

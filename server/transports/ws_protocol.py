@@ -1,15 +1,20 @@
-"""uvicorn's websockets-sansio protocol, with the refused handshakes answered.
+"""uvicorn's websockets-sansio protocol, with two of its handshake paths fixed.
 
-When websockets refuses an upgrade request while parsing it (a request line over
-8 KiB: 414; header fields too large: 431; not HTTP at all), it queues its answer
-and waits to be flushed; uvicorn (0.54) never asks for it, and never closes: the
-client waited forever and the server kept the socket, with no timer to end it
-(one file descriptor per such request, for as long as the client likes). This
-subclass writes websockets' answer and closes the connection.
+- When websockets refuses an upgrade request while parsing it (a request line
+  over 8 KiB: 414; header fields too large: 431; not HTTP at all), it queues its
+  answer and waits to be flushed; uvicorn (0.54) never asks for it and never
+  closes: the client waited forever and the server kept the socket with no timer
+  to end it (one file descriptor per such request, for as long as the client
+  liked). Here websockets' answer is written and the connection closed.
+- A denial response (`websocket.http.response.*`: our 403 and 503 refusals) is
+  the handshake's answer, but uvicorn did not count it as one and logged
+  "ASGI callable returned without completing handshake." at error level after
+  every refusal (upstream: Kludex/uvicorn#3138). Here it counts.
 """
 
 from __future__ import annotations
 
+from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 
@@ -20,3 +25,8 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
                 and not self.transport.is_closing()):
             self.transport.write(b"".join(self.conn.data_to_send()))
             self.transport.close()
+
+    async def send(self, message: ASGISendEvent) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.http.response.body" and not message.get("more_body"):
+            self.handshake_complete = True

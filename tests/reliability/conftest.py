@@ -29,15 +29,9 @@ BAD_LOG = re.compile(r"Traceback|Task was destroyed|Exception in ASGI|was never 
                      r"Unclosed|ERROR")
 
 
-#: uvicorn's websockets-sansio logs this after every WebSocket *denial* response
-#: (403/503 before accept): a uvicorn quirk, not an escaped exception.
-UVICORN_DENIAL = "ASGI callable returned without completing handshake."
-
-
-def log_problems(proc: DualcastProcess, allow_denials: bool = False) -> list[str]:
+def log_problems(proc: DualcastProcess) -> list[str]:
     """Lines of a dualcast log that show an escaped exception or a leaked task."""
-    return [line for line in proc.log().splitlines() if BAD_LOG.search(line)
-            and not (allow_denials and UVICORN_DENIAL in line)]
+    return [line for line in proc.log().splitlines() if BAD_LOG.search(line)]
 
 
 async def readyz(proc: DualcastProcess) -> int:

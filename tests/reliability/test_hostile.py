@@ -56,7 +56,7 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RedisProc
     dc.stop()
     redis.stop()
     # The log of the whole module: no exception escaped as a traceback.
-    problems = log_problems(dc, allow_denials=True)
+    problems = log_problems(dc)
     assert problems == [], problems[:5]
 
 
