@@ -15,8 +15,6 @@ import asyncio
 import logging
 import time
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 from types import TracebackType
 
 log = logging.getLogger("dualcast.stalls")
@@ -54,20 +52,33 @@ class Writer:
             raise Stalled from None
 
 
+class Watching:
+    """The registration of one writer for the length of a `with` block: a plain class,
+    not a generator context manager, which kept a suspended generator frame alive
+    for every connection's whole life."""
+
+    __slots__ = ("writer", "writers")
+
+    def __init__(self, writers: set[Writer], writer: Writer) -> None:
+        self.writers = writers
+        self.writer = writer
+
+    def __enter__(self) -> Writer:
+        self.writers.add(self.writer)
+        return self.writer
+
+    def __exit__(self, *exc: object) -> None:
+        self.writers.discard(self.writer)
+
+
 class StallWatch:
     def __init__(self, limit: float) -> None:
         self.limit = limit
         self.writers: set[Writer] = set()
 
-    @contextmanager
-    def writer(self) -> Iterator[Writer]:
-        """Watch the current task's sends while the block runs."""
-        writer = Writer(asyncio.current_task())
-        self.writers.add(writer)
-        try:
-            yield writer
-        finally:
-            self.writers.discard(writer)
+    def writer(self) -> Watching:
+        """`with watch.writer() as writer:` watches the current task's sends in the block."""
+        return Watching(self.writers, Writer(asyncio.current_task()))
 
     def sweep(self, now: float) -> int:
         """Cancel every writer whose send began more than `limit` seconds before `now`."""

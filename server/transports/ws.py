@@ -112,31 +112,29 @@ class Session:
 
     # reader ----------------------------------------------------------------
 
-    async def read_until_gone(self) -> None:
+    async def read(self) -> None:
+        """Until the client goes (then the writer is woken to end the session)."""
         try:
-            await self.read()
+            while True:
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                text = message.get("text")
+                if text is None:
+                    self.abuse("bad_frame", "binary frames are not supported; send JSON text")
+                    continue
+                try:
+                    frame = orjson.loads(text)
+                except orjson.JSONDecodeError:
+                    self.abuse("bad_json", "frames must be JSON objects")
+                    continue
+                if not isinstance(frame, dict):
+                    self.abuse("bad_frame", "frames must be JSON objects")
+                    continue
+                self.handle(frame)
         finally:
             self.gone = True
             self.feed.sub._wake()
-
-    async def read(self) -> None:
-        while True:
-            message = await self.ws.receive()
-            if message["type"] == "websocket.disconnect":
-                return
-            text = message.get("text")
-            if text is None:
-                self.abuse("bad_frame", "binary frames are not supported; send JSON text")
-                continue
-            try:
-                frame = orjson.loads(text)
-            except orjson.JSONDecodeError:
-                self.abuse("bad_json", "frames must be JSON objects")
-                continue
-            if not isinstance(frame, dict):
-                self.abuse("bad_frame", "frames must be JSON objects")
-                continue
-            self.handle(frame)
 
     def abuse(self, code: str, message: str) -> None:
         self.bad_frames += 1
@@ -269,42 +267,39 @@ async def websocket_endpoint(ws: WebSocket) -> None:
 
 async def _run(session: Session) -> None:
     """The writer runs in the connection's own task and the reader in one more: the
-    fewest tasks per idle connection. Whoever ends first ends the session."""
+    fewest tasks (and coroutine frames: one function, not two) per idle connection.
+    Whoever ends first ends the session."""
+    ws = session.ws
     with session.rt.stalls.writer() as writer:
         session.writer = writer
-        await _session(session, writer)
-
-
-async def _session(session: Session, writer: Writer) -> None:
-    ws = session.ws
-    reader = asyncio.create_task(session.read_until_gone())
-    failure: BaseException | None = None
-    try:
-        await session.write()
-    except (WebSocketDisconnect, OSError, RuntimeError):
-        session.gone = True  # a send failed: the client is gone
-    except Stalled:
-        # The peer stopped reading: give up on it without blocking on a close
-        # frame it will never read; uvicorn closes the transport.
-        session.stalled = True
-    except Exception as exc:
-        failure = exc
-    finally:
-        reader.cancel()
-        results = await asyncio.gather(reader, return_exceptions=True)
-    for error in (failure, *results):
-        if isinstance(error, Exception) and not isinstance(
-            error, (WebSocketDisconnect, OSError, RuntimeError)
-        ):
-            log.error("websocket session failed", exc_info=error)
-    if (session.gone and session.close_code is None) or session.stalled:
-        return
-    try:
-        # (a lagging client may not read its close frame either: watched like any send)
-        with writer:
-            await ws.close(session.close_code or Close.NORMAL, session.close_reason)
-    except (RuntimeError, OSError, WebSocketDisconnect, Stalled):
-        pass  # the client went first, or stopped reading
+        reader = asyncio.create_task(session.read())
+        failure: BaseException | None = None
+        try:
+            await session.write()
+        except (WebSocketDisconnect, OSError, RuntimeError):
+            session.gone = True  # a send failed: the client is gone
+        except Stalled:
+            # The peer stopped reading: give up on it without blocking on a close
+            # frame it will never read; uvicorn closes the transport.
+            session.stalled = True
+        except Exception as exc:
+            failure = exc
+        finally:
+            reader.cancel()
+            results = await asyncio.gather(reader, return_exceptions=True)
+        for error in (failure, *results):
+            if isinstance(error, Exception) and not isinstance(
+                error, (WebSocketDisconnect, OSError, RuntimeError)
+            ):
+                log.error("websocket session failed", exc_info=error)
+        if (session.gone and session.close_code is None) or session.stalled:
+            return
+        try:
+            # (a lagging client may not read its close frame either: watched like any send)
+            with writer:
+                await ws.close(session.close_code or Close.NORMAL, session.close_reason)
+        except (RuntimeError, OSError, WebSocketDisconnect, Stalled):
+            pass  # the client went first, or stopped reading
 
 
 async def _deny(ws: WebSocket, status: int, code: str, message: str) -> None:
