@@ -31,7 +31,6 @@ class FreezeAfterFullCollections:
         self.refresh = refresh
         self.thawed_at = time.monotonic()
         self.thawed = False
-        self.full_passes = 0
 
     def install(self) -> None:
         if self._on_collection not in gc.callbacks:
@@ -46,7 +45,6 @@ class FreezeAfterFullCollections:
     def _on_collection(self, phase: str, info: dict[str, Any]) -> None:
         if phase != "stop" or info["generation"] != 2:
             return
-        self.full_passes += 1
         now = time.monotonic()
         if not self.thawed and now - self.thawed_at >= self.refresh:
             # This pass scanned only the young; the next scans everything once.

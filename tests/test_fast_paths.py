@@ -33,6 +33,7 @@ from server.query import parse_query
 from server.runtime import Runtime
 from server.stalls import Stalled, StallWatch
 from tests.conftest import SECRET, token
+from tests.reliability.conftest import metric
 from tests.support.procs import DualcastProcess
 
 query_text = st.text(alphabet=st.sampled_from("ab=&%+2Ee9 é€;x"), max_size=40)
@@ -251,10 +252,7 @@ async def test_closed_connections_leave_no_frozen_objects_behind(
     server = dualcast()
 
     async def frozen() -> int:
-        async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
-            text = (await http.get("/metrics")).text
-        line = next(x for x in text.splitlines() if x.startswith("dualcast_gc_frozen_objects "))
-        return int(float(line.split()[1]))
+        return int(await metric(server, "dualcast_gc_frozen_objects"))
 
     before = await frozen()
     conns: list[websockets.ClientConnection] = []
