@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/publisher_bench.py [--count 20000] [--batch 100] [--seconds 10]
 
-Measures the producer library (`server.publisher`) one call at a time, with
+Measures the producer library (`dualcast.publisher`) one call at a time, with
 concurrent callers, batched with `publish_many`, the blocking `SyncPublisher`,
 and the raw redis-py `XADD` it wraps (the floor of its overhead); plus the cost
 of a throttled (conflated) call, which never touches Redis. Every loop is
@@ -27,7 +27,8 @@ import redis.asyncio as aioredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from server.publisher import Publisher, SyncPublisher
+from dualcast.publisher import Publisher, SyncPublisher
+
 from tests.support.procs import RedisProcess
 
 DATA = {

@@ -97,7 +97,7 @@ async def latency(clients: int, stuck: int, events: int, rate: float, bulk: int)
     workdir = Path(tempfile.mkdtemp(prefix="dualcast-reliability-"))
     redis = RedisProcess(workdir / "redis").start()
     dc = DualcastProcess(workdir / "dc", redis_url=redis.url, env=ENV).start()
-    from server.auth import mint_token
+    from dualcast.auth import mint_token
 
     plain = mint_token(SECRET, "rel")
     heavy = mint_token(SECRET, "bulk", rooms=["bulk"])

@@ -68,8 +68,8 @@ def await_chain(task: asyncio.Task[Any]) -> str:
 
 def serve_sampled(sample_path: str, argv: list[str]) -> int:
     """Run `dualcast serve` with a task sampler inside its app (child process entry)."""
-    import server.app as app_module
-    from server.cli import main
+    import dualcast.app as app_module
+    from dualcast.cli import main
 
     original = app_module.create_app
 
@@ -244,7 +244,7 @@ async def soak(seconds: float = 600, clients: int = 200, rate: float = 50, churn
     pid = dc.proc.pid
     result = SoakResult(seconds=seconds, rate=rate, clients=clients)
     cpu0 = time.process_time()
-    from server.auth import mint_token
+    from dualcast.auth import mint_token
 
     tok = mint_token(SECRET, "soak", ttl=seconds + 3600)
 

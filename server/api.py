@@ -6,18 +6,17 @@ import asyncio
 import re
 
 import orjson
+from dualcast.auth import COOKIE_NAME, AuthError, decode_token
+from dualcast.events import Envelope, entry_fields
+from dualcast.log import LogUnavailable
+from dualcast.metrics import Metrics
+from dualcast.overview import build_overview
+from dualcast.query import query_of
+from dualcast.runtime import Runtime
+from dualcast.transports.common import Refusal, caller, error_response, strict_rooms
 from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
-
-from server.auth import COOKIE_NAME, AuthError, decode_token
-from server.events import Envelope, entry_fields
-from server.log import LogUnavailable
-from server.metrics import Metrics
-from server.overview import build_overview
-from server.query import query_of
-from server.runtime import Runtime
-from server.transports.common import Refusal, caller, error_response, strict_rooms
 
 
 def _rt(request: Request) -> Runtime:

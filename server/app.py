@@ -8,6 +8,15 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from dualcast import api
+from dualcast.collector import FreezeAfterFullCollections
+from dualcast.config import Settings
+from dualcast.metrics import Metrics
+from dualcast.runtime import Runtime
+from dualcast.transports.common import error_response
+from dualcast.transports.poll import poll_endpoint
+from dualcast.transports.sse import sse_endpoint
+from dualcast.transports.ws import websocket_endpoint
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
@@ -15,16 +24,6 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
-
-from server import api
-from server.collector import FreezeAfterFullCollections
-from server.config import Settings
-from server.metrics import Metrics
-from server.runtime import Runtime
-from server.transports.common import error_response
-from server.transports.poll import poll_endpoint
-from server.transports.sse import sse_endpoint
-from server.transports.ws import websocket_endpoint
 
 log = logging.getLogger("dualcast")
 

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
+from dualcast.query import query_of
 from starlette.requests import HTTPConnection
-
-from server.query import query_of
 
 COOKIE_NAME = "dualcast_token"
 ALGORITHM = "HS256"

@@ -14,7 +14,7 @@ import socket
 import sys
 from typing import Any
 
-from server.config import Settings, SettingsError, load_settings
+from dualcast.config import Settings, SettingsError, load_settings
 
 log = logging.getLogger("dualcast")
 
@@ -38,8 +38,7 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
-
-    from server.transports.ws_protocol import WebSocketProtocol
+    from dualcast.transports.ws_protocol import WebSocketProtocol
 
     settings = _settings(
         args, host=args.host, port=args.port, workers=args.workers,
@@ -55,7 +54,7 @@ def _serve(args: argparse.Namespace) -> int:
         generated = True
         os.environ["DUALCAST_SECRET"] = secret  # for workers started by uvicorn
     if generated:
-        from server.auth import mint_token
+        from dualcast.auth import mint_token
 
         token = mint_token(secret, "admin", admin=True, publish=True, ttl=7 * 86400)
         host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
@@ -79,15 +78,15 @@ def _serve(args: argparse.Namespace) -> int:
         "lifespan": "on",
     }
     if settings.workers > 1:
-        uvicorn.run("server.cli:app_from_env", factory=True, workers=settings.workers, **common)
+        uvicorn.run("dualcast.cli:app_from_env", factory=True, workers=settings.workers, **common)
         return 0
-    from server.app import create_app
+    from dualcast.app import create_app
 
     app = create_app(settings, secret)
     if args.demo:
         _attach_demo(app, args.demo_speed)
     config = uvicorn.Config(app, **common)
-    from server.auth import install_log_redaction
+    from dualcast.auth import install_log_redaction
 
     install_log_redaction()  # after uvicorn's logging setup: it logs WS paths with ?token=
     server = DrainingServer(config, app)
@@ -97,8 +96,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 def app_from_env() -> Any:
     """uvicorn factory for `--workers N`: each worker builds its app from the environment."""
-    from server.app import create_app
-    from server.auth import install_log_redaction
+    from dualcast.app import create_app
+    from dualcast.auth import install_log_redaction
 
     install_log_redaction()  # the worker's logging is configured by now
     app = create_app(load_settings())
@@ -147,8 +146,8 @@ def _drain_on_exit_signals(app: Any) -> None:
 
 def _attach_demo(app: Any, speed: float) -> None:
     """`serve --demo`: publish simulated proxy traffic into this app's own log."""
-    from server.demo import run_demo
-    from server.events import Envelope, entry_fields
+    from dualcast.demo import run_demo
+    from dualcast.events import Envelope, entry_fields
 
     runtime = app.state.dualcast
     previous = runtime.start
@@ -198,7 +197,7 @@ def DrainingServer(config: Any, app: Any) -> Any:
 
 
 def _token(args: argparse.Namespace) -> int:
-    from server.auth import mint_token
+    from dualcast.auth import mint_token
 
     settings = _settings(args)
     secret = args.secret or settings.secret
@@ -211,7 +210,7 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def _publish(args: argparse.Namespace) -> int:
-    from server.events import Envelope
+    from dualcast.events import Envelope
 
     try:
         data = json.loads(args.json)
@@ -234,7 +233,7 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 async def _publish_redis(args: argparse.Namespace, settings: Settings, data: Any) -> int:
-    from server.publisher import Publisher
+    from dualcast.publisher import Publisher
 
     assert settings.redis_url is not None
     async with Publisher(settings.redis_url, stream=settings.stream, maxlen=settings.maxlen,
@@ -249,8 +248,7 @@ async def _publish_redis(args: argparse.Namespace, settings: Settings, data: Any
 
 def _publish_http(args: argparse.Namespace, settings: Settings, data: Any) -> int:
     import httpx
-
-    from server.auth import mint_token
+    from dualcast.auth import mint_token
 
     token = args.token
     if token is None and settings.secret:
@@ -271,7 +269,7 @@ def _publish_http(args: argparse.Namespace, settings: Settings, data: Any) -> in
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from server.demo import demo_against_redis
+    from dualcast.demo import demo_against_redis
 
     settings = _settings(args)
     if settings.redis_url is None:

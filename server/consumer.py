@@ -14,8 +14,8 @@ import random
 import time
 from dataclasses import dataclass
 
-from server.config import Settings
-from server.events import (
+from dualcast.config import Settings
+from dualcast.events import (
     Event,
     MalformedEntry,
     StreamId,
@@ -23,8 +23,8 @@ from server.events import (
     format_id,
     parse_id,
 )
-from server.hub import Hub
-from server.log import EventLog, LogUnavailable
+from dualcast.hub import Hub
+from dualcast.log import EventLog, LogUnavailable
 
 log = logging.getLogger("dualcast.consumer")
 

@@ -423,7 +423,7 @@ async def demo_against_redis(
     Uses the fail-open publisher, so a Redis outage pauses the traffic (logged
     once) instead of ending the demo.
     """
-    from server.publisher import Publisher  # the demo module itself stays import-light
+    from dualcast.publisher import Publisher  # the demo module itself stays import-light
 
     stop = stop or asyncio.Event()
     async with Publisher(redis_url, stream=stream, maxlen=maxlen) as publisher:

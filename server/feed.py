@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 from types import TracebackType
 
-from server.config import Settings
-from server.events import (
+from dualcast.config import Settings
+from dualcast.events import (
     ZERO,
     Event,
     MalformedEntry,
@@ -22,8 +22,8 @@ from server.events import (
     format_id,
     parse_id,
 )
-from server.hub import CloseReason, Hub, Item, Reset, Subscriber
-from server.log import EventLog, LogInfo, LogUnavailable
+from dualcast.hub import CloseReason, Hub, Item, Reset, Subscriber
+from dualcast.log import EventLog, LogInfo, LogUnavailable
 
 log = logging.getLogger("dualcast.feed")
 

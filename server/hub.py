@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from server.events import ZERO, Event, StreamId, format_id
+from dualcast.events import ZERO, Event, StreamId, format_id
 
 
 class CloseReason(enum.Enum):

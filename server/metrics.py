@@ -9,11 +9,10 @@ from __future__ import annotations
 import gc
 from collections.abc import Iterator
 
+from dualcast.runtime import Runtime
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-
-from server.runtime import Runtime
 
 
 class RuntimeCollector(Collector):

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from server.events import Event
-from server.feed import decode_visible
-from server.log import EventLog
+from dualcast.events import Event
+from dualcast.feed import decode_visible
+from dualcast.log import EventLog
 
 RECENT_USAGE = 50
 CHART_MINUTES = 60

@@ -20,7 +20,7 @@ path, so a publish must never block or break that path:
 
 The wire format is DESIGN.md's: ``XADD <stream> MAXLEN ~ <maxlen> * data <JSON
 {"event","data","rooms"?}> timestamp <epoch ms>``, the same fields as
-:func:`server.events.entry_fields`. This module imports no server machinery, so
+:func:`dualcast.events.entry_fields`. This module imports no server machinery, so
 any application can use it without starting a server.
 """
 
@@ -46,10 +46,9 @@ from uuid import UUID
 import orjson
 import redis
 import redis.asyncio as aioredis
+from dualcast.events import EVENT_NAME_PATTERN, ROOM_NAME_PATTERN
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-
-from server.events import EVENT_NAME_PATTERN, ROOM_NAME_PATTERN
 
 __all__ = [
     "LocalFallback",

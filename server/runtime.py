@@ -12,12 +12,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.config import Settings
-from server.consumer import Consumer
-from server.events import Envelope, decode_entry, entry_fields, format_id
-from server.hub import CloseReason, Hub
-from server.log import EventLog, LogInfo, create_log
-from server.stalls import StallWatch, unfinished_by_stall
+from dualcast.config import Settings
+from dualcast.consumer import Consumer
+from dualcast.events import Envelope, decode_entry, entry_fields, format_id
+from dualcast.hub import CloseReason, Hub
+from dualcast.log import EventLog, LogInfo, create_log
+from dualcast.stalls import StallWatch, unfinished_by_stall
 
 log = logging.getLogger("dualcast")
 

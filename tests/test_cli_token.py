@@ -1,6 +1,6 @@
 """`dualcast token`, the admin URL of a secret-less `dualcast serve`, `dualcast publish --url`.
 
-The CLI runs as a real subprocess (`python -m server ...`), as a user would run it.
+The CLI runs as a real subprocess (`python -m dualcast ...`), as a user would run it.
 """
 
 from __future__ import annotations

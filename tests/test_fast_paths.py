@@ -19,19 +19,19 @@ import httpx
 import orjson
 import pytest
 import websockets
+from dualcast import auth
+from dualcast.auth import AuthError, decode_token, mint_token
+from dualcast.collector import FreezeAfterFullCollections
+from dualcast.config import Settings
+from dualcast.events import Event
+from dualcast.hub import Hub, Subscriber
+from dualcast.log import LogInfo
+from dualcast.query import parse_query
+from dualcast.runtime import Runtime
+from dualcast.stalls import Stalled, StallWatch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server import auth
-from server.auth import AuthError, decode_token, mint_token
-from server.collector import FreezeAfterFullCollections
-from server.config import Settings
-from server.events import Event
-from server.hub import Hub, Subscriber
-from server.log import LogInfo
-from server.query import parse_query
-from server.runtime import Runtime
-from server.stalls import Stalled, StallWatch
 from tests.conftest import SECRET, token
 from tests.reliability.conftest import metric
 from tests.support.procs import DualcastProcess

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
-
-from server.config import load_settings
-from server.events import Event, format_id
-from server.feed import Feed
-from server.hub import CloseReason, Hub, Subscriber
-from server.log.memory import MemoryLog
+from dualcast.config import load_settings
+from dualcast.events import Event, format_id
+from dualcast.feed import Feed
+from dualcast.hub import CloseReason, Hub, Subscriber
+from dualcast.log.memory import MemoryLog
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -104,19 +103,19 @@ async def test_feed_leaves_the_hub_even_when_its_body_raises() -> None:
 
 
 async def test_feed_replays_then_goes_live_without_gap_or_duplicate() -> None:
-    from server.events import Envelope, entry_fields
+    from dualcast.events import Envelope, entry_fields
 
     log = MemoryLog(1000)
     hub = Hub()
     ids_ = [await log.append(entry_fields(Envelope(event="e", data=i))) for i in range(5)]
     hub.set_position((0, 0))
     # The consumer has delivered the first 3 before the client arrives.
-    from server.events import decode_entry
+    from dualcast.events import decode_entry
 
     entries = await log.read_after("0-0", 3)
     hub.publish([decode_entry(i, f) for i, f in entries])
     settings = load_settings(redis_url=None, replay_page=2)
-    from server.events import parse_id
+    from dualcast.events import parse_id
 
     async with Feed(hub, log, settings, "websocket", set(), parse_id(ids_[0])) as feed:
         # Entries 3 and 4 arrive live while the client is still replaying.

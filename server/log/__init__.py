@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from server.config import Settings
-from server.log.base import EventLog, LogInfo, LogUnavailable, RawEntry
+from dualcast.config import Settings
+from dualcast.log.base import EventLog, LogInfo, LogUnavailable, RawEntry
 
 
 def create_log(settings: Settings) -> EventLog:
     """The engine the settings name: Redis Streams when a URL is set, else in-process memory."""
     if settings.redis_url is None:
-        from server.log.memory import MemoryLog
+        from dualcast.log.memory import MemoryLog
 
         return MemoryLog(maxlen=settings.maxlen)
-    from server.log.redis import RedisLog
+    from dualcast.log.redis import RedisLog
 
     return RedisLog(settings)
 

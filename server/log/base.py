@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from server.events import ZERO, StreamId
+from dualcast.events import ZERO, StreamId
 
 #: One stream entry as stored: its id and its field map (wire format, undecoded).
 RawEntry = tuple[str, dict[str, str]]

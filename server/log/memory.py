@@ -11,8 +11,8 @@ import bisect
 import time
 from collections import deque
 
-from server.events import ZERO, StreamId, format_id, parse_id
-from server.log.base import LogInfo, RawEntry
+from dualcast.events import ZERO, StreamId, format_id, parse_id
+from dualcast.log.base import LogInfo, RawEntry
 
 
 class MemoryLog:

@@ -13,11 +13,10 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import redis.asyncio as aioredis
+from dualcast.config import Settings
+from dualcast.events import ZERO, StreamId, parse_id
+from dualcast.log.base import LogInfo, LogUnavailable, RawEntry
 from redis.exceptions import RedisError, ResponseError
-
-from server.config import Settings
-from server.events import ZERO, StreamId, parse_id
-from server.log.base import LogInfo, LogUnavailable, RawEntry
 
 
 @asynccontextmanager

@@ -10,12 +10,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from dualcast.auth import AuthError, Identity, identify
+from dualcast.config import Settings
+from dualcast.events import ZERO, StreamId, parse_id
 from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse
-
-from server.auth import AuthError, Identity, identify
-from server.config import Settings
-from server.events import ZERO, StreamId, parse_id
 
 
 class Refusal(Exception):

@@ -10,16 +10,15 @@ from __future__ import annotations
 import asyncio
 import time
 
+from dualcast.events import ZERO, Event, format_id, parse_id
+from dualcast.feed import cursor_gone, decode_visible
+from dualcast.log import LogUnavailable
+from dualcast.query import query_of
+from dualcast.runtime import Runtime
+from dualcast.transports.common import Refusal, caller, error_response, parse_cursor, strict_rooms
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
-
-from server.events import ZERO, Event, format_id, parse_id
-from server.feed import cursor_gone, decode_visible
-from server.log import LogUnavailable
-from server.query import query_of
-from server.runtime import Runtime
-from server.transports.common import Refusal, caller, error_response, parse_cursor, strict_rooms
 
 MAX_EVENTS = 500
 

@@ -15,18 +15,17 @@ import asyncio
 import logging
 import random
 
+from dualcast.auth import Identity
+from dualcast.events import Event, dumps
+from dualcast.feed import Feed, FeedClosed
+from dualcast.hub import CloseReason
+from dualcast.query import query_of
+from dualcast.runtime import Runtime
+from dualcast.stalls import Stalled, Writer, unfinished_by_stall
+from dualcast.transports.common import Refusal, caller, error_response, parse_cursor, strict_rooms
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
-
-from server.auth import Identity
-from server.events import Event, dumps
-from server.feed import Feed, FeedClosed
-from server.hub import CloseReason
-from server.query import query_of
-from server.runtime import Runtime
-from server.stalls import Stalled, Writer, unfinished_by_stall
-from server.transports.common import Refusal, caller, error_response, parse_cursor, strict_rooms
 
 log = logging.getLogger("dualcast.sse")
 

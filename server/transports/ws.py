@@ -15,16 +15,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
+from dualcast.auth import AuthError, Identity, decode_token
+from dualcast.events import Event, dumps
+from dualcast.feed import Feed, FeedClosed
+from dualcast.hub import CloseReason, Reset
+from dualcast.query import query_of
+from dualcast.runtime import Runtime
+from dualcast.stalls import Stalled, Writer
+from dualcast.transports.common import Refusal, caller, choose_rooms, error_response, parse_cursor
 from starlette.websockets import WebSocket, WebSocketDisconnect
-
-from server.auth import AuthError, Identity, decode_token
-from server.events import Event, dumps
-from server.feed import Feed, FeedClosed
-from server.hub import CloseReason, Reset
-from server.query import query_of
-from server.runtime import Runtime
-from server.stalls import Stalled, Writer
-from server.transports.common import Refusal, caller, choose_rooms, error_response, parse_cursor
 
 log = logging.getLogger("dualcast.ws")
 

@@ -118,7 +118,7 @@ class RedisProcess:
 
 
 class DualcastProcess:
-    """`python -m server serve` as a child process on a free port, with its own env."""
+    """`python -m dualcast serve` as a child process on a free port, with its own env."""
 
     def __init__(
         self, workdir: Path, redis_url: str | None = None, port: int | None = None,
