@@ -28,7 +28,6 @@ import redis.asyncio as aioredis
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dualcast.publisher import Publisher, SyncPublisher
-
 from tests.support.procs import RedisProcess
 
 DATA = {

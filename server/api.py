@@ -6,7 +6,11 @@ import asyncio
 import re
 
 import orjson
-from dualcast.auth import COOKIE_NAME, AuthError, decode_token
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+
+from dualcast.auth import COOKIE_NAME, AuthError
 from dualcast.events import Envelope, entry_fields
 from dualcast.log import LogUnavailable
 from dualcast.metrics import Metrics
@@ -14,9 +18,6 @@ from dualcast.overview import build_overview
 from dualcast.query import query_of
 from dualcast.runtime import Runtime
 from dualcast.transports.common import Refusal, caller, error_response, strict_rooms
-from pydantic import ValidationError
-from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse, Response
 
 
 def _rt(request: Request) -> Runtime:
@@ -47,7 +48,7 @@ async def metrics(request: Request) -> Response:
 async def me(request: Request) -> Response:
     rt = _rt(request)
     try:
-        identity = caller(request, rt.settings, rt.secret)
+        identity = await caller(request, rt.auth)
     except Refusal as refusal:
         return refusal.response()
     return JSONResponse(identity.describe(), headers={"Cache-Control": "no-store"})
@@ -56,7 +57,7 @@ async def me(request: Request) -> Response:
 async def overview(request: Request) -> Response:
     rt = _rt(request)
     try:
-        identity = caller(request, rt.settings, rt.secret)
+        identity = await caller(request, rt.auth)
         rooms = strict_rooms(query_of(request).get("rooms"), identity, rt.settings)
     except Refusal as refusal:
         return refusal.response()
@@ -72,7 +73,7 @@ async def publish(request: Request) -> Response:
     rt = _rt(request)
     settings = rt.settings
     try:
-        identity = caller(request, settings, rt.secret)
+        identity = await caller(request, rt.auth)
     except Refusal as refusal:
         return refusal.response()
     if identity.anonymous:
@@ -129,7 +130,7 @@ async def login_redirect(request: Request) -> Response | None:
     if token is None:
         return None
     try:
-        decode_token(token, rt.secret)
+        await rt.auth.decode(token)
     except AuthError as exc:
         if "text/html" in request.headers.get("accept", ""):
             # A person followed the link: show the dashboard's login screen and why

@@ -8,6 +8,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocket
+
 from dualcast import api
 from dualcast.collector import FreezeAfterFullCollections
 from dualcast.config import Settings
@@ -17,13 +25,6 @@ from dualcast.transports.common import error_response
 from dualcast.transports.poll import poll_endpoint
 from dualcast.transports.sse import sse_endpoint
 from dualcast.transports.ws import websocket_endpoint
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import FileResponse, Response
-from starlette.routing import Mount, Route, WebSocketRoute
-from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Receive, Scope, Send
-from starlette.websockets import WebSocket
 
 log = logging.getLogger("dualcast")
 

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
-from dualcast.query import query_of
 from starlette.requests import HTTPConnection
+
+from dualcast.query import query_of
 
 COOKIE_NAME = "dualcast_token"
 ALGORITHM = "HS256"
@@ -118,29 +119,6 @@ def _claim_bool(claims: dict[str, Any], name: str) -> bool:
     return value
 
 
-#: Tokens verified before, by (token, secret): a long-poller presents the same token
-#: on every request, and PyJWT's checks cost ~65 us each (issue 8). Only tokens that
-#: verified are kept; the expiry is checked again on every hit.
-_VERIFIED: dict[tuple[str, str], Identity] = {}
-_VERIFIED_MAX = 4096
-
-
-def decode_token(token: str, secret: str | None) -> Identity:
-    """Verify a token (signature, HS256 only, expiry, claim types) or raise AuthError."""
-    if secret is None:
-        raise AuthError("no_secret", "this server has no token secret configured")
-    known = _VERIFIED.get((token, secret))
-    if known is not None:
-        if known.expired():
-            raise AuthError("token_expired", "the token has expired; log in again")
-        return known
-    identity = _verify(token, secret)
-    if len(_VERIFIED) >= _VERIFIED_MAX:
-        del _VERIFIED[next(iter(_VERIFIED))]  # the oldest entry
-    _VERIFIED[(token, secret)] = identity
-    return identity
-
-
 def _verify(token: str, secret: str) -> Identity:
     """The full check, uncached.
 
@@ -199,14 +177,57 @@ def token_from(conn: HTTPConnection) -> str | None:
     return conn.cookies.get(COOKIE_NAME) or None
 
 
-def identify(conn: HTTPConnection, secret: str | None, allow_anonymous: bool) -> Identity:
-    """The caller's identity; anonymous only when no token was sent at all and it is allowed."""
-    token = token_from(conn)
-    if token is None:
-        if not allow_anonymous:
-            raise AuthError("unauthenticated", "a token is required on this server")
-        return ANONYMOUS
-    return decode_token(token, secret)
+def decode_token(token: str, secret: str | None) -> Identity:
+    """Verify a token (signature, HS256 only, expiry, claim types) or raise AuthError.
+
+    Uncached: servers verify through their `Authenticator`, which remembers.
+    """
+    if secret is None:
+        raise AuthError("no_secret", "this server has no token secret configured")
+    return _verify(token, secret)
+
+
+class Authenticator:
+    """Turns what a request presents into an `Identity`; one per app, on its runtime.
+
+    Async because a caller's identity may have to be fetched (a key set, an
+    application's session check); the HS256 path never awaits anything.
+    """
+
+    #: Tokens verified before: a long-poller presents the same token on every request,
+    #: and PyJWT's checks cost ~65 us each (issue 8). Only tokens that verified are
+    #: kept; the expiry is checked again on every hit.
+    CACHE_MAX = 4096
+
+    def __init__(self, secret: str | None, allow_anonymous: bool = True) -> None:
+        self.secret = secret
+        self.allow_anonymous = allow_anonymous
+        self._verified: dict[str, Identity] = {}
+
+    async def decode(self, token: str) -> Identity:
+        """A presented token's identity, or AuthError."""
+        return self.decode_now(token)
+
+    def decode_now(self, token: str) -> Identity:
+        known = self._verified.get(token)
+        if known is not None:
+            if known.expired():
+                raise AuthError("token_expired", "the token has expired; log in again")
+            return known
+        identity = decode_token(token, self.secret)
+        if len(self._verified) >= self.CACHE_MAX:
+            del self._verified[next(iter(self._verified))]  # the oldest entry
+        self._verified[token] = identity
+        return identity
+
+    async def identify(self, conn: HTTPConnection) -> Identity:
+        """The caller's identity; anonymous only when no token was sent and that is allowed."""
+        token = token_from(conn)
+        if token is None:
+            if not self.allow_anonymous:
+                raise AuthError("unauthenticated", "a token is required on this server")
+            return ANONYMOUS
+        return await self.decode(token)
 
 
 # Logs never print a token ------------------------------------------------------

@@ -38,6 +38,7 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
+
     from dualcast.transports.ws_protocol import WebSocketProtocol
 
     settings = _settings(
@@ -248,6 +249,7 @@ async def _publish_redis(args: argparse.Namespace, settings: Settings, data: Any
 
 def _publish_http(args: argparse.Namespace, settings: Settings, data: Any) -> int:
     import httpx
+
     from dualcast.auth import mint_token
 
     token = args.token

@@ -9,9 +9,10 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from dualcast.events import EVENT_NAME_PATTERN, ROOM_NAME_PATTERN
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from dualcast.events import EVENT_NAME_PATTERN, ROOM_NAME_PATTERN
 
 Transport = Literal["websocket", "sse", "polling"]
 ALL_TRANSPORTS: tuple[Transport, ...] = ("websocket", "sse", "polling")

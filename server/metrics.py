@@ -9,10 +9,11 @@ from __future__ import annotations
 import gc
 from collections.abc import Iterator
 
-from dualcast.runtime import Runtime
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from dualcast.runtime import Runtime
 
 
 class RuntimeCollector(Collector):

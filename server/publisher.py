@@ -46,9 +46,10 @@ from uuid import UUID
 import orjson
 import redis
 import redis.asyncio as aioredis
-from dualcast.events import EVENT_NAME_PATTERN, ROOM_NAME_PATTERN
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from dualcast.events import EVENT_NAME_PATTERN, ROOM_NAME_PATTERN
 
 __all__ = [
     "LocalFallback",

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from dualcast.auth import Authenticator
 from dualcast.config import Settings
 from dualcast.consumer import Consumer
 from dualcast.events import Envelope, decode_entry, entry_fields, format_id
@@ -34,6 +35,7 @@ class Runtime:
     def __init__(self, settings: Settings, secret: str | None) -> None:
         self.settings = settings
         self.secret = secret
+        self.auth = Authenticator(secret, settings.allow_anonymous)
         self.log: EventLog = create_log(settings)
         self.hub = Hub(settings.recent_window)
         self.consumer = Consumer(self.log, self.hub, settings)

@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from dualcast.auth import mint_token
 
+from dualcast.auth import mint_token
 from tests.support.procs import DualcastProcess, RedisProcess
 
 SECRET = "test-secret-" + "x" * 24

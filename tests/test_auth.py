@@ -25,8 +25,8 @@ import httpx
 import jwt
 import pytest
 import websockets
-from dualcast.auth import mint_token
 
+from dualcast.auth import mint_token
 from tests.conftest import SECRET, token
 from tests.support.clients import Poller, SSEClient, WSClient, wait_for
 from tests.support.procs import DualcastProcess, RedisProcess

@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-from dualcast.config import SettingsError, load_settings
 
+from dualcast.config import SettingsError, load_settings
 from tests.support.procs import ROOT
 
 

@@ -7,11 +7,11 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
+
 from dualcast.config import load_settings
 from dualcast.events import Event
 from dualcast.feed import Feed
 from dualcast.runtime import Runtime
-
 from tests.support.clients import WSClient, wait_for, xadd
 from tests.support.procs import RedisProcess
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+
 from dualcast.demo import demo_against_redis, run_demo
 from dualcast.events import Envelope, decode_entry
-
 from tests.support.procs import RedisProcess
 
 pytestmark = pytest.mark.timeout(60)

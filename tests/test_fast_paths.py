@@ -19,8 +19,11 @@ import httpx
 import orjson
 import pytest
 import websockets
+from hypothesis import given
+from hypothesis import strategies as st
+
 from dualcast import auth
-from dualcast.auth import AuthError, decode_token, mint_token
+from dualcast.auth import Authenticator, AuthError, mint_token
 from dualcast.collector import FreezeAfterFullCollections
 from dualcast.config import Settings
 from dualcast.events import Event
@@ -29,9 +32,6 @@ from dualcast.log import LogInfo
 from dualcast.query import parse_query
 from dualcast.runtime import Runtime
 from dualcast.stalls import Stalled, StallWatch
-from hypothesis import given
-from hypothesis import strategies as st
-
 from tests.conftest import SECRET, token
 from tests.reliability.conftest import metric
 from tests.support.procs import DualcastProcess
@@ -46,25 +46,27 @@ def test_query_parses_like_starlette(raw: str) -> None:
 
 
 def test_a_cached_token_is_refused_once_it_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    authenticator = Authenticator(SECRET)
     soon = mint_token(SECRET, "456", ttl=60)
-    first = decode_token(soon, SECRET)
-    assert decode_token(soon, SECRET) is first  # the second look is the cache's
+    first = authenticator.decode_now(soon)
+    assert authenticator.decode_now(soon) is first  # the second look is the cache's
     later = time.time() + 120
     monkeypatch.setattr(auth.time, "time", lambda: later)
     with pytest.raises(AuthError) as refused:
-        decode_token(soon, SECRET)
+        authenticator.decode_now(soon)
     assert refused.value.code == "token_expired"
 
 
-def test_the_token_cache_is_bounded_and_keyed_by_secret() -> None:
-    other = "another-secret-0123456789abcdef-0123456789"
-    mine = mint_token(SECRET, "456", ttl=600)
-    decode_token(mine, SECRET)
+def test_the_token_cache_is_bounded_and_belongs_to_one_authenticator() -> None:
+    other = Authenticator("another-secret-0123456789abcdef-0123456789")
+    mine = Authenticator(SECRET)
+    token = mint_token(SECRET, "456", ttl=600)
+    mine.decode_now(token)
     with pytest.raises(AuthError):
-        decode_token(mine, other)  # verified under one secret is not verified under another
-    for n in range(auth._VERIFIED_MAX + 10):
-        decode_token(mint_token(SECRET, f"u{n}", ttl=600), SECRET)
-    assert len(auth._VERIFIED) <= auth._VERIFIED_MAX
+        other.decode_now(token)  # verified under one secret is not verified under another
+    for n in range(Authenticator.CACHE_MAX + 10):
+        mine.decode_now(mint_token(SECRET, f"u{n}", ttl=600))
+    assert len(mine._verified) <= Authenticator.CACHE_MAX
 
 
 @pytest.mark.timeout(10)

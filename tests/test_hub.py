@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from dualcast.config import load_settings
 from dualcast.events import Event, format_id
 from dualcast.feed import Feed

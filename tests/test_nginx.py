@@ -24,9 +24,9 @@ from typing import Any
 import httpx
 import pytest
 import websockets
-from dualcast.config import load_settings
 from websockets.exceptions import InvalidStatus
 
+from dualcast.config import load_settings
 from tests.conftest import token
 from tests.support.clients import SSEClient, wait_for, xadd
 from tests.support.nginx import MODES, NginxError, NginxProcess, render, require_nginx

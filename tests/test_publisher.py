@@ -24,9 +24,9 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 import websockets
+
 from dualcast.events import Envelope, decode_entry, parse_id
 from dualcast.publisher import Publisher, SyncPublisher, encode_envelope
-
 from tests.conftest import token
 from tests.support.procs import RedisProcess
 
@@ -674,9 +674,9 @@ async def test_fallback_keeps_an_in_process_dashboard_live_through_an_outage(
 ):
     """The opt-in fallback with the real app: Redis dies, events still reach a WS client."""
     import uvicorn
+
     from dualcast.app import create_app
     from dualcast.config import Settings
-
     from tests.conftest import SECRET
 
     stream = stream_key()

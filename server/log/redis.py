@@ -13,10 +13,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
 from dualcast.config import Settings
 from dualcast.events import ZERO, StreamId, parse_id
 from dualcast.log.base import LogInfo, LogUnavailable, RawEntry
-from redis.exceptions import RedisError, ResponseError
 
 
 @asynccontextmanager

@@ -10,11 +10,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from dualcast.auth import AuthError, Identity, identify
-from dualcast.config import Settings
-from dualcast.events import ZERO, StreamId, parse_id
 from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse
+
+from dualcast.auth import Authenticator, AuthError, Identity
+from dualcast.config import Settings
+from dualcast.events import ZERO, StreamId, parse_id
 
 
 class Refusal(Exception):
@@ -39,9 +40,9 @@ def error_response(status: int, code: str, message: str, **extra: Any) -> JSONRe
     )
 
 
-def caller(conn: HTTPConnection, settings: Settings, secret: str | None) -> Identity:
+async def caller(conn: HTTPConnection, auth: Authenticator) -> Identity:
     try:
-        return identify(conn, secret, settings.allow_anonymous)
+        return await auth.identify(conn)
     except AuthError as exc:
         raise Refusal(exc.status, exc.code, exc.message) from None
 

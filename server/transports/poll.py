@@ -10,15 +10,16 @@ from __future__ import annotations
 import asyncio
 import time
 
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
 from dualcast.events import ZERO, Event, format_id, parse_id
 from dualcast.feed import cursor_gone, decode_visible
 from dualcast.log import LogUnavailable
 from dualcast.query import query_of
 from dualcast.runtime import Runtime
 from dualcast.transports.common import Refusal, caller, error_response, parse_cursor, strict_rooms
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
 
 MAX_EVENTS = 500
 
@@ -71,7 +72,7 @@ async def poll_endpoint(request: Request) -> Response | Answer:
     if "polling" not in settings.transports:
         return error_response(404, "polling_disabled", "long-polling is not offered here")
     try:
-        identity = caller(request, settings, rt.secret)
+        identity = await caller(request, rt.auth)
         query = query_of(request)
         rooms = strict_rooms(query.get("rooms"), identity, settings)
         cursor = parse_cursor(query.get("after"), "after")

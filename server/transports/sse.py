@@ -15,6 +15,10 @@ import asyncio
 import logging
 import random
 
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
+
 from dualcast.auth import Identity
 from dualcast.events import Event, dumps
 from dualcast.feed import Feed, FeedClosed
@@ -23,9 +27,6 @@ from dualcast.query import query_of
 from dualcast.runtime import Runtime
 from dualcast.stalls import Stalled, Writer, unfinished_by_stall
 from dualcast.transports.common import Refusal, caller, error_response, parse_cursor, strict_rooms
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.types import Message, Receive, Scope, Send
 
 log = logging.getLogger("dualcast.sse")
 
@@ -47,7 +48,7 @@ async def sse_endpoint(request: Request) -> Response | EventStream:
     if "sse" not in settings.transports:
         return error_response(404, "sse_disabled", "SSE is not offered here")
     try:
-        identity = caller(request, settings, rt.secret)
+        identity = await caller(request, rt.auth)
         query = query_of(request)
         rooms = strict_rooms(query.get("rooms"), identity, settings)
         cursor = parse_cursor(request.headers.get("last-event-id") or query.get("last_event_id"))

@@ -15,7 +15,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
-from dualcast.auth import AuthError, Identity, decode_token
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from dualcast.auth import AuthError, Identity
 from dualcast.events import Event, dumps
 from dualcast.feed import Feed, FeedClosed
 from dualcast.hub import CloseReason, Reset
@@ -23,7 +25,6 @@ from dualcast.query import query_of
 from dualcast.runtime import Runtime
 from dualcast.stalls import Stalled, Writer
 from dualcast.transports.common import Refusal, caller, choose_rooms, error_response, parse_cursor
-from starlette.websockets import WebSocket, WebSocketDisconnect
 
 log = logging.getLogger("dualcast.ws")
 
@@ -167,7 +168,7 @@ class Session:
                 self.abuse("bad_frame", "auth needs a token string")
                 return
             try:
-                fresh = decode_token(token, self.rt.secret)
+                fresh = self.rt.auth.decode_now(token)
             except AuthError as exc:
                 self.refuse(exc.code, exc.message)
                 return
@@ -234,7 +235,7 @@ async def websocket_endpoint(ws: WebSocket) -> None:
         await _deny(ws, 403, "bad_origin", "the Origin of this page may not connect")
         return
     try:
-        identity = caller(ws, settings, rt.secret)
+        identity = await caller(ws, rt.auth)
     except Refusal as refusal:
         rt.stats.refused += 1
         await ws.accept()
