@@ -19,6 +19,7 @@ from starlette.websockets import WebSocket
 from dualcast import api
 from dualcast.collector import FreezeAfterFullCollections
 from dualcast.config import Settings
+from dualcast.cors import CLIENT_FILES, CORS_PATHS, Cors, Verdict, client_endpoint, header
 from dualcast.metrics import Metrics
 from dualcast.runtime import Runtime
 from dualcast.transports.common import error_response
@@ -58,6 +59,13 @@ class DualcastApp(Starlette):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
+        if kind == "http" and scope["path"] in CORS_PATHS and header(scope, b"origin"):
+            # A page on another origin (server/cors.py): refused, preflight answered, or
+            # served back through here without Origin and cookie, with CORS headers.
+            cors = Cors(self.state.dualcast.settings.allowed_origins)
+            if cors.verdict(scope) is not Verdict.SAME_ORIGIN:
+                await cors(scope, receive, send, self)
+                return
         if kind == "http" and scope["method"] == "GET":
             endpoint = self._http_fast.get(scope["path"])
             if endpoint is not None:
@@ -105,6 +113,8 @@ def create_app(settings: Settings, secret: str | None = None) -> Starlette:
 
     routes = [
         Route("/", index, methods=["GET", "HEAD"]),
+        *(Route(path, client_endpoint([folder, BUNDLED_STATIC]), methods=["GET", "HEAD"])
+          for path in CLIENT_FILES),
         WebSocketRoute("/api/ws", websocket_endpoint),
         Route("/api/sse", sse_endpoint),
         Route("/api/events", poll_endpoint),

@@ -3,7 +3,7 @@
 // events) and applies live events on top; on `reset` it loads the overview again.
 // No DOM code: fetch is injected so node tests can drive it.
 
-import { compareIds, idTime, maxId } from './transport.js';
+import { compareIds, idTime, maxId } from './dualcast.js';
 
 export const LOG_LIMIT = 1000;
 export const USAGE_LIMIT = 50;

@@ -4,7 +4,7 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 
-import { TransportManager, compareIds } from '../../static/transport.js';
+import { TransportManager, compareIds } from '../../static/dualcast.js';
 import { FakeBody, FakeClock, jsonResponse, sseFrame } from './fakes.mjs';
 
 function mulberry32(seed) {

@@ -4,7 +4,7 @@ import { describe, it } from 'node:test';
 
 import {
   SSEParser, TransportManager, backoff, compareIds,
-} from '../../static/transport.js';
+} from '../../static/dualcast.js';
 import {
   FakeClock, evt, jsonResponse, makeFakeFetch, makeFakeWebSocket, sseFrame, sseResponse,
 } from './fakes.mjs';

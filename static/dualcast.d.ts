@@ -1,0 +1,120 @@
+// Types of dualcast.js, the dualcast client (served beside it at /dualcast.d.ts).
+
+export type Transport = 'websocket' | 'sse' | 'polling';
+export type ConnectionState = 'connecting' | 'live' | 'offline';
+
+export declare const TRANSPORTS: readonly Transport[];
+export declare const STATES: readonly ConnectionState[];
+/** Every error code the client understands (the server's `error` codes). */
+export declare const ERROR_CODES: readonly string[];
+/** Codes after which the client stops and needs new credentials. */
+export declare const AUTH_CODES: ReadonlySet<string>;
+/** Codes that mean the request itself is wrong (a room, a cursor): no transport helps. */
+export declare const REQUEST_CODES: ReadonlySet<string>;
+
+/** One event, as every transport delivers it: each id once, in stream order. */
+export interface DualcastEvent<T = unknown> {
+  /** The stream entry id, `<ms>-<seq>`: the cursor to resume from. */
+  id: string;
+  event: string;
+  data: T;
+  /** The entry's time in epoch ms (from the id when the producer gave none), or null. */
+  ts: number | null;
+}
+
+export interface StateChange {
+  transport: Transport;
+  state: ConnectionState;
+  /** True while paused (a hidden page); the cursor is kept. */
+  paused: boolean;
+  cursor: string | null;
+  lastEventAt: number | null;
+  /** A better transport being tried while this one keeps delivering. */
+  probing: Transport | null;
+  stoppedBy: string | null;
+}
+
+export interface DualcastError {
+  code: string;
+  message: string;
+  /** 'auth': new credentials needed; 'fatal': the request is wrong; else the server said so. */
+  kind?: 'auth' | 'fatal' | 'frame' | 'transport';
+  transport?: Transport;
+  status?: number;
+}
+
+export interface Welcome {
+  transport: Transport;
+  rooms: string[];
+  lastId: string | null;
+}
+
+export interface DualcastEvents {
+  event: DualcastEvent;
+  /** Every delivery as one list (possibly empty when only the cursor moved). */
+  batch: { events: DualcastEvent[]; lastEventId: string | null };
+  state: StateChange;
+  reset: { lastId: string | null };
+  error: DualcastError;
+  welcome: Welcome;
+}
+
+export type TokenSource = string | (() => string | Promise<string>);
+
+export interface DualcastOptions {
+  /** A token, or a function called at start, again a minute before `exp`, and after an
+   *  auth refusal. None: the dashboard's cookie (same origin only) or anonymous. */
+  token?: TokenSource;
+  /** Rooms to join; none: the server's default for the token. */
+  rooms?: string[];
+  /** Resume after this id; `0` = from the oldest retained event; none = live from now. */
+  lastEventId?: string | null;
+  /** Order or subset of the transports to use. */
+  transports?: Transport[];
+  /** Start on this transport (e.g. the one that worked last time). */
+  initial?: Transport;
+  welcomeTimeoutMs?: number;
+  /** Long-poll wait in seconds (0-30). */
+  pollTimeout?: number;
+  retryBaseMs?: number;
+  retryCapMs?: number;
+  climbBaseMs?: number;
+  climbCapMs?: number;
+  stableMs?: number;
+  deathWindowMs?: number;
+  maxDeaths?: number;
+  // injectable for tests
+  WebSocket?: typeof WebSocket;
+  fetch?: typeof fetch;
+  AbortController?: typeof AbortController;
+  TextDecoder?: typeof TextDecoder;
+  setTimeout?: (fn: () => void, ms: number) => unknown;
+  clearTimeout?: (id: unknown) => void;
+  now?: () => number;
+  random?: () => number;
+}
+
+export declare class Dualcast {
+  /** `url`: the dualcast server (e.g. "https://push.example.com"); "" = this page's origin. */
+  constructor(url?: string, options?: DualcastOptions);
+  readonly transport: Transport;
+  readonly state: ConnectionState;
+  readonly lastEventId: string | null;
+  on<K extends keyof DualcastEvents>(name: K, fn: (value: DualcastEvents[K]) => void): () => void;
+  off<K extends keyof DualcastEvents>(name: K, fn: (value: DualcastEvents[K]) => void): void;
+  start(): this;
+  /** Close everything; the cursor stays, so start() resumes where this left off. */
+  stop(): this;
+  pause(): void;
+  resume(): void;
+  join(room: string): void;
+  leave(room: string): void;
+  setRooms(rooms: string[]): void;
+  status(): StateChange;
+}
+
+export declare function compareIds(a: string | null, b: string | null): -1 | 0 | 1;
+export declare function maxId(a: string | null, b: string | null): string | null;
+export declare function idTime(id: string | null): number | null;
+export declare function eventTime(ts: unknown, id?: string | null): number | null;
+export declare function tokenExpiry(token: string | null): number | null;

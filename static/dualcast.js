@@ -1,0 +1,1103 @@
+// dualcast.js: the dualcast client, for any page and for Node 22+. One ES module, no
+// build step, no dependencies; the dashboard bundled with dualcast is built on it.
+//
+//   import { Dualcast } from "https://push.example.com/dualcast.js";
+//   const dc = new Dualcast("https://push.example.com", { token, rooms: ["ops"] });
+//   dc.on("event", (e) => console.log(e.id, e.event, e.data));
+//   dc.start();
+//
+// WebSocket first; SSE (read with fetch(), so it can send Last-Event-ID and a Bearer
+// token, and see the `welcome` event itself) when the WebSocket cannot open in time or
+// keeps dying; long-polling when SSE delivers nothing in time (a buffering proxy holds
+// it back). From a lower transport it probes the higher ones now and then (full-jitter
+// backoff) and switches up only once a probe has said `welcome`. One cursor (the last
+// stream id) is carried across every switch, so nothing is lost and nothing is
+// delivered twice, and events arrive in stream order.
+//
+// WebSocket, fetch, timers, clock and randomness are injectable, so tests drive the
+// transport manager with fakes; nothing here touches the DOM.
+
+export const TRANSPORTS = Object.freeze(['websocket', 'sse', 'polling']);
+
+export const STATES = Object.freeze(['connecting', 'live', 'offline']);
+
+/**
+ * Every error code the client understands, in an `error` frame or an HTTP JSON body.
+ * One list, so a test can hold it against the server's own.
+ */
+export const ERROR_CODES = Object.freeze([
+  // who the caller is
+  'unauthenticated', 'invalid_token', 'token_expired', 'no_secret', 'auth_unavailable',
+  'forbidden', 'bad_origin',
+  // what the caller asked for
+  'bad_room', 'forbidden_room', 'too_many_rooms', 'bad_cursor', 'bad_timeout', 'bad_json',
+  'bad_frame', 'unknown_type', 'bad_event', 'too_large', 'transport_disabled',
+  // the server's side
+  'lagging', 'draining', 'log_unavailable', 'no_dashboard',
+]);
+
+/** Codes that mean "who you are is no longer good": ask for new credentials, stop retrying. */
+export const AUTH_CODES = new Set([
+  'token_expired', 'unauthenticated', 'invalid_token', 'no_secret',
+  // older servers' spellings
+  'unauthorized', 'anonymous_not_allowed',
+]);
+
+/** Codes that mean "what you asked for is wrong": retrying on another transport won't help. */
+export const REQUEST_CODES = new Set([
+  'bad_room', 'forbidden_room', 'too_many_rooms', 'bad_cursor', 'bad_timeout',
+]);
+
+/** Parse a stream id `<ms>-<seq>` into a comparable pair, or null. */
+export function parseId(id) {
+  if (typeof id !== 'string') return null;
+  const m = /^(\d+)(?:-(\d+))?$/.exec(id);
+  if (!m) return null;
+  return [BigInt(m[1]), BigInt(m[2] ?? '0')];
+}
+
+/** Compare two stream ids; null sorts before everything. */
+export function compareIds(a, b) {
+  const pa = parseId(a);
+  const pb = parseId(b);
+  if (!pa && !pb) return 0;
+  if (!pa) return -1;
+  if (!pb) return 1;
+  if (pa[0] !== pb[0]) return pa[0] < pb[0] ? -1 : 1;
+  if (pa[1] !== pb[1]) return pa[1] < pb[1] ? -1 : 1;
+  return 0;
+}
+
+/** The larger of two ids (either may be null). */
+export function maxId(a, b) {
+  return compareIds(a, b) >= 0 ? a : b;
+}
+
+/** Milliseconds part of a stream id: the entry's time when a frame has no `ts`. */
+export function idTime(id) {
+  const p = parseId(id);
+  return p ? Number(p[0]) : null;
+}
+
+/**
+ * An event's time in epoch ms from whatever a producer put in `ts` (number, numeric
+ * string, missing, absurd): a number a Date can hold, else the id's time, else null.
+ */
+export function eventTime(ts, id = null) {
+  const n = typeof ts === 'string' && ts.trim() !== '' ? Number(ts) : ts;
+  if (typeof n === 'number' && Number.isFinite(n) && Math.abs(n) <= 8.64e15) return n;
+  const fromId = idTime(id);
+  return fromId !== null && fromId <= 8.64e15 ? fromId : null;
+}
+
+/** Full-jitter backoff: a random delay in [0, min(cap, base * 2^attempt)). */
+export function backoff(attempt, base, cap, random = Math.random) {
+  return Math.floor(random() * Math.min(cap, base * 2 ** Math.min(attempt, 30)));
+}
+
+/**
+ * Incremental parser of a text/event-stream body (WHATWG rules that matter to us):
+ * lines end in \n, \r\n or \r; `field: value` (one leading space dropped); a blank
+ * line dispatches; `:` lines are comments; `data` lines join with \n.
+ */
+export class SSEParser {
+  constructor() {
+    this.buffer = '';
+    this.reset();
+  }
+
+  reset() {
+    this.id = null;
+    this.event = '';
+    this.data = [];
+    this.hasData = false;
+  }
+
+  /** Feed decoded text; returns the messages completed by it: {id, event, data}. */
+  push(text) {
+    this.buffer += text;
+    const out = [];
+    for (;;) {
+      const m = /\r\n|\r|\n/.exec(this.buffer);
+      if (!m) break;
+      // a lone \r at the very end may be the first half of \r\n: wait for more
+      if (m[0] === '\r' && m.index === this.buffer.length - 1) break;
+      const line = this.buffer.slice(0, m.index);
+      this.buffer = this.buffer.slice(m.index + m[0].length);
+      this.line(line, out);
+    }
+    return out;
+  }
+
+  line(line, out) {
+    if (line === '') {
+      if (this.hasData || this.event) {
+        out.push({ id: this.id, event: this.event || 'message', data: this.data.join('\n') });
+      }
+      this.reset();
+      return;
+    }
+    if (line.startsWith(':')) return;
+    const colon = line.indexOf(':');
+    const field = colon === -1 ? line : line.slice(0, colon);
+    let value = colon === -1 ? '' : line.slice(colon + 1);
+    if (value.startsWith(' ')) value = value.slice(1);
+    if (field === 'data') {
+      this.data.push(value);
+      this.hasData = true;
+    } else if (field === 'event') {
+      this.event = value;
+    } else if (field === 'id') {
+      if (!value.includes('\0')) this.id = value;
+    }
+    // `retry` is ours to decide (backoff); unknown fields are ignored
+  }
+}
+
+function safeJson(text) {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return undefined;
+  }
+}
+
+/** Turn a WS event frame / poll event into the shape every consumer sees. */
+function normalizeEvent(frame) {
+  if (!frame || typeof frame.id !== 'string' || typeof frame.event !== 'string') return null;
+  return {
+    id: frame.id,
+    event: frame.event,
+    data: frame.data === undefined ? null : frame.data,
+    ts: eventTime(frame.ts, frame.id),
+  };
+}
+
+function query(params) {
+  const parts = [];
+  for (const [key, value] of Object.entries(params)) {
+    if (value === null || value === undefined || value === '') continue;
+    parts.push(`${encodeURIComponent(key)}=${encodeURIComponent(value)}`);
+  }
+  return parts.length ? `?${parts.join('&')}` : '';
+}
+
+/** Headers plus the Bearer token, when there is one (else the cookie, same origin only). */
+function withToken(env, headers) {
+  const token = env.token();
+  if (token) headers.Authorization = `Bearer ${token}`;
+  return headers;
+}
+
+/** Read a JSON error body ({error, message}) from a failed fetch, if there is one. */
+async function errorBody(response) {
+  try {
+    const body = await response.json();
+    if (body && typeof body === 'object') return body;
+  } catch {
+    /* not JSON */
+  }
+  return {};
+}
+
+/**
+ * Decide what an HTTP refusal means: `auth` (show login), `fatal` (the request itself
+ * is wrong, e.g. a forbidden room: retrying elsewhere will not help) or `transport`
+ * (this transport is unavailable here: fall back).
+ */
+export function classifyRefusal(status, body) {
+  const code = String(body.error ?? body.code ?? '');
+  if (status === 401 || AUTH_CODES.has(code)) return 'auth';
+  if (REQUEST_CODES.has(code)) return 'fatal';
+  const text = `${code} ${body.message ?? ''}`.toLowerCase();
+  if ((status === 400 || status === 403) && /room|cursor|last_event_id|after|bad_request/.test(text)) {
+    return 'fatal';
+  }
+  return 'transport';
+}
+
+// ---------------------------------------------------------------------------
+// One class per transport. Each reports to its `sink` (the manager) with itself as the
+// first argument, so the manager can ignore a connection it has already replaced.
+// sink: welcome(conn, info) events(conn, list) reset(conn, lastId) error(conn, info)
+//       closed(conn, {welcomed, kind, code})
+
+class WebSocketConnection {
+  constructor(env, sink, { cursor, rooms }) {
+    this.name = 'websocket';
+    this.sink = sink;
+    this.welcomed = false;
+    this.closed = false;
+    const url = `${env.wsBase}/api/ws${query({
+      last_event_id: cursor,
+      rooms: rooms.length ? rooms.join(',') : null,
+      token: env.token(), // a browser WebSocket cannot send headers
+    })}`;
+    try {
+      this.ws = new env.WebSocket(url);
+    } catch (err) {
+      this.ws = null;
+      // report asynchronously: the manager has not stored us yet
+      env.setTimeout(() => this.finish({ kind: 'transport', error: String(err) }), 0);
+      return;
+    }
+    this.ws.onmessage = (msg) => this.message(msg.data);
+    this.ws.onclose = (ev) => this.finish({ kind: 'transport', code: ev?.code, reason: ev?.reason });
+    this.ws.onerror = () => {}; // onclose follows and carries the outcome
+  }
+
+  message(raw) {
+    if (this.closed) return;
+    const frame = typeof raw === 'string' ? safeJson(raw) : undefined;
+    if (!frame || typeof frame !== 'object') return;
+    this.frame(frame);
+  }
+
+  frame(frame) {
+    switch (frame.type) {
+      case 'welcome':
+        this.welcomed = true;
+        this.sink.welcome(this, { rooms: frame.rooms ?? [], lastId: frame.last_id ?? null });
+        break;
+      case 'event': {
+        const ev = normalizeEvent(frame);
+        if (ev) this.sink.events(this, [ev]);
+        break;
+      }
+      case 'batch': {
+        const list = [];
+        for (const inner of Array.isArray(frame.events) ? frame.events : []) {
+          if (inner && inner.type && inner.type !== 'event') {
+            if (list.length) this.sink.events(this, list.splice(0));
+            this.frame(inner);
+            continue;
+          }
+          const ev = normalizeEvent(inner);
+          if (ev) list.push(ev);
+        }
+        if (list.length) this.sink.events(this, list);
+        break;
+      }
+      case 'reset':
+        this.sink.reset(this, frame.last_id ?? null);
+        break;
+      case 'error':
+        this.sink.error(this, { code: frame.code ?? 'error', message: frame.message ?? '' });
+        break;
+      default:
+        break; // joined / left / pong: nothing to do
+    }
+  }
+
+  send(obj) {
+    if (this.ws && this.welcomed && !this.closed) this.ws.send(JSON.stringify(obj));
+  }
+
+  finish(info) {
+    if (this.closed) return;
+    this.closed = true;
+    this.sink.closed(this, { welcomed: this.welcomed, ...info });
+  }
+
+  close() {
+    this.closed = true;
+    if (this.ws) {
+      this.ws.onmessage = null;
+      this.ws.onclose = null;
+      try {
+        this.ws.close(1000);
+      } catch {
+        /* already closed */
+      }
+    }
+  }
+}
+
+class SSEConnection {
+  constructor(env, sink, { cursor, rooms }) {
+    this.name = 'sse';
+    this.sink = sink;
+    this.welcomed = false;
+    this.closed = false;
+    this.abort = new env.AbortController();
+    const url = `${env.httpBase}/api/sse${query({
+      rooms: rooms.length ? rooms.join(',') : null,
+    })}`;
+    const headers = withToken(env, { Accept: 'text/event-stream' });
+    if (cursor) headers['Last-Event-ID'] = cursor;
+    this.run(env, url, headers);
+  }
+
+  async run(env, url, headers) {
+    let info = { kind: 'transport' };
+    try {
+      const response = await env.fetch(url, {
+        headers, signal: this.abort.signal, cache: 'no-store', credentials: 'same-origin',
+      });
+      if (this.closed) return;
+      if (!response.ok) {
+        const body = await errorBody(response);
+        info = {
+          kind: classifyRefusal(response.status, body), status: response.status,
+          code: body.error ?? body.code, message: body.message,
+        };
+        return;
+      }
+      if (!response.body || typeof response.body.getReader !== 'function') {
+        info = { kind: 'transport', error: 'no readable body' };
+        return;
+      }
+      const reader = response.body.getReader();
+      this.reader = reader;
+      const decoder = new env.TextDecoder();
+      const parser = new SSEParser();
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (this.closed) return;
+        if (done) break;
+        const text = typeof value === 'string' ? value : decoder.decode(value, { stream: true });
+        const batch = [];
+        for (const msg of parser.push(text)) {
+          if (this.closed) return;
+          if (msg.event === 'welcome') {
+            if (batch.length) this.sink.events(this, batch.splice(0));
+            const data = safeJson(msg.data) ?? {};
+            this.welcomed = true;
+            this.sink.welcome(this, { rooms: data.rooms ?? [], lastId: data.last_id ?? null });
+          } else if (msg.event === 'reset') {
+            if (batch.length) this.sink.events(this, batch.splice(0));
+            const data = safeJson(msg.data) ?? {};
+            this.sink.reset(this, data.last_id ?? null);
+          } else if (msg.event === 'error' && !msg.id) {
+            if (batch.length) this.sink.events(this, batch.splice(0));
+            const data = safeJson(msg.data) ?? {};
+            this.sink.error(this, { code: data.code ?? data.error ?? 'error', message: data.message ?? '' });
+          } else if (msg.id) {
+            const data = safeJson(msg.data);
+            batch.push({
+              id: msg.id, event: msg.event, data: data === undefined ? msg.data : data,
+              ts: eventTime(null, msg.id),
+            });
+          }
+        }
+        if (batch.length && !this.closed) this.sink.events(this, batch);
+      }
+      info = { kind: 'transport', error: 'stream ended' };
+    } catch (err) {
+      info = { kind: 'transport', error: String(err?.message ?? err) };
+    } finally {
+      this.finish(info);
+    }
+  }
+
+  finish(info) {
+    if (this.closed) return;
+    this.closed = true;
+    this.sink.closed(this, { welcomed: this.welcomed, ...info });
+  }
+
+  close() {
+    this.closed = true;
+    try {
+      this.abort.abort();
+    } catch {
+      /* nothing to abort */
+    }
+  }
+}
+
+class PollConnection {
+  constructor(env, sink, { rooms, getCursor, pollTimeout }) {
+    this.name = 'polling';
+    this.sink = sink;
+    this.env = env;
+    this.welcomed = false;
+    this.closed = false;
+    this.rooms = rooms;
+    this.getCursor = getCursor;
+    this.pollTimeout = pollTimeout;
+    this.run();
+  }
+
+  async run() {
+    const env = this.env;
+    let info = { kind: 'transport' };
+    try {
+      while (!this.closed) {
+        const cursor = this.getCursor();
+        this.abort = new env.AbortController();
+        const url = `${env.httpBase}/api/events${query({
+          after: cursor,
+          // the first request answers at once (that is our "welcome"), later ones wait
+          timeout: this.welcomed ? this.pollTimeout : 0,
+          rooms: this.rooms.length ? this.rooms.join(',') : null,
+        })}`;
+        // a proxy that swallows the answer must not hang us: give up a while after timeout
+        const guard = env.setTimeout(() => this.abort.abort(), (this.pollTimeout + 15) * 1000);
+        let response;
+        let body;
+        try {
+          response = await env.fetch(url, {
+            signal: this.abort.signal, cache: 'no-store', credentials: 'same-origin',
+            headers: withToken(env, { Accept: 'application/json' }),
+          });
+          if (this.closed) return;
+          if (!response.ok) {
+            const err = await errorBody(response);
+            info = {
+              kind: classifyRefusal(response.status, err), status: response.status,
+              code: err.error ?? err.code, message: err.message,
+            };
+            return;
+          }
+          body = await response.json();
+        } finally {
+          env.clearTimeout(guard);
+        }
+        if (this.closed) return;
+        if (!body || typeof body !== 'object') {
+          info = { kind: 'transport', error: 'bad poll answer' };
+          return;
+        }
+        if (!this.welcomed) {
+          this.welcomed = true;
+          this.sink.welcome(this, { rooms: this.rooms, lastId: body.last_id ?? null });
+          if (this.closed) return;
+        }
+        if (body.reset) {
+          this.sink.reset(this, body.last_id ?? null);
+        } else {
+          const list = (Array.isArray(body.events) ? body.events : []).map(normalizeEvent)
+            .filter(Boolean);
+          this.sink.events(this, list, body.last_id ?? null);
+        }
+      }
+    } catch (err) {
+      info = { kind: 'transport', error: String(err?.message ?? err) };
+    } finally {
+      this.finish(info);
+    }
+  }
+
+  finish(info) {
+    if (this.closed) return;
+    this.closed = true;
+    this.sink.closed(this, { welcomed: this.welcomed, ...info });
+  }
+
+  close() {
+    this.closed = true;
+    try {
+      this.abort?.abort();
+    } catch {
+      /* nothing to abort */
+    }
+  }
+}
+
+const CONNECTIONS = { websocket: WebSocketConnection, sse: SSEConnection, polling: PollConnection };
+
+// ---------------------------------------------------------------------------
+
+/**
+ * Options (all optional except the constructors a test wants to fake):
+ *   WebSocket, fetch, AbortController, TextDecoder, setTimeout, clearTimeout, now, random
+ *   httpBase ('' = same origin), wsBase ('ws://host'), token (string or a function that
+ *   returns the current one; none: the cookie, same origin only)
+ *   cursor (last id seen), rooms ([] = the server's default), transports (order)
+ *   initial (transport to start on), welcomeTimeoutMs, pollTimeout (s)
+ *   retryBaseMs/retryCapMs (reconnect), climbBaseMs/climbCapMs (probe higher transports)
+ *   deathWindowMs/maxDeaths (how many deaths of a live transport before falling back)
+ * Callbacks: onEvents(list, cursor), onStatus(status), onReset(lastId), onError(info),
+ *   onWelcome({transport, rooms, lastId})
+ */
+export class TransportManager {
+  constructor(opts = {}) {
+    const g = globalThis;
+    this.env = {
+      WebSocket: opts.WebSocket ?? g.WebSocket,
+      fetch: opts.fetch ?? (g.fetch ? g.fetch.bind(g) : undefined),
+      AbortController: opts.AbortController ?? g.AbortController,
+      TextDecoder: opts.TextDecoder ?? g.TextDecoder,
+      setTimeout: opts.setTimeout ?? g.setTimeout.bind(g),
+      clearTimeout: opts.clearTimeout ?? g.clearTimeout.bind(g),
+      httpBase: opts.httpBase ?? '',
+      wsBase: opts.wsBase ?? '',
+      // a string, or a function returning the current one (refreshed by Dualcast)
+      token: typeof opts.token === 'function' ? opts.token : () => opts.token ?? null,
+    };
+    this.now = opts.now ?? (() => Date.now());
+    this.random = opts.random ?? Math.random;
+    this.order = (opts.transports ?? TRANSPORTS).filter((t) => TRANSPORTS.includes(t));
+    if (!this.order.length) this.order = [...TRANSPORTS];
+    this.cursor = opts.cursor ?? null;
+    this.rooms = [...(opts.rooms ?? [])];
+    this.welcomeTimeoutMs = opts.welcomeTimeoutMs ?? 3000;
+    this.pollTimeout = opts.pollTimeout ?? 25;
+    this.retryBaseMs = opts.retryBaseMs ?? 500;
+    this.retryCapMs = opts.retryCapMs ?? 15000;
+    this.climbBaseMs = opts.climbBaseMs ?? 5000;
+    this.climbCapMs = opts.climbCapMs ?? 30000;
+    this.stableMs = opts.stableMs ?? 30000;
+    this.deathWindowMs = opts.deathWindowMs ?? 60000;
+    this.maxDeaths = opts.maxDeaths ?? 3;
+    this.onEvents = opts.onEvents ?? (() => {});
+    this.onStatus = opts.onStatus ?? (() => {});
+    this.onReset = opts.onReset ?? (() => {});
+    this.onError = opts.onError ?? (() => {});
+    this.onWelcome = opts.onWelcome ?? (() => {});
+
+    this.level = Math.max(0, this.order.indexOf(opts.initial ?? this.order[0]));
+    this.conn = null; // the connection that feeds us
+    this.probe = null; // a higher transport being tried while `conn` keeps feeding
+    this.state = 'offline';
+    this.running = false;
+    this.paused = false;
+    this.failures = 0; // consecutive failed opens at the current level
+    this.deaths = []; // times the live connection died, for "dies repeatedly"
+    this.climbAttempt = 0;
+    this.timers = { welcome: null, retry: null, climb: null, probeWelcome: null };
+    this.lastEventAt = null;
+    this.liveSince = null;
+    this.stoppedBy = null;
+    this.sink = this.makeSink();
+  }
+
+  get transport() {
+    return this.order[this.level];
+  }
+
+  status() {
+    return {
+      transport: this.transport, state: this.state, paused: this.paused, cursor: this.cursor,
+      lastEventAt: this.lastEventAt, probing: this.probe ? this.probe.name : null,
+      stoppedBy: this.stoppedBy,
+    };
+  }
+
+  setState(state) {
+    this.state = state;
+    this.onStatus(this.status());
+  }
+
+  start() {
+    if (this.running) return;
+    this.running = true;
+    this.paused = false;
+    this.stoppedBy = null;
+    this.climbAttempt = 0;
+    this.open();
+  }
+
+  /** Close everything for good (logout, auth lost). */
+  stop(reason = null) {
+    this.running = false;
+    this.stoppedBy = reason;
+    this.teardown();
+    this.setState('offline');
+  }
+
+  /** Tab hidden and nobody watching: drop the connection, keep the cursor. */
+  pause() {
+    if (!this.running || this.paused) return;
+    this.paused = true;
+    this.teardown();
+    this.setState('offline');
+  }
+
+  /** Visible again: reconnect on the transport that worked last, from the cursor. */
+  resume() {
+    if (!this.running || !this.paused) return;
+    this.paused = false;
+    this.failures = 0;
+    this.open();
+  }
+
+  /** Rooms changed (and maybe the cursor, after an overview reload): reconnect. */
+  restart({ rooms, cursor } = {}) {
+    if (rooms) this.rooms = [...rooms];
+    if (cursor !== undefined) this.cursor = cursor;
+    if (!this.running || this.paused) return;
+    this.teardown();
+    this.failures = 0;
+    this.open();
+  }
+
+  /** Send a frame on the WebSocket (e.g. a refreshed token); false when not on WS. */
+  send(frame) {
+    if (this.conn && this.conn.name === 'websocket' && this.state === 'live') {
+      this.conn.send(frame);
+      return true;
+    }
+    return false;
+  }
+
+  teardown() {
+    for (const key of Object.keys(this.timers)) this.clear(key);
+    if (this.conn) this.conn.close();
+    if (this.probe) this.probe.close();
+    this.conn = null;
+    this.probe = null;
+    this.liveSince = null;
+  }
+
+  clear(key) {
+    if (this.timers[key] !== null) {
+      this.env.clearTimeout(this.timers[key]);
+      this.timers[key] = null;
+    }
+  }
+
+  schedule(key, ms, fn) {
+    this.clear(key);
+    this.timers[key] = this.env.setTimeout(() => {
+      this.timers[key] = null;
+      fn();
+    }, ms);
+  }
+
+  connect(name) {
+    return new CONNECTIONS[name](this.env, this.sink, {
+      cursor: this.cursor, rooms: this.rooms, pollTimeout: this.pollTimeout,
+      getCursor: () => this.cursor,
+    });
+  }
+
+  open() {
+    if (!this.running || this.paused) return;
+    this.clear('retry');
+    const name = this.transport;
+    this.liveSince = null;
+    this.setState('connecting');
+    const conn = this.connect(name);
+    this.conn = conn;
+    if (name !== 'polling') {
+      // up means `welcome`, not onopen: a blocked upgrade or a held stream can look open
+      this.schedule('welcome', this.welcomeTimeoutMs, () => {
+        if (this.conn === conn && !conn.welcomed) {
+          conn.close();
+          this.sink.closed(conn, { welcomed: false, kind: 'transport', error: 'no welcome' }, true);
+        }
+      });
+    }
+  }
+
+  makeSink() {
+    return {
+      welcome: (conn, info) => this.handleWelcome(conn, info),
+      events: (conn, list, lastId) => this.handleEvents(conn, list, lastId),
+      reset: (conn, lastId) => this.handleReset(conn, lastId),
+      error: (conn, info) => this.handleError(conn, info),
+      closed: (conn, info, forced = false) => this.handleClosed(conn, info, forced),
+    };
+  }
+
+  handleWelcome(conn, info) {
+    if (conn === this.probe) {
+      this.promote(conn);
+    } else if (conn !== this.conn) {
+      return;
+    }
+    this.clear('welcome');
+    if (!this.cursor && info.lastId) this.cursor = info.lastId;
+    this.failures = 0;
+    this.liveSince = this.now();
+    this.onWelcome({ transport: conn.name, rooms: info.rooms ?? [], lastId: info.lastId });
+    this.setState('live');
+    if (this.level > 0) this.scheduleClimb();
+    else this.clear('climb');
+  }
+
+  /** A probe said welcome: it becomes the connection, the old one is dropped. */
+  promote(probe) {
+    const old = this.conn;
+    this.clear('probeWelcome');
+    this.clear('retry'); // the old transport may have been waiting to reconnect
+    this.clear('welcome');
+    this.probe = null;
+    this.conn = probe;
+    this.level = this.order.indexOf(probe.name);
+    this.deaths = [];
+    if (old) old.close();
+  }
+
+  handleEvents(conn, list, lastId = null) {
+    if (conn !== this.conn || !this.running) return;
+    const fresh = [];
+    for (const ev of list) {
+      // ids are totally ordered: anything at or below the cursor was delivered already
+      if (compareIds(ev.id, this.cursor) <= 0) continue;
+      this.cursor = ev.id;
+      fresh.push(ev);
+    }
+    // a poll answer's last_id is the cursor to continue from even when it brought nothing
+    if (lastId && compareIds(lastId, this.cursor) > 0) this.cursor = lastId;
+    if (fresh.length) {
+      this.lastEventAt = this.now();
+      this.onEvents(fresh, this.cursor);
+      this.onStatus(this.status());
+    } else if (lastId) {
+      this.onEvents([], this.cursor);
+    }
+  }
+
+  handleReset(conn, lastId) {
+    if (conn !== this.conn || !this.running) return;
+    // our cursor is gone (trimmed, or the stream was reset): continue from the head
+    this.cursor = lastId;
+    this.onReset(lastId);
+  }
+
+  handleError(conn, info) {
+    if (conn !== this.conn && conn !== this.probe) return;
+    if (AUTH_CODES.has(info.code)) {
+      this.onError({ ...info, kind: 'auth', transport: conn.name });
+      this.stop('auth');
+      return;
+    }
+    if (conn === this.conn) this.onError({ ...info, kind: 'frame', transport: conn.name });
+  }
+
+  handleClosed(conn, info, forced) {
+    if (conn === this.probe) {
+      this.probe = null;
+      this.clear('probeWelcome');
+      this.probeNext(this.order.indexOf(conn.name) + 1);
+      return;
+    }
+    if (conn !== this.conn || !this.running) return;
+    if (!forced) this.clear('welcome');
+    this.conn = null;
+    if (info.kind === 'auth') {
+      this.onError({ ...info, transport: conn.name });
+      this.stop('auth');
+      return;
+    }
+    if (info.kind === 'fatal') {
+      this.onError({ ...info, transport: conn.name });
+      this.stop('refused');
+      return;
+    }
+    const now = this.now();
+    if (info.welcomed) {
+      const lived = this.liveSince === null ? 0 : now - this.liveSince;
+      this.liveSince = null;
+      if (lived >= this.stableMs) {
+        this.deaths = [];
+        if (this.level === 0) this.climbAttempt = 0;
+      }
+      this.deaths = this.deaths.filter((t) => now - t < this.deathWindowMs);
+      this.deaths.push(now);
+      if (this.deaths.length >= this.maxDeaths && this.level < this.order.length - 1) {
+        this.fallBack();
+        return;
+      }
+      // died after being live: reconnect where we were, quickly but jittered
+      this.setState('connecting');
+      this.schedule('retry', backoff(this.deaths.length - 1, this.retryBaseMs, this.retryCapMs,
+        this.random), () => this.open());
+      return;
+    }
+    // could not open (refused, timed out without welcome, stream held back)
+    if (this.level < this.order.length - 1) {
+      this.fallBack();
+      return;
+    }
+    this.failures += 1;
+    this.setState(this.failures >= 2 ? 'offline' : 'connecting');
+    this.schedule('retry', backoff(this.failures, this.retryBaseMs * 2, this.retryCapMs,
+      this.random) + this.retryBaseMs, () => this.open());
+    this.scheduleClimb();
+  }
+
+  fallBack() {
+    this.level += 1;
+    this.deaths = [];
+    this.failures = 0;
+    this.open();
+    this.scheduleClimb();
+  }
+
+  scheduleClimb() {
+    if (this.level === 0 || this.timers.climb !== null || this.probe || this.paused) return;
+    const delay = backoff(this.climbAttempt, this.climbBaseMs, this.climbCapMs, this.random);
+    this.climbAttempt += 1;
+    this.schedule('climb', delay, () => this.probeNext(0));
+  }
+
+  /** Try the transports above the current one, best first; a welcome promotes the probe. */
+  probeNext(from) {
+    if (!this.running || this.paused || this.probe) return;
+    if (from >= this.level) {
+      this.scheduleClimb(); // nothing better answered this round: try again later
+      return;
+    }
+    const name = this.order[from];
+    const probe = this.connect(name);
+    this.probe = probe;
+    this.onStatus(this.status());
+    this.schedule('probeWelcome', this.welcomeTimeoutMs, () => {
+      if (this.probe === probe && !probe.welcomed) {
+        probe.close();
+        this.sink.closed(probe, { welcomed: false, kind: 'transport', error: 'no welcome' }, true);
+      }
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The public client.
+
+const EVENT_NAMES = Object.freeze(['event', 'batch', 'state', 'reset', 'error', 'welcome']);
+/** How long before a token's `exp` a token function is asked for the next one. */
+const REFRESH_LEAD_MS = 60000;
+/** After a refresh, an auth refusal this soon means the new token is no better: stop. */
+const REFRESH_GRACE_MS = 10000;
+
+/** The `exp` claim (seconds) of a JWT, read without checking it (the server checks). */
+export function tokenExpiry(token) {
+  if (typeof token !== 'string') return null;
+  const part = token.split('.')[1];
+  if (!part) return null;
+  try {
+    const b64 = part.replace(/-/g, '+').replace(/_/g, '/');
+    const text = typeof atob === 'function' ? atob(b64)
+      : globalThis.Buffer.from(b64, 'base64').toString('binary');
+    const exp = JSON.parse(text).exp;
+    return typeof exp === 'number' && Number.isFinite(exp) ? exp : null;
+  } catch {
+    return null;
+  }
+}
+
+/** `https://host/x/` -> {httpBase: 'https://host/x', wsBase: 'wss://host/x'}; '' = this page. */
+function bases(url) {
+  const here = globalThis.location?.href;
+  if (!url && !here) throw new TypeError('Dualcast: a server URL is required outside a page');
+  const full = new URL(url || '/', here);
+  const path = full.pathname.replace(/\/+$/, '');
+  const httpBase = url ? `${full.origin}${path}` : path;
+  const wsBase = `${full.protocol === 'https:' ? 'wss:' : 'ws:'}//${full.host}${path}`;
+  return { httpBase, wsBase };
+}
+
+/**
+ * A live feed of a dualcast server's events: `new Dualcast(url, options)`, then
+ * `on('event', fn)` and `start()`. Each event is delivered once, in stream order, on
+ * whichever transport works (see the top of this file). Options:
+ *   token        a string, or an async function returning one; a function is called
+ *                again a minute before the token's `exp` and after an auth refusal
+ *   rooms        rooms to join (none: the server's default for the token)
+ *   lastEventId  the cursor to resume from (`0` = from the oldest retained event)
+ *   transports   order or subset of 'websocket', 'sse', 'polling'
+ * and, for tests and tuning, anything TransportManager takes (WebSocket, fetch,
+ * setTimeout, clearTimeout, now, random, welcomeTimeoutMs, climbBaseMs, ...).
+ */
+export class Dualcast {
+  constructor(url = '', options = {}) {
+    const { token, rooms, lastEventId, transports, ...rest } = options;
+    this.options = rest;
+    this.listeners = new Map(EVENT_NAMES.map((name) => [name, new Set()]));
+    this.tokenSource = typeof token === 'function' ? token : null;
+    this.token = typeof token === 'string' && token ? token : null;
+    this.rooms = [...(rooms ?? [])];
+    this.joined = null; // the rooms the last welcome named
+    this.refreshTimer = null;
+    this.refreshedAt = null;
+    this.running = false;
+    this.generation = 0; // bumps on stop: a token fetched for an older start is dropped
+    const setT = rest.setTimeout ?? globalThis.setTimeout.bind(globalThis);
+    const clearT = rest.clearTimeout ?? globalThis.clearTimeout.bind(globalThis);
+    this.timer = { set: setT, clear: clearT };
+    this.now = rest.now ?? (() => Date.now());
+    this.manager = new TransportManager({
+      ...bases(url),
+      ...rest,
+      token: () => this.token,
+      cursor: lastEventId === undefined || lastEventId === null ? null : String(lastEventId),
+      rooms: this.rooms,
+      transports,
+      onEvents: (list, cursor) => this.deliver(list, cursor),
+      onStatus: (status) => this.emit('state', status),
+      onReset: (lastId) => this.emit('reset', { lastId }),
+      onError: (info) => this.failed(info),
+      onWelcome: (info) => {
+        this.joined = [...info.rooms];
+        this.emit('welcome', info);
+      },
+    });
+  }
+
+  /** 'websocket' | 'sse' | 'polling': the transport in use (or being tried). */
+  get transport() {
+    return this.manager.transport;
+  }
+
+  /** 'connecting' | 'live' | 'offline'. */
+  get state() {
+    return this.manager.state;
+  }
+
+  /** The cursor: the id of the last event delivered (or the server's head when live). */
+  get lastEventId() {
+    return this.manager.cursor;
+  }
+
+  /** Listen: 'event' | 'batch' | 'state' | 'reset' | 'error' | 'welcome'. Returns an off(). */
+  on(name, fn) {
+    const set = this.listeners.get(name);
+    if (!set) throw new TypeError(`Dualcast: no such event '${name}' (${EVENT_NAMES.join(', ')})`);
+    set.add(fn);
+    return () => set.delete(fn);
+  }
+
+  off(name, fn) {
+    this.listeners.get(name)?.delete(fn);
+  }
+
+  emit(name, value) {
+    for (const fn of [...this.listeners.get(name)]) {
+      try {
+        fn(value);
+      } catch (err) {
+        // a listener's bug must not lose the rest of the batch or stop the feed
+        if (typeof globalThis.reportError === 'function') globalThis.reportError(err);
+        else globalThis.console?.error(err);
+      }
+    }
+  }
+
+  deliver(list, cursor) {
+    this.emit('batch', { events: list, lastEventId: cursor });
+    for (const ev of list) this.emit('event', ev);
+  }
+
+  /** Connect (asking the token function first, if there is one). Returns this. */
+  start() {
+    if (this.running) return this;
+    this.running = true;
+    const generation = this.generation;
+    if (this.tokenSource && !this.token) {
+      this.refresh(generation).then((ok) => {
+        if (ok && this.running && generation === this.generation) this.manager.start();
+      });
+    } else {
+      this.scheduleRefresh();
+      this.manager.start();
+    }
+    return this;
+  }
+
+  /** Close everything; the cursor stays, so start() resumes where this left off. */
+  stop() {
+    this.running = false;
+    this.generation += 1;
+    this.cancelRefresh();
+    this.manager.stop(null);
+    return this;
+  }
+
+  /** Drop the connection but keep the cursor (e.g. a hidden page); resume() reconnects. */
+  pause() {
+    this.manager.pause();
+  }
+
+  resume() {
+    this.manager.resume();
+  }
+
+  /** Join a room: a `join` frame on a live WebSocket, else a reconnect with the new set. */
+  join(room) {
+    const current = this.roomSet();
+    if (current.includes(room)) return;
+    this.rooms = [...current, room];
+    if (!this.manager.send({ type: 'join', room })) this.manager.restart({ rooms: this.rooms });
+    else this.manager.rooms = [...this.rooms];
+  }
+
+  leave(room) {
+    const current = this.roomSet();
+    if (!current.includes(room)) return;
+    this.rooms = current.filter((r) => r !== room);
+    if (!this.manager.send({ type: 'leave', room })) this.manager.restart({ rooms: this.rooms });
+    else this.manager.rooms = [...this.rooms];
+  }
+
+  /** Replace the rooms (none: the server's default) and reconnect from the cursor. */
+  setRooms(rooms) {
+    this.rooms = [...rooms];
+    this.joined = null;
+    this.manager.restart({ rooms: this.rooms });
+  }
+
+  /** What the manager reports (transport, state, cursor, probing, lastEventAt, ...). */
+  status() {
+    return this.manager.status();
+  }
+
+  /** The rooms a join/leave starts from: the ones asked for, else what welcome named. */
+  roomSet() {
+    if (this.rooms.length) return [...this.rooms];
+    return [...(this.joined ?? [])];
+  }
+
+  failed(info) {
+    const error = { code: info.code ?? 'error', message: info.message ?? '', ...info };
+    const recent = this.refreshedAt !== null && this.now() - this.refreshedAt < REFRESH_GRACE_MS;
+    if (info.kind === 'auth' && this.tokenSource && this.running && !recent) {
+      // the manager has stopped itself: ask for a fresh token and carry on from the cursor
+      const generation = this.generation;
+      this.refresh(generation).then((ok) => {
+        if (ok && this.running && generation === this.generation) this.manager.start();
+      });
+      return;
+    }
+    if (info.kind === 'auth' || info.kind === 'fatal') this.running = false;
+    this.emit('error', error);
+  }
+
+  /** Ask the token function for a token; false (and an `error`) if it failed. */
+  async refresh(generation) {
+    let token;
+    try {
+      token = await this.tokenSource();
+    } catch (err) {
+      if (generation !== this.generation) return false;
+      this.running = false;
+      this.emit('error', { code: 'token_unavailable', message: String(err?.message ?? err), kind: 'auth' });
+      this.manager.stop('auth');
+      return false;
+    }
+    if (generation !== this.generation) return false;
+    const previous = this.token;
+    this.token = typeof token === 'string' && token ? token : null;
+    this.refreshedAt = this.now();
+    this.scheduleRefresh();
+    if (previous && this.token && this.token !== previous && this.manager.running) {
+      // a live WebSocket takes the new token in place; an SSE stream holds the old one
+      // in its request, so it reconnects (from the cursor) before that one runs out
+      const sent = this.manager.send({ type: 'auth', token: this.token });
+      if (!sent && this.manager.transport === 'sse') this.manager.restart({});
+    }
+    return true;
+  }
+
+  scheduleRefresh() {
+    this.cancelRefresh();
+    if (!this.tokenSource || !this.running) return;
+    const exp = tokenExpiry(this.token);
+    if (exp === null) return;
+    const left = exp * 1000 - this.now();
+    const wait = Math.max(1000, left - Math.min(REFRESH_LEAD_MS, left / 2));
+    const generation = this.generation;
+    this.refreshTimer = this.timer.set(() => {
+      this.refreshTimer = null;
+      if (this.running && generation === this.generation) this.refresh(generation);
+    }, wait);
+  }
+
+  cancelRefresh() {
+    if (this.refreshTimer !== null) this.timer.clear(this.refreshTimer);
+    this.refreshTimer = null;
+  }
+}
