@@ -1,25 +1,41 @@
-"""Who a caller is and which rooms it may join: JWT HS256 tokens (PyJWT).
+"""Who a caller is and which rooms it may join: JWTs (PyJWT) and the application's hook.
 
 A room rule in one place: admin, or listed in `rooms`, or `user-<sub>`.
 Tokens are read from `Authorization: Bearer`, `?token=`, or the
 `dualcast_token` cookie, in that order; nothing here ever logs a token.
+
+Tokens may be signed with the shared secret (HS*), or by another issuer with
+a key pair: a fixed public key, or the keys its JWKS URL publishes (see
+`keys.py` for the rule that keeps each key to its own algorithms). A request
+without a token may instead be vouched for by the application (`authhook.py`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import httpx
 import jwt
 from starlette.requests import HTTPConnection
 
+from dualcast.authhook import AuthHook, HookRefused, HookUnavailable, Lease
+from dualcast.jwks import KeySet
+from dualcast.keys import ALGORITHMS, Family, PrivateKey, PublicKey, key_fits, load_public_key
 from dualcast.query import query_of
+
+if TYPE_CHECKING:
+    from dualcast.config import Settings
 
 COOKIE_NAME = "dualcast_token"
 ALGORITHM = "HS256"
+
+log = logging.getLogger("dualcast.auth")
 
 
 class AuthError(Exception):
@@ -40,7 +56,8 @@ class Identity:
     publish: bool = False
     exp: float | None = None
     anonymous: bool = True
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    #: For an identity the application vouched for: its expiry moves when it is renewed.
+    lease: Lease | None = field(default=None, compare=False, repr=False)
 
     def may_join(self, room: str) -> bool:
         if self.anonymous:
@@ -62,7 +79,8 @@ class Identity:
         return rooms
 
     def seconds_left(self) -> float | None:
-        return None if self.exp is None else self.exp - time.time()
+        exp = self.exp if self.lease is None else self.lease.exp
+        return None if exp is None else exp - time.time()
 
     def expired(self) -> bool:
         left = self.seconds_left()
@@ -75,7 +93,7 @@ class Identity:
             "publish": self.publish,
             "rooms": sorted(self.default_rooms()),
             "anonymous": self.anonymous,
-            "exp": self.exp,
+            "exp": self.exp if self.lease is None else self.lease.exp,
         }
 
 
@@ -83,32 +101,55 @@ ANONYMOUS = Identity()
 
 
 def mint_token(
-    secret: str, sub: str, rooms: list[str] | None = None, admin: bool = False,
-    publish: bool = False, ttl: float = 3600.0,
+    secret: str | None, sub: str, rooms: list[str] | None = None, admin: bool = False,
+    publish: bool = False, ttl: float = 3600.0, *, algorithm: str = ALGORITHM,
+    key: PrivateKey | None = None, kid: str | None = None, issuer: str | None = None,
+    audience: str | None = None,
 ) -> str:
+    """A token: HS* with `secret`, or RS*/PS*/ES*/EdDSA with a private `key` (and `kid`)."""
+    now = int(time.time())
     claims: dict[str, Any] = {
         "sub": str(sub), "rooms": list(rooms or []), "admin": admin, "publish": publish,
-        "iat": int(time.time()), "exp": int(time.time() + ttl),
+        "iat": now, "exp": int(now + ttl),
     }
-    return jwt.encode(claims, secret, algorithm=ALGORITHM)
+    if issuer:
+        claims["iss"] = issuer
+    if audience:
+        claims["aud"] = audience
+    family = ALGORITHMS.get(algorithm)
+    if family is None:
+        raise ValueError(f"unknown algorithm {algorithm!r}")
+    headers = {"kid": kid} if kid else None
+    if family is Family.HMAC:
+        if not secret:
+            raise ValueError(f"{algorithm} needs the shared secret")
+        return jwt.encode(claims, secret, algorithm=algorithm, headers=headers)
+    if key is None or not key_fits(key, algorithm):
+        raise ValueError(f"{algorithm} needs a private key of its own kind")
+    return jwt.encode(claims, key, algorithm=algorithm, headers=headers)
 
 
-def _refusal_for(exc: jwt.InvalidTokenError) -> AuthError:
+def _refusal_for(exc: jwt.InvalidTokenError, audience: Sequence[str]) -> AuthError:
     """A clear, token-free message for each way PyJWT refuses a token."""
     if isinstance(exc, jwt.ExpiredSignatureError):
         return AuthError("token_expired", "the token has expired; log in again")
     if isinstance(exc, jwt.InvalidSignatureError):
         return AuthError("invalid_token", "the token's signature does not match this server")
-    if isinstance(exc, jwt.InvalidAlgorithmError):
-        return AuthError("invalid_token", f"the token must be signed with {ALGORITHM}")
     if isinstance(exc, jwt.MissingRequiredClaimError):
         return AuthError("invalid_token", f"the token lacks the {exc.claim!r} claim")
     if isinstance(exc, jwt.ImmatureSignatureError):
         return AuthError("invalid_token", "the token is not valid yet")
+    if isinstance(exc, jwt.InvalidIssuerError):
+        return AuthError("invalid_token", "the token comes from another issuer ('iss')")
+    if isinstance(exc, jwt.InvalidAudienceError):
+        if not audience:
+            return AuthError("invalid_token", "the token names an audience ('aud') and this "
+                             "server accepts none (set DUALCAST_JWT_AUDIENCE)")
+        return AuthError("invalid_token", "the token is for another audience ('aud')")
     if isinstance(exc, jwt.DecodeError):
         return AuthError("invalid_token", "the token is malformed (not a signed JWT)")
-    # Wrong claim types (sub, iat, nbf, exp...), unexpected aud/iss: say which class of
-    # problem without echoing anything from the token itself.
+    # Wrong claim types (sub, iat, nbf, exp...): say which class of problem without
+    # echoing anything from the token itself.
     return AuthError("invalid_token", f"the token is not valid ({type(exc).__name__})")
 
 
@@ -119,20 +160,12 @@ def _claim_bool(claims: dict[str, Any], name: str) -> bool:
     return value
 
 
-def _verify(token: str, secret: str) -> Identity:
-    """The full check, uncached.
+def _identity_of(claims: Any) -> Identity:
+    """The identity in verified claims.
 
     A claim of the wrong type refuses the whole token rather than being read as
     "false" or "no rooms": a token we cannot read exactly is not a token we trust.
     """
-    if len(token) > 8192:
-        raise AuthError("invalid_token", "the token is too long")
-    try:
-        claims = jwt.decode(
-            token, secret, algorithms=[ALGORITHM], options={"require": ["sub", "exp"]}
-        )
-    except jwt.InvalidTokenError as exc:
-        raise _refusal_for(exc) from None
     if not isinstance(claims, dict):
         raise AuthError("invalid_token", "the token's claims must be a JSON object")
     rooms = claims.get("rooms", [])
@@ -157,6 +190,7 @@ def _verify(token: str, secret: str) -> Identity:
 
 
 _BEARER = re.compile(r"^\s*Bearer\s+(\S+)\s*$", re.IGNORECASE)
+_JWT_SHAPE = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
 
 
 def token_from(conn: HTTPConnection) -> str | None:
@@ -171,6 +205,10 @@ def token_from(conn: HTTPConnection) -> str | None:
         if match is None:
             raise AuthError("invalid_token", "Authorization header must be 'Bearer <token>'")
         return match.group(1)
+    return _query_or_cookie_token(conn)
+
+
+def _query_or_cookie_token(conn: HTTPConnection) -> str | None:
     token = query_of(conn).get("token")
     if token:
         return token
@@ -178,98 +216,220 @@ def token_from(conn: HTTPConnection) -> str | None:
 
 
 def decode_token(token: str, secret: str | None) -> Identity:
-    """Verify a token (signature, HS256 only, expiry, claim types) or raise AuthError.
+    """Verify an HS256 token (signature, expiry, claim types) or raise AuthError.
 
-    Uncached: servers verify through their `Authenticator`, which remembers.
+    Uncached and secret-only: servers verify through their `Authenticator`.
     """
     if secret is None:
         raise AuthError("no_secret", "this server has no token secret configured")
-    return _verify(token, secret)
+    return Authenticator(secret).decode_now(token)
 
 
 class Authenticator:
     """Turns what a request presents into an `Identity`; one per app, on its runtime.
 
-    Async because a caller's identity may have to be fetched (a key set, an
-    application's session check); the HS256 path never awaits anything.
+    Async because a caller's identity may have to be fetched (an issuer's key set,
+    the application's session check); a token signed with a key already held
+    never awaits anything.
     """
 
     #: Tokens verified before: a long-poller presents the same token on every request,
     #: and PyJWT's checks cost ~65 us each (issue 8). Only tokens that verified are
     #: kept; the expiry is checked again on every hit.
     CACHE_MAX = 4096
+    MAX_TOKEN = 8192
 
-    def __init__(self, secret: str | None, allow_anonymous: bool = True) -> None:
+    def __init__(
+        self, secret: str | None, allow_anonymous: bool = True, *,
+        algorithms: Sequence[str] = (ALGORITHM,), public_key: PublicKey | None = None,
+        jwks_url: str | None = None, issuer: str | None = None,
+        audience: Sequence[str] = (), auth_url: str | None = None, timeout: float = 3.0,
+        jwks_min_interval: float = 60.0, jwks_refresh: float = 600.0,
+    ) -> None:
         self.secret = secret
         self.allow_anonymous = allow_anonymous
+        self.algorithms = tuple(algorithms)
+        self.public_key = public_key
+        self.issuer = issuer
+        self.audience = list(audience)
         self._verified: dict[str, Identity] = {}
+        self._keys_version = 0
+        self.client: httpx.AsyncClient | None = None
+        if jwks_url or auth_url:
+            # Our own client: no proxy from the environment, no redirects followed.
+            self.client = httpx.AsyncClient(
+                timeout=timeout, follow_redirects=False, trust_env=False
+            )
+        self.jwks = KeySet(jwks_url, self.client, jwks_min_interval, jwks_refresh) if (
+            jwks_url and self.client is not None) else None
+        self.hook = AuthHook(auth_url, self.client) if (
+            auth_url and self.client is not None) else None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, secret: str | None) -> Authenticator:
+        return cls(
+            secret, settings.allow_anonymous, algorithms=settings.jwt_algorithms,
+            public_key=load_public_key(settings.public_key) if settings.public_key else None,
+            jwks_url=settings.jwks_url, issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience, auth_url=settings.auth_url,
+            timeout=settings.auth_timeout, jwks_min_interval=settings.jwks_min_interval,
+            jwks_refresh=settings.jwks_refresh,
+        )
+
+    # background: the key set's fetches and the hook's renewals ---------------------
+
+    async def run(self) -> None:
+        """The key set's first fetch and its refreshes, and the renewal of identities the
+        application vouched for; owned by the runtime's lifespan."""
+        jobs = [job.run() for job in (self.jwks, self.hook) if job is not None]
+        if jobs:
+            await asyncio.gather(*jobs)
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+
+    # tokens --------------------------------------------------------------------------
 
     async def decode(self, token: str) -> Identity:
-        """A presented token's identity, or AuthError."""
-        return self.decode_now(token)
+        """A presented token's identity, or AuthError; fetches the issuer's key set again
+        when the token names a key not yet known (rate-limited, see `KeySet`)."""
+        known = self._remembered(token)
+        if known is not None:
+            return known
+        algorithm, kid = self._header(token)
+        if self.jwks is not None and ALGORITHMS[algorithm] is not Family.HMAC and (
+            kid is not None or not self._static_fits(algorithm)
+        ):
+            await self.jwks.key_for(kid, algorithm)
+        return self._verify(token, algorithm, kid)
 
     def decode_now(self, token: str) -> Identity:
-        known = self._verified.get(token)
+        """As `decode`, with only the keys already held (never awaits a fetch)."""
+        known = self._remembered(token)
         if known is not None:
-            if known.expired():
-                raise AuthError("token_expired", "the token has expired; log in again")
             return known
-        identity = decode_token(token, self.secret)
+        algorithm, kid = self._header(token)
+        return self._verify(token, algorithm, kid)
+
+    def _remembered(self, token: str) -> Identity | None:
+        if self.jwks is not None and self.jwks.version != self._keys_version:
+            # The key set changed: a token checked with a key now gone must not pass.
+            self._verified.clear()
+            self._keys_version = self.jwks.version
+        known = self._verified.get(token)
+        if known is not None and known.expired():
+            raise AuthError("token_expired", "the token has expired; log in again")
+        return known
+
+    def _header(self, token: str) -> tuple[str, str | None]:
+        """The token's algorithm (one this server accepts) and key id, before any check."""
+        if len(token) > self.MAX_TOKEN:
+            raise AuthError("invalid_token", "the token is too long")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError:
+            raise AuthError("invalid_token", "the token is malformed (not a signed JWT)") from None
+        algorithm = header.get("alg")
+        if algorithm not in self.algorithms:
+            raise AuthError(
+                "invalid_token",
+                f"the token must be signed with {' or '.join(self.algorithms)}",
+            )
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise AuthError("invalid_token", "the token's 'kid' header must be a string")
+        return str(algorithm), kid
+
+    def _static_fits(self, algorithm: str) -> bool:
+        return self.public_key is not None and key_fits(self.public_key, algorithm)
+
+    def _key(self, algorithm: str, kid: str | None) -> str | PublicKey:
+        """The one key that may check this token: the secret for HS*, else a key of the
+        algorithm's own family (the key set's for a `kid` it holds, else the fixed key)."""
+        if ALGORITHMS[algorithm] is Family.HMAC:
+            if self.secret is None:
+                raise AuthError("no_secret", "this server has no token secret configured")
+            return self.secret
+        if self.jwks is not None:
+            jwk = self.jwks.find(kid, algorithm)
+            if jwk is not None:
+                return jwk.key
+        if self.public_key is not None and key_fits(self.public_key, algorithm):
+            return self.public_key
+        named = f" (kid {kid[:64]!r})" if kid is not None else ""
+        raise AuthError(
+            "invalid_token", f"no key of this server checks {algorithm} tokens{named}"
+        )
+
+    def _verify(self, token: str, algorithm: str, kid: str | None) -> Identity:
+        key = self._key(algorithm, kid)
+        required = ["sub", "exp"]
+        if self.issuer:
+            required.append("iss")
+        if self.audience:
+            required.append("aud")
+        try:
+            claims = jwt.decode(
+                token, key, algorithms=[algorithm], issuer=self.issuer,
+                audience=self.audience or None, options={"require": required},
+            )
+        except jwt.InvalidTokenError as exc:
+            raise _refusal_for(exc, self.audience) from None
+        identity = _identity_of(claims)
         if len(self._verified) >= self.CACHE_MAX:
             del self._verified[next(iter(self._verified))]  # the oldest entry
         self._verified[token] = identity
         return identity
 
+    # requests ------------------------------------------------------------------------
+
+    def _token_of(self, conn: HTTPConnection) -> str | None:
+        """The dualcast token a request presents. With a hook, a Bearer credential that is
+        not a JWT is the application's own (an opaque session token): it goes to the hook."""
+        if self.hook is not None:
+            match = _BEARER.match(conn.headers.get("authorization", ""))
+            if match is not None and not _JWT_SHAPE.match(match.group(1)):
+                return _query_or_cookie_token(conn)
+            if match is None and conn.headers.get("authorization"):
+                return _query_or_cookie_token(conn)
+        return token_from(conn)
+
     async def identify(self, conn: HTTPConnection) -> Identity:
-        """The caller's identity; anonymous only when no token was sent and that is allowed."""
-        token = token_from(conn)
-        if token is None:
-            if not self.allow_anonymous:
-                raise AuthError("unauthenticated", "a token is required on this server")
-            return ANONYMOUS
-        return await self.decode(token)
+        """The caller's identity: its token's, else the application's word when a hook is
+        set and the request carries a cookie or credential, else anonymous if allowed."""
+        token = self._token_of(conn)
+        if token is not None:
+            return await self.decode(token)
+        if self.hook is not None:
+            headers = {
+                name: value for name in ("cookie", "authorization")
+                if (value := conn.headers.get(name))
+            }
+            if headers:
+                return await self._vouched(headers)
+        if not self.allow_anonymous:
+            raise AuthError("unauthenticated", "a token is required on this server")
+        return ANONYMOUS
 
-
-# Logs never print a token ------------------------------------------------------
-
-_SECRET_QUERY = re.compile(r"((?:^|[?&;\s])(?:token|access_token)=)[^&\s\"']*", re.IGNORECASE)
-_JWT_LIKE = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
-
-
-def redact(text: str) -> str:
-    """`text` with query tokens and anything shaped like a JWT replaced by `***`."""
-    return _JWT_LIKE.sub("***", _SECRET_QUERY.sub(r"\1***", text))
-
-
-class RedactTokens(logging.Filter):
-    """Rewrites a record's message so no token reaches a log (uvicorn logs WS paths with
-    their query string, `?token=` included)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
+    async def _vouched(self, headers: dict[str, str]) -> Identity:
+        assert self.hook is not None
         try:
-            message = record.getMessage()
-        except Exception:  # a broken record is logging's problem, not ours
-            return True
-        cleaned = redact(message)
-        if cleaned != message:
-            record.msg = cleaned
-            record.args = None
-        return True
-
-
-_REDACTED_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "dualcast", "")
-
-
-def install_log_redaction() -> None:
-    """Attach the filter to uvicorn's and our loggers and to every root handler.
-
-    Call it after uvicorn has configured logging (its dictConfig replaces handlers,
-    not logger filters). Idempotent.
-    """
-    for name in _REDACTED_LOGGERS:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, RedactTokens) for f in logger.filters):
-            logger.addFilter(RedactTokens())
-        for handler in logger.handlers:
-            if not any(isinstance(f, RedactTokens) for f in handler.filters):
-                handler.addFilter(RedactTokens())
+            lease = await self.hook.lease_for(headers)
+        except HookRefused as exc:
+            raise AuthError(
+                "session_refused",
+                f"the application did not accept this session ({exc}); log in to it again",
+                status=exc.status,
+            ) from None
+        except HookUnavailable as exc:
+            raise AuthError(
+                "auth_unavailable",
+                f"the application's session check is unavailable ({exc}); try again shortly",
+                status=503,
+            ) from None
+        answer = lease.answer
+        return Identity(
+            sub=answer.sub, rooms=answer.rooms, admin=answer.admin, publish=answer.publish,
+            exp=lease.exp, anonymous=False, lease=lease,
+        )

@@ -54,6 +54,25 @@ class Settings(BaseSettings):
     allow_anonymous: bool = True
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     cookie_secure: Literal["auto", "always", "never"] = "auto"
+    # tokens from other issuers, and the application's session check
+    jwt_algorithms: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["HS256"],
+        description="accepted token algorithms (comma list: HS*, RS*, PS*, ES*, EdDSA)",
+    )
+    public_key: str | None = Field(None, description="PEM public key for RS/PS/ES/EdDSA (or @path)")
+    jwks_url: str | None = Field(None, description="an issuer's JWKS URL (keys by kid)")
+    jwks_min_interval: float = Field(
+        60.0, ge=0, le=3600, description="least seconds between fetches for an unknown kid"
+    )
+    jwks_refresh: float = Field(600.0, ge=0, description="seconds between JWKS refreshes; 0=off")
+    jwt_issuer: str | None = Field(None, description="required 'iss' of every token")
+    jwt_audience: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="accepted 'aud' values (comma list); required if set"
+    )
+    auth_url: str | None = Field(None, description="the application's session check (GET)")
+    auth_timeout: float = Field(
+        3.0, gt=0, le=60, description="seconds the auth hook and a JWKS fetch may take"
+    )
 
     # transports
     transports: Annotated[list[Transport], NoDecode] = Field(
@@ -121,6 +140,61 @@ class Settings(BaseSettings):
             raise ValueError("DUALCAST_STALL_SECONDS: must be longer than DUALCAST_BLOCK_MS")
         if not self.transports:
             raise ValueError("DUALCAST_TRANSPORTS: at least one transport must be enabled")
+        return self
+
+    @field_validator("jwt_algorithms", "jwt_audience", mode="before")
+    @classmethod
+    def _token_lists(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("jwt_algorithms")
+    @classmethod
+    def _algorithms(cls, value: list[str]) -> list[str]:
+        from dualcast.keys import parse_algorithms
+
+        return parse_algorithms(value)
+
+    @field_validator("public_key", "jwks_url", "jwt_issuer", "auth_url", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("jwks_url", "auth_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _token_keys(self) -> Settings:
+        """Every listed algorithm has a key, and every key an algorithm (caught at start,
+        not on the first refused token)."""
+        from dualcast.keys import ALGORITHMS, Family, key_fits, load_public_key
+
+        keyed = [a for a in self.jwt_algorithms if ALGORITHMS[a] is not Family.HMAC]
+        if keyed and not (self.public_key or self.jwks_url):
+            raise ValueError(
+                f"DUALCAST_JWT_ALGORITHMS: {keyed[0]} needs DUALCAST_PUBLIC_KEY or "
+                "DUALCAST_JWKS_URL"
+            )
+        if (self.public_key or self.jwks_url) and not keyed:
+            raise ValueError(
+                "DUALCAST_JWT_ALGORITHMS: lists no algorithm for the issuer's keys "
+                "(add the one it signs with, e.g. RS256 or ES256)"
+            )
+        if self.public_key:
+            try:
+                key = load_public_key(self.public_key)
+            except ValueError as exc:
+                raise ValueError(f"DUALCAST_PUBLIC_KEY: {exc}") from None
+            if not any(key_fits(key, a) for a in keyed) and not self.jwks_url:
+                raise ValueError(
+                    "DUALCAST_PUBLIC_KEY: DUALCAST_JWT_ALGORITHMS lists no algorithm "
+                    "this key can check"
+                )
         return self
 
     @property

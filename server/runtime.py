@@ -35,7 +35,7 @@ class Runtime:
     def __init__(self, settings: Settings, secret: str | None) -> None:
         self.settings = settings
         self.secret = secret
-        self.auth = Authenticator(secret, settings.allow_anonymous)
+        self.auth = Authenticator.from_settings(settings, secret)
         self.log: EventLog = create_log(settings)
         self.hub = Hub(settings.recent_window)
         self.consumer = Consumer(self.log, self.hub, settings)

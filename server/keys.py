@@ -1,0 +1,184 @@
+"""Signing algorithms, the key family each one needs, and public/private key files.
+
+The rule that prevents algorithm confusion lives here: every algorithm belongs
+to exactly one key family, and a key is only ever used with an algorithm of its
+own family (an HMAC secret never checks an RS256 token; an RSA public key is
+never used as an HMAC secret; a P-256 key never checks an ES384 token). `none`
+is not an algorithm here at all.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+
+PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | (
+    ed448.Ed448PublicKey
+)
+PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | (
+    ed448.Ed448PrivateKey
+)
+
+
+class Family(enum.Enum):
+    HMAC = "hmac"
+    RSA = "rsa"
+    EC = "ec"
+    OKP = "okp"  # Ed25519 / Ed448 (EdDSA)
+
+
+#: Every algorithm a token may name, and its key family.
+ALGORITHMS: dict[str, Family] = {
+    "HS256": Family.HMAC, "HS384": Family.HMAC, "HS512": Family.HMAC,
+    "RS256": Family.RSA, "RS384": Family.RSA, "RS512": Family.RSA,
+    "PS256": Family.RSA, "PS384": Family.RSA, "PS512": Family.RSA,
+    "ES256": Family.EC, "ES384": Family.EC, "ES512": Family.EC, "ES256K": Family.EC,
+    "EdDSA": Family.OKP,
+}
+
+#: The one curve each ES algorithm is defined on (RFC 7518 3.4).
+_CURVES: dict[str, str] = {
+    "ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1", "ES256K": "secp256k1",
+}
+
+
+def parse_algorithms(names: list[str]) -> list[str]:
+    """Validated algorithm names, in the case JWT headers use; ValueError names the bad one."""
+    known = {name.lower(): name for name in ALGORITHMS}
+    chosen: list[str] = []
+    for name in names:
+        if name.lower() == "none":
+            raise ValueError("'none' (unsigned tokens) is never accepted")
+        canonical = known.get(name.lower())
+        if canonical is None:
+            raise ValueError(f"unknown algorithm {name!r}; choose from {', '.join(ALGORITHMS)}")
+        if canonical not in chosen:
+            chosen.append(canonical)
+    if not chosen:
+        raise ValueError("list at least one algorithm (default HS256)")
+    return chosen
+
+
+def family_of(key: object) -> Family | None:
+    """The family a key object belongs to (None for anything we cannot use)."""
+    if isinstance(key, rsa.RSAPublicKey | rsa.RSAPrivateKey):
+        return Family.RSA
+    if isinstance(key, ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey):
+        return Family.EC
+    if isinstance(key, ed25519.Ed25519PublicKey | ed25519.Ed25519PrivateKey
+                  | ed448.Ed448PublicKey | ed448.Ed448PrivateKey):
+        return Family.OKP
+    return None
+
+
+def key_fits(key: object, algorithm: str) -> bool:
+    """Whether `key` may check (or make) a signature of `algorithm`: same family, and for
+    ES* the algorithm's own curve."""
+    family = ALGORITHMS.get(algorithm)
+    if family is None or family is Family.HMAC or family_of(key) is not family:
+        return False
+    if family is Family.EC:
+        assert isinstance(key, ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey)
+        return key.curve.name == _CURVES[algorithm]
+    return True
+
+
+def _text(value: str) -> str:
+    """A setting that is either the value itself or `@path` to a file holding it."""
+    if value.startswith("@"):
+        path = Path(value[1:]).expanduser()
+        try:
+            return path.read_text()
+        except OSError as exc:
+            raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    return value
+
+
+def load_public_key(value: str) -> PublicKey:
+    """A PEM public key (or certificate), inline or `@path`; ValueError says what is wrong."""
+    data = _text(value).strip().encode()
+    try:
+        if b"-----BEGIN CERTIFICATE-----" in data:
+            key: object = x509.load_pem_x509_certificate(data).public_key()
+        else:
+            key = serialization.load_pem_public_key(data)
+    except ValueError:
+        raise ValueError("not a PEM public key or certificate") from None
+    if family_of(key) is None:
+        raise ValueError("not an RSA, EC, Ed25519 or Ed448 public key")
+    return key  # type: ignore[return-value]
+
+
+def load_private_key(value: str) -> PrivateKey:
+    """A PEM private key (unencrypted), inline or `@path`."""
+    data = _text(value).strip().encode()
+    try:
+        key: object = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):
+        raise ValueError("not an unencrypted PEM private key") from None
+    if family_of(key) is None:
+        raise ValueError("not an RSA, EC, Ed25519 or Ed448 private key")
+    return key  # type: ignore[return-value]
+
+
+def generate(algorithm: str) -> PrivateKey:
+    """A fresh private key for `algorithm` (RSA 2048 bits for RS*/PS*, Ed25519 for EdDSA)."""
+    family = ALGORITHMS[algorithm]
+    if family is Family.RSA:
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    if family is Family.EC:
+        curves: dict[str, ec.EllipticCurve] = {
+            "ES256": ec.SECP256R1(), "ES384": ec.SECP384R1(), "ES512": ec.SECP521R1(),
+            "ES256K": ec.SECP256K1(),
+        }
+        return ec.generate_private_key(curves[algorithm])
+    if family is Family.OKP:
+        return ed25519.Ed25519PrivateKey.generate()
+    raise ValueError(f"{algorithm} uses a shared secret, not a key pair")
+
+
+def private_pem(key: PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def public_pem(key: PublicKey) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def public_jwk(key: PublicKey, kid: str, algorithm: str) -> dict[str, Any]:
+    """The JWK of a public key, as a JWKS publishes it (`kid`, `alg`, `use: sig`)."""
+    jwk: dict[str, Any]
+    if isinstance(key, rsa.RSAPublicKey):
+        jwk = RSAAlgorithm.to_jwk(key, as_dict=True)
+    elif isinstance(key, ec.EllipticCurvePublicKey):
+        jwk = ECAlgorithm.to_jwk(key, as_dict=True)
+    else:
+        jwk = OKPAlgorithm.to_jwk(key, as_dict=True)
+    return {**jwk, "kid": kid, "alg": algorithm, "use": "sig"}
+
+
+def add_to_jwks(path: Path, jwk: dict[str, Any]) -> dict[str, Any]:
+    """`path`'s key set with `jwk` added (replacing a key of the same `kid`), written back.
+
+    Rotation is two steps: publish the new key beside the old one, sign with it, and
+    drop the old key once the tokens it signed have expired.
+    """
+    keys: list[dict[str, Any]] = []
+    if path.exists():
+        loaded = json.loads(path.read_text())
+        keys = [k for k in loaded.get("keys", []) if k.get("kid") != jwk["kid"]]
+    document = {"keys": [*keys, jwk]}
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    return document
