@@ -6,15 +6,11 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import re
-import secrets
-import signal
-import socket
 import sys
 from typing import Any
 
-from dualcast.config import Settings, SettingsError, load_settings
+from dualcast.config import Settings, SettingsError, env_name, load_settings
 
 log = logging.getLogger("dualcast")
 
@@ -36,165 +32,62 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
     return load_settings(**overrides)
 
 
+#: `dualcast serve` flags and the settings they set: a flag is the environment
+#: variable of the same name, for this process and every worker it starts.
+SERVE_FLAGS = {
+    "host": "--host", "port": "--port", "redis_url": "--redis-url", "workers": "--workers",
+    "log_level": "--log-level", "demo": "--demo", "demo_speed": "--demo-speed",
+}
+
+
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from dualcast.secret_file import SecretFileError, load_or_create, secret_path
+    from dualcast.serve import ListenError, serve
 
-    from dualcast.transports.ws_protocol import WebSocketProtocol
-
-    settings = _settings(
-        args, host=args.host, port=args.port, workers=args.workers,
-        log_level=args.log_level,
-    )
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    settings = _flag_settings(args, SERVE_FLAGS)
+    kept: tuple[str, bool] | None = None
+    if settings.secret is None:
+        path = secret_path()
+        try:
+            settings.secret, made = load_or_create(path)
+        except SecretFileError as exc:
+            print(f"dualcast serve: {exc}", file=sys.stderr)
+            return 2
+        kept = (str(path), made)
     secret = settings.secret
-    generated = False
-    if secret is None:
-        secret = secrets.token_urlsafe(32)
-        generated = True
-        os.environ["DUALCAST_SECRET"] = secret  # for workers started by uvicorn
-    if generated:
+
+    def on_listening(url: str) -> None:
+        if kept is None:  # a configured secret: no admin token in anybody's log
+            return
         from dualcast.auth import mint_token
 
+        path, made = kept
         token = mint_token(secret, "admin", admin=True, publish=True, ttl=7 * 86400)
-        host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
-        print(
-            "dualcast: no DUALCAST_SECRET set; made one for this process. Tokens from it do not "
-            "work on other instances or after a restart: set one shared DUALCAST_SECRET "
-            "for several instances.",
-            file=sys.stderr,
-        )
-        print(f"dualcast: open the dashboard as admin: http://{host}:{settings.port}/?token={token}",
+        print(f"dualcast: no DUALCAST_SECRET set: signing tokens with the secret "
+              f"{'made now and ' if made else ''}kept in {path}", file=sys.stderr)
+        print(f"dualcast: open the dashboard as admin: {url}/?token={token}",
               file=sys.stderr, flush=True)
-    common: dict[str, Any] = {
-        "host": settings.host, "port": settings.port, "log_level": settings.log_level,
-        "ws": WebSocketProtocol,  # uvicorn's default, with refused handshakes answered
-        "ws_max_size": settings.max_frame_bytes,
-        "ws_per_message_deflate": False,  # costly per connection; see PITFALLS
-        "ws_ping_interval": settings.ping_interval, "ws_ping_timeout": settings.ping_interval,
-        "timeout_graceful_shutdown": settings.shutdown_grace,
-        "access_log": False, "proxy_headers": True,
-        "forwarded_allow_ips": settings.forwarded_allow_ips,
-        "lifespan": "on",
-    }
-    if settings.workers > 1:
-        uvicorn.run("dualcast.cli:app_from_env", factory=True, workers=settings.workers, **common)
-        return 0
-    from dualcast.app import create_app
 
-    app = create_app(settings, secret)
-    if args.demo:
-        _attach_demo(app, args.demo_speed)
-    config = uvicorn.Config(app, **common)
-    from dualcast.auth import install_log_redaction
-
-    install_log_redaction()  # after uvicorn's logging setup: it logs WS paths with ?token=
-    server = DrainingServer(config, app)
-    server.run()
-    return 0
+    try:
+        return serve(settings, on_listening)
+    except ListenError as exc:
+        print(f"dualcast serve: {exc} (another server? choose a port with --port "
+              "or DUALCAST_PORT)", file=sys.stderr)
+        return 1
 
 
-def app_from_env() -> Any:
-    """uvicorn factory for `--workers N`: each worker builds its app from the environment."""
-    from dualcast.app import create_app
-    from dualcast.auth import install_log_redaction
-
-    install_log_redaction()  # the worker's logging is configured by now
-    app = create_app(load_settings())
-    _drain_on_exit_signals(app)
-    return app
-
-
-def _drain_on_exit_signals(app: Any) -> None:
-    """`--workers N`: uvicorn's supervisor builds each worker's Server itself, so the
-    DrainingServer is not used there. Instead, once the app has started (uvicorn's own
-    SIGTERM/SIGINT handlers are installed by then), put a drain in front of them: the
-    first signal sends the subscribers away (WS 1001, jittered SSE `retry:`), then hands
-    the signal on to uvicorn, which shuts down as it always does. A second signal goes
-    to uvicorn at once."""
-    runtime = app.state.dualcast
-    started = runtime.start
-
-    async def start() -> None:
-        await started()
-        loop = asyncio.get_running_loop()
-        asked: list[int] = []
-
-        async def drain_then_exit(signum: int, then: Any) -> None:
-            try:
-                await runtime.drain(runtime.settings.shutdown_grace)
-            finally:
-                then(signum, None)
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            uvicorn_handler = signal.getsignal(sig)
-            if not callable(uvicorn_handler):
-                continue
-
-            def on_signal(signum: int, frame: Any, then: Any = uvicorn_handler) -> None:
-                if asked:
-                    then(signum, frame)
-                    return
-                asked.append(signum)
-                loop.call_soon_threadsafe(
-                    runtime.start_task, drain_then_exit(signum, then), "dualcast-drain")
-
-            signal.signal(sig, on_signal)
-
-    runtime.start = start
-
-
-def _attach_demo(app: Any, speed: float) -> None:
-    """`serve --demo`: publish simulated proxy traffic into this app's own log."""
-    from dualcast.demo import run_demo
-    from dualcast.events import Envelope, entry_fields
-
-    runtime = app.state.dualcast
-    previous = runtime.start
-
-    async def sink(event: str, data: Any, rooms: list[str]) -> object:
-        return await runtime.log.append(entry_fields(Envelope(event=event, data=data, rooms=rooms)))
-
-    async def start() -> None:
-        await previous()
-        stop = asyncio.Event()
-        runtime.start_task(run_demo(sink, stop=stop, speed=speed), "dualcast-demo")
-
-    runtime.start = start
-
-
-def _make_draining_server() -> type:
-    import uvicorn
-
-    class _DrainingServer(uvicorn.Server):
-        """uvicorn, but SIGTERM first drains our subscribers (WS 1001, jittered SSE retry)
-        before uvicorn closes what is left with 1012."""
-
-        def __init__(self, config: uvicorn.Config, app: Any) -> None:
-            super().__init__(config)
-            self.dualcast = app.state.dualcast
-
-        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-            for srv in self.servers:
-                srv.close()
-            # A proxy (nginx `keepalive`) keeps idle HTTP connections open and would
-            # send new requests (WS upgrades, SSE) down them during the drain, to an
-            # instance that is leaving. Close the idle ones now (a request in flight,
-            # such as an SSE stream, only loses keep-alive); the proxy then retries
-            # elsewhere. WebSockets are left to the drain (1001, spread over time).
-            for connection in list(self.server_state.connections):
-                if hasattr(connection, "cycle"):  # an HTTP/1.1 protocol, not a WebSocket
-                    connection.shutdown()
-            grace = self.config.timeout_graceful_shutdown or 10.0
-            await self.dualcast.drain(grace)
-            await super().shutdown(sockets)
-
-    return _DrainingServer
-
-
-def DrainingServer(config: Any, app: Any) -> Any:
-    return _make_draining_server()(config, app)
+def _flag_settings(args: argparse.Namespace, flags: dict[str, str]) -> Settings:
+    """Settings from the environment and the flags given; an error names the flag when
+    a flag set the bad value, else the variable."""
+    overrides = {field: getattr(args, field) for field in flags
+                 if getattr(args, field, None) is not None}
+    try:
+        return load_settings(**overrides)
+    except SettingsError as exc:
+        if exc.field in overrides:
+            message = str(exc).replace(f"setting {env_name(exc.field)}", flags[exc.field], 1)
+            raise SettingsError(message, exc.field) from None
+        raise
 
 
 def _token(args: argparse.Namespace) -> int:
@@ -293,18 +186,29 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a refused command line said in one line (not usage plus error)."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dualcast", description=__doc__)
+    parser = _Parser(prog="dualcast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the server")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--redis-url")
-    serve.add_argument("--workers", type=int)
-    serve.add_argument("--log-level")
-    serve.add_argument("--demo", action="store_true", help="publish simulated proxy traffic")
-    serve.add_argument("--demo-speed", type=float, default=1.0)
+    serve.add_argument("--host", help="interface to bind (DUALCAST_HOST)")
+    serve.add_argument("--port", type=int, help="port to bind (DUALCAST_PORT)")
+    serve.add_argument("--redis-url", help="Redis URL; none = the memory engine "
+                       "(DUALCAST_REDIS_URL)")
+    serve.add_argument("--workers", type=int, help="worker processes, Redis engine only "
+                       "(DUALCAST_WORKERS)")
+    serve.add_argument("--log-level", help="critical, error, warning, info, debug "
+                       "(DUALCAST_LOG_LEVEL)")
+    serve.add_argument("--demo", action="store_true", default=None,
+                       help="publish simulated proxy traffic (DUALCAST_DEMO)")
+    serve.add_argument("--demo-speed", type=float, help="pace of the demo (DUALCAST_DEMO_SPEED)")
     serve.set_defaults(func=_serve)
 
     pub = sub.add_parser("publish", help="append one event")

@@ -6,6 +6,7 @@ Every knob is an environment variable with the `DUALCAST_` prefix (plain
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Annotated, Literal
 
@@ -13,6 +14,7 @@ from pydantic import AliasChoices, Field, ValidationError, field_validator, mode
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from dualcast.events import EVENT_NAME_PATTERN, ROOM_NAME_PATTERN
+from dualcast.secret_file import MIN_SECRET_BYTES
 
 Transport = Literal["websocket", "sse", "polling"]
 ALL_TRANSPORTS: tuple[Transport, ...] = ("websocket", "sse", "polling")
@@ -50,7 +52,9 @@ class Settings(BaseSettings):
     )
 
     # auth
-    secret: str | None = Field(None, min_length=16, description="HS256 secret of the tokens")
+    secret: str | None = Field(
+        None, description="HS256 secret of the tokens (32+ bytes); none = one kept per machine"
+    )
     allow_anonymous: bool = True
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     cookie_secure: Literal["auto", "always", "never"] = "auto"
@@ -93,6 +97,8 @@ class Settings(BaseSettings):
     room_pattern: str = ROOM_NAME_PATTERN
     event_pattern: str = EVENT_NAME_PATTERN
     max_bad_frames: int = Field(10, ge=1, description="bad WS frames before close 1008")
+    demo: bool = Field(False, description="publish simulated LLM-proxy traffic (one process)")
+    demo_speed: float = Field(1.0, gt=0, le=100, description="pace of the demo traffic")
     gc_refresh: float = Field(
         3600.0, ge=0,
         description="seconds between full garbage collections that rescan every connection "
@@ -120,6 +126,16 @@ class Settings(BaseSettings):
     def _empty_secret(cls, value: object) -> object:
         return None if value == "" else value
 
+    @field_validator("secret")
+    @classmethod
+    def _long_secret(cls, value: str | None) -> str | None:
+        if value is not None and len(value.encode()) < MIN_SECRET_BYTES:
+            raise ValueError(
+                f"must be at least {MIN_SECRET_BYTES} bytes for HS256 (RFC 7518); make one "
+                "with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
+        return value
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str | None) -> str | None:
@@ -135,6 +151,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "DUALCAST_WORKERS: the memory engine lives in one process; "
                 "set DUALCAST_REDIS_URL to run several workers"
+            )
+        if self.demo and self.workers > 1:
+            raise ValueError(
+                "DUALCAST_DEMO: the demo runs in one process; with several workers run "
+                "`dualcast demo` beside them"
             )
         if self.block_ms / 1000 >= self.stall_seconds:
             raise ValueError("DUALCAST_STALL_SECONDS: must be longer than DUALCAST_BLOCK_MS")
@@ -203,7 +224,24 @@ class Settings(BaseSettings):
 
 
 class SettingsError(Exception):
-    """A bad setting; its message is one line naming the setting."""
+    """A bad setting; its message is one line naming the setting (`field` is its name in
+    Settings, so a command line can name its own flag instead)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+#: Values never repeated in an error: a secret, or a URL that may carry a password.
+_NOT_ECHOED = frozenset({"secret", "redis_url"})
+
+
+def env_name(field: str) -> str:
+    """The environment variable a person set for `field` (REDIS_URL when only that is set)."""
+    only_plain = "DUALCAST_REDIS_URL" not in os.environ and "REDIS_URL" in os.environ
+    if field == "redis_url" and only_plain:
+        return "REDIS_URL"
+    return f"DUALCAST_{field.upper()}"
 
 
 def load_settings(**overrides: object) -> Settings:
@@ -212,9 +250,22 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "settings"
         message = first["msg"].removeprefix("Value error, ")
         if message.startswith("DUALCAST_"):
-            raise SettingsError(f"bad setting {message}") from None
-        env = f"DUALCAST_{where.split('.')[0].upper()}"
-        raise SettingsError(f"bad setting {env}: {message} (got {first.get('input')!r})") from None
+            named = message.split(":", 1)[0].removeprefix("DUALCAST_").lower()
+            raise SettingsError(f"bad setting {message}", named) from None
+        where = str(first["loc"][0]) if first["loc"] else "settings"
+        field = _field_of(where)
+        shown = "" if field in _NOT_ECHOED else f" (got {first.get('input')!r})"
+        raise SettingsError(f"bad setting {env_name(field)}: {message}{shown}", field) from None
+
+
+def _field_of(loc: str) -> str:
+    """Settings' field for an error location, which is the alias when one matched."""
+    if loc in Settings.model_fields:
+        return loc
+    for name, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices) and loc in alias.choices:
+            return name
+    return loc.lower().removeprefix("dualcast_")

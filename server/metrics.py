@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from dualcast.runtime import Runtime
+from dualcast.tasks import TaskState
 
 
 class RuntimeCollector(Collector):
@@ -59,12 +60,14 @@ class RuntimeCollector(Collector):
             "dualcast_refusals", "Requests refused (auth, bad input)", rt.stats.refused
         )
         yield GaugeMetricFamily(
-            "dualcast_consumer_lag", "Entries between the stream head and the consumer", self.lag
+            "dualcast_consumer_lag_entries",
+            "Entries between the stream head and the consumer (counted up to 1000)", self.lag,
         )
         yield GaugeMetricFamily(
-            "dualcast_consumer_seconds_since_read",
+            "dualcast_consumer_last_read_age_seconds",
             "Seconds since the consumer last completed a read", rt.consumer.seconds_since_read,
         )
+        yield from _task_metrics(rt)
         yield GaugeMetricFamily(
             "dualcast_consumer_connected", "1 when the log is reachable",
             1 if rt.consumer.connected else 0,
@@ -74,6 +77,22 @@ class RuntimeCollector(Collector):
             "Objects kept by the last full collection, skipped by the next ones",
             gc.get_freeze_count(),
         )
+
+
+def _task_metrics(rt: Runtime) -> Iterator[Metric]:
+    running = GaugeMetricFamily(
+        "dualcast_tasks", "Background tasks by state (1 in the task's current state)",
+        labels=["task", "state"],
+    )
+    restarts = CounterMetricFamily(
+        "dualcast_task_restarts", "Background tasks restarted after they died", labels=["task"]
+    )
+    for name, record in rt.tasks.records.items():
+        for state in TaskState:
+            running.add_metric([name, state], 1 if record.state == state else 0)
+        restarts.add_metric([name], record.restarts)
+    yield running
+    yield restarts
 
 
 class Metrics:

@@ -18,7 +18,8 @@ from dualcast.consumer import Consumer
 from dualcast.events import Envelope, decode_entry, entry_fields, format_id
 from dualcast.hub import CloseReason, Hub
 from dualcast.log import EventLog, LogInfo, create_log
-from dualcast.stalls import StallWatch, unfinished_by_stall
+from dualcast.stalls import StallWatch
+from dualcast.tasks import TaskName, Tasks
 
 log = logging.getLogger("dualcast")
 
@@ -43,7 +44,7 @@ class Runtime:
         self.stalls = StallWatch(max(settings.ping_interval * 2, 10.0))
         self.stats = TransportStats()
         self.draining = False
-        self._tasks: list[asyncio.Task[None]] = []
+        self.tasks = Tasks(backoff_max=max(settings.backoff_max, 1.0))
         self._window: LogInfo | None = None
         self._window_at = 0.0
         self._window_fetch: asyncio.Future[LogInfo] | None = None
@@ -75,29 +76,27 @@ class Runtime:
         finally:
             self._window_fetch = None
 
-    def start_task(self, coro: Any, name: str) -> asyncio.Task[None]:
-        """Start a background task the lifespan owns; a crash is logged, never silent."""
-        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
-
-        def _done(t: asyncio.Task[None]) -> None:
-            if not t.cancelled() and t.exception() is not None:
-                log.error("background task %s died", name, exc_info=t.exception())
-
-        task.add_done_callback(_done)
-        self._tasks.append(task)
-        return task
-
     async def start(self) -> None:
-        logging.getLogger("uvicorn.error").addFilter(unfinished_by_stall)  # (once per process)
-        self.start_task(self.consumer.run(), "dualcast-consumer")
-        self.start_task(self.stalls.run(), "dualcast-stall-watch")
+        """Start what the app runs in the background (the lifespan's startup)."""
+        self.tasks.start(TaskName.CONSUMER, self.consumer.run)
+        self.tasks.start(TaskName.STALL_WATCH, self.stalls.run)
+        if self.settings.demo:
+            self.tasks.start(TaskName.DEMO, self._demo)
 
     async def stop(self) -> None:
         self.hub.close_all(CloseReason.SHUTDOWN)
-        for task in self._tasks:
-            await _cancel(task)
-        self._tasks.clear()
+        await self.tasks.stop_all()
         await self.log.close()
+
+    async def _demo(self) -> None:
+        """`serve --demo`: simulated proxy traffic appended to this app's own log."""
+        from dualcast.demo import run_demo  # only demo servers load the simulation
+
+        async def sink(event: str, data: Any, rooms: list[str]) -> object:
+            envelope = Envelope(event=event, data=data, rooms=rooms)
+            return await self.log.append(entry_fields(envelope))
+
+        await run_demo(sink, stop=asyncio.Event(), speed=self.settings.demo_speed)
 
     async def drain(self, grace: float) -> None:
         """SIGTERM: send every subscriber away (WS 1001, SSE ends with a jittered `retry:`),
@@ -131,18 +130,3 @@ class Runtime:
         self.hub.publish([decode_entry(entry_id, entry_fields(envelope, now))])
         return entry_id
 
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    """Cancel and await a task. A cancel can be swallowed by a library racing its own
-    timeout (seen in redis-py's blocking read on Python 3.11), so cancel again until done.
-    """
-    for _ in range(20):
-        if task.done():
-            break
-        task.cancel()
-        await asyncio.wait({task}, timeout=0.25)
-    if not task.done():
-        log.error("background task %s did not stop", task.get_name())
-        return
-    if not task.cancelled() and task.exception() is not None:
-        log.error("background task %s failed", task.get_name(), exc_info=task.exception())

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
 from types import TracebackType
 
 log = logging.getLogger("dualcast.stalls")
@@ -97,38 +96,3 @@ class StallWatch:
         while True:
             await asyncio.sleep(min(1.0, self.limit / 4))
             self.sweep(time.monotonic())
-
-
-class UnfinishedByStall(logging.Filter):
-    """uvicorn logs an error when an HTTP response ends unfinished. An SSE stream the
-    stall watch gave up on ends so by design (its last write can never reach a client
-    that stopped reading; the watch has logged the drop), so that record is dropped
-    for the requests marked here, and only for them: uvicorn logs it from the same
-    task that ran the request, right after the app returns."""
-
-    MESSAGE = "ASGI callable returned without completing response."
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._marked: weakref.WeakSet[asyncio.Task[object]] = weakref.WeakSet()
-
-    def mark_current(self) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._marked.add(task)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.msg != self.MESSAGE or not self._marked:
-            return True
-        try:
-            task = asyncio.current_task()
-        except RuntimeError:  # logged from a thread without a loop
-            return True
-        if task is not None and task in self._marked:
-            self._marked.discard(task)
-            return False
-        return True
-
-
-#: One per process, on uvicorn's error logger (installed by the runtime).
-unfinished_by_stall = UnfinishedByStall()

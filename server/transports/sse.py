@@ -23,9 +23,10 @@ from dualcast.auth import Identity
 from dualcast.events import Event, dumps
 from dualcast.feed import Feed, FeedClosed
 from dualcast.hub import CloseReason
+from dualcast.logs import mark_unfinished_by_stall
 from dualcast.query import query_of
 from dualcast.runtime import Runtime
-from dualcast.stalls import Stalled, Writer, unfinished_by_stall
+from dualcast.stalls import Stalled, Writer
 from dualcast.transports.common import Refusal, caller, error_response, parse_cursor, strict_rooms
 
 log = logging.getLogger("dualcast.sse")
@@ -89,7 +90,7 @@ class EventStream:
                     await self._send(send, {"type": "http.response.body", "body": b"",
                                             "more_body": False})
             except Stalled:
-                unfinished_by_stall.mark_current()  # uvicorn's "without completing" is ours
+                mark_unfinished_by_stall()  # uvicorn's "without completing" is ours
 
     async def _watch(self, receive: Receive) -> None:
         """The one reader: a disconnect wakes the writer (uvicorn's sends after a

@@ -1,0 +1,115 @@
+"""What reaches the server's log: no token or password in clear, no false alarms.
+
+The filters are part of the logging configuration `dualcast.serve` hands to
+uvicorn (`logging_config`), which applies it in every process; nothing is
+installed at import.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import copy
+import logging
+import re
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import uvicorn.config
+
+# Tokens ------------------------------------------------------------------------
+
+_SECRET_QUERY = re.compile(r"((?:^|[?&;\s])(?:token|access_token)=)[^&\s\"']*", re.IGNORECASE)
+_JWT_LIKE = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
+
+
+def redact(text: str) -> str:
+    """`text` with query tokens and anything shaped like a JWT replaced by `***`."""
+    return _JWT_LIKE.sub("***", _SECRET_QUERY.sub(r"\1***", text))
+
+
+def redact_url(url: str) -> str:
+    """A URL fit for a log line or an error: the password (and a token in the query) masked.
+
+    A Redis URL names where the log is, which is what a person needs to fix it; its
+    password is not.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hosts = netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{hosts}" if ":" in userinfo else f"***@{hosts}" if user else hosts
+    return redact(urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment)))
+
+
+class RedactTokens(logging.Filter):
+    """Rewrites a record's message so no token reaches a log (uvicorn logs WebSocket
+    paths with their query string, `?token=` included)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken record is logging's problem, not ours
+            return True
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg = cleaned
+            record.args = None
+        return True
+
+
+# Streams the stall watch gave up on ----------------------------------------------
+
+#: Set inside the request task whose SSE stream the stall watch cut off. A context
+#: variable, not a registry: uvicorn logs its complaint from that same task, right
+#: after the app returns, so the mark is seen there and nowhere else.
+_ENDED_BY_STALL: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "dualcast_ended_by_stall", default=False
+)
+
+
+def mark_unfinished_by_stall() -> None:
+    """Say that this request's response ends unfinished on purpose (see UnfinishedByStall)."""
+    _ENDED_BY_STALL.set(True)
+
+
+class UnfinishedByStall(logging.Filter):
+    """uvicorn logs an error when an HTTP response ends unfinished. An SSE stream the
+    stall watch gave up on ends so by design (its last write can never reach a client
+    that stopped reading; the watch has logged the drop), so that record is dropped
+    for the requests marked by `mark_unfinished_by_stall`, and only for them."""
+
+    MESSAGE = "ASGI callable returned without completing response."
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == self.MESSAGE and _ENDED_BY_STALL.get())
+
+
+# Configuring them -----------------------------------------------------------------
+
+def logging_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging configuration plus ours, applied by uvicorn in every process it
+    starts (each worker configures its own logging): our records at `level` with their
+    logger names, the filters on every handler, so nothing reaches a log unredacted."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["filters"] = {
+        "redact": {"()": "dualcast.logs.RedactTokens"},
+        "stall": {"()": "dualcast.logs.UnfinishedByStall"},
+    }
+    config["formatters"]["dualcast"] = {
+        "format": "%(asctime)s %(levelname)s %(name)s: %(message)s",
+    }
+    config["handlers"]["dualcast"] = {
+        "formatter": "dualcast", "class": "logging.StreamHandler", "stream": "ext://sys.stderr",
+    }
+    for handler in config["handlers"].values():
+        handler["filters"] = ["redact"]
+    loggers = config["loggers"]
+    loggers["uvicorn.error"]["filters"] = ["stall"]
+    loggers["dualcast"] = {"handlers": ["dualcast"], "level": level.upper(), "propagate": False}
+    # Libraries' own records (redis, asyncio): warnings and worse, redacted too.
+    config["root"] = {"handlers": ["dualcast"], "level": "WARNING"}
+    return config
