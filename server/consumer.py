@@ -25,6 +25,7 @@ from dualcast.events import (
 )
 from dualcast.hub import Hub
 from dualcast.log import EventLog, LogUnavailable
+from dualcast.logs import redact_url
 
 log = logging.getLogger("dualcast.consumer")
 
@@ -50,6 +51,7 @@ class Consumer:
         self.last_read_at: float | None = None
         self.started_at = time.monotonic()
         self._last_info_at = 0.0
+        self._failed_starts = 0
 
     @property
     def seconds_since_read(self) -> float:
@@ -89,6 +91,15 @@ class Consumer:
     def _lost(self, exc: BaseException) -> None:
         if self.connected:
             log.warning("event log lost (%s); clients stay connected, reconnecting", exc)
+        elif self.position is None:
+            # Never reached since start: a wrong or unreachable URL. Loud (ERROR, naming
+            # the address but never a password), on tries 1, 2, 4, 8... then every 64th.
+            self._failed_starts += 1
+            tries = self._failed_starts
+            if tries & (tries - 1) == 0 or tries % 64 == 0:
+                where = redact_url(self.settings.redis_url) if self.settings.redis_url else "memory"
+                log.error("event log at %s unreachable since start (%d tries; retrying): %s",
+                          where, tries, exc)
         self.connected = False
         self.last_error = str(exc)
 
