@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from urllib.parse import quote
 
 import orjson
 from pydantic import ValidationError
@@ -11,7 +12,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from dualcast.auth import COOKIE_NAME, AuthError
+from dualcast.csrf import FetchSite, cross_site_cookie_write, fetch_site
 from dualcast.events import Envelope, entry_fields
+from dualcast.headers import PAGE_HEADERS
 from dualcast.log import LogUnavailable
 from dualcast.metrics import Metrics
 from dualcast.overview import build_overview
@@ -69,9 +72,25 @@ async def overview(request: Request) -> Response:
     return JSONResponse(state, headers={"Cache-Control": "no-store"})
 
 
+def _cross_site(action: str) -> Response:
+    return error_response(
+        403, "cross_site", f"{action} with the login cookie must come from this dashboard's "
+        "own origin; other pages and producers send a token (Authorization: Bearer)")
+
+
+def _json_body(request: Request) -> bool:
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    return media == "application/json"
+
+
 async def publish(request: Request) -> Response:
     rt = _rt(request)
     settings = rt.settings
+    # A same-site page (another port, a sibling subdomain) gets the cookie sent along
+    # with its form posts and no-cors fetches; neither can claim this origin or send
+    # application/json without a CORS preflight, which this endpoint never grants.
+    if cross_site_cookie_write(request):
+        return _cross_site("publishing")
     try:
         identity = await caller(request, rt.auth)
     except Refusal as refusal:
@@ -80,6 +99,9 @@ async def publish(request: Request) -> Response:
         return error_response(401, "unauthenticated", "publishing needs a token with 'publish'")
     if not (identity.publish or identity.admin):
         return error_response(403, "forbidden", "this token may not publish (needs 'publish')")
+    if not _json_body(request):
+        return error_response(415, "unsupported_media_type",
+                              "publish bodies must be sent as Content-Type: application/json")
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
         return error_response(413, "too_large", f"body over {settings.max_body_bytes} bytes")
@@ -123,6 +145,31 @@ def _secure(request: Request, mode: str) -> bool:
     return proto in ("https", "wss")
 
 
+async def _may_switch_session(request: Request, rt: Runtime, arriving: str | None) -> bool:
+    """Whether this login link could replace a signed-in session of another subject.
+
+    A page of another site can send the browser to `/?token=<its own token>`; set
+    silently, the victim would then watch (and publish into) the attacker's account.
+    The dashboard's own login form navigates same-origin, and a client that is not
+    a browser says nothing: both are taken at their word. On a cross-site
+    navigation the SameSite=Strict cookie is not sent, so only the page (which
+    asks /api/me with the cookie) can tell whether a session exists.
+    """
+    site = fetch_site(request)
+    if site is None or site is FetchSite.SAME_ORIGIN:
+        return False
+    if site is FetchSite.CROSS_SITE:
+        return True
+    current = request.cookies.get(COOKIE_NAME)
+    if not current:
+        return False
+    try:
+        signed_in = await rt.auth.decode(current)
+    except AuthError:
+        return False  # an expired or foreign cookie is no session to protect
+    return signed_in.sub != arriving
+
+
 async def login_redirect(request: Request) -> Response | None:
     """`GET /?token=…`: validate, set the cookie, redirect so the token leaves the URL bar."""
     rt = _rt(request)
@@ -130,15 +177,21 @@ async def login_redirect(request: Request) -> Response | None:
     if token is None:
         return None
     try:
-        await rt.auth.decode(token)
+        arriving = await rt.auth.decode(token)
     except AuthError as exc:
         if "text/html" in request.headers.get("accept", ""):
             # A person followed the link: show the dashboard's login screen and why
             # (static/app.js reads #login_error), not a JSON body.
             return RedirectResponse(f"/#login_error={exc.code}", status_code=303,
-                                    headers={"Cache-Control": "no-store"})
+                                    headers={"Cache-Control": "no-store", **PAGE_HEADERS})
         return error_response(401, exc.code, exc.message)
-    response = RedirectResponse("/", status_code=303, headers={"Cache-Control": "no-store"})
+    if await _may_switch_session(request, rt, arriving.sub):
+        # The login screen asks first (static/app.js reads #login_confirm). The token
+        # rides in the fragment, which no server, log or Referer ever sees.
+        return RedirectResponse(f"/#login_confirm={quote(token, safe='')}", status_code=303,
+                                headers={"Cache-Control": "no-store", **PAGE_HEADERS})
+    response = RedirectResponse("/", status_code=303,
+                                headers={"Cache-Control": "no-store", **PAGE_HEADERS})
     response.set_cookie(
         COOKIE_NAME, token, httponly=True, samesite="strict", path="/",
         secure=_secure(request, rt.settings.cookie_secure),
@@ -148,6 +201,8 @@ async def login_redirect(request: Request) -> Response | None:
 
 async def logout(request: Request) -> Response:
     rt = _rt(request)
+    if cross_site_cookie_write(request):
+        return _cross_site("signing out")
     response = JSONResponse({"status": "logged out"})
     response.delete_cookie(COOKIE_NAME, path="/", httponly=True, samesite="strict",
                            secure=_secure(request, rt.settings.cookie_secure))

@@ -19,6 +19,7 @@ from starlette.websockets import WebSocket
 from dualcast import api
 from dualcast.collector import FreezeAfterFullCollections
 from dualcast.config import Settings
+from dualcast.headers import PAGE_HEADERS, WithPageHeaders
 from dualcast.cors import CLIENT_FILES, CORS_PATHS, Cors, Verdict, client_endpoint, header
 from dualcast.metrics import Metrics
 from dualcast.runtime import Runtime
@@ -94,7 +95,7 @@ def create_app(settings: Settings, secret: str | None = None) -> Starlette:
         page = folder / "index.html"
         if not page.is_file():
             return error_response(404, "no_dashboard", f"no dashboard at {folder}")
-        return FileResponse(page, headers={"Cache-Control": "no-cache"})
+        return FileResponse(page, headers={"Cache-Control": "no-cache", **PAGE_HEADERS})
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -127,7 +128,8 @@ def create_app(settings: Settings, secret: str | None = None) -> Starlette:
         Route("/metrics", api.metrics),
     ]
     if folder.is_dir():
-        routes.append(Mount("/", StaticFiles(directory=folder, html=True), name="static"))
+        routes.append(Mount("/", WithPageHeaders(StaticFiles(directory=folder, html=True)),
+                            name="static"))
     app = DualcastApp(
         routes=routes, lifespan=lifespan,
         http_fast={"/api/sse": sse_endpoint, "/api/events": poll_endpoint},

@@ -326,7 +326,8 @@ async def test_publish_body_over_the_limit_is_413(
             yield b'{"event": "big", "data": 1}'
 
         response = await client.post("/api/publish", content=chunks(),
-                                     headers={"Authorization": f"Bearer {PUBLISHER}"})
+                                     headers={"Authorization": f"Bearer {PUBLISHER}",
+                                              "Content-Type": "application/json"})
         assert_json_error(response, 413, "too_large")
         ok = json.dumps({"event": "fits", "data": "x" * (MAX_BODY - 100)})
         assert (await _post(client, ok)).status_code == 202

@@ -367,7 +367,8 @@ async def test_publish_validates_limits_and_fails_open(
         assert bad.status_code == 422 and bad.json()["field"] == "rooms"
         big = await http.post("/api/publish", json={"event": "e", "data": "x" * 2000})
         assert big.status_code == 413
-        junk = await http.post("/api/publish", content=b"{not json")
+        junk = await http.post("/api/publish", content=b"{not json",
+                               headers={"Content-Type": "application/json"})
         assert junk.status_code == 400
         fresh_redis.stop()
         loop = asyncio.get_running_loop()
