@@ -91,15 +91,84 @@ def _flag_settings(args: argparse.Namespace, flags: dict[str, str]) -> Settings:
 
 
 def _token(args: argparse.Namespace) -> int:
+    """Mint a token: HS* with the shared secret, or signed with a private key (`--key`),
+    carrying the issuer and audience this server checks."""
     from dualcast.auth import mint_token
+    from dualcast.keys import ALGORITHMS, Family, PrivateKey, load_private_key, usual_algorithm
 
     settings = _settings(args)
-    secret = args.secret or settings.secret
-    if not secret:
-        print("dualcast token: no secret: set DUALCAST_SECRET or pass --secret", file=sys.stderr)
+    key: PrivateKey | None = None
+    if args.key:
+        try:
+            key = load_private_key(args.key)
+        except ValueError as exc:
+            print(f"dualcast token: --key: {exc}", file=sys.stderr)
+            return 2
+    algorithm = args.alg or usual_algorithm(key)
+    if algorithm not in ALGORITHMS:
+        print(f"dualcast token: --alg: unknown algorithm {algorithm!r} "
+              f"(choose from {', '.join(ALGORITHMS)})", file=sys.stderr)
         return 2
-    print(mint_token(secret, args.sub, rooms=args.room, admin=args.admin,
-                     publish=args.publish, ttl=args.ttl))
+    secret: str | None = None
+    if ALGORITHMS[algorithm] is Family.HMAC:
+        secret = args.secret or settings.secret or _kept_secret()
+        if not secret:
+            print("dualcast token: no secret: set DUALCAST_SECRET or pass --secret "
+                  "(or --key @private.pem with --alg)", file=sys.stderr)
+            return 2
+    elif key is None:
+        print(f"dualcast token: {algorithm} signs with a private key: pass --key @path",
+              file=sys.stderr)
+        return 2
+    audience = args.audience or (settings.jwt_audience[0] if settings.jwt_audience else None)
+    try:
+        token = mint_token(
+            secret, args.sub, rooms=args.room, admin=args.admin, publish=args.publish,
+            ttl=args.ttl, algorithm=algorithm, key=key, kid=args.kid,
+            issuer=args.issuer or settings.jwt_issuer, audience=audience,
+        )
+    except ValueError as exc:
+        print(f"dualcast token: {exc} (--alg {algorithm} and --key must match)", file=sys.stderr)
+        return 2
+    print(token)
+    return 0
+
+
+def _kept_secret() -> str | None:
+    """The secret `dualcast serve` keeps on this machine, if there is one."""
+    from dualcast.secret_file import SecretFileError, read_secret, secret_path
+
+    try:
+        return read_secret(secret_path())
+    except SecretFileError:
+        return None
+
+
+def _keys(args: argparse.Namespace) -> int:
+    """Make a key pair for signing tokens and add its public half to a JWKS file."""
+    import secrets
+    from pathlib import Path
+
+    from dualcast.keys import ALGORITHMS, Family, make_key_files
+
+    algorithm = args.alg
+    if ALGORITHMS.get(algorithm, Family.HMAC) is Family.HMAC:
+        print("dualcast keys: --alg must be RS*, PS*, ES* or EdDSA "
+              "(HS* uses DUALCAST_SECRET, not a key pair)", file=sys.stderr)
+        return 2
+    kid = args.kid or f"{algorithm.lower()}-{secrets.token_hex(4)}"
+    folder = Path(args.dir)
+    try:
+        made = make_key_files(folder, kid, algorithm, Path(args.jwks or folder / "jwks.json"))
+    except FileExistsError:
+        print(f"dualcast keys: {folder / kid}.pem exists; choose another --kid", file=sys.stderr)
+        return 2
+    print(f"private key  {made.private}  (keep it with the service that mints tokens)\n"
+          f"public key   {made.public}  (DUALCAST_PUBLIC_KEY=@{made.public})\n"
+          f"key set      {made.jwks}  ({made.keys_in_set} keys; serve it at DUALCAST_JWKS_URL)\n"
+          f"settings     DUALCAST_JWT_ALGORITHMS={algorithm}\n"
+          f"a token      dualcast token --key @{made.private} --alg {algorithm} --kid {kid} "
+          "--sub alice")
     return 0
 
 
@@ -227,7 +296,19 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--publish", action="store_true")
     tok.add_argument("--ttl", type=parse_ttl, default=3600.0)
     tok.add_argument("--secret")
+    tok.add_argument("--key", help="sign with this private key (PEM, or @path)")
+    tok.add_argument("--alg", help="HS256 (default), or RS*/PS*/ES*/EdDSA with --key")
+    tok.add_argument("--kid", help="the key id a JWKS publishes the key under")
+    tok.add_argument("--issuer", help="'iss' claim (default: DUALCAST_JWT_ISSUER)")
+    tok.add_argument("--audience", help="'aud' claim (default: DUALCAST_JWT_AUDIENCE)")
     tok.set_defaults(func=_token)
+
+    keys = sub.add_parser("keys", help="make a key pair for tokens and a JWKS file")
+    keys.add_argument("--alg", default="ES256", help="RS*, PS*, ES* or EdDSA (default ES256)")
+    keys.add_argument("--kid", help="key id (default: made up)")
+    keys.add_argument("--dir", default=".", help="where the key files go")
+    keys.add_argument("--jwks", help="the JWKS file to add the key to (default DIR/jwks.json)")
+    keys.set_defaults(func=_keys)
 
     demo = sub.add_parser("demo", help="publish simulated traffic to Redis")
     demo.add_argument("--redis-url")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import enum
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +130,20 @@ def load_private_key(value: str) -> PrivateKey:
     return key  # type: ignore[return-value]
 
 
+def usual_algorithm(key: PrivateKey | PublicKey | None) -> str:
+    """HS256 without a key; else the algorithm such a key is usually used with."""
+    if isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey):
+        return "RS256"
+    if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
+        for algorithm, curve in _CURVES.items():
+            if key.curve.name == curve:
+                return algorithm
+        return "ES256"
+    if key is not None:
+        return "EdDSA"
+    return "HS256"
+
+
 def generate(algorithm: str) -> PrivateKey:
     """A fresh private key for `algorithm` (RSA 2048 bits for RS*/PS*, Ed25519 for EdDSA)."""
     family = ALGORITHMS[algorithm]
@@ -182,3 +198,25 @@ def add_to_jwks(path: Path, jwk: dict[str, Any]) -> dict[str, Any]:
     document = {"keys": [*keys, jwk]}
     path.write_text(json.dumps(document, indent=2) + "\n")
     return document
+
+
+@dataclass(frozen=True)
+class KeyFiles:
+    private: Path
+    public: Path
+    jwks: Path
+    keys_in_set: int
+
+
+def make_key_files(folder: Path, kid: str, algorithm: str, jwks: Path) -> KeyFiles:
+    """A new key pair as `<kid>.pem` (0600) and `<kid>.pub.pem`, its public JWK added to
+    `jwks`. FileExistsError when `<kid>.pem` exists: a key is never overwritten."""
+    folder.mkdir(parents=True, exist_ok=True)
+    private_path, public_path = folder / f"{kid}.pem", folder / f"{kid}.pub.pem"
+    key = generate(algorithm)
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(private_pem(key))
+    public_path.write_bytes(public_pem(key.public_key()))
+    document = add_to_jwks(jwks, public_jwk(key.public_key(), kid, algorithm))
+    return KeyFiles(private_path, public_path, jwks, len(document["keys"]))
