@@ -80,12 +80,14 @@ class Runtime:
         """Start what the app runs in the background (the lifespan's startup)."""
         self.tasks.start(TaskName.CONSUMER, self.consumer.run)
         self.tasks.start(TaskName.STALL_WATCH, self.stalls.run)
+        self.tasks.start(TaskName.AUTH, self.auth.run)  # JWKS fetches, hook renewals
         if self.settings.demo:
             self.tasks.start(TaskName.DEMO, self._demo)
 
     async def stop(self) -> None:
         self.hub.close_all(CloseReason.SHUTDOWN)
         await self.tasks.stop_all()
+        await self.auth.close()
         await self.log.close()
 
     async def _demo(self) -> None:
