@@ -1,5 +1,7 @@
 // Wiring: who am I (login screen), the store, the panels, the tab leader that holds the
-// one connection, the status badge and the room picker.
+// one connection (a Dualcast client, the same module any page imports from
+// /dualcast.js), the status badge and the room picker. Sharing one connection between
+// tabs is the dashboard's own feature (tabs.js), not the client's.
 //
 // The page states what it is doing on <body>: data-transport="websocket|sse|polling"
 // and data-state="connecting|live|offline" (followers mirror what the leader reports).
@@ -7,7 +9,7 @@
 import { Dashboard, h } from './panels.js';
 import { Store } from './store.js';
 import { TabCoordinator } from './tabs.js';
-import { TransportManager, maxId } from './transport.js';
+import { Dualcast, maxId } from './dualcast.js';
 
 const $ = (id) => document.getElementById(id);
 const ROOMS_KEY = 'dualcast.rooms';
@@ -20,7 +22,7 @@ const ui = new Dashboard(document, store);
 const app = {
   me: null,
   tabs: null,
-  manager: null,
+  client: null, // the Dualcast client; only the leader tab has one
   ready: false,
   pending: [],
   overviewOk: false,
@@ -58,11 +60,12 @@ const LOGIN_REASONS = {
   expired: 'Your token has expired. Sign in again with a fresh one.',
   invalid: 'That token was not accepted.',
   'signed-out': 'You have signed out.',
+  switch: 'This link signs you in as someone else.',
 };
 
 function showLogin(reason, message = '') {
   app.loggedOut = true;
-  if (app.manager) app.manager.stop('auth');
+  if (app.client) app.client.stop();
   if (app.tabs) app.tabs.close();
   $('dashboard').hidden = true;
   $('who').hidden = true;
@@ -73,7 +76,11 @@ function showLogin(reason, message = '') {
   $('login-reason').textContent = message && reason === 'invalid' ? `${text} (${message})` : text;
   $('login').dataset.reason = reason;
   $('login-forget').hidden = reason === 'missing' || reason === 'signed-out';
+  $('login-form').hidden = reason === 'switch';
+  $('login-switch').hidden = reason !== 'switch';
   showStatus({ transport: document.body.dataset.transport || 'websocket', state: 'offline' });
+  // the page says offline in its DOM, but no red pill beside "not signed in": nothing failed
+  $('status').hidden = true;
   $('login-token').focus();
 }
 
@@ -146,6 +153,44 @@ async function logout() {
   }
   if (app.tabs) app.tabs.post({ type: 'logout' });
   showLogin('signed-out');
+}
+
+/**
+ * A login link that could replace this browser's session lands here (#login_confirm=<token>)
+ * instead of swapping it silently: a page of another site may have sent us. Sign in at
+ * once when nobody is signed in or the link names the same person; else ask.
+ */
+async function confirmSwitch(value) {
+  const ask = async (headers, credentials) => {
+    try {
+      const response = await fetch('/api/me', {
+        headers: { Accept: 'application/json', ...headers }, credentials, cache: 'no-store',
+      });
+      return { status: response.status, body: await response.json().catch(() => ({})) };
+    } catch {
+      return { status: 0, body: {} };
+    }
+  };
+  const arriving = await ask({ Authorization: `Bearer ${value}` }, 'omit');
+  if (arriving.status !== 200) {
+    showLogin(reasonOf(arriving.body), arriving.body.message ?? '');
+    return;
+  }
+  const current = await ask({}, 'same-origin');
+  const signedIn = current.status === 200 && !current.body.anonymous ? current.body.sub : null;
+  // a same-origin navigation: the server sets the cookie without asking again
+  const signIn = () => location.replace(`/?token=${encodeURIComponent(value)}`);
+  if (signedIn === null || signedIn === arriving.body.sub) {
+    signIn();
+    return;
+  }
+  showLogin('switch');
+  $('login-reason').textContent = `This link signs you in as “${arriving.body.sub}” `
+    + `in place of “${signedIn}”. Switch only if you opened it yourself.`;
+  $('login-switch-yes').textContent = `Switch to ${arriving.body.sub}`;
+  $('login-switch-no').textContent = `Stay signed in as ${signedIn}`;
+  $('login-switch-yes').onclick = signIn;
+  $('login-switch-no').onclick = () => location.replace('/');
 }
 
 function renderWho(me) {
@@ -222,7 +267,7 @@ function setRooms(rooms, announce) {
   }
   if (app.redrawRooms) app.redrawRooms();
   if (announce && app.tabs) app.tabs.post({ type: 'rooms', rooms });
-  if (app.manager) app.manager.restart({ rooms });
+  if (app.client) app.client.setRooms(rooms);
 }
 
 // ---- leader and followers -----------------------------------------------------------
@@ -256,31 +301,32 @@ function tuning() {
 function becomeLeader() {
   if (app.loggedOut) return;
   app.followers.clear();
-  app.manager = new TransportManager({
+  // no token: the HttpOnly cookie authenticates (same origin)
+  app.client = new Dualcast('', {
     ...tuning(),
-    wsBase: location.origin.replace(/^http/, 'ws'),
-    cursor: startCursor(),
+    lastEventId: startCursor(),
     rooms: app.rooms,
     initial: app.lastTransport ?? undefined,
-    onEvents: (events, cursor) => {
-      store.applyEvents(events, cursor);
-      app.tabs.post({ type: 'events', events, cursor });
-    },
-    onStatus: (status) => {
-      app.lastTransport = status.transport;
-      showStatus({ ...status, role: 'leader' });
-      app.tabs.post({ type: 'status', status });
-    },
-    onReset: (lastId) => {
-      reloadOverview();
-      app.tabs.post({ type: 'reset', lastId });
-    },
-    onError: (error) => {
-      handleError(error);
-      app.tabs.post({ type: 'error', error });
-    },
   });
-  app.manager.start();
+  app.client.on('batch', ({ events, lastEventId }) => {
+    store.applyEvents(events, lastEventId);
+    app.tabs.post({ type: 'events', events, cursor: lastEventId });
+    if (events.length) showStatus({ ...app.client.status(), role: 'leader' }); // "last event" age
+  });
+  app.client.on('state', (status) => {
+    app.lastTransport = status.transport;
+    showStatus({ ...status, role: 'leader' });
+    app.tabs.post({ type: 'status', status });
+  });
+  app.client.on('reset', ({ lastId }) => {
+    reloadOverview();
+    app.tabs.post({ type: 'reset', lastId });
+  });
+  app.client.on('error', (error) => {
+    handleError(error);
+    app.tabs.post({ type: 'error', error });
+  });
+  app.client.start();
   evaluateVisibility();
 }
 
@@ -306,7 +352,7 @@ function onMessage(msg) {
       if (!leader) handleError(msg.error);
       break;
     case 'hello':
-      if (leader && app.manager) app.tabs.post({ type: 'status', status: app.manager.status() });
+      if (leader && app.client) app.tabs.post({ type: 'status', status: app.client.status() });
       if (leader) noteFollower(msg.from, msg.visible);
       break;
     case 'visibility':
@@ -334,7 +380,7 @@ function noteFollower(id, visible) {
 
 /** The leader pauses only when no tab of ours is visible, and only after a grace period. */
 function evaluateVisibility() {
-  if (!app.tabs?.isLeader || !app.manager) return;
+  if (!app.tabs?.isLeader || !app.client) return;
   const now = Date.now();
   let anyVisible = document.visibilityState === 'visible';
   for (const [id, f] of app.followers) {
@@ -343,11 +389,11 @@ function evaluateVisibility() {
   }
   if (anyVisible) {
     app.hiddenSince = null;
-    app.manager.resume();
+    app.client.resume();
   } else {
     app.hiddenSince ??= now;
     const grace = tuning().pauseAfterHiddenMs ?? PAUSE_AFTER_HIDDEN_MS;
-    if (now - app.hiddenSince >= grace) app.manager.pause();
+    if (now - app.hiddenSince >= grace) app.client.pause();
   }
 }
 
@@ -360,7 +406,7 @@ function handleError(error) {
   if (error.kind === 'fatal' && app.rooms.length && app.tabs?.isLeader) {
     notice(`The server refused these rooms (${what}); back to the default rooms.`);
     setRooms([], true);
-    app.manager.start();
+    app.client.start();
     return;
   }
   notice(`Server says: ${what}`);
@@ -401,8 +447,8 @@ function tick() {
   if (!app.tabs || app.loggedOut) return;
   if (app.tabs.isLeader) {
     evaluateVisibility();
-    if (app.manager && app.ticks % 5 === 0) {
-      app.tabs.post({ type: 'status', status: app.manager.status() });
+    if (app.client && app.ticks % 5 === 0) {
+      app.tabs.post({ type: 'status', status: app.client.status() });
     }
   } else if (app.ticks % 10 === 0) {
     app.tabs.post({ type: 'visibility', visible: document.visibilityState === 'visible' });
@@ -425,6 +471,14 @@ async function boot() {
     }
   });
 
+  // a login link that could swap the session asks first (see confirmSwitch)
+  const arriving = /(?:^#|&)login_confirm=([^&]+)/.exec(location.hash);
+  if (arriving) {
+    history.replaceState(null, '', location.pathname + location.search);
+    await confirmSwitch(decodeURIComponent(arriving[1]));
+    return;
+  }
+
   // a login link the server refused may send us here as /#login_error=<code>
   const refused = /(?:^#|&)login_error=([\w.-]+)/.exec(location.hash);
   if (refused) {
@@ -439,6 +493,7 @@ async function boot() {
   ui.sub = me.sub ?? null;
   app.rooms = me.admin ? savedRooms() : [];
   renderWho(me);
+  $('status').hidden = false;
   $('dashboard').hidden = false;
 
   store.subscribe((change) => {

@@ -96,6 +96,16 @@ export function backoff(attempt, base, cap, random = Math.random) {
 }
 
 /**
+ * Equal-jitter backoff: a delay in [span/2, span) with span = min(cap, base * 2^attempt).
+ * For retries of something refused: the gaps grow and never collapse to nothing, so a
+ * refused transport costs one failed request (and one console line) per gap, not a burst.
+ */
+export function steadyBackoff(attempt, base, cap, random = Math.random) {
+  const span = Math.min(cap, base * 2 ** Math.min(attempt, 30));
+  return Math.floor(span / 2 + random() * (span / 2));
+}
+
+/**
  * Incremental parser of a text/event-stream body (WHATWG rules that matter to us):
  * lines end in \n, \r\n or \r; `field: value` (one leading space dropped); a blank
  * line dispatches; `:` lines are comments; `data` lines join with \n.
@@ -805,7 +815,7 @@ export class TransportManager {
     }
     this.failures += 1;
     this.setState(this.failures >= 2 ? 'offline' : 'connecting');
-    this.schedule('retry', backoff(this.failures, this.retryBaseMs * 2, this.retryCapMs,
+    this.schedule('retry', steadyBackoff(this.failures, this.retryBaseMs * 2, this.retryCapMs,
       this.random) + this.retryBaseMs, () => this.open());
     this.scheduleClimb();
   }
@@ -820,7 +830,8 @@ export class TransportManager {
 
   scheduleClimb() {
     if (this.level === 0 || this.timers.climb !== null || this.probe || this.paused) return;
-    const delay = backoff(this.climbAttempt, this.climbBaseMs, this.climbCapMs, this.random);
+    const delay = steadyBackoff(this.climbAttempt, this.climbBaseMs, this.climbCapMs,
+      this.random);
     this.climbAttempt += 1;
     this.schedule('climb', delay, () => this.probeNext(0));
   }
@@ -904,6 +915,7 @@ export class Dualcast {
     this.joined = null; // the rooms the last welcome named
     this.refreshTimer = null;
     this.refreshedAt = null;
+    this.lastStateKey = null;
     this.running = false;
     this.generation = 0; // bumps on stop: a token fetched for an older start is dropped
     const setT = rest.setTimeout ?? globalThis.setTimeout.bind(globalThis);
@@ -918,7 +930,7 @@ export class Dualcast {
       rooms: this.rooms,
       transports,
       onEvents: (list, cursor) => this.deliver(list, cursor),
-      onStatus: (status) => this.emit('state', status),
+      onStatus: (status) => this.stateChanged(status),
       onReset: (lastId) => this.emit('reset', { lastId }),
       onError: (info) => this.failed(info),
       onWelcome: (info) => {
@@ -965,6 +977,14 @@ export class Dualcast {
         else globalThis.console?.error(err);
       }
     }
+  }
+
+  /** 'state' fires when the transport, the state, a pause or a probe changes. */
+  stateChanged(status) {
+    const key = `${status.transport} ${status.state} ${status.paused} ${status.probing}`;
+    if (key === this.lastStateKey) return;
+    this.lastStateKey = key;
+    this.emit('state', status);
   }
 
   deliver(list, cursor) {

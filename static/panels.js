@@ -2,6 +2,7 @@
 // the event log. They read the store's state and write the DOM; nothing else.
 // Every event-log row carries data-event-id="<stream id>" (tests rely on it).
 
+import { eventTime } from './dualcast.js';
 import { circuitState } from './store.js';
 
 const SVG = 'http://www.w3.org/2000/svg';
@@ -173,7 +174,7 @@ export class Dashboard {
   /** Whole redraw (first load, overview reload). */
   renderAll() {
     const list = this.$('log');
-    list.replaceChildren(...this.store.state.log.map((ev) => this.logRow(ev)));
+    list.replaceChildren(...this.store.state.log.map((ev) => this.safeRow(ev)));
     this.updateLogCount();
     this.renderPanels();
   }
@@ -182,7 +183,7 @@ export class Dashboard {
   addEvents(events) {
     const list = this.$('log');
     const frag = this.doc.createDocumentFragment();
-    for (let i = events.length - 1; i >= 0; i -= 1) frag.append(this.logRow(events[i]));
+    for (let i = events.length - 1; i >= 0; i -= 1) frag.append(this.safeRow(events[i]));
     list.prepend(frag);
     const limit = this.store.logLimit;
     while (list.children.length > limit) list.lastElementChild.remove();
@@ -207,9 +208,24 @@ export class Dashboard {
     this.renderChart();
   }
 
+  /** A row for any event: whatever a producer wrote must not cost the rest of a batch. */
+  safeRow(ev) {
+    try {
+      return this.logRow(ev);
+    } catch {
+      const row = h('li', { class: 'ev', 'data-event-id': ev?.id, 'data-event': ev?.event },
+        h('time', {}, ''), h('span', { class: 'ev-name' }, String(ev?.event)),
+        h('span', { class: 'ev-summary' }, '(cannot be shown)'),
+        h('code', { class: 'ev-id', title: 'stream id' }, String(ev?.id)));
+      this.rowText.set(row, `${ev?.event} ${ev?.id}`.toLowerCase());
+      this.applyFilter(row);
+      return row;
+    }
+  }
+
   logRow(ev) {
-    const ts = ev.ts ?? null;
-    const when = ts ? new Date(ts) : null;
+    const ts = eventTime(ev.ts, ev.id);
+    const when = ts === null ? null : new Date(ts);
     const row = h('li', {
       class: `ev ev-${String(ev.event).replace(/[^A-Za-z0-9_-]/g, '_')}`,
       'data-event-id': ev.id, 'data-event': ev.event,
@@ -236,12 +252,17 @@ export class Dashboard {
 
   renderCards() {
     const m = this.store.currentMetrics(this.sub) ?? {};
+    // once sessions are followed, the card counts the table's rows: the two never disagree
+    const sessions = this.store.state.sessionsKnown
+      ? Object.keys(this.store.state.sessions).length : m.activeSessions;
     const cards = [
-      ['sessions', m.activeSessions, (v) => nf.format(v), 'activeSessions', false],
+      ['sessions', sessions, (v) => nf.format(v), 'activeSessions', false],
       ['requests', m.totalRequests, (v) => nf.format(v), 'totalRequests', false],
       ['cost', m.totalCost, money, 'totalCost', false],
       ['latency', m.avgResponseMs, duration, 'avgResponseMs', true],
     ];
+    // nothing to show yet: one compact row, not four tall boxes of dashes
+    this.$('cards').toggleAttribute('data-empty', cards.every(([, value]) => num(value) === null));
     for (const [key, value, fmt, field, lowerIsBetter] of cards) {
       const n = num(value);
       this.$(`card-${key}`).textContent = n === null ? '—' : fmt(n);

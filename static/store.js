@@ -3,7 +3,7 @@
 // events) and applies live events on top; on `reset` it loads the overview again.
 // No DOM code: fetch is injected so node tests can drive it.
 
-import { compareIds, idTime, maxId } from './dualcast.js';
+import { compareIds, eventTime, maxId } from './dualcast.js';
 
 export const LOG_LIMIT = 1000;
 export const USAGE_LIMIT = 50;
@@ -31,6 +31,7 @@ function emptyState() {
     metricsHistory: [], // [{at, data}] of the global metrics, for deltas
     providers: {},
     sessions: {},
+    sessionsKnown: false, // true once sessions are followed: the card then counts them
     usage: [], // newest first
     rpm: new Map(), // minute epoch ms -> count of usage_log_added
     log: [], // newest first: {id, event, data, ts}
@@ -129,6 +130,7 @@ export class Store {
     next.metricsByUser = { ...(ov.metrics_by_user ?? {}) };
     next.providers = { ...(ov.providers ?? {}) };
     next.sessions = { ...(ov.sessions ?? {}) };
+    next.sessionsKnown = this.state.sessionsKnown || Object.keys(next.sessions).length > 0;
     const usage = Array.isArray(ov.usage) ? ov.usage : [];
     // the overview lists usage oldest first; we keep newest first
     next.usage = usage.slice(-USAGE_LIMIT).reverse();
@@ -142,7 +144,7 @@ export class Store {
     for (const u of usage) {
       if (typeof u?.id !== 'string' || !this.remember(u.id)) continue;
       const { id, ts, ...data } = u;
-      fresh.push({ id, event: 'usage_log_added', data, ts: ts ?? idTime(id) });
+      fresh.push({ id, event: 'usage_log_added', data, ts: eventTime(ts, id) });
     }
     if (fresh.length) this.addToLog(fresh);
     this.emit({ type: 'overview', events: fresh.reverse() });
@@ -215,14 +217,16 @@ export class Store {
         break;
       case 'session_created':
         if (d.sessionId !== undefined) s.sessions[d.sessionId] = d;
+        s.sessionsKnown = true;
         break;
       case 'session_ended':
         if (d.sessionId !== undefined) delete s.sessions[d.sessionId];
+        s.sessionsKnown = true;
         break;
       case 'usage_log_added': {
         s.usage.unshift({ ...d, id: ev.id, ts: ev.ts });
         if (s.usage.length > USAGE_LIMIT) s.usage.length = USAGE_LIMIT;
-        const minute = minuteOf(ev.ts ?? idTime(ev.id) ?? this.now());
+        const minute = minuteOf(eventTime(ev.ts, ev.id) ?? this.now());
         s.rpm.set(minute, (s.rpm.get(minute) ?? 0) + 1);
         const oldest = minuteOf(this.now()) - 24 * 60 * 60000;
         for (const key of s.rpm.keys()) if (key < oldest) s.rpm.delete(key);

@@ -1,0 +1,286 @@
+// The public Dualcast client over fakes: events once and in order, token functions,
+// rooms, errors, and the gaps between retries of a refused transport.
+import assert from 'node:assert/strict';
+import { describe, it } from 'node:test';
+
+import {
+  AUTH_CODES, Dualcast, ERROR_CODES, REQUEST_CODES, eventTime, steadyBackoff, tokenExpiry,
+} from '../../static/dualcast.js';
+import {
+  FakeClock, evt, jsonResponse, makeFakeFetch, makeFakeWebSocket, sseFrame, sseResponse,
+} from './fakes.mjs';
+
+function jwt(claims) {
+  const part = (v) => Buffer.from(JSON.stringify(v)).toString('base64url');
+  return `${part({ alg: 'HS256' })}.${part(claims)}.sig`;
+}
+
+function setup({ routes = {}, clock = new FakeClock(), ...options } = {}) {
+  const WS = makeFakeWebSocket();
+  const fetch = makeFakeFetch(routes);
+  const dc = new Dualcast('https://push.example.com/base/', {
+    WebSocket: WS, fetch, setTimeout: clock.setTimeout, clearTimeout: clock.clearTimeout,
+    now: clock.now, random: () => 0.5, ...options,
+  });
+  const seen = [];
+  const errors = [];
+  const states = [];
+  dc.on('event', (e) => seen.push(e.id));
+  dc.on('error', (e) => errors.push(e));
+  dc.on('state', (s) => states.push(`${s.transport}/${s.state}`));
+  return { clock, WS, fetch, dc, seen, errors, states };
+}
+
+describe('Dualcast', { timeout: 10000 }, () => {
+  it('connects to the URL it was given and delivers each id once, in order', async () => {
+    const t = setup({ lastEventId: '1000-0', token: 'tok' });
+    t.dc.start();
+    await t.clock.tick(0);
+    const ws = t.WS.last();
+    assert.ok(ws.url.startsWith('wss://push.example.com/base/api/ws?'), ws.url);
+    assert.equal(ws.params.get('token'), 'tok');
+    assert.equal(ws.params.get('last_event_id'), '1000-0');
+    ws.welcome('1000-0');
+    assert.equal(t.dc.state, 'live');
+    assert.equal(t.dc.transport, 'websocket');
+    ws.serverSend({ type: 'batch', events: [evt(1), evt(2)] });
+    ws.serverSend(evt(2)); // again: dropped
+    ws.serverSend(evt(0)); // older than the cursor: dropped
+    ws.serverSend(evt(3));
+    assert.deepEqual(t.seen, ['1001-0', '1002-0', '1003-0']);
+    assert.equal(t.dc.lastEventId, '1003-0');
+    assert.deepEqual(t.states, ['websocket/connecting', 'websocket/live']);
+    t.dc.stop();
+    assert.equal(t.dc.state, 'offline');
+    assert.ok(ws.closed);
+  });
+
+  it('a listener that throws loses neither the rest of the batch nor the feed', async () => {
+    const t = setup({ lastEventId: '1000-0' });
+    const logged = [];
+    const original = console.error;
+    console.error = (err) => logged.push(err);
+    try {
+      t.dc.on('event', (e) => {
+        if (e.id === '1001-0') throw new Error('listener bug');
+      });
+      t.dc.start();
+      await t.clock.tick(0);
+      t.WS.last().welcome('1000-0');
+      t.WS.last().serverSend({ type: 'batch', events: [evt(1), evt(2), evt(3)] });
+    } finally {
+      console.error = original;
+    }
+    assert.deepEqual(t.seen, ['1001-0', '1002-0', '1003-0']);
+    assert.equal(logged.length, 1);
+  });
+
+  it('sends the token as Bearer on SSE and polling, never in their URL', async () => {
+    const streams = [];
+    const t = setup({
+      transports: ['sse', 'polling'], token: 'secret-token', lastEventId: '1000-0',
+      routes: {
+        '/base/api/sse': (request) => {
+          const [response, body] = sseResponse(request.signal);
+          streams.push({ request, body });
+          return response;
+        },
+      },
+    });
+    t.dc.start();
+    await t.clock.tick(0);
+    const { request, body } = streams[0];
+    assert.equal(request.headers.Authorization, 'Bearer secret-token');
+    assert.equal(request.headers['Last-Event-ID'], '1000-0');
+    assert.equal(request.params.get('token'), null);
+    body.push(sseFrame({ event: 'welcome', data: { rooms: [], last_id: '1000-0' } }));
+    body.push(sseFrame({ id: '1001-0', event: 'x', data: { a: 1 } }));
+    await t.clock.tick(0);
+    assert.deepEqual(t.seen, ['1001-0']);
+    t.dc.stop();
+  });
+
+  it('asks a token function first, again before exp, and hands a live WebSocket the new one',
+    async () => {
+      const clock = new FakeClock();
+      const issued = [];
+      const t = setup({
+        clock,
+        token: async () => {
+          const tok = jwt({ sub: 'u', exp: Math.floor(clock.now() / 1000) + 600, n: issued.length });
+          issued.push(tok);
+          return tok;
+        },
+      });
+      t.dc.start();
+      await clock.tick(0);
+      assert.equal(issued.length, 1);
+      const ws = t.WS.last();
+      assert.equal(ws.params.get('token'), issued[0]);
+      ws.welcome('1000-0');
+      await clock.tick(539_000);
+      assert.equal(issued.length, 1, 'not yet: a minute before exp');
+      await clock.tick(2_000);
+      assert.equal(issued.length, 2);
+      assert.deepEqual(ws.sent.at(-1), { type: 'auth', token: issued[1] });
+      assert.equal(t.WS.instances.length, 1, 'no reconnect for a refresh on WebSocket');
+      t.dc.stop();
+    });
+
+  it('an auth refusal with a token function: a fresh token and on from the cursor', async () => {
+    let n = 0;
+    const t = setup({ token: async () => `tok-${(n += 1)}`, lastEventId: '1000-0' });
+    t.dc.start();
+    await t.clock.tick(0);
+    t.WS.last().welcome('1000-0');
+    t.WS.last().serverSend(evt(1));
+    await t.clock.tick(20_000); // well after the first fetch of a token
+    t.WS.last().serverSend({ type: 'error', code: 'token_expired', message: 'expired' });
+    await t.clock.tick(0);
+    assert.equal(n, 2);
+    const again = t.WS.last();
+    assert.equal(t.WS.instances.length, 2);
+    assert.equal(again.params.get('token'), 'tok-2');
+    assert.equal(again.params.get('last_event_id'), '1001-0');
+    assert.deepEqual(t.errors, [], 'a refresh that worked is not an error');
+    t.dc.stop();
+  });
+
+  it('an auth refusal without a token function stops and says so', async () => {
+    const t = setup({ token: 'old' });
+    t.dc.start();
+    await t.clock.tick(0);
+    t.WS.last().welcome('1000-0');
+    t.WS.last().serverSend({ type: 'error', code: 'token_expired', message: 'expired' });
+    await t.clock.tick(60_000);
+    assert.equal(t.WS.instances.length, 1, 'no retry with a token that is known bad');
+    assert.equal(t.errors[0].code, 'token_expired');
+    assert.equal(t.errors[0].kind, 'auth');
+    assert.equal(t.dc.state, 'offline');
+  });
+
+  it('join/leave: frames on a live WebSocket, from the rooms its welcome named', async () => {
+    const t = setup({});
+    t.dc.start();
+    await t.clock.tick(0);
+    const ws = t.WS.last();
+    ws.welcome('1000-0', ['user-7', 'ops']);
+    t.dc.join('dev');
+    t.dc.leave('ops');
+    assert.deepEqual(ws.sent, [{ type: 'join', room: 'dev' }, { type: 'leave', room: 'ops' }]);
+    ws.serverClose(1006); // a reconnect asks for exactly the rooms it has now
+    await t.clock.tick(20_000);
+    assert.equal(t.WS.last().params.get('rooms'), 'user-7,dev');
+    t.dc.stop();
+  });
+
+  it('join on SSE reconnects with the new set, from the cursor', async () => {
+    const streams = [];
+    const t = setup({
+      transports: ['sse'], rooms: ['a'], lastEventId: '1000-0',
+      routes: {
+        '/base/api/sse': (request) => {
+          const [response, body] = sseResponse(request.signal);
+          streams.push({ request, body });
+          return response;
+        },
+      },
+    });
+    t.dc.start();
+    await t.clock.tick(0);
+    streams[0].body.push(sseFrame({ event: 'welcome', data: { rooms: ['a'], last_id: '1000-0' } }));
+    streams[0].body.push(sseFrame({ id: '1004-0', event: 'x', data: {} }));
+    await t.clock.tick(0);
+    t.dc.join('b');
+    await t.clock.tick(0);
+    assert.equal(streams.length, 2);
+    assert.equal(streams[1].request.params.get('rooms'), 'a,b');
+    assert.equal(streams[1].request.headers['Last-Event-ID'], '1004-0');
+    t.dc.stop();
+  });
+
+  it('a forbidden room at connect is an error that stops, not a transport fallback', async () => {
+    const t = setup({
+      transports: ['sse', 'polling'], rooms: ['admin'],
+      routes: {
+        '/base/api/sse': () => jsonResponse(403, { error: 'forbidden_room', message: 'no' }),
+      },
+    });
+    t.dc.start();
+    await t.clock.tick(0);
+    assert.equal(t.errors[0].code, 'forbidden_room');
+    assert.equal(t.errors[0].kind, 'fatal');
+    assert.equal(t.fetch.calls.filter((c) => c.path === '/base/api/events').length, 0);
+  });
+
+  it('a refused WebSocket is probed on gaps that grow and never collapse', async () => {
+    const clock = new FakeClock();
+    const t = setup({ clock, random: () => 0, transports: ['websocket', 'polling'] });
+    t.WS.refuse = true;
+    const polls = makeFakeFetch({});
+    t.dc.manager.env.fetch = (url, init) => (new URL(url).pathname.endsWith('/api/events')
+      ? Promise.resolve(jsonResponse(200, { events: [], last_id: '1000-0', reset: false }))
+        .then((r) => new Promise((resolve) => clock.setTimeout(() => resolve(r), 25_000)))
+      : polls(url, init));
+    t.dc.start();
+    const times = [];
+    let count = 0;
+    for (let s = 0; s < 300; s += 1) {
+      await clock.tick(1000);
+      if (t.WS.instances.length !== count) {
+        count = t.WS.instances.length;
+        times.push(clock.now());
+      }
+    }
+    const gaps = times.slice(1).map((x, i) => x - times[i]);
+    assert.ok(gaps.length >= 5, `probes: ${gaps}`);
+    for (let i = 1; i < gaps.length; i += 1) {
+      assert.ok(gaps[i] >= gaps[i - 1] - 1000, `a gap shrank: ${gaps}`);
+    }
+    assert.ok(gaps.at(-1) >= 15_000, `the gap settles at half the cap or more: ${gaps}`);
+    t.dc.stop();
+  });
+
+  it('steadyBackoff: half the span fixed, half random, capped', () => {
+    assert.equal(steadyBackoff(0, 1000, 30000, () => 0), 500);
+    assert.equal(steadyBackoff(3, 1000, 30000, () => 0), 4000);
+    assert.equal(steadyBackoff(10, 1000, 30000, () => 0), 15000);
+    assert.equal(steadyBackoff(10, 1000, 30000, () => 0.9999), 29998);
+  });
+});
+
+describe('helpers of the public client', { timeout: 5000 }, () => {
+  it('eventTime takes any ts and never gives a value a Date cannot hold', () => {
+    assert.equal(eventTime(1732550000000, '1-0'), 1732550000000);
+    assert.equal(eventTime('1732550000000', '1-0'), 1732550000000);
+    assert.equal(eventTime(undefined, '1732550000000-3'), 1732550000000);
+    assert.equal(eventTime(1e300, '1732550000000-0'), 1732550000000);
+    assert.equal(eventTime(-5, '1-0'), -5);
+    assert.equal(eventTime('soon', '1732550000000-0'), 1732550000000);
+    assert.equal(eventTime({}, 'bogus'), null);
+    assert.equal(eventTime(null, '99999999999999999999-0'), null);
+    for (const ts of [1e300, -1e300, 'x', null, undefined, NaN, Infinity, '1e400', [], {}]) {
+      const t = eventTime(ts, '1732550000000-0');
+      assert.ok(t === null || !Number.isNaN(new Date(t).getTime()), String(ts));
+    }
+  });
+
+  it('tokenExpiry reads exp without checking the signature; junk is null', () => {
+    assert.equal(tokenExpiry(jwt({ exp: 1234 })), 1234);
+    assert.equal(tokenExpiry('not-a-jwt'), null);
+    assert.equal(tokenExpiry(`a.${Buffer.from('{').toString('base64url')}.c`), null);
+    assert.equal(tokenExpiry(null), null);
+  });
+
+  it('one list of error codes; the auth and request codes are in it', () => {
+    assert.equal(new Set(ERROR_CODES).size, ERROR_CODES.length);
+    for (const code of [...AUTH_CODES].filter((c) => !['unauthorized', 'anonymous_not_allowed'].includes(c))) {
+      assert.ok(ERROR_CODES.includes(code), code);
+    }
+    for (const code of REQUEST_CODES) assert.ok(ERROR_CODES.includes(code), code);
+  });
+
+  it('outside a page a URL is required', () => {
+    assert.throws(() => new Dualcast(''), /URL is required/);
+  });
+});
