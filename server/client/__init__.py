@@ -1,0 +1,105 @@
+"""A Python subscriber for a dualcast server, with the browser client's fallback.
+
+    from dualcast.client import Reset, subscribe
+
+    async with subscribe("https://push.example.com", token=get_token, rooms=["ops"],
+                         last_event_id=saved) as events:
+        async for item in events:
+            if isinstance(item, Reset):
+                reload_state()        # events before item.last_id may be missing
+                continue
+            handle(item.id, item.event, item.data, item.ts)
+            saved = item.id           # or events.last_event_id
+
+Each id arrives once, in order, whatever the transport (WebSocket, else SSE,
+else long-polling, climbing back when it can) and across reconnects. A cursor
+that is gone arrives as a `Reset` item (an in-band marker, not an exception, so
+the subscription carries on from the head). A refused subscription (a forbidden
+room, a bad cursor) raises `Refused` from the iteration; a token that is not good
+and cannot be refreshed raises `AuthFailed`. `token` may be a string or a callable
+(sync or async) returning one: it is called at the start, shortly before each
+token's `exp`, and after the server says `token_expired`.
+
+This package imports neither starlette nor the server's modules: it needs only
+httpx and websockets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from urllib.parse import urlsplit, urlunsplit
+
+from dualcast.client.model import (
+    TRANSPORTS,
+    AuthFailed,
+    ClientError,
+    Event,
+    Item,
+    Refused,
+    Reset,
+    ServerError,
+    State,
+    Status,
+    Transport,
+)
+from dualcast.client.subscription import Subscription, Timing
+from dualcast.client.tokens import Tokens, TokenSource
+
+__all__ = [
+    "TRANSPORTS", "AuthFailed", "ClientError", "Event", "Item", "Refused", "Reset",
+    "ServerError", "State", "Status", "Subscription", "Timing", "TokenSource", "Transport",
+    "bases", "subscribe",
+]
+
+
+def bases(url: str) -> tuple[str, str]:
+    """The HTTP and WebSocket bases of a server URL (`http(s)://` or `ws(s)://`, with an
+    optional path prefix when dualcast is mounted below one)."""
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    http = {"http": "http", "https": "https", "ws": "http", "wss": "https"}.get(scheme)
+    if http is None or not parts.netloc:
+        raise ValueError(f"not a dualcast server URL: {url!r} (use http://host:port)")
+    ws = "wss" if http == "https" else "ws"
+    path = parts.path.rstrip("/")
+    return (urlunsplit((http, parts.netloc, path, "", "")),
+            urlunsplit((ws, parts.netloc, path, "", "")))
+
+
+@asynccontextmanager
+async def subscribe(
+    url: str,
+    *,
+    token: TokenSource = None,
+    rooms: Iterable[str] = (),
+    last_event_id: str | None = None,
+    transports: Iterable[Transport | str] = TRANSPORTS,
+    timing: Timing | None = None,
+    on_status: Callable[[Status], None] | None = None,
+    on_error: Callable[[ServerError], None] | None = None,
+    buffer: int = 1000,
+) -> AsyncIterator[Subscription]:
+    """Subscribe until the `async with` block ends (the connections close with it).
+
+    `rooms` empty = the rooms the token allows; `last_event_id` None = live from now,
+    `"0"` = from the oldest retained event; `transports` = which to use, best first.
+    `on_status` hears every transport or state change; `on_error` hears the server's
+    non-fatal errors (by default they are logged). At most `buffer` events wait for
+    the caller; past that the client stops reading and the server may cut it off,
+    which costs nothing: it resumes from its cursor.
+    """
+    http_base, ws_base = bases(url)
+    order = tuple(dict.fromkeys(Transport(t) for t in transports))
+    if not order:
+        raise ValueError("transports: name at least one of websocket, sse, polling")
+    subscription = Subscription(
+        http_base, ws_base, tokens=Tokens(token), rooms=tuple(rooms),
+        last_event_id=last_event_id or None, transports=order, timing=timing or Timing(),
+        on_status=on_status, on_error=on_error, buffer=buffer,
+    )
+    await subscription.start()
+    try:
+        yield subscription
+    finally:
+        await subscription.close()

@@ -1,0 +1,338 @@
+"""One attempt on one transport: a task that reads the server and reports signals.
+
+Each connection reports to the subscription's inbox as `(connection, signal)`, so
+the subscription can ignore what an old or replaced connection still says. A
+connection ends by reporting `Ended` with what kind of failure it was: low-level
+errors (sockets, httpx, websockets) are translated here, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import logging
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode
+
+import httpx
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
+
+from dualcast.client.model import AUTH_CODES, Event, Reset, Transport
+from dualcast.client.sse import SSEParser
+
+log = logging.getLogger("dualcast.client")
+
+#: Bound on one WebSocket frame from the server (a `batch` of many events is one frame).
+MAX_FRAME = 64 * 1024 * 1024
+
+
+class Failure(enum.StrEnum):
+    """Why a connection ended, which decides what the subscription does next."""
+
+    TRANSPORT = "transport"      # this transport does not work (here, now): fall back
+    UNREACHABLE = "unreachable"  # nobody answers at all: retry, another transport won't help
+    AUTH = "auth"                # the token is no longer good: refresh it or give up
+    FATAL = "fatal"              # the request itself is refused (a room, the cursor): give up
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    rooms: list[str]
+    last_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    events: list[Event]
+    #: A poll answer's cursor: where to continue even when no event was visible.
+    last_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorFrame:
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    failure: Failure
+    detail: str
+    status: int | None = None
+    code: str = ""
+    message: str = ""
+
+
+Signal = Welcome | Batch | Reset | ErrorFrame | Ended
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and as whom to subscribe; `token` is read at each request."""
+
+    http_base: str
+    ws_base: str
+    rooms: tuple[str, ...]
+    token: Callable[[], str | None]
+    poll_timeout: float
+    idle_timeout: float
+    http: httpx.AsyncClient = field(repr=False)
+
+    def headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        # A header, not `?token=`: proxies log URLs, not Authorization headers.
+        headers = dict(extra or {})
+        token = self.token()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        return headers
+
+    def query(self, **params: str | float | None) -> str:
+        if self.rooms:
+            params["rooms"] = ",".join(self.rooms)
+        pairs = {k: str(v) for k, v in params.items() if v is not None and v != ""}
+        return "?" + urlencode(pairs) if pairs else ""
+
+
+class _Ends(Exception):
+    """Raised inside a runner to end the connection with a given outcome."""
+
+    def __init__(self, ended: Ended) -> None:
+        super().__init__(ended.detail)
+        self.ended = ended
+
+
+def classify(status: int, body: Mapping[str, Any]) -> Failure:
+    """What an HTTP refusal means for the subscription."""
+    code = str(body.get("error") or body.get("code") or "")
+    if status == 401 or code in AUTH_CODES:
+        return Failure.AUTH
+    text = f"{code} {body.get('message', '')}".lower()
+    if status in (400, 403) and any(
+        word in text for word in ("room", "cursor", "last_event_id", "after", "bad_request")
+    ):
+        return Failure.FATAL
+    if status in (502, 503, 504):
+        return Failure.UNREACHABLE  # restarting or draining: the same transport will be back
+    return Failure.TRANSPORT
+
+
+def _refusal(status: int, raw: bytes | bytearray) -> _Ends:
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        body = {}
+    code = str(body.get("error") or body.get("code") or "")
+    return _Ends(Ended(classify(status, body), f"HTTP {status}", status, code,
+                       str(body.get("message", ""))))
+
+
+def _event(item: Mapping[str, Any]) -> Event | None:
+    event_id, name = item.get("id"), item.get("event")
+    if not isinstance(event_id, str) or not isinstance(name, str):
+        return None
+    ts = item.get("ts")
+    return Event(event_id, name, item.get("data"),
+                 ts if isinstance(ts, int) and not isinstance(ts, bool) else None)
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Nobody listens (refused, no such host): every transport would fail alike."""
+    return isinstance(exc, (ConnectionRefusedError, socket.gaierror, httpx.ConnectError))
+
+
+class Connection:
+    def __init__(self, transport: Transport, target: Target, cursor: str | None,
+                 inbox: asyncio.Queue[tuple[Connection, Signal]]) -> None:
+        self.transport = transport
+        self.target = target
+        self.cursor = cursor
+        self.inbox = inbox
+        self.welcomed = False
+        self._ws: ClientConnection | None = None
+        self.task = asyncio.create_task(self._run(), name=f"dualcast-client-{transport}")
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.transport} welcomed={self.welcomed}>"
+
+    async def _emit(self, signal: Signal) -> None:
+        if isinstance(signal, Welcome):
+            self.welcomed = True
+        await self.inbox.put((self, signal))
+
+    async def _run(self) -> None:
+        runner = {
+            Transport.WEBSOCKET: self._websocket,
+            Transport.SSE: self._sse,
+            Transport.POLLING: self._poll,
+        }[self.transport]
+        try:
+            await runner()
+            ended = Ended(Failure.TRANSPORT, "the server ended the stream")
+        except _Ends as ends:
+            ended = ends.ended
+        except websockets.InvalidStatus as exc:
+            status = exc.response.status_code
+            ended = _refusal(status, exc.response.body or b"").ended
+        except (OSError, httpx.HTTPError, websockets.WebSocketException, ValueError) as exc:
+            # (ValueError: a body that is not the JSON the protocol promises)
+            kind = Failure.UNREACHABLE if _unreachable(exc) else Failure.TRANSPORT
+            ended = Ended(kind, f"{type(exc).__name__}: {exc}".rstrip(": "))
+        await self.inbox.put((self, ended))
+
+    def close(self) -> None:
+        """Stop reading (the task finishes on its own; the subscription awaits it)."""
+        self.task.cancel()
+
+    async def send(self, frame: Mapping[str, Any]) -> bool:
+        """Send a frame on a welcomed WebSocket (a token refresh); False elsewhere."""
+        ws = self._ws
+        if ws is None or not self.welcomed:
+            return False
+        try:
+            await ws.send(json.dumps(frame))
+        except websockets.WebSocketException:
+            return False  # the reader sees the close and ends the connection
+        return True
+
+    # -- WebSocket -------------------------------------------------------------
+
+    async def _websocket(self) -> None:
+        target = self.target
+        url = target.ws_base + "/api/ws" + target.query(last_event_id=self.cursor)
+        # No open_timeout of its own: the subscription times out on `welcome`, which
+        # covers a handshake a proxy holds as well as an upgrade that never answers.
+        async with connect(url, additional_headers=target.headers(), open_timeout=None,
+                           max_size=MAX_FRAME, compression=None, close_timeout=2,
+                           user_agent_header="dualcast-client") as ws:
+            self._ws = ws
+            async for raw in ws:
+                try:
+                    frame = json.loads(raw)
+                except ValueError:
+                    continue
+                if isinstance(frame, dict):
+                    await self._frame(frame)
+
+    async def _frame(self, frame: Mapping[str, Any]) -> None:
+        kind = frame.get("type")
+        if kind == "welcome":
+            rooms = frame.get("rooms")
+            await self._emit(Welcome(list(rooms) if isinstance(rooms, list) else [],
+                                     _str(frame.get("last_id"))))
+        elif kind == "event":
+            event = _event(frame)
+            if event is not None:
+                await self._emit(Batch([event]))
+        elif kind == "batch":
+            run: list[Event] = []
+            inner = frame.get("events")
+            for item in inner if isinstance(inner, list) else []:
+                if not isinstance(item, dict):
+                    continue
+                if item.get("type", "event") != "event":
+                    if run:
+                        await self._emit(Batch(run))
+                        run = []
+                    await self._frame(item)
+                elif (event := _event(item)) is not None:
+                    run.append(event)
+            if run:
+                await self._emit(Batch(run))
+        elif kind == "reset":
+            await self._emit(Reset(_str(frame.get("last_id"))))
+        elif kind == "error":
+            await self._emit(ErrorFrame(str(frame.get("code") or "error"),
+                                        str(frame.get("message") or "")))
+        # joined / left / pong: nothing to do
+
+    # -- SSE -------------------------------------------------------------------
+
+    async def _sse(self) -> None:
+        target = self.target
+        headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
+        if self.cursor:
+            headers["Last-Event-ID"] = self.cursor
+        # The server pings an idle stream (every 15 s by default): a stream silent for
+        # much longer than that is dead even if the socket does not say so.
+        timeout = httpx.Timeout(10.0, read=target.idle_timeout)
+        url = target.http_base + "/api/sse" + target.query()
+        async with target.http.stream("GET", url, headers=target.headers(headers),
+                                      timeout=timeout) as response:
+            if response.status_code != 200:
+                raise _refusal(response.status_code, await response.aread())
+            kind = response.headers.get("content-type", "")
+            if not kind.startswith("text/event-stream"):
+                raise _Ends(Ended(Failure.TRANSPORT, f"not an event stream: {kind!r}"))
+            parser = SSEParser()
+            async for line in response.aiter_lines():
+                message = parser.line(line)
+                if message is None:
+                    continue
+                if message.event == "welcome":
+                    body = _json_object(message.data)
+                    rooms = body.get("rooms")
+                    await self._emit(Welcome(list(rooms) if isinstance(rooms, list) else [],
+                                             _str(body.get("last_id"))))
+                elif message.event == "reset" and not message.id:
+                    await self._emit(Reset(_str(_json_object(message.data).get("last_id"))))
+                elif message.event == "error" and not message.id:
+                    body = _json_object(message.data)
+                    await self._emit(ErrorFrame(str(body.get("code") or "error"),
+                                                str(body.get("message") or "")))
+                elif message.id:
+                    try:
+                        data = json.loads(message.data)
+                    except ValueError:
+                        data = message.data
+                    await self._emit(Batch([Event(message.id, message.event, data, None)]))
+
+    # -- long-polling ----------------------------------------------------------
+
+    async def _poll(self) -> None:
+        """Each answer's `last_id` is the next request's cursor (this connection's own,
+        so it never asks again for what it has just been given)."""
+        target = self.target
+        cursor = self.cursor
+        while True:
+            # The first request answers at once (that answer is our `welcome`).
+            wait = target.poll_timeout if self.welcomed else 0
+            url = target.http_base + "/api/events" + target.query(after=cursor, timeout=wait)
+            # A proxy that swallows the answer must not hang us: give up a while after.
+            timeout = httpx.Timeout(10.0, read=wait + 15.0)
+            response = await target.http.get(
+                url, headers=target.headers({"Accept": "application/json"}), timeout=timeout)
+            if response.status_code != 200:
+                raise _refusal(response.status_code, response.content)
+            body = response.json()
+            if not isinstance(body, dict):
+                raise _Ends(Ended(Failure.TRANSPORT, "a poll answer that is not an object"))
+            last_id = _str(body.get("last_id"))
+            if not self.welcomed:
+                await self._emit(Welcome(list(target.rooms), last_id))
+            if body.get("reset"):
+                await self._emit(Reset(last_id))
+            else:
+                items = body.get("events")
+                events = [e for item in (items if isinstance(items, list) else [])
+                          if isinstance(item, dict) and (e := _event(item)) is not None]
+                await self._emit(Batch(events, last_id))
+            cursor = last_id or cursor
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}

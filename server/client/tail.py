@@ -1,0 +1,78 @@
+"""`dualcast tail`: watch a dualcast stream from a terminal, with the client's fallback.
+
+stdout carries only events, one JSON object per line (`{"id","event","data","ts"}`),
+so it can be piped into `jq` or a file; everything else (transport changes, resets,
+the server's errors) goes to stderr. It runs until interrupted; Ctrl-C exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from typing import TextIO
+
+from dualcast.client import (
+    TRANSPORTS,
+    ClientError,
+    Event,
+    ServerError,
+    Status,
+    Transport,
+    subscribe,
+)
+
+
+def transports_for(choice: str) -> tuple[Transport, ...]:
+    """`auto` = all of them, best first; otherwise only the one named."""
+    return TRANSPORTS if choice == "auto" else (Transport(choice),)
+
+
+async def tail(url: str, *, token: str | None, rooms: list[str], last_event_id: str | None,
+               transport: str, out: TextIO, err: TextIO) -> int:
+    def said(message: str) -> None:
+        print(f"dualcast tail: {message}", file=err, flush=True)
+
+    def on_status(status: Status) -> None:
+        said(f"{status.transport} {status.state}")
+
+    def on_error(error: ServerError) -> None:
+        said(f"server error on {error.transport}: {error.code}: {error.message}")
+
+    try:
+        async with subscribe(url, token=token, rooms=rooms, last_event_id=last_event_id,
+                             transports=transports_for(transport), on_status=on_status,
+                             on_error=on_error) as events:
+            async for item in events:
+                if isinstance(item, Event):
+                    out.write(json.dumps(item.as_dict(), ensure_ascii=False,
+                                         separators=(",", ":")) + "\n")
+                    out.flush()
+                else:
+                    said(f"reset: the cursor is gone; events before {item.last_id} "
+                         "may be missing")
+    except ClientError as exc:
+        said(f"refused: {exc}")
+        return 1
+    except ValueError as exc:  # a URL or transport name that cannot be used
+        said(str(exc))
+        return 2
+    return 0
+
+
+def run(url: str, *, token: str | None, rooms: list[str], last_event_id: str | None,
+        transport: str) -> int:
+    """The command's entry point: an interrupt is the normal way out (exit 0)."""
+    token = token or os.environ.get("DUALCAST_TOKEN") or None
+    try:
+        return asyncio.run(tail(url, token=token, rooms=rooms, last_event_id=last_event_id,
+                                transport=transport, out=sys.stdout, err=sys.stderr))
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, and keep the interpreter's
+        # final flush of stdout from failing again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0

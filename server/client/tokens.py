@@ -1,0 +1,70 @@
+"""Where the subscription's token comes from, and when to ask for the next one.
+
+A token is a string, or a callable (plain or async) returning a fresh one: it is
+called at the start, shortly before the current token's `exp`, and again after the
+server said the token is no longer good. The `exp` is read from the JWT payload
+without verifying it (the client has no key, and only needs to know when to ask);
+a token that is not a JWT is refreshed only when the server refuses it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import inspect
+import json
+import time
+from collections.abc import Awaitable, Callable
+
+TokenSource = str | Callable[[], str | Awaitable[str]] | None
+
+
+def expiry(token: str | None) -> float | None:
+    """The `exp` claim (epoch seconds) of a JWT, or None when there is none to read."""
+    if not token:
+        return None
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    payload = parts[1] + "=" * (-len(parts[1]) % 4)
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(payload))
+    except (binascii.Error, ValueError):
+        return None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    if isinstance(exp, bool) or not isinstance(exp, int | float):
+        return None
+    return float(exp)
+
+
+def refresh_in(token: str | None, now: float | None = None) -> float | None:
+    """Seconds until the token should be replaced: a fifth of what is left, at most a
+    minute, before it expires (so a slow token source still answers in time)."""
+    exp = expiry(token)
+    if exp is None:
+        return None
+    left = exp - (time.time() if now is None else now)
+    return max(0.0, left - min(60.0, left / 5))
+
+
+class Tokens:
+    """The current token and the source of the next one."""
+
+    def __init__(self, source: TokenSource) -> None:
+        self._source = source
+        self.current: str | None = source if isinstance(source, str) else None
+
+    @property
+    def refreshable(self) -> bool:
+        return callable(self._source)
+
+    async def refresh(self) -> str | None:
+        """Ask the source for a fresh token (a fixed string is simply kept)."""
+        if callable(self._source):
+            value = self._source()
+            if inspect.isawaitable(value):
+                value = await value
+            if not isinstance(value, str) or not value:
+                raise TypeError("the token source must return a non-empty string")
+            self.current = value
+        return self.current

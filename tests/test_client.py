@@ -1,0 +1,336 @@
+"""dualcast.client.subscribe against real dualcast processes: each transport forced,
+resume and reset, token refresh, refusals, a server restart, and cleanup.
+
+The fallback through real nginx fault configs and `dualcast tail` as a subprocess
+are in tests/test_client_proxy.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from dualcast.client import (
+    AuthFailed,
+    Event,
+    Refused,
+    Reset,
+    ServerError,
+    State,
+    Status,
+    Subscription,
+    Timing,
+    Transport,
+    bases,
+    subscribe,
+)
+from dualcast.client.model import id_key, is_after
+from dualcast.client.sse import Message, SSEParser
+from dualcast.client.tokens import expiry, refresh_in
+from tests.conftest import token as mint
+
+pytestmark = pytest.mark.timeout(90)
+
+#: Short timers so a fallback or a reconnect takes a second, not a minute.
+FAST = Timing(welcome=2.0, retry_base=0.1, retry_cap=1.0, climb_base=0.3, climb_cap=1.0)
+FORCED = [Transport.WEBSOCKET, Transport.SSE, Transport.POLLING]
+
+
+# ---- helpers ------------------------------------------------------------------------------
+
+
+async def until(condition: Callable[[], object], timeout: float = 15.0, what: str = "") -> None:
+    """Wait for a condition with a deadline (no fixed sleeps)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        await asyncio.sleep(0.02)
+
+
+async def publish(base: str, event: str, data: Any, rooms: list[str] | None = None) -> str:
+    """POST /api/publish as a producer would; returns the entry id."""
+    async with httpx.AsyncClient(timeout=10) as http:
+        response = await http.post(
+            base + "/api/publish", json={"event": event, "data": data, "rooms": rooms or []},
+            headers={"Authorization": f"Bearer {mint('producer', publish=True)}"})
+    assert response.status_code == 202, response.text
+    entry_id: str = response.json()["id"]
+    return entry_id
+
+
+@dataclass
+class Watch:
+    """What a subscriber's user sees: items in order, status changes, server errors."""
+
+    items: list[Event | Reset] = field(default_factory=list)
+    statuses: list[Status] = field(default_factory=list)
+    errors: list[ServerError] = field(default_factory=list)
+    failure: BaseException | None = None
+    done: bool = False
+
+    @property
+    def ids(self) -> list[str]:
+        return [item.id for item in self.items if isinstance(item, Event)]
+
+    def live_on(self, transport: Transport) -> bool:
+        return bool(self.statuses) and self.statuses[-1] == Status(transport, State.LIVE)
+
+
+@asynccontextmanager
+async def watching(url: str, **options: Any) -> AsyncIterator[tuple[Watch, Subscription]]:
+    """Subscribe and collect in a background task for the duration of the block."""
+    watch = Watch()
+    options.setdefault("timing", FAST)
+    async with subscribe(url, on_status=watch.statuses.append, on_error=watch.errors.append,
+                         **options) as events:
+
+        async def collect() -> None:
+            try:
+                async for item in events:
+                    watch.items.append(item)
+            except Exception as exc:
+                watch.failure = exc
+            finally:
+                watch.done = True
+
+        task = asyncio.create_task(collect())
+        try:
+            yield watch, events
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+# ---- pieces without a server -------------------------------------------------------------
+
+
+def test_sse_parser_follows_the_event_stream_rules() -> None:
+    parser = SSEParser()
+    lines = ["retry: 3000", "event: welcome", 'data: {"last_id":"1-0"}', "",
+             ": ping", "", "id: 5-1", "event: x", "data:{\"a\":", "data: 1}", "",
+             "id: bad\0id", "data: plain", ""]
+    got = [m for m in (parser.line(line) for line in lines) if m is not None]
+    assert got == [
+        Message(None, "welcome", '{"last_id":"1-0"}'),
+        Message("5-1", "x", '{"a":\n1}'),
+        Message(None, "message", "plain"),  # an id with NUL is ignored
+    ]
+
+
+def test_ids_compare_as_stream_ids_not_strings() -> None:
+    assert id_key("1732550000000-12") == (1732550000000, 12)
+    assert id_key("7") == (7, 0)
+    assert id_key("x-1") is None
+    assert is_after("10-0", "9-5")      # as strings "10-0" < "9-5"
+    assert is_after("9-10", "9-9")
+    assert not is_after("9-9", "9-9")
+    assert is_after("0-1", None)
+    assert not is_after("junk", None)
+
+
+def test_token_expiry_is_read_from_the_jwt_and_refreshed_before_it() -> None:
+    now = time.time()
+    jwt = mint("exp-test", ttl=300)
+    exp = expiry(jwt)
+    assert exp is not None and abs(exp - (now + 300)) < 5
+    assert refresh_in(jwt, now=exp - 300) == pytest.approx(240)   # a minute before
+    assert refresh_in(jwt, now=exp - 10) == pytest.approx(8)      # a fifth before
+    assert refresh_in(jwt, now=exp + 5) == 0
+    assert expiry("opaque-session-token") is None
+    unsigned = "x." + base64.urlsafe_b64encode(b'{"exp":"soon"}').decode().rstrip("=") + ".y"
+    assert expiry(unsigned) is None
+
+
+def test_server_urls() -> None:
+    assert bases("http://127.0.0.1:8000/") == ("http://127.0.0.1:8000", "ws://127.0.0.1:8000")
+    assert bases("wss://push.example.com/rt") == ("https://push.example.com/rt",
+                                                  "wss://push.example.com/rt")
+    with pytest.raises(ValueError):
+        bases("127.0.0.1:8000")
+
+
+# ---- against a real server ---------------------------------------------------------------
+
+
+@pytest.fixture
+def server(redis_server: Any, dualcast: Callable[..., Any]) -> Any:
+    return dualcast(redis_server.url)
+
+
+@pytest.mark.parametrize("transport", FORCED)
+async def test_each_transport_delivers_every_event_once_in_order(
+    server: Any, transport: Transport
+) -> None:
+    before = [await publish(server.url, "before", {"n": n}) for n in range(3)]
+    async with watching(server.url, transports=[transport],
+                        last_event_id=before[0]) as (watch, events):
+        await until(lambda: watch.live_on(transport), what=f"live on {transport}")
+        after = [await publish(server.url, "after", {"n": n, "text": "é"}) for n in range(5)]
+        expected = before[1:] + after
+        await until(lambda: len(watch.ids) >= len(expected), what="every event")
+        assert watch.ids == expected
+        assert events.last_event_id == expected[-1]
+        last = watch.items[-1]
+        assert isinstance(last, Event)
+        assert (last.event, last.data) == ("after", {"n": 4, "text": "é"})
+        if transport is not Transport.SSE:  # SSE frames need not carry ts
+            assert isinstance(last.ts, int) and last.ts > 1_700_000_000_000
+        assert watch.failure is None and not watch.errors
+
+
+@pytest.mark.parametrize("transport", FORCED)
+async def test_rooms_decide_what_arrives(server: Any, transport: Transport) -> None:
+    async with watching(server.url, transports=[transport], rooms=["ops"],
+                        token=mint("u1", rooms=["ops"])) as (watch, _):
+        await until(lambda: watch.live_on(transport))
+        public = await publish(server.url, "public", 1)
+        await publish(server.url, "secret", 2, rooms=["finance"])
+        ops = await publish(server.url, "ops", 3, rooms=["ops"])
+        mine = await publish(server.url, "direct", 4, rooms=["user-u1"])  # not joined
+        last = await publish(server.url, "public", 5)
+        await until(lambda: last in watch.ids)
+        assert watch.ids == [public, ops, last]
+        assert mine not in watch.ids
+
+
+@pytest.mark.parametrize("transport", FORCED)
+async def test_a_cursor_the_stream_does_not_hold_comes_out_as_a_reset_marker(
+    server: Any, transport: Transport
+) -> None:
+    head = await publish(server.url, "head", 0)
+    future = f"{int(head.split('-')[0]) + 10**9}-0"  # newer than the stream
+    async with watching(server.url, transports=[transport],
+                        last_event_id=future) as (watch, events):
+        await until(lambda: any(isinstance(i, Reset) for i in watch.items), what="reset")
+        reset = watch.items[0]
+        assert isinstance(reset, Reset) and reset.last_id is not None
+        fresh = await publish(server.url, "after-reset", 1)
+        await until(lambda: fresh in watch.ids, what="the event after the reset")
+        assert watch.ids == [fresh]
+        assert events.last_event_id == fresh
+
+
+@pytest.mark.parametrize("transport", [Transport.SSE, Transport.POLLING])
+async def test_a_forbidden_room_raises_refused(server: Any, transport: Transport) -> None:
+    async with watching(server.url, transports=[transport], rooms=["finance"],
+                        token=mint("u2", rooms=["ops"])) as (watch, _):
+        await until(lambda: watch.done, what="the iteration to end")
+    assert isinstance(watch.failure, Refused) and not isinstance(watch.failure, AuthFailed)
+    assert watch.failure.code == "forbidden_room"
+
+
+async def test_a_forbidden_room_on_websocket_keeps_the_allowed_ones(server: Any) -> None:
+    async with watching(server.url, transports=[Transport.WEBSOCKET], rooms=["ops", "finance"],
+                        token=mint("u3", rooms=["ops"])) as (watch, _):
+        await until(lambda: watch.errors, what="the error frame")
+        assert watch.errors[0].code == "forbidden_room"
+        ops = await publish(server.url, "ops", 1, rooms=["ops"])
+        await until(lambda: ops in watch.ids)
+        assert watch.failure is None
+
+
+@pytest.mark.parametrize("transport", FORCED)
+async def test_an_expired_token_without_a_source_raises_auth_failed(
+    server: Any, transport: Transport
+) -> None:
+    async with watching(server.url, transports=[transport],
+                        token=mint("short", ttl=2)) as (watch, _):
+        await until(lambda: watch.done, timeout=20, what="the iteration to end")
+    assert isinstance(watch.failure, AuthFailed), watch.failure
+    assert watch.failure.code == "token_expired"
+
+
+@pytest.mark.parametrize("transport", FORCED)
+async def test_a_token_source_is_called_again_before_expiry_and_nothing_is_lost(
+    server: Any, transport: Transport
+) -> None:
+    minted: list[float] = []
+
+    async def fresh_token() -> str:
+        minted.append(time.monotonic())
+        return mint("refresher", ttl=3)
+
+    async with watching(server.url, transports=[transport], token=fresh_token) as (watch, _):
+        await until(lambda: watch.live_on(transport))
+        published: list[str] = []
+        started = time.monotonic()
+        while time.monotonic() - started < 7:  # past two expiries of a 3 s token
+            published.append(await publish(server.url, "tick", len(published)))
+            await until(lambda: published[-1] in watch.ids, what=f"event {len(published)}")
+        assert watch.ids == published
+        assert len(minted) >= 3, minted
+        assert watch.failure is None
+
+
+async def test_leaving_the_block_closes_the_connection_even_on_error(server: Any) -> None:
+    def open_websockets() -> float:
+        text = httpx.get(server.url + "/metrics", timeout=5).text
+        for line in text.splitlines():
+            if line.startswith('dualcast_connections{transport="websocket"}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    with pytest.raises(RuntimeError, match="the app failed"):
+        async with subscribe(server.url, transports=["websocket"], timing=FAST) as events:
+            await until(lambda: events.state is State.LIVE)
+            assert open_websockets() == 1
+            raise RuntimeError("the app failed")
+    await until(lambda: open_websockets() == 0, what="the server to see the close")
+
+
+# ---- a server restart ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", [None, Transport.SSE, Transport.POLLING])
+async def test_a_server_restart_loses_nothing_and_repeats_nothing(
+    fresh_redis: Any, dualcast: Callable[..., Any], transport: Transport | None
+) -> None:
+    """Events are appended to Redis the whole time; the dualcast process is killed
+    (SIGKILL) and started again on the same port while the subscriber keeps going."""
+    instance = dualcast(fresh_redis.url)
+    stream = aioredis.from_url(fresh_redis.url, decode_responses=True)
+    published: list[str] = []
+
+    async def produce(count: int) -> None:
+        for n in range(count):
+            body = json.dumps({"event": "tick", "data": {"n": len(published)}})
+            published.append(await stream.xadd(
+                "websocket-broadcast",
+                {"data": body, "timestamp": str(int(time.time() * 1000))}))
+            if n % 5 == 4:
+                await asyncio.sleep(0.05)  # a steady producer, not a burst
+
+    options: dict[str, Any] = {"last_event_id": "0"}
+    if transport is not None:
+        options["transports"] = [transport]
+    try:
+        async with watching(instance.url, **options) as (watch, _):
+            expect = transport or Transport.WEBSOCKET
+            await until(lambda: watch.live_on(expect), what=f"live on {expect}")
+            await produce(40)
+            await until(lambda: len(watch.ids) >= 10, what="the first events")
+            await asyncio.to_thread(instance.kill)
+            await produce(40)                    # while nobody serves
+            await asyncio.to_thread(instance.start)
+            await produce(40)
+            await until(lambda: len(watch.ids) >= len(published), timeout=30,
+                        what=f"all {len(published)} events (have {len(watch.ids)})")
+            assert watch.ids == published
+            assert watch.failure is None
+            # It went down and came back (a status other than live in between).
+            lives = [s for s in watch.statuses if s.state is State.LIVE]
+            assert len(lives) >= 2, watch.statuses
+    finally:
+        await stream.aclose()
