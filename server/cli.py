@@ -255,6 +255,14 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tail(args: argparse.Namespace) -> int:
+    from dualcast.client.tail import run
+
+    rooms = [room.strip() for room in (args.rooms or "").split(",") if room.strip()]
+    return run(args.url, token=args.token, rooms=rooms, last_event_id=args.last_event_id,
+               transport=args.transport)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with a refused command line said in one line (not usage plus error)."""
 
@@ -314,6 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--redis-url")
     demo.add_argument("--speed", type=float, default=1.0)
     demo.set_defaults(func=_demo)
+
+    tail = sub.add_parser("tail", help="print a server's events as JSON lines until Ctrl-C")
+    tail.add_argument("url", help="the dualcast server, e.g. http://127.0.0.1:8000")
+    tail.add_argument("--token", help="a subscriber token (default: $DUALCAST_TOKEN)")
+    tail.add_argument("--rooms", help="comma-separated rooms (default: all the token allows)")
+    tail.add_argument("--last-event-id", help="resume after this id; 0 = all retained events")
+    tail.add_argument("--transport", choices=["auto", "websocket", "sse", "polling"],
+                      default="auto")
+    tail.set_defaults(func=_tail)
     return parser
 
 
