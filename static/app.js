@@ -61,7 +61,6 @@ const LOGIN_REASONS = {
   invalid: 'That token was not accepted.',
   'signed-out': 'You have signed out.',
   switch: 'This link signs you in as someone else.',
-  switch: 'This link signs you in as someone else.',
 };
 
 function showLogin(reason, message = '') {
@@ -77,8 +76,6 @@ function showLogin(reason, message = '') {
   $('login-reason').textContent = message && reason === 'invalid' ? `${text} (${message})` : text;
   $('login').dataset.reason = reason;
   $('login-forget').hidden = reason === 'missing' || reason === 'signed-out';
-  $('login-form').hidden = reason === 'switch';
-  $('login-switch').hidden = reason !== 'switch';
   $('login-form').hidden = reason === 'switch';
   $('login-switch').hidden = reason !== 'switch';
   showStatus({ transport: document.body.dataset.transport || 'websocket', state: 'offline' });
@@ -156,44 +153,6 @@ async function logout() {
   }
   if (app.tabs) app.tabs.post({ type: 'logout' });
   showLogin('signed-out');
-}
-
-/**
- * A login link that could replace this browser's session lands here (#login_confirm=<token>)
- * instead of swapping it silently: a page of another site may have sent us. Sign in at
- * once when nobody is signed in or the link names the same person; else ask.
- */
-async function confirmSwitch(value) {
-  const ask = async (headers, credentials) => {
-    try {
-      const response = await fetch('/api/me', {
-        headers: { Accept: 'application/json', ...headers }, credentials, cache: 'no-store',
-      });
-      return { status: response.status, body: await response.json().catch(() => ({})) };
-    } catch {
-      return { status: 0, body: {} };
-    }
-  };
-  const arriving = await ask({ Authorization: `Bearer ${value}` }, 'omit');
-  if (arriving.status !== 200) {
-    showLogin(reasonOf(arriving.body), arriving.body.message ?? '');
-    return;
-  }
-  const current = await ask({}, 'same-origin');
-  const signedIn = current.status === 200 && !current.body.anonymous ? current.body.sub : null;
-  // a same-origin navigation: the server sets the cookie without asking again
-  const signIn = () => location.replace(`/?token=${encodeURIComponent(value)}`);
-  if (signedIn === null || signedIn === arriving.body.sub) {
-    signIn();
-    return;
-  }
-  showLogin('switch');
-  $('login-reason').textContent = `This link signs you in as “${arriving.body.sub}” `
-    + `in place of “${signedIn}”. Switch only if you opened it yourself.`;
-  $('login-switch-yes').textContent = `Switch to ${arriving.body.sub}`;
-  $('login-switch-no').textContent = `Stay signed in as ${signedIn}`;
-  $('login-switch-yes').onclick = signIn;
-  $('login-switch-no').onclick = () => location.replace('/');
 }
 
 /**
@@ -511,14 +470,6 @@ async function boot() {
       location.assign('/');
     }
   });
-
-  // a login link that could swap the session asks first (see confirmSwitch)
-  const arriving = /(?:^#|&)login_confirm=([^&]+)/.exec(location.hash);
-  if (arriving) {
-    history.replaceState(null, '', location.pathname + location.search);
-    await confirmSwitch(decodeURIComponent(arriving[1]));
-    return;
-  }
 
   // a login link that could swap the session asks first (see confirmSwitch)
   const arriving = /(?:^#|&)login_confirm=([^&]+)/.exec(location.hash);
