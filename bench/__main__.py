@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from bench import modes, report
-from bench.procs import ROOT, Child, raise_nofile
+from tests.harness.procs import ROOT, Child, raise_nofile
 
 DOCS = ROOT / "docs" / "performance.md"
 INTRO = (

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bench.clients import KINDS, Client, PollClient, Tally
-from bench.procs import raise_nofile
+from tests.harness.procs import raise_nofile
 
 
 class Worker:

@@ -1,6 +1,6 @@
 """Publishes per second from one process, against a redis-server of its own.
 
-    .venv/bin/python bench/publisher_bench.py [--count 20000] [--batch 100] [--seconds 10]
+    .venv/bin/python -m bench.publisher_bench [--count 20000] [--batch 100] [--seconds 10]
 
 Measures the producer library (`dualcast.publisher`) one call at a time, with
 concurrent callers, batched with `publish_many`, the blocking `SyncPublisher`,
@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import os
 import platform
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -25,10 +24,8 @@ from pathlib import Path
 import redis
 import redis.asyncio as aioredis
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from dualcast.publisher import Publisher, SyncPublisher
-from tests.support.procs import RedisProcess
+from tests.harness.procs import RedisProcess
 
 DATA = {
     "sessionId": "sess_3f2a9c81b7de", "userId": "456", "model": "gpt-4o-mini",

@@ -27,21 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.procs import raise_nofile  # noqa: E402
-from tests.reliability.lean import (  # noqa: E402
-    Follower,
-    Producer,
-    Stuck,
-    check_exact,
-    start_followers,
-    stream_entries,
-    visible,
-)
-from tests.support.procs import DualcastProcess, RedisProcess  # noqa: E402
+from tests.harness.follow import Follower, Stuck, start_followers
+from tests.harness.procs import ROOT, DualcastProcess, RedisProcess, raise_nofile
+from tests.harness.stream import Producer, check_exact, stream_entries, visible
 
 SECRET = "reliability-secret-0123456789abcdef"
 ENV = {

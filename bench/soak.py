@@ -11,10 +11,9 @@ tenth of the clients leave for good and as many new ones arrive. The server is
 sampled every 5 s: RSS, open fds, open subscriber connections and asyncio tasks.
 
 Tasks are counted without exposing anything new in the server: the dualcast
-child is started through this module (`--serve-sampled`), which wraps
-`create_app` so the app's own lifespan runs a sampler task writing
-`len(asyncio.all_tasks())` to a file. At the end every client leaves and the
-fds and tasks must return to their baseline.
+child is a `tests.harness.sampled.SampledDualcast`, whose app runs a sampler
+task writing `len(asyncio.all_tasks())` to a file. At the end every client
+leaves and the fds and tasks must return to their baseline.
 """
 
 from __future__ import annotations
@@ -33,125 +32,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.procs import raise_nofile  # noqa: E402
-from tests.reliability.lean import (  # noqa: E402
-    Follower,
-    Producer,
-    check_exact,
-    id_key,
-    start_followers,
-    stream_ids,
-)
-from tests.support.procs import DualcastProcess, RedisProcess  # noqa: E402
+from tests.harness.follow import Follower, start_followers
+from tests.harness.probes import log_problems
+from tests.harness.procs import RedisProcess, raise_nofile
+from tests.harness.sampled import SampledDualcast
+from tests.harness.stream import Producer, check_exact, id_key, stream_ids
 
 SECRET = "soak-secret-0123456789abcdef-0123456789"
-
-
-# ---------------------------------------------------------------- the sampled child
-def await_chain(task: asyncio.Task[Any]) -> str:
-    """`a:line > b:line > ...`: what a task is awaiting, innermost last (diagnostics)."""
-    parts = []
-    coro: Any = task.get_coro()
-    while coro is not None and len(parts) < 20:
-        frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
-        if frame is None:
-            parts.append(type(coro).__name__)
-            break
-        parts.append(f"{coro.__qualname__}:{frame.f_lineno}")
-        coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
-    return " > ".join(parts)
-
-
-def serve_sampled(sample_path: str, argv: list[str]) -> int:
-    """Run `dualcast serve` with a task sampler inside its app (child process entry)."""
-    import dualcast.app as app_module
-    from dualcast.cli import main
-
-    original = app_module.create_app
-
-    def create_app(*args: Any, **kwargs: Any) -> Any:
-        app = original(*args, **kwargs)
-        runtime = app.state.dualcast
-        previous = runtime.start
-
-        def write(path: str, text: str) -> None:
-            with open(path + ".tmp", "w") as fh:
-                fh.write(text)
-            os.replace(path + ".tmp", path)
-
-        async def sample() -> None:
-            from collections import Counter
-
-            while True:
-                tasks = asyncio.all_tasks()
-                write(sample_path, str(len(tasks)))
-                kinds = Counter(getattr(t.get_coro(), "__qualname__", "?") for t in tasks)
-                write(sample_path + ".kinds", json.dumps(kinds.most_common(12)))
-                # Where the most common kind waits: the chain of awaits of one of them.
-                common = kinds.most_common(1)[0][0] if kinds else ""
-                chains = Counter(await_chain(t) for t in tasks
-                                 if getattr(t.get_coro(), "__qualname__", "") == common)
-                write(sample_path + ".chains", json.dumps(chains.most_common(3)))
-                await asyncio.sleep(1)
-
-        async def start() -> None:
-            await previous()
-            runtime.start_task(sample(), "soak-task-sampler")
-
-        runtime.start = start
-        return app
-
-    app_module.create_app = create_app  # type: ignore[assignment]
-    return main(argv)
-
-
-class SampledDualcast(DualcastProcess):
-    """A DualcastProcess started through `bench.soak --serve-sampled`."""
-
-    def __init__(self, workdir: Path, redis_url: str, env: dict[str, str]) -> None:
-        super().__init__(workdir, redis_url=redis_url, env=env)
-        self.sample_path = str(workdir / "tasks")
-
-    def start(self, wait: bool = True) -> SampledDualcast:
-        import subprocess
-
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DUALCAST_")}
-        env.update({"DUALCAST_LOG_LEVEL": "warning", "PYTHONUNBUFFERED": "1",
-                    "DUALCAST_REDIS_URL": self.redis_url or ""})
-        env.update(self.extra_env)
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.soak", "--serve-sampled", self.sample_path, "serve",
-             "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-        )
-        if wait:
-            from tests.support.procs import wait_until
-
-            wait_until(self.healthy, timeout=20, what=f"dualcast on {self.port}")
-        return self
-
-    def task_kinds(self) -> list[Any]:
-        try:
-            return list(json.loads(Path(self.sample_path + ".kinds").read_text()))
-        except (OSError, ValueError):
-            return []
-
-    def task_chains(self) -> list[Any]:
-        try:
-            return list(json.loads(Path(self.sample_path + ".chains").read_text()))
-        except (OSError, ValueError):
-            return []
-
-    def tasks(self) -> int:
-        try:
-            return int(Path(self.sample_path).read_text())
-        except (OSError, ValueError):
-            return -1
 
 
 # ---------------------------------------------------------------- sampling
@@ -352,8 +239,6 @@ async def soak(seconds: float = 600, clients: int = 200, rate: float = 50, churn
         result.task_kinds_after = dc.task_kinds()
         result.task_chains_after = dc.task_chains()
         result.generator_cpu_s = time.process_time() - cpu0
-        from tests.reliability.conftest import log_problems
-
         result.log_problems = log_problems(dc)
         return result
     finally:
@@ -363,8 +248,6 @@ async def soak(seconds: float = 600, clients: int = 200, rate: float = 50, churn
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--serve-sampled"]:
-        return serve_sampled(argv[1], argv[2:])
     parser = argparse.ArgumentParser(prog="bench.soak", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=600)
@@ -372,11 +255,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=50)
     parser.add_argument("--churn", type=int, default=5, help="abrupt drops per second")
     parser.add_argument("--json", help="write the full result here")
+    parser.add_argument("--workdir", type=Path, help="logs and data here (default: a temp dir)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     print(f"soak: {args.seconds:.0f}s, {args.clients} clients, {args.rate:g} events/s, "
           f"churn {args.churn}/s (nofile {soft})", flush=True)
-    result = asyncio.run(soak(args.seconds, args.clients, args.rate, args.churn))
+    result = asyncio.run(soak(args.seconds, args.clients, args.rate, args.churn,
+                              workdir=args.workdir, verbose=not args.quiet))
     print(result.summary())
     if args.json:
         Path(args.json).write_text(json.dumps(asdict(result), indent=1))

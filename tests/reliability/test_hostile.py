@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
-from bench.soak import SampledDualcast
 from tests.conftest import SECRET, token
+from tests.harness.sampled import SampledDualcast
 from tests.reliability.conftest import fd_count, log_problems, metric
 from tests.reliability.lean import Follower, Producer, check_exact, start_followers, stream_ids
 from tests.support.clients import wait_for, xadd
@@ -45,7 +45,7 @@ ABRUPT = int(os.environ.get("RELIABILITY_ABRUPT_CONNECTIONS", "2000"))
 def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RedisProcess,
                                                                         SampledDualcast]]:
     redis = RedisProcess(tmp_path_factory.mktemp("hostile-redis")).start()
-    # Started through bench.soak's wrapper: it samples asyncio tasks inside the app.
+    # A child that samples the asyncio tasks inside its app.
     dc = SampledDualcast(
         tmp_path_factory.mktemp("hostile-dc"), redis.url,
         env={"DUALCAST_SECRET": SECRET, "DUALCAST_POLL_TIMEOUT_MAX": "1",

@@ -1,0 +1,169 @@
+"""A TCP proxy of our own between dualcast and Redis, for network-fault tests.
+
+It runs an asyncio loop in a daemon thread, so sync and async tests drive it
+alike. Faults, each undone by `restore()`:
+
+- `drop()`: abort every open connection at once (RST), as a NAT or load
+  balancer that forgets its flows; new connections are still accepted.
+- `refuse()`: close the listening socket, so new connections get ECONNREFUSED
+  (and drop the open ones), as a host that went away.
+- `stall()`: keep every connection open but forward nothing in either
+  direction: bytes are swallowed and replies never come, as a network path
+  that black-holes packets. Only timeouts notice it; nothing is closed.
+
+Counters (`accepted`, `active`) let a test wait for the client to reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from tests.harness.procs import free_port
+
+T = TypeVar("T")
+
+
+class TCPProxy:
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1",
+                 port: int | None = None) -> None:
+        self.target = (target_host, target_port)
+        self.port = port or free_port()
+        self.accepted = 0
+        self._conns: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._server: asyncio.Server | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="tcpproxy",
+                                        daemon=True)
+        self._flowing: asyncio.Event | None = None
+        self.state = "stopped"
+
+    # control (thread-safe, blocking) --------------------------------------------
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float = 10) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def start(self) -> TCPProxy:
+        self._thread.start()
+        self._call(self._start())
+        return self
+
+    def drop(self) -> None:
+        """Abort every open connection (new ones are still accepted)."""
+        self._call(self._drop())
+
+    def refuse(self) -> None:
+        """Stop listening (connects are refused) and abort the open connections."""
+        self._call(self._refuse())
+
+    def stall(self) -> None:
+        """Forward nothing, close nothing: only the peers' timeouts can notice."""
+        self._call(self._set_flowing(False))
+        self.state = "stalled"
+
+    def restore(self) -> None:
+        """Undo any fault: listen again and forward again."""
+        self._call(self._restore())
+
+    @property
+    def active(self) -> int:
+        return len(self._conns)
+
+    def close(self) -> None:
+        if not self._thread.is_alive():
+            return
+        try:
+            self._call(self._shutdown())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+            self._loop.close()
+
+    def __enter__(self) -> TCPProxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # inside the proxy's loop -----------------------------------------------------
+
+    async def _start(self) -> None:
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        await self._listen()
+
+    async def _listen(self) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        self._server = await asyncio.start_server(self._handle, sock=sock)
+        self.state = "up"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        pair = (writer, up_writer)
+        self._conns.add(pair)
+        try:
+            await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
+        finally:
+            self._conns.discard(pair)
+            for w in pair:
+                w.transport.abort()
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert self._flowing is not None
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                if not self._flowing.is_set():
+                    continue  # black hole: swallowed, never forwarded, nothing closed
+                writer.write(data)
+                await writer.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            # Either side ending ends both (a half-close is not a fault we model).
+            writer.transport.abort()
+
+    async def _drop(self) -> None:
+        for pair in list(self._conns):
+            for w in pair:
+                w.transport.abort()
+        self._conns.clear()
+
+    async def _refuse(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        await self._drop()
+        self.state = "refusing"
+
+    async def _set_flowing(self, flowing: bool) -> None:
+        assert self._flowing is not None
+        if flowing:
+            self._flowing.set()
+        else:
+            self._flowing.clear()
+
+    async def _restore(self) -> None:
+        await self._set_flowing(True)
+        if self._server is None:
+            await self._listen()
+        self.state = "up"
+
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        await self._drop()
+        self.state = "stopped"
