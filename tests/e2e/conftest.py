@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from tests.conftest import token
+from tests.support.nginx import NginxProcess, require_nginx
 from tests.support.procs import ROOT, DualcastProcess, RedisProcess, wait_until
 
 CHROMIUM = os.environ.get("DUALCAST_CHROMIUM", "/usr/bin/chromium")
@@ -157,6 +158,22 @@ def open_page(browser: Any) -> Iterator[Callable[..., Page]]:
     yield open_
     for context in contexts:
         context.close()
+
+
+@pytest.fixture
+def nginx(tmp_path: Path) -> Iterator[Callable[..., NginxProcess]]:
+    """Factory: a real nginx in front of one dualcast, in a mode; stopped at the end."""
+    started: list[NginxProcess] = []
+
+    def start(upstream_port: int, mode: str) -> NginxProcess:
+        require_nginx()
+        proc = NginxProcess(tmp_path / f"nginx{len(started)}", [upstream_port], mode=mode)
+        started.append(proc)
+        return proc.start()
+
+    yield start
+    for proc in started:
+        proc.stop()
 
 
 def login_url(base: str, **claims: Any) -> str:

@@ -15,8 +15,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -33,7 +32,7 @@ from tests.e2e.conftest import (
     wait_ids,
     wait_transport,
 )
-from tests.support.nginx import NginxProcess, require_nginx
+from tests.support.nginx import NginxProcess
 from tests.support.procs import ROOT, DualcastProcess, RedisProcess, wait_until
 
 pytestmark = pytest.mark.browser
@@ -51,22 +50,6 @@ def usage(n: int, user: str = "456") -> dict[str, Any]:
         "sessionId": f"s-{n}", "userId": user, "model": "gpt-4o", "inputTokens": 100 + n,
         "outputTokens": 50, "costUsd": 0.001 * n, "latencyMs": 300 + n, "statusCode": 200,
     }
-
-
-@pytest.fixture
-def nginx(tmp_path: Path) -> Iterator[Callable[..., NginxProcess]]:
-    """Factory: a real nginx in front of one dualcast, in a mode; stopped at the end."""
-    started: list[NginxProcess] = []
-
-    def start(upstream_port: int, mode: str) -> NginxProcess:
-        require_nginx()
-        proc = NginxProcess(tmp_path / f"nginx{len(started)}", [upstream_port], mode=mode)
-        started.append(proc)
-        return proc.start()
-
-    yield start
-    for proc in started:
-        proc.stop()
 
 
 def test_websocket_shows_published_events(stack: Callable[..., Stack],

@@ -2,10 +2,12 @@
 // every published id once and in order, falls back when the server refuses WebSocket,
 // resumes from a cursor, refreshes a token function before expiry, joins rooms.
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 
 import { Dualcast } from '../../static/dualcast.js';
-import { Server, missing, token, waitFor } from './support/server.mjs';
+import { ROOT, Server, missing, token, waitFor } from './support/server.mjs';
 
 const why = missing();
 if (why && process.env.CI === 'true') throw new Error(`CI=true but ${why}`);
@@ -142,6 +144,30 @@ describe('dualcast.js against a real server', { skip, timeout: 120000 }, () => {
       } finally {
         c.dc.stop();
       }
+    });
+
+  it('docs/examples/tail.mjs prints each event once as a JSON line; Ctrl-C exits 0',
+    { timeout: 30000 }, async () => {
+      const flags = process.execArgv.filter((a) => a.startsWith('--experimental-websocket'));
+      const tail = spawn(process.execPath, [...flags, join(ROOT, 'docs/examples/tail.mjs'),
+        server.url, '--token', token({ admin: true })], { stdio: ['ignore', 'pipe', 'pipe'] });
+      let out = '';
+      let err = '';
+      tail.stdout.on('data', (chunk) => { out += chunk; });
+      tail.stderr.on('data', (chunk) => { err += chunk; });
+      const exited = new Promise((resolve) => tail.once('exit', (code) => resolve(code)));
+      try {
+        await waitFor(() => err.includes('websocket live'), { what: `tail live (${err})` });
+        const ids = await publishMany(server, 4, 'tail');
+        await waitFor(() => ids.every((id) => out.includes(id)), { what: 'ids on stdout' });
+        const lines = out.trim().split('\n').map((line) => JSON.parse(line));
+        assert.deepEqual(lines.map((e) => e.id).filter((id) => ids.includes(id)), ids);
+        assert.deepEqual(lines.find((e) => e.id === ids[0]).data, { tag: 'tail', i: 0 });
+      } finally {
+        tail.kill('SIGINT');
+      }
+      assert.equal(await exited, 0);
+      assert.match(err, /resume with --from \d+-\d+/);
     });
 
   it('an origin the server does not list is refused on every transport', { timeout: 20000 },

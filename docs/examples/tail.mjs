@@ -1,0 +1,36 @@
+// Follow a dualcast server from Node 22+ (or Node 20/21 with --experimental-websocket):
+//
+//   node docs/examples/tail.mjs http://127.0.0.1:8000 [--token T] [--rooms a,b] [--from ID]
+//
+// prints one JSON object per event and line ({id, event, data, ts}); transport changes
+// and errors go to stderr. Ctrl-C exits 0; print the last id and pass it as --from to
+// resume where you left off, nothing lost, nothing twice.
+import { parseArgs } from 'node:util';
+
+const { values, positionals } = parseArgs({
+  allowPositionals: true,
+  options: {
+    token: { type: 'string' }, rooms: { type: 'string' }, from: { type: 'string' },
+    client: { type: 'string' },
+  },
+});
+const server = positionals[0] ?? 'http://127.0.0.1:8000';
+// dualcast.js from this checkout, or from the server itself: import(`${server}/dualcast.js`)
+// needs --experimental-network-imports, so a copy next to your script is simplest
+const client = values.client ?? new URL('../../static/dualcast.js', import.meta.url).href;
+const { Dualcast } = await import(client);
+
+const dc = new Dualcast(server, {
+  token: values.token ?? process.env.DUALCAST_TOKEN,
+  rooms: values.rooms ? values.rooms.split(',') : [],
+  lastEventId: values.from,
+});
+dc.on('event', (e) => process.stdout.write(`${JSON.stringify(e)}\n`));
+dc.on('state', ({ transport, state }) => process.stderr.write(`${transport} ${state}\n`));
+dc.on('error', ({ code, message }) => process.stderr.write(`error ${code}: ${message}\n`));
+process.once('SIGINT', () => {
+  dc.stop();
+  process.stderr.write(`stopped; resume with --from ${dc.lastEventId ?? ''}\n`);
+  process.exit(0);
+});
+dc.start();
