@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 from urllib.parse import quote
 
 import orjson
@@ -17,6 +16,7 @@ from dualcast.events import Envelope, entry_fields
 from dualcast.headers import PAGE_HEADERS
 from dualcast.log import LogUnavailable
 from dualcast.metrics import Metrics
+from dualcast.names import check_event, check_rooms
 from dualcast.overview import build_overview
 from dualcast.query import query_of
 from dualcast.runtime import Runtime
@@ -119,15 +119,17 @@ async def publish(request: Request) -> Response:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
-        return error_response(422, "invalid", f"{where}: {first['msg']}", field=where)
-    if not re.fullmatch(settings.event_pattern, envelope.event):
-        return error_response(422, "invalid", "event: does not match the event-name pattern",
-                              field="event")
-    room_re = re.compile(settings.room_pattern)
-    for room in envelope.rooms:
-        if not room_re.fullmatch(room):
-            return error_response(422, "invalid", f"rooms: {room!r} is not a valid room name",
-                                  field="rooms")
+        message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix to our own
+        return error_response(422, "invalid", f"{where}: {message}", field=where)
+    # a deployment's own patterns may be narrower than the defaults the model checks
+    try:
+        check_event(envelope.event, settings.event_pattern)
+    except ValueError as exc:
+        return error_response(422, "invalid", f"event: {exc}", field="event")
+    try:
+        check_rooms(envelope.rooms, settings.room_pattern)
+    except ValueError as exc:
+        return error_response(422, "invalid", f"rooms: {exc}", field="rooms")
     try:
         async with asyncio.timeout(settings.redis_timeout):
             entry_id = await rt.log.append(entry_fields(envelope))

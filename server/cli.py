@@ -173,20 +173,24 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _publish(args: argparse.Namespace) -> int:
-    from dualcast.events import Envelope
+    from dualcast.publisher.encoding import prepare
 
     try:
         data = json.loads(args.json)
     except json.JSONDecodeError as exc:
         print(f"dualcast publish: JSON is not valid: {exc}", file=sys.stderr)
         return 2
-    try:
-        Envelope(event=args.event, data=data, rooms=args.room)
+    try:  # names, and data a server could not deliver (NaN, numbers past 64 bits, depth)
+        prepare(args.event, data, args.room)
     except ValueError as exc:
         print(f"dualcast publish: {exc}", file=sys.stderr)
         return 2
     settings = _settings(args)
     if args.url:
+        if args.wait_replicas:
+            print("dualcast publish: --wait-replicas needs Redis (--redis-url or "
+                  "DUALCAST_REDIS_URL), not --url", file=sys.stderr)
+            return 2
         return _publish_http(args, settings, data)
     if settings.redis_url is None:
         print("dualcast publish: no Redis configured: set DUALCAST_REDIS_URL, pass --redis-url, "
@@ -195,17 +199,30 @@ def _publish(args: argparse.Namespace) -> int:
     return asyncio.run(_publish_redis(args, settings, data))
 
 
+def _count(value: str) -> int:
+    """A whole number >= 0 for a flag; argparse turns the error into one line naming the flag."""
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number >= 0")
+    return int(value)
+
+
 async def _publish_redis(args: argparse.Namespace, settings: Settings, data: Any) -> int:
     from dualcast.publisher import Publisher
 
     assert settings.redis_url is not None
+    # the command reports the outcome itself, in one line: the library's warnings would repeat it
+    logging.getLogger("dualcast.publisher").setLevel(logging.ERROR)
     async with Publisher(settings.redis_url, stream=settings.stream, maxlen=settings.maxlen,
-                         timeout=settings.redis_timeout) as publisher:
-        entry_id = await publisher.publish(args.event, data, args.room or None)
-    if entry_id is None:
-        print(f"dualcast publish: Redis at {settings.redis_url} is not reachable", file=sys.stderr)
+                         timeout=settings.redis_timeout, wait_replicas=args.wait_replicas,
+                         wait_timeout_ms=args.wait_timeout) as publisher:
+        result = await publisher.publish_result(args.event, data, args.room or None)
+    if result.id is None:
+        print(f"dualcast publish: Redis at {publisher.where} is not reachable", file=sys.stderr)
         return 1
-    print(entry_id)
+    print(result.id)
+    if not result.replicated:  # written to the primary: a warning, not a failure
+        print(f"dualcast publish: warning: {result.replicas or 0} of {args.wait_replicas} "
+              f"replicas acknowledged within {args.wait_timeout} ms", file=sys.stderr)
     return 0
 
 
@@ -295,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--redis-url")
     pub.add_argument("--url", help="a running dualcast server (uses POST /api/publish)")
     pub.add_argument("--token", help="a publish token for --url")
+    pub.add_argument("--wait-replicas", type=_count, default=0, metavar="N",
+                     help="after the write, WAIT for N replicas (a warning on stderr if fewer)")
+    pub.add_argument("--wait-timeout", type=_count, default=1000, metavar="MS",
+                     help="how long --wait-replicas waits, in ms (default 1000)")
     pub.set_defaults(func=_publish)
 
     tok = sub.add_parser("token", help="mint a token")

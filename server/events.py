@@ -15,9 +15,9 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-#: Defaults of the name patterns (settings may narrow them for a deployment).
-EVENT_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
-ROOM_NAME_PATTERN = r"^[A-Za-z0-9_.:@-]{1,64}$"
+from dualcast.names import EVENT_NAME_PATTERN as EVENT_NAME_PATTERN
+from dualcast.names import ROOM_NAME_PATTERN as ROOM_NAME_PATTERN
+from dualcast.names import check_event, check_rooms
 
 _ID_RE = re.compile(r"^(\d{1,20})(?:-(\d{1,20}))?$")
 
@@ -58,18 +58,20 @@ class Envelope(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    event: str = Field(pattern=EVENT_NAME_PATTERN, description="event name")
+    event: str = Field(description="event name")
     data: Any = None
-    rooms: list[str] = Field(default_factory=list, max_length=100)
+    rooms: list[str] = Field(default_factory=list)
+
+    # the rules live in dualcast.names, shared with the publisher and the publish API
+    @field_validator("event")
+    @classmethod
+    def _event_is_a_name(cls, event: str) -> str:
+        return check_event(event)
 
     @field_validator("rooms")
     @classmethod
     def _rooms_are_names(cls, rooms: list[str]) -> list[str]:
-        pattern = re.compile(ROOM_NAME_PATTERN)
-        for room in rooms:
-            if not pattern.match(room):
-                raise ValueError(f"room name {room[:70]!r} does not match {ROOM_NAME_PATTERN}")
-        return rooms
+        return check_rooms(rooms)
 
 
 def entry_fields(envelope: Envelope, timestamp_ms: int | None = None) -> dict[str, str]:

@@ -12,12 +12,17 @@ import dataclasses
 import enum
 import itertools
 import logging
+import os
 import signal
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -26,9 +31,15 @@ import redis.asyncio as aioredis
 import websockets
 
 from dualcast.events import Envelope, decode_entry, parse_id
-from dualcast.publisher import Publisher, SyncPublisher, encode_envelope
+from dualcast.publisher import (
+    Outcome,
+    Publisher,
+    SyncPublisher,
+    UnpublishableValue,
+    encode_envelope,
+)
 from tests.conftest import token
-from tests.support.procs import RedisProcess
+from tests.support.procs import RedisProcess, free_port, redis_binary, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -186,7 +197,7 @@ async def test_publish_many_validates_everything_first(
 # --------------------------------------------------------------------------- validation
 
 
-@pytest.mark.parametrize("event", ["", "has space", "x" * 65, "naïve", None, 42])
+@pytest.mark.parametrize("event", ["", "has space", "x" * 65, "naïve", None, 42, "line\n"])
 async def test_invalid_event_names_raise(redis_server: RedisProcess, event: Any):
     async with Publisher(redis_server.url, stream=stream_key(), timeout=OK) as pub:
         with pytest.raises(ValueError):
@@ -195,7 +206,8 @@ async def test_invalid_event_names_raise(redis_server: RedisProcess, event: Any)
 
 @pytest.mark.parametrize(
     "rooms",
-    [["bad room"], [""], ["r" * 65], ["user/1"], "admin", [None], [f"r{i}" for i in range(101)]],
+    [["bad room"], [""], ["r" * 65], ["user/1"], "admin", [None], [f"r{i}" for i in range(101)],
+     ["admin\n"]],
 )
 async def test_invalid_rooms_raise(redis_server: RedisProcess, reader: aioredis.Redis, rooms: Any):
     stream = stream_key()
@@ -253,11 +265,13 @@ async def test_odd_data_types_encode(redis_server: RedisProcess, reader: aioredi
         "naive": (datetime(2026, 1, 2, 3, 4, 5), "2026-01-02T03:04:05"),
         "date": (date(2026, 11, 25), "2026-11-25"),
         "decimal": (Decimal("0.012345"), 0.012345),
-        "decimal_nan": (Decimal("NaN"), "NaN"),
+        "decimal_int": (Decimal("-42"), -42),
+        "decimal_exp": (Decimal("1E+2"), 100.0),
         "uuid": (ident, str(ident)),
         "safe_int": (2**53 - 1, 2**53 - 1),
         "big_int": (2**53 + 1, str(2**53 + 1)),
-        "huge_negative": (-(2**70), str(-(2**70))),
+        "int64": (-(2**63), str(-(2**63))),
+        "uint64": (2**64 - 1, str(2**64 - 1)),
         "set": ({3, 1, 2}, [1, 2, 3]),
         "frozenset": (frozenset({"b", "a"}), ["a", "b"]),
         "tuple": ((1, "a"), [1, "a"]),
@@ -266,7 +280,7 @@ async def test_odd_data_types_encode(redis_server: RedisProcess, reader: aioredi
         "enum": (Colour.RED, "red"),
         "dataclass": (Usage(2**60, Decimal("1.5")), {"tokens": str(2**60), "cost": 1.5}),
         "int_keys": ({1: "a", 2: "b"}, {"1": "a", "2": "b"}),
-        "nan": (float("nan"), None),
+        "none": (None, None),
         "object": (Opaque(), "opaque!"),
         "hostile": (Hostile(), "<unencodable Hostile>"),
         "cycle": (cyclic, [1, "<cycle>"]),
@@ -276,12 +290,12 @@ async def test_odd_data_types_encode(redis_server: RedisProcess, reader: aioredi
         for name, (value, _) in cases.items():
             assert await pub.publish("odd", {"case": name, "value": value}), name
         # a big integer deep inside otherwise plain data takes the slow path correctly
-        assert await pub.publish("odd", {"case": "nested", "value": [{"a": [2**64]}, moment]})
+        assert await pub.publish("odd", {"case": "nested", "value": [{"a": [2**63]}, moment]})
     decoded = {e.data["case"]: e.data["value"]
                for e in (decode_entry(i, f) for i, f in await entries(reader, stream))}
     for name, (_, expected) in cases.items():
         assert decoded[name] == expected, name
-    assert decoded["nested"] == [{"a": [str(2**64)]}, "2026-11-25T12:30:05.123000+00:00"]
+    assert decoded["nested"] == [{"a": [str(2**63)]}, "2026-11-25T12:30:05.123000+00:00"]
 
 
 def test_encode_envelope_never_raises_on_data():
@@ -292,6 +306,96 @@ def test_encode_envelope_never_raises_on_data():
     for value in (Weird(a=1), {(1, 2): {3, "x"}}, [Hostile()] * 3, object()):
         body = orjson.loads(encode_envelope("e", value, []))
         assert body["event"] == "e" and "data" in body
+
+
+def nested(levels: int, mapping: bool = False) -> Any:
+    value: Any = 1
+    for _ in range(levels):
+        value = {"a": value} if mapping else [value]
+    return value
+
+
+UNDELIVERABLE: dict[str, tuple[Any, str]] = {
+    "nan": (float("nan"), "not a finite number"),
+    "inf": ({"cost": [1.0, float("inf")]}, "data['cost'][1]: inf"),
+    "minus_inf": (float("-inf"), "not a finite number"),
+    "decimal_nan": (Decimal("NaN"), "not a finite number"),
+    "decimal_inf": (Decimal("-Infinity"), "not a finite number"),
+    "decimal_past_float": ({"total": Decimal("1E+400")}, "data['total']: Decimal 1e+400"),
+    "decimal_int_past_64_bits": (Decimal(2**64), "past 64 bits"),
+    "int_past_64_bits": ([2**64], "data[0]: integer 18446744073709551616 is past 64 bits"),
+    "negative_past_64_bits": (-(2**63) - 1, "past 64 bits"),
+    "lists_too_deep": (nested(253), "nested deeper than 252 levels"),
+    "objects_too_deep": (nested(253, mapping=True), "nested deeper than 252 levels"),
+}
+
+
+@pytest.mark.parametrize("case", UNDELIVERABLE)
+async def test_refuses_what_no_server_could_deliver(
+    redis_server: RedisProcess, reader: aioredis.Redis, case: str
+):
+    """Each of these was once written to Redis and then dropped by every server, silently."""
+    value, says = UNDELIVERABLE[case]
+    stream = stream_key()
+    async with Publisher(redis_server.url, stream=stream, timeout=OK) as pub:
+        with pytest.raises(UnpublishableValue) as refused:
+            await pub.publish("odd", value)
+        with pytest.raises(ValueError):  # in a batch too, before anything is sent
+            await pub.publish_many([("fine", 1), ("odd", value)])
+    with SyncPublisher(redis_server.url, stream=stream, timeout=OK) as spub, \
+            pytest.raises(ValueError):
+        spub.publish("odd", value)
+    message = str(refused.value)
+    assert says in message and "\n" not in message and len(message) < 200, message
+    assert pub.stats.published == 0 and spub.stats.published == 0
+    assert await reader.xlen(stream) == 0
+
+
+async def test_what_it_accepts_at_the_limits_the_server_delivers(
+    redis_server: RedisProcess, dualcast
+):
+    """The edges of each refusal, published for real and read back by a real WebSocket."""
+    edges: dict[str, tuple[Any, Any]] = {
+        "deepest_lists": (nested(252), nested(252)),
+        "deepest_objects": (nested(252, mapping=True), nested(252, mapping=True)),
+        "uint64": (2**64 - 1, str(2**64 - 1)),
+        "int64": (-(2**63), str(-(2**63))),
+        "largest_decimal": (Decimal("1.7E+308"), 1.7e308),
+        "tiny_decimal": (Decimal("1E-400"), 0.0),
+        "decimal_int64": (Decimal(2**63), 2**63),
+        "null": (None, None),
+    }
+    stream = stream_key()
+    server = dualcast(redis_server.url, env={"DUALCAST_STREAM": stream})
+    url = f"{server.ws_url}/api/ws?token={token('456', admin=True)}"
+    async with websockets.connect(url, open_timeout=10, max_size=None) as ws:
+        assert orjson.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "welcome"
+        async with Publisher(redis_server.url, stream=stream, timeout=OK) as pub:
+            sent = [await pub.publish(name, value) for name, (value, _) in edges.items()]
+        assert all(sent)
+        seen: dict[str, Any] = {}
+        async with asyncio.timeout(10):
+            while len(seen) < len(edges):
+                frame = orjson.loads(await ws.recv())
+                for event in frame["events"] if frame["type"] == "batch" else [frame]:
+                    if event["type"] == "event":
+                        seen[event["event"]] = event["data"]
+    assert seen == {name: expected for name, (_, expected) in edges.items()}
+
+
+def test_importing_the_publisher_imports_no_server_machinery():
+    """A producer installs dualcast for the publisher alone: no web stack comes with it."""
+    heavy = ("starlette", "uvicorn", "pydantic", "pydantic_settings", "jwt", "prometheus_client")
+    code = (
+        "import sys, json\n"
+        "import dualcast.publisher\n"
+        "from dualcast.publisher import Publisher, SyncPublisher, encode_envelope\n"
+        f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r})))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30, cwd=tempfile.gettempdir())
+    assert done.returncode == 0, done.stderr
+    assert orjson.loads(done.stdout) == []
 
 
 # --------------------------------------------------------------------------- fail open
@@ -538,12 +642,13 @@ async def test_throttle_after_a_quiet_interval_is_a_new_leading_edge(
 
 def test_conflator_edges_on_a_fake_clock():
     """The throttle's rules, clock-driven: lodash-style leading + trailing edges per key."""
-    from dualcast.publisher import _Conflator, _prepare
+    from dualcast.publisher.encoding import Entry, prepare
+    from dualcast.publisher.throttle import Conflator
 
-    c = _Conflator()
+    c: Conflator[Entry] = Conflator()
 
     def offer(key: str, value: int, now: float, every: float = 1.0) -> bool:
-        return c.offer(key, every, _prepare("m", value, None), now)[0]
+        return c.offer(key, every, prepare("m", value, None), now)[0]
 
     def due(now: float) -> list[int]:
         return [orjson.loads(e.body)["data"] for e in c.pop_due(now)]
@@ -631,6 +736,137 @@ def test_sync_local_overload_is_not_an_outage(redis_server: RedisProcess):
             pool.release(held)
         assert pub.stats.overloaded == 1 and pub.stats.outages == 0
         assert pub.publish("after", 2)
+
+
+# --------------------------------------------------------------------------- WAIT
+
+
+class Replica:
+    """A real redis-server replicating `primary`, on a free port in a temp dir of its own."""
+
+    def __init__(self, primary: RedisProcess, workdir: Path) -> None:
+        self.primary = primary
+        self.workdir = workdir
+        self.port = free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+             "--replicaof", "127.0.0.1", str(primary.port), "--dir", str(workdir),
+             "--save", "", "--appendonly", "no", "--logfile", str(workdir / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+    def online(self) -> bool:
+        info = self.primary.command("INFO", "replication")
+        return b"connected_slaves:1" in info and b"state=online" in info
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def replica(fresh_redis: RedisProcess, tmp_path: Path) -> Iterator[Replica]:
+    replica = Replica(fresh_redis, tmp_path / "replica")
+    try:
+        wait_until(replica.online, timeout=20, what="the replica to sync with its primary")
+        yield replica
+    finally:
+        replica.kill()
+
+
+def publish_cli(redis_url: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DUALCAST_")}
+    return subprocess.run(
+        [sys.executable, "-m", "dualcast", "publish", "metrics_update", '{"activeSessions": 1}',
+         "--room", "admin", "--redis-url", redis_url, *flags],
+        capture_output=True, text=True, timeout=30, env=env, cwd=tempfile.gettempdir(),
+    )
+
+
+async def test_wait_replicas_acknowledged(fresh_redis: RedisProcess, replica: Replica):
+    stream = stream_key()
+    async with Publisher(fresh_redis.url, stream=stream, timeout=OK, wait_replicas=1,
+                         wait_timeout_ms=5000) as pub:
+        result = await pub.publish_result("metrics_update", {"n": 1}, ["admin"])
+        assert (result.outcome, result.replicas, result.wanted) == (Outcome.PUBLISHED, 1, 1)
+        assert result.replicated and result.id
+        batch = await pub.publish_many_results([("tick", i) for i in range(5)])
+        assert [r.replicas for r in batch] == [1] * 5 and all(r.replicated for r in batch)
+        assert await pub.publish("tick", 6)  # the plain API still answers the id
+    with SyncPublisher(fresh_redis.url, stream=stream, timeout=OK, wait_replicas=1,
+                       wait_timeout_ms=5000) as spub:
+        sync_result = spub.publish_result("tick", 7)
+        assert sync_result.replicated and sync_result.replicas == 1
+    assert pub.stats.under_replicated == 0 and spub.stats.under_replicated == 0
+    # what WAIT acknowledged is on the replica, in order
+    replica_client = aioredis.from_url(f"redis://127.0.0.1:{replica.port}/0",
+                                       decode_responses=True)
+    try:
+        ids = [i for i, _ in await replica_client.xrange(stream)]
+    finally:
+        await replica_client.aclose()
+    assert ids[0] == result.id and ids[-1] == sync_result.id and len(ids) == 8
+
+    done = publish_cli(fresh_redis.url, "--wait-replicas", "1", "--wait-timeout", "5000")
+    assert done.returncode == 0, done.stderr
+    parse_id(done.stdout.strip())
+    assert done.stderr == ""
+
+
+async def test_wait_replicas_times_out_when_the_replica_is_gone(
+    fresh_redis: RedisProcess, replica: Replica, reader: aioredis.Redis
+):
+    replica.kill()
+    stream = stream_key()
+    wait_ms = 300
+    async with Publisher(fresh_redis.url, stream=stream, timeout=OK, wait_replicas=1,
+                         wait_timeout_ms=wait_ms) as pub:
+        started = time.monotonic()
+        result = await pub.publish_result("metrics_update", {"n": 1}, ["admin"])
+        took = time.monotonic() - started
+    assert result.outcome is Outcome.PUBLISHED and result.id  # on the primary all the same
+    assert result.replicas == 0 and not result.replicated
+    assert wait_ms / 1000 * 0.9 <= took < OK + wait_ms / 1000  # WAIT waited, and was bounded
+    assert pub.stats.under_replicated == 1 and pub.stats.published == 1
+    assert pub.available  # too few replicas is not an outage
+    with SyncPublisher(fresh_redis.url, stream=stream, timeout=OK, wait_replicas=1,
+                       wait_timeout_ms=wait_ms) as spub:
+        assert spub.publish_result("tick", 2).replicas == 0
+    assert spub.stats.under_replicated == 1
+
+    done = publish_cli(fresh_redis.url, "--wait-replicas", "1", "--wait-timeout", str(wait_ms))
+    assert done.returncode == 0, done.stderr
+    parse_id(done.stdout.strip())
+    assert done.stderr.strip() == (
+        f"dualcast publish: warning: 0 of 1 replicas acknowledged within {wait_ms} ms")
+
+
+def test_wait_options_are_checked():
+    with pytest.raises(ValueError, match="wait_timeout_ms"):
+        Publisher("redis://127.0.0.1:1/0", wait_replicas=1, wait_timeout_ms=0)
+    with pytest.raises(ValueError, match="wait_replicas"):
+        SyncPublisher("redis://127.0.0.1:1/0", wait_replicas=-1)
+
+
+def test_cli_refusals_are_one_line(redis_server: RedisProcess):
+    for args, says in (
+        (("bad name", "{}"), "event name 'bad name' does not match"),
+        (("ok", "{}", "--room", "no room"), "room name 'no room' does not match"),
+        (("ok", '{"x": NaN}'), "data['x']: nan is not a finite number"),
+        (("ok", "[" * 253 + "]" * 253), "nested deeper than 252 levels"),
+        (("ok", "{}", "--wait-replicas", "many"), "--wait-replicas"),
+    ):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DUALCAST_")}
+        done = subprocess.run(
+            [sys.executable, "-m", "dualcast", "publish", *args, "--redis-url", redis_server.url],
+            capture_output=True, text=True, timeout=30, env=env, cwd=tempfile.gettempdir(),
+        )
+        assert done.returncode == 2 and done.stdout == "", (args, done)
+        lines = done.stderr.strip().splitlines()
+        assert says in lines[-1], (args, done.stderr)
+        assert len(lines) == 1 or lines[0].startswith("usage:"), done.stderr
 
 
 # --------------------------------------------------------------------------- end to end

@@ -1,0 +1,196 @@
+"""The asyncio front: `Publisher`, for applications that publish from an event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, Unpack
+
+import redis
+import redis.asyncio as aioredis
+
+from dualcast.publisher.core import (
+    FAILURES,
+    HELD,
+    BatchItem,
+    PublisherCore,
+    Throttle,
+    ids,
+)
+from dualcast.publisher.encoding import Entry
+from dualcast.publisher.results import PublishResult
+
+
+class Publisher(PublisherCore):
+    """Async publisher; use as ``async with Publisher(url) as pub: await pub.publish(...)``.
+
+    While the breaker is open, a background task probes Redis (PING) and every
+    call is answered at once; trailing throttle edges are appended by a task the
+    publisher owns. Both end with :meth:`aclose`. See :class:`PublisherCore` for
+    the options.
+    """
+
+    _redis: aioredis.Redis | None = None
+    _slots_: asyncio.Semaphore | None = None
+    _flusher: asyncio.Task[None] | None = None
+    _prober: asyncio.Task[None] | None = None
+    _wake: asyncio.Event | None = None
+
+    async def __aenter__(self) -> Publisher:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    @property
+    def _slots(self) -> asyncio.Semaphore:
+        """Callers allowed to talk to Redis at once; the others wait, within their timeout."""
+        if self._slots_ is None:
+            self._slots_ = asyncio.Semaphore(self.max_connections)
+        return self._slots_
+
+    def _client(self) -> aioredis.Redis:
+        if self._redis is None:
+            assert self.redis_url is not None
+            # the semaphore in _append bounds the connections: cheaper than redis-py's
+            # BlockingConnectionPool on every call, and a plain pool never raises "Too many
+            # connections" because no more than `max_connections` callers reach it at once
+            pool = aioredis.ConnectionPool.from_url(self.redis_url, **self._connection_kwargs())
+            self._redis = aioredis.Redis(connection_pool=pool)
+        return self._redis
+
+    async def publish(self, event: str, data: Any = None, rooms: Iterable[str] | None = None,
+                      **throttle: Unpack[Throttle]) -> str | None:
+        """Append one event; its stream id, or None (not appended now, or Redis away).
+
+        With ``throttle_key``, at most one append per ``every`` seconds (default 1)
+        for that key: a call inside the interval returns None at once and its value
+        is appended at the end of the interval unless a newer one replaces it.
+        Raises ValueError only for a bad event name, room, data a server could not
+        deliver (:class:`~dualcast.publisher.encoding.UnpublishableValue`), or a bad
+        throttle argument.
+        """
+        return (await self.publish_result(event, data, rooms, **throttle)).id
+
+    async def publish_result(self, event: str, data: Any = None,
+                             rooms: Iterable[str] | None = None,
+                             **throttle: Unpack[Throttle]) -> PublishResult:
+        """Like :meth:`publish`, with the outcome and the replicas that acknowledged it."""
+        entry = self._admit(event, data, rooms, throttle)
+        return HELD if entry is None else (await self._append([entry]))[0]
+
+    async def publish_many(self, items: Iterable[BatchItem]) -> list[str | None]:
+        """Append several events in one pipeline round trip; ids (or None) in order.
+
+        Every item is validated before anything is sent, so a bad one appends nothing.
+        """
+        return ids(await self.publish_many_results(items))
+
+    async def publish_many_results(self, items: Iterable[BatchItem]) -> list[PublishResult]:
+        """Like :meth:`publish_many`, with each outcome (one WAIT covers the whole batch)."""
+        entries = self._batch(items)
+        return await self._append(entries) if entries else []
+
+    async def _append(self, entries: Sequence[Entry]) -> list[PublishResult]:
+        refused = self._gate(entries, may_probe=False)
+        if refused is not None:
+            return refused
+        sending = False
+        try:
+            async with asyncio.timeout(self._call_timeout):
+                async with self._slots:  # callers beyond the pool size wait, within the timeout
+                    if self._breaker.open:  # it may have opened while this call waited
+                        return self._fail(entries, "short_circuited")
+                    sending = True
+                    replies = await self._send(entries)
+        except FAILURES as exc:
+            results = self._failed(entries, exc, outage=sending, probing=False)
+            self._ensure_prober()
+            return results
+        except asyncio.CancelledError:
+            raise  # the caller's own cancellation
+        except Exception as exc:
+            return self._broken(entries, exc)
+        return self._finish(entries, replies)
+
+    async def _send(self, entries: Sequence[Entry]) -> list[Any]:
+        client = self._client()
+        if len(entries) == 1 and self._single:
+            try:
+                return [await client.xadd(*self._xadd(entries[0]))]
+            except redis.ResponseError as exc:  # Redis answered: a refusal, not an outage
+                return [exc]
+        async with client.pipeline(transaction=False) as pipe:
+            return list(await self._queue(pipe, entries).execute(raise_on_error=False))
+
+    # -- breaker probe: the caller never waits for Redis while it is known to be away
+
+    def _ensure_prober(self) -> None:
+        idle = self._prober is None or self._prober.done()
+        if self._breaker.open and idle and not self._closed:
+            self._prober = asyncio.create_task(self._probe(), name="dualcast-publisher-probe")
+
+    async def _probe(self) -> None:
+        while self._breaker.open and not self._closed:
+            await asyncio.sleep(max(0.0, self._breaker.retry_at - time.monotonic()))
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await self._client().ping()
+            except FAILURES as exc:
+                self._breaker.failure(exc, self.stats, self._where, self._outcome, probe=True)
+            except Exception as exc:
+                self._log_error("unexpected probe error", exc)
+                self._breaker.failure(exc, self.stats, self._where, self._outcome, probe=True)
+            else:
+                self._breaker.success(self.stats)
+
+    # -- trailing edges of the throttle
+
+    def _throttled(self) -> None:
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        self._wake.set()
+        if (self._flusher is None or self._flusher.done()) and not self._closed:
+            self._flusher = asyncio.create_task(self._flush_loop(), name="dualcast-publisher-flush")
+
+    async def _flush_loop(self) -> None:
+        assert self._wake is not None
+        while not self._closed:
+            entries, delay = self._take_due()
+            if entries:
+                await self._append(entries)  # never raises: every outcome is counted
+                continue
+            self._wake.clear()  # no await since _take_due: a value offered meanwhile is seen
+            try:
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+
+    async def flush(self) -> list[str | None]:
+        """Append every held trailing value now (close does this too)."""
+        entries = self._take_all()
+        return ids(await self._append(entries)) if entries else []
+
+    async def aclose(self) -> None:
+        """Flush held throttled values, stop the background tasks, close the connections."""
+        if self._closed:
+            return
+        try:
+            await self.flush()
+        finally:
+            self._closed = True
+            for task in (self._flusher, self._prober):
+                if task is not None and not task.done():
+                    task.cancel()
+                    try:
+                        await task
+                    except asyncio.CancelledError:
+                        pass
+            if self._redis is not None:
+                try:
+                    await self._redis.aclose()
+                    await self._redis.connection_pool.disconnect()
+                except Exception as exc:
+                    self._log_error("closing the Redis client failed", exc)

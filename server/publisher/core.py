@@ -1,0 +1,337 @@
+"""What the async and the sync publisher share: everything but the waiting.
+
+Settings, validation, the throttle, the breaker's bookkeeping, the XADD (and
+WAIT) commands, the outcome of every event and its counters live here once.
+A front (:mod:`.aio`, :mod:`.blocking`) adds only how it talks to Redis
+(awaiting or blocking), how it waits for a trailing edge (a task or a thread)
+and how it probes Redis while the breaker is open (a task, or one caller).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Literal, Protocol, TypedDict, TypeVar
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from dualcast.publisher.breaker import Breaker
+from dualcast.publisher.encoding import Entry, prepare
+from dualcast.publisher.results import Outcome, PublisherStats, PublishResult
+from dualcast.publisher.throttle import Conflator
+
+log = logging.getLogger(__name__)
+
+#: An item of `publish_many`: (event, data) or (event, data, rooms).
+BatchItem = tuple[str, Any] | tuple[str, Any, Iterable[str] | None]
+#: Why Redis did not take an event.
+Miss = Literal["failed", "short_circuited", "overloaded", "local"]
+#: What a Redis call raises when Redis is away or slow (an outage, as opposed to a refusal).
+FAILURES: tuple[type[BaseException], ...] = (redis.RedisError, OSError, TimeoutError)
+
+P = TypeVar("P")
+
+
+class Throttle(TypedDict, total=False):
+    """The throttle arguments of `publish`: at most one append per `every` s per key."""
+
+    throttle_key: str | None
+    every: float | None
+
+
+class LocalFallback(Protocol):
+    """Where events go while Redis is unreachable: the in-process dualcast app's hub."""
+
+    def publish_local(self, event: str, data: Any, rooms: list[str]) -> str: ...
+
+
+class Pipeline(Protocol):
+    """The command-queueing half of redis-py's sync and async pipelines (they share it)."""
+
+    def xadd(self, name: Any, fields: Any, id: Any = ..., maxlen: Any = ...,
+             approximate: bool = ...) -> Any: ...
+
+    def wait(self, num_replicas: int, timeout: int) -> Any: ...
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"//[^@/]*@", "//***@", url)
+
+
+class PublisherCore:
+    """Settings, stats and outcome accounting; subclassed by the two fronts.
+
+    ``redis_url=None`` publishes to the fallback only (a single-process app
+    without Redis). ``cooldown`` is the first pause of the breaker before it
+    probes Redis again (doubling up to ``cooldown_max``); ``max_connections``
+    bounds the connections (callers beyond it wait, within the timeout).
+    ``wait_replicas=n`` follows every append with ``WAIT n wait_timeout_ms`` on
+    the same connection; :meth:`publish_result` then says how many replicas
+    acknowledged the write, and a call may take ``wait_timeout_ms`` longer.
+    """
+
+    def __init__(
+        self,
+        redis_url: str | None,
+        stream: str = "websocket-broadcast",
+        maxlen: int | None = 10_000,
+        timeout: float = 0.5,
+        fallback: LocalFallback | None = None,
+        *,
+        cooldown: float = 0.5,
+        cooldown_max: float = 5.0,
+        log_every: float = 30.0,
+        max_connections: int = 16,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 100,
+    ) -> None:
+        if timeout <= 0:
+            raise ValueError("timeout must be > 0")
+        if maxlen is not None and maxlen < 1:
+            raise ValueError("maxlen must be >= 1 (or None for no trim)")
+        if max_connections < 1:
+            raise ValueError("max_connections must be >= 1")
+        if wait_replicas < 0:
+            raise ValueError("wait_replicas must be >= 0")
+        if wait_replicas and wait_timeout_ms < 1:
+            # WAIT n 0 blocks until n replicas answer, forever if they never do
+            raise ValueError("wait_timeout_ms must be >= 1: a publish never waits without bound")
+        self.redis_url = redis_url
+        self.stream = stream
+        self.maxlen = maxlen
+        self.timeout = timeout
+        self.fallback = fallback
+        self.max_connections = max_connections
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
+        self.stats = PublisherStats()
+        self._breaker = Breaker(cooldown, cooldown_max, log_every)
+        self._conflator: Conflator[Entry] = Conflator()
+        self._lock = self._make_lock()
+        self._closed = False
+        self._where = _redact(redis_url) if redis_url else "(none)"
+        self._last_error_log = -math.inf
+        self._log_every = log_every
+
+    @staticmethod
+    def _make_lock() -> AbstractContextManager[Any]:
+        """What guards the throttle and the breaker: nothing on one event loop."""
+        return nullcontext()
+
+    @property
+    def available(self) -> bool:
+        """False while the breaker is open (Redis considered unreachable)."""
+        return self.redis_url is not None and not self._breaker.open
+
+    @property
+    def where(self) -> str:
+        """The Redis URL with its password hidden: fit for a log line or an error message."""
+        return self._where
+
+    @property
+    def _call_timeout(self) -> float:
+        """The bound of one Redis call: the timeout, plus WAIT's own when replicas are awaited."""
+        return self.timeout + (self.wait_timeout_ms / 1000 if self.wait_replicas else 0.0)
+
+    @property
+    def _outcome(self) -> str:
+        return "sent to the local fallback" if self.fallback is not None else "dropped (fail open)"
+
+    def _connection_kwargs(self) -> dict[str, Any]:
+        return {
+            "socket_timeout": self._call_timeout,
+            "socket_connect_timeout": self.timeout,
+            "retry": Retry(NoBackoff(), 0),  # the breaker, not the client, decides on retries
+            "decode_responses": True,
+        }
+
+    # -- before sending
+
+    def _throttled(self) -> None:
+        """A value is held for a trailing edge: the front makes sure something will send it."""
+        raise NotImplementedError
+
+    def _admit(self, event: str, data: Any, rooms: Iterable[str] | None,
+               throttle: Throttle) -> Entry | None:
+        """The validated entry to send now, or None when the throttle holds it for later."""
+        entry = prepare(event, data, rooms)
+        unknown = set(throttle) - {"throttle_key", "every"}
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+        key, interval = self._throttle_interval(throttle.get("throttle_key"),
+                                                throttle.get("every"))
+        if key is None:
+            return entry
+        with self._lock:
+            send_now, replaced = self._conflator.offer(key, interval, entry, time.monotonic())
+            if replaced:
+                self.stats.conflated += 1
+        self._throttled()
+        return entry if send_now else None
+
+    @staticmethod
+    def _throttle_interval(key: str | None, every: float | None) -> tuple[str | None, float]:
+        if key is None:
+            if every is not None:
+                raise ValueError("every= needs a throttle_key=")
+            return None, 0.0
+        if not isinstance(key, str) or not key:
+            raise ValueError("throttle_key must be a non-empty string")
+        interval = 1.0 if every is None else float(every)
+        if not interval > 0 or math.isinf(interval):
+            raise ValueError("every must be a positive number of seconds")
+        return key, interval
+
+    @staticmethod
+    def _batch(items: Iterable[BatchItem]) -> list[Entry]:
+        """Every item validated before any is sent, so a bad one appends nothing."""
+        entries = []
+        for item in items:
+            if not isinstance(item, tuple) or len(item) not in (2, 3):
+                raise ValueError("publish_many items are (event, data) or (event, data, rooms)")
+            entries.append(prepare(item[0], item[1], item[2] if len(item) == 3 else None))
+        return entries
+
+    def _gate(self, entries: Sequence[Entry], may_probe: bool) -> list[PublishResult] | None:
+        """The results of entries that must not reach Redis now, or None to send them."""
+        if self._closed:  # a bug in the caller, but still not one to raise into its path
+            self._log_error("publish after close", RuntimeError("publisher is closed"))
+            self.stats.dropped += len(entries)
+            return [PublishResult(None, Outcome.DROPPED)] * len(entries)
+        if self.redis_url is None:
+            return self._fail(entries, "local")
+        with self._lock:
+            shut = self._breaker.open and not (may_probe and self._breaker.probe_due())
+        return self._fail(entries, "short_circuited") if shut else None
+
+    def _xadd(self, entry: Entry) -> tuple[Any, ...]:
+        """Positional arguments of redis-py's `xadd` for one entry (MAXLEN ~ when trimming)."""
+        return (self.stream, entry.fields(), "*", self.maxlen, True)
+
+    def _queue(self, pipe: P, entries: Sequence[Entry]) -> P:
+        """Queue every XADD, then WAIT when replicas are awaited: one round trip, one connection.
+
+        WAIT counts the acknowledgements of the writes made on its own connection,
+        so it must follow the XADDs in the same pipeline.
+        """
+        queue: Pipeline = pipe  # type: ignore[assignment]
+        for entry in entries:
+            queue.xadd(*self._xadd(entry))
+        if self.wait_replicas:
+            queue.wait(self.wait_replicas, self.wait_timeout_ms)
+        return pipe
+
+    @property
+    def _single(self) -> bool:
+        """Whether one entry may go as a plain XADD (no pipeline overhead, nothing to WAIT for)."""
+        return not self.wait_replicas
+
+    # -- after sending
+
+    def _finish(self, entries: Sequence[Entry], replies: Sequence[Any]) -> list[PublishResult]:
+        """Per-entry outcome of the replies; an entry Redis refused goes to the fallback path."""
+        with self._lock:
+            self._breaker.success(self.stats)
+        acked: int | None = None
+        if self.wait_replicas:
+            *replies, wait_reply = replies
+            if isinstance(wait_reply, BaseException):
+                self._log_error("Redis refused WAIT", wait_reply)
+            else:
+                acked = int(wait_reply)
+        out: list[PublishResult] = []
+        for entry, reply in zip(entries, replies, strict=True):
+            if isinstance(reply, BaseException):
+                self._log_error(f"Redis refused XADD to {self.stream!r}", reply)
+                out.extend(self._fail([entry], "failed"))
+                continue
+            self.stats.published += 1
+            out.append(PublishResult(str(reply), Outcome.PUBLISHED, acked, self.wait_replicas))
+        if self.wait_replicas and (acked or 0) < self.wait_replicas:
+            published = sum(r.outcome is Outcome.PUBLISHED for r in out)
+            self.stats.under_replicated += published
+            if published:
+                self._log_error(f"{acked or 0} of {self.wait_replicas} replicas acknowledged "
+                                f"within {self.wait_timeout_ms} ms")
+        return out
+
+    def _failed(self, entries: Sequence[Entry], exc: BaseException, *, outage: bool,
+                probing: bool) -> list[PublishResult]:
+        """A Redis call raised. `outage=False`: it never got a connection (a local overload).
+
+        `probing`: a failure while the breaker is open was the probe, which backs off.
+        """
+        if not outage:
+            # queued behind this process's own publishes for the whole timeout: a local
+            # overload, not a Redis outage, so the breaker stays closed
+            self._log_error("publisher overloaded: no connection free within the timeout", exc)
+            return self._fail(entries, "overloaded")
+        with self._lock:
+            self._breaker.failure(exc, self.stats, self._where, self._outcome,
+                                  probe=probing and self._breaker.open)
+        return self._fail(entries, "failed")
+
+    def _broken(self, entries: Sequence[Entry], exc: BaseException) -> list[PublishResult]:
+        """Something unexpected raised: never into the caller; count it and go on."""
+        self._log_error("unexpected publish error", exc)
+        return self._fail(entries, "failed")
+
+    def _fail(self, entries: Sequence[Entry], reason: Miss) -> list[PublishResult]:
+        """Redis did not take `entries`: hand them to the fallback or drop them."""
+        if reason != "local":
+            setattr(self.stats, reason, getattr(self.stats, reason) + len(entries))
+        if self.fallback is None:
+            self.stats.dropped += len(entries)
+            return [PublishResult(None, Outcome.DROPPED)] * len(entries)
+        out: list[PublishResult] = []
+        for entry in entries:
+            try:
+                local_id = self.fallback.publish_local(entry.event, entry.local_data(),
+                                                       list(entry.rooms))
+            except Exception as exc:  # the fallback must not break the caller either
+                self.stats.dropped += 1
+                out.append(PublishResult(None, Outcome.DROPPED))
+                self._log_error("local fallback failed", exc)
+            else:
+                self.stats.fallback += 1
+                out.append(PublishResult(local_id, Outcome.FALLBACK))
+        return out
+
+    def _log_error(self, what: str, exc: BaseException | None = None) -> None:
+        """One warning per `log_every` seconds at most: an outage must not flood the log."""
+        now = time.monotonic()
+        if now - self._last_error_log < self._log_every:
+            return
+        self._last_error_log = now
+        if exc is None:
+            log.warning("publisher: %s", what)
+        else:
+            log.warning("publisher: %s (%s: %s)", what, type(exc).__name__, exc)
+
+    # -- trailing edges
+
+    def _take_due(self) -> tuple[list[Entry], float | None]:
+        """Trailing values due now, and seconds until the next one is (None: nothing held)."""
+        with self._lock:
+            now = time.monotonic()
+            entries = self._conflator.pop_due(now)
+            due_at = self._conflator.next_due()
+        return entries, None if due_at is None else max(0.0, due_at - now)
+
+    def _take_all(self) -> list[Entry]:
+        with self._lock:
+            return self._conflator.drain()
+
+
+#: What a throttled call answers at once.
+HELD = PublishResult(None, Outcome.HELD)
+
+
+def ids(results: Iterable[PublishResult]) -> list[str | None]:
+    return [result.id for result in results]

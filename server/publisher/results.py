@@ -1,0 +1,65 @@
+"""What a publish ends in: one outcome per event, counted in the publisher's stats."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+
+
+class Outcome(StrEnum):
+    """Where one event went."""
+
+    PUBLISHED = "published"  # appended to the Redis Stream
+    FALLBACK = "fallback"  # handed to the local fallback (this process's hub only)
+    DROPPED = "dropped"  # lost: Redis away or refused it, and no fallback took it
+    HELD = "held"  # throttled: held for the end of the interval (or replaced by a newer value)
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    """The outcome of one event, and what `WAIT` said when replicas were asked for.
+
+    ``replicas`` is the number of replicas that acknowledged the write within
+    ``wait_timeout_ms`` (``None`` when no replicas were asked for, or the event
+    was not appended); ``wanted`` is the ``wait_replicas`` asked for.
+    """
+
+    id: str | None
+    outcome: Outcome
+    replicas: int | None = None
+    wanted: int = 0
+
+    @property
+    def replicated(self) -> bool:
+        """Appended, and acknowledged by as many replicas as were asked for."""
+        if self.outcome is not Outcome.PUBLISHED:
+            return False
+        return self.wanted == 0 or (self.replicas or 0) >= self.wanted
+
+
+@dataclass
+class PublisherStats:
+    """Counters of one publisher; every event offered ends in exactly one outcome counter.
+
+    Outcomes: ``published`` (appended to Redis), ``fallback`` (handed to the local
+    fallback), ``dropped`` (lost: returned None), ``conflated`` (a throttled value
+    replaced by a newer one before it was due). ``failed`` counts events whose
+    Redis call errored or timed out; ``short_circuited`` those refused at once
+    while the breaker was open; ``overloaded`` those that waited the whole timeout
+    for a free connection behind this process's own publishes (all three then
+    end as fallback or dropped). ``under_replicated`` counts published events
+    that fewer replicas than ``wait_replicas`` acknowledged in time.
+    """
+
+    published: int = 0
+    fallback: int = 0
+    dropped: int = 0
+    conflated: int = 0
+    failed: int = 0
+    short_circuited: int = 0
+    overloaded: int = 0
+    outages: int = 0
+    under_replicated: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
