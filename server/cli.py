@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 from dualcast.config import Settings, SettingsError, env_name, load_settings
+from dualcast.secret_file import MIN_SECRET_BYTES
 
 log = logging.getLogger("dualcast")
 
@@ -115,6 +116,10 @@ def _token(args: argparse.Namespace) -> int:
         if not secret:
             print("dualcast token: no secret: set DUALCAST_SECRET or pass --secret "
                   "(or --key @private.pem with --alg)", file=sys.stderr)
+            return 2
+        if len(secret.encode()) < MIN_SECRET_BYTES:  # the server refuses shorter ones
+            print(f"dualcast token: the secret must be at least {MIN_SECRET_BYTES} bytes "
+                  "(RFC 7518), as the server requires", file=sys.stderr)
             return 2
     elif key is None:
         print(f"dualcast token: {algorithm} signs with a private key: pass --key @path",

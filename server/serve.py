@@ -107,6 +107,8 @@ class DualcastServer(uvicorn.Server):
             sys.exit(STARTUP_FAILURE)
         self.runtime = app.state.dualcast
         self.config.app = app
+        log.debug("process %d serving: %s engine, log level %s", os.getpid(),
+                  self.settings.engine, self.settings.log_level)
         super().run(sockets)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:

@@ -36,6 +36,16 @@ def make_token() -> Callable[..., str]:
     return token
 
 
+@pytest.fixture(autouse=True)
+def own_state_home(tmp_path_factory: pytest.TempPathFactory,
+                   monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test its own XDG_STATE_HOME (inherited by the processes it starts): a server
+    without a secret keeps one there, never in the real home, never shared by tests."""
+    state = tmp_path_factory.mktemp("state")
+    monkeypatch.setenv("XDG_STATE_HOME", str(state))
+    return state
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
     """One redis-server for the session (tests use their own stream keys or cursors)."""

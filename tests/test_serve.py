@@ -1,0 +1,350 @@
+"""`dualcast serve` as a person runs it: flags reach every worker, failures are one line.
+
+Real processes only: `python -m dualcast serve` children, a real redis-server,
+psutil to look inside each worker process (its sockets, its connections).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import jwt
+import psutil
+import pytest
+
+from tests.support.procs import ROOT, DualcastProcess, RedisProcess, free_port, wait_until
+
+PY = [sys.executable, "-m", "dualcast"]
+SERVER_SECRET = "serve-test-secret-" + "s" * 20
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DUALCAST_")}
+    env.pop("REDIS_URL", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None,
+            timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """A command that must end by itself (a refusal), with its output."""
+    return subprocess.run([*PY, *args], cwd=ROOT, env=env or clean_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def workers_of(proc: DualcastProcess) -> list[psutil.Process]:
+    """The worker processes of a `--workers N` server (not multiprocessing's helper)."""
+    children = psutil.Process(proc.pid).children()
+    return [c for c in children if "resource_tracker" not in " ".join(c.cmdline())]
+
+
+def wait_workers(proc: DualcastProcess, count: int) -> list[psutil.Process]:
+    return wait_until(lambda: len(workers_of(proc)) == count and workers_of(proc),
+                      timeout=30, what=f"{count} workers")
+
+
+def listens_on(worker: psutil.Process, host: str, port: int) -> bool:
+    """The worker holds the listening socket and has called listen() on it."""
+    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.ip == host
+               and c.laddr.port == port for c in worker.net_connections("tcp"))
+
+
+def connected_to(worker: psutil.Process, port: int) -> bool:
+    return any(c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+               for c in worker.net_connections("tcp"))
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., DualcastProcess]]:
+    """Start `dualcast serve` children that are stopped when the test ends."""
+    started: list[DualcastProcess] = []
+
+    def start(args: list[str], env: dict[str, str] | None = None, wait: bool = True,
+              redis_url: str | None = None) -> DualcastProcess:
+        merged = {"DUALCAST_SECRET": SERVER_SECRET, **(env or {})}
+        proc = DualcastProcess(tmp_path / f"dc{len(started)}", redis_url=redis_url,
+                               env=merged, args=args)
+        started.append(proc)
+        return proc.start(wait=wait)
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+# Every flag reaches every worker, exactly as the variable does -----------------------
+
+FLAG_OR_ENV = pytest.mark.parametrize("how", ["flag", "env"])
+
+
+def _given(how: str, flag: str, env_name: str, value: str) -> tuple[list[str], dict[str, str]]:
+    return ([flag, value], {}) if how == "flag" else ([], {env_name: value})
+
+
+@FLAG_OR_ENV
+def test_redis_url_and_workers_reach_every_worker(
+    how: str, serve: Callable[..., DualcastProcess], fresh_redis: RedisProcess
+) -> None:
+    """Issue 19 item 7: `--workers 2 --redis-url` used to leave every worker on its own
+    memory engine, and events added to Redis never arrived."""
+    args, env = _given(how, "--redis-url", "DUALCAST_REDIS_URL", fresh_redis.url)
+    more, env2 = _given(how, "--workers", "DUALCAST_WORKERS", "2")
+    proc = serve(args + more, env={**env, **env2})
+    workers = wait_workers(proc, 2)
+    for worker in workers:
+        wait_until(lambda w=worker: connected_to(w, fresh_redis.port), timeout=20,
+                   what=f"worker {worker.pid} connected to redis")
+    ready = httpx.get(proc.url + "/readyz", timeout=5).json()
+    assert ready["engine"] == "redis"
+    # An event XADDed straight to Redis reaches a subscriber (on whichever worker).
+    with httpx.Client(timeout=10) as http, http.stream("GET", proc.url + "/api/sse") as stream:
+        lines = stream.iter_lines()
+        assert "event: welcome" in [next(lines) for _ in range(3)]
+        fresh_redis.command("XADD", "websocket-broadcast", "*", "data",
+                            '{"event":"via_redis","data":{"n":1}}')
+        seen = [next(lines) for _ in range(3)]
+        assert "event: via_redis" in seen, seen
+
+
+@FLAG_OR_ENV
+def test_port_and_host_reach_every_worker(
+    how: str, serve: Callable[..., DualcastProcess], redis_server: RedisProcess
+) -> None:
+    port = free_port()
+    args, env = _given(how, "--host", "DUALCAST_HOST", "::1")
+    more, env2 = _given(how, "--port", "DUALCAST_PORT", str(port))
+    if how == "env":  # the harness passes --host/--port itself: keep them out of its way
+        args = ["--host", "::1", "--port", str(port)]
+        env, env2 = {"DUALCAST_HOST": "::1", "DUALCAST_PORT": str(port)}, {}
+    proc = serve(args + more + ["--workers", "2"], env={**env, **env2},
+                 redis_url=redis_server.url, wait=False)
+    workers = wait_workers(proc, 2)
+    for worker in workers:
+        wait_until(lambda w=worker: listens_on(w, "::1", port), timeout=20,
+                   what=f"worker {worker.pid} listening on [::1]:{port}")
+    assert httpx.get(f"http://[::1]:{port}/healthz", timeout=5).status_code == 200
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+
+
+def test_port_from_the_environment_alone(
+    serve: Callable[..., DualcastProcess], redis_server: RedisProcess
+) -> None:
+    """DUALCAST_PORT with no flag at all (the harness always passes --port, so run bare)."""
+    port = free_port()
+    env = clean_env(DUALCAST_PORT=str(port), DUALCAST_WORKERS="2", DUALCAST_SECRET=SERVER_SECRET,
+                    DUALCAST_REDIS_URL=redis_server.url)
+    proc = subprocess.Popen([*PY, "serve"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                   .status_code == 200, timeout=30, what="the server on DUALCAST_PORT")
+        children = [c for c in psutil.Process(proc.pid).children()
+                    if "resource_tracker" not in " ".join(c.cmdline())]
+        assert len(children) == 2
+        for child in children:
+            wait_until(lambda c=child: listens_on(c, "127.0.0.1", port), timeout=20,
+                       what="each worker listening")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@FLAG_OR_ENV
+def test_log_level_reaches_every_worker(
+    how: str, serve: Callable[..., DualcastProcess], redis_server: RedisProcess
+) -> None:
+    args, env = _given(how, "--log-level", "DUALCAST_LOG_LEVEL", "debug")
+    proc = serve([*args, "--workers", "2"], env=env, redis_url=redis_server.url)
+    workers = wait_workers(proc, 2)
+    for worker in workers:
+        wait_until(lambda w=worker: f"DEBUG dualcast.serve: process {w.pid} serving" in proc.log(),
+                   timeout=20, what=f"worker {worker.pid}'s debug line")
+
+
+@FLAG_OR_ENV
+def test_quiet_log_level_reaches_every_worker(
+    how: str, serve: Callable[..., DualcastProcess], redis_server: RedisProcess
+) -> None:
+    args, env = _given(how, "--log-level", "DUALCAST_LOG_LEVEL", "warning")
+    proc = serve([*args, "--workers", "2"], env=env, redis_url=redis_server.url)
+    wait_workers(proc, 2)
+    wait_until(proc.ready, timeout=20, what="ready")
+    proc.stop()
+    log = proc.log()
+    # At info each worker says "Application startup complete."; at warning none does.
+    assert "Application startup complete" not in log
+    assert "INFO dualcast" not in log
+
+
+def test_demo_flag_serves_demo_events(serve: Callable[..., DualcastProcess]) -> None:
+    proc = serve(["--demo", "--demo-speed", "20"])
+    with httpx.Client(timeout=10) as http, http.stream("GET", proc.url + "/api/sse") as stream:
+        # public demo events (provider status) arrive; anonymous sees public ones only
+        for line in stream.iter_lines():
+            if line.startswith("event: ") and line != "event: welcome":
+                break
+    assert line.startswith("event: ")
+
+
+def test_demo_with_several_workers_is_one_clear_line(redis_server: RedisProcess) -> None:
+    done = run_cli("serve", "--demo", "--workers", "2", "--redis-url", redis_server.url,
+                   "--port", str(free_port()))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "--demo" in lines[0] or "DUALCAST_DEMO" in lines[0]
+
+
+def test_memory_engine_refuses_several_workers_with_a_clear_line() -> None:
+    done = run_cli("serve", "--workers", "2", "--port", str(free_port()))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "memory engine" in lines[0] and "DUALCAST_REDIS_URL" in lines[0]
+
+
+# Bad input: one line, naming the flag or the variable, never echoing a secret ----------
+
+@pytest.mark.parametrize(("args", "env", "named"), [
+    (["--port", "99999"], {}, "--port"),
+    (["--port", "http"], {}, "--port"),
+    (["--demo-speed", "0"], {}, "--demo-speed"),
+    (["--log-level", "loud"], {}, "--log-level"),
+    ([], {"DUALCAST_PORT": "99999"}, "DUALCAST_PORT"),
+    ([], {"DUALCAST_REDIS_URL": "http://h/0"}, "DUALCAST_REDIS_URL"),
+    ([], {"REDIS_URL": "mysql://h/0"}, "REDIS_URL"),
+    (["--redis-url", "http://h/0"], {}, "--redis-url"),
+    ([], {"DUALCAST_QUEUE_SIZE": "none"}, "DUALCAST_QUEUE_SIZE"),
+])
+def test_bad_settings_are_one_line_naming_it(args: list[str], env: dict[str, str],
+                                             named: str) -> None:
+    port = [] if "DUALCAST_PORT" in env else ["--port", str(free_port())]
+    done = run_cli("serve", *port, *args, env=clean_env(**env))
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert named in lines[0]
+    assert "DUALCAST_DUALCAST" not in lines[0]
+
+
+@pytest.mark.parametrize("value", ["hunter2-short", "p" * 31])
+def test_a_short_secret_is_refused_and_never_echoed(value: str) -> None:
+    done = run_cli("serve", "--port", str(free_port()), env=clean_env(DUALCAST_SECRET=value))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "DUALCAST_SECRET" in lines[0] and "32 bytes" in lines[0]
+    assert value not in done.stderr and value not in done.stdout
+
+
+def test_a_redis_password_is_never_echoed_in_a_bad_url() -> None:
+    done = run_cli("serve", "--port", str(free_port()),
+                   env=clean_env(DUALCAST_REDIS_URL="htp://user:pa55word-xyz@h:1/0"))
+    assert done.returncode == 2
+    assert "pa55word-xyz" not in done.stderr + done.stdout
+
+
+def test_token_refuses_a_secret_the_server_would_refuse() -> None:
+    """`dualcast token` and the server agree: 32 bytes at least (RFC 7518)."""
+    short = "t" * 20
+    done = run_cli("token", "--sub", "1", "--secret", short)
+    assert done.returncode == 2 and done.stdout == ""
+    assert short not in done.stderr
+
+
+# The unreachable log at start -----------------------------------------------------------
+
+def test_unreachable_log_at_start_is_a_loud_error(serve: Callable[..., DualcastProcess]) -> None:
+    port = free_port()  # nothing listens there
+    url = f"redis://dcuser:pw-never-logged@127.0.0.1:{port}/0"
+    proc = serve(["--redis-url", url])
+    ready = httpx.get(proc.url + "/readyz", timeout=5)
+    assert ready.status_code == 503
+    assert ready.json()["reason"] != "ok"
+    wait_until(lambda: proc.log().count("unreachable since start") >= 2, timeout=20,
+               what="the error repeated")
+    errors = [line for line in proc.log().splitlines() if "unreachable since start" in line]
+    assert all(" ERROR " in line and f"127.0.0.1:{port}" in line for line in errors)
+    assert "pw-never-logged" not in proc.log()
+
+
+# The secret state file ------------------------------------------------------------------
+
+def test_no_secret_keeps_one_reuses_it_and_token_finds_it(
+    serve: Callable[..., DualcastProcess], own_state_home: Path
+) -> None:
+    proc = serve([], env={"DUALCAST_SECRET": ""})
+    kept = own_state_home / "dualcast" / "secret"
+    assert kept.is_file()
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    secret = kept.read_text().strip()
+    assert len(secret.encode()) >= 32
+    wait_until(lambda: "dashboard as admin: http://" in proc.log(), timeout=10, what="the link")
+    link = [line for line in proc.log().splitlines() if "dashboard as admin" in line][-1]
+    admin = link.rsplit("?token=", 1)[1]
+    assert jwt.decode(admin, secret, algorithms=["HS256"])["admin"] is True
+    assert secret not in proc.log()
+    proc.stop()
+
+    # The next start reuses it: the link printed before still logs in.
+    again = serve([], env={"DUALCAST_SECRET": ""})
+    assert kept.read_text().strip() == secret
+    me = httpx.get(again.url + "/api/me", headers={"Authorization": f"Bearer {admin}"}, timeout=5)
+    assert me.status_code == 200 and me.json()["admin"] is True
+
+    # `dualcast token` on the same machine signs with it, with no setup.
+    minted = run_cli("token", "--sub", "456")
+    assert minted.returncode == 0, minted.stderr
+    user = minted.stdout.strip()
+    me = httpx.get(again.url + "/api/me", headers={"Authorization": f"Bearer {user}"}, timeout=5)
+    assert me.status_code == 200 and me.json()["sub"] == "456"
+
+
+def test_port_in_use_is_one_line_and_no_link(own_state_home: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_cli("serve", "--host", "127.0.0.1", "--port", str(port))
+    assert done.returncode == 1
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert len(lines) == 1, lines
+    assert f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0]
+    assert "token=" not in done.stderr
+
+
+def test_the_link_comes_after_the_server_listens(serve: Callable[..., DualcastProcess]) -> None:
+    proc = serve([], env={"DUALCAST_SECRET": ""})
+    wait_until(lambda: "dashboard as admin" in proc.log(), timeout=10, what="the link")
+    log = proc.log()
+    assert log.index("Application startup complete") < log.index("dashboard as admin")
+
+
+# HTTP details --------------------------------------------------------------------------
+
+WRONG_METHODS = [
+    ("GET", "/api/publish", "POST"),
+    ("PUT", "/api/publish", "POST"),
+    ("GET", "/api/logout", "POST"),
+    ("POST", "/api/me", "GET, HEAD"),
+    ("DELETE", "/healthz", "GET, HEAD"),
+    ("POST", "/metrics", "GET, HEAD"),
+    ("POST", "/api/sse", "GET, HEAD"),
+]
+
+
+def test_wrong_method_is_405_with_allow(serve: Callable[..., DualcastProcess]) -> None:
+    proc = serve([])
+    for method, path, allow in WRONG_METHODS:
+        answer = httpx.request(method, proc.url + path, timeout=5)
+        assert (answer.status_code, answer.headers.get("allow")) == (405, allow), (method, path)
+    assert httpx.get(proc.url + "/api/nothing-here", timeout=5).status_code == 404
+    assert httpx.get(proc.url + "/healthz", timeout=5).status_code == 200
