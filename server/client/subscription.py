@@ -52,6 +52,10 @@ from dualcast.client.tokens import Tokens, refresh_in
 
 log = logging.getLogger("dualcast.client")
 
+#: Makes a connection (tests pass fakes: the manager's rules run without a server).
+Connector = Callable[
+    [Transport, Target, "str | None", "asyncio.Queue[tuple[Connection, Signal]]"], Connection]
+
 
 @dataclass(frozen=True)
 class Timing:
@@ -99,6 +103,7 @@ class Subscription:
         last_event_id: str | None, transports: tuple[Transport, ...], timing: Timing,
         on_status: Callable[[Status], None] | None, on_error: Callable[[ServerError], None] | None,
         buffer: int, rand: Callable[[], float] = random.random,
+        connector: Connector = Connection,
     ) -> None:
         self._http_base = http_base
         self._ws_base = ws_base
@@ -109,6 +114,7 @@ class Subscription:
         self._on_status = on_status
         self._on_error = on_error
         self._rand = rand
+        self._connector = connector
         self._out: asyncio.Queue[Item | _Done] = asyncio.Queue(buffer)
         self._inbox: asyncio.Queue[tuple[Connection, Signal]] = asyncio.Queue(256)
         self._cursor = last_event_id  # the last id put on the output queue
@@ -227,7 +233,7 @@ class Subscription:
 
     def _connect(self, transport: Transport) -> Connection:
         assert self._target is not None
-        return Connection(transport, self._target, self._cursor, self._inbox)
+        return self._connector(transport, self._target, self._cursor, self._inbox)
 
     def _drop(self, conn: Connection | None) -> None:
         if conn is None:
