@@ -1,0 +1,125 @@
+"""/metrics follows Prometheus conventions, and background tasks that die come back, counted.
+
+The names are read from a real server's /metrics with prometheus_client's own
+text parser (promtool is not installed: Debian's `prometheus` package is a
+96 MB server with a daemon, too much for a lint).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from dualcast.config import load_settings
+from dualcast.metrics import Metrics
+from dualcast.runtime import Runtime
+from dualcast.tasks import TaskName, Tasks, TaskState
+from tests.support.procs import DualcastProcess, RedisProcess, wait_until
+
+UNITS = ("seconds", "bytes")
+
+
+def families(text: str) -> dict[str, tuple[str, list[tuple[str, dict[str, str], float]]]]:
+    return {
+        family.name: (family.type, [(s.name, s.labels, s.value) for s in family.samples])
+        for family in text_string_to_metric_families(text)
+    }
+
+
+def convention_problems(text: str) -> list[str]:
+    problems = []
+    for family in text_string_to_metric_families(text):
+        name = family.name
+        if not name.startswith("dualcast_"):
+            problems.append(f"{name}: not in the dualcast_ namespace")
+        if not family.documentation:
+            problems.append(f"{name}: no HELP text")
+        for unit in UNITS:
+            if f"_{unit}_" in name + "_" and not name.endswith(f"_{unit}"):
+                problems.append(f"{name}: the unit {unit} must be the suffix")
+        if family.type == "gauge" and name.endswith("_total"):
+            problems.append(f"{name}: a gauge named like a counter")
+        for sample in family.samples:
+            if family.type == "counter" and not sample.name.endswith(("_total", "_created")):
+                problems.append(f"{sample.name}: a counter sample without _total")
+            if not re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", sample.name):
+                problems.append(f"{sample.name}: not a valid metric name")
+    return problems
+
+
+def test_the_checker_catches_the_old_names() -> None:
+    """The names issue 19 reported fail the check (so a pass below means something)."""
+    old = (
+        "# HELP dualcast_consumer_seconds_since_read x\n"
+        "# TYPE dualcast_consumer_seconds_since_read gauge\n"
+        "dualcast_consumer_seconds_since_read 1.0\n"
+    )
+    assert convention_problems(old) == [
+        "dualcast_consumer_seconds_since_read: the unit seconds must be the suffix"
+    ]
+
+
+def test_metrics_follow_prometheus_conventions(
+    dualcast: Callable[..., DualcastProcess], redis_server: RedisProcess
+) -> None:
+    proc = dualcast(redis_server.url)
+    wait_until(proc.ready, timeout=20, what="ready")
+    text = httpx.get(proc.url + "/metrics", timeout=5).text
+    assert convention_problems(text) == []
+    found = families(text)
+    assert found["dualcast_consumer_lag_entries"][0] == "gauge"
+    assert found["dualcast_consumer_last_read_age_seconds"][0] == "gauge"
+    assert "dualcast_consumer_lag" not in found
+    assert "dualcast_consumer_seconds_since_read" not in found
+    # every background task the app owns, running, none restarted
+    kind, samples = found["dualcast_tasks"]
+    assert kind == "gauge"
+    running = {s[1]["task"] for s in samples if s[1]["state"] == "running" and s[2] == 1}
+    assert {"consumer", "stall-watch"} <= running
+    restarts = found["dualcast_task_restarts"][1]
+    assert all(value == 0 for _, _, value in restarts)
+
+
+async def test_a_task_that_dies_is_restarted_with_backoff_and_counted() -> None:
+    async with asyncio.timeout(20):
+        rt = Runtime(load_settings(), secret=None)
+        rt.tasks = Tasks(backoff_first=0.01, backoff_max=0.05)
+        deaths = 0
+        steady = asyncio.Event()
+
+        async def flaky() -> None:
+            nonlocal deaths
+            if deaths < 3:
+                deaths += 1
+                raise RuntimeError(f"boom {deaths}")
+            steady.set()
+            await asyncio.Event().wait()  # then runs for good
+
+        record = rt.tasks.start(TaskName.DEMO, flaky)
+        await steady.wait()
+        assert record.restarts == 3 and record.state is TaskState.RUNNING
+        text = (await Metrics(rt).render()).decode()
+        samples = families(text)["dualcast_task_restarts"][1]
+        assert ("dualcast_task_restarts_total", {"task": "demo"}, 3.0) in samples
+        await rt.tasks.stop_all()
+        assert record.task is not None and record.task.done()
+        await rt.log.close()
+
+
+async def test_a_task_that_returns_is_finished_not_restarted() -> None:
+    async with asyncio.timeout(10):
+        tasks = Tasks(backoff_first=0.01)
+        calls = 0
+
+        async def once() -> None:
+            nonlocal calls
+            calls += 1
+
+        record = tasks.start(TaskName.DEMO, once)
+        assert record.task is not None
+        await record.task
+        assert calls == 1 and record.state is TaskState.FINISHED and record.restarts == 0
