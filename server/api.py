@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
+from dualcast.admission import Refusal, error_response, identify, requested_rooms
 from dualcast.auth import COOKIE_NAME, AuthError
 from dualcast.csrf import FetchSite, cross_site_cookie_write, fetch_site
 from dualcast.events import Envelope, entry_fields
@@ -20,7 +21,6 @@ from dualcast.names import check_event, check_rooms
 from dualcast.overview import build_overview
 from dualcast.query import query_of
 from dualcast.runtime import Runtime
-from dualcast.transports.common import Refusal, caller, error_response, strict_rooms
 
 
 def _rt(request: Request) -> Runtime:
@@ -51,7 +51,7 @@ async def metrics(request: Request) -> Response:
 async def me(request: Request) -> Response:
     rt = _rt(request)
     try:
-        identity = await caller(request, rt.auth)
+        identity = await identify(request, rt)
     except Refusal as refusal:
         return refusal.response()
     return JSONResponse(identity.describe(), headers={"Cache-Control": "no-store"})
@@ -60,8 +60,8 @@ async def me(request: Request) -> Response:
 async def overview(request: Request) -> Response:
     rt = _rt(request)
     try:
-        identity = await caller(request, rt.auth)
-        rooms = strict_rooms(query_of(request).get("rooms"), identity, rt.settings)
+        identity = await identify(request, rt)
+        rooms = requested_rooms(request, identity, rt.settings)
     except Refusal as refusal:
         return refusal.response()
     try:
@@ -92,7 +92,7 @@ async def publish(request: Request) -> Response:
     if cross_site_cookie_write(request):
         return _cross_site("publishing")
     try:
-        identity = await caller(request, rt.auth)
+        identity = await identify(request, rt)
     except Refusal as refusal:
         return refusal.response()
     if identity.anonymous:

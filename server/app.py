@@ -17,14 +17,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from dualcast import api
+from dualcast.admission import error_response
 from dualcast.collector import FreezeAfterFullCollections
 from dualcast.config import Settings
-from dualcast.headers import PAGE_HEADERS, WithPageHeaders
 from dualcast.cors import CLIENT_FILES, CORS_PATHS, Cors, Verdict, client_endpoint, header
-from dualcast.methods import WrongMethods
+from dualcast.headers import PAGE_HEADERS, WithPageHeaders
 from dualcast.metrics import Metrics
 from dualcast.runtime import Runtime
-from dualcast.transports.common import error_response
 from dualcast.transports.poll import poll_endpoint
 from dualcast.transports.sse import sse_endpoint
 from dualcast.transports.ws import websocket_endpoint
@@ -53,7 +52,7 @@ class DualcastApp(Starlette):
     """
 
     def __init__(self, *args: Any, http_fast: dict[str, HttpEndpoint],
-                 ws_fast: dict[str, Callable[[WebSocket], Awaitable[None]]],
+                 ws_fast: dict[str, Callable[[WebSocket, Send], Awaitable[None]]],
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._http_fast = http_fast
@@ -79,7 +78,7 @@ class DualcastApp(Starlette):
             ws_endpoint = self._ws_fast.get(scope["path"])
             if ws_endpoint is not None:
                 scope["app"] = self
-                await ws_endpoint(WebSocket(scope, receive, send))
+                await ws_endpoint(WebSocket(scope, receive, send), send)
                 return
         await super().__call__(scope, receive, send)
 
@@ -129,8 +128,8 @@ def create_app(settings: Settings, secret: str | None = None) -> Starlette:
         Route("/metrics", api.metrics),
     ]
     if folder.is_dir():
-        static = WithPageHeaders(StaticFiles(directory=folder, html=True))
-        routes.append(Mount("/", WrongMethods(static, routes), name="static"))
+        routes.append(Mount("/", WithPageHeaders(StaticFiles(directory=folder, html=True)),
+                            name="static"))
     app = DualcastApp(
         routes=routes, lifespan=lifespan,
         http_fast={"/api/sse": sse_endpoint, "/api/events": poll_endpoint},

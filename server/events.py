@@ -86,7 +86,7 @@ def entry_fields(envelope: Envelope, timestamp_ms: int | None = None) -> dict[st
 class Event:
     """One decoded stream entry, shared by every subscriber that receives it."""
 
-    __slots__ = ("_poll", "_sse", "_ws", "data", "event", "id", "key", "rooms", "ts")
+    __slots__ = ("_plain", "_poll", "_sse", "_ws", "data", "event", "id", "key", "rooms", "ts")
 
     def __init__(
         self, id: str, event: str, data: Any, rooms: tuple[str, ...], ts: int
@@ -100,10 +100,7 @@ class Event:
         self._ws: str | None = None
         self._sse: bytes | None = None
         self._poll: bytes | None = None
-
-    @property
-    def public(self) -> bool:
-        return not self.rooms
+        self._plain: bytes | None = None
 
     def visible_to(self, rooms: set[str] | frozenset[str]) -> bool:
         return not self.rooms or any(room in rooms for room in self.rooms)
@@ -124,6 +121,13 @@ class Event:
                 self.id.encode(), self.event.encode(), dumps(self.data)
             )
         return self._sse
+
+    def sse_plain_frame(self) -> bytes:
+        """The SSE message for generic clients (`?events=message`): unnamed, so a plain
+        `EventSource.onmessage` receives it, with `{id, event, data, ts}` as its data."""
+        if self._plain is None:
+            self._plain = b"id: %s\ndata: %s\n\n" % (self.id.encode(), self.poll_item())
+        return self._plain
 
     def poll_item(self) -> bytes:
         """The long-poll item `{"id","event","data","ts"}`, encoded once for every poller."""

@@ -10,6 +10,7 @@ stream, or past the per-client replay cap) yields a `Reset` instead of a gap.
 from __future__ import annotations
 
 import logging
+import time
 from types import TracebackType
 
 from dualcast.config import Settings
@@ -22,7 +23,8 @@ from dualcast.events import (
     format_id,
     parse_id,
 )
-from dualcast.hub import CloseReason, Hub, Item, Reset, Subscriber
+from dualcast.frames import Item, Reset
+from dualcast.hub import CloseReason, Hub, Subscriber
 from dualcast.log import EventLog, LogInfo, LogUnavailable
 
 log = logging.getLogger("dualcast.feed")
@@ -60,12 +62,14 @@ class Feed:
 
     def __init__(
         self, hub: Hub, log_: EventLog, settings: Settings, transport: str,
-        rooms: set[str], cursor: StreamId | None,
+        rooms: set[str], cursor: StreamId | None, expires: float | None = None,
     ) -> None:
         self.hub = hub
         self.log = log_
         self.settings = settings
-        self.sub = Subscriber(transport, rooms, settings.queue_size)
+        #: `expires` (epoch seconds) ends the feed with CloseReason.EXPIRED, whatever
+        #: the transport: credentials that run out end the subscription.
+        self.sub = Subscriber(transport, rooms, settings.queue_size, expires)
         self._requested = cursor
         self._replaying = cursor is not None
         self._checked = False
@@ -98,10 +102,6 @@ class Feed:
     def replaying(self) -> bool:
         return self._replaying
 
-    @property
-    def cursor(self) -> str:
-        return format_id(self.sub.cursor)
-
     def _jump_to_head(self, cursor: StreamId) -> Reset:
         """Stop replaying: tell the client `reset` and go live from `cursor`."""
         sub = self.sub
@@ -133,9 +133,26 @@ class Feed:
         sub.cursor = parse_id(entries[-1][0])
         return list(events)
 
+    def extend(self, expires: float | None) -> None:
+        """New credentials: the subscription now ends at `expires` (None: never)."""
+        self.sub.expires = expires
+        self.sub.notify()
+
+    def _left(self, timeout: float | None) -> float | None:
+        """`timeout` cut to the time the credentials have left; FeedClosed once none."""
+        expires = self.sub.expires
+        if expires is None:
+            return timeout
+        left = expires - time.time()
+        if left <= 0:
+            self.sub.close(CloseReason.EXPIRED)
+            raise FeedClosed(self.sub.closed or CloseReason.EXPIRED)
+        return left if timeout is None else min(timeout, left)
+
     async def next(self, timeout: float | None = None) -> list[Item]:
         """The next items to send (possibly empty after `timeout`); raises FeedClosed."""
         sub = self.sub
+        timeout = self._left(timeout)
         while self._replaying:
             if sub.closed is not None:
                 raise FeedClosed(sub.closed)

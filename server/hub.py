@@ -17,23 +17,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from dualcast.events import ZERO, Event, StreamId, format_id
+from dualcast.frames import Item, Reset
 
 
 class CloseReason(enum.Enum):
     LAGGING = "lagging"          # queue overflowed: cut off, resume from the cursor
     SHUTDOWN = "shutdown"        # the server is draining
-    REPLACED = "replaced"
+    EXPIRED = "expired"          # the subscriber's credentials ran out
     GONE = "gone"                # the client went away (its transport saw the disconnect)
-
-
-@dataclass(frozen=True, slots=True)
-class Reset:
-    """The subscriber's cursor is gone (trimmed, newer than the stream, or Redis lost data)."""
-
-    last_id: str
-
-
-Item = Event | Reset
 
 
 @dataclass
@@ -43,17 +34,55 @@ class HubStats:
     cutoffs: int = 0
 
 
-def _release(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
+class Doorbell:
+    """A wait that something else ends by ringing, with an optional timeout.
 
+    The timer is lazy. Writers wait with a deadline on every delivery (the next SSE
+    ping, a token's expiry), and arming and cancelling a timer per delivery was a
+    measurable share of the fan-out (issue 8). So one alarm stays armed across
+    waits; a wait re-arms it only when it would ring too late, and a wait whose
+    deadline moved on since returns early once (callers loop and re-check their own
+    deadlines). The running loop is fetched once: on Python 3.11 every
+    get_running_loop() is a getpid() system call.
+    """
 
-def _timer(timeout: float | None, waiter: asyncio.Future[None]) -> asyncio.TimerHandle | None:
-    """A timer that resolves `waiter`: no task and no shield per wait, unlike wait_for
-    (which the bench measured per wake of every subscriber with an expiring token)."""
-    if timeout is None:
-        return None
-    return asyncio.get_running_loop().call_later(max(timeout, 0.0), _release, waiter)
+    __slots__ = ("_alarm", "_loop", "_waiter")
+
+    def __init__(self) -> None:
+        self._waiter: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._alarm: asyncio.TimerHandle | None = None
+
+    def ring(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self, timeout: float | None = None) -> None:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        if timeout is not None:
+            deadline = loop.time() + max(timeout, 0.0)
+            alarm = self._alarm
+            if alarm is None or alarm.when() > deadline:
+                if alarm is not None:
+                    alarm.cancel()
+                self._alarm = loop.call_at(deadline, self._on_alarm)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def _on_alarm(self) -> None:
+        self._alarm = None
+        self.ring()
+
+    def disarm(self) -> None:
+        if self._alarm is not None:
+            self._alarm.cancel()
+            self._alarm = None
 
 
 class Subscriber:
@@ -64,33 +93,30 @@ class Subscriber:
     """
 
     __slots__ = (
-        "_alarm", "_loop", "_queue", "_waiter", "catching_up", "closed", "cursor", "maxsize",
-        "missed", "rooms", "stats", "transport",
+        "_bell", "_queue", "catching_up", "closed", "cursor", "expires", "maxsize", "missed",
+        "rooms", "stats", "transport",
     )
 
-    def __init__(self, transport: str, rooms: Iterable[str], maxsize: int) -> None:
+    def __init__(self, transport: str, rooms: Iterable[str], maxsize: int,
+                 expires: float | None = None) -> None:
         self.transport = transport
         self.rooms: set[str] = set(rooms)
         self.maxsize = maxsize
         self._queue: list[Item] = []
-        self._waiter: asyncio.Future[None] | None = None
-        #: The running loop, fetched once: on Python 3.11 every get_running_loop()
-        #: is a getpid() system call, and `wait` runs once per delivery.
-        self._loop: asyncio.AbstractEventLoop | None = None
-        #: The timer that ends a `wait` with a timeout; see `wait`.
-        self._alarm: asyncio.TimerHandle | None = None
+        self._bell = Doorbell()
         self.closed: CloseReason | None = None
         #: While replaying from the log, an overflow is not fatal: the log still
         #: holds what was dropped, so the replay just reads further.
         self.catching_up = False
         self.missed = False
         self.cursor: StreamId = ZERO
+        #: When the subscriber's credentials run out (epoch seconds), or None.
+        self.expires = expires
         self.stats: HubStats | None = None  # set by the hub that holds this subscriber
 
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+    def notify(self) -> None:
+        """Wake the subscriber's writer (it has something new to look at)."""
+        self._bell.ring()
 
     def push(self, item: Item) -> None:
         if self.closed is not None:
@@ -105,16 +131,19 @@ class Subscriber:
                 self.stats.cutoffs += 1
             return
         self._queue.append(item)
-        self._wake()
+        self._bell.ring()
 
     def close(self, reason: CloseReason) -> None:
         if self.closed is None:
             self.closed = reason
             self._queue.clear()
-        self._wake()
+        self._bell.ring()
 
-    def pending(self) -> int:
-        return len(self._queue)
+    def reset_to(self, key: StreamId, marker: Reset) -> None:
+        """Forget everything queued, continue after `key`, and tell the client `reset`."""
+        self._queue.clear()
+        self.cursor = key
+        self.push(marker)
 
     def drain(self) -> list[Item]:
         """Everything waiting, oldest first; events at or before the cursor are dropped."""
@@ -134,42 +163,15 @@ class Subscriber:
         return items
 
     async def wait(self, timeout: float | None = None) -> None:
-        """Until something is queued, the subscriber is closed, or about `timeout` passes.
-
-        It may also return early, with nothing queued (callers loop and re-check their
-        own deadlines): the timer is lazy. Writers wait with a deadline on every
-        delivery (the next SSE ping, a token's expiry), and arming and cancelling a
-        timer per delivery was a measurable share of the fan-out. So one alarm stays
-        armed across waits; a wait re-arms it only when it would ring too late, and
-        a wait whose deadline moved on since returns early once and re-arms.
-        """
+        """Until something is queued, the subscriber is closed, or about `timeout` passes
+        (it may return early with nothing queued: see Doorbell)."""
         if self._queue or self.closed is not None:
             return
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
-        waiter = self._waiter = loop.create_future()
-        if timeout is not None:
-            deadline = loop.time() + max(timeout, 0.0)
-            alarm = self._alarm
-            if alarm is None or alarm.when() > deadline:
-                if alarm is not None:
-                    alarm.cancel()
-                self._alarm = loop.call_at(deadline, self._ring)
-        try:
-            await waiter
-        finally:
-            self._waiter = None
-
-    def _ring(self) -> None:
-        self._alarm = None
-        self._wake()
+        await self._bell.wait(timeout)
 
     def disarm(self) -> None:
         """Cancel a pending alarm (the subscriber leaves the hub)."""
-        if self._alarm is not None:
-            self._alarm.cancel()
-            self._alarm = None
+        self._bell.disarm()
 
 
 class Hub:
@@ -184,8 +186,8 @@ class Hub:
         self._recent_enabled = recent_window > 0
         #: Every event after this key and up to last_key is in `recent`.
         self._recent_floor: StreamId = (2**64, 0)
-        #: One future per waiting long-poller, all released by the next batch.
-        self._pollers: set[asyncio.Future[None]] = set()
+        #: One doorbell per waiting long-poller, all rung by the next batch.
+        self._pollers: set[Doorbell] = set()
         self.stats = HubStats()
         self.started = False
 
@@ -274,9 +276,7 @@ class Hub:
         self._recent_floor = key
         marker = Reset(self.last_id)
         for sub in list(self.subscribers):
-            sub._queue.clear()
-            sub.cursor = key
-            sub.push(marker)
+            sub.reset_to(key, marker)
         self._notify()
 
     def wake_pollers(self) -> None:
@@ -285,20 +285,18 @@ class Hub:
     def _notify(self) -> None:
         if self._pollers:
             waiting, self._pollers = self._pollers, set()
-            for waiter in waiting:
-                _release(waiter)
+            for bell in waiting:
+                bell.ring()
 
     async def wait_for_events(self, timeout: float) -> None:
         """Until the next batch is published (long-pollers wait here), or the timeout."""
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pollers.add(waiter)
-        timer = _timer(timeout, waiter)
+        bell = Doorbell()
+        self._pollers.add(bell)
         try:
-            await waiter
+            await bell.wait(timeout)
         finally:
-            self._pollers.discard(waiter)
-            if timer is not None:
-                timer.cancel()
+            self._pollers.discard(bell)
+            bell.disarm()
 
     def recent_after(self, key: StreamId) -> list[Event] | None:
         """Events after `key` from memory, or None when `key` is older than the window."""

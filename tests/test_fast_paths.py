@@ -199,7 +199,7 @@ async def test_a_waiting_writer_keeps_one_alarm_across_deliveries() -> None:
     hub.add(sub)
     waiting = asyncio.create_task(sub.wait(5.0))
     await asyncio.sleep(0)
-    alarm = sub._alarm
+    alarm = sub._bell._alarm
     assert alarm is not None
     for n in range(2, 12):  # ten deliveries, each followed by a wait with a later deadline
         hub.publish([Event(f"{n}-0", "tick", {}, ("public",), n)])
@@ -207,21 +207,21 @@ async def test_a_waiting_writer_keeps_one_alarm_across_deliveries() -> None:
         assert len(sub.drain()) == 1
         waiting = asyncio.create_task(sub.wait(5.0))
         await asyncio.sleep(0)
-        assert sub._alarm is alarm
+        assert sub._bell._alarm is alarm
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting
     started = time.monotonic()
     await sub.wait(0.05)  # sooner than the armed alarm: re-armed, and it rings
     assert 0.04 <= time.monotonic() - started < 1.0
-    assert sub._alarm is None
+    assert sub._bell._alarm is None
     waiting = asyncio.create_task(sub.wait(3.0))
     await asyncio.sleep(0)
-    armed = sub._alarm
+    armed = sub._bell._alarm
     assert armed is not None
     waiting.cancel()
     hub.remove(sub)  # a subscriber that leaves takes its alarm with it
-    assert sub._alarm is None and armed.cancelled()
+    assert sub._bell._alarm is None and armed.cancelled()
 
 
 def test_full_collections_freeze_what_they_keep_and_thaw_on_schedule() -> None:

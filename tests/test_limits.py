@@ -241,17 +241,16 @@ async def test_repeated_abuse_closes_1008(
     await still_served(server, healthy)
 
 
-async def test_bad_cursor_on_ws_is_an_error_frame(
+async def test_bad_cursor_on_ws_refuses_the_upgrade(
     server: DualcastProcess, healthy: WSClient,
 ) -> None:
-    conn = await raw_ws(server, "&last_event_id=yesterday")
-    try:
-        frame = await next_frame(conn)
-        assert frame["type"] == "error" and frame["code"] == "bad_cursor"
-        await conn.send(json.dumps({"type": "ping"}))
-        assert (await next_frame(conn)) == {"type": "pong"}
-    finally:
-        await conn.close()
+    """As on SSE and poll, a malformed cursor is refused before anything streams: the
+    upgrade is answered 400 with the JSON error, no `welcome` first."""
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        await raw_ws(server, "&last_event_id=yesterday")
+    response = refused.value.response
+    assert response.status_code == 400
+    assert json.loads(response.body)["error"] == "bad_cursor"
     await still_served(server, healthy)
 
 

@@ -14,12 +14,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from dualcast.admission import Refusal, admit, error_response
 from dualcast.events import ZERO, Event, format_id, parse_id
 from dualcast.feed import cursor_gone, decode_visible
 from dualcast.log import LogUnavailable
+from dualcast.protocol import ErrorCode, Transport
 from dualcast.query import query_of
 from dualcast.runtime import Runtime
-from dualcast.transports.common import Refusal, caller, error_response, parse_cursor, strict_rooms
 
 MAX_EVENTS = 500
 
@@ -52,34 +53,32 @@ def _answer(events: list[Event], last_id: str, reset: bool = False) -> Answer:
     ))
 
 
+def _unavailable(exc: LogUnavailable) -> Response:
+    # A status word only: the exception names the Redis host and port (the consumer logs it).
+    return error_response(503, ErrorCode.LOG_UNAVAILABLE, "the event log is unreachable")
+
+
 def _timeout(raw: str | None, limit: float) -> float:
     if raw is None or raw == "":
         return min(25.0, limit)
     try:
         value = float(raw)
     except ValueError:
-        raise Refusal(
-            400, "bad_timeout", f"timeout must be seconds between 0 and {limit:g}"
-        ) from None
+        value = -1.0
     if not 0 <= value <= limit or value != value:
-        raise Refusal(400, "bad_timeout", f"timeout must be seconds between 0 and {limit:g}")
+        raise Refusal(
+            400, ErrorCode.BAD_TIMEOUT, f"timeout must be seconds between 0 and {limit:g}")
     return value
 
 
 async def poll_endpoint(request: Request) -> Response | Answer:
     rt: Runtime = request.app.state.dualcast
-    settings = rt.settings
-    if "polling" not in settings.transports:
-        return error_response(404, "polling_disabled", "long-polling is not offered here")
     try:
-        identity = await caller(request, rt.auth)
-        query = query_of(request)
-        rooms = strict_rooms(query.get("rooms"), identity, settings)
-        cursor = parse_cursor(query.get("after"), "after")
-        timeout = _timeout(query.get("timeout"), settings.poll_timeout_max)
+        admission = await admit(request, rt, Transport.POLLING, cursor_param="after")
+        timeout = _timeout(query_of(request).get("timeout"), rt.settings.poll_timeout_max)
     except Refusal as refusal:
-        rt.stats.refused += 1
         return refusal.response()
+    identity, rooms, cursor = admission.identity, admission.rooms, admission.cursor
     hub = rt.hub
     left = identity.seconds_left()
     # When the token runs out before the poll would, the answer at the deadline is the
@@ -88,7 +87,7 @@ async def poll_endpoint(request: Request) -> Response | Answer:
     if left is not None:
         timeout = min(timeout, max(left, 0.0))
     deadline = time.monotonic() + timeout
-    rt.stats.opened["polling"] += 1
+    rt.stats.opened[Transport.POLLING] += 1
     rt.stats.polls_waiting += 1
     try:
         if cursor is None:
@@ -103,7 +102,7 @@ async def poll_endpoint(request: Request) -> Response | Answer:
             try:
                 info = await rt.log_window(1.0 if in_memory else 0.0)
             except LogUnavailable as exc:
-                return error_response(503, "log_unavailable", f"event log unreachable: {exc}")
+                return _unavailable(exc)
             # (an in-memory cursor is not newer than the stream: the consumer read it there)
             gone = cursor < info.max_deleted if in_memory else cursor_gone(cursor, info)
             if gone and cursor != ZERO:
@@ -115,7 +114,7 @@ async def poll_endpoint(request: Request) -> Response | Answer:
                 try:
                     entries = await rt.log.read_after(format_id(key), MAX_EVENTS)
                 except LogUnavailable as exc:
-                    return error_response(503, "log_unavailable", f"event log unreachable: {exc}")
+                    return _unavailable(exc)
                 if entries:
                     key = parse_id(entries[-1][0])
                     events = decode_visible(entries, rooms)
@@ -131,7 +130,8 @@ async def poll_endpoint(request: Request) -> Response | Answer:
                     return _answer(events, format_id(key))
             remaining = deadline - time.monotonic()
             if identity.expired() or (expires_first and remaining <= 0):
-                return error_response(401, "token_expired", "the token has expired; log in again")
+                return error_response(
+                    401, ErrorCode.TOKEN_EXPIRED, "the token has expired; log in again")
             if remaining <= 0 or rt.draining:
                 return _answer([], format_id(key))
             await hub.wait_for_events(remaining)

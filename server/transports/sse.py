@@ -19,15 +19,23 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from dualcast.auth import Identity
-from dualcast.events import Event, dumps
+from dualcast.admission import Refusal, admit
+from dualcast.events import Event
 from dualcast.feed import Feed, FeedClosed
+from dualcast.frames import (
+    SSE_PING,
+    Item,
+    sse_chunk,
+    sse_error,
+    sse_retry,
+    sse_welcome,
+)
 from dualcast.hub import CloseReason
 from dualcast.logs import mark_unfinished_by_stall
+from dualcast.protocol import ErrorCode, Transport
 from dualcast.query import query_of
 from dualcast.runtime import Runtime
 from dualcast.stalls import Stalled, Writer
-from dualcast.transports.common import Refusal, caller, error_response, parse_cursor, strict_rooms
 
 log = logging.getLogger("dualcast.sse")
 
@@ -36,39 +44,35 @@ HEADERS = [
     (b"cache-control", b"no-cache, no-transform"),
     (b"x-accel-buffering", b"no"),  # nginx: do not buffer this response
 ]
-PING = b": ping\n\n"
 
 
-def _message(event: str, payload: object) -> bytes:
-    return b"event: %s\ndata: %s\n\n" % (event.encode(), dumps(payload))
+def _plain_chunk(items: list[Item]) -> bytes:
+    """`?events=message`: events as unnamed messages (data `{id, event, data, ts}`)."""
+    return b"".join([
+        item.sse_plain_frame() if isinstance(item, Event) else item.sse_frame() for item in items
+    ])
 
 
 async def sse_endpoint(request: Request) -> Response | EventStream:
     rt: Runtime = request.app.state.dualcast
-    settings = rt.settings
-    if "sse" not in settings.transports:
-        return error_response(404, "sse_disabled", "SSE is not offered here")
     try:
-        identity = await caller(request, rt.auth)
-        query = query_of(request)
-        rooms = strict_rooms(query.get("rooms"), identity, settings)
-        cursor = parse_cursor(request.headers.get("last-event-id") or query.get("last_event_id"))
+        admission = await admit(request, rt, Transport.SSE, cursor_header=True)
     except Refusal as refusal:
-        rt.stats.refused += 1
         return refusal.response()
-    if rt.draining:
-        return error_response(503, "draining", "server is restarting; retry elsewhere")
-    rt.stats.opened["sse"] += 1
-    return EventStream(rt, Feed(rt.hub, rt.log, settings, "sse", rooms, cursor), identity)
+    rt.stats.opened[Transport.SSE] += 1
+    feed = Feed(rt.hub, rt.log, rt.settings, Transport.SSE, admission.rooms, admission.cursor,
+                expires=admission.identity.exp)
+    plain = query_of(request).get("events") == "message"
+    return EventStream(rt, feed, plain)
 
 
 class EventStream:
     """The ASGI response of one SSE subscriber, from `welcome` to the last write."""
 
-    def __init__(self, rt: Runtime, feed: Feed, identity: Identity) -> None:
+    def __init__(self, rt: Runtime, feed: Feed, plain: bool = False) -> None:
         self.rt = rt
         self.feed = feed
-        self.identity = identity
+        self.encode = _plain_chunk if plain else sse_chunk
         self.ping_interval = rt.settings.ping_interval
         # A client that stops reading blocks our write once the socket buffers are
         # full; the runtime's stall watch then cancels it (it reconnects with
@@ -110,47 +114,38 @@ class EventStream:
 
     async def _write(self, send: Send) -> bool:
         """Until the stream ends; False when the client is gone (no last write then)."""
-        feed, settings = self.feed, self.rt.settings
-        await self._chunk(send, b"retry: %d\n" % settings.sse_retry_ms + _message(
-            "welcome", {"rooms": sorted(feed.sub.rooms), "last_id": feed.start_id}
-        ))
+        feed, encode = self.feed, self.encode
+        await self._chunk(send, sse_welcome(
+            feed.sub.rooms, feed.start_id, self.rt.settings.sse_retry_ms))
         loop = asyncio.get_running_loop()
         quiet_since = loop.time()
         while True:
-            left = self.identity.seconds_left()
-            if left is not None and left <= 0:
-                await self._chunk(send, _message(
-                    "error", {"code": "token_expired", "message": "the token has expired"}))
-                return True
             ping_in = quiet_since + self.ping_interval - loop.time()
             if ping_in <= 0:
-                await self._chunk(send, PING)
+                await self._chunk(send, SSE_PING)
                 quiet_since = loop.time()
                 continue
             try:
-                items = await feed.next(timeout=ping_in if left is None else min(ping_in, left))
+                items = await feed.next(timeout=ping_in)
             except FeedClosed as closed:
                 return await self._closed(send, closed.reason)
             if not items:
                 continue
-            chunks = [
-                item.sse_frame() if isinstance(item, Event)
-                else _message("reset", {"last_id": item.last_id})
-                for item in items
-            ]
-            await self._chunk(send, b"".join(chunks))
+            await self._chunk(send, encode(items))
             quiet_since = loop.time()
 
     async def _closed(self, send: Send, reason: CloseReason) -> bool:
         if reason is CloseReason.GONE:
             return False
         if reason is CloseReason.LAGGING:
-            await self._chunk(send, _message(
-                "error", {"code": "lagging", "message": "too slow: reconnect with Last-Event-ID"}))
+            await self._chunk(send, sse_error(
+                ErrorCode.LAGGING, "too slow: reconnect with Last-Event-ID"))
+            return True
+        if reason is CloseReason.EXPIRED:
+            await self._chunk(send, sse_error(ErrorCode.TOKEN_EXPIRED, "the token has expired"))
             return True
         # A drain: spread the reconnects of thousands of clients over the grace period.
         settings = self.rt.settings
         spread = max(settings.shutdown_grace, 1.0) * 1000
-        retry = int(settings.sse_retry_ms + random.uniform(0, spread))
-        await self._chunk(send, b"retry: %d\n\n" % retry)
+        await self._chunk(send, sse_retry(int(settings.sse_retry_ms + random.uniform(0, spread))))
         return True

@@ -8,33 +8,32 @@ fills its own bounded queue until it is cut off with 1013.
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import re
 from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
+from starlette.types import Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from dualcast.admission import Admission, Refusal, admit, error_response
 from dualcast.auth import AuthError, Identity
-from dualcast.events import Event, dumps
 from dualcast.feed import Feed, FeedClosed
-from dualcast.hub import CloseReason, Reset
-from dualcast.query import query_of
+from dualcast.frames import WS_PONG, ws_error, ws_frames, ws_room, ws_welcome
+from dualcast.hub import CloseReason
+from dualcast.protocol import AUTH_CODES, ErrorCode, FrameType, Transport, WSClose
 from dualcast.runtime import Runtime
 from dualcast.stalls import Stalled, Writer
-from dualcast.transports.common import Refusal, caller, choose_rooms, error_response, parse_cursor
 
 log = logging.getLogger("dualcast.ws")
 
-
-class Close(enum.IntEnum):
-    NORMAL = 1000
-    GOING_AWAY = 1001
-    POLICY = 1008
-    TOO_BIG = 1009
-    TRY_AGAIN = 1013
+#: How each way a feed ends closes the socket (code, reason); GONE needs no close.
+_CLOSES = {
+    CloseReason.LAGGING: (WSClose.TRY_AGAIN, "too slow: resume from your last id"),
+    CloseReason.SHUTDOWN: (WSClose.GOING_AWAY, "server is restarting"),
+    CloseReason.EXPIRED: (WSClose.POLICY, "token expired"),
+}
 
 
 def origin_allowed(ws: WebSocket, allowed: list[str]) -> bool:
@@ -48,38 +47,13 @@ def origin_allowed(ws: WebSocket, allowed: list[str]) -> bool:
     return urlsplit(origin).netloc.lower() == host.lower() and bool(host)
 
 
-def error_frame(code: str, message: str) -> str:
-    return dumps({"type": "error", "code": code, "message": message}).decode()
-
-
-def encode_items(items: list[Event | Reset]) -> list[str]:
-    """Frames for a batch: runs of events coalesce into one `batch` frame."""
-    frames: list[str] = []
-    run: list[str] = []
-    for item in items:
-        if isinstance(item, Event):
-            run.append(item.ws_frame())
-            continue
-        if run:
-            frames.append(_batch(run))
-            run = []
-        frames.append(dumps({"type": "reset", "last_id": item.last_id}).decode())
-    if run:
-        frames.append(_batch(run))
-    return frames
-
-
-def _batch(run: list[str]) -> str:
-    if len(run) == 1:
-        return run[0]
-    return '{"type":"batch","events":[' + ",".join(run) + "]}"
-
-
 class Session:
     """One WebSocket client: its identity, its feed, and frames waiting to be sent."""
 
-    def __init__(self, ws: WebSocket, rt: Runtime, identity: Identity, feed: Feed) -> None:
+    def __init__(self, ws: WebSocket, send: Send, rt: Runtime, identity: Identity,
+                 feed: Feed) -> None:
         self.ws = ws
+        self.asgi_send = send
         self.rt = rt
         self.identity = identity
         self.feed = feed
@@ -94,21 +68,35 @@ class Session:
         self._room_re = re.compile(rt.settings.room_pattern)
 
     async def send(self, frame: str) -> None:
+        """The one way a frame leaves: the ASGI send itself, watched by the stall watch.
+
+        Starlette's `send_text` re-checks the connection state on every frame; this is
+        the fan-out's hot path, so it calls the server's send directly (a failed send
+        raises OSError here, which ends the session as "gone").
+        """
         with self.writer:
-            await self.ws.send_text(frame)
+            await self.asgi_send({"type": "websocket.send", "text": frame})
 
-    def say(self, frame: dict[str, Any]) -> None:
-        self.control.append(dumps(frame).decode())
-        self.feed.sub._wake()
+    def say(self, frame: str) -> None:
+        """Queue a control frame for the writer (the reader never sends).
 
-    def refuse(self, code: str, message: str) -> None:
-        self.say({"type": "error", "code": code, "message": message})
+        Bounded: a client that pings without reading gets at most a queue's worth of
+        replies waiting; past that it is cut off as a slow consumer would be.
+        """
+        if len(self.control) >= self.rt.settings.queue_size:
+            self.feed.sub.close(CloseReason.LAGGING)
+            return
+        self.control.append(frame)
+        self.feed.sub.notify()
+
+    def refuse(self, code: ErrorCode | str, message: str) -> None:
+        self.say(ws_error(code, message))
 
     def end(self, code: int, reason: str = "") -> None:
         if self.close_code is None:
             self.close_code = code
             self.close_reason = reason
-        self.feed.sub._wake()
+        self.feed.sub.notify()
 
     # reader ----------------------------------------------------------------
 
@@ -121,78 +109,79 @@ class Session:
                     return
                 text = message.get("text")
                 if text is None:
-                    self.abuse("bad_frame", "binary frames are not supported; send JSON text")
+                    self.abuse(ErrorCode.BAD_FRAME,
+                               "binary frames are not supported; send JSON text")
                     continue
                 try:
                     frame = orjson.loads(text)
                 except orjson.JSONDecodeError:
-                    self.abuse("bad_json", "frames must be JSON objects")
+                    self.abuse(ErrorCode.BAD_JSON, "frames must be JSON objects")
                     continue
                 if not isinstance(frame, dict):
-                    self.abuse("bad_frame", "frames must be JSON objects")
+                    self.abuse(ErrorCode.BAD_FRAME, "frames must be JSON objects")
                     continue
-                self.handle(frame)
+                await self.handle(frame)
         finally:
             self.gone = True
-            self.feed.sub._wake()
+            self.feed.sub.notify()
 
-    def abuse(self, code: str, message: str) -> None:
+    def abuse(self, code: ErrorCode, message: str) -> None:
         self.bad_frames += 1
         self.refuse(code, message)
         if self.bad_frames >= self.rt.settings.max_bad_frames:
-            self.end(Close.POLICY, "too many bad frames")
+            self.end(WSClose.POLICY, "too many bad frames")
 
-    def handle(self, frame: dict[str, Any]) -> None:
+    async def handle(self, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
-        if kind == "ping":
-            self.say({"type": "pong"})
-        elif kind in ("join", "leave"):
-            room = frame.get("room")
-            if not isinstance(room, str) or not self._room_re.fullmatch(room):
-                self.abuse("bad_room", "room must be a name matching the room pattern")
-            elif kind == "leave":
-                self.feed.leave(room)
-                self.say({"type": "left", "room": room})
-            elif not self.identity.may_join(room):
-                self.refuse("forbidden_room", f"not allowed in room {room!r}")
-            elif room not in self.feed.sub.rooms and (
-                len(self.feed.sub.rooms) >= self.rt.settings.max_rooms
-            ):
-                self.refuse("too_many_rooms", f"at most {self.rt.settings.max_rooms} rooms")
-            else:
-                self.feed.join(room)
-                self.say({"type": "joined", "room": room})
-        elif kind == "auth":
-            token = frame.get("token")
-            if not isinstance(token, str):
-                self.abuse("bad_frame", "auth needs a token string")
-                return
-            try:
-                fresh = self.rt.auth.decode_now(token)
-            except AuthError as exc:
-                self.refuse(exc.code, exc.message)
-                return
-            if not self.identity.anonymous and fresh.sub != self.identity.sub:
-                self.refuse("invalid_token", "a refreshed token must be for the same subject")
-                return
-            self.identity = fresh
-            for room in list(self.feed.sub.rooms):
-                if not fresh.may_join(room):
-                    self.feed.leave(room)
-                    self.say({"type": "left", "room": room})
-            self.feed.sub._wake()  # the writer re-reads the expiry
+        if kind == FrameType.PING:
+            self.say(WS_PONG)
+        elif kind == FrameType.JOIN or kind == FrameType.LEAVE:
+            self.room(kind, frame.get("room"))
+        elif kind == FrameType.AUTH:
+            await self.refresh(frame.get("token"))
         else:
-            self.abuse("unknown_type", f"unknown frame type {str(kind)[:40]!r}")
+            self.abuse(ErrorCode.UNKNOWN_TYPE, f"unknown frame type {str(kind)[:40]!r}")
+
+    def room(self, kind: FrameType, room: object) -> None:
+        sub, max_rooms = self.feed.sub, self.rt.settings.max_rooms
+        if not isinstance(room, str) or not self._room_re.fullmatch(room):
+            self.abuse(ErrorCode.BAD_ROOM, "room must be a name matching the room pattern")
+        elif kind == FrameType.LEAVE:
+            self.feed.leave(room)
+            self.say(ws_room(FrameType.LEFT, room))
+        elif not self.identity.may_join(room):
+            self.refuse(ErrorCode.FORBIDDEN_ROOM, f"not allowed in room {room!r}")
+        elif room not in sub.rooms and len(sub.rooms) >= max_rooms:
+            self.refuse(ErrorCode.TOO_MANY_ROOMS, f"at most {max_rooms} rooms")
+        else:
+            self.feed.join(room)
+            self.say(ws_room(FrameType.JOINED, room))
+
+    async def refresh(self, token: object) -> None:
+        """`auth`: new credentials for the same subject; a narrower token narrows rooms."""
+        if not isinstance(token, str):
+            self.abuse(ErrorCode.BAD_FRAME, "auth needs a token string")
+            return
+        try:
+            fresh = await self.rt.auth.decode(token)
+        except AuthError as exc:
+            self.refuse(exc.code, exc.message)
+            return
+        if not self.identity.anonymous and fresh.sub != self.identity.sub:
+            self.refuse(ErrorCode.INVALID_TOKEN, "a refreshed token must be for the same subject")
+            return
+        self.identity = fresh
+        for room in list(self.feed.sub.rooms):
+            if not fresh.may_join(room):
+                self.feed.leave(room)
+                self.say(ws_room(FrameType.LEFT, room))
+        self.feed.extend(fresh.exp)
 
     # writer ----------------------------------------------------------------
 
     async def write(self) -> None:
-        asgi_send = self.ws._send
+        feed = self.feed
         while True:
-            left = self.identity.seconds_left()
-            if left is not None and left <= 0:
-                await self.send(error_frame("token_expired", "the token has expired"))
-                self.end(Close.POLICY, "token expired")
             if self.control:
                 control, self.control = self.control, []
                 for frame in control:
@@ -203,64 +192,42 @@ class Session:
                 # While the feed replays it awaits the log; a control frame queued then
                 # (a pong) wakes nobody, so right after the replay do not block on the
                 # queue: come back and flush the control frames first.
-                replaying = self.feed.replaying
-                items = await self.feed.next(timeout=0 if replaying else left)
+                items = await feed.next(timeout=0 if feed.replaying else None)
             except FeedClosed as closed:
-                if closed.reason is CloseReason.LAGGING:
-                    self.end(Close.TRY_AGAIN, "too slow: resume from your last id")
-                else:
-                    self.end(Close.GOING_AWAY, "server is restarting")
+                if closed.reason is CloseReason.EXPIRED:
+                    await self.send(ws_error(ErrorCode.TOKEN_EXPIRED, "the token has expired"))
+                if closed.reason is not CloseReason.GONE:
+                    self.end(*_CLOSES[closed.reason])
                 return
-            writer = self.writer
-            for frame in encode_items(items):
-                # The fan-out's hot path: Session.send inlined, and the ASGI send called
-                # directly (Starlette's send_text re-checks the state on every frame; a
-                # failed send raises OSError here, which ends the session as "gone").
-                with writer:
-                    await asgi_send({"type": "websocket.send", "text": frame})
+            for frame in ws_frames(items):
+                await self.send(frame)
 
 
-async def websocket_endpoint(ws: WebSocket) -> None:
+async def websocket_endpoint(ws: WebSocket, send: Send | None = None) -> None:
+    """`send` is the server's raw ASGI send (the app's fast path passes it)."""
     rt: Runtime = ws.app.state.dualcast
-    settings = rt.settings
-    if "websocket" not in settings.transports:
-        await _deny(ws, 403, "websocket_disabled", "WebSocket is not offered here; use /api/sse")
-        return
-    if rt.draining:
-        # 503, not 403: a proxy retries another instance, a client does not fall back to SSE.
-        await _deny(ws, 503, "draining", "server is restarting; retry")
-        return
-    if not origin_allowed(ws, settings.allowed_origins):
+    if not origin_allowed(ws, rt.settings.allowed_origins):
         rt.stats.refused += 1
-        await _deny(ws, 403, "bad_origin", "the Origin of this page may not connect")
+        await _deny(ws, Refusal(403, ErrorCode.BAD_ORIGIN,
+                                "the Origin of this page may not connect"))
         return
     try:
-        identity = await caller(ws, rt.auth)
+        admission = await admit(ws, rt, Transport.WEBSOCKET, lenient_rooms=True)
     except Refusal as refusal:
-        rt.stats.refused += 1
-        await ws.accept()
-        await ws.send_text(error_frame(refusal.code, refusal.message))
-        await ws.close(Close.POLICY, refusal.code)
+        await _deny(ws, refusal)
         return
     await ws.accept()
-    choice = choose_rooms(query_of(ws).get("rooms"), identity, settings)
-    errors = [("bad_room", f"malformed room name {r!r}") for r in choice.malformed]
-    errors += [("forbidden_room", f"not allowed in room {r!r}") for r in choice.forbidden]
-    if choice.too_many:
-        errors.append(("too_many_rooms", f"at most {settings.max_rooms} rooms per subscriber"))
-    try:
-        cursor = parse_cursor(query_of(ws).get("last_event_id"))
-    except Refusal as refusal:
-        errors.append((refusal.code, refusal.message))
-        cursor = None
-    rt.stats.opened["websocket"] += 1
-    async with Feed(rt.hub, rt.log, settings, "websocket", choice.rooms, cursor) as feed:
-        session = Session(ws, rt, identity, feed)
-        await ws.send_text(
-            dumps({"type": "welcome", "rooms": sorted(choice.rooms), "last_id": feed.start_id})
-            .decode()
-        )
-        for code, message in errors:
+    rt.stats.opened[Transport.WEBSOCKET] += 1
+    await _serve(ws, send or ws.send, rt, admission)
+
+
+async def _serve(ws: WebSocket, send: Send, rt: Runtime, admission: Admission) -> None:
+    feed = Feed(rt.hub, rt.log, rt.settings, Transport.WEBSOCKET, admission.rooms,
+                admission.cursor, expires=admission.identity.exp)
+    async with feed:
+        session = Session(ws, send, rt, admission.identity, feed)
+        await session.send(ws_welcome(admission.rooms, feed.start_id))
+        for code, message in admission.refused:
             session.refuse(code, message)
         await _run(session)
 
@@ -297,14 +264,26 @@ async def _run(session: Session) -> None:
         try:
             # (a lagging client may not read its close frame either: watched like any send)
             with writer:
-                await ws.close(session.close_code or Close.NORMAL, session.close_reason)
+                await ws.close(session.close_code or WSClose.NORMAL, session.close_reason)
         except (RuntimeError, OSError, WebSocketDisconnect, Stalled):
             pass  # the client went first, or stopped reading
 
 
-async def _deny(ws: WebSocket, status: int, code: str, message: str) -> None:
-    """Refuse the upgrade with an HTTP status (403) when the server supports it."""
-    if "websocket.http.response" in ws.scope.get("extensions", {}):
-        await ws.send_denial_response(error_response(status, code, message))
+async def _deny(ws: WebSocket, refusal: Refusal) -> None:
+    """Refuse before the session starts.
+
+    Credentials refused: accept, say why in an `error` frame, close 1008, because a
+    browser's WebSocket shows a script nothing of an HTTP answer, and a client must
+    tell "log in again" from "this transport is blocked". Anything else (a transport
+    off, a drain, an Origin, a bad cursor): refuse the upgrade with the HTTP status,
+    so a proxy can retry elsewhere and nothing streams.
+    """
+    if refusal.code in AUTH_CODES or refusal.code == ErrorCode.AUTH_UNAVAILABLE:
+        await ws.accept()
+        await ws.send_text(ws_error(refusal.code, refusal.message))
+        await ws.close(WSClose.POLICY, refusal.code)
+    elif "websocket.http.response" in ws.scope.get("extensions", {}):
+        await ws.send_denial_response(error_response(refusal.status, refusal.code,
+                                                     refusal.message))
     else:
-        await ws.close(Close.POLICY)
+        await ws.close(WSClose.POLICY)

@@ -1,0 +1,160 @@
+"""One admission path: a request becomes an admitted subscription or one typed refusal.
+
+Every subscriber endpoint (and the HTTP API) asks the same questions in the same
+order: is the transport offered, is the server draining, who is calling, which
+rooms, from which cursor. The answer is an `Admission` or a `Refusal`; how a
+refusal reaches the client (HTTP status and JSON, a WebSocket denial or an
+`error` frame) is each transport's only say.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import HTTPConnection
+from starlette.responses import JSONResponse
+
+from dualcast.auth import AuthError, Identity
+from dualcast.events import StreamId, parse_id
+from dualcast.protocol import ErrorCode, Transport
+from dualcast.query import query_of
+
+if TYPE_CHECKING:
+    from dualcast.config import Settings
+    from dualcast.runtime import Runtime
+
+
+class Refusal(Exception):
+    """A client error with an HTTP status, a machine code and a human message."""
+
+    def __init__(self, status: int, code: ErrorCode | str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.code, self.message)
+
+
+def error_response(status: int, code: ErrorCode | str, message: str, **extra: Any) -> JSONResponse:
+    headers = {"Cache-Control": "no-store"}
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="dualcast"'
+    return JSONResponse(
+        {"error": code, "message": message, **extra}, status_code=status, headers=headers
+    )
+
+
+@dataclass(slots=True)
+class Admission:
+    """Who was admitted, to which rooms, from which cursor (None: live from now).
+
+    `refused` holds the rooms asked for and not granted, as (code, message): only a
+    lenient admission (WebSocket, which keeps the connection and says so in `error`
+    frames) has any; a strict one refuses the whole request instead.
+    """
+
+    identity: Identity
+    rooms: set[str]
+    cursor: StreamId | None
+    refused: list[tuple[ErrorCode, str]] = field(default_factory=list)
+
+
+async def identify(conn: HTTPConnection, rt: Runtime) -> Identity:
+    """The caller's identity, or a Refusal (HTTP API endpoints use this alone)."""
+    try:
+        return await rt.auth.identify(conn)
+    except AuthError as exc:
+        raise Refusal(exc.status, exc.code, exc.message) from None
+
+
+async def admit(
+    conn: HTTPConnection, rt: Runtime, transport: Transport, *,
+    cursor_param: str = "last_event_id", cursor_header: bool = False, lenient_rooms: bool = False,
+) -> Admission:
+    """Admit one subscriber or raise Refusal (counted in the runtime's stats)."""
+    try:
+        return await _admit(conn, rt, transport, cursor_param, cursor_header, lenient_rooms)
+    except Refusal:
+        rt.stats.refused += 1
+        raise
+
+
+async def _admit(
+    conn: HTTPConnection, rt: Runtime, transport: Transport, cursor_param: str,
+    cursor_header: bool, lenient_rooms: bool,
+) -> Admission:
+    settings = rt.settings
+    if transport not in settings.transports:
+        raise Refusal(403, ErrorCode.TRANSPORT_DISABLED, f"{transport} is not offered here")
+    if rt.draining:
+        # 503: a proxy retries another instance; a client retries later, and does not
+        # take it as "this transport is refused".
+        raise Refusal(503, ErrorCode.DRAINING, "server is restarting; retry")
+    identity = await identify(conn, rt)
+    query = query_of(conn)
+    raw_cursor = conn.headers.get("last-event-id") if cursor_header else None
+    cursor = parse_cursor(raw_cursor or query.get(cursor_param), cursor_param)
+    if not lenient_rooms:
+        return Admission(identity, requested_rooms(conn, identity, settings), cursor)
+    rooms, refused = choose_rooms(query.get("rooms"), identity, settings)
+    return Admission(identity, rooms, cursor, refused)
+
+
+def requested_rooms(conn: HTTPConnection, identity: Identity, settings: Settings) -> set[str]:
+    """The rooms of `?rooms=`, all of them granted, or a Refusal for the first that is not."""
+    rooms, refused = choose_rooms(query_of(conn).get("rooms"), identity, settings)
+    if refused:
+        # the client's own mistakes first: a malformed name, then too many, then forbidden
+        code, message = min(refused, key=lambda r: _REFUSAL_ORDER.index(r[0]))
+        raise Refusal(403 if code is ErrorCode.FORBIDDEN_ROOM else 400, code, message)
+    return rooms
+
+
+_REFUSAL_ORDER = (ErrorCode.BAD_ROOM, ErrorCode.TOO_MANY_ROOMS, ErrorCode.FORBIDDEN_ROOM)
+
+
+def choose_rooms(
+    raw: str | None, identity: Identity, settings: Settings,
+) -> tuple[set[str], list[tuple[ErrorCode, str]]]:
+    """DESIGN's subscription rule (no rooms named = every room the identity allows),
+    and the names refused, in the order a WebSocket client is told about them.
+
+    At most `max_rooms` distinct names are looked at: a query with thousands of
+    names costs one `too_many_rooms` refusal, not thousands of checks and frames.
+    """
+    if raw is None or not raw.strip():
+        return identity.default_rooms(), []
+    pattern = re.compile(settings.room_pattern)
+    names = list(dict.fromkeys(part.strip() for part in raw.split(",") if part.strip()))
+    malformed: list[tuple[ErrorCode, str]] = []
+    forbidden: list[tuple[ErrorCode, str]] = []
+    too_many: list[tuple[ErrorCode, str]] = []
+    if len(names) > settings.max_rooms:
+        too_many.append((ErrorCode.TOO_MANY_ROOMS,
+                         f"at most {settings.max_rooms} rooms per subscriber"))
+        names = names[: settings.max_rooms]
+    rooms: set[str] = set()
+    for name in names:
+        if not pattern.fullmatch(name):
+            malformed.append((ErrorCode.BAD_ROOM, f"malformed room name {name[:80]!r}"))
+        elif not identity.may_join(name):
+            forbidden.append((ErrorCode.FORBIDDEN_ROOM, f"not allowed in room {name!r}"))
+        else:
+            rooms.add(name)
+    return rooms, malformed + forbidden + too_many
+
+
+def parse_cursor(raw: str | None, name: str = "last_event_id") -> StreamId | None:
+    """None = live from now; `0`/`0-0` = from the oldest retained; else after that id."""
+    if raw is None or raw == "" or raw == "$":
+        return None
+    try:
+        return parse_id(raw.strip())
+    except ValueError:
+        raise Refusal(
+            400, ErrorCode.BAD_CURSOR, f"{name} must be a stream id like 1732550000000-0"
+        ) from None
