@@ -161,6 +161,26 @@ def test_server_urls() -> None:
         bases("127.0.0.1:8000")
 
 
+async def test_a_cursor_that_is_not_an_id_is_refused_before_connecting() -> None:
+    with pytest.raises(ValueError, match="stream id"):
+        async with subscribe("http://127.0.0.1:9", last_event_id="yesterday"):
+            pass
+
+
+def test_dualcast_tail_says_what_is_wrong_with_its_arguments() -> None:
+    import subprocess
+    import sys
+
+    from tests.harness.procs import ROOT
+
+    result = subprocess.run(
+        [sys.executable, "-m", "dualcast", "tail", "http://127.0.0.1:9", "--last-event-id", "x"],
+        cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "stream id" in result.stderr and "Traceback" not in result.stderr
+
+
 # ---- against a real server ---------------------------------------------------------------
 
 

@@ -226,3 +226,21 @@ async def test_a_websocket_gets_a_refreshed_token_in_an_auth_frame() -> None:
         await until(lambda: conn.sent, timeout=5, what="the auth frame")
         assert conn.sent[0]["type"] == "auth" and conn.sent[0]["token"].startswith("h.")
         assert not conn.closed and len(run.made) == 1        # no reconnect needed
+
+
+async def test_a_failing_token_source_at_the_start_is_auth_failed() -> None:
+    def broken() -> str:
+        raise RuntimeError("the identity provider is down")
+
+    async with manager((WS,), token=broken) as run:
+        with pytest.raises(AuthFailed, match="identity provider is down"):
+            await run.items(1)
+        assert run.made == []
+
+
+async def test_iterating_after_the_block_ends_stops_instead_of_hanging() -> None:
+    async with manager((WS,)) as run:
+        await run.conn(0)
+    assert run.sub is not None
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(run.sub.__anext__(), 5)

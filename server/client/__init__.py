@@ -42,6 +42,7 @@ from dualcast.client.model import (
     State,
     Status,
     Transport,
+    id_key,
 )
 from dualcast.client.subscription import Subscription, Timing
 from dualcast.client.tokens import Tokens, TokenSource
@@ -90,6 +91,9 @@ async def subscribe(
     which costs nothing: it resumes from its cursor.
     """
     http_base, ws_base = bases(url)
+    if last_event_id and id_key(last_event_id) is None:
+        raise ValueError(f"last_event_id must be a stream id like 1732550000000-0, "
+                         f"not {last_event_id[:40]!r}")
     order = tuple(dict.fromkeys(Transport(t) for t in transports))
     if not order:
         raise ValueError("transports: name at least one of websocket, sse, polling")

@@ -132,6 +132,7 @@ class Subscription:
         self._state = State.OFFLINE
         self._status: Status | None = None
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
         self._target: Target | None = None
 
     # -- the caller's side -----------------------------------------------------
@@ -148,6 +149,8 @@ class Subscription:
         return self
 
     async def __anext__(self) -> Item:
+        if self._closed and self._out.empty():
+            raise StopAsyncIteration  # iterated after its `async with` block ended
         item = await self._out.get()
         if isinstance(item, _Done):
             self._out.put_nowait(item)  # every later call ends too
@@ -164,6 +167,7 @@ class Subscription:
         self._task = asyncio.create_task(self._main(), name="dualcast-client")
 
     async def close(self) -> None:
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -194,7 +198,11 @@ class Subscription:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         if self._tokens.refreshable:
-            await self._tokens.refresh()
+            try:
+                await self._tokens.refresh()
+            except Exception as exc:
+                raise AuthFailed(None, "token_source_failed",
+                                 f"the token source failed: {exc}") from exc
         self._schedule_refresh()
         self._open()
         while True:
