@@ -42,8 +42,10 @@ class ErrorCode(enum.StrEnum):
     TOKEN_EXPIRED = "token_expired"
     NO_SECRET = "no_secret"                  # the server cannot check tokens at all
     AUTH_UNAVAILABLE = "auth_unavailable"    # the identity source did not answer
+    SESSION_REFUSED = "session_refused"      # the application's auth hook said no
     FORBIDDEN = "forbidden"                  # known, but may not do this
     BAD_ORIGIN = "bad_origin"
+    CROSS_SITE = "cross_site"                # a cookie-authenticated write from another site
     # what the caller asked for
     BAD_ROOM = "bad_room"
     FORBIDDEN_ROOM = "forbidden_room"
@@ -54,6 +56,8 @@ class ErrorCode(enum.StrEnum):
     BAD_FRAME = "bad_frame"
     UNKNOWN_TYPE = "unknown_type"
     INVALID = "invalid"                      # a publish body that fails validation
+    UNENCODABLE = "unencodable"              # valid JSON no transport could send on
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     TOO_LARGE = "too_large"
     TRANSPORT_DISABLED = "transport_disabled"
     # the server's side

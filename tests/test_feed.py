@@ -1,0 +1,132 @@
+"""A feed replays from the log, goes live with no gap and nothing twice, says `reset`
+when the cursor is gone, and ends when its credentials run out."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from dualcast.config import load_settings
+from dualcast.events import Envelope, Event, decode_entry, entry_fields, parse_id
+from dualcast.feed import Feed, FeedClosed
+from dualcast.frames import Reset
+from dualcast.hub import CloseReason, Hub
+from dualcast.log.memory import MemoryLog
+
+pytestmark = pytest.mark.timeout(10)
+
+
+async def filled(n: int, maxlen: int = 1000) -> tuple[MemoryLog, list[str]]:
+    log = MemoryLog(maxlen)
+    ids = [await log.append(entry_fields(Envelope(event="e", data=i))) for i in range(n)]
+    return log, ids
+
+
+async def deliver_all(hub: Hub, log: MemoryLog, after: str = "0-0") -> None:
+    """What the consumer does: read what is new and hand it to the hub."""
+    hub.publish([decode_entry(i, f) for i, f in await log.read_after(after, 10_000)])
+
+
+async def collect(feed: Feed, count: int) -> list[str]:
+    seen: list[str] = []
+    deadline = time.monotonic() + 5
+    while len(seen) < count and time.monotonic() < deadline:
+        seen += [i.id for i in await feed.next(timeout=0.2) if isinstance(i, Event)]
+    return seen
+
+
+async def test_no_cursor_is_live_from_the_hub_position() -> None:
+    log, ids = await filled(3)
+    hub = Hub()
+    hub.set_position((0, 0))
+    await deliver_all(hub, log)
+    async with Feed(hub, log, load_settings(), "sse", set(), None) as feed:
+        assert feed.start_id == ids[-1]
+        assert await feed.next(timeout=0.01) == []  # nothing old is replayed
+        new = await log.append(entry_fields(Envelope(event="e", data="new")))
+        await deliver_all(hub, log, ids[-1])
+        assert await collect(feed, 1) == [new]
+
+
+async def test_cursor_zero_replays_everything_retained() -> None:
+    log, ids = await filled(7)
+    hub = Hub()
+    hub.set_position((0, 0))
+    await deliver_all(hub, log)
+    settings = load_settings(replay_page=3)
+    async with Feed(hub, log, settings, "websocket", set(), (0, 0)) as feed:
+        assert await collect(feed, 7) == ids
+
+
+async def test_a_trimmed_cursor_gets_reset_then_live() -> None:
+    log, ids = await filled(30, maxlen=10)  # the first 20 are trimmed away
+    hub = Hub()
+    hub.set_position((0, 0))
+    await deliver_all(hub, log)
+    async with Feed(hub, log, load_settings(), "websocket", set(), parse_id(ids[0])) as feed:
+        first = await feed.next(timeout=1)
+        assert first == [Reset(ids[-1])]
+        new = await log.append(entry_fields(Envelope(event="e", data="after")))
+        await deliver_all(hub, log, ids[-1])
+        assert await collect(feed, 1) == [new]
+
+
+async def test_a_cursor_newer_than_the_stream_gets_reset() -> None:
+    log, ids = await filled(3)
+    hub = Hub()
+    hub.set_position((0, 0))
+    await deliver_all(hub, log)
+    future = (parse_id(ids[-1])[0] + 10_000, 0)
+    async with Feed(hub, log, load_settings(), "sse", set(), future) as feed:
+        assert await feed.next(timeout=1) == [Reset(ids[-1])]
+
+
+async def test_rooms_filter_the_replay() -> None:
+    log = MemoryLog(100)
+    mine = await log.append(entry_fields(Envelope(event="e", rooms=["a"])))
+    await log.append(entry_fields(Envelope(event="e", rooms=["b"])))
+    public = await log.append(entry_fields(Envelope(event="e")))
+    hub = Hub()
+    hub.set_position((0, 0))
+    await deliver_all(hub, log)
+    async with Feed(hub, log, load_settings(), "sse", {"a"}, (0, 0)) as feed:
+        assert await collect(feed, 2) == [mine, public]
+
+
+async def test_credentials_that_run_out_end_the_feed() -> None:
+    log, _ = await filled(1)
+    hub = Hub()
+    hub.set_position((0, 0))
+    soon = time.time() + 0.2
+    async with Feed(hub, log, load_settings(), "sse", set(), None, expires=soon) as feed:
+        with pytest.raises(FeedClosed) as closed:
+            while True:
+                await feed.next(timeout=5)  # returns early at the expiry, then ends
+        assert closed.value.reason is CloseReason.EXPIRED
+        assert time.time() >= soon
+
+
+async def test_extending_the_credentials_keeps_the_feed_open() -> None:
+    log, _ = await filled(1)
+    hub = Hub()
+    hub.set_position((0, 0))
+    async with Feed(hub, log, load_settings(), "sse", set(), None,
+                    expires=time.time() + 0.2) as feed:
+        feed.extend(time.time() + 60)
+        assert await feed.next(timeout=0.4) == []  # past the first expiry, still open
+        feed.extend(time.time() - 1)
+        with pytest.raises(FeedClosed):
+            await feed.next(timeout=1)
+
+
+async def test_a_closed_subscriber_ends_the_feed_with_its_reason() -> None:
+    log, _ = await filled(1)
+    hub = Hub()
+    hub.set_position((0, 0))
+    async with Feed(hub, log, load_settings(), "websocket", set(), None) as feed:
+        hub.close_all(CloseReason.SHUTDOWN)
+        with pytest.raises(FeedClosed) as closed:
+            await feed.next(timeout=1)
+        assert closed.value.reason is CloseReason.SHUTDOWN
+    assert hub.count() == 0
