@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from dualcast.auth import mint_token
-from tests.support.procs import DualcastProcess, RedisProcess
+from tests.harness.clients import TRANSPORTS, Transport
+from tests.harness.procs import DualcastProcess, RedisProcess
 
 SECRET = "test-secret-" + "x" * 24
 
@@ -79,3 +81,37 @@ def dualcast(tmp_path: Path) -> Iterator[Callable[..., DualcastProcess]]:
     yield start
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture(scope="module")
+def server_with(redis_server: RedisProcess, tmp_path_factory: pytest.TempPathFactory,
+                ) -> Iterator[Callable[..., DualcastProcess]]:
+    """Factory for a module's servers: `server_with({"DUALCAST_MAX_ROOMS": "5"})`.
+
+    Each runs on the session's Redis with the test secret and, unless `env` names
+    one, a stream key of its own (so modules never see each other's events); all
+    are stopped when the module ends. Several servers given one DUALCAST_STREAM
+    form a cluster.
+    """
+    started: list[DualcastProcess] = []
+
+    def start(env: dict[str, str] | None = None, name: str = "server") -> DualcastProcess:
+        merged = {"DUALCAST_SECRET": SECRET, "DUALCAST_STREAM": f"{name}-{uuid.uuid4().hex}",
+                  **(env or {})}
+        proc = DualcastProcess(tmp_path_factory.mktemp(name), redis_url=redis_server.url,
+                               env=merged)
+        started.append(proc)
+        return proc.start()
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> Transport:
+    """Each subscriber transport in turn, for behaviour that is the same on all three
+    (use with `tests.harness.clients.subscribe`)."""
+    value: Transport = request.param
+    return value
+

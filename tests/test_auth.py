@@ -16,7 +16,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -28,8 +28,9 @@ import websockets
 
 from dualcast.auth import mint_token
 from tests.conftest import SECRET, token
-from tests.support.clients import Poller, SSEClient, WSClient, wait_for
-from tests.support.procs import DualcastProcess, RedisProcess
+from tests.harness.clients import Poller, SSEClient, WSClient
+from tests.harness.procs import DualcastProcess, RedisProcess
+from tests.harness.waits import wait_for
 
 ALLOWED_ORIGIN = "https://dash.example.com"
 
@@ -112,31 +113,16 @@ BAD_TOKENS: dict[str, tuple[str, str]] = {
 
 
 @pytest.fixture(scope="module")
-def server(redis_server: RedisProcess, tmp_path_factory: pytest.TempPathFactory,
-           ) -> Iterator[DualcastProcess]:
+def server(server_with: Callable[..., DualcastProcess]) -> DualcastProcess:
     """One server for the module, on its own stream key of the session's Redis."""
-    proc = DualcastProcess(
-        tmp_path_factory.mktemp("auth"), redis_url=redis_server.url,
-        env={"DUALCAST_SECRET": SECRET, "DUALCAST_STREAM": f"auth-{uuid.uuid4().hex}",
-             "DUALCAST_ALLOWED_ORIGINS": ALLOWED_ORIGIN},
-    )
-    proc.start()
-    yield proc
-    proc.stop()
+    return server_with({"DUALCAST_ALLOWED_ORIGINS": ALLOWED_ORIGIN}, name="auth")
 
 
 @pytest.fixture(scope="module")
-def closed_server(redis_server: RedisProcess, tmp_path_factory: pytest.TempPathFactory,
-                  ) -> Iterator[DualcastProcess]:
+def closed_server(server_with: Callable[..., DualcastProcess]) -> DualcastProcess:
     """A server with DUALCAST_ALLOW_ANONYMOUS=false (and cookies always Secure)."""
-    proc = DualcastProcess(
-        tmp_path_factory.mktemp("closed"), redis_url=redis_server.url,
-        env={"DUALCAST_SECRET": SECRET, "DUALCAST_STREAM": f"closed-{uuid.uuid4().hex}",
-             "DUALCAST_ALLOW_ANONYMOUS": "false", "DUALCAST_COOKIE_SECURE": "always"},
-    )
-    proc.start()
-    yield proc
-    proc.stop()
+    return server_with({"DUALCAST_ALLOW_ANONYMOUS": "false", "DUALCAST_COOKIE_SECURE": "always"},
+                       name="closed")
 
 
 def bearer(tok: str) -> dict[str, str]:

@@ -13,8 +13,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import quote
 
@@ -25,8 +24,9 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from tests.conftest import SECRET, token
-from tests.support.procs import DualcastProcess, RedisProcess, wait_until
+from tests.conftest import token
+from tests.harness.procs import DualcastProcess
+from tests.harness.waits import wait_until
 
 MAX_FRAME = 8192
 MAX_BODY = 4096
@@ -108,21 +108,17 @@ class Target:
 
 
 @pytest.fixture(scope="module")
-def target(redis_server: RedisProcess, tmp_path_factory: pytest.TempPathFactory,
-           ) -> Iterator[Target]:
-    proc = DualcastProcess(
-        tmp_path_factory.mktemp("fuzz"), redis_url=redis_server.url,
-        env={"DUALCAST_SECRET": SECRET, "DUALCAST_STREAM": f"fuzz-{uuid.uuid4().hex}",
-             "DUALCAST_MAX_FRAME_BYTES": str(MAX_FRAME), "DUALCAST_MAX_BODY_BYTES": str(MAX_BODY),
-             "DUALCAST_MAX_BAD_FRAMES": str(MAX_BAD), "DUALCAST_MAX_ROOMS": "5",
-             "DUALCAST_POLL_TIMEOUT_MAX": "1"},
+def target(server_with: Callable[..., DualcastProcess]) -> Iterator[Target]:
+    proc = server_with(
+        {"DUALCAST_MAX_FRAME_BYTES": str(MAX_FRAME), "DUALCAST_MAX_BODY_BYTES": str(MAX_BODY),
+         "DUALCAST_MAX_BAD_FRAMES": str(MAX_BAD), "DUALCAST_MAX_ROOMS": "5",
+         "DUALCAST_POLL_TIMEOUT_MAX": "1"},
+        name="fuzz",
     )
-    proc.start()
     t = Target(proc)
     yield t
     t.healthy.close()
     t.http.close()
-    proc.stop()
 
 
 # --- strategies ------------------------------------------------------------------------

@@ -10,16 +10,17 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
 import pytest
 import websockets
 
-from tests.conftest import SECRET, token
-from tests.support.clients import WSClient, wait_for
-from tests.support.procs import DualcastProcess, RedisProcess
+from tests.conftest import token
+from tests.harness.clients import WSClient
+from tests.harness.procs import DualcastProcess
+from tests.harness.waits import wait_for
 
 MAX_ROOMS = 3
 MAX_FRAME = 4096
@@ -32,17 +33,12 @@ USER = token("456")
 
 
 @pytest.fixture(scope="module")
-def server(redis_server: RedisProcess, tmp_path_factory: pytest.TempPathFactory,
-           ) -> Iterator[DualcastProcess]:
-    proc = DualcastProcess(
-        tmp_path_factory.mktemp("limits"), redis_url=redis_server.url,
-        env={"DUALCAST_SECRET": SECRET, "DUALCAST_STREAM": f"limits-{uuid.uuid4().hex}",
-             "DUALCAST_MAX_ROOMS": str(MAX_ROOMS), "DUALCAST_MAX_FRAME_BYTES": str(MAX_FRAME),
-             "DUALCAST_MAX_BODY_BYTES": str(MAX_BODY), "DUALCAST_MAX_BAD_FRAMES": str(MAX_BAD)},
+def server(server_with: Callable[..., DualcastProcess]) -> DualcastProcess:
+    return server_with(
+        {"DUALCAST_MAX_ROOMS": str(MAX_ROOMS), "DUALCAST_MAX_FRAME_BYTES": str(MAX_FRAME),
+         "DUALCAST_MAX_BODY_BYTES": str(MAX_BODY), "DUALCAST_MAX_BAD_FRAMES": str(MAX_BAD)},
+        name="limits",
     )
-    proc.start()
-    yield proc
-    proc.stop()
 
 
 @pytest.fixture

@@ -12,15 +12,17 @@ import re
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import SECRET, require_tool, token
-from tests.support.clients import Poller, SSEClient, WSClient, wait_for, xadd
-from tests.support.procs import DualcastProcess, RedisProcess
+from tests.conftest import require_tool, token
+from tests.harness.clients import Poller, SSEClient, Transport, WSClient, subscribe
+from tests.harness.procs import DualcastProcess, RedisProcess
+from tests.harness.stream import xadd
+from tests.harness.waits import wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -36,40 +38,31 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(redis_server: RedisProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(redis_server: RedisProcess, server_with: Callable[..., DualcastProcess]) -> Cluster:
     stream = f"transports-{uuid.uuid4().hex[:8]}"
-    env = {"DUALCAST_SECRET": SECRET, "DUALCAST_STREAM": stream, "DUALCAST_QUEUE_SIZE": "50",
+    env = {"DUALCAST_STREAM": stream, "DUALCAST_QUEUE_SIZE": "50",
            "DUALCAST_REPLAY_MAX": "300", "DUALCAST_REPLAY_PAGE": "40"}
-    root = tmp_path_factory.mktemp("cluster")
-    a = DualcastProcess(root / "a", redis_server.url, env=env).start()
-    b = DualcastProcess(root / "b", redis_server.url, env=env).start()
-    yield Cluster(redis_server, a, b, stream)
-    a.stop()
-    b.stop()
+    return Cluster(redis_server, server_with(env, "a"), server_with(env, "b"), stream)
 
 
-async def test_each_transport_receives_in_order_with_stream_ids(cluster: Cluster) -> None:
-    ws = WSClient(cluster.a.ws_url)
-    sse = SSEClient(cluster.a.url)
-    poll = Poller(cluster.a.url)
-    await ws.connect()
-    await sse.connect()
-    await poll.poll_once(0)
-    poll.start()
+async def test_each_transport_receives_in_order_with_stream_ids(
+    cluster: Cluster, transport: Transport,
+) -> None:
+    client = await subscribe(transport, cluster.a.url)
     try:
-        assert ws.seen.welcome is not None and ws.seen.welcome["rooms"] == []
+        if not isinstance(client, Poller):  # long-poll has no welcome
+            assert client.seen.welcome is not None and client.seen.welcome["rooms"] == []
         ids = [cluster.xadd("tick", {"n": n}) for n in range(30)]
-        for client in (ws, sse, poll):
-            await wait_for(lambda c=client: len(c.seen.ids) >= 30, 10, "30 events")
-            assert client.seen.ids == ids
-            assert [e["data"]["n"] for e in client.seen.events] == list(range(30))
-        frame = ws.seen.events[0]
-        assert set(frame) >= {"type", "id", "event", "data", "ts"} and frame["event"] == "tick"
-        assert isinstance(frame["ts"], int)
+        await wait_for(lambda: len(client.seen.ids) >= 30, 10, "30 events")
+        assert client.seen.ids == ids
+        assert [e["data"]["n"] for e in client.seen.events] == list(range(30))
+        assert {e["event"] for e in client.seen.events} == {"tick"}
+        if isinstance(client, WSClient):
+            frame = client.seen.events[0]
+            assert set(frame) >= {"type", "id", "event", "data", "ts"}
+            assert isinstance(frame["ts"], int)
     finally:
-        await ws.close()
-        await sse.close()
-        await poll.close()
+        await client.close()
 
 
 async def test_room_events_reach_members_and_public_events_reach_all(cluster: Cluster) -> None:
@@ -124,7 +117,7 @@ async def _producer(cluster: Cluster, ids: list[str], stop: asyncio.Event) -> No
     [("ws", "ws"), ("ws", "sse"), ("sse", "poll"), ("poll", "ws"), ("sse", "sse")],
 )
 async def test_resume_across_transports_and_instances_loses_nothing(
-    cluster: Cluster, first: str, second: str
+    cluster: Cluster, first: Transport, second: Transport
 ) -> None:
     """Disconnect mid-flow, reconnect (on the other instance) with the last id seen."""
     published: list[str] = []
@@ -150,7 +143,7 @@ async def test_resume_across_transports_and_instances_loses_nothing(
     assert seen == published, f"{len(seen)} seen vs {len(published)} published"
 
 
-async def _consume(kind: str, server: DualcastProcess, cursor: str,
+async def _consume(kind: Transport, server: DualcastProcess, cursor: str,
                    until: str | None = None) -> list[str]:
     """Connect with `cursor`, take events for a while (at least 30), then drop the connection."""
     def done(ids: list[str]) -> bool:
@@ -158,15 +151,7 @@ async def _consume(kind: str, server: DualcastProcess, cursor: str,
             return bool(ids) and ids[-1] == until
         return len(ids) >= 30
 
-    if kind == "ws":
-        client: WSClient | SSEClient | Poller = WSClient(server.ws_url, last_event_id=cursor)
-        await client.connect()  # type: ignore[union-attr]
-    elif kind == "sse":
-        client = SSEClient(server.url, headers={"Last-Event-ID": cursor})
-        await client.connect()
-    else:
-        client = Poller(server.url, after=cursor)
-        client.start()
+    client = await subscribe(kind, server.url, after=cursor)
     try:
         await wait_for(lambda: done(client.seen.ids), 20, f"{kind} events")
     finally:
@@ -175,26 +160,19 @@ async def _consume(kind: str, server: DualcastProcess, cursor: str,
     return list(client.seen.ids)
 
 
-async def test_publish_on_a_reaches_every_transport_on_b(cluster: Cluster) -> None:
-    ws = WSClient(cluster.b.ws_url)
-    sse = SSEClient(cluster.b.url)
-    poll = Poller(cluster.b.url)
-    await ws.connect()
-    await sse.connect()
-    await poll.poll_once(0)
-    poll.start()
+async def test_publish_on_a_reaches_every_transport_on_b(
+    cluster: Cluster, transport: Transport,
+) -> None:
+    client = await subscribe(transport, cluster.b.url)
     try:
         async with httpx.AsyncClient(base_url=cluster.a.url) as http:
             answer = await http.post("/api/publish", json={"event": "via-a", "data": {"k": 1}},
                                      headers={"Authorization": f"Bearer {token('p', publish=True)}"})
         assert answer.status_code == 202
         entry_id = answer.json()["id"]
-        for client in (ws, sse, poll):
-            await wait_for(lambda c=client: entry_id in c.seen.ids, 10, "the published event")
+        await wait_for(lambda: entry_id in client.seen.ids, 10, "the published event")
     finally:
-        await ws.close()
-        await sse.close()
-        await poll.close()
+        await client.close()
 
 
 async def test_trimmed_newer_and_malformed_cursors(

@@ -15,7 +15,17 @@ imports bench or edits `sys.path`.
 
 from __future__ import annotations
 
-from tests.harness.clients import Answer, Poller, Seen, SSEClient, WSClient
+from tests.harness.clients import (
+    TRANSPORTS,
+    Answer,
+    Poller,
+    Seen,
+    SSEClient,
+    Subscriber,
+    Transport,
+    WSClient,
+    subscribe,
+)
 from tests.harness.follow import Close, Follower, Record, Stuck, start_followers
 from tests.harness.lean import Conn, PollConn, SSEConn, WSConn
 from tests.harness.probes import fd_count, log_problems, metric, readyz, rss_mb
@@ -42,10 +52,46 @@ from tests.harness.stream import (
 from tests.harness.waits import WaitTimeout, wait_for, wait_until
 
 __all__ = [
-    "ROOT", "STREAM", "Answer", "Child", "Close", "Conn", "DualcastProcess", "Follower",
-    "PollConn", "Poller", "Producer", "Record", "RedisProcess", "SSEClient", "SSEConn", "Seen",
-    "Stuck", "WSClient", "WSConn", "WaitTimeout", "check_exact", "clean_env", "fd_count",
-    "free_port", "http_ok", "id_key", "log_problems", "metric", "raise_nofile", "readyz",
-    "rss_mb", "start_followers", "stream_entries", "stream_ids", "visible", "wait_for",
-    "wait_until", "xadd",
+    "ROOT",
+    "STREAM",
+    "TRANSPORTS",
+    "Answer",
+    "Child",
+    "Close",
+    "Conn",
+    "DualcastProcess",
+    "Follower",
+    "PollConn",
+    "Poller",
+    "Producer",
+    "Record",
+    "RedisProcess",
+    "SSEClient",
+    "SSEConn",
+    "Seen",
+    "Stuck",
+    "Subscriber",
+    "Transport",
+    "WSClient",
+    "WSConn",
+    "WaitTimeout",
+    "check_exact",
+    "clean_env",
+    "fd_count",
+    "free_port",
+    "http_ok",
+    "id_key",
+    "log_problems",
+    "metric",
+    "raise_nofile",
+    "readyz",
+    "rss_mb",
+    "start_followers",
+    "stream_entries",
+    "stream_ids",
+    "subscribe",
+    "visible",
+    "wait_for",
+    "wait_until",
+    "xadd",
 ]

@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from tests.harness.lean import PollConn, SSEConn, WSConn
 from tests.harness.wire import with_query
+
+Transport = Literal["ws", "sse", "poll"]
+TRANSPORTS: tuple[Transport, ...] = ("ws", "sse", "poll")
 
 
 @dataclass
@@ -298,3 +301,29 @@ class Poller:
                 pass
         if self.conn is not None:
             self.conn.close()
+
+
+Subscriber = WSClient | SSEClient | Poller
+
+
+async def subscribe(transport: Transport, base: str, after: str | None = None,
+                    **query: str | None) -> Subscriber:
+    """A live subscriber over `transport` to the server at `base` (its http:// URL).
+
+    With `after`, it resumes after that id the way each transport's clients do
+    (WS `last_event_id`, SSE `Last-Event-ID`, poll `after`); without, it starts at
+    the head of the stream. Returns once the subscription is live; close it after.
+    """
+    if transport == "ws":
+        ws = WSClient(base.replace("http://", "ws://", 1), last_event_id=after, **query)
+        await ws.connect()
+        return ws
+    if transport == "sse":
+        sse = SSEClient(base, {"Last-Event-ID": after} if after else None, **query)
+        await sse.connect()
+        return sse
+    poller = Poller(base, after=after, **query)
+    if after is None:
+        await poller.poll_once(0)  # the head: later answers hold only what came after it
+    poller.start()
+    return poller
