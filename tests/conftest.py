@@ -114,4 +114,3 @@ def transport(request: pytest.FixtureRequest) -> Transport:
     (use with `tests.harness.clients.subscribe`)."""
     value: Transport = request.param
     return value
-
