@@ -15,11 +15,16 @@ Placeholders are ``{{name}}``: nginx's own ``$variables`` and ``@named``
 locations never clash with them. A missing or unused value is an error, so a
 template edit cannot silently render a half-filled config.
 
+The production layout serves https with HTTP/2 on 443 (certificates from Let's
+Encrypt's paths for the server name unless given) and only redirects plain HTTP
+there; the test modes serve plain HTTP unless a test asks for TLS.
+
 Command line (prints to stdout)::
 
     python nginx/render.py                      # the production config
     python nginx/render.py --upstream 10.0.0.5:8000 --upstream 10.0.0.6:8000 \\
-        --server-name push.example.com --static-root /srv/dualcast/static
+        --server-name push.example.com --static-root /srv/dualcast/static \\
+        --ssl-certificate /etc/ssl/push.pem --ssl-certificate-key /etc/ssl/push.key
 """
 
 from __future__ import annotations
@@ -42,7 +47,31 @@ PRODUCTION = {
     "server_name": "dualcast.example.com",
     "static_root": "/srv/dualcast/static",
     "access_log": "/var/log/nginx/dualcast.access.log",
+    "tls_listen": "443",
+    "ssl_certificate": "/etc/letsencrypt/live/dualcast.example.com/fullchain.pem",
+    "ssl_certificate_key": "/etc/letsencrypt/live/dualcast.example.com/privkey.pem",
 }
+
+#: Open connections (HTTP/2: streams) one client address may hold. A browser tab
+#: needs one or two; the headroom is for offices behind one NAT address.
+LIMIT_CONN = 512
+
+#: The dashboard's page headers, the same as the app sends (dualcast.headers; a
+#: test keeps the two equal). This script is stdlib-only, so they are repeated.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+        "frame-ancestors 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+#: One year, the value HSTS preload lists ask for; no includeSubDomains (the
+#: config cannot know what else lives under the domain).
+HSTS = "max-age=31536000"
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([a-z_]+)\s*\}\}")
 
@@ -116,6 +145,37 @@ _TEST_UPSTREAM_HEADER = """
     add_header X-Dualcast-Upstream $upstream_addr always;
 """
 
+_HTTP_REDIRECT_SERVER = """
+# Plain HTTP only sends browsers on to https. A login link keeps its ?token=
+# on the way (the log below masks it, as everywhere); after one visit HSTS
+# makes the browser go to https by itself.
+server {
+    listen {{listen}};
+    server_name {{server_name}};
+    access_log {{access_log}} dualcast;
+    client_header_timeout {{client_header_timeout}};
+    limit_conn dualcast_per_client {{limit_conn}};
+
+    location / {
+        return 301 https://$host{{https_port}}$request_uri;
+    }
+}
+"""
+
+_TLS_SETTINGS = """
+    # TLS. HTTP/2 (the "http2" on the listen line; nginx 1.25.1+ also takes
+    # "http2 on;") lets one browser's SSE streams, polls and API calls share a
+    # connection instead of eating its six HTTP/1.1 slots per host. WebSocket
+    # still upgrades over HTTP/1.1: browsers open a separate connection for it.
+    ssl_certificate {{ssl_certificate}};
+    ssl_certificate_key {{ssl_certificate_key}};
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_session_cache shared:dualcast_tls:10m;
+    ssl_session_timeout 1d;
+    # Browsers must come back over https only (no cookie ever rides plain HTTP).
+    add_header Strict-Transport-Security "{{hsts}}" always;
+"""
+
 _TEST_LOCATIONS = """
     # ---- test hooks (rendered only for tests) ----
     # Which config is live: a test waits for the new generation after a reload.
@@ -151,8 +211,17 @@ def render_site(
     test_hooks: bool = False,
     generation: int = 0,
     relay_socket: str | Path | None = None,
+    tls_listen: str | None = None,
+    ssl_certificate: str | Path | None = None,
+    ssl_certificate_key: str | Path | None = None,
+    limit_conn: int = LIMIT_CONN,
+    client_header_timeout: str = "10s",
 ) -> str:
     """The http-level config (map, upstream, server) for one mode.
+
+    With `tls_listen` (a port, or address:port) the site is served over TLS with
+    HTTP/2 there, and `listen` only redirects to it (the production layout);
+    without it, `listen` serves everything over plain HTTP.
 
     `test_hooks` adds a header naming the instance that served a request (in
     mode buffering: the relay) and a ``/__nginx`` location that answers
@@ -182,13 +251,41 @@ def render_site(
         relay = fill(_RELAY, {"upstream_servers": servers, "relay_socket": relay_socket})
         servers = f"    server unix:{relay_socket};"
     title = "production config" if mode == "plain" and not test_hooks else f"mode {mode}"
+    page_headers = dict(PAGE_HEADERS)
+    if tls_listen is None:
+        listen_lines = f"    listen {listen};"
+        http_server = tls_settings = ""
+    else:
+        if ssl_certificate is None or ssl_certificate_key is None:
+            raise ValueError("tls_listen needs ssl_certificate and ssl_certificate_key")
+        listen_lines = f"    listen {tls_listen} ssl http2;"
+        https_port = tls_listen.rsplit(":", 1)[-1]
+        http_server = fill(_HTTP_REDIRECT_SERVER, {
+            "listen": listen, "server_name": server_name, "access_log": access_log,
+            "client_header_timeout": client_header_timeout, "limit_conn": limit_conn,
+            "https_port": "" if https_port == "443" else f":{https_port}",
+        })
+        tls_settings = fill(_TLS_SETTINGS, {
+            "ssl_certificate": ssl_certificate, "ssl_certificate_key": ssl_certificate_key,
+            "hsts": HSTS,
+        })
+        # add_header in a location drops the server's: the page locations repeat it
+        page_headers["Strict-Transport-Security"] = HSTS
+    page_header_lines = "\n".join(
+        f'        add_header {name} "{value}" always;' for name, value in page_headers.items()
+    )
     return fill(
         SITE_TEMPLATE.read_text(),
         {
             "title": title,
             "mode_notice": _MODE_NOTICE[mode],
             "upstream_servers": servers,
-            "listen": listen,
+            "http_server": http_server,
+            "listen_lines": listen_lines,
+            "tls_settings": tls_settings,
+            "page_headers": page_header_lines,
+            "limit_conn": limit_conn,
+            "client_header_timeout": client_header_timeout,
             "server_name": server_name,
             "static_root": static_root,
             "access_log": access_log,
@@ -250,7 +347,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--server-name", default=PRODUCTION["server_name"])
     parser.add_argument("--static-root", default=PRODUCTION["static_root"])
     parser.add_argument("--access-log", default=PRODUCTION["access_log"])
+    parser.add_argument("--tls-listen", default=PRODUCTION["tls_listen"],
+                        help="port (or address:port) of the https server; '' = plain HTTP only")
+    parser.add_argument("--ssl-certificate", default=None,
+                        help="certificate chain (default: Let's Encrypt's path for --server-name)")
+    parser.add_argument("--ssl-certificate-key", default=None)
+    parser.add_argument("--limit-conn", type=int, default=LIMIT_CONN,
+                        help="connections (HTTP/2 streams) one client address may hold")
     args = parser.parse_args(argv)
+    live = f"/etc/letsencrypt/live/{args.server_name}"
     print(
         render_site(
             upstreams=args.upstream or PRODUCTION["upstreams"],
@@ -258,6 +363,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             server_name=args.server_name,
             static_root=args.static_root,
             access_log=args.access_log,
+            tls_listen=args.tls_listen or None,
+            ssl_certificate=args.ssl_certificate or f"{live}/fullchain.pem",
+            ssl_certificate_key=args.ssl_certificate_key or f"{live}/privkey.pem",
+            limit_conn=args.limit_conn,
         ),
         end="",
     )

@@ -27,7 +27,8 @@ import websockets
 from websockets.exceptions import InvalidStatus
 
 from dualcast.config import load_settings
-from tests.conftest import token
+from tests.conftest import require_tool, token
+from tests.harness.tls import make_throwaway_ca
 from tests.support.clients import SSEClient, wait_for, xadd
 from tests.support.nginx import MODES, NginxError, NginxProcess, render, require_nginx
 from tests.support.procs import ROOT, DualcastProcess, RedisProcess, free_port
@@ -232,10 +233,16 @@ def test_the_shipped_production_config_is_the_rendered_template() -> None:
 
 
 def test_the_shipped_production_config_passes_nginx_t(tmp_path: Path, nginx_binary: str) -> None:
-    # Its access log would be /var/log/nginx/...: point it into the prefix for the check.
-    site = (ROOT / "nginx" / "dualcast.conf").read_text().replace(
-        render.PRODUCTION["access_log"], str(tmp_path / "logs" / "access.log")
-    )
+    # Its access log would be /var/log/nginx/... and its certificate Let's Encrypt's:
+    # point them into the prefix (nginx -t loads the certificate) for the check.
+    require_tool("openssl", "the TLS tests make a throwaway CA with it")
+    tls = make_throwaway_ca(tmp_path / "tls")
+    site = (ROOT / "nginx" / "dualcast.conf").read_text()
+    for shipped, here in ((render.PRODUCTION["access_log"], tmp_path / "logs" / "access.log"),
+                          (render.PRODUCTION["ssl_certificate"], tls.cert),
+                          (render.PRODUCTION["ssl_certificate_key"], tls.key)):
+        assert shipped in site
+        site = site.replace(shipped, str(here))
     (tmp_path / "dualcast.conf").write_text(site)
     (tmp_path / "nginx.conf").write_text(
         render.render_main(prefix=tmp_path, site_conf=tmp_path / "dualcast.conf")

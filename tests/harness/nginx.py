@@ -18,11 +18,13 @@ import signal
 import subprocess
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import httpx
 import psutil
 
 from tests.harness.procs import ROOT, free_port
+from tests.harness.tls import TlsFiles
 from tests.harness.waits import wait_until
 
 MODES = ("plain", "no-websocket", "buffering")
@@ -84,7 +86,12 @@ class NginxProcess:
         mode: str = "plain",
         static_dir: Path | None = None,
         port: int | None = None,
+        tls: TlsFiles | None = None,
+        limit_conn: int | None = None,
     ) -> None:
+        """With `tls`, the production layout: https + HTTP/2 on `tls_port` (then `url`),
+        and `port` only redirects there (`http_url`). `limit_conn` overrides the
+        production per-address connection cap."""
         if mode not in MODES:
             raise ValueError(f"unknown nginx mode {mode!r}; one of {', '.join(MODES)}")
         self.prefix = workdir
@@ -92,6 +99,9 @@ class NginxProcess:
         self.mode = mode
         self.static_dir = static_dir or ROOT / "static"
         self.port = port or free_port()
+        self.tls = tls
+        self.tls_port = free_port() if tls is not None else None
+        self.limit_conn = limit_conn
         self.generation = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.binary = nginx_binary() or "nginx"
@@ -102,11 +112,25 @@ class NginxProcess:
 
     @property
     def url(self) -> str:
+        if self.tls_port is not None:
+            return f"https://127.0.0.1:{self.tls_port}"
+        return self.http_url
+
+    @property
+    def http_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     @property
     def ws_url(self) -> str:
+        if self.tls_port is not None:
+            return f"wss://127.0.0.1:{self.tls_port}"
         return f"ws://127.0.0.1:{self.port}"
+
+    def http_client(self, **kwargs: Any) -> httpx.Client:
+        """An httpx client for `url` that trusts the test CA when there is one."""
+        if self.tls is not None:
+            kwargs.setdefault("verify", self.tls.client_context())
+        return httpx.Client(base_url=self.url, **kwargs)
 
     # -- config ----------------------------------------------------------------
 
@@ -124,6 +148,7 @@ class NginxProcess:
                 test_hooks=True,
                 generation=self.generation,
                 relay_socket=self.prefix / "relay.sock",
+                **self._tls_and_limits(),
             )
         )
         self.conf.write_text(
@@ -132,6 +157,15 @@ class NginxProcess:
             )
         )
         self.validate()
+
+    def _tls_and_limits(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self.tls is not None:
+            extra.update(tls_listen=f"127.0.0.1:{self.tls_port}",
+                         ssl_certificate=self.tls.cert, ssl_certificate_key=self.tls.key)
+        if self.limit_conn is not None:
+            extra["limit_conn"] = self.limit_conn
+        return extra
 
     def _base_args(self) -> list[str]:
         # -e: the error log from the very start, before the config is read
@@ -200,7 +234,8 @@ class NginxProcess:
         def live() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
                 raise NginxError(f"nginx exited {self.proc.returncode}:\n{self.errors()}")
-            response = httpx.get(self.url + "/__nginx", timeout=1)
+            with self.http_client(timeout=1) as client:
+                response = client.get("/__nginx")
             return response.status_code == 200 and response.text.strip() == expected
 
         wait_until(live, timeout=15, what=f"nginx on {self.port} serving {expected!r}")
