@@ -28,7 +28,7 @@ import websockets
 
 from dualcast.auth import mint_token
 from tests.conftest import SECRET, token
-from tests.harness.clients import Poller, SSEClient, WSClient
+from tests.harness.clients import Poller, SSEClient, Subscriber, Transport, WSClient, subscribe
 from tests.harness.procs import DualcastProcess, RedisProcess
 from tests.harness.waits import wait_for
 
@@ -175,31 +175,23 @@ def assert_json_error(response: httpx.Response, status: int, code: str) -> dict[
 # --- who sees what ---------------------------------------------------------------------
 
 
-async def test_matrix_live_over_ws_sse_and_poll(server: DualcastProcess) -> None:
+async def test_matrix_live_over_ws_sse_and_poll(
+    server: DualcastProcess, transport: Transport,
+) -> None:
     tag = uuid.uuid4().hex[:8]
-    start = await publish(server.url, "start", {"tag": tag})
-    clients: dict[str, tuple[WSClient, SSEClient, Poller]] = {}
+    clients: dict[str, Subscriber] = {}
     try:
         for name, (tok, rooms, _) in WHO.items():
-            ws = WSClient(server.ws_url, **query(tok, rooms))
-            await ws.connect()
-            sse = SSEClient(server.url, None, **query(tok, rooms))
-            await sse.connect()
-            poller = Poller(server.url, after=start, **query(tok, rooms))
-            poller.start()
-            clients[name] = (ws, sse, poller)
+            clients[name] = await subscribe(transport, server.url, **query(tok, rooms))
         await publish_set(server.url, tag)
-        for name, (ws, sse, poller) in clients.items():
-            expected = WHO[name][2]
-            for transport, seen in (("ws", ws.seen), ("sse", sse.seen), ("poll", poller.seen)):
-                await wait_for(lambda s=seen: has_marker(s.events, tag), 10,
-                               f"{name} over {transport} to see the marker")
-                assert labels(seen.events, tag) == expected, (name, transport)
-            assert not ws.seen.errors and not sse.seen.errors
+        for name, client in clients.items():
+            await wait_for(lambda c=client: has_marker(c.seen.events, tag), 10,
+                           f"{name} over {transport} to see the marker")
+            assert labels(client.seen.events, tag) == WHO[name][2], name
+            assert not client.seen.errors
     finally:
-        for trio in clients.values():
-            for client in trio:
-                await client.close()
+        for client in clients.values():
+            await client.close()
 
 
 async def test_matrix_replay_and_long_poll_history(server: DualcastProcess) -> None:
