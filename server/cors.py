@@ -25,6 +25,8 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
+from dualcast.protocol import ErrorCode
+
 #: The endpoints a page on another origin may read.
 CORS_PATHS = frozenset({"/api/sse", "/api/events", "/api/me", "/api/overview"})
 
@@ -41,7 +43,7 @@ class Verdict(enum.Enum):
     REFUSED = "refused"
 
 
-def refusal(status: int, code: str, message: str) -> JSONResponse:
+def refusal(status: int, code: ErrorCode, message: str) -> JSONResponse:
     return JSONResponse({"error": code, "message": message}, status_code=status,
                         headers={"Cache-Control": "no-store", "Vary": "Origin"})
 
@@ -77,7 +79,9 @@ class Cors:
                        app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
         origin = header(scope, b"origin") or b""
         if self.verdict(scope) is Verdict.REFUSED:
-            answer = refusal(403, "bad_origin", "this origin is not in DUALCAST_ALLOWED_ORIGINS")
+            answer = refusal(
+                403, ErrorCode.BAD_ORIGIN, "this origin is not in DUALCAST_ALLOWED_ORIGINS"
+            )
             await answer(scope, receive, send)
             return
         common = [(b"access-control-allow-origin", origin), (b"vary", b"Origin")]
@@ -123,6 +127,6 @@ def client_endpoint(folders: list[Path]) -> Callable[[Request], Awaitable[Respon
                 return FileResponse(path, media_type=media_type, headers={
                     "Access-Control-Allow-Origin": "*", "Cache-Control": "no-cache",
                 })
-        return refusal(404, "no_dashboard", f"{name} is not installed")
+        return refusal(404, ErrorCode.NO_DASHBOARD, f"{name} is not installed")
 
     return endpoint
