@@ -24,7 +24,7 @@ import httpx
 import jwt
 from starlette.requests import HTTPConnection
 
-from dualcast.authhook import AuthHook, HookRefused, HookUnavailable, Lease
+from dualcast.authhook import AuthHook, Follower, HookRefused, HookUnavailable, Lease
 from dualcast.jwks import KeySet
 from dualcast.keys import ALGORITHMS, Family, PrivateKey, PublicKey, key_fits, load_public_key
 from dualcast.query import query_of
@@ -127,6 +127,13 @@ def mint_token(
     if key is None or not key_fits(key, algorithm):
         raise ValueError(f"{algorithm} needs a private key of its own kind")
     return jwt.encode(claims, key, algorithm=algorithm, headers=headers)
+
+
+def mint_for(settings: Settings, secret: str, sub: str, **claims: Any) -> str:
+    """An HS256 token this server accepts: with the issuer and audience it checks (the
+    admin link `serve` prints, the CLI's own publish token)."""
+    audience = settings.jwt_audience[0] if settings.jwt_audience else None
+    return mint_token(secret, sub, issuer=settings.jwt_issuer, audience=audience, **claims)
 
 
 def _refusal_for(exc: jwt.InvalidTokenError, audience: Sequence[str]) -> AuthError:
@@ -381,6 +388,16 @@ class Authenticator:
             del self._verified[next(iter(self._verified))]  # the oldest entry
         self._verified[token] = identity
         return identity
+
+    # live subscriptions ----------------------------------------------------------------
+
+    def follow(self, identity: Identity, feed: Follower) -> None:
+        """Keep a live subscription's end in step with its identity: for an identity the
+        application vouched for, `feed.extend(exp)` is called each time the hook renews
+        it; when it is refused, the subscription ends at the old `exp`, as on a token's
+        expiry. A token's identity never changes by itself: nothing to do."""
+        if identity.lease is not None:
+            identity.lease.follow(feed)
 
     # requests ------------------------------------------------------------------------
 

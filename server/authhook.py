@@ -11,10 +11,11 @@ seconds, and concurrent requests with one credential make one call: a page
 reload that opens several streams, or a thousand long-pollers behind one
 session, cost the application one request.
 
-Live connections hold a `Lease` on their credential's answer. Shortly before
-the lease ends the renewal loop asks again; the same identity extends it, a
-refusal or a changed identity lets it run out, and the connection then ends
-exactly as one whose token expired (the client reconnects and is asked anew).
+Live subscriptions follow a `Lease` on their credential's answer. Shortly
+before the lease ends the renewal loop asks again; the same identity extends
+it (and every subscription that follows it), a refusal or a changed identity
+lets it run out, and the connection then ends exactly as one whose token
+expired (the client reconnects and is asked anew).
 An answer without `exp` is good for `max_age` seconds and renewed like any
 other, so a session ended in the application ends its live streams within a
 minute.
@@ -28,7 +29,7 @@ import logging
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -37,7 +38,9 @@ log = logging.getLogger("dualcast.auth")
 #: At most this many credentials are cached; beyond it the oldest entries go first.
 CACHE_MAX = 10_000
 #: Seconds between looks for leases about to end.
-TICK = 0.25
+TICK = 0.5
+#: A lease nothing follows is forgotten after this long (the cache still has its answer).
+IDLE = 10.0
 
 
 class HookRefused(Exception):
@@ -72,10 +75,20 @@ class Answer:
         return min(30.0, max(self.exp - self.asked_at, 0.0) / 2)
 
 
-class Lease:
-    """One credential's identity as live connections see it: `exp` moves when renewed."""
+class Follower(Protocol):
+    """What a live subscription offers its lease: a new end time (a Feed does)."""
 
-    __slots__ = ("__weakref__", "answer", "ended", "exp", "headers", "key", "retry_at")
+    def extend(self, expires: float | None) -> None: ...
+
+
+class Lease:
+    """One credential's identity as live connections see it: `exp` moves when renewed,
+    and the subscriptions that follow the lease are told."""
+
+    __slots__ = (
+        "__weakref__", "answer", "ended", "exp", "followers", "headers", "key", "made_at",
+        "retry_at",
+    )
 
     def __init__(self, key: bytes, headers: dict[str, str], answer: Answer) -> None:
         self.key = key
@@ -84,11 +97,31 @@ class Lease:
         self.exp = answer.exp
         self.ended = False
         self.retry_at = 0.0
+        self.made_at = time.time()
+        self.followers: weakref.WeakSet[Follower] = weakref.WeakSet()
+
+    def follow(self, follower: Follower) -> None:
+        self.followers.add(follower)
 
     def due(self, now: float) -> bool:
         return not self.ended and now >= self.retry_at and (
             self.exp - now <= self.answer.renew_ahead()
         )
+
+    def renewed(self, answer: Answer) -> None:
+        """The application vouched again: the same identity with a later end extends the
+        lease (and its subscriptions); a changed identity, or no later end, lets it run out
+        (the client reconnects and gets its new rights)."""
+        if not answer.same_identity(self.answer) or answer.exp <= self.exp:
+            self.ended = True
+            return
+        self.answer, self.exp = answer, answer.exp
+        for follower in list(self.followers):
+            follower.extend(self.exp)
+
+    def forgotten(self, now: float) -> bool:
+        """Nothing follows it any more (a poll's lease, a closed stream's)."""
+        return not self.followers and (now - self.made_at > IDLE or now >= self.exp)
 
 
 @dataclass
@@ -142,7 +175,7 @@ class AuthHook:
         self.stats = HookStats()
         self._cache: dict[bytes, Answer] = {}
         self._inflight: dict[bytes, asyncio.Future[Answer]] = {}
-        self._leases: weakref.WeakValueDictionary[bytes, Lease] = weakref.WeakValueDictionary()
+        self._leases: dict[bytes, Lease] = {}
 
     def _fresh(self, answer: Answer, now: float) -> bool:
         return now - answer.asked_at < self.max_age and answer.exp - now > answer.renew_ahead()
@@ -157,12 +190,11 @@ class AuthHook:
         else:
             answer = await self._ask(key, headers)
         lease = self._leases.get(key)
-        if lease is None or lease.ended or lease.answer is not answer:
-            if lease is not None and not lease.ended and lease.answer.same_identity(answer):
-                lease.answer, lease.exp = answer, max(lease.exp, answer.exp)
-            else:
-                lease = Lease(key, headers, answer)
-                self._leases[key] = lease
+        if lease is not None and not lease.ended and lease.answer.same_identity(answer):
+            if answer.exp > lease.exp:
+                lease.renewed(answer)
+            return lease
+        lease = self._leases[key] = Lease(key, headers, answer)
         return lease
 
     async def _ask(self, key: bytes, headers: dict[str, str]) -> Answer:
@@ -171,6 +203,8 @@ class AuthHook:
             call = self._inflight[key] = asyncio.ensure_future(self._call(key, headers))
             # (its error reaches whoever awaits; none left is not "never retrieved")
             call.add_done_callback(lambda f: f.cancelled() or f.exception())
+        else:
+            self.stats.cache_hits += 1  # answered by a call already on its way
         # shield: one caller giving up must not cancel the call the others await
         return await asyncio.shield(call)
 
@@ -218,11 +252,16 @@ class AuthHook:
     # renewal of live connections ----------------------------------------------
 
     async def run(self) -> None:
-        """Ask again for leases about to end (one call per credential)."""
+        """Ask again for leases about to end (one call per credential); forget the rest."""
         while True:
             await asyncio.sleep(TICK)
             now = time.time()
-            due = [lease for lease in list(self._leases.values()) if lease.due(now)]
+            due: list[Lease] = []
+            for key, lease in list(self._leases.items()):
+                if lease.forgotten(now) or (lease.ended and not lease.followers):
+                    del self._leases[key]
+                elif lease.followers and lease.due(now):
+                    due.append(lease)
             if due:
                 await asyncio.gather(*(self._renew(lease) for lease in due))
 
@@ -236,15 +275,9 @@ class AuthHook:
             else:
                 answer = await self._ask(lease.key, lease.headers)
         except HookRefused:
-            lease.ended = True  # the connections end when the lease runs out
+            lease.ended = True  # its subscriptions end when it runs out
             return
         except HookUnavailable:
-            if time.time() >= lease.exp:
-                lease.ended = True
-            lease.retry_at = time.time() + 1.0
+            lease.retry_at = time.time() + 1.0  # until it runs out: fail closed
             return
-        if answer.same_identity(lease.answer):
-            lease.answer, lease.exp = answer, max(lease.exp, answer.exp)
-        else:
-            # New rights: let this lease run out; the client reconnects and gets them.
-            lease.ended = True
+        lease.renewed(answer)

@@ -68,6 +68,7 @@ class RuntimeCollector(Collector):
             "Seconds since the consumer last completed a read", rt.consumer.seconds_since_read,
         )
         yield from _task_metrics(rt)
+        yield from _auth_metrics(rt)
         yield GaugeMetricFamily(
             "dualcast_consumer_connected", "1 when the log is reachable",
             1 if rt.consumer.connected else 0,
@@ -93,6 +94,43 @@ def _task_metrics(rt: Runtime) -> Iterator[Metric]:
         restarts.add_metric([name], record.restarts)
     yield running
     yield restarts
+
+
+def _auth_metrics(rt: Runtime) -> Iterator[Metric]:
+    """The auth hook's and the issuer key set's calls, shown only when they are configured."""
+    hook, jwks = rt.auth.hook, rt.auth.jwks
+    if hook is not None:
+        h = hook.stats
+        yield CounterMetricFamily(
+            "dualcast_auth_hook_calls", "Requests made to the application's auth hook", h.calls
+        )
+        yield CounterMetricFamily(
+            "dualcast_auth_hook_failures",
+            "Hook calls with no usable answer (timeout, 5xx, bad JSON): callers got 503",
+            h.failures,
+        )
+        yield CounterMetricFamily(
+            "dualcast_auth_hook_refusals", "Hook answers that refused (401/403)", h.refusals
+        )
+        yield CounterMetricFamily(
+            "dualcast_auth_hook_cache_hits",
+            "Identities answered without a call of their own (cached, or a call in flight)",
+            h.cache_hits,
+        )
+    if jwks is not None:
+        j = jwks.stats
+        yield CounterMetricFamily(
+            "dualcast_jwks_fetches", "Fetches of the issuer's JWKS", j.fetches
+        )
+        yield CounterMetricFamily(
+            "dualcast_jwks_fetch_failures", "JWKS fetches that failed (last good set kept)",
+            j.failures,
+        )
+        yield CounterMetricFamily(
+            "dualcast_jwks_cache_hits", "Token keys found in the held JWKS without a fetch",
+            j.cache_hits,
+        )
+        yield GaugeMetricFamily("dualcast_jwks_keys", "Keys in the held JWKS", len(jwks.keys))
 
 
 class Metrics:
