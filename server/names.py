@@ -11,6 +11,7 @@ where a line break would split the frame.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 
@@ -27,16 +28,22 @@ def _shown(value: object) -> str:
     return text if len(text) <= 72 else text[:69] + "..."
 
 
+@functools.lru_cache(maxsize=32)
+def _compiled(pattern: str) -> re.Pattern[str]:
+    """A publisher checks names on every call: skip `re`'s own, slower, cache lookup."""
+    return re.compile(pattern)
+
+
 def check_event(name: object, pattern: str = EVENT_NAME_PATTERN) -> str:
     """The event name itself, or ValueError naming what is wrong in one line."""
-    if not isinstance(name, str) or re.fullmatch(pattern, name) is None:
+    if not isinstance(name, str) or _compiled(pattern).fullmatch(name) is None:
         raise ValueError(f"event name {_shown(name)} does not match {pattern}")
     return name
 
 
 def check_room(name: object, pattern: str = ROOM_NAME_PATTERN) -> str:
     """The room name itself, or ValueError naming what is wrong in one line."""
-    if not isinstance(name, str) or re.fullmatch(pattern, name) is None:
+    if not isinstance(name, str) or _compiled(pattern).fullmatch(name) is None:
         raise ValueError(f"room name {_shown(name)} does not match {pattern}")
     return name
 

@@ -10,14 +10,7 @@ from typing import Any, Unpack
 import redis
 import redis.asyncio as aioredis
 
-from dualcast.publisher.core import (
-    FAILURES,
-    HELD,
-    BatchItem,
-    PublisherCore,
-    Throttle,
-    ids,
-)
+from dualcast.publisher.core import FAILURES, HELD, BatchItem, PublisherCore, Throttle, ids
 from dualcast.publisher.encoding import Entry
 from dualcast.publisher.results import PublishResult
 
@@ -71,7 +64,8 @@ class Publisher(PublisherCore):
         deliver (:class:`~dualcast.publisher.encoding.UnpublishableValue`), or a bad
         throttle argument.
         """
-        return (await self.publish_result(event, data, rooms, **throttle)).id
+        entry = self._admit(event, data, rooms, throttle)  # not via publish_result: one
+        return None if entry is None else (await self._append([entry]))[0].id  # coroutine less
 
     async def publish_result(self, event: str, data: Any = None,
                              rooms: Iterable[str] | None = None,

@@ -8,14 +8,7 @@ from typing import Any, Unpack
 
 import redis
 
-from dualcast.publisher.core import (
-    FAILURES,
-    HELD,
-    BatchItem,
-    PublisherCore,
-    Throttle,
-    ids,
-)
+from dualcast.publisher.core import FAILURES, HELD, BatchItem, PublisherCore, Throttle, ids
 from dualcast.publisher.encoding import Entry
 from dualcast.publisher.results import PublishResult
 

@@ -15,6 +15,7 @@ import re
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypedDict, TypeVar
 
 import redis
@@ -60,6 +61,31 @@ class Pipeline(Protocol):
     def wait(self, num_replicas: int, timeout: int) -> Any: ...
 
 
+@dataclass(frozen=True, slots=True)
+class WaitFor:
+    """`WAIT <replicas> <timeout_ms>` after every write; ``replicas=0``: no WAIT."""
+
+    replicas: int = 0
+    timeout_ms: int = 100
+
+    def __post_init__(self) -> None:
+        if self.replicas < 0:
+            raise ValueError("wait_replicas must be >= 0")
+        if self.replicas and self.timeout_ms < 1:
+            # WAIT n 0 blocks until n replicas answer, forever if they never do
+            raise ValueError("wait_timeout_ms must be >= 1: a publish never waits without bound")
+
+    @property
+    def seconds(self) -> float:
+        """How much longer a call may take for its WAIT."""
+        return self.timeout_ms / 1000 if self.replicas else 0.0
+
+
+#: What a throttled call answers at once, and what a lost event ends in (results are frozen).
+HELD = PublishResult(None, Outcome.HELD)
+DROPPED = PublishResult(None, Outcome.DROPPED)
+
+
 def _redact(url: str) -> str:
     return re.sub(r"//[^@/]*@", "//***@", url)
 
@@ -97,19 +123,13 @@ class PublisherCore:
             raise ValueError("maxlen must be >= 1 (or None for no trim)")
         if max_connections < 1:
             raise ValueError("max_connections must be >= 1")
-        if wait_replicas < 0:
-            raise ValueError("wait_replicas must be >= 0")
-        if wait_replicas and wait_timeout_ms < 1:
-            # WAIT n 0 blocks until n replicas answer, forever if they never do
-            raise ValueError("wait_timeout_ms must be >= 1: a publish never waits without bound")
         self.redis_url = redis_url
         self.stream = stream
         self.maxlen = maxlen
         self.timeout = timeout
+        self.wait = WaitFor(wait_replicas, wait_timeout_ms)
         self.fallback = fallback
         self.max_connections = max_connections
-        self.wait_replicas = wait_replicas
-        self.wait_timeout_ms = wait_timeout_ms
         self.stats = PublisherStats()
         self._breaker = Breaker(cooldown, cooldown_max, log_every)
         self._conflator: Conflator[Entry] = Conflator()
@@ -137,7 +157,7 @@ class PublisherCore:
     @property
     def _call_timeout(self) -> float:
         """The bound of one Redis call: the timeout, plus WAIT's own when replicas are awaited."""
-        return self.timeout + (self.wait_timeout_ms / 1000 if self.wait_replicas else 0.0)
+        return self.timeout + self.wait.seconds
 
     @property
     def _outcome(self) -> str:
@@ -161,6 +181,8 @@ class PublisherCore:
                throttle: Throttle) -> Entry | None:
         """The validated entry to send now, or None when the throttle holds it for later."""
         entry = prepare(event, data, rooms)
+        if not throttle:
+            return entry
         unknown = set(throttle) - {"throttle_key", "every"}
         if unknown:
             raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
@@ -203,9 +225,11 @@ class PublisherCore:
         if self._closed:  # a bug in the caller, but still not one to raise into its path
             self._log_error("publish after close", RuntimeError("publisher is closed"))
             self.stats.dropped += len(entries)
-            return [PublishResult(None, Outcome.DROPPED)] * len(entries)
+            return [DROPPED] * len(entries)
         if self.redis_url is None:
             return self._fail(entries, "local")
+        if not self._breaker.open:  # read without the lock: a stale answer costs one call
+            return None
         with self._lock:
             shut = self._breaker.open and not (may_probe and self._breaker.probe_due())
         return self._fail(entries, "short_circuited") if shut else None
@@ -223,14 +247,14 @@ class PublisherCore:
         queue: Pipeline = pipe  # type: ignore[assignment]
         for entry in entries:
             queue.xadd(*self._xadd(entry))
-        if self.wait_replicas:
-            queue.wait(self.wait_replicas, self.wait_timeout_ms)
+        if self.wait.replicas:
+            queue.wait(self.wait.replicas, self.wait.timeout_ms)
         return pipe
 
     @property
     def _single(self) -> bool:
         """Whether one entry may go as a plain XADD (no pipeline overhead, nothing to WAIT for)."""
-        return not self.wait_replicas
+        return not self.wait.replicas
 
     # -- after sending
 
@@ -239,7 +263,7 @@ class PublisherCore:
         with self._lock:
             self._breaker.success(self.stats)
         acked: int | None = None
-        if self.wait_replicas:
+        if self.wait.replicas:
             *replies, wait_reply = replies
             if isinstance(wait_reply, BaseException):
                 self._log_error("Redis refused WAIT", wait_reply)
@@ -252,13 +276,13 @@ class PublisherCore:
                 out.extend(self._fail([entry], "failed"))
                 continue
             self.stats.published += 1
-            out.append(PublishResult(str(reply), Outcome.PUBLISHED, acked, self.wait_replicas))
-        if self.wait_replicas and (acked or 0) < self.wait_replicas:
+            out.append(PublishResult(str(reply), Outcome.PUBLISHED, acked, self.wait.replicas))
+        if (acked or 0) < self.wait.replicas:
             published = sum(r.outcome is Outcome.PUBLISHED for r in out)
             self.stats.under_replicated += published
             if published:
-                self._log_error(f"{acked or 0} of {self.wait_replicas} replicas acknowledged "
-                                f"within {self.wait_timeout_ms} ms")
+                self._log_error(f"{acked or 0} of {self.wait.replicas} replicas acknowledged "
+                                f"within {self.wait.timeout_ms} ms")
         return out
 
     def _failed(self, entries: Sequence[Entry], exc: BaseException, *, outage: bool,
@@ -288,7 +312,7 @@ class PublisherCore:
             setattr(self.stats, reason, getattr(self.stats, reason) + len(entries))
         if self.fallback is None:
             self.stats.dropped += len(entries)
-            return [PublishResult(None, Outcome.DROPPED)] * len(entries)
+            return [DROPPED] * len(entries)
         out: list[PublishResult] = []
         for entry in entries:
             try:
@@ -296,7 +320,7 @@ class PublisherCore:
                                                        list(entry.rooms))
             except Exception as exc:  # the fallback must not break the caller either
                 self.stats.dropped += 1
-                out.append(PublishResult(None, Outcome.DROPPED))
+                out.append(DROPPED)
                 self._log_error("local fallback failed", exc)
             else:
                 self.stats.fallback += 1
@@ -329,8 +353,6 @@ class PublisherCore:
             return self._conflator.drain()
 
 
-#: What a throttled call answers at once.
-HELD = PublishResult(None, Outcome.HELD)
 
 
 def ids(results: Iterable[PublishResult]) -> list[str | None]:

@@ -207,8 +207,11 @@ class _Walk:
 
 
 def _maybe_refused(text: bytes) -> bool:
-    """Whether the fast path's output may hide a refusal: a NaN written as null, or depth."""
-    return b"null" in text or text.count(b"[") + text.count(b"{") > MAX_DEPTH
+    """Whether the fast path's output may hide a refusal: a NaN written as null, or depth
+    (which takes two bytes a level, so short output is never too deep)."""
+    if b"null" in text:
+        return True
+    return len(text) > 2 * MAX_DEPTH and text.count(b"[") + text.count(b"{") > MAX_DEPTH
 
 
 def encode_envelope(event: str, data: Any, rooms: Sequence[str]) -> str:

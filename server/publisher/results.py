@@ -41,24 +41,28 @@ class PublishResult:
 class PublisherStats:
     """Counters of one publisher; every event offered ends in exactly one outcome counter.
 
-    Outcomes: ``published`` (appended to Redis), ``fallback`` (handed to the local
-    fallback), ``dropped`` (lost: returned None), ``conflated`` (a throttled value
-    replaced by a newer one before it was due). ``failed`` counts events whose
-    Redis call errored or timed out; ``short_circuited`` those refused at once
-    while the breaker was open; ``overloaded`` those that waited the whole timeout
-    for a free connection behind this process's own publishes (all three then
-    end as fallback or dropped). ``under_replicated`` counts published events
-    that fewer replicas than ``wait_replicas`` acknowledged in time.
+    The outcomes are ``published``, ``fallback``, ``dropped`` and ``conflated``;
+    ``failed``, ``short_circuited`` and ``overloaded`` say why an event missed
+    Redis (it then ends as fallback or dropped).
     """
 
+    #: appended to Redis
     published: int = 0
+    #: handed to the local fallback
     fallback: int = 0
+    #: lost: the call returned None
     dropped: int = 0
+    #: a throttled value replaced by a newer one before it was due
     conflated: int = 0
+    #: the Redis call errored or timed out, or Redis refused the XADD
     failed: int = 0
+    #: refused at once while the breaker was open
     short_circuited: int = 0
+    #: waited the whole timeout for a connection behind this process's own publishes
     overloaded: int = 0
+    #: times the breaker opened
     outages: int = 0
+    #: published, but fewer replicas than ``wait_replicas`` acknowledged it in time
     under_replicated: int = 0
 
     def as_dict(self) -> dict[str, int]:
