@@ -34,6 +34,7 @@ from dualcast.client import (
     bases,
     subscribe,
 )
+from dualcast.client.connections import sse_event
 from dualcast.client.model import id_key, is_after
 from dualcast.client.sse import Message, SSEParser
 from dualcast.client.tokens import expiry, refresh_in
@@ -129,6 +130,18 @@ def test_sse_parser_follows_the_event_stream_rules() -> None:
     ]
 
 
+def testsse_events_are_read_named_or_as_whole_unnamed_messages() -> None:
+    named = sse_event(Message("5-1", "deploy", '{"v": 2}'))
+    assert named == Event("5-1", "deploy", {"v": 2}, None)  # a server without events=message
+    whole = sse_event(Message("5-1", "message",
+                               '{"id":"5-1","event":"deploy","data":{"v":2},"ts":17}'))
+    assert whole == Event("5-1", "deploy", {"v": 2}, 17)
+    # An event really named "message" whose data is not the whole event stays as it is.
+    own = sse_event(Message("5-2", "message", '{"id":"other","event":"x"}'))
+    assert own == Event("5-2", "message", {"id": "other", "event": "x"}, None)
+    assert sse_event(Message("5-3", "raw", "not json")).data == "not json"
+
+
 def test_ids_compare_as_stream_ids_not_strings() -> None:
     assert id_key("1732550000000-12") == (1732550000000, 12)
     assert id_key("7") == (7, 0)
@@ -205,8 +218,7 @@ async def test_each_transport_delivers_every_event_once_in_order(
         last = watch.items[-1]
         assert isinstance(last, Event)
         assert (last.event, last.data) == ("after", {"n": 4, "text": "é"})
-        if transport is not Transport.SSE:  # SSE frames need not carry ts
-            assert isinstance(last.ts, int) and last.ts > 1_700_000_000_000
+        assert isinstance(last.ts, int) and last.ts > 1_700_000_000_000  # SSE too
         assert watch.failure is None and not watch.errors
 
 

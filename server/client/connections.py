@@ -23,7 +23,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from dualcast.client.model import AUTH_CODES, Event, Reset, Transport
-from dualcast.client.sse import SSEParser
+from dualcast.client.sse import Message, SSEParser
 
 log = logging.getLogger("dualcast.client")
 
@@ -262,7 +262,10 @@ class Connection:
         # The server pings an idle stream (every 15 s by default): a stream silent for
         # much longer than that is dead even if the socket does not say so.
         timeout = httpx.Timeout(10.0, read=target.idle_timeout)
-        url = target.http_base + "/api/sse" + target.query()
+        # `events=message`: each event's data is `{id, event, data, ts}`, so SSE carries
+        # `ts` like the other transports; a server without that mode ignores it and
+        # sends named events, which are read as well (their `ts` is then None).
+        url = target.http_base + "/api/sse" + target.query(events="message")
         async with target.http.stream("GET", url, headers=target.headers(headers),
                                       timeout=timeout) as response:
             if response.status_code != 200:
@@ -287,11 +290,7 @@ class Connection:
                     await self._emit(ErrorFrame(str(body.get("code") or "error"),
                                                 str(body.get("message") or "")))
                 elif message.id:
-                    try:
-                        data = json.loads(message.data)
-                    except ValueError:
-                        data = message.data
-                    await self._emit(Batch([Event(message.id, message.event, data, None)]))
+                    await self._emit(Batch([sse_event(message)]))
 
     # -- long-polling ----------------------------------------------------------
 
@@ -324,6 +323,19 @@ class Connection:
                           if isinstance(item, dict) and (e := _event(item)) is not None]
                 await self._emit(Batch(events, last_id))
             cursor = last_id or cursor
+
+
+def sse_event(message: Message) -> Event:
+    """An SSE message with an id as an event: named (`event: deploy`), or unnamed with
+    the whole event as its data (the `events=message` mode)."""
+    try:
+        data = json.loads(message.data)
+    except ValueError:
+        return Event(message.id or "", message.event, message.data, None)
+    if (message.event == "message" and isinstance(data, dict) and data.get("id") == message.id
+            and (event := _event(data)) is not None):
+        return event  # an unnamed message carrying the whole event
+    return Event(message.id or "", message.event, data, None)
 
 
 def _str(value: object) -> str | None:
