@@ -13,74 +13,32 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.conftest import token
-from tests.reliability.conftest import FAST, log_problems, metric, readyz
-from tests.reliability.lean import Follower, Producer, check_exact, start_followers, stream_ids
-from tests.support.clients import wait_for
-from tests.support.procs import DualcastProcess, RedisProcess
-from tests.support.tcpproxy import TCPProxy
+from tests.harness.follow import Follower, start_followers
+from tests.harness.probes import log_problems, metric, readyz
+from tests.harness.procs import DualcastProcess, RedisProcess
+from tests.harness.stream import Producer, check_exact, stream_ids
+from tests.harness.tcpproxy import TCPProxy
+from tests.harness.waits import wait_for
+from tests.reliability.conftest import FAST
 
 
-class LeanPoller:
-    """A long-poller as a user's page runs it: follows `last_id`, backs off on 503."""
-
-    def __init__(self, base: str, after: str) -> None:
-        self.base = base
-        self.after = after
-        self.ids: list[str] = []
-        self.resets = 0
-        self.statuses: dict[int, int] = {}
-        self._client = httpx.AsyncClient(timeout=10)
-        self._task: asyncio.Task[None] | None = None
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                r = await self._client.get(self.base + "/api/events",
-                                           params={"after": self.after, "timeout": "2"})
-            except httpx.HTTPError:
-                self.statuses[0] = self.statuses.get(0, 0) + 1
-                await asyncio.sleep(0.2)
-                continue
-            self.statuses[r.status_code] = self.statuses.get(r.status_code, 0) + 1
-            if r.status_code != 200:
-                await asyncio.sleep(0.2)  # the page's backoff while the log is away
-                continue
-            body = r.json()
-            self.ids.extend(e["id"] for e in body["events"])
-            if body["reset"]:
-                self.resets += 1
-            self.after = body["last_id"]
-
-    def start(self) -> LeanPoller:
-        self._task = asyncio.create_task(self._loop())
-        return self
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-        await self._client.aclose()
-
-
-async def _clients(dc: DualcastProcess, n: int = 3) -> tuple[list[Follower], list[LeanPoller]]:
+async def _clients(dc: DualcastProcess, n: int = 3) -> tuple[list[Follower], list[Follower]]:
     tok = token("rel", rooms=["ops"])
     followers = [Follower(kind, "127.0.0.1", dc.port, token=tok)
                  for kind in ("ws", "sse") for _ in range(n)]
     await start_followers(followers)
     head = followers[0].record.last_id
     assert head is not None
-    pollers = [LeanPoller(dc.url, head).start() for _ in range(2)]
+    # Long-pollers as a user's page runs them: follow `last_id`, back off on 503.
+    pollers = [Follower("poll", "127.0.0.1", dc.port, token=tok, last_id=head, poll_wait=2).start()
+               for _ in range(2)]
     return followers, pollers
 
 
-async def _all_received(followers: list[Follower], pollers: list[LeanPoller],
+async def _all_received(followers: list[Follower], pollers: list[Follower],
                         expected: list[str], within: float = 20) -> None:
     n = len(expected)
     await wait_for(lambda: all(len(f.ids) >= n for f in followers)
@@ -94,8 +52,8 @@ async def _all_received(followers: list[Follower], pollers: list[LeanPoller],
         assert problem is None, f"poller: {problem}"
 
 
-async def _stop(followers: list[Follower], pollers: list[LeanPoller]) -> None:
-    await asyncio.gather(*(f.stop() for f in followers), *(p.close() for p in pollers))
+async def _stop(followers: list[Follower], pollers: list[Follower]) -> None:
+    await asyncio.gather(*(f.stop() for f in [*followers, *pollers]))
 
 
 async def test_redis_killed_and_restarted_with_aof_loses_nothing(
@@ -243,7 +201,8 @@ async def test_redis_restarted_empty_tells_clients_to_reset(
     redis.start(wipe=True)  # ids go backwards: the new stream is empty
     await wait_for(lambda: all(f.record.resets for f in followers), 15,
                    what="every streaming client to be told reset")
-    await wait_for(lambda: all(p.resets for p in pollers), 15, what="every poller to reset")
+    await wait_for(lambda: all(p.record.resets for p in pollers), 15,
+                   what="every poller to reset")
     await wait_for_async(lambda: readyz(dc), 200, 10, "readyz 200 after the data loss")
 
     # Recovery: the new stream's events reach everyone, once, in order.
