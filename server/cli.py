@@ -65,7 +65,8 @@ def _serve(args: argparse.Namespace) -> int:
         path, made = kept
         token = mint_token(secret, "admin", admin=True, publish=True, ttl=7 * 86400)
         print(f"dualcast: no DUALCAST_SECRET set: signing tokens with the secret "
-              f"{'made now and ' if made else ''}kept in {path}", file=sys.stderr)
+              f"{'made now and ' if made else ''}kept in {path} (other machines do not "
+              "know it: give several instances one shared DUALCAST_SECRET)", file=sys.stderr)
         print(f"dualcast: open the dashboard as admin: {url}/?token={token}",
               file=sys.stderr, flush=True)
 
