@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from dualcast.events import EVENT_NAME_PATTERN, ROOM_NAME_PATTERN
+from dualcast.names import EVENT_NAME_PATTERN, ROOM_NAME_PATTERN
 from dualcast.secret_file import MIN_SECRET_BYTES
 
 Transport = Literal["websocket", "sse", "polling"]
