@@ -34,7 +34,7 @@ class TaskState(StrEnum):
 
 @dataclass
 class TaskRecord:
-    name: TaskName
+    name: str  # a TaskName, or a name an embedding application chose for its own task
     state: TaskState = TaskState.RUNNING
     restarts: int = 0
     task: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -49,13 +49,13 @@ class Tasks:
     def __init__(self, backoff_first: float = 0.5, backoff_max: float = 30.0) -> None:
         self.backoff_first = backoff_first
         self.backoff_max = backoff_max
-        self.records: dict[TaskName, TaskRecord] = {}
+        self.records: dict[str, TaskRecord] = {}
 
-    def start(self, name: TaskName, run: Callable[[], Awaitable[None]]) -> TaskRecord:
+    def start(self, name: TaskName | str, run: Callable[[], Awaitable[None]]) -> TaskRecord:
         """Run `run()` as task `name` until it returns or `stop_all`; restart it if it raises."""
         if name in self.records and self.records[name].state != TaskState.FINISHED:
             raise RuntimeError(f"task {name} is already running")
-        record = TaskRecord(name)
+        record = TaskRecord(str(name))
         record.task = asyncio.create_task(self._supervise(record, run), name=f"dualcast-{name}")
         self.records[name] = record
         return record

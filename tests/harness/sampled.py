@@ -68,7 +68,7 @@ def serve_sampled(sample_path: str, argv: list[str]) -> int:
 
         async def start() -> None:
             await previous()
-            runtime.start_task(_sample(sample_path), "soak-task-sampler")
+            runtime.tasks.start("soak-task-sampler", lambda: _sample(sample_path))
 
         runtime.start = start
         return app
