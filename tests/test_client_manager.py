@@ -9,6 +9,9 @@ tests read is what a user iterating the subscription gets.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -210,15 +213,13 @@ async def test_a_refused_request_ends_the_iteration_with_refused() -> None:
         assert len(run.made) == 1                             # no other transport was tried
 
 
+def jwt(seconds: float) -> str:
+    """An (unsigned) JWT whose `exp` is `seconds` from now: all the client reads."""
+    claims = json.dumps({"exp": time.time() + seconds}).encode()
+    return "h." + base64.urlsafe_b64encode(claims).decode().rstrip("=") + ".s"
+
+
 async def test_a_websocket_gets_a_refreshed_token_in_an_auth_frame() -> None:
-    import base64
-    import json
-    import time
-
-    def jwt(seconds: float) -> str:
-        claims = json.dumps({"exp": time.time() + seconds}).encode()
-        return "h." + base64.urlsafe_b64encode(claims).decode().rstrip("=") + ".s"
-
     issued = [jwt(0.2), jwt(3600)]  # the first one is to be replaced at once
     async with manager((WS,), token=lambda: issued.pop(0)) as run:
         conn = await run.conn(0)
@@ -244,3 +245,20 @@ async def test_iterating_after_the_block_ends_stops_instead_of_hanging() -> None
     assert run.sub is not None
     with pytest.raises(StopAsyncIteration):
         await asyncio.wait_for(run.sub.__anext__(), 5)
+
+
+@pytest.mark.parametrize("transport", [SSE, POLL])
+async def test_sse_and_polling_reconnect_quietly_with_a_refreshed_token(
+    transport: Transport
+) -> None:
+    issued = [jwt(0.3), jwt(3600)]
+    async with manager((transport,), token=lambda: issued.pop(0)) as run:
+        first = await run.conn(0)
+        await first.say(Welcome([], "100-0"), Batch([ev(1)]))
+        assert await run.items(1) == [ev(1)]
+        second = await run.conn(1)                            # at a fifth of 0.3 s before exp
+        assert first.closed and second.cursor == "100-1" and second.token != first.token
+        await second.say(Welcome([], "100-1"), Batch([ev(1), ev(2)]))
+        assert await run.items(1) == [ev(2)]
+        assert run.statuses == [Status(transport, State.CONNECTING),
+                                Status(transport, State.LIVE)]  # no blip for the refresh

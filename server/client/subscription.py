@@ -257,10 +257,11 @@ class Subscription:
         if self._closing:
             await asyncio.wait(set(self._closing), timeout=5)
 
-    def _open(self) -> None:
+    def _open(self, quiet: bool = False) -> None:
         self._clear(Timer.RETRY)
-        self._live_since = None
-        self._set_state(State.CONNECTING)
+        if not quiet:
+            self._live_since = None
+            self._set_state(State.CONNECTING)
         self._conn = self._connect(self.transport)
         if self.transport is not Transport.POLLING:
             # Up means `welcome`, not an open socket: a blocked upgrade or a held
@@ -466,8 +467,10 @@ class Subscription:
 
     async def _refresh_token(self) -> None:
         """Before the token expires: a fresh one goes to the WebSocket in an `auth`
-        frame; an SSE stream (its token is fixed at connect) reconnects from the
-        cursor; polls simply send the new one with their next request."""
+        frame. SSE and polling reconnect from the cursor with it: an SSE stream keeps
+        the token it connected with, and a poll waiting at the server would be
+        answered 401 when its token runs out. Such a planned reconnect is not
+        reported as `connecting`."""
         old = self._tokens.current
         try:
             await self._tokens.refresh()
@@ -482,9 +485,8 @@ class Subscription:
         if conn.transport is Transport.WEBSOCKET:
             if await conn.send({"type": "auth", "token": self._tokens.current}):
                 return
-        if conn.transport is not Transport.POLLING:
-            self._drop(conn)
-            self._conn = None
-            self._clear(Timer.WELCOME)
-            self._open()
+        self._drop(conn)
+        self._conn = None
+        self._clear(Timer.WELCOME)
+        self._open(quiet=conn.welcomed)
 
