@@ -16,15 +16,8 @@ from pathlib import Path
 
 import psutil
 
-from tests.harness.procs import (
-    ROOT,
-    Child,
-    DualcastProcess,
-    RedisProcess,
-    clean_env,
-    free_port,
-    http_ok,
-)
+from tests.harness import http_ok
+from tests.harness.procs import ROOT, Child, DualcastProcess, RedisProcess, clean_env, free_port
 from tests.harness.waits import wait_until
 
 SECRET = "bench-secret-0123456789abcdef-0123456789"  # HS256 key of the bench tokens (>= 32 B)

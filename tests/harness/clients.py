@@ -14,6 +14,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from tests.harness.lean import PollConn, SSEConn, WSConn
+from tests.harness.waits import cancel
 from tests.harness.wire import with_query
 
 Transport = Literal["ws", "sse", "poll"]
@@ -293,12 +294,7 @@ class Poller:
         self._task = asyncio.create_task(self._loop())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel(self._task)
         if self.conn is not None:
             self.conn.close()
 

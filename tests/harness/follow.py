@@ -20,6 +20,9 @@ from urllib.parse import quote
 import orjson
 
 from tests.harness.lean import Conn, PollConn, SSEConn, WSConn
+from tests.harness.waits import cancel
+
+__all__ = ["Close", "Follower", "Kind", "Record", "Stuck", "start_followers"]
 
 Kind = Literal["ws", "sse", "poll"]
 
@@ -234,12 +237,7 @@ class Follower:
         self._stopping = True
         if self.conn is not None:
             self.conn.end("stopped")
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel(self._task)
 
 
 async def start_followers(followers: list[Follower], within: float = 30.0,

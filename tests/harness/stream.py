@@ -16,6 +16,9 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+__all__ = ["STREAM", "Commands", "Producer", "check_exact", "id_key", "stream_entries",
+           "stream_ids", "visible", "xadd"]
+
 STREAM = "websocket-broadcast"
 
 

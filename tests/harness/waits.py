@@ -7,9 +7,10 @@ condition until it holds and fail with what was awaited when it never does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -52,3 +53,16 @@ async def wait_for(condition: Callable[[], object], timeout: float = 10.0, what:
         if loop.time() > deadline:
             raise WaitTimeout(f"timed out after {timeout}s waiting for {what or condition}")
         await asyncio.sleep(interval)
+
+
+async def cancel(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a client's background task and wait until it has finished.
+
+    Whatever the task raised on its way out is dropped: the caller is tearing down
+    and has already recorded what it needs.
+    """
+    if task is None:
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task

@@ -2,16 +2,5 @@
 
 from __future__ import annotations
 
-from tests.harness.follow import Close, Follower, Record, Stuck, start_followers
-from tests.harness.stream import (
-    STREAM,
-    Producer,
-    check_exact,
-    id_key,
-    stream_entries,
-    stream_ids,
-    visible,
-)
-
-__all__ = ["STREAM", "Close", "Follower", "Producer", "Record", "Stuck", "check_exact", "id_key",
-           "start_followers", "stream_entries", "stream_ids", "visible"]
+from tests.harness.follow import *  # noqa: F403
+from tests.harness.stream import *  # noqa: F403
