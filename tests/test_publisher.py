@@ -12,7 +12,6 @@ import dataclasses
 import enum
 import itertools
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -37,9 +36,11 @@ from dualcast.publisher import (
     SyncPublisher,
     UnpublishableValue,
     encode_envelope,
+    encoding,
 )
 from tests.conftest import token
-from tests.support.procs import RedisProcess, free_port, redis_binary, wait_until
+from tests.harness.procs import RedisProcess, clean_env
+from tests.harness.waits import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -215,6 +216,22 @@ async def test_invalid_rooms_raise(redis_server: RedisProcess, reader: aioredis.
         with pytest.raises(ValueError):
             await pub.publish("fine", {}, rooms)
     assert await reader.xlen(stream) == 0
+
+
+@pytest.mark.parametrize("event", ["ok", "a.b:c-d_e", "x" * 64, "", "x" * 65, "a b", "a\n", "é"])
+@pytest.mark.parametrize("rooms", [[], ["admin", "user-1@x"], ["r" * 65], ["a\n"], ["a b"]])
+def test_the_envelope_and_the_publisher_share_one_rule(event: str, rooms: list[str]):
+    """POST /api/publish validates with `Envelope`; both must accept and refuse alike."""
+    def accepted(check: Any) -> bool:
+        try:
+            check()
+        except ValueError:  # pydantic's ValidationError is one too
+            return False
+        return True
+
+    by_envelope = accepted(lambda: Envelope(event=event, data=1, rooms=rooms))
+    by_publisher = accepted(lambda: encoding.prepare(event, 1, rooms))
+    assert by_envelope == by_publisher
 
 
 async def test_invalid_throttle_arguments_raise(redis_server: RedisProcess):
@@ -741,51 +758,36 @@ def test_sync_local_overload_is_not_an_outage(redis_server: RedisProcess):
 # --------------------------------------------------------------------------- WAIT
 
 
-class Replica:
-    """A real redis-server replicating `primary`, on a free port in a temp dir of its own."""
-
-    def __init__(self, primary: RedisProcess, workdir: Path) -> None:
-        self.primary = primary
-        self.workdir = workdir
-        self.port = free_port()
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-             "--replicaof", "127.0.0.1", str(primary.port), "--dir", str(workdir),
-             "--save", "", "--appendonly", "no", "--logfile", str(workdir / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-
-    def online(self) -> bool:
-        info = self.primary.command("INFO", "replication")
-        return b"connected_slaves:1" in info and b"state=online" in info
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+def replication_online(primary: RedisProcess) -> bool:
+    info = primary.command("INFO", "replication")
+    return b"connected_slaves:1" in info and b"state=online" in info
 
 
 @pytest.fixture
-def replica(fresh_redis: RedisProcess, tmp_path: Path) -> Iterator[Replica]:
-    replica = Replica(fresh_redis, tmp_path / "replica")
+def replica(fresh_redis: RedisProcess, tmp_path: Path) -> Iterator[RedisProcess]:
+    """A real redis-server replicating `fresh_redis`, on a free port in a temp dir of its own."""
+    replica = RedisProcess(tmp_path / "replica",
+                           args=["--replicaof", "127.0.0.1", str(fresh_redis.port)])
     try:
-        wait_until(replica.online, timeout=20, what="the replica to sync with its primary")
+        replica.start()
+        wait_until(lambda: replication_online(fresh_redis), timeout=20,
+                   what="the replica to sync with its primary")
         yield replica
     finally:
-        replica.kill()
+        replica.stop()
 
 
-def publish_cli(redis_url: str, *flags: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DUALCAST_")}
+def publish_cli(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "dualcast", "publish", "metrics_update", '{"activeSessions": 1}',
-         "--room", "admin", "--redis-url", redis_url, *flags],
-        capture_output=True, text=True, timeout=30, env=env, cwd=tempfile.gettempdir(),
+        [sys.executable, "-m", "dualcast", "publish", *args, "--redis-url", redis_url],
+        capture_output=True, text=True, timeout=30, env=clean_env(), cwd=tempfile.gettempdir(),
     )
 
 
-async def test_wait_replicas_acknowledged(fresh_redis: RedisProcess, replica: Replica):
+PUBLISH = ("metrics_update", '{"activeSessions": 1}', "--room", "admin")
+
+
+async def test_wait_replicas_acknowledged(fresh_redis: RedisProcess, replica: RedisProcess):
     stream = stream_key()
     async with Publisher(fresh_redis.url, stream=stream, timeout=OK, wait_replicas=1,
                          wait_timeout_ms=5000) as pub:
@@ -809,14 +811,14 @@ async def test_wait_replicas_acknowledged(fresh_redis: RedisProcess, replica: Re
         await replica_client.aclose()
     assert ids[0] == result.id and ids[-1] == sync_result.id and len(ids) == 8
 
-    done = publish_cli(fresh_redis.url, "--wait-replicas", "1", "--wait-timeout", "5000")
+    done = publish_cli(fresh_redis.url, *PUBLISH, "--wait-replicas", "1", "--wait-timeout", "5000")
     assert done.returncode == 0, done.stderr
     parse_id(done.stdout.strip())
     assert done.stderr == ""
 
 
 async def test_wait_replicas_times_out_when_the_replica_is_gone(
-    fresh_redis: RedisProcess, replica: Replica, reader: aioredis.Redis
+    fresh_redis: RedisProcess, replica: RedisProcess
 ):
     replica.kill()
     stream = stream_key()
@@ -836,7 +838,8 @@ async def test_wait_replicas_times_out_when_the_replica_is_gone(
         assert spub.publish_result("tick", 2).replicas == 0
     assert spub.stats.under_replicated == 1
 
-    done = publish_cli(fresh_redis.url, "--wait-replicas", "1", "--wait-timeout", str(wait_ms))
+    done = publish_cli(fresh_redis.url, *PUBLISH, "--wait-replicas", "1",
+                       "--wait-timeout", str(wait_ms))
     assert done.returncode == 0, done.stderr
     parse_id(done.stdout.strip())
     assert done.stderr.strip() == (
@@ -858,11 +861,7 @@ def test_cli_refusals_are_one_line(redis_server: RedisProcess):
         (("ok", "[" * 253 + "]" * 253), "nested deeper than 252 levels"),
         (("ok", "{}", "--wait-replicas", "many"), "--wait-replicas"),
     ):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DUALCAST_")}
-        done = subprocess.run(
-            [sys.executable, "-m", "dualcast", "publish", *args, "--redis-url", redis_server.url],
-            capture_output=True, text=True, timeout=30, env=env, cwd=tempfile.gettempdir(),
-        )
+        done = publish_cli(redis_server.url, *args)
         assert done.returncode == 2 and done.stdout == "", (args, done)
         lines = done.stderr.strip().splitlines()
         assert says in lines[-1], (args, done.stderr)
