@@ -189,6 +189,17 @@ def wait_transport(page: Any, transport: str, state: str = "live", timeout: floa
     )
 
 
+def wait_js(page: Any, expression: str, timeout: float = 30) -> None:
+    """Wait until a JS expression is truthy in the page.
+
+    Not Playwright's wait_for_function: its polling evaluates the expression with
+    eval() inside the page, which the dashboard's CSP (script-src 'self') forbids.
+    page.evaluate goes through the DevTools protocol, which the CSP does not govern.
+    """
+    wait_until(lambda: bool(page.evaluate(expression)), timeout=timeout, interval=0.1,
+               what=f"JS: {expression}")
+
+
 def log_ids(page: Any) -> list[str]:
     """Every data-event-id in the event log, in DOM order (duplicates kept)."""
     return page.eval_on_selector_all(

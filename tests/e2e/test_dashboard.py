@@ -30,6 +30,7 @@ from tests.e2e.conftest import (
     log_ids,
     login_url,
     wait_ids,
+    wait_js,
     wait_transport,
 )
 from tests.support.nginx import NginxProcess
@@ -69,7 +70,7 @@ def test_websocket_shows_published_events(stack: Callable[..., Stack],
         "circuitState": "half-open", "failureCount": 3, "timestamp": int(time.time() * 1000)}))
     assert_each_once(wait_ids(page, ids), ids)
     # the panels follow the events
-    page.wait_for_function("document.getElementById('card-requests').textContent === '1,234'")
+    wait_js(page, "document.getElementById('card-requests').textContent === '1,234'")
     assert page.text_content("#card-sessions") == "7"
     assert "half-open" in (page.text_content('[data-provider-id="openai"]') or "")
     assert page.text_content("#status-transport") == "WebSocket"
@@ -248,7 +249,8 @@ def test_no_anonymous_shows_the_login_screen(stack: Callable[..., Stack],
     # a bad token is refused on the page itself
     p.page.fill("#login-token", "not-a-token")
     p.page.click("#login-form button[type=submit]")
-    p.page.wait_for_function(
+    wait_js(
+        p.page,
         "document.getElementById('login-reason').textContent.includes('not accepted')"
     )
     # signing in from that screen goes through the cookie flow
@@ -294,21 +296,20 @@ def test_screenshot_with_demo_traffic(stack: Callable[..., Stack], redis_server:
     wait_until(lambda: page.evaluate(f"{live_rows}.length") >= 20, timeout=60,
                what="20 live demo events (not the seeded usage) in the log")
     page.wait_for_selector("#providers li", timeout=30000)
-    page.wait_for_function("document.getElementById('card-requests').textContent !== '—'",
-                           timeout=30000)
+    wait_js(page, "document.getElementById('card-requests').textContent !== '—'", timeout=30)
     page.screenshot(path=str(artifact("dashboard-dark.png")), full_page=True)
     page.emulate_media(color_scheme="light")
     page.screenshot(path=str(artifact("dashboard-light.png")), full_page=True)
     page.emulate_media(color_scheme="dark")
     page.set_viewport_size({"width": 390, "height": 844})
-    page.wait_for_function(CHART_FITS)  # the chart redraws for its new width
+    wait_js(page, CHART_FITS)  # the chart redraws for its new width
     page.screenshot(path=str(artifact("dashboard-phone.png")), full_page=False)
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= 390, f"the page scrolls sideways on a phone ({width}px)"
     assert p.unexpected_errors() == []
     if ROOT.joinpath("docs").is_dir() and _env_flag("DUALCAST_UPDATE_DOCS_SCREENSHOT"):
         page.set_viewport_size({"width": 1280, "height": 900})
-        page.wait_for_function(CHART_FITS)
+        wait_js(page, CHART_FITS)
         page.screenshot(path=str(ROOT / "docs" / "dashboard.png"), full_page=False)
 
 
@@ -349,8 +350,8 @@ def test_cursor_lost_while_away_resets_and_reloads_the_overview(
                         port=s.server.port)
     # the metrics event is at the head the reset names, so it is never delivered live:
     # the card shows it because the page reloaded the overview
-    page.wait_for_function(
-        "document.getElementById('card-requests').textContent === '4,242'", timeout=45000
+    wait_js(
+        page, "document.getElementById('card-requests').textContent === '4,242'", timeout=45
     )
     after = s.publish("usage_log_added", usage(999))
     ids = wait_ids(page, [after], timeout=40)

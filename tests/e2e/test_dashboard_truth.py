@@ -14,7 +14,15 @@ from collections.abc import Callable
 import pytest
 import redis
 
-from tests.e2e.conftest import Page, Stack, assert_each_once, login_url, wait_ids, wait_transport
+from tests.e2e.conftest import (
+    Page,
+    Stack,
+    assert_each_once,
+    login_url,
+    wait_ids,
+    wait_js,
+    wait_transport,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -58,8 +66,8 @@ def test_concurrent_sessions_card_agrees_with_the_table(stack: Callable[..., Sta
     last = s.publish("metrics_update", {"activeSessions": 7, "totalRequests": 5,
                                         "totalCost": 1.0, "timestamp": now})
     wait_ids(p.page, [last])
-    p.page.wait_for_function("document.querySelectorAll('#sessions tr').length === 2")
-    p.page.wait_for_function("document.getElementById('card-sessions').textContent === '2'")
+    wait_js(p.page, "document.querySelectorAll('#sessions tr').length === 2")
+    wait_js(p.page, "document.getElementById('card-sessions').textContent === '2'")
     assert p.page.text_content("#sessions-count") == "2"
 
 

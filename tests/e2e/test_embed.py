@@ -101,9 +101,8 @@ def test_example_page_through_a_faulty_proxy_falls_back(
     origin = page_origin()
     s = stack(env={"DUALCAST_ALLOWED_ORIGINS": origin})
     proxy = nginx(s.server.port, mode)
-    # nginx serves static/ itself: the module comes from the instance, which adds CORS
+    # the module, too, comes through nginx (which serves it from static/ with ACAO *)
     p = open_page(example_url(origin, "index.html", server=proxy.url,
-                              client=f"{s.base_url}/dualcast.js",
                               token=token("ops", admin=True)))
     p.page.wait_for_selector(f'body[data-transport="{transport}"][data-state="live"]',
                              state="attached", timeout=30000)
