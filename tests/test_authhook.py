@@ -114,3 +114,17 @@ async def test_unfollowed_identities_are_not_renewed(
     identity: Identity = await auth.identify(request_with("sid=c"))
     await until(identity.expired, 5, "the identity to run out")
     assert app.calls_for("sid=c") == 1
+
+
+async def test_without_any_credential_the_application_is_not_asked(
+    hook_and_auth: tuple[HookServer, Authenticator],
+) -> None:
+    app, auth = hook_and_auth
+    bare = HTTPConnection({"type": "http", "method": "GET", "path": "/api/sse",
+                           "query_string": b"", "headers": []})
+    assert (await auth.identify(bare)).anonymous
+    auth.allow_anonymous = False
+    with pytest.raises(AuthError) as refused:
+        await auth.identify(bare)
+    assert refused.value.code == "unauthenticated"
+    assert app.calls == 0
