@@ -127,7 +127,7 @@ class PublisherCore:
         self.stream = stream
         self.maxlen = maxlen
         self.timeout = timeout
-        self.wait = WaitFor(wait_replicas, wait_timeout_ms)
+        self.wait_for = WaitFor(wait_replicas, wait_timeout_ms)
         self.fallback = fallback
         self.max_connections = max_connections
         self.stats = PublisherStats()
@@ -157,7 +157,7 @@ class PublisherCore:
     @property
     def _call_timeout(self) -> float:
         """The bound of one Redis call: the timeout, plus WAIT's own when replicas are awaited."""
-        return self.timeout + self.wait.seconds
+        return self.timeout + self.wait_for.seconds
 
     @property
     def _outcome(self) -> str:
@@ -247,23 +247,24 @@ class PublisherCore:
         queue: Pipeline = pipe  # type: ignore[assignment]
         for entry in entries:
             queue.xadd(*self._xadd(entry))
-        if self.wait.replicas:
-            queue.wait(self.wait.replicas, self.wait.timeout_ms)
+        if self.wait_for.replicas:
+            queue.wait(self.wait_for.replicas, self.wait_for.timeout_ms)
         return pipe
 
     @property
     def _single(self) -> bool:
         """Whether one entry may go as a plain XADD (no pipeline overhead, nothing to WAIT for)."""
-        return not self.wait.replicas
+        return not self.wait_for.replicas
 
     # -- after sending
 
     def _finish(self, entries: Sequence[Entry], replies: Sequence[Any]) -> list[PublishResult]:
         """Per-entry outcome of the replies; an entry Redis refused goes to the fallback path."""
-        with self._lock:
-            self._breaker.success(self.stats)
+        if self._breaker.open:  # a call in flight when it opened: Redis answered after all
+            with self._lock:
+                self._breaker.success(self.stats)
         acked: int | None = None
-        if self.wait.replicas:
+        if self.wait_for.replicas:
             *replies, wait_reply = replies
             if isinstance(wait_reply, BaseException):
                 self._log_error("Redis refused WAIT", wait_reply)
@@ -276,13 +277,13 @@ class PublisherCore:
                 out.extend(self._fail([entry], "failed"))
                 continue
             self.stats.published += 1
-            out.append(PublishResult(str(reply), Outcome.PUBLISHED, acked, self.wait.replicas))
-        if (acked or 0) < self.wait.replicas:
+            out.append(PublishResult(str(reply), Outcome.PUBLISHED, acked, self.wait_for.replicas))
+        if (acked or 0) < self.wait_for.replicas:
             published = sum(r.outcome is Outcome.PUBLISHED for r in out)
             self.stats.under_replicated += published
             if published:
-                self._log_error(f"{acked or 0} of {self.wait.replicas} replicas acknowledged "
-                                f"within {self.wait.timeout_ms} ms")
+                self._log_error(f"{acked or 0} of {self.wait_for.replicas} replicas acknowledged "
+                                f"within {self.wait_for.timeout_ms} ms")
         return out
 
     def _failed(self, entries: Sequence[Entry], exc: BaseException, *, outage: bool,
