@@ -366,3 +366,21 @@ async def test_a_server_restart_loses_nothing_and_repeats_nothing(
             assert len(lives) >= 2, watch.statuses
     finally:
         await stream.aclose()
+
+
+async def test_polls_adapt_to_a_server_whose_longest_wait_is_shorter(
+    redis_server: Any, dualcast: Callable[..., Any]
+) -> None:
+    server = dualcast(redis_server.url, env={"DUALCAST_POLL_TIMEOUT_MAX": "4"})
+    async with watching(server.url, transports=["polling"],
+                        timing=Timing(poll=25, retry_base=0.1, retry_cap=1.0)) as (watch, _):
+        await until(lambda: watch.live_on(Transport.POLLING))
+        published: list[str] = []
+        for n in range(6):  # a few seconds: several long polls at the server's limit
+            published.append(await publish(server.url, "tick", n))
+            await until(lambda: published[-1] in watch.ids, what=f"event {n}")
+            await asyncio.sleep(0.5)  # a producer's pace, so polls wait in between
+        assert watch.ids == published
+        # One connection the whole time: no poll was refused and reconnected.
+        assert watch.statuses == [Status(Transport.POLLING, State.CONNECTING),
+                                  Status(Transport.POLLING, State.LIVE)]

@@ -299,16 +299,22 @@ class Connection:
         so it never asks again for what it has just been given)."""
         target = self.target
         cursor = self.cursor
+        longest = target.poll_timeout
         while True:
             # The first request answers at once (that answer is our `welcome`).
-            wait = target.poll_timeout if self.welcomed else 0
+            wait = longest if self.welcomed else 0
             url = target.http_base + "/api/events" + target.query(after=cursor, timeout=wait)
             # A proxy that swallows the answer must not hang us: give up a while after.
             timeout = httpx.Timeout(10.0, read=wait + 15.0)
             response = await target.http.get(
                 url, headers=target.headers({"Accept": "application/json"}), timeout=timeout)
             if response.status_code != 200:
-                raise _refusal(response.status_code, response.content)
+                refusal = _refusal(response.status_code, response.content)
+                if refusal.ended.code == "bad_timeout" and wait >= 1:
+                    # The server's limit is a setting below ours: ask for less.
+                    longest = wait // 2
+                    continue
+                raise refusal
             body = response.json()
             if not isinstance(body, dict):
                 raise _Ends(Ended(Failure.TRANSPORT, "a poll answer that is not an object"))
