@@ -18,7 +18,8 @@ import jwt
 import pytest
 
 from tests.conftest import SECRET, token
-from tests.support.procs import ROOT, DualcastProcess, wait_until
+from tests.harness.procs import ROOT, DualcastProcess
+from tests.harness.waits import wait_until
 
 
 def cli(*args: str, secret: str | None = SECRET) -> subprocess.CompletedProcess[str]:

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from dualcast.config import SettingsError, load_settings
-from tests.support.procs import ROOT
+from tests.harness.procs import ROOT
 
 
 def test_defaults_are_the_memory_engine_and_the_design_stream(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,8 +12,10 @@ from dualcast.config import load_settings
 from dualcast.events import Event
 from dualcast.feed import Feed
 from dualcast.runtime import Runtime
-from tests.support.clients import WSClient, wait_for, xadd
-from tests.support.procs import RedisProcess
+from tests.harness.clients import WSClient
+from tests.harness.procs import RedisProcess
+from tests.harness.stream import xadd
+from tests.harness.waits import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 
 from dualcast.demo import demo_against_redis, run_demo
 from dualcast.events import Envelope, decode_entry
-from tests.support.procs import RedisProcess
+from tests.harness.procs import RedisProcess
 
 pytestmark = pytest.mark.timeout(60)
 

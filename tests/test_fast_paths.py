@@ -33,8 +33,8 @@ from dualcast.query import parse_query
 from dualcast.runtime import Runtime
 from dualcast.stalls import Stalled, StallWatch
 from tests.conftest import SECRET, token
-from tests.reliability.conftest import metric
-from tests.support.procs import DualcastProcess
+from tests.harness.probes import metric
+from tests.harness.procs import DualcastProcess
 
 query_text = st.text(alphabet=st.sampled_from("ab=&%+2Ee9 é€;x"), max_size=40)
 

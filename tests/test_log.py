@@ -12,8 +12,8 @@ import pytest
 from dualcast.config import load_settings
 from dualcast.events import Envelope, decode_entry, entry_fields, format_id, parse_id
 from dualcast.log import EventLog, LogUnavailable, create_log
-from tests.support.clients import xadd
-from tests.support.procs import RedisProcess, free_port
+from tests.harness.procs import RedisProcess, free_port
+from tests.harness.stream import xadd
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -28,10 +28,12 @@ from websockets.exceptions import InvalidStatus
 
 from dualcast.config import load_settings
 from tests.conftest import require_tool, token
+from tests.harness.clients import SSEClient
+from tests.harness.nginx import MODES, NginxError, NginxProcess, render, require_nginx
+from tests.harness.procs import ROOT, DualcastProcess, RedisProcess, free_port
+from tests.harness.stream import xadd
 from tests.harness.tls import make_throwaway_ca
-from tests.support.clients import SSEClient, wait_for, xadd
-from tests.support.nginx import MODES, NginxError, NginxProcess, render, require_nginx
-from tests.support.procs import ROOT, DualcastProcess, RedisProcess, free_port
+from tests.harness.waits import wait_for
 
 pytestmark = pytest.mark.nginx
 

@@ -28,11 +28,12 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
 from tests.conftest import SECRET, token
+from tests.harness.follow import Follower, start_followers
+from tests.harness.probes import fd_count, log_problems, metric
+from tests.harness.procs import DualcastProcess, RedisProcess
 from tests.harness.sampled import SampledDualcast
-from tests.reliability.conftest import fd_count, log_problems, metric
-from tests.reliability.lean import Follower, Producer, check_exact, start_followers, stream_ids
-from tests.support.clients import wait_for, xadd
-from tests.support.procs import DualcastProcess, RedisProcess, wait_until
+from tests.harness.stream import Producer, check_exact, stream_ids, xadd
+from tests.harness.waits import wait_for, wait_until
 
 FUZZ = settings(max_examples=int(os.environ.get("RELIABILITY_FUZZ_EXAMPLES", "60")),
                 deadline=None, database=None,

@@ -18,11 +18,12 @@ import httpx
 import pytest
 
 from tests.conftest import token
-from tests.reliability.conftest import log_problems
-from tests.reliability.lean import Follower, Producer, check_exact, start_followers, stream_ids
-from tests.support.clients import wait_for
-from tests.support.nginx import NginxProcess, require_nginx
-from tests.support.procs import DualcastProcess, RedisProcess
+from tests.harness.follow import Follower, start_followers
+from tests.harness.nginx import NginxProcess, require_nginx
+from tests.harness.probes import log_problems
+from tests.harness.procs import DualcastProcess, RedisProcess
+from tests.harness.stream import Producer, check_exact, stream_ids
+from tests.harness.waits import wait_for
 
 GRACE = 4.0
 INSTANCE_ENV = {

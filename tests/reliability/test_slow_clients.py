@@ -15,18 +15,11 @@ import os
 from collections.abc import Callable
 
 from tests.conftest import token
-from tests.reliability.conftest import log_problems, metric, rss_mb
-from tests.reliability.lean import (
-    Follower,
-    Producer,
-    Stuck,
-    check_exact,
-    start_followers,
-    stream_entries,
-    visible,
-)
-from tests.support.clients import wait_for
-from tests.support.procs import DualcastProcess, RedisProcess
+from tests.harness.follow import Follower, Stuck, start_followers
+from tests.harness.probes import log_problems, metric, rss_mb
+from tests.harness.procs import DualcastProcess, RedisProcess
+from tests.harness.stream import Producer, check_exact, stream_entries, visible
+from tests.harness.waits import wait_for
 
 NORMAL = int(os.environ.get("RELIABILITY_NORMAL_CLIENTS", "500"))
 BULK_READERS = 20  # normal clients that also read the heavy room
