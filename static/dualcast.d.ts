@@ -100,6 +100,8 @@ export declare class Dualcast {
   readonly transport: Transport;
   readonly state: ConnectionState;
   readonly lastEventId: string | null;
+  /** The rooms a reconnect asks for (empty: the server's default for the token). */
+  readonly rooms: string[];
   on<K extends keyof DualcastEvents>(name: K, fn: (value: DualcastEvents[K]) => void): () => void;
   off<K extends keyof DualcastEvents>(name: K, fn: (value: DualcastEvents[K]) => void): void;
   start(): this;

@@ -294,8 +294,12 @@ class WebSocketConnection {
       case 'error':
         this.sink.error(this, { code: frame.code ?? 'error', message: frame.message ?? '' });
         break;
+      case 'joined':
+      case 'left':
+        this.sink.room(this, frame.type, frame.room);
+        break;
       default:
-        break; // joined / left / pong: nothing to do
+        break; // pong: nothing to do
     }
   }
 
@@ -519,7 +523,7 @@ const CONNECTIONS = { websocket: WebSocketConnection, sse: SSEConnection, pollin
  *   retryBaseMs/retryCapMs (reconnect), climbBaseMs/climbCapMs (probe higher transports)
  *   deathWindowMs/maxDeaths (how many deaths of a live transport before falling back)
  * Callbacks: onEvents(list, cursor), onStatus(status), onReset(lastId), onError(info),
- *   onWelcome({transport, rooms, lastId})
+ *   onWelcome({transport, rooms, lastId}), onRoom('joined'|'left', room)
  */
 export class TransportManager {
   constructor(opts = {}) {
@@ -556,6 +560,7 @@ export class TransportManager {
     this.onReset = opts.onReset ?? (() => {});
     this.onError = opts.onError ?? (() => {});
     this.onWelcome = opts.onWelcome ?? (() => {});
+    this.onRoom = opts.onRoom ?? (() => {});
 
     this.level = Math.max(0, this.order.indexOf(opts.initial ?? this.order[0]));
     this.conn = null; // the connection that feeds us
@@ -699,6 +704,9 @@ export class TransportManager {
       reset: (conn, lastId) => this.handleReset(conn, lastId),
       error: (conn, info) => this.handleError(conn, info),
       closed: (conn, info, forced = false) => this.handleClosed(conn, info, forced),
+      room: (conn, kind, room) => {
+        if (conn === this.conn) this.onRoom(kind, room);
+      },
     };
   }
 
@@ -913,6 +921,7 @@ export class Dualcast {
     this.token = typeof token === 'string' && token ? token : null;
     this.rooms = [...(rooms ?? [])];
     this.joined = null; // the rooms the last welcome named
+    this.pending = new Set(); // joins sent on the WebSocket and not yet confirmed
     this.refreshTimer = null;
     this.refreshedAt = null;
     this.lastStateKey = null;
@@ -935,7 +944,14 @@ export class Dualcast {
       onError: (info) => this.failed(info),
       onWelcome: (info) => {
         this.joined = [...info.rooms];
+        this.pending.clear();
+        // what the server granted is what a reconnect asks for (a refused room would
+        // turn an SSE or poll connect into a 403)
+        if (this.rooms.length && info.transport !== 'polling') this.setRoomsQuietly(info.rooms);
         this.emit('welcome', info);
+      },
+      onRoom: (kind, room) => {
+        if (kind === 'joined') this.pending.delete(room);
       },
     });
   }
@@ -1031,8 +1047,17 @@ export class Dualcast {
     const current = this.roomSet();
     if (current.includes(room)) return;
     this.rooms = [...current, room];
-    if (!this.manager.send({ type: 'join', room })) this.manager.restart({ rooms: this.rooms });
-    else this.manager.rooms = [...this.rooms];
+    if (this.manager.send({ type: 'join', room })) {
+      this.pending.add(room);
+      this.manager.rooms = [...this.rooms];
+    } else {
+      this.manager.restart({ rooms: this.rooms });
+    }
+  }
+
+  setRoomsQuietly(rooms) {
+    this.rooms = [...rooms];
+    this.manager.rooms = [...rooms];
   }
 
   leave(room) {
@@ -1063,6 +1088,13 @@ export class Dualcast {
 
   failed(info) {
     const error = { code: info.code ?? 'error', message: info.message ?? '', ...info };
+    if (info.kind === 'frame' && REQUEST_CODES.has(info.code) && this.pending.size) {
+      // a join the server refused: the room named in the message, else the oldest
+      const refused = [...this.pending].find((r) => String(info.message).includes(r))
+        ?? [...this.pending][0];
+      this.pending.delete(refused);
+      this.setRoomsQuietly(this.rooms.filter((r) => r !== refused));
+    }
     const recent = this.refreshedAt !== null && this.now() - this.refreshedAt < REFRESH_GRACE_MS;
     if (info.kind === 'auth' && this.tokenSource && this.running && !recent) {
       // the manager has stopped itself: ask for a fresh token and carry on from the cursor

@@ -174,6 +174,24 @@ describe('Dualcast', { timeout: 10000 }, () => {
     t.dc.stop();
   });
 
+  it('a join the server refuses is not asked for again on the next connect', async () => {
+    const t = setup({ rooms: ['user-7'] });
+    t.dc.start();
+    await t.clock.tick(0);
+    const ws = t.WS.last();
+    ws.welcome('1000-0', ['user-7']);
+    t.dc.join('ops');
+    t.dc.join('admin');
+    ws.serverSend({ type: 'joined', room: 'ops' });
+    ws.serverSend({ type: 'error', code: 'forbidden_room', message: "may not join 'admin'" });
+    assert.equal(t.errors[0].code, 'forbidden_room');
+    assert.deepEqual(t.dc.rooms, ['user-7', 'ops']);
+    ws.serverClose(1006);
+    await t.clock.tick(20_000);
+    assert.equal(t.WS.last().params.get('rooms'), 'user-7,ops');
+    t.dc.stop();
+  });
+
   it('join on SSE reconnects with the new set, from the cursor', async () => {
     const streams = [];
     const t = setup({

@@ -133,6 +133,7 @@ describe('dualcast.js against a real server', { skip, timeout: 120000 }, () => {
         c.dc.join('admin');
         await waitFor(() => c.errors.some((e) => e.code === 'forbidden_room'),
           { what: 'forbidden_room error' });
+        assert.deepEqual(c.dc.rooms, ['user-u1'], 'the refused room is not asked for again');
         // after leave, ops events stop; the user room still arrives (in order, so the
         // user event's arrival proves the earlier ops one was not sent)
         await waitFor(async () => {
