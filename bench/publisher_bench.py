@@ -5,7 +5,8 @@
 Measures the producer library (`dualcast.publisher`) one call at a time, with
 concurrent callers, batched with `publish_many`, the blocking `SyncPublisher`,
 and the raw redis-py `XADD` it wraps (the floor of its overhead); plus the cost
-of a throttled (conflated) call, which never touches Redis. Every loop is
+of a throttled (conflated) call, which never touches Redis, and of `WAIT 1`
+after each write (`wait_replicas=1`) with a replica on the same machine. Every loop is
 bounded in count and time. Prints a Markdown table; the last line is a
 one-line summary for docs/performance.md.
 """
@@ -26,6 +27,7 @@ import redis.asyncio as aioredis
 
 from dualcast.publisher import Publisher, SyncPublisher
 from tests.harness.procs import RedisProcess
+from tests.harness.waits import wait_until
 
 DATA = {
     "sessionId": "sess_3f2a9c81b7de", "userId": "456", "model": "gpt-4o-mini",
@@ -121,6 +123,29 @@ async def bench(
             best = max(best, done / (time.perf_counter() - started))
         results.append(("SyncPublisher.publish, one at a time", best))
 
+    # WAIT 1 after each write, with a replica on the same machine: the price of knowing
+    # that a failover cannot lose the event (its replicas are counted in under_replicated)
+    async with Publisher(url, stream="bench-wait", timeout=publish_timeout, wait_replicas=1,
+                         wait_timeout_ms=1000) as pub:
+        async def waited(n: int) -> int:
+            return appended([await pub.publish("usage_log_added", DATA, ROOMS)
+                             for _ in range(n)])
+
+        results.append(("Publisher.publish with wait_replicas=1, one at a time",
+                        await timed(waited, count, seconds, repeat)))
+
+        async def waited_batches(n: int) -> int:
+            sent = 0
+            while sent < n:
+                sent += appended(await pub.publish_many(items)) or len(items)
+            return sent
+
+        results.append((f"Publisher.publish_many with wait_replicas=1, batches of {batch}",
+                        await timed(waited_batches, count * 5, seconds, repeat)))
+        if pub.stats.under_replicated:
+            results.append(("(events the replica did not acknowledge within 1 s)",
+                            float(pub.stats.under_replicated)))
+
     check = redis.Redis.from_url(url)
     assert check.xlen("bench-single") > 0 and check.xlen("bench-batch") > 0
     check.close()
@@ -140,15 +165,22 @@ def main() -> int:
     repeat = max(1, args.repeat)
     with tempfile.TemporaryDirectory(prefix="dualcast-pubbench-") as tmp:
         server = RedisProcess(Path(tmp) / "redis").start()
+        replica = RedisProcess(Path(tmp) / "replica",
+                               args=["--replicaof", "127.0.0.1", str(server.port)])
         try:
+            replica.start()
+            wait_until(lambda: b"state=online" in server.command("INFO", "replication"),
+                       timeout=30, what="the replica to sync")
             results, lost = asyncio.run(
                 bench(server.url, args.count, args.batch, args.seconds, repeat, args.timeout))
             version = server.command("INFO", "server").decode(errors="replace")
         finally:
+            replica.stop()
             server.stop()
     redis_version = next((line.split(":", 1)[1].strip() for line in version.splitlines()
                           if line.startswith("redis_version:")), "?")
-    print(f"Python {platform.python_version()}, redis-server {redis_version} on loopback, "
+    print(f"Python {platform.python_version()}, redis-server {redis_version} on loopback "
+          "(and a replica of it for the wait_replicas rows), "
           f"{os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f} at the end), one "
           f"process; event = a usage_log_added ({len(str(DATA))} bytes of data, 2 rooms); "
           f"best of {repeat} runs\n")
