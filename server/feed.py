@@ -25,7 +25,7 @@ from dualcast.events import (
 )
 from dualcast.frames import Item, Reset
 from dualcast.hub import CloseReason, Hub, Subscriber
-from dualcast.log import EventLog, LogInfo, LogUnavailable
+from dualcast.log import EventLog, LogInfo, LogUnavailable, RawEntry
 
 log = logging.getLogger("dualcast.feed")
 
@@ -45,7 +45,7 @@ def cursor_gone(cursor: StreamId, info: LogInfo) -> bool:
     return cursor < info.max_deleted  # something after the cursor was trimmed away
 
 
-def decode_visible(entries: list[tuple[str, dict[str, str]]], rooms: set[str]) -> list[Event]:
+def decode_visible(entries: list[RawEntry], rooms: set[str]) -> list[Event]:
     out: list[Event] = []
     for entry_id, fields in entries:
         try:
@@ -74,22 +74,38 @@ class Feed:
         self._replaying = cursor is not None
         self._checked = False
         self._replayed = 0
-        #: The cursor this feed starts from, for the `welcome` frame.
-        self.start_id = format_id(cursor) if cursor is not None else hub.last_id
+        #: No cursor was asked for and none is known yet (see __aenter__).
+        self._headless = False
+        #: The cursor this feed starts from, for the `welcome` frame; None when the
+        #: instance knows no position to offer (it never names one it does not know).
+        self.start_id: str | None = format_id(cursor) if cursor is not None else hub.last_id
 
     async def __aenter__(self) -> Feed:
-        sub = self.sub
-        if self._requested is None:
-            sub.cursor = self.hub.last_key
+        sub, hub = self.sub, self.hub
+        if self._requested is not None:
+            sub.cursor = self._requested
+            sub.catching_up = True
+        elif hub.started:
+            sub.cursor = hub.last_key
             # The welcome's cursor must be where live delivery starts: SSE builds
             # the Feed in the request handler and enters it later, in the stream,
             # so events published in between would be skipped by this subscriber
             # while its welcome claims an older cursor (found by bench/soak.py).
-            self.start_id = self.hub.last_id
+            self.start_id = hub.last_id
         else:
-            sub.cursor = self._requested
+            # The consumer has no position yet (the log was away when this instance
+            # started): "live from now" is the log's head, read from the log, and the
+            # feed replays from there until the consumer catches up with it.
             sub.catching_up = True
-        self.hub.add(sub)
+            self._replaying = True
+            self._checked = True
+            try:
+                sub.cursor = (await self.log.info()).last_id
+                self.start_id = format_id(sub.cursor)
+            except LogUnavailable:
+                self._headless = True
+                self.start_id = None
+        hub.add(sub)
         return self
 
     async def __aexit__(
@@ -102,33 +118,41 @@ class Feed:
     def replaying(self) -> bool:
         return self._replaying
 
-    def _jump_to_head(self, cursor: StreamId) -> Reset:
-        """Stop replaying: tell the client `reset` and go live from `cursor`."""
-        sub = self.sub
-        sub.cursor = cursor
-        sub.catching_up = False
-        sub.missed = False
-        self._replaying = False
-        return Reset(self.hub.last_id)
+    def _jump_to(self, cursor: StreamId) -> Reset:
+        """Tell the client `reset` and continue (replaying, then live) after `cursor`."""
+        self.sub.cursor = cursor
+        self._replayed = 0
+        return Reset(format_id(cursor))
 
-    async def _replay_step(self) -> list[Item]:
-        sub = self.sub
+    async def _replay_step(self, timeout: float | None) -> list[Item]:
+        sub, hub = self.sub, self.hub
+        if self._headless:
+            sub.cursor = (await self.log.info()).last_id  # no reset: there was no cursor
+            self._headless = False
         if not self._checked:
             info = await self.log.info()
             self._checked = True
             if cursor_gone(sub.cursor, info):
-                return [self._jump_to_head(self.hub.last_key)]
-        page = self.settings.replay_page
-        entries = await self.log.read_after(format_id(sub.cursor), page)
+                return [self._jump_to(max(hub.last_key, info.last_id))]
+        # Read before looking at the log, so an empty read means the consumer's
+        # position (if it had one then) is at or before this cursor.
+        consumer_positioned = hub.started
+        entries = await self.log.read_after(format_id(sub.cursor), self.settings.replay_page)
         if not entries:
-            sub.missed = False
-            sub.catching_up = False
-            self._replaying = False
+            if consumer_positioned:
+                # Everything after the cursor now reaches the queue through the hub.
+                sub.missed = False
+                sub.catching_up = False
+                self._replaying = False
+            else:
+                # The consumer has not started (the log was away): going live now would
+                # lose what is appended before it starts at the head, so keep reading.
+                await sub.wait(min(timeout if timeout is not None else 0.5, 0.5))
             return []
         self._replayed += len(entries)
         if self._replayed > self.settings.replay_max:
             # (the replay may have read past the consumer: never go back behind it)
-            return [self._jump_to_head(max(self.hub.last_key, sub.cursor))]
+            return [self._jump_to(max(hub.last_key, sub.cursor))]
         events = decode_visible(entries, sub.rooms)
         sub.cursor = parse_id(entries[-1][0])
         return list(events)
@@ -157,7 +181,7 @@ class Feed:
             if sub.closed is not None:
                 raise FeedClosed(sub.closed)
             try:
-                items = await self._replay_step()
+                items = await self._replay_step(timeout)
             except LogUnavailable as exc:
                 # The log is away; so is the consumer. Wait and retry the replay:
                 # the client keeps its connection and loses nothing.

@@ -77,7 +77,7 @@ def _batch(run: list[str]) -> str:
     return '{"type":"batch","events":[' + ",".join(run) + "]}"
 
 
-def ws_welcome(rooms: Iterable[str], last_id: str) -> str:
+def ws_welcome(rooms: Iterable[str], last_id: str | None) -> str:
     return dumps({"type": FrameType.WELCOME, "rooms": sorted(rooms), "last_id": last_id}).decode()
 
 
@@ -104,7 +104,7 @@ def sse_chunk(items: Iterable[Item]) -> bytes:
     return b"".join([item.sse_frame() for item in items])
 
 
-def sse_welcome(rooms: Iterable[str], last_id: str, retry_ms: int) -> bytes:
+def sse_welcome(rooms: Iterable[str], last_id: str | None, retry_ms: int) -> bytes:
     """`retry:` and the `welcome` (no `id:` line): sent at once, so a client can tell a
     live stream from one a proxy holds back."""
     return b"retry: %d\n" % retry_ms + sse_message(

@@ -90,10 +90,17 @@ async def poll_endpoint(request: Request) -> Response | Answer:
     rt.stats.opened[Transport.POLLING] += 1
     rt.stats.polls_waiting += 1
     try:
-        if cursor is None:
+        if cursor is not None:
+            key = cursor
+        elif hub.started:
             key = hub.last_key
         else:
-            key = cursor
+            # The consumer has no position yet (the log was away at start): "from now"
+            # is the log's head, never "0-0", which would hand out the whole stream.
+            try:
+                key = (await rt.log_window(0.0)).last_id
+            except LogUnavailable as exc:
+                return _unavailable(exc)
         if cursor is not None:
             # A cursor this instance still holds in memory may use a window a second old
             # (at worst it is answered from memory instead of reset: nothing is lost);
