@@ -9,7 +9,7 @@
 import { Dashboard, h } from './panels.js';
 import { Store } from './store.js';
 import { TabCoordinator } from './tabs.js';
-import { Dualcast, maxId } from './dualcast.js';
+import { Dualcast, maxId, steadyBackoff } from './dualcast.js';
 
 const $ = (id) => document.getElementById(id);
 const ROOMS_KEY = 'dualcast.rooms';
@@ -112,7 +112,8 @@ async function whoAmI() {
       notice('The server is unreachable; retrying…');
     }
     showStatus({ transport: 'websocket', state: 'offline' });
-    const wait = Math.random() * Math.min(30000, 1000 * 2 ** attempt);
+    // gaps that grow and never collapse: one failed request (one console line) per gap
+    const wait = steadyBackoff(attempt, 1000, 30000);
     await new Promise((resolve) => setTimeout(resolve, wait));
   }
 }
