@@ -43,7 +43,7 @@ from tests.conftest import token as mint
 pytestmark = pytest.mark.timeout(90)
 
 #: Short timers so a fallback or a reconnect takes a second, not a minute.
-FAST = Timing(welcome=2.0, retry_base=0.1, retry_cap=1.0, climb_base=0.3, climb_cap=1.0)
+FAST = Timing(welcome=3.0, retry_base=0.1, retry_cap=1.0, climb_base=0.3, climb_cap=1.0)
 FORCED = [Transport.WEBSOCKET, Transport.SSE, Transport.POLLING]
 
 

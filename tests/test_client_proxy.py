@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.nginx, pytest.mark.timeout(120)]
 
 #: Probes of the better transports every second or so: each failed probe is a chance
 #: to deliver something twice or lose it, so the tests make many of them.
-PROBING = Timing(welcome=2.0, retry_base=0.1, retry_cap=1.0, climb_base=0.3, climb_cap=1.0)
+PROBING = Timing(welcome=4.0, retry_base=0.1, retry_cap=1.0, climb_base=0.3, climb_cap=1.0)
 
 
 @pytest.fixture
