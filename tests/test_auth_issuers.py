@@ -31,6 +31,7 @@ import websockets
 from tests.conftest import SECRET, token
 from tests.issuers import HookServer, JwksServer, SigningKey
 from tests.support.procs import ROOT, DualcastProcess
+from tests.test_metrics_names import convention_problems
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -77,8 +78,10 @@ async def me(base: str, bearer: str | None = None,
 
 
 async def metrics(base: str) -> dict[str, float]:
+    """/metrics as name -> value, after checking it follows the naming conventions."""
     async with httpx.AsyncClient(timeout=10) as client:
         text = (await client.get(f"{base}/metrics")).text
+    assert convention_problems(text) == []
     values: dict[str, float] = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
