@@ -35,6 +35,7 @@ export interface StateChange {
 }
 
 export interface DualcastError {
+  /** One of ERROR_CODES, or 'token_unavailable' when the token function failed. */
   code: string;
   message: string;
   /** 'auth': new credentials needed; 'fatal': the request is wrong; else the server said so. */

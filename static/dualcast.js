@@ -915,7 +915,6 @@ function bases(url) {
 export class Dualcast {
   constructor(url = '', options = {}) {
     const { token, rooms, lastEventId, transports, ...rest } = options;
-    this.options = rest;
     this.listeners = new Map(EVENT_NAMES.map((name) => [name, new Set()]));
     this.tokenSource = typeof token === 'function' ? token : null;
     this.token = typeof token === 'string' && token ? token : null;
@@ -1116,7 +1115,10 @@ export class Dualcast {
     } catch (err) {
       if (generation !== this.generation) return false;
       this.running = false;
-      this.emit('error', { code: 'token_unavailable', message: String(err?.message ?? err), kind: 'auth' });
+      // the one code of the client's own: the server never sends it
+      this.emit('error', {
+        code: 'token_unavailable', message: String(err?.message ?? err), kind: 'auth',
+      });
       this.manager.stop('auth');
       return false;
     }
