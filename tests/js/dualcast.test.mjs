@@ -146,6 +146,16 @@ describe('Dualcast', { timeout: 10000 }, () => {
     t.dc.stop();
   });
 
+  it('a token function that fails: token_unavailable, nothing opened', async () => {
+    const t = setup({ token: async () => { throw new Error('backend down'); } });
+    t.dc.start();
+    await t.clock.tick(0);
+    assert.equal(t.WS.instances.length, 0);
+    assert.equal(t.errors[0].code, 'token_unavailable');
+    assert.match(t.errors[0].message, /backend down/);
+    assert.equal(t.dc.state, 'offline');
+  });
+
   it('an auth refusal without a token function stops and says so', async () => {
     const t = setup({ token: 'old' });
     t.dc.start();
