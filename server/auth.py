@@ -288,9 +288,12 @@ class Authenticator:
     async def run(self) -> None:
         """The key set's first fetch and its refreshes, and the renewal of identities the
         application vouched for; owned by the runtime's lifespan."""
-        jobs = [job.run() for job in (self.jwks, self.hook) if job is not None]
-        if jobs:
-            await asyncio.gather(*jobs)
+        # A task group: if one job dies, the other is cancelled too, and the supervisor
+        # restarts both (never a second copy of a loop that kept running).
+        async with asyncio.TaskGroup() as group:
+            for job in (self.jwks, self.hook):
+                if job is not None:
+                    group.create_task(job.run())
 
     async def close(self) -> None:
         if self.client is not None:
