@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from urllib.parse import quote
 
 import orjson
@@ -12,15 +13,17 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from dualcast.admission import Refusal, error_response, identify, requested_rooms
 from dualcast.auth import COOKIE_NAME, AuthError
+from dualcast.consumer import Readiness
 from dualcast.csrf import FetchSite, cross_site_cookie_write, fetch_site
 from dualcast.events import Envelope, entry_fields
 from dualcast.headers import PAGE_HEADERS
 from dualcast.log import LogUnavailable
 from dualcast.metrics import Metrics
 from dualcast.names import check_event, check_rooms
-from dualcast.overview import build_overview
 from dualcast.query import query_of
 from dualcast.runtime import Runtime
+
+log = logging.getLogger("dualcast.api")
 
 
 def _rt(request: Request) -> Runtime:
@@ -31,15 +34,29 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
+async def _is_admin(request: Request, rt: Runtime) -> bool:
+    """Whether the caller presents an admin token (a bad token is just not admin)."""
+    try:
+        return (await identify(request, rt)).admin
+    except Refusal:
+        return False
+
+
 async def readyz(request: Request) -> Response:
+    """Anyone gets a status word; the detail (Redis host, port, the error) only reaches the
+    log and admin tokens, since a public probe would otherwise map the network behind it."""
     rt = _rt(request)
-    ok, reason = rt.consumer.healthy()
+    status, detail = rt.consumer.readiness()
+    reason = status.value
+    ok = status is Readiness.OK
     if rt.draining:
-        ok, reason = False, "draining for shutdown"
-    body = {
+        ok, reason, detail = False, "draining", "draining for shutdown"
+    body: dict[str, object] = {
         "ready": ok, "reason": reason, "engine": rt.log.engine,
         "last_id": rt.hub.last_id, "seconds_since_read": round(rt.consumer.seconds_since_read, 3),
     }
+    if not ok and await _is_admin(request, rt):
+        body["detail"] = detail
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
@@ -64,12 +81,16 @@ async def overview(request: Request) -> Response:
         rooms = requested_rooms(request, identity, rt.settings)
     except Refusal as refusal:
         return refusal.response()
+    folds = rt.consumer.overview
+    if not folds.built:
+        return error_response(503, "log_unavailable", "the event log is unreachable; retry soon")
     try:
-        async with asyncio.timeout(rt.settings.redis_timeout * 3):
-            state = await build_overview(rt.log, rooms)
-    except (LogUnavailable, TimeoutError) as exc:
-        return error_response(503, "log_unavailable", f"event log unreachable: {exc}")
-    return JSONResponse(state, headers={"Cache-Control": "no-store"})
+        # (the retained window the long-pollers share, a second old at most)
+        folds.trim((await rt.log_window(1.0)).first_id)
+    except LogUnavailable:
+        pass  # answered from what was read; the stream cannot trim while Redis is away
+    return Response(folds.answer(frozenset(rooms)), media_type="application/json",
+                    headers={"Cache-Control": "no-store"})
 
 
 def _cross_site(action: str) -> Response:
@@ -131,12 +152,17 @@ async def publish(request: Request) -> Response:
     except ValueError as exc:
         return error_response(422, "invalid", f"rooms: {exc}", field="rooms")
     try:
+        fields = entry_fields(envelope)
+    except (TypeError, ValueError):  # orjson: nested past 254 levels (deeper than it writes)
+        return error_response(400, "unencodable", "data nests too deep to be delivered",
+                              field="data")
+    try:
         async with asyncio.timeout(settings.redis_timeout):
-            entry_id = await rt.log.append(entry_fields(envelope))
+            entry_id = await rt.log.append(fields)
     except (LogUnavailable, TimeoutError) as exc:
         rt.stats.publish_failures += 1
-        reason = str(exc) or "timed out"
-        return error_response(503, "log_unavailable", f"event log unreachable: {reason}")
+        log.warning("publish failed: %s", str(exc) or "timed out")
+        return error_response(503, "log_unavailable", "the event log is unreachable; retry soon")
     return JSONResponse({"id": entry_id}, status_code=202)
 
 

@@ -1,22 +1,30 @@
 """The one stream consumer per process: XREAD BLOCK from the last delivered id.
 
-It never dies on data (a malformed entry is logged with its id, counted and
-skipped) and never dies on Redis (it backs off with jitter, reconnects, and
+It never dies on data (a malformed entry is logged with its id, counted by
+reason and skipped, once: the position moves past it like past any other entry;
+`decode_entry` turns everything a producer can write into MalformedEntry) and
+never dies on Redis (it backs off with jitter, reconnects, and
 resumes from its last id, never `$`, so entries added meanwhile arrive once).
 Clients stay connected to the hub the whole time.
+
+It also keeps the overview folded (`OverviewFolds`): the retained stream once at
+start, then each batch it reads, so `/api/overview` never reads the log.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dualcast.config import Settings
 from dualcast.events import (
+    ZERO,
     Event,
+    Malformed,
     MalformedEntry,
     StreamId,
     decode_entry,
@@ -26,14 +34,23 @@ from dualcast.events import (
 from dualcast.hub import Hub
 from dualcast.log import EventLog, LogUnavailable
 from dualcast.logs import redact_url
+from dualcast.overview import OverviewFolds
 
 log = logging.getLogger("dualcast.consumer")
+
+
+class Readiness(enum.Enum):
+    OK = "ok"
+    CONNECTING = "connecting"
+    UNREACHABLE = "log_unreachable"
+    STALLED = "consumer_stalled"
 
 
 @dataclass
 class ConsumerStats:
     consumed: int = 0
     malformed: int = 0
+    malformed_by: dict[Malformed, int] = field(default_factory=dict)
     reconnects: int = 0
     resets: int = 0
 
@@ -52,6 +69,8 @@ class Consumer:
         self.started_at = time.monotonic()
         self._last_info_at = 0.0
         self._failed_starts = 0
+        self.overview = OverviewFolds()
+        self._trimmed_at = 0.0
 
     @property
     def seconds_since_read(self) -> float:
@@ -60,14 +79,20 @@ class Consumer:
 
     def healthy(self) -> tuple[bool, str]:
         """Ready means: the log answered and a read completed within the stall bound."""
+        status, detail = self.readiness()
+        return status is Readiness.OK, detail
+
+    def readiness(self) -> tuple[Readiness, str]:
+        """A status word anyone may see, and the detail (hosts, errors) for logs and admins."""
         if not self.connected:
-            return False, f"event log unreachable: {self.last_error or 'connecting'}"
+            status = Readiness.CONNECTING if self.last_error is None else Readiness.UNREACHABLE
+            return status, f"event log unreachable: {self.last_error or 'connecting'}"
         if self.seconds_since_read > self.settings.stall_seconds:
-            return False, (
+            return Readiness.STALLED, (
                 f"consumer has not completed a read for {self.seconds_since_read:.1f}s "
                 f"(bound {self.settings.stall_seconds}s)"
             )
-        return True, "ok"
+        return Readiness.OK, "ok"
 
     async def run(self) -> None:
         attempt = 0
@@ -119,27 +144,75 @@ class Consumer:
         self.last_error = None
         self.last_read_at = time.monotonic()
 
+    async def _fold_retained(self) -> None:
+        """Fold the retained stream up to the consumer's position into the overview, in
+        pages, before the consumer delivers past it (so the fold stays in id order)."""
+        assert self.position is not None
+        folds = self.overview
+        folds.clear()
+        head = self.position
+        after = ZERO
+        page = 1000
+        while after < head:
+            entries = await self.log.read_after(format_id(after), page)
+            kept = [(i, f) for i, f in entries if parse_id(i) <= head]
+            if not kept:
+                break
+            events: list[Event] = []
+            for entry_id, fields in kept:
+                try:
+                    events.append(decode_entry(entry_id, fields))
+                except MalformedEntry as exc:  # (counted by whoever read it live)
+                    log.debug("overview skips malformed stream entry %s: %s", entry_id, exc)
+            after = parse_id(kept[-1][0])
+            folds.apply(events, after)
+            if len(kept) < page:
+                break
+            await asyncio.sleep(0)  # let subscribers' writers run between pages
+        folds.built = True
+        self._trimmed_at = time.monotonic()
+
+    async def _trim_overview(self) -> None:
+        """Every few seconds, make the overview forget what the stream has trimmed away."""
+        now = time.monotonic()
+        if now - self._trimmed_at < 5.0:
+            return
+        self._trimmed_at = now
+        self.overview.trim((await self.log.info()).first_id)
+
+    def _skip(self, entry_id: str, exc: MalformedEntry) -> None:
+        stats = self.stats
+        stats.malformed += 1
+        stats.malformed_by[exc.reason] = stats.malformed_by.get(exc.reason, 0) + 1
+        log.warning("skipping malformed stream entry %s: %s", entry_id, exc)
+
     async def _read_forever(self) -> None:
         settings = self.settings
         while True:
+            if not self.overview.built:
+                await self._fold_retained()
             assert self.position is not None
             after = format_id(self.position)
             entries = await self.log.read_blocking(after, settings.batch_count, settings.block_ms)
             self.last_read_at = time.monotonic()
             if not entries:
                 await self._check_head()
+                await self._trim_overview()
                 continue
             events: list[Event] = []
             for entry_id, fields in entries:
                 try:
                     events.append(decode_entry(entry_id, fields))
                 except MalformedEntry as exc:
-                    self.stats.malformed += 1
-                    log.warning("skipping malformed stream entry %s: %s", entry_id, exc)
-            last_id = entries[-1][0]
+                    self._skip(entry_id, exc)
+            last = parse_id(entries[-1][0])
             self.stats.consumed += len(events)
+            # The position moves first: nothing after this line may make the batch be
+            # read again (a skipped entry is skipped once, a delivered one delivered once).
+            self.position = last
             self.hub.publish(events)
-            self.position = parse_id(last_id)
+            self.overview.apply(events, last)
+            await self._trim_overview()
             # Let subscribers' writers run between big batches.
             await asyncio.sleep(0)
 
@@ -164,6 +237,7 @@ class Consumer:
         self.stats.resets += 1
         self.position = head
         self.hub.reset_all(head)
+        self.overview.built = False  # folded again, from what the stream holds now
         return True
 
     async def lag(self) -> int:

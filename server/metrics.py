@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from dualcast.events import Malformed
 from dualcast.runtime import Runtime
 from dualcast.tasks import TaskState
 
@@ -49,9 +50,13 @@ class RuntimeCollector(Collector):
             "dualcast_deliveries", "Events queued to subscribers", h.deliveries
         )
         yield CounterMetricFamily("dualcast_drops", "Subscribers cut off for lagging", h.cutoffs)
-        yield CounterMetricFamily(
-            "dualcast_malformed_entries", "Stream entries skipped as malformed", c.malformed
+        malformed = CounterMetricFamily(
+            "dualcast_malformed_entries", "Stream entries the consumer skipped, by reason",
+            labels=["reason"],
         )
+        for reason in Malformed:
+            malformed.add_metric([reason.value], c.malformed_by.get(reason, 0))
+        yield malformed
         yield CounterMetricFamily(
             "dualcast_consumer_reconnects", "Consumer reconnects to the log", c.reconnects
         )

@@ -97,7 +97,7 @@ async def test_raw_xadd_from_another_producer_is_readable(redis_server: RedisPro
         assert event.event == "usage_log_added"
         assert event.data == {"costUsd": 0.5}
         assert event.rooms == ("admin",)
-        assert json.loads(got_fields["data"])["event"] == "usage_log_added"
+        assert json.loads(got_fields[b"data"])["event"] == "usage_log_added"  # bytes, as stored
     finally:
         await log.close()
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from dualcast.events import ZERO, StreamId
+from dualcast.events import ZERO, RawFields, StreamId
 
-#: One stream entry as stored: its id and its field map (wire format, undecoded).
-RawEntry = tuple[str, dict[str, str]]
+#: One stream entry as stored: its id and its field map (wire format, undecoded: the
+#: Redis engine hands over bytes, which only `decode_entry` turns into text).
+RawEntry = tuple[str, RawFields]
 
 
 class LogUnavailable(Exception):

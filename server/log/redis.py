@@ -4,6 +4,11 @@ Two clients: the consumer's blocking XREAD gets a connection of its own, so a
 burst of replays or publishes can never starve it (and a full pool cannot make
 it fail); everything else shares a blocking pool that waits instead of raising.
 Every redis-py error is translated here, once, into LogUnavailable.
+
+Replies stay bytes (no `decode_responses`): redis-py would raise UnicodeDecodeError,
+which is no RedisError, on an entry a producer wrote in another encoding, and the
+consumer would re-read that entry forever. Entry fields go to `decode_entry` as
+bytes; ids and XINFO values, which Redis itself writes, are decoded here.
 """
 
 from __future__ import annotations
@@ -28,6 +33,11 @@ async def _translated(what: str) -> AsyncIterator[None]:
         raise LogUnavailable(f"redis {what} failed: {type(exc).__name__}: {exc}") from exc
 
 
+def _text(value: object) -> str:
+    """An id or XINFO value Redis wrote (ASCII), as text."""
+    return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+
+
 class RedisLog:
     engine = "redis"
 
@@ -37,7 +47,7 @@ class RedisLog:
         self.maxlen = settings.maxlen
         timeout = settings.redis_timeout
         common: dict[str, Any] = {
-            "decode_responses": True,
+            "decode_responses": False,
             "socket_connect_timeout": timeout,
             "socket_keepalive": True,
             "health_check_interval": 10,
@@ -74,7 +84,7 @@ class RedisLog:
             entry_id = await self._client.xadd(
                 self.stream, fields, maxlen=self.maxlen, approximate=True  # type: ignore[arg-type]
             )
-        return str(entry_id)
+        return _text(entry_id)
 
     async def append_many(self, entries: list[dict[str, str]]) -> list[str]:
         async with _translated("XADD pipeline"):
@@ -82,12 +92,12 @@ class RedisLog:
                 for fields in entries:
                     pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
                 ids = await pipe.execute()
-        return [str(i) for i in ids]
+        return [_text(i) for i in ids]
 
     async def read_after(self, after: str, count: int) -> list[RawEntry]:
         async with _translated("XRANGE"):
             entries = await self._client.xrange(self.stream, min=f"({after}", max="+", count=count)
-        return [(str(i), dict(f)) for i, f in entries or ()]  # type: ignore[arg-type]
+        return [(_text(i), f or {}) for i, f in entries or ()]  # type: ignore[misc]
 
     async def read_blocking(self, after: str, count: int, block_ms: int) -> list[RawEntry]:
         async with _translated("XREAD"):
@@ -97,7 +107,7 @@ class RedisLog:
         # RESP2 gives [[stream, entries]], RESP3 a {stream: [entries]} map.
         batches = reply.values() if isinstance(reply, dict) else (e for _, e in reply)
         return [
-            (str(i), dict(f))  # type: ignore[arg-type]
+            (_text(i), f or {})  # type: ignore[misc]
             for entries in batches for i, f in entries  # type: ignore[misc]
         ]
 
@@ -110,10 +120,10 @@ class RedisLog:
                 return LogInfo(exists=False, length=0, first_id=None, last_id=ZERO)
             raise
         first = raw.get("first-entry")
-        first_id = parse_id(str(first[0])) if first else None
-        last_id = parse_id(str(raw["last-generated-id"]))
+        first_id = parse_id(_text(first[0])) if first else None
+        last_id = parse_id(_text(raw["last-generated-id"]))
         length = int(raw.get("length", 0))
-        max_deleted = parse_id(str(raw.get("max-deleted-entry-id") or "0-0"))
+        max_deleted = parse_id(_text(raw.get("max-deleted-entry-id") or "0-0"))
         # MAXLEN trimming does not move max-deleted-entry-id (only XDEL does), but
         # entries-added > length says the head was trimmed: everything before the
         # first retained entry may be gone.
