@@ -233,7 +233,7 @@ class SettingsError(Exception):
 
 
 #: Values never repeated in an error: a secret, or a URL that may carry a password.
-_NOT_ECHOED = frozenset({"secret", "redis_url"})
+_NOT_ECHOED = frozenset({"secret", "redis_url", "jwks_url", "auth_url", "public_key"})
 
 
 def env_name(field: str) -> str:
