@@ -348,3 +348,42 @@ def test_wrong_method_is_405_with_allow(serve: Callable[..., DualcastProcess]) -
         assert (answer.status_code, answer.headers.get("allow")) == (405, allow), (method, path)
     assert httpx.get(proc.url + "/api/nothing-here", timeout=5).status_code == 404
     assert httpx.get(proc.url + "/healthz", timeout=5).status_code == 200
+
+
+# Logs never carry a token; a worker that dies is replaced ------------------------------
+
+def test_tokens_never_reach_the_log(serve: Callable[..., DualcastProcess]) -> None:
+    from websockets.sync.client import connect
+
+    from tests.conftest import token
+
+    proc = serve(["--log-level", "debug"], env={"DUALCAST_SECRET": ""})
+    wait_until(lambda: "dashboard as admin" in proc.log(), timeout=10, what="the link")
+    admin = proc.log().split("?token=", 1)[1].split()[0]
+    user = token("42")  # signed with another secret: refused, and still not logged
+    for tok in (admin, user):
+        with connect(f"{proc.ws_url}/api/ws?token={tok}", open_timeout=10) as ws:
+            ws.recv(timeout=10)
+        httpx.get(f"{proc.url}/api/me?token={tok}", timeout=5)
+    wait_until(lambda: proc.log().count("/api/ws?token=***") >= 2, timeout=10,
+               what="uvicorn's lines about the upgrades, redacted")
+    log = proc.log()
+    link_line = [line for line in log.splitlines() if "dashboard as admin" in line]
+    rest = log.replace(link_line[0], "")  # the link itself is printed for the person once
+    assert admin not in rest and user not in rest
+
+
+def test_a_worker_that_dies_is_replaced(
+    serve: Callable[..., DualcastProcess], redis_server: RedisProcess
+) -> None:
+    proc = serve(["--workers", "2"], redis_url=redis_server.url)
+    first = wait_workers(proc, 2)
+    first[0].kill()
+    wait_until(lambda: len(workers_of(proc)) == 2
+               and first[0].pid not in {w.pid for w in workers_of(proc)},
+               timeout=30, what="a new worker in place of the killed one")
+    assert "died" in proc.log()
+    for _ in range(20):  # whichever worker answers, the server serves
+        assert httpx.get(proc.url + "/healthz", timeout=5).status_code == 200
+    assert proc.stop() in (0, -15)
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in first[1:])
