@@ -17,7 +17,7 @@ import pytest
 from dualcast.auth import COOKIE_NAME
 from dualcast.headers import CONTENT_SECURITY_POLICY
 from tests.conftest import token
-from tests.support.procs import DualcastProcess
+from tests.harness.procs import DualcastProcess
 
 ADMIN = token("victim", admin=True)
 ATTACKER = token("mallory", publish=True)

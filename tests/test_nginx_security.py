@@ -20,8 +20,9 @@ import websockets
 from dualcast.headers import PAGE_HEADERS
 from tests.conftest import require_tool, token
 from tests.harness.nginx import NginxProcess, render, require_nginx
+from tests.harness.procs import DualcastProcess, RedisProcess
 from tests.harness.tls import TlsFiles, make_throwaway_ca
-from tests.support.procs import DualcastProcess, RedisProcess, wait_until
+from tests.harness.waits import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 

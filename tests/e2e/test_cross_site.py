@@ -21,7 +21,7 @@ import pytest
 from dualcast.headers import CONTENT_SECURITY_POLICY
 from tests.conftest import token
 from tests.e2e.conftest import Page, Stack, login_url, wait_ids, wait_transport
-from tests.support.procs import wait_until
+from tests.harness.waits import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -25,8 +25,8 @@ from tests.e2e.conftest import (
     wait_transport,
 )
 from tests.harness.nginx import NginxProcess, require_nginx
+from tests.harness.procs import DualcastProcess, RedisProcess
 from tests.harness.tls import TlsFiles, make_throwaway_ca
-from tests.support.procs import DualcastProcess, RedisProcess
 
 pytestmark = pytest.mark.timeout(120)
 
