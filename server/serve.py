@@ -19,7 +19,9 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
@@ -141,14 +143,27 @@ def _worker(server: DualcastServer, sockets: list[socket.socket]) -> None:
         pass
 
 
+@dataclass
+class _Slot:
+    """One worker's place: its process, or the moment its replacement may start."""
+
+    process: Any = None
+    started_at: float = 0.0
+    quick_deaths: int = 0  # deaths in a row soon after starting
+    restart_at: float = 0.0
+
+
 class Workers:
     """N worker processes on one shared socket: started, kept alive, stopped by signal.
 
-    A worker that dies is replaced, unless it failed to start (a broken app or
-    setting would fail the same way every time): then the whole server stops.
-    SIGTERM or SIGINT here is passed on to every worker as SIGTERM, so each drains
-    its own subscribers, and is waited for for the drain's grace plus a margin.
+    A worker that dies is replaced (after a backoff growing to 30 s when it keeps
+    dying soon after starting), unless it failed to start: a broken app or setting
+    would fail the same way every time, so the whole server stops. SIGTERM or
+    SIGINT here is passed on to every worker as SIGTERM, so each drains its own
+    subscribers, and is waited for for the drain's grace plus a margin.
     """
+
+    QUICK = 10.0  # a worker that dies sooner than this after starting backs off
 
     def __init__(self, server: DualcastServer, sock: socket.socket, count: int,
                  on_listening: Callable[[], None] | None = None) -> None:
@@ -159,13 +174,13 @@ class Workers:
         self.stop = threading.Event()
         self.failed = False
         self._spawn = multiprocessing.get_context("spawn")
-        self.processes: list[Any] = []
+        self.slots = [_Slot() for _ in range(count)]
 
-    def _start_one(self) -> Any:
-        process = self._spawn.Process(target=_worker, args=(self.server, [self.sock]),
-                                      name="dualcast-worker")
-        process.start()
-        return process
+    def _start(self, slot: _Slot) -> None:
+        slot.process = self._spawn.Process(target=_worker, args=(self.server, [self.sock]),
+                                           name="dualcast-worker")
+        slot.process.start()
+        slot.started_at = time.monotonic()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.stop.set()
@@ -174,7 +189,8 @@ class Workers:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
         log.info("starting %d workers (parent process %d)", self.count, os.getpid())
-        self.processes = [self._start_one() for _ in range(self.count)]
+        for slot in self.slots:
+            self._start(slot)
         announced = False
         while not self.stop.wait(0.2):
             if not announced and listening(self.sock):
@@ -186,7 +202,13 @@ class Workers:
         return 1 if self.failed else 0
 
     def _replace_dead(self) -> None:
-        for index, process in enumerate(self.processes):
+        now = time.monotonic()
+        for slot in self.slots:
+            process = slot.process
+            if process is None:
+                if now >= slot.restart_at:
+                    self._start(slot)
+                continue
             if process.is_alive():
                 continue
             process.join()
@@ -195,16 +217,19 @@ class Workers:
                 self.failed = True
                 self.stop.set()
                 return
-            log.warning("worker %d died (exit code %s); starting another",
-                        process.pid, process.exitcode)
-            self.processes[index] = self._start_one()
+            slot.quick_deaths = slot.quick_deaths + 1 if now - slot.started_at < self.QUICK else 0
+            delay = min(30.0, 0.5 * 2 ** (slot.quick_deaths - 1)) if slot.quick_deaths else 0.0
+            log.warning("worker %d died (exit code %s); starting another in %.1fs",
+                        process.pid, process.exitcode, delay)
+            slot.process, slot.restart_at = None, now + delay
 
     def _stop_all(self) -> None:
-        for process in self.processes:
+        running = [slot.process for slot in self.slots if slot.process is not None]
+        for process in running:
             if process.is_alive() and process.pid is not None:
                 os.kill(process.pid, signal.SIGTERM)
         wait = self.server.settings.shutdown_grace + 5.0
-        for process in self.processes:
+        for process in running:
             process.join(wait)
             if process.is_alive():
                 log.error("worker %d did not stop within %.0fs; killing it", process.pid, wait)
