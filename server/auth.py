@@ -245,6 +245,8 @@ class Authenticator:
     #: kept; the expiry is checked again on every hit.
     CACHE_MAX = 4096
     MAX_TOKEN = 8192
+    #: Seconds of clock difference tolerated with issuers that sign with their own keys.
+    ISSUER_LEEWAY = 5.0
 
     def __init__(
         self, secret: str | None, allow_anonymous: bool = True, *,
@@ -379,14 +381,19 @@ class Authenticator:
             required.append("iss")
         if self.audience:
             required.append("aud")
+        # Another issuer's clock may run a little ahead of ours: a token it just made
+        # would be "not valid yet" (iat/nbf) for a moment without a small leeway.
+        leeway = 0.0 if isinstance(key, str) else self.ISSUER_LEEWAY
         try:
             claims = jwt.decode(
-                token, key, algorithms=[algorithm], issuer=self.issuer,
+                token, key, algorithms=[algorithm], issuer=self.issuer, leeway=leeway,
                 audience=self.audience or None, options={"require": required},
             )
         except jwt.InvalidTokenError as exc:
             raise _refusal_for(exc, self.audience) from None
         identity = _identity_of(claims)
+        if identity.expired():  # (the leeway is for iat/nbf, not for exp)
+            raise AuthError("token_expired", "the token has expired; log in again")
         if len(self._verified) >= self.CACHE_MAX:
             del self._verified[next(iter(self._verified))]  # the oldest entry
         self._verified[token] = identity

@@ -134,3 +134,21 @@ async def test_a_storm_of_unknown_kids_is_one_fetch_and_a_failed_fetch_keeps_the
         assert (await auth.decode(keys["ec256"].token("still"))).sub == "still"
     finally:
         await auth.close()
+
+
+async def test_a_little_clock_skew_is_tolerated_but_never_on_exp(
+    served: tuple[JwksServer, dict[str, SigningKey]],
+) -> None:
+    """An issuer whose clock runs ahead mints tokens "issued" a moment in our future."""
+    issuer, keys = served
+    auth = authenticator(issuer, "ES256")
+    try:
+        ahead = int(time.time()) + 3
+        early = keys["ec256"].token("early", iat=ahead, nbf=ahead)
+        assert (await auth.decode(early)).sub == "early"
+        late = keys["ec256"].token("late", ttl=-2)
+        assert "expired" in await refused(auth, late)
+        far = int(time.time()) + 120
+        assert "not valid yet" in await refused(auth, keys["ec256"].token("x", nbf=far))
+    finally:
+        await auth.close()
