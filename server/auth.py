@@ -222,16 +222,6 @@ def _query_or_cookie_token(conn: HTTPConnection) -> str | None:
     return conn.cookies.get(COOKIE_NAME) or None
 
 
-def decode_token(token: str, secret: str | None) -> Identity:
-    """Verify an HS256 token (signature, expiry, claim types) or raise AuthError.
-
-    Uncached and secret-only: servers verify through their `Authenticator`.
-    """
-    if secret is None:
-        raise AuthError("no_secret", "this server has no token secret configured")
-    return Authenticator(secret).decode_now(token)
-
-
 class Authenticator:
     """Turns what a request presents into an `Identity`; one per app, on its runtime.
 
