@@ -533,7 +533,7 @@ async def test_cross_origin_websocket_refused_with_403(
 
 async def test_a_refused_upgrade_is_not_logged_as_an_error(server: DualcastProcess) -> None:
     """A 403 denial is the handshake's answer: uvicorn logged "returned without
-    completing handshake" at error level after each one (server/transports/ws_protocol.py)."""
+    completing handshake" at error level after each one (server/ws_protocol.py)."""
     for _ in range(3):
         with pytest.raises(websockets.InvalidStatus) as refused:
             await websockets.connect(f"{server.ws_url}/api/ws", origin="http://evil.example")  # type: ignore[arg-type]
