@@ -22,6 +22,7 @@ from dualcast.collector import FreezeAfterFullCollections
 from dualcast.config import Settings
 from dualcast.cors import CLIENT_FILES, CORS_PATHS, Cors, Verdict, client_endpoint, header
 from dualcast.headers import PAGE_HEADERS, WithPageHeaders
+from dualcast.methods import WrongMethods
 from dualcast.metrics import Metrics
 from dualcast.runtime import Runtime
 from dualcast.transports.poll import poll_endpoint
@@ -128,8 +129,8 @@ def create_app(settings: Settings, secret: str | None = None) -> Starlette:
         Route("/metrics", api.metrics),
     ]
     if folder.is_dir():
-        routes.append(Mount("/", WithPageHeaders(StaticFiles(directory=folder, html=True)),
-                            name="static"))
+        static = WithPageHeaders(StaticFiles(directory=folder, html=True))
+        routes.append(Mount("/", WrongMethods(static, routes), name="static"))
     app = DualcastApp(
         routes=routes, lifespan=lifespan,
         http_fast={"/api/sse": sse_endpoint, "/api/events": poll_endpoint},
