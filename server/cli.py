@@ -26,11 +26,9 @@ def parse_ttl(value: str) -> float:
     return float(number) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
 
 
-def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
-    overrides = {k: v for k, v in extra.items() if v is not None}
-    if getattr(args, "redis_url", None):
-        overrides["redis_url"] = args.redis_url
-    return load_settings(**overrides)
+def _settings(args: argparse.Namespace) -> Settings:
+    """Settings of the commands other than serve: the environment, and --redis-url."""
+    return _flag_settings(args, {"redis_url": "--redis-url"})
 
 
 #: `dualcast serve` flags and the settings they set: a flag is the environment
