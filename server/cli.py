@@ -218,7 +218,7 @@ async def _publish_redis(args: argparse.Namespace, settings: Settings, data: Any
     logging.getLogger("dualcast.publisher").setLevel(logging.ERROR)
     async with Publisher(settings.redis_url, stream=settings.stream, maxlen=settings.maxlen,
                          timeout=settings.redis_timeout, wait_replicas=args.wait_replicas,
-                         wait_timeout_ms=args.wait_timeout) as publisher:
+                         wait_timeout_ms=args.wait_timeout, tls=settings.redis_tls) as publisher:
         result = await publisher.publish_result(args.event, data, args.room or None)
     if result.id is None:
         print(f"dualcast publish: Redis at {publisher.where} is not reachable", file=sys.stderr)
@@ -267,7 +267,7 @@ def _demo(args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         assert settings.redis_url is not None
         await demo_against_redis(settings.redis_url, settings.stream, settings.maxlen, stop,
-                                 args.speed)
+                                 args.speed, tls=settings.redis_tls)
 
     try:
         asyncio.run(main())

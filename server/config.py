@@ -14,6 +14,7 @@ from pydantic import AliasChoices, Field, ValidationError, field_validator, mode
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from dualcast.names import EVENT_NAME_PATTERN, ROOM_NAME_PATTERN
+from dualcast.redis_connect import TlsFiles, parse_redis_url
 from dualcast.secret_file import MIN_SECRET_BYTES
 
 Transport = Literal["websocket", "sse", "polling"]
@@ -38,6 +39,9 @@ class Settings(BaseSettings):
         15.0, gt=0, description="a consumer with no completed read for this long is not ready"
     )
     backoff_max: float = Field(5.0, gt=0, le=300, description="cap of the reconnect backoff")
+    redis_tls_ca: str | None = Field(None, description="CA (PEM) that signed Redis' TLS cert")
+    redis_tls_cert: str | None = Field(None, description="client certificate (PEM) for Redis TLS")
+    redis_tls_key: str | None = Field(None, description="client key (PEM) for Redis TLS")
 
     # serving
     host: str = "127.0.0.1"
@@ -141,9 +145,32 @@ class Settings(BaseSettings):
     def _redis_scheme(cls, value: str | None) -> str | None:
         if value in (None, "", "memory", "memory://"):
             return None
-        if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix:// (or be empty)")
+        parse_redis_url(value)  # its errors never repeat the password
         return value
+
+    @field_validator("redis_tls_ca", "redis_tls_cert", "redis_tls_key", mode="before")
+    @classmethod
+    def _empty_path(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _redis_tls(self) -> Settings:
+        files = (self.redis_tls_ca, self.redis_tls_cert, self.redis_tls_key)
+        if any(files) and not (self.redis_url and parse_redis_url(self.redis_url).tls):
+            raise ValueError("DUALCAST_REDIS_TLS_CA: TLS files need a rediss:// URL "
+                             "(or rediss+sentinel://, rediss+cluster://)")
+        if bool(self.redis_tls_cert) != bool(self.redis_tls_key):
+            raise ValueError("DUALCAST_REDIS_TLS_CERT: a client certificate needs its key "
+                             "(DUALCAST_REDIS_TLS_KEY), and a key its certificate")
+        for name, path in zip(("CA", "CERT", "KEY"), files, strict=True):
+            if path and not os.path.isfile(path):
+                raise ValueError(f"DUALCAST_REDIS_TLS_{name}: no such file: {path}")
+        return self
+
+    @property
+    def redis_tls(self) -> TlsFiles:
+        """The TLS files for a rediss:// URL (empty: the system's CAs, no client cert)."""
+        return TlsFiles(self.redis_tls_ca, self.redis_tls_cert, self.redis_tls_key)
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

@@ -26,7 +26,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from dualcast.redis_connect import TlsFiles
 
 log = logging.getLogger("dualcast.demo")
 
@@ -417,6 +420,7 @@ async def run_demo(
 async def demo_against_redis(
     redis_url: str, stream: str = "websocket-broadcast", maxlen: int | None = 10_000,
     stop: asyncio.Event | None = None, speed: float = 1.0, seed: int | None = None,
+    tls: TlsFiles | None = None,
 ) -> None:
     """`dualcast demo`: publish the simulated traffic to a Redis stream until ``stop``.
 
@@ -426,9 +430,9 @@ async def demo_against_redis(
     from dualcast.publisher import Publisher  # the demo module itself stays import-light
 
     stop = stop or asyncio.Event()
-    async with Publisher(redis_url, stream=stream, maxlen=maxlen) as publisher:
+    async with Publisher(redis_url, stream=stream, maxlen=maxlen, tls=tls) as publisher:
         log.info("demo: publishing simulated traffic to %s (stream %r, speed %s)",
-                 redis_url.split("@")[-1], stream, speed)
+                 publisher.where, stream, speed)
         try:
             await run_demo(publisher.publish, stop=stop, speed=speed, seed=seed)
         finally:

@@ -17,19 +17,19 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from dualcast.config import Settings
 from dualcast.events import ZERO, StreamId, parse_id
 from dualcast.log.base import LogInfo, LogUnavailable, RawEntry
+from dualcast.redis_connect import Pooling, async_client, parse_redis_url
 
 
 @asynccontextmanager
 async def _translated(what: str) -> AsyncIterator[None]:
     try:
         yield
-    except (RedisError, OSError, TimeoutError) as exc:
+    except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
         raise LogUnavailable(f"redis {what} failed: {type(exc).__name__}: {exc}") from exc
 
 
@@ -52,18 +52,15 @@ class RedisLog:
             "socket_keepalive": True,
             "health_check_interval": 10,
         }
-        pool = aioredis.BlockingConnectionPool.from_url(
-            settings.redis_url, max_connections=64, timeout=timeout,
-            socket_timeout=timeout, **common,
-        )
-        self._client = aioredis.Redis(connection_pool=pool)
+        target = parse_redis_url(settings.redis_url)
+        tls = settings.redis_tls
+        self._client = async_client(target, tls, Pooling(64, wait=timeout),
+                                    socket_timeout=timeout, **common)
         # XREAD BLOCK does not extend the read timeout (redis-py #2807): give the
         # blocking reader a socket timeout well above its block time, so a stalled
         # connection is still noticed within block + timeout.
-        self._reader = aioredis.Redis.from_url(
-            settings.redis_url, socket_timeout=settings.block_ms / 1000 + timeout,
-            single_connection_client=True, **common,
-        )
+        self._reader = async_client(target, tls, Pooling(single=True),
+                                    socket_timeout=settings.block_ms / 1000 + timeout, **common)
 
     async def connect(self) -> None:
         await self.ping()

@@ -8,11 +8,11 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Unpack
 
 import redis
-import redis.asyncio as aioredis
 
 from dualcast.publisher.core import FAILURES, HELD, BatchItem, PublisherCore, Throttle, ids
 from dualcast.publisher.encoding import Entry
 from dualcast.publisher.results import PublishResult
+from dualcast.redis_connect import AsyncClient, Pooling, async_client
 
 
 class Publisher(PublisherCore):
@@ -24,7 +24,7 @@ class Publisher(PublisherCore):
     the options.
     """
 
-    _redis: aioredis.Redis | None = None
+    _redis: AsyncClient | None = None
     _slots_: asyncio.Semaphore | None = None
     _flusher: asyncio.Task[None] | None = None
     _prober: asyncio.Task[None] | None = None
@@ -43,14 +43,14 @@ class Publisher(PublisherCore):
             self._slots_ = asyncio.Semaphore(self.max_connections)
         return self._slots_
 
-    def _client(self) -> aioredis.Redis:
+    def _client(self) -> AsyncClient:
         if self._redis is None:
-            assert self.redis_url is not None
+            assert self._target is not None
             # the semaphore in _append bounds the connections: cheaper than redis-py's
             # BlockingConnectionPool on every call, and a plain pool never raises "Too many
             # connections" because no more than `max_connections` callers reach it at once
-            pool = aioredis.ConnectionPool.from_url(self.redis_url, **self._connection_kwargs())
-            self._redis = aioredis.Redis(connection_pool=pool)
+            self._redis = async_client(self._target, self.tls, Pooling(self.max_connections),
+                                       **self._connection_kwargs())
         return self._redis
 
     async def publish(self, event: str, data: Any = None, rooms: Iterable[str] | None = None,
@@ -184,7 +184,6 @@ class Publisher(PublisherCore):
                         pass
             if self._redis is not None:
                 try:
-                    await self._redis.aclose()
-                    await self._redis.connection_pool.disconnect()
+                    await self._redis.aclose()  # it owns its pool: this closes every connection
                 except Exception as exc:
                     self._log_error("closing the Redis client failed", exc)

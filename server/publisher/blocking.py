@@ -11,6 +11,7 @@ import redis
 from dualcast.publisher.core import FAILURES, HELD, BatchItem, PublisherCore, Throttle, ids
 from dualcast.publisher.encoding import Entry
 from dualcast.publisher.results import PublishResult
+from dualcast.redis_connect import Pooling, SyncClient, sync_client
 
 
 class SyncPublisher(PublisherCore):
@@ -22,7 +23,7 @@ class SyncPublisher(PublisherCore):
     daemon thread the publisher owns and stops (after a flush) on close.
     """
 
-    _redis: redis.Redis | None = None
+    _redis: SyncClient | None = None
     _thread: threading.Thread | None = None
 
     def __enter__(self) -> SyncPublisher:
@@ -42,15 +43,13 @@ class SyncPublisher(PublisherCore):
         assert isinstance(cond, threading.Condition)
         return cond
 
-    def _client(self) -> redis.Redis:
+    def _client(self) -> SyncClient:
         with self._lock:
             if self._redis is None:
-                assert self.redis_url is not None
-                pool = redis.BlockingConnectionPool.from_url(
-                    self.redis_url, max_connections=self.max_connections, timeout=self.timeout,
-                    **self._connection_kwargs(),
-                )
-                self._redis = redis.Redis(connection_pool=pool)
+                assert self._target is not None
+                pooling = Pooling(self.max_connections, wait=self.timeout)
+                self._redis = sync_client(self._target, self.tls, pooling,
+                                          **self._connection_kwargs())
             return self._redis
 
     def publish(self, event: str, data: Any = None, rooms: Iterable[str] | None = None,
@@ -140,7 +139,6 @@ class SyncPublisher(PublisherCore):
                 self._thread.join(timeout=self._call_timeout * 2 + 1)
             if self._redis is not None:
                 try:
-                    self._redis.close()
-                    self._redis.connection_pool.disconnect()
+                    self._redis.close()  # it owns its pool: this closes every connection
                 except Exception as exc:
                     self._log_error("closing the Redis client failed", exc)

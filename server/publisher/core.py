@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -26,6 +25,7 @@ from dualcast.publisher.breaker import Breaker
 from dualcast.publisher.encoding import Entry, prepare
 from dualcast.publisher.results import Outcome, PublisherStats, PublishResult
 from dualcast.publisher.throttle import Conflator
+from dualcast.redis_connect import RedisTarget, TlsFiles, parse_redis_url, redact
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +86,6 @@ HELD = PublishResult(None, Outcome.HELD)
 DROPPED = PublishResult(None, Outcome.DROPPED)
 
 
-def _redact(url: str) -> str:
-    return re.sub(r"//[^@/]*@", "//***@", url)
-
-
 class PublisherCore:
     """Settings, stats and outcome accounting; subclassed by the two fronts.
 
@@ -100,6 +96,9 @@ class PublisherCore:
     ``wait_replicas=n`` follows every append with ``WAIT n wait_timeout_ms`` on
     the same connection; :meth:`publish_result` then says how many replicas
     acknowledged the write, and a call may take ``wait_timeout_ms`` longer.
+    ``redis_url`` may name a Sentinel service or a Cluster (see
+    :mod:`dualcast.redis_connect`); ``tls`` gives the CA and client files for a
+    ``rediss`` URL. A URL that cannot be used raises ValueError here, not later.
     """
 
     def __init__(
@@ -116,6 +115,7 @@ class PublisherCore:
         max_connections: int = 16,
         wait_replicas: int = 0,
         wait_timeout_ms: int = 100,
+        tls: TlsFiles | None = None,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be > 0")
@@ -124,6 +124,8 @@ class PublisherCore:
         if max_connections < 1:
             raise ValueError("max_connections must be >= 1")
         self.redis_url = redis_url
+        self.tls = tls
+        self._target: RedisTarget | None = parse_redis_url(redis_url) if redis_url else None
         self.stream = stream
         self.maxlen = maxlen
         self.timeout = timeout
@@ -135,7 +137,7 @@ class PublisherCore:
         self._conflator: Conflator[Entry] = Conflator()
         self._lock = self._make_lock()
         self._closed = False
-        self._where = _redact(redis_url) if redis_url else "(none)"
+        self._where = redact(redis_url) if redis_url else "(none)"
         self._last_error_log = -math.inf
         self._log_every = log_every
 

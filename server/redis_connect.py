@@ -1,0 +1,298 @@
+"""Every Redis client dualcast builds comes from here: one URL, three topologies.
+
+`DUALCAST_REDIS_URL` names a plain server (`redis://`, `rediss://` with TLS,
+`unix://`), a primary found through Sentinel and followed across failovers
+(`redis+sentinel://[user:pass@]h1:p1[,h2:p2...]/<service>[/db]`) or a Redis
+Cluster (`redis+cluster://[user:pass@]h1:p1[,h2:p2...]`; the stream key lives in
+one slot, and redis-py follows MOVED/ASK and re-reads the slot map after a
+failover). `rediss+sentinel://` and `rediss+cluster://` speak TLS to the data
+nodes. The consumer, replay, the poll window, the publish API, the CLI and the
+Python publisher all build their clients here, so each topology behaves the same
+everywhere.
+
+The publisher imports this module, so it must stay free of pydantic and Starlette.
+Nothing here ever puts a password into a message: `redact` is what callers show.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote
+
+import redis
+import redis.asyncio as aioredis
+import redis.asyncio.cluster as aiocluster
+import redis.asyncio.sentinel as aiosentinel
+import redis.cluster
+import redis.sentinel
+
+
+class Topology(enum.StrEnum):
+    STANDALONE = "standalone"
+    SENTINEL = "sentinel"
+    CLUSTER = "cluster"
+
+
+_SCHEMES: dict[str, tuple[Topology, bool]] = {
+    "redis": (Topology.STANDALONE, False),
+    "rediss": (Topology.STANDALONE, True),
+    "unix": (Topology.STANDALONE, False),
+    "redis+sentinel": (Topology.SENTINEL, False),
+    "rediss+sentinel": (Topology.SENTINEL, True),
+    "redis+cluster": (Topology.CLUSTER, False),
+    "rediss+cluster": (Topology.CLUSTER, True),
+}
+SCHEMES: tuple[str, ...] = tuple(f"{scheme}://" for scheme in _SCHEMES)
+
+
+class BadRedisUrl(ValueError):
+    """A URL this module cannot use; the message never repeats a password."""
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """PEM files for TLS to Redis: the CA that signed the server (None: the system's), and
+    a client certificate and key when the server asks for one (`tls-auth-clients`)."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"ssl_cert_reqs": "required"}
+        if self.ca:
+            out["ssl_ca_certs"] = self.ca
+        if self.cert:
+            out["ssl_certfile"] = self.cert
+        if self.key:
+            out["ssl_keyfile"] = self.key
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTarget:
+    """A parsed `DUALCAST_REDIS_URL`; `url` is the original, kept for plain servers
+    (redis-py parses those itself, query options included)."""
+
+    url: str
+    topology: Topology
+    tls: bool
+    nodes: tuple[tuple[str, int], ...] = ()
+    service: str = ""
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    @property
+    def where(self) -> str:
+        """The URL with its password hidden: fit for a log line or an error message."""
+        return redact(self.url)
+
+
+def redact(url: str) -> str:
+    """`url` with the password of its user info (and a `password=` query value) masked."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "<not a URL>"
+    netloc, slash, tail = rest.partition("/")
+    if "@" in netloc:
+        userinfo, _, hosts = netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{hosts}" if ":" in userinfo else f"***@{hosts}" if user else hosts
+    tail = re.sub(r"(?i)((?:^|[?&])password=)[^&]*", r"\1***", tail)
+    return f"{scheme}://{netloc}{slash}{tail}"
+
+
+def _nodes(hosts: str, url: str, default_port: int) -> tuple[tuple[str, int], ...]:
+    """`h1:p1,h2:p2,[::1]:p3` as (host, port) pairs."""
+    out = []
+    for item in hosts.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if item.startswith("["):  # [v6]:port
+            host, _, port_text = item[1:].partition("]")
+            port_text = port_text.removeprefix(":")
+        else:
+            host, _, port_text = item.rpartition(":") if ":" in item else (item, "", "")
+        try:
+            port = int(port_text) if port_text else default_port
+        except ValueError:
+            raise BadRedisUrl(f"bad port {port_text!r} in {redact(url)}") from None
+        if not host or not 0 < port < 65536:
+            raise BadRedisUrl(f"bad node {item!r} in {redact(url)}")
+        out.append((host, port))
+    if not out:
+        raise BadRedisUrl(f"no host in {redact(url)}")
+    return tuple(out)
+
+
+def parse_redis_url(url: str) -> RedisTarget:
+    """The target `url` names, or BadRedisUrl (which never repeats its password)."""
+    scheme = url.partition("://")[0].lower() if "://" in url else ""
+    if scheme not in _SCHEMES:
+        raise BadRedisUrl(f"must start with one of {', '.join(SCHEMES)}")
+    topology, tls = _SCHEMES[scheme]
+    if topology is Topology.STANDALONE:
+        try:
+            # redis-py's own check, query options included
+            redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
+        except ValueError as exc:
+            raise BadRedisUrl(f"{redact(url)}: {redact(str(exc))}") from None
+        return RedisTarget(url=url, topology=topology, tls=tls)
+    rest = url.split("://", 1)[1]
+    netloc, _, path = rest.partition("/")
+    path, _, query = path.partition("?")
+    if query:
+        raise BadRedisUrl(f"{redact(url)}: options in the query are not supported here")
+    username = password = None
+    if "@" in netloc:
+        userinfo, _, netloc = netloc.rpartition("@")
+        user_text, colon, pass_text = userinfo.partition(":")
+        username = unquote(user_text) or None
+        password = unquote(pass_text) if colon else None
+    parts = [p for p in path.split("/") if p]
+    db = 0
+    if topology is Topology.SENTINEL:
+        if not parts:
+            raise BadRedisUrl(f"{redact(url)}: name the Sentinel service: .../<service>[/db]")
+        service, *rest_parts = parts
+        nodes = _nodes(netloc, url, 26379)
+    else:
+        service, rest_parts = "", parts
+        nodes = _nodes(netloc, url, 6379)
+    if len(rest_parts) > 1:
+        raise BadRedisUrl(f"{redact(url)}: too many path parts")
+    if rest_parts:
+        if not rest_parts[0].isdigit():
+            raise BadRedisUrl(f"{redact(url)}: the database must be a number")
+        db = int(rest_parts[0])
+        if topology is Topology.CLUSTER and db != 0:
+            raise BadRedisUrl(f"{redact(url)}: a Redis Cluster has only database 0")
+    return RedisTarget(url=url, topology=topology, tls=tls, nodes=nodes, service=service, db=db,
+                       username=username, password=password)
+
+
+@dataclass(frozen=True, slots=True)
+class Pooling:
+    """How callers share connections.
+
+    `wait`: seconds a caller waits for a free connection when all `max_connections`
+    are busy (None: the pool raises at once; the caller bounds concurrency itself).
+    `single`: one dedicated connection (a blocking reader must never queue behind
+    others). A cluster keeps a pool per node that never waits: there `max_connections`
+    is the cap per node, and `wait` and `single` do not apply.
+    """
+
+    max_connections: int = 64
+    wait: float | None = None
+    single: bool = False
+
+
+def _common(target: RedisTarget, tls: TlsFiles | None, options: dict[str, Any]) -> dict[str, Any]:
+    kwargs = dict(options)
+    if target.topology is not Topology.STANDALONE:
+        kwargs.update(username=target.username, password=target.password)
+        if target.tls:
+            kwargs["ssl"] = True
+    if target.tls:
+        kwargs.update((tls or TlsFiles()).kwargs())
+    return kwargs
+
+
+def _sentinel_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What the Sentinels themselves are asked with: the timeouts only. The URL's
+    password is the data nodes'; Sentinels are usually run without one."""
+    return {k: v for k, v in kwargs.items() if k.startswith("socket_")}
+
+
+class _AsyncBlockingSentinelPool(aiosentinel.SentinelConnectionPool,
+                                 aioredis.BlockingConnectionPool):
+    """A Sentinel-managed pool that waits for a free connection instead of raising."""
+
+
+class _SyncBlockingSentinelPool(redis.sentinel.SentinelConnectionPool,
+                                redis.BlockingConnectionPool):
+    """The blocking flavour of the above, for the thread-safe publisher."""
+
+
+AsyncClient = aioredis.Redis | aiocluster.RedisCluster
+SyncClient = redis.Redis | redis.cluster.RedisCluster
+
+
+def async_client(target: RedisTarget, tls: TlsFiles | None = None,
+                 pooling: Pooling = Pooling(), **options: Any) -> AsyncClient:
+    """An asyncio client for `target`; `options` are redis-py connection options
+    (timeouts, `decode_responses`, `retry`, `health_check_interval`...).
+
+    The client owns its connections: closing it (`aclose`) closes them all.
+    """
+    kwargs = _common(target, tls, options)
+    if target.topology is Topology.CLUSTER:
+        nodes = [aiocluster.ClusterNode(host, port) for host, port in target.nodes]
+        return aiocluster.RedisCluster(startup_nodes=nodes,
+                                       max_connections=pooling.max_connections, **kwargs)
+    if target.topology is Topology.SENTINEL:
+        sentinel = aiosentinel.Sentinel(  # type: ignore[no-untyped-call]
+            list(target.nodes), sentinel_kwargs=_sentinel_kwargs(kwargs))
+        pool_class: type[aiosentinel.SentinelConnectionPool] = aiosentinel.SentinelConnectionPool
+        pool_kwargs: dict[str, Any] = {"max_connections": 1 if pooling.single else
+                                       pooling.max_connections}
+        if pooling.wait is not None or pooling.single:
+            pool_class = _AsyncBlockingSentinelPool
+            pool_kwargs["timeout"] = pooling.wait
+        client: aioredis.Redis = sentinel.master_for(
+            target.service, connection_pool_class=pool_class, db=target.db,
+            **pool_kwargs, **kwargs,
+        )
+        return client
+    if pooling.single:
+        return aioredis.Redis.from_url(target.url, single_connection_client=True, **kwargs)
+    if pooling.wait is not None:
+        blocking = aioredis.BlockingConnectionPool.from_url(
+            target.url, max_connections=pooling.max_connections, timeout=pooling.wait, **kwargs)
+        return aioredis.Redis.from_pool(blocking)
+    plain = aioredis.ConnectionPool.from_url(target.url, max_connections=pooling.max_connections,
+                                             **kwargs)
+    return aioredis.Redis.from_pool(plain)
+
+
+def sync_client(target: RedisTarget, tls: TlsFiles | None = None,
+                pooling: Pooling = Pooling(), **options: Any) -> SyncClient:
+    """The blocking twin of :func:`async_client`."""
+    kwargs = _common(target, tls, options)
+    if target.topology is Topology.CLUSTER:
+        nodes = [redis.cluster.ClusterNode(host, port)  # type: ignore[no-untyped-call]
+                 for host, port in target.nodes]
+        return redis.cluster.RedisCluster(startup_nodes=nodes,
+                                          max_connections=pooling.max_connections, **kwargs)
+    if target.topology is Topology.SENTINEL:
+        sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+            list(target.nodes), sentinel_kwargs=_sentinel_kwargs(kwargs))
+        pool_class: type[redis.sentinel.SentinelConnectionPool] = (
+            redis.sentinel.SentinelConnectionPool)
+        pool_kwargs: dict[str, Any] = {"max_connections": pooling.max_connections}
+        if pooling.wait is not None:
+            pool_class = _SyncBlockingSentinelPool
+            pool_kwargs["timeout"] = pooling.wait
+        client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+            target.service, connection_pool_class=pool_class, db=target.db,
+            **pool_kwargs, **kwargs,
+        )
+        return client
+    if pooling.wait is not None:
+        blocking = redis.BlockingConnectionPool.from_url(
+            target.url, max_connections=pooling.max_connections, timeout=pooling.wait, **kwargs)
+        return redis.Redis.from_pool(blocking)
+    plain = redis.ConnectionPool.from_url(target.url, max_connections=pooling.max_connections,
+                                          **kwargs)
+    return redis.Redis.from_pool(plain)
+
+
+__all__ = [
+    "SCHEMES", "AsyncClient", "BadRedisUrl", "Pooling", "RedisTarget", "SyncClient", "TlsFiles",
+    "Topology", "async_client", "parse_redis_url", "redact", "sync_client",
+]
