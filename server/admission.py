@@ -20,6 +20,7 @@ from dualcast.auth import AuthError, Identity
 from dualcast.events import StreamId, parse_id
 from dualcast.protocol import ErrorCode, Transport
 from dualcast.query import query_of
+from dualcast.quotas import FREE, Lease
 
 if TYPE_CHECKING:
     from dualcast.config import Settings
@@ -61,6 +62,8 @@ class Admission:
     rooms: set[str]
     cursor: StreamId | None
     refused: list[tuple[ErrorCode, str]] = field(default_factory=list)
+    #: The caller's connection slot: released when the subscription ends.
+    lease: Lease = FREE
 
 
 async def identify(conn: HTTPConnection, rt: Runtime) -> Identity:
@@ -98,10 +101,18 @@ async def _admit(
     query = query_of(conn)
     raw_cursor = conn.headers.get("last-event-id") if cursor_header else None
     cursor = parse_cursor(raw_cursor or query.get(cursor_param), cursor_param)
-    if not lenient_rooms:
-        return Admission(identity, requested_rooms(conn, identity, settings), cursor)
-    rooms, refused = choose_rooms(query.get("rooms"), identity, settings)
-    return Admission(identity, rooms, cursor, refused)
+    if lenient_rooms:
+        rooms, refused = choose_rooms(query.get("rooms"), identity, settings)
+    else:
+        rooms, refused = requested_rooms(conn, identity, settings), []
+    # Last: a request refused for another reason holds no slot.
+    lease = rt.quotas.acquire(None if identity.anonymous else identity.sub,
+                              conn.client.host if conn.client else None)
+    if lease is None:
+        who = "this token" if not identity.anonymous else "this address"
+        raise Refusal(429, ErrorCode.TOO_MANY_CONNECTIONS,
+                      f"{who} holds as many connections as this server allows; close one")
+    return Admission(identity, rooms, cursor, refused, lease)
 
 
 def requested_rooms(conn: HTTPConnection, identity: Identity, settings: Settings) -> set[str]:

@@ -87,6 +87,12 @@ class Settings(BaseSettings):
         default_factory=lambda: list(ALL_TRANSPORTS)
     )
     queue_size: int = Field(1_000, ge=1, description="events waiting per subscriber before cut-off")
+    max_connections_per_subject: int = Field(
+        200, ge=0, description="streams and polls one token subject may hold at once (0: no cap)"
+    )
+    max_connections_per_address: int = Field(
+        200, ge=0, description="streams and polls one anonymous client address may hold (0: no cap)"
+    )
     ping_interval: float = Field(15.0, gt=0, le=3600, description="SSE ping / WS heartbeat")
     sse_retry_ms: int = Field(3_000, ge=100)
     replay_max: int = Field(10_000, ge=1, description="events one client may replay")

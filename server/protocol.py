@@ -60,6 +60,7 @@ class ErrorCode(enum.StrEnum):
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     TOO_LARGE = "too_large"
     TRANSPORT_DISABLED = "transport_disabled"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
     # the server's side
     LAGGING = "lagging"                      # too slow: cut off, resume from the cursor
     DRAINING = "draining"                    # restarting: reconnect (elsewhere)

@@ -18,6 +18,7 @@ from dualcast.consumer import Consumer
 from dualcast.events import Envelope, decode_entry, entry_fields, format_id
 from dualcast.hub import CloseReason, Hub
 from dualcast.log import EventLog, LogInfo, create_log
+from dualcast.quotas import ConnectionQuotas
 from dualcast.stalls import StallWatch
 from dualcast.tasks import TaskName, Tasks
 
@@ -43,6 +44,8 @@ class Runtime:
         # A client that stops reading is dropped after this long in one send.
         self.stalls = StallWatch(max(settings.ping_interval * 2, 10.0))
         self.stats = TransportStats()
+        self.quotas = ConnectionQuotas(settings.max_connections_per_subject,
+                                       settings.max_connections_per_address)
         self.draining = False
         self.tasks = Tasks(backoff_max=max(settings.backoff_max, 1.0))
         self._window: LogInfo | None = None

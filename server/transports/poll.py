@@ -74,8 +74,8 @@ def _timeout(raw: str | None, limit: float) -> float:
 async def poll_endpoint(request: Request) -> Response | Answer:
     rt: Runtime = request.app.state.dualcast
     try:
-        admission = await admit(request, rt, Transport.POLLING, cursor_param="after")
         timeout = _timeout(query_of(request).get("timeout"), rt.settings.poll_timeout_max)
+        admission = await admit(request, rt, Transport.POLLING, cursor_param="after")
     except Refusal as refusal:
         return refusal.response()
     identity, rooms, cursor = admission.identity, admission.rooms, admission.cursor
@@ -146,3 +146,4 @@ async def poll_endpoint(request: Request) -> Response | Answer:
         raise
     finally:
         rt.stats.polls_waiting -= 1
+        admission.lease.release()

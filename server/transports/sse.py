@@ -34,6 +34,7 @@ from dualcast.hub import CloseReason
 from dualcast.logs import mark_unfinished_by_stall
 from dualcast.protocol import ErrorCode, Transport
 from dualcast.query import query_of
+from dualcast.quotas import Lease
 from dualcast.runtime import Runtime
 from dualcast.stalls import Stalled, Writer
 
@@ -63,15 +64,16 @@ async def sse_endpoint(request: Request) -> Response | EventStream:
     feed = Feed(rt.hub, rt.log, rt.settings, Transport.SSE, admission.rooms, admission.cursor,
                 expires=admission.identity.exp)
     plain = query_of(request).get("events") == "message"
-    return EventStream(rt, feed, plain)
+    return EventStream(rt, feed, admission.lease, plain)
 
 
 class EventStream:
     """The ASGI response of one SSE subscriber, from `welcome` to the last write."""
 
-    def __init__(self, rt: Runtime, feed: Feed, plain: bool = False) -> None:
+    def __init__(self, rt: Runtime, feed: Feed, lease: Lease, plain: bool = False) -> None:
         self.rt = rt
         self.feed = feed
+        self.lease = lease
         self.encode = _plain_chunk if plain else sse_chunk
         self.ping_interval = rt.settings.ping_interval
         # A client that stops reading blocks our write once the socket buffers are
@@ -95,6 +97,8 @@ class EventStream:
                                             "more_body": False})
             except Stalled:
                 mark_unfinished_by_stall()  # uvicorn's "without completing" is ours
+            finally:
+                self.lease.release()
 
     async def _watch(self, receive: Receive) -> None:
         """The one reader: a disconnect wakes the writer (uvicorn's sends after a

@@ -216,9 +216,12 @@ async def websocket_endpoint(ws: WebSocket, send: Send | None = None) -> None:
     except Refusal as refusal:
         await _deny(ws, refusal)
         return
-    await ws.accept()
-    rt.stats.opened[Transport.WEBSOCKET] += 1
-    await _serve(ws, send or ws.send, rt, admission)
+    try:
+        await ws.accept()
+        rt.stats.opened[Transport.WEBSOCKET] += 1
+        await _serve(ws, send or ws.send, rt, admission)
+    finally:
+        admission.lease.release()
 
 
 async def _serve(ws: WebSocket, send: Send, rt: Runtime, admission: Admission) -> None:

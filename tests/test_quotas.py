@@ -1,0 +1,96 @@
+"""One token, or one address without a token, holds at most a set number of streams and
+polls: the next is refused with 429 `too_many_connections`, on every transport, and
+a slot comes back when a connection ends."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from tests.conftest import token
+from tests.harness.clients import SSEClient, WSClient
+from tests.harness.procs import DualcastProcess
+
+pytestmark = pytest.mark.timeout(60)
+
+CAP = 3
+
+
+@pytest.fixture(scope="module")
+def server(server_with: Callable[..., DualcastProcess]) -> DualcastProcess:
+    return server_with({"DUALCAST_MAX_CONNECTIONS_PER_SUBJECT": str(CAP),
+                        "DUALCAST_MAX_CONNECTIONS_PER_ADDRESS": str(CAP)}, name="quotas")
+
+
+async def refused_everywhere(server: DualcastProcess, **auth: str) -> None:
+    """A fourth WebSocket, SSE stream and poll are each refused with 429."""
+    ws = WSClient(server.ws_url, **auth)
+    with pytest.raises(ConnectionRefusedError):
+        await ws.connect()
+    async with SSEClient(server.url, **auth) as sse:
+        assert sse.status == 429
+        assert '"too_many_connections"' in sse.body or sse.ended.is_set()
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        answer = await client.get("/api/events", params={"timeout": "0", **auth})
+    assert answer.status_code == 429
+    assert answer.json()["error"] == "too_many_connections"
+
+
+async def test_one_token_holds_at_most_its_cap_and_gets_a_slot_back(
+    server: DualcastProcess,
+) -> None:
+    mine = token("quota-user")
+    held = [WSClient(server.ws_url, token=mine) for _ in range(CAP - 1)]
+    for ws in held:
+        await ws.connect()
+    sse = SSEClient(server.url, token=mine)
+    await sse.connect()
+    try:
+        assert sse.status == 200
+        await refused_everywhere(server, token=mine)
+        # another subject is not affected
+        other = WSClient(server.ws_url, token=token("someone-else"))
+        await other.connect()
+        await other.close()
+        # a connection that ends gives its slot back
+        await held[0].close()
+        again = WSClient(server.ws_url, token=mine)
+        await wait_for_admission(again)
+        await again.close()
+    finally:
+        for ws in held[1:]:
+            await ws.close()
+        await sse.close()
+
+
+async def test_anonymous_callers_are_capped_per_address(server: DualcastProcess) -> None:
+    held = [SSEClient(server.url) for _ in range(CAP)]
+    try:
+        for sse in held:
+            await sse.connect()
+            assert sse.status == 200
+        await refused_everywhere(server)
+        # a token is counted by its subject, not by the address it comes from
+        with_token = WSClient(server.ws_url, token=token("quota-other"))
+        await with_token.connect()
+        await with_token.close()
+    finally:
+        for sse in held:
+            await sse.close()
+
+
+async def wait_for_admission(ws: WSClient, within: float = 10) -> None:
+    """The server learns of a close a moment after the client: retry until admitted."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        try:
+            await ws.connect()
+            return
+        except ConnectionRefusedError:
+            if loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.05)
