@@ -11,7 +11,7 @@ import socket
 import stat
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -19,10 +19,10 @@ import jwt
 import psutil
 import pytest
 
+from tests.conftest import SECRET
 from tests.support.procs import ROOT, DualcastProcess, RedisProcess, free_port, wait_until
 
 PY = [sys.executable, "-m", "dualcast"]
-SERVER_SECRET = "serve-test-secret-" + "s" * 20
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -63,21 +63,14 @@ def connected_to(worker: psutil.Process, port: int) -> bool:
 
 
 @pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Callable[..., DualcastProcess]]:
-    """Start `dualcast serve` children that are stopped when the test ends."""
-    started: list[DualcastProcess] = []
+def serve(dualcast: Callable[..., DualcastProcess]) -> Callable[..., DualcastProcess]:
+    """`dualcast serve ARGS` children (conftest's `dualcast` owns and stops them)."""
 
     def start(args: list[str], env: dict[str, str] | None = None, wait: bool = True,
               redis_url: str | None = None) -> DualcastProcess:
-        merged = {"DUALCAST_SECRET": SERVER_SECRET, **(env or {})}
-        proc = DualcastProcess(tmp_path / f"dc{len(started)}", redis_url=redis_url,
-                               env=merged, args=args)
-        started.append(proc)
-        return proc.start(wait=wait)
+        return dualcast(redis_url, env=env, args=args, wait=wait)
 
-    yield start
-    for proc in started:
-        proc.stop()
+    return start
 
 
 # Every flag reaches every worker, exactly as the variable does -----------------------
@@ -140,7 +133,7 @@ def test_port_from_the_environment_alone(
 ) -> None:
     """DUALCAST_PORT with no flag at all (the harness always passes --port, so run bare)."""
     port = free_port()
-    env = clean_env(DUALCAST_PORT=str(port), DUALCAST_WORKERS="2", DUALCAST_SECRET=SERVER_SECRET,
+    env = clean_env(DUALCAST_PORT=str(port), DUALCAST_WORKERS="2", DUALCAST_SECRET=SECRET,
                     DUALCAST_REDIS_URL=redis_server.url)
     proc = subprocess.Popen([*PY, "serve"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
