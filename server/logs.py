@@ -12,7 +12,7 @@ import copy
 import logging
 import re
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import uvicorn.config
 
@@ -27,8 +27,12 @@ def redact(text: str) -> str:
     return _JWT_LIKE.sub("***", _SECRET_QUERY.sub(r"\1***", text))
 
 
+_QUERY_PASSWORD = re.compile(r"((?:^|&)password=)[^&]*", re.IGNORECASE)
+
+
 def redact_url(url: str) -> str:
-    """A URL fit for a log line or an error: the password (and a token in the query) masked.
+    """A URL fit for a log line or an error: the password (in the userinfo or as
+    `?password=`, which redis-py also reads) and any token masked.
 
     A Redis URL names where the log is, which is what a person needs to fix it; its
     password is not.
@@ -42,7 +46,9 @@ def redact_url(url: str) -> str:
         userinfo, _, hosts = netloc.rpartition("@")
         user = userinfo.split(":", 1)[0]
         netloc = f"{user}:***@{hosts}" if ":" in userinfo else f"***@{hosts}" if user else hosts
-    return redact(urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment)))
+    query = _QUERY_PASSWORD.sub(r"\1***", parts.query)
+    shown = f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+    return redact(shown + (f"#{parts.fragment}" if parts.fragment else ""))
 
 
 class RedactTokens(logging.Filter):

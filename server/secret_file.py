@@ -36,7 +36,10 @@ def read_secret(path: Path) -> str | None:
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError) as exc:
-        raise SecretFileError(f"cannot read the secret file {path}: {type(exc).__name__}") from None
+        raise SecretFileError(
+            f"cannot read the secret file {path} ({type(exc).__name__}): fix or delete it, "
+            "or set DUALCAST_SECRET"
+        ) from None
     if len(text.encode()) < MIN_SECRET_BYTES:
         raise SecretFileError(
             f"the secret file {path} holds fewer than {MIN_SECRET_BYTES} bytes: "
