@@ -178,8 +178,12 @@ def test_quiet_log_level_reaches_every_worker(
     assert "INFO dualcast" not in log
 
 
-def test_demo_flag_serves_demo_events(serve: Callable[..., DualcastProcess]) -> None:
-    proc = serve(["--demo", "--demo-speed", "20"])
+@FLAG_OR_ENV
+def test_demo_flag_serves_demo_events(how: str, serve: Callable[..., DualcastProcess]) -> None:
+    if how == "flag":
+        proc = serve(["--demo", "--demo-speed", "20"])
+    else:
+        proc = serve([], env={"DUALCAST_DEMO": "true", "DUALCAST_DEMO_SPEED": "20"})
     with httpx.Client(timeout=10) as http, http.stream("GET", proc.url + "/api/sse") as stream:
         # public demo events (provider status) arrive; anonymous sees public ones only
         for line in stream.iter_lines():
