@@ -37,6 +37,7 @@ from tests.harness.probes import log_problems
 from tests.harness.procs import RedisProcess, raise_nofile
 from tests.harness.sampled import SampledDualcast
 from tests.harness.stream import Producer, check_exact, id_key, stream_ids
+from tests.harness.waits import WaitTimeout, wait_for
 
 SECRET = "soak-secret-0123456789abcdef-0123456789"
 
@@ -111,12 +112,12 @@ class SoakResult:
 
 
 async def _settle(check: Any, within: float) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        await asyncio.sleep(0.25)
-    return False
+    """Whether `check()` came true within `within` seconds (a figure, not a failure)."""
+    try:
+        await wait_for(check, within, interval=0.25)
+    except WaitTimeout:
+        return False
+    return True
 
 
 async def soak(seconds: float = 600, clients: int = 200, rate: float = 50, churn: int = 5,

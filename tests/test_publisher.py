@@ -40,7 +40,7 @@ from dualcast.publisher import (
 )
 from tests.conftest import token
 from tests.harness.procs import RedisProcess, clean_env
-from tests.harness.waits import wait_until
+from tests.harness.waits import wait_for, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -63,18 +63,6 @@ async def reader(redis_server: RedisProcess) -> AsyncIterator[aioredis.Redis]:
 
 async def entries(client: aioredis.Redis, stream: str) -> list[tuple[str, dict[str, str]]]:
     return [(i, dict(f)) for i, f in await client.xrange(stream)]
-
-
-async def wait_for(condition: Any, within: float = 10.0, what: str = "") -> Any:
-    """Await an async condition until truthy, or fail after `within` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        value = await condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 class Recorder:
@@ -472,7 +460,7 @@ async def test_unresponsive_redis_times_out_then_short_circuits(fresh_redis: Red
         async def back() -> str | None:
             return await pub.publish("after", 1)
 
-        assert await wait_for(back, within=15, what="publishing again after SIGCONT")
+        assert await wait_for(back, 15, what="publishing again after SIGCONT")
 
 
 async def test_recovers_after_redis_restarts_on_the_same_port(
@@ -491,7 +479,7 @@ async def test_recovers_after_redis_restarts_on_the_same_port(
         async def back() -> str | None:
             return await pub.publish("after", 3)
 
-        after = await wait_for(back, within=15, what="publishing after the restart")
+        after = await wait_for(back, 15, what="publishing after the restart")
         assert pub.available
         assert await pub.publish_many([("after", 4), ("after", 5)]) != [None, None]
     client = aioredis.from_url(fresh_redis.url, decode_responses=True)
@@ -610,7 +598,7 @@ async def test_throttle_keeps_leading_and_trailing_values_and_caps_the_rate(
             got = await entries(reader, stream)
             return bool(got) and orjson.loads(got[-1][1]["data"])["data"] == {"n": last}
 
-        await wait_for(trailing_arrived, within=5, what="the trailing value")
+        await wait_for(trailing_arrived, 5, what="the trailing value")
         assert pub.stats.conflated > 0
     got = [decode_entry(i, f) for i, f in await entries(reader, stream)]
     values = [e.data["n"] for e in got]
@@ -652,7 +640,7 @@ async def test_throttle_after_a_quiet_interval_is_a_new_leading_edge(
         async def idle() -> bool:
             return not pub._conflator.slots  # the slot is forgotten once its interval passed
 
-        await wait_for(idle, within=5, what="the throttle slot to expire")
+        await wait_for(idle, 5, what="the throttle slot to expire")
         assert await pub.publish("m", 2, throttle_key="k", every=0.1)  # leading again
     assert await reader.xlen(stream) == 2
 
@@ -925,7 +913,7 @@ async def test_fallback_keeps_an_in_process_dashboard_live_through_an_outage(
         async def started() -> bool:
             return server.started
 
-        await wait_for(started, within=10, what="uvicorn to start")
+        await wait_for(started, 10, what="uvicorn to start")
         port = server.servers[0].sockets[0].getsockname()[1]
         url = f"ws://127.0.0.1:{port}/api/ws?token={token('456', admin=True)}"
         async with websockets.connect(url, open_timeout=10) as ws, Publisher(

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -40,16 +41,22 @@ def wait_until(
     raise WaitTimeout(f"timed out after {timeout}s waiting for {what or condition}: {last_error!r}")
 
 
-async def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str = "",
-                   interval: float = 0.01) -> None:
+async def wait_for(condition: Callable[[], object | Awaitable[object]], timeout: float = 10.0,
+                   what: str = "", interval: float = 0.01) -> Any:
     """Await `condition` (a no-argument callable) becoming truthy, with a deadline.
 
-    The event loop keeps running between checks, so clients in this process go on
-    receiving while the test waits for them.
+    The condition may be a coroutine function (a request to the server); its first
+    truthy value is returned. The event loop keeps running between checks, so
+    clients in this process go on receiving while the test waits for them.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while not condition():
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
         if loop.time() > deadline:
             raise WaitTimeout(f"timed out after {timeout}s waiting for {what or condition}")
         await asyncio.sleep(interval)

@@ -102,14 +102,10 @@ async def test_redis_killed_and_restarted_with_aof_loses_nothing(
 async def wait_for_async(probe: Callable[[], object], want: object, within: float,
                          what: str) -> None:
     """Await `probe()` until it returns `want`, with a deadline."""
-    deadline = time.monotonic() + within
-    last = None
-    while time.monotonic() < deadline:
-        last = await probe()  # type: ignore[misc]
-        if last == want:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {within}s waiting for {what} (last {last!r})")
+    async def hit() -> bool:
+        return bool(await probe() == want)  # type: ignore[misc]
+
+    await wait_for(hit, within, what, interval=0.05)
 
 
 @pytest.fixture
