@@ -467,11 +467,6 @@ async def test_auth_hook_identities_on_every_transport(dualcast: Start) -> None:
         app.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the WebSocket and SSE endpoints must call rt.auth.follow(admission.identity, "
-           "feed) after building their Feed (two lines, transports' owner); passes with them",
-)
 async def test_auth_hook_identities_expire_on_live_connections_like_tokens(
     dualcast: Start,
 ) -> None:

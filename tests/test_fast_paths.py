@@ -251,7 +251,7 @@ def test_full_collections_freeze_what_they_keep_and_thaw_on_schedule() -> None:
 async def test_closed_connections_leave_no_frozen_objects_behind(
         dualcast: Callable[..., DualcastProcess]) -> None:
     """Real WebSocket connections frozen by a full pass are freed when they close."""
-    server = dualcast()
+    server = dualcast(env={"DUALCAST_MAX_CONNECTIONS_PER_ADDRESS": "0"})  # thousands, one address
 
     async def frozen() -> int:
         return int(await metric(server, "dualcast_gc_frozen_objects"))

@@ -63,6 +63,7 @@ async def sse_endpoint(request: Request) -> Response | EventStream:
     rt.stats.opened[Transport.SSE] += 1
     feed = Feed(rt.hub, rt.log, rt.settings, Transport.SSE, admission.rooms, admission.cursor,
                 expires=admission.identity.exp)
+    rt.auth.follow(admission.identity, feed)  # an identity the app renews extends the feed
     plain = query_of(request).get("events") == "message"
     return EventStream(rt, feed, admission.lease, plain)
 

@@ -227,6 +227,7 @@ async def websocket_endpoint(ws: WebSocket, send: Send | None = None) -> None:
 async def _serve(ws: WebSocket, send: Send, rt: Runtime, admission: Admission) -> None:
     feed = Feed(rt.hub, rt.log, rt.settings, Transport.WEBSOCKET, admission.rooms,
                 admission.cursor, expires=admission.identity.exp)
+    rt.auth.follow(admission.identity, feed)  # an identity the app renews extends the feed
     async with feed:
         session = Session(ws, send, rt, admission.identity, feed)
         await session.send(ws_welcome(admission.rooms, feed.start_id))

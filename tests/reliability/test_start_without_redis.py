@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.clients import TRANSPORTS, Subscriber, Transport, WSClient, subscribe
+from tests.harness.clients import TRANSPORTS, Transport, WSClient, subscribe
 from tests.harness.procs import DualcastProcess, RedisProcess
 from tests.harness.stream import xadd
 from tests.harness.waits import wait_for
@@ -102,7 +102,7 @@ async def test_a_client_without_cursor_is_never_welcomed_with_one_the_instance_l
         assert ws.seen.ids and ws.seen.ids == later[-len(ws.seen.ids):]
     finally:
         await ws.close()
-    answer = json.loads((await asyncio.to_thread(_poll_head, server.url)))
+    answer = json.loads(await asyncio.to_thread(_poll_head, server.url))
     assert answer["events"] == [] and answer["last_id"] == later[-1]
 
 
