@@ -29,8 +29,9 @@ import pytest
 import websockets
 
 from tests.conftest import SECRET, token
+from tests.harness.procs import ROOT, DualcastProcess
+from tests.harness.waits import wait_for
 from tests.issuers import HookServer, JwksServer, SigningKey
-from tests.support.procs import ROOT, DualcastProcess
 from tests.test_metrics_names import convention_problems
 
 pytestmark = pytest.mark.timeout(120)
@@ -88,20 +89,6 @@ async def metrics(base: str) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             values[name] = float(value)
     return values
-
-
-async def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Await `condition()` (sync or async) until truthy, or fail after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def publish(base: str, event: str, room: str, publisher: str | None = None) -> None:
