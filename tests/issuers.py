@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from dualcast.keys import PrivateKey, generate, public_jwk
-from tests.support.procs import free_port
+from tests.harness.procs import free_port
 
 
 @dataclass

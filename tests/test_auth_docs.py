@@ -20,8 +20,9 @@ import httpx
 import pytest
 
 from tests.conftest import SECRET, require_tool
+from tests.harness.procs import ROOT, DualcastProcess, free_port
+from tests.harness.waits import wait_until
 from tests.issuers import JwksServer, SigningKey
-from tests.support.procs import ROOT, DualcastProcess, free_port, wait_until
 from tests.test_auth_issuers import EVERYWHERE, me, received_everywhere
 
 pytestmark = pytest.mark.timeout(180)

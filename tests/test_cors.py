@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import token
-from tests.support.procs import DualcastProcess
+from tests.harness.procs import DualcastProcess
 
 LISTED = "https://app.example.com"
 PATHS = ["/api/sse", "/api/events", "/api/me", "/api/overview"]

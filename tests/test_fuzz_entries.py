@@ -27,7 +27,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from tests.conftest import SECRET, token
-from tests.support.procs import DualcastProcess, RedisProcess, wait_until
+from tests.harness.procs import DualcastProcess, RedisProcess
+from tests.harness.waits import wait_until
 
 USER = token("456")
 Runner = Callable[[str, "Seen", threading.Event], None]

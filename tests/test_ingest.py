@@ -20,8 +20,9 @@ import redis
 
 from dualcast.events import Malformed, MalformedEntry, decode_entry
 from tests.conftest import token
-from tests.support.clients import Poller, SSEClient, WSClient, wait_for
-from tests.support.procs import DualcastProcess, RedisProcess
+from tests.harness.clients import Poller, SSEClient, WSClient
+from tests.harness.procs import DualcastProcess, RedisProcess
+from tests.harness.waits import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

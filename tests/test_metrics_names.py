@@ -18,7 +18,8 @@ from dualcast.config import load_settings
 from dualcast.metrics import Metrics
 from dualcast.runtime import Runtime
 from dualcast.tasks import TaskName, Tasks, TaskState
-from tests.support.procs import DualcastProcess, RedisProcess, wait_until
+from tests.harness.procs import DualcastProcess, RedisProcess
+from tests.harness.waits import wait_until
 
 UNITS = ("seconds", "bytes")
 

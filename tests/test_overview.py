@@ -25,8 +25,8 @@ from dualcast.events import Envelope, Event, decode_entry, entry_fields, format_
 from dualcast.log.redis import RedisLog
 from dualcast.overview import OverviewFolds, build_overview, fold
 from tests.conftest import token
-from tests.support.clients import wait_for
-from tests.support.procs import DualcastProcess, RedisProcess
+from tests.harness.procs import DualcastProcess, RedisProcess
+from tests.harness.waits import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -25,7 +25,8 @@ import httpx
 import pytest
 
 from tests.conftest import require_tool
-from tests.support.procs import ROOT, RedisProcess, free_port, wait_until
+from tests.harness.procs import ROOT, RedisProcess, free_port
+from tests.harness.waits import wait_until
 
 pytestmark = [pytest.mark.readme, pytest.mark.timeout(240)]
 

@@ -20,7 +20,8 @@ import psutil
 import pytest
 
 from tests.conftest import SECRET
-from tests.support.procs import ROOT, DualcastProcess, RedisProcess, free_port, wait_until
+from tests.harness.procs import ROOT, DualcastProcess, RedisProcess, free_port
+from tests.harness.waits import wait_until
 
 PY = [sys.executable, "-m", "dualcast"]
 

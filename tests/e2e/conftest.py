@@ -21,8 +21,9 @@ import httpx
 import pytest
 
 from tests.conftest import token
-from tests.support.nginx import NginxProcess, require_nginx
-from tests.support.procs import ROOT, DualcastProcess, RedisProcess, wait_until
+from tests.harness.nginx import NginxProcess, require_nginx
+from tests.harness.procs import ROOT, DualcastProcess, RedisProcess
+from tests.harness.waits import wait_until
 
 CHROMIUM = os.environ.get("DUALCAST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [

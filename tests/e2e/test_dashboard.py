@@ -33,8 +33,9 @@ from tests.e2e.conftest import (
     wait_js,
     wait_transport,
 )
-from tests.support.nginx import NginxProcess
-from tests.support.procs import ROOT, DualcastProcess, RedisProcess, wait_until
+from tests.harness.nginx import NginxProcess
+from tests.harness.procs import ROOT, DualcastProcess, RedisProcess
+from tests.harness.waits import wait_until
 
 pytestmark = pytest.mark.browser
 

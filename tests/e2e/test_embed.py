@@ -20,8 +20,9 @@ import pytest
 
 from tests.conftest import token
 from tests.e2e.conftest import Page, Stack, assert_each_once
-from tests.support.nginx import NginxProcess
-from tests.support.procs import ROOT, wait_until
+from tests.harness.nginx import NginxProcess
+from tests.harness.procs import ROOT
+from tests.harness.waits import wait_until
 
 pytestmark = pytest.mark.browser
 
