@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,19 +11,9 @@ import pytest
 from dualcast.auth import mint_token
 from tests.harness.clients import TRANSPORTS, Transport
 from tests.harness.procs import DualcastProcess, RedisProcess
+from tests.harness.tools import require_tool  # noqa: F401  (tests import it from here)
 
 SECRET = "test-secret-" + "x" * 24
-
-
-def require_tool(name: str, why: str) -> str:
-    """The path of a system tool; a loud skip outside CI, a failure in CI (CI=true)."""
-    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
-    if path:
-        return path
-    message = f"{name} is not installed: {why} (the README test command installs it)"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def token(sub: str = "456", rooms: list[str] | None = None, admin: bool = False,

@@ -23,6 +23,7 @@ import pytest
 from tests.conftest import token
 from tests.harness.nginx import NginxProcess, require_nginx
 from tests.harness.procs import ROOT, DualcastProcess, RedisProcess
+from tests.harness.tools import missing
 from tests.harness.waits import wait_until
 
 CHROMIUM = os.environ.get("DUALCAST_CHROMIUM", "/usr/bin/chromium")
@@ -40,13 +41,6 @@ EXPECTED_CONSOLE = re.compile(
 )
 
 
-def _skip_or_fail(reason: str) -> None:
-    message = f"SKIPPED LOUDLY: {reason}"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI=true but {reason}")
-    pytest.skip(message)
-
-
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     """One headless Chromium per module; every test opens its own contexts.
@@ -57,16 +51,16 @@ def browser() -> Iterator[Any]:
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        _skip_or_fail("playwright is not installed (pip install -e '.[test]')")
+        missing("playwright is not installed (pip install -e '.[test]')")
     if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
-        _skip_or_fail(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
+        missing(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
     with sync_playwright() as pw:
         try:
             instance = pw.chromium.launch(
                 executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
             )
         except Exception as exc:  # a broken install: say what Chromium said
-            _skip_or_fail(f"Chromium at {CHROMIUM} does not start: {exc}")
+            missing(f"Chromium at {CHROMIUM} does not start: {exc}")
         yield instance
         instance.close()
 

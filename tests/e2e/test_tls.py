@@ -21,12 +21,12 @@ from tests.e2e.conftest import (
     CHROMIUM,
     CHROMIUM_ARGS,
     EXPECTED_CONSOLE,
-    _skip_or_fail,
     wait_transport,
 )
 from tests.harness.nginx import NginxProcess, require_nginx
 from tests.harness.procs import DualcastProcess, RedisProcess
 from tests.harness.tls import TlsFiles, make_throwaway_ca
+from tests.harness.tools import missing
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -54,9 +54,9 @@ def pinned_browser(tls: TlsFiles) -> Iterator[Any]:
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        _skip_or_fail("playwright is not installed (pip install -e '.[test]')")
+        missing("playwright is not installed (pip install -e '.[test]')")
     if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
-        _skip_or_fail(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
+        missing(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
     with sync_playwright() as pw:
         instance = pw.chromium.launch(
             executable_path=CHROMIUM, headless=True,

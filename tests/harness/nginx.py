@@ -25,6 +25,7 @@ import psutil
 
 from tests.harness.procs import ROOT, free_port
 from tests.harness.tls import TlsFiles
+from tests.harness.tools import missing
 from tests.harness.waits import wait_until
 
 MODES = ("plain", "no-websocket", "buffering")
@@ -53,14 +54,9 @@ def nginx_binary() -> str | None:
 
 def require_nginx() -> str:
     """The nginx binary, or skip the test loudly; in CI (CI=true) a missing nginx fails."""
-    import pytest
-
     binary = nginx_binary()
     if binary is None:
-        reason = "nginx is not installed: apt-get install nginx (these tests need a real nginx)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true but {reason}")
-        pytest.skip(f"SKIPPED LOUDLY: {reason}")
+        missing("nginx is not installed: apt-get install nginx (these tests need a real nginx)")
     return binary
 
 
