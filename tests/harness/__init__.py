@@ -8,6 +8,7 @@
 - `stream`: raw producers and the stream as ground truth (`xadd`, `Producer`, ...)
 - `probes`: what a running server shows (log problems, /metrics, /readyz, fds, RSS)
 - `nginx`, `tcpproxy`, `sampled`: nginx in front, a fault-injecting proxy, a task-counting child
+- `tools`: system tools a test needs, or a loud skip (a failure under CI=true)
 
 `python -m bench` imports this package from the repository root; nothing here
 imports bench or edits `sys.path`.
