@@ -82,8 +82,8 @@ async def overview(request: Request) -> Response:
     except Refusal as refusal:
         return refusal.response()
     folds = rt.consumer.overview
-    if not folds.built:
-        return error_response(503, "log_unavailable", "the event log is unreachable; retry soon")
+    if not await folds.wait_built(rt.settings.redis_timeout * 3):  # (only just after start)
+        return error_response(503, "log_unavailable", "the event log is not read yet; retry soon")
     try:
         # (the retained window the long-pollers share, a second old at most)
         folds.trim((await rt.log_window(1.0)).first_id)

@@ -169,7 +169,7 @@ class Consumer:
             if len(kept) < page:
                 break
             await asyncio.sleep(0)  # let subscribers' writers run between pages
-        folds.built = True
+        folds.mark_built()
         self._trimmed_at = time.monotonic()
 
     async def _trim_overview(self) -> None:
@@ -237,7 +237,7 @@ class Consumer:
         self.stats.resets += 1
         self.position = head
         self.hub.reset_all(head)
-        self.overview.built = False  # folded again, from what the stream holds now
+        self.overview.clear()  # folded again, from what the stream holds now
         return True
 
     async def lag(self) -> int:

@@ -19,6 +19,7 @@ instance gives the same answer for the same caller.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
 from collections import OrderedDict, deque
@@ -139,8 +140,8 @@ class OverviewFolds:
         self.classes: dict[frozenset[str], ClassFold] = {}
         self._by_room: dict[str, list[ClassFold]] = {}
         self.last_key: StreamId = ZERO
-        #: False until the retained stream up to the consumer's start has been folded.
-        self.built = False
+        #: Set once the retained stream up to the consumer's start has been folded.
+        self._built = asyncio.Event()
         self.version = 0
         self._answers: OrderedDict[frozenset[str], tuple[int, bytes]] = OrderedDict()
 
@@ -150,8 +151,25 @@ class OverviewFolds:
         self._by_room.clear()
         self._answers.clear()
         self.last_key = ZERO
-        self.built = False
+        self._built.clear()
         self.version += 1
+
+    @property
+    def built(self) -> bool:
+        return self._built.is_set()
+
+    def mark_built(self) -> None:
+        self._built.set()
+
+    async def wait_built(self, timeout: float) -> bool:
+        """Whether the fold is (or within `timeout` becomes) complete, e.g. just after start."""
+        if not self._built.is_set():
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._built.wait()
+            except TimeoutError:
+                return False
+        return True
 
     def apply(self, events: list[Event], last_key: StreamId) -> None:
         """Fold a batch the consumer read; `last_key` is its last entry, malformed or not."""
