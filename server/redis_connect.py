@@ -77,7 +77,7 @@ class RedisTarget:
     """A parsed `DUALCAST_REDIS_URL`; `url` is the original, kept for plain servers
     (redis-py parses those itself, query options included)."""
 
-    url: str
+    url: str = field(repr=False)
     topology: Topology
     tls: bool
     nodes: tuple[tuple[str, int], ...] = ()
@@ -91,19 +91,23 @@ class RedisTarget:
         """The URL with its password hidden: fit for a log line or an error message."""
         return redact(self.url)
 
+    def __str__(self) -> str:
+        return self.where
+
 
 def redact(url: str) -> str:
     """`url` with the password of its user info (and a `password=` query value) masked."""
     scheme, sep, rest = url.partition("://")
     if not sep:
         return "<not a URL>"
-    netloc, slash, tail = rest.partition("/")
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    netloc, tail = rest[:cut], rest[cut:]
     if "@" in netloc:
         userinfo, _, hosts = netloc.rpartition("@")
         user = userinfo.split(":", 1)[0]
         netloc = f"{user}:***@{hosts}" if ":" in userinfo else f"***@{hosts}" if user else hosts
     tail = re.sub(r"(?i)((?:^|[?&])password=)[^&]*", r"\1***", tail)
-    return f"{scheme}://{netloc}{slash}{tail}"
+    return f"{scheme}://{netloc}{tail}"
 
 
 def _nodes(hosts: str, url: str, default_port: int) -> tuple[tuple[str, int], ...]:
@@ -143,9 +147,8 @@ def parse_redis_url(url: str) -> RedisTarget:
         except ValueError as exc:
             raise BadRedisUrl(f"{redact(url)}: {redact(str(exc))}") from None
         return RedisTarget(url=url, topology=topology, tls=tls)
-    rest = url.split("://", 1)[1]
+    rest, _, query = url.split("://", 1)[1].partition("?")
     netloc, _, path = rest.partition("/")
-    path, _, query = path.partition("?")
     if query:
         raise BadRedisUrl(f"{redact(url)}: options in the query are not supported here")
     username = password = None

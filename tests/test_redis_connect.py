@@ -1,0 +1,104 @@
+"""The URL forms DUALCAST_REDIS_URL accepts, and that no message ever repeats a password.
+
+(The clients themselves are exercised against real Sentinels, a real Cluster and a
+real TLS Redis in tests/reliability/test_failover.py.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+import redis.asyncio.cluster as aiocluster
+
+from dualcast.config import SettingsError, load_settings
+from dualcast.redis_connect import (
+    BadRedisUrl,
+    Pooling,
+    Topology,
+    async_client,
+    parse_redis_url,
+    redact,
+)
+from tests.harness.procs import RedisProcess
+
+PASSWORD = "hunter2-very-secret"
+
+
+@pytest.mark.parametrize(("url", "topology", "tls", "nodes", "service", "db"), [
+    ("redis://127.0.0.1:6379/0", Topology.STANDALONE, False, (), "", 0),
+    ("rediss://h:6380/2", Topology.STANDALONE, True, (), "", 0),
+    ("unix:///run/redis.sock?db=1", Topology.STANDALONE, False, (), "", 0),
+    (f"redis+sentinel://u:{PASSWORD}@a:26379,b:26380,[::1]:26381/mymaster/3",
+     Topology.SENTINEL, False, (("a", 26379), ("b", 26380), ("::1", 26381)), "mymaster", 3),
+    ("redis+sentinel://a,b/svc", Topology.SENTINEL, False, (("a", 26379), ("b", 26379)),
+     "svc", 0),
+    ("rediss+sentinel://a:1/svc", Topology.SENTINEL, True, (("a", 1),), "svc", 0),
+    ("redis+cluster://a:7000,b:7001", Topology.CLUSTER, False, (("a", 7000), ("b", 7001)), "", 0),
+    ("rediss+cluster://a:7000/0", Topology.CLUSTER, True, (("a", 7000),), "", 0),
+])
+def test_url_forms(url: str, topology: Topology, tls: bool,
+                   nodes: tuple[tuple[str, int], ...], service: str, db: int) -> None:
+    target = parse_redis_url(url)
+    assert (target.topology, target.tls, target.nodes, target.service, target.db) == (
+        topology, tls, nodes, service, db)
+    assert PASSWORD not in repr(target)
+    assert PASSWORD not in target.where
+
+
+def test_sentinel_credentials_are_the_data_nodes() -> None:
+    target = parse_redis_url(f"redis+sentinel://app:{PASSWORD}@a:1/svc")
+    assert (target.username, target.password) == ("app", PASSWORD)
+    assert target.where == "redis+sentinel://app:***@a:1/svc"
+
+
+@pytest.mark.parametrize("url", [
+    f"http://u:{PASSWORD}@h:1/0",
+    f"redis+sentinel://u:{PASSWORD}@a:1",  # no service
+    f"redis+sentinel://u:{PASSWORD}@a:x/svc",
+    f"redis+cluster://u:{PASSWORD}@a:1/3",  # a cluster has database 0 only
+    f"redis+cluster://u:{PASSWORD}@/",
+    f"redis+cluster://u:{PASSWORD}@a:1?password={PASSWORD}",
+    f"redis://u:{PASSWORD}@h:notaport/0",
+])
+def test_bad_urls_never_repeat_the_password(url: str) -> None:
+    with pytest.raises(BadRedisUrl) as caught:
+        parse_redis_url(url)
+    assert PASSWORD not in str(caught.value)
+    with pytest.raises(SettingsError) as setting:
+        load_settings(redis_url=url)
+    assert PASSWORD not in str(setting.value)
+    assert "DUALCAST_REDIS_URL" in str(setting.value)
+
+
+def test_redact_masks_userinfo_and_query_password() -> None:
+    assert redact(f"redis://:{PASSWORD}@h:1/0") == "redis://:***@h:1/0"
+    assert redact(f"redis://{PASSWORD}@h:1/0") == "redis://***@h:1/0"
+    assert redact(f"redis://h:1/0?password={PASSWORD}&db=1") == "redis://h:1/0?password=***&db=1"
+
+
+def test_tls_files_need_a_tls_url_and_exist(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not checked here")
+    with pytest.raises(SettingsError, match="DUALCAST_REDIS_TLS_CA: TLS files need a rediss"):
+        load_settings(redis_url="redis://h:1/0", redis_tls_ca=str(ca))
+    with pytest.raises(SettingsError, match="DUALCAST_REDIS_TLS_CA: no such file"):
+        load_settings(redis_url="rediss://h:1/0", redis_tls_ca=str(tmp_path / "missing.pem"))
+    with pytest.raises(SettingsError, match="DUALCAST_REDIS_TLS_CERT"):
+        load_settings(redis_url="rediss://h:1/0", redis_tls_cert=str(ca))
+    settings = load_settings(redis_url="rediss+cluster://h:1", redis_tls_ca=str(ca))
+    assert settings.redis_tls.kwargs()["ssl_ca_certs"] == str(ca)
+
+
+async def test_clients_of_each_topology(redis_server: RedisProcess) -> None:
+    plain = async_client(parse_redis_url(redis_server.url), pooling=Pooling(4, wait=1.0))
+    assert isinstance(plain, aioredis.Redis)
+    assert await plain.ping()
+    await plain.aclose()
+    single = async_client(parse_redis_url(redis_server.url), pooling=Pooling(single=True))
+    assert await single.ping()
+    await single.aclose()
+    cluster = async_client(parse_redis_url("redis+cluster://127.0.0.1:1"))
+    assert isinstance(cluster, aiocluster.RedisCluster)
+    await cluster.aclose()
