@@ -216,9 +216,14 @@ async def _publish_redis(args: argparse.Namespace, settings: Settings, data: Any
     assert settings.redis_url is not None
     # the command reports the outcome itself, in one line: the library's warnings would repeat it
     logging.getLogger("dualcast.publisher").setLevel(logging.ERROR)
-    async with Publisher(settings.redis_url, stream=settings.stream, maxlen=settings.maxlen,
-                         timeout=settings.redis_timeout, wait_replicas=args.wait_replicas,
-                         wait_timeout_ms=args.wait_timeout, tls=settings.redis_tls) as publisher:
+    try:
+        publisher = Publisher(settings.redis_url, stream=settings.stream, maxlen=settings.maxlen,
+                              timeout=settings.redis_timeout, wait_replicas=args.wait_replicas,
+                              wait_timeout_ms=args.wait_timeout, tls=settings.redis_tls)
+    except ValueError as exc:  # an option this Redis cannot honour (WAIT on a Cluster)
+        print(f"dualcast publish: {exc}", file=sys.stderr)
+        return 2
+    async with publisher:
         result = await publisher.publish_result(args.event, data, args.room or None)
     if result.id is None:
         print(f"dualcast publish: Redis at {publisher.where} is not reachable", file=sys.stderr)

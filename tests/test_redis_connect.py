@@ -6,6 +6,8 @@ real TLS Redis in tests/reliability/test_failover.py.)
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ import redis.asyncio as aioredis
 import redis.asyncio.cluster as aiocluster
 
 from dualcast.config import SettingsError, load_settings
+from dualcast.publisher import Publisher
 from dualcast.redis_connect import (
     BadRedisUrl,
     Pooling,
@@ -21,7 +24,7 @@ from dualcast.redis_connect import (
     parse_redis_url,
     redact,
 )
-from tests.harness.procs import RedisProcess
+from tests.harness.procs import RedisProcess, clean_env
 
 PASSWORD = "hunter2-very-secret"
 
@@ -102,3 +105,17 @@ async def test_clients_of_each_topology(redis_server: RedisProcess) -> None:
     cluster = async_client(parse_redis_url("redis+cluster://127.0.0.1:1"))
     assert isinstance(cluster, aiocluster.RedisCluster)
     await cluster.aclose()
+
+
+def test_wait_replicas_is_refused_on_a_cluster() -> None:
+    """WAIT would run on other connections than the XADD's and claim replicas it never saw."""
+    with pytest.raises(ValueError, match="Redis Cluster"):
+        Publisher("redis+cluster://127.0.0.1:1", wait_replicas=1)
+    Publisher("redis+cluster://127.0.0.1:1")  # without WAIT a cluster is fine
+    done = subprocess.run(
+        [sys.executable, "-m", "dualcast", "publish", "ev", "{}", "--wait-replicas", "1",
+         "--redis-url", f"redis+cluster://u:{PASSWORD}@127.0.0.1:1"],
+        env=clean_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "dualcast publish: wait_replicas is not available on a Redis Cluster (redis+cluster://)"]

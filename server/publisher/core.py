@@ -25,7 +25,7 @@ from dualcast.publisher.breaker import Breaker
 from dualcast.publisher.encoding import Entry, prepare
 from dualcast.publisher.results import Outcome, PublisherStats, PublishResult
 from dualcast.publisher.throttle import Conflator
-from dualcast.redis_connect import RedisTarget, TlsFiles, parse_redis_url, redact
+from dualcast.redis_connect import RedisTarget, TlsFiles, Topology, parse_redis_url, redact
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,10 @@ class PublisherCore:
         self.redis_url = redis_url
         self.tls = tls
         self._target: RedisTarget | None = parse_redis_url(redis_url) if redis_url else None
+        if wait_replicas and self._target and self._target.topology is Topology.CLUSTER:
+            # redis-py sends a keyless WAIT to every primary on other connections than the
+            # XADD's, where it counts nothing: the result would claim replicas it never saw
+            raise ValueError("wait_replicas is not available on a Redis Cluster (redis+cluster://)")
         self.stream = stream
         self.maxlen = maxlen
         self.timeout = timeout
