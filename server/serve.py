@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
@@ -31,6 +31,9 @@ from uvicorn.config import STARTUP_FAILURE
 from dualcast.config import Settings
 from dualcast.logs import logging_config
 from dualcast.ws_protocol import WebSocketProtocol
+
+if TYPE_CHECKING:
+    from dualcast.runtime import Runtime
 
 log = logging.getLogger("dualcast.serve")
 
@@ -93,11 +96,11 @@ class DualcastServer(uvicorn.Server):
     """
 
     def __init__(self, settings: Settings,
-                 on_listening: Callable[[DualcastServer], None] | None = None) -> None:
+                 on_listening: Callable[[], None] | None = None) -> None:
         super().__init__(uvicorn_config(settings, _built_by_the_server))
         self.settings = settings
         self.on_listening = on_listening
-        self.runtime: Any = None
+        self.runtime: Runtime | None = None
 
     def run(self, sockets: list[socket.socket] | None = None) -> None:
         from dualcast.app import create_app  # the app's imports only where it is served
@@ -108,7 +111,7 @@ class DualcastServer(uvicorn.Server):
             log.exception("cannot build the app")
             sys.exit(STARTUP_FAILURE)
         self.runtime = app.state.dualcast
-        self.config.app = app
+        self.config.app = app  # (no longer picklable: this process serves it)
         log.debug("process %d serving: %s engine, log level %s", os.getpid(),
                   self.settings.engine, self.settings.log_level)
         super().run(sockets)
@@ -116,7 +119,7 @@ class DualcastServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started and self.on_listening is not None:
-            self.on_listening(self)
+            self.on_listening()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for srv in self.servers:
@@ -245,7 +248,7 @@ def serve(settings: Settings, on_listening: Callable[[str], None] | None = None)
     port = int(sock.getsockname()[1])
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
-    def announce(*_: object) -> None:
+    def announce() -> None:
         if on_listening is not None:
             on_listening(url)
 
