@@ -5,7 +5,9 @@ thrown at one running server. Each must be answered with a 2xx/4xx JSON answer
 or, on a WebSocket, with frames of the protocol (an `error` frame for what is
 wrong; a close only with 1008/1009): never a 5xx, never a traceback in the log.
 Meanwhile a healthy WebSocket subscriber keeps receiving every canary event
-published between examples, and is never dropped.
+published between examples, and is never dropped. What producers write to the
+stream itself is fuzzed in tests/test_fuzz_entries.py (raw bytes, values that
+decode but do not encode, against every transport).
 """
 
 from __future__ import annotations
