@@ -26,7 +26,7 @@ from typing import TypeVar
 import pytest
 import redis.asyncio as aioredis
 
-from dualcast.publisher import Publisher
+from dualcast.publisher import Outcome, Publisher, PublishResult, SyncPublisher
 from tests.conftest import token
 from tests.harness.follow import Follower, start_followers
 from tests.harness.probes import log_problems, readyz
@@ -239,7 +239,18 @@ async def test_sentinel_failover_is_followed_without_restart(
         port = sentinels.primary_port()
         return port if port == replica else None
 
+    def sync_publish(wait_replicas: int) -> PublishResult:
+        with SyncPublisher(sentinels.url, stream=STREAM, wait_replicas=wait_replicas,
+                           wait_timeout_ms=2000, cooldown=0.1, cooldown_max=0.5) as pub:
+            return pub.publish_result("sync", wait_replicas)
+
+    # the blocking publisher (its own Sentinel pool) writes and waits for the replica
+    before = await asyncio.to_thread(sync_publish, 1)
+    assert (before.outcome, before.replicas) == (Outcome.PUBLISHED, 1), before
     await _failover(dc, load, sentinels.primary.kill, promoted, "Sentinel")
+    after = await asyncio.to_thread(sync_publish, 0)  # and finds the new primary
+    assert after.outcome is Outcome.PUBLISHED, after
+    assert after.id in await _surviving(replica, "0-0")
 
 
 async def test_cluster_failover_of_the_streams_slot_is_followed(
