@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import httpx
 import pytest
 import redis.asyncio as aioredis
 
@@ -267,6 +268,12 @@ async def test_cluster_failover_of_the_streams_slot_is_followed(
         return port if port == replica else None
 
     await _failover(dc, load, cluster.node(owner).kill, promoted, "Cluster")
+    # the publish API appends through the cluster client too, to the new primary
+    async with httpx.AsyncClient(timeout=10) as http:
+        answer = await http.post(f"{dc.url}/api/publish", json={"event": "api", "data": 1},
+                                 headers={"Authorization": f"Bearer {token('app', publish=True)}"})
+    assert answer.status_code == 202, answer.text
+    assert answer.json()["id"] in await _surviving(replica, "0-0")
 
 
 @pytest.fixture
