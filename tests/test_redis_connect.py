@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 import redis.asyncio.cluster as aiocluster
 
@@ -119,3 +120,26 @@ def test_wait_replicas_is_refused_on_a_cluster() -> None:
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "dualcast publish: wait_replicas is not available on a Redis Cluster (redis+cluster://)"]
+
+
+async def test_unix_socket(tmp_path: Path) -> None:
+    sock = tmp_path / "redis.sock"
+    proc = RedisProcess(tmp_path / "redis", args=["--unixsocket", str(sock),
+                                                  "--unixsocketperm", "700"]).start()
+    try:
+        url = f"unix://{sock}?db=2"
+        client = async_client(parse_redis_url(url), pooling=Pooling(4, wait=1.0))
+        try:
+            assert await client.ping()
+        finally:
+            await client.aclose()
+        async with Publisher(url, stream="unix-stream") as pub:
+            entry_id = await pub.publish("over-unix", 1)
+        assert entry_id is not None
+        check = redis.Redis(unix_socket_path=str(sock), db=2)
+        try:
+            assert check.xrange("unix-stream")[0][0].decode() == entry_id  # in database 2
+        finally:
+            check.close()
+    finally:
+        proc.stop()
