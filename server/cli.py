@@ -58,10 +58,11 @@ def _serve(args: argparse.Namespace) -> int:
     def on_listening(url: str) -> None:
         if kept is None:  # a configured secret: no admin token in anybody's log
             return
-        from dualcast.auth import mint_token
+        from dualcast.auth import mint_for
 
         path, made = kept
-        token = mint_token(secret, "admin", admin=True, publish=True, ttl=7 * 86400)
+        # with the issuer and audience this server checks, or it would refuse its own link
+        token = mint_for(settings, secret, "admin", admin=True, publish=True, ttl=7 * 86400)
         print(f"dualcast: no DUALCAST_SECRET set: signing tokens with the secret "
               f"{'made now and ' if made else ''}kept in {path} (other machines do not "
               "know it: give several instances one shared DUALCAST_SECRET)", file=sys.stderr)
@@ -238,11 +239,12 @@ async def _publish_redis(args: argparse.Namespace, settings: Settings, data: Any
 def _publish_http(args: argparse.Namespace, settings: Settings, data: Any) -> int:
     import httpx
 
-    from dualcast.auth import mint_token
+    from dualcast.auth import mint_for
 
     token = args.token
-    if token is None and settings.secret:
-        token = mint_token(settings.secret, "cli", publish=True, ttl=300)
+    secret = (settings.secret or _kept_secret()) if token is None else None
+    if secret:  # the issuer and audience the server checks, else it refuses the token
+        token = mint_for(settings, secret, "cli", publish=True, ttl=300)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     body = {"event": args.event, "data": data, "rooms": args.room}
     try:
