@@ -97,6 +97,9 @@ class ClassFold:
             self.minutes[minute] = self.minutes.get(minute, 0) + 1
             self.usage_minutes.append((key, minute))
 
+    def empty(self) -> bool:
+        return not (self.setters or self.usage_minutes)
+
     def trim(self, first: StreamId) -> bool:
         """Forget what events older than `first` (no longer retained) contributed."""
         changed = False
@@ -193,8 +196,18 @@ class OverviewFolds:
         if first is None:
             first = (self.last_key[0], self.last_key[1] + 1)
         changed = False
-        for fold in self.classes.values():
+        emptied: list[frozenset[str]] = []
+        for rooms, fold in self.classes.items():
             changed = fold.trim(first) or changed
+            if fold.empty():
+                emptied.append(rooms)
+        for rooms in emptied:  # (a room set seen once, long ago, costs nothing forever)
+            fold = self.classes.pop(rooms)
+            for room in rooms:
+                members = self._by_room[room]
+                members.remove(fold)
+                if not members:
+                    del self._by_room[room]
         if changed:
             self.version += 1
 

@@ -84,6 +84,8 @@ def test_incremental_equals_full_fold_on_the_demo_events_across_batches_and_trim
             for rooms in ROOM_SETS:
                 check(folds, events[first:at], rooms)
     assert folds.state(ROOM_SETS[-1])["usage"], "the demo produced usage to compare"
+    folds.trim(None)  # the stream emptied: nothing is kept, not even empty room sets
+    assert folds.classes == {} and folds.state(ROOM_SETS[-1])["providers"] == {}
 
 
 rooms_pool = ["admin", "user-1", "user-2", "team"]
