@@ -11,7 +11,9 @@ clock by ``speed``, so the same ``seed`` gives the same sequence of events at an
 speed (tests run it fast; ``dualcast serve --demo`` at speed 1, a few events per
 second). Events go to a ``sink(event, data, rooms)``; the shapes are DESIGN.md's
 "Event types". Rooms: per-user events go to ``user-<id>`` and ``admin``; global
-metrics to ``admin``; provider status changes are public.
+metrics to ``admin``; provider status changes are public. When the demo stops (its
+``stop`` event, or a cancel: Ctrl-C, a server shutting down) it ends every open session
+(``cancelled``) and sends metrics with no active session, so nothing it started stays live.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ OPEN_SECONDS = 12.0  # how long an open circuit refuses traffic before a half-op
 HALF_OPEN_SUCCESSES = 3  # successful trials that close it again
 FIRST_INCIDENT_AT = 12.0  # simulated seconds: early, so a short demo shows one
 INCIDENT_EVERY = (90.0, 150.0)
+#: How long a stopping demo may take to end its open sessions.
+WIND_DOWN_SECONDS = 3.0
 USERS = ("456", "789", "123", "234", "567", "890", "321", "654")
 
 
@@ -174,6 +178,19 @@ class Simulation:
         for _ in range(5):
             self.open_session()
         self.metrics()
+        return self.drain()
+
+    def close(self) -> list[tuple[str, dict[str, Any], list[str]]]:
+        """The demo stops: every open session ends (`cancelled`) and the metrics say so.
+
+        Without this, the sessions of a stopped demo stay "live" in every overview and
+        dashboard for as long as the stream keeps their `session_created`.
+        """
+        for session in list(self.sessions.values()):
+            self.end(session, "cancelled")
+        self.metrics()
+        self.user_last_metrics.clear()  # the last per-user figures go out now, unthrottled
+        self.user_metrics()
         return self.drain()
 
     def drain(self) -> list[tuple[str, dict[str, Any], list[str]]]:
@@ -399,22 +416,36 @@ async def run_demo(
         await _deliver(sink, event, data, rooms, errors)
     pause = TICK / speed
     next_at = time.monotonic()
-    while not stop.is_set():
-        for event, data, rooms in sim.step():
-            await _deliver(sink, event, data, rooms, errors)
-        next_at += pause
-        delay = next_at - time.monotonic()
-        if delay < -1.0:
-            next_at = time.monotonic()  # far behind: do not burst, keep the pace from now
-            delay = 0.0
-        if delay > 0:
-            try:
-                async with asyncio.timeout(delay):
-                    await stop.wait()
-            except TimeoutError:
-                pass
-        else:
-            await asyncio.sleep(0)  # a fast sink must not starve the loop
+    try:
+        while not stop.is_set():
+            for event, data, rooms in sim.step():
+                await _deliver(sink, event, data, rooms, errors)
+            next_at += pause
+            delay = next_at - time.monotonic()
+            if delay < -1.0:
+                next_at = time.monotonic()  # far behind: do not burst, keep the pace from now
+                delay = 0.0
+            if delay > 0:
+                try:
+                    async with asyncio.timeout(delay):
+                        await stop.wait()
+                except TimeoutError:
+                    pass
+            else:
+                await asyncio.sleep(0)  # a fast sink must not starve the loop
+    finally:  # `stop`, or a cancel (Ctrl-C of `dualcast demo`, a server shutting down)
+        await _wind_down(sim, sink, errors)
+
+
+async def _wind_down(sim: Simulation, sink: Sink, errors: list[int]) -> None:
+    """End the open sessions in the log, within WIND_DOWN_SECONDS (a sink that hangs, or
+    a second cancel, leaves them to the dashboard's age-out)."""
+    try:
+        async with asyncio.timeout(WIND_DOWN_SECONDS):
+            for event, data, rooms in sim.close():
+                await _deliver(sink, event, data, rooms, errors)
+    except TimeoutError:
+        log.warning("demo: could not end the open sessions within %ss", WIND_DOWN_SECONDS)
 
 
 async def demo_against_redis(

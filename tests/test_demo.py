@@ -55,6 +55,8 @@ async def collect(until: Any, speed: float = 400.0, seed: int | None = 7,
     stop = asyncio.Event()
 
     async def sink(event: str, data: Any, rooms: list[str]) -> None:
+        if stop.is_set():
+            return  # the wind-down (sessions ended on stop) has a test of its own
         records.append((event, data, rooms))
         if until(records):
             stop.set()
@@ -207,6 +209,42 @@ async def test_stop_ends_the_demo_promptly_even_when_slow():
     stop.set()
     await asyncio.wait_for(task, 2)
     assert time.monotonic() - started < 0.5
+
+
+@pytest.mark.parametrize("how", ["stop", "cancel"])
+async def test_a_stopping_demo_ends_its_open_sessions(how: str):
+    """A clean stop (or the cancel of Ctrl-C / a server shutting down) ends every open
+    session in the log, so no dashboard keeps them live; the last metrics say 0."""
+    records: list[Record] = []
+    stop = asyncio.Event()
+    opened = asyncio.Event()
+
+    def sink(event: str, data: Any, rooms: list[str]) -> None:
+        records.append((event, data, rooms))
+        if sum(e == "session_created" for e, _, _ in records) >= 8:
+            opened.set()
+
+    task = asyncio.create_task(run_demo(sink, stop=stop, speed=50, seed=5))
+    await asyncio.wait_for(opened.wait(), 20)
+    before = len(records)
+    if how == "stop":
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    else:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5)
+    live: set[str] = set()
+    for event, data, _ in records:
+        if event == "session_created":
+            live.add(data["sessionId"])
+        elif event == "session_ended":
+            live.discard(data["sessionId"])
+    assert live == set()
+    wound_down = [d for e, d, _ in records[before:] if e == "session_ended"]
+    assert wound_down and {d["status"] for d in wound_down} == {"cancelled"}
+    last_global = [d for e, d, _ in records if e == "metrics_update" and "userId" not in d][-1]
+    assert last_global["activeSessions"] == 0
 
 
 async def test_a_failing_sink_does_not_end_the_demo():
