@@ -7,7 +7,7 @@
 // and data-state="connecting|live|offline" (followers mirror what the leader reports).
 
 import { Dashboard, h } from './panels.js';
-import { Store } from './store.js';
+import { SESSION_IDLE_MS, Store } from './store.js';
 import { TabCoordinator } from './tabs.js';
 import { Dualcast, maxId, steadyBackoff } from './dualcast.js';
 
@@ -15,6 +15,11 @@ const $ = (id) => document.getElementById(id);
 const ROOMS_KEY = 'dualcast.rooms';
 const FOLLOWER_STALE_MS = 30000;
 const PAUSE_AFTER_HIDDEN_MS = 10000;
+// /readyz is the one place that knows the event log is away: a live transport still
+// looks green then, while no event can arrive. One small request per gap.
+const READY_POLL_MS = 10000;
+// what /readyz calls a log that events cannot come from (not `draining`: a restart)
+const LOG_DOWN = new Set(['log_unreachable', 'consumer_stalled']);
 
 const store = new Store();
 const ui = new Dashboard(document, store);
@@ -34,6 +39,7 @@ const app = {
   noticeTimer: null,
   ticks: 0,
   loggedOut: false,
+  logDown: null, // null: not known yet; else since when (ms) the event log is away
 };
 
 // ---- status ------------------------------------------------------------------------
@@ -41,7 +47,7 @@ const app = {
 function showStatus(status) {
   document.body.dataset.transport = status.transport;
   document.body.dataset.state = status.state;
-  ui.renderStatus(status);
+  ui.renderStatus({ ...status, logDown: app.logDown !== null });
   $('foot-cursor').textContent = status.cursor ? `cursor ${status.cursor}` : '';
 }
 
@@ -51,6 +57,41 @@ function notice(text, { sticky = false } = {}) {
   el.hidden = false;
   clearTimeout(app.noticeTimer);
   if (!sticky) app.noticeTimer = setTimeout(() => { el.hidden = true; }, 8000);
+}
+
+/** Say at once when the event log is away: nothing can arrive, whatever the transport says. */
+function showLogHealth(down) {
+  const was = app.logDown !== null;
+  if (down === was && document.body.dataset.log) return;
+  app.logDown = down ? Date.now() : null;
+  document.body.dataset.log = down ? 'unreachable' : 'reachable';
+  $('log-down').hidden = !down;
+  if (down) {
+    const since = new Date(app.logDown).toLocaleTimeString([], { hour12: false });
+    $('log-down-since').textContent = ` (since ${since}; the server keeps retrying)`;
+  }
+  ui.renderStatus({ logDown: down });
+  // a page loaded while the log was away has no overview yet: fetch it now
+  if (!down && !app.overviewOk && app.ready && !app.loggedOut) reloadOverview();
+}
+
+/** Poll /readyz on a slow timer while the page shows the dashboard. */
+async function watchLog() {
+  const every = tuning().readyPollMs ?? READY_POLL_MS;
+  for (;;) {
+    if (app.loggedOut) return;
+    if (document.visibilityState === 'visible') {
+      try {
+        const response = await fetch('/readyz', { cache: 'no-store', credentials: 'omit' });
+        const body = await response.json().catch(() => ({}));
+        if (response.ok) showLogHealth(false);
+        else if (LOG_DOWN.has(body.reason)) showLogHealth(true);
+      } catch {
+        /* the server itself is away: the transport's own state says so */
+      }
+    }
+    await new Promise((resolve) => setTimeout(resolve, every));
+  }
 }
 
 // ---- login -------------------------------------------------------------------------
@@ -283,12 +324,12 @@ function startCursor() {
 /**
  * Optional timing overrides from localStorage `dualcast.tuning` (JSON), for tests and
  * for operators who want a faster climb: climbBaseMs, climbCapMs, welcomeTimeoutMs,
- * retryBaseMs, retryCapMs, pauseAfterHiddenMs.
+ * retryBaseMs, retryCapMs, pauseAfterHiddenMs, readyPollMs, sessionIdleMs.
  */
 function tuning() {
   const allowed = [
     'climbBaseMs', 'climbCapMs', 'welcomeTimeoutMs', 'retryBaseMs', 'retryCapMs',
-    'pauseAfterHiddenMs',
+    'pauseAfterHiddenMs', 'readyPollMs', 'sessionIdleMs',
   ];
   try {
     const raw = JSON.parse(localStorage.getItem('dualcast.tuning') ?? '{}');
@@ -443,6 +484,7 @@ function renderExpiry() {
 
 function tick() {
   app.ticks += 1;
+  if (app.ready && store.expireSessions(app.sessionIdleMs)) ui.renderPanels();
   ui.tick();
   renderExpiry();
   if (!app.tabs || app.loggedOut) return;
@@ -492,10 +534,13 @@ async function boot() {
   if (!me) return;
   app.me = me;
   ui.sub = me.sub ?? null;
+  app.sessionIdleMs = tuning().sessionIdleMs ?? SESSION_IDLE_MS;
+  ui.sessionIdleMs = app.sessionIdleMs;
   app.rooms = me.admin ? savedRooms() : [];
   renderWho(me);
   $('status').hidden = false;
   $('dashboard').hidden = false;
+  watchLog(); // before the overview, which the log's absence would hold up
 
   store.subscribe((change) => {
     if (change.type === 'overview') ui.renderAll();

@@ -122,6 +122,7 @@ export class Dashboard {
     this.store = store;
     this.$ = (id) => doc.getElementById(id);
     this.sub = null;
+    this.sessionIdleMs = null; // the age-out the store applies, for the note under the table
     this.rowText = new WeakMap();
     this.filter = { text: '', type: '' };
     this.renderTimer = null;
@@ -317,6 +318,11 @@ export class Dashboard {
       .sort((a, b) => (b.started ?? 0) - (a.started ?? 0));
     this.$('sessions-count').textContent = nf.format(sessions.length);
     this.$('sessions-empty').hidden = sessions.length > 0;
+    const quiet = this.store.state.quiet.size;
+    const note = this.$('sessions-quiet');
+    note.hidden = quiet === 0;
+    note.textContent = quiet === 0 ? '' : `${nf.format(quiet)} ${quiet === 1 ? 'session' : 'sessions'}`
+      + ` with no news for ${age(this.sessionIdleMs ?? 0)} not shown (ended without a word?)`;
     const shown = sessions.slice(0, 100);
     this.$('sessions').replaceChildren(...shown.map((s) => h('tr', { 'data-session-id': s.sessionId },
       h('td', { class: 'mono' }, s.sessionId),
@@ -400,10 +406,13 @@ export class Dashboard {
     this.status = { ...this.status, ...status };
     const st = this.status;
     this.$('status-transport').textContent = TRANSPORT_LABEL[st.transport] ?? st.transport;
-    const stateText = st.paused ? 'paused (tab hidden)' : st.state;
+    // a live connection to a server whose event log is away is not "live": nothing arrives
+    const stateText = st.paused ? 'paused (tab hidden)'
+      : st.logDown && st.state === 'live' ? 'event log unreachable' : st.state;
     this.$('status-state').textContent = stateText;
     const badge = this.$('status');
     badge.dataset.state = st.state;
+    badge.toggleAttribute('data-log-down', Boolean(st.logDown));
     badge.title = [
       `transport: ${TRANSPORT_LABEL[st.transport] ?? st.transport}`,
       `state: ${stateText}`,

@@ -10,6 +10,14 @@ export const USAGE_LIMIT = 50;
 export const RPM_MINUTES = 30;
 const SEEN_LIMIT = 20000;
 const HISTORY_MS = 15 * 60 * 1000;
+/**
+ * A session with no news (its session_created, or a usage_log_added of its own) for
+ * this long leaves the live table and the card: a producer that died (a killed demo)
+ * never sends its session_ended. Time comes from the events' stream ids (the overview's
+ * sessions: their createdAt), so a page opened later ages the same sessions out at once.
+ */
+export const SESSION_IDLE_MS = 10 * 60 * 1000;
+const QUIET_LIMIT = 1000;
 
 /** Normalise the many spellings of a circuit state to closed / half-open / open. */
 export function circuitState(value) {
@@ -17,6 +25,14 @@ export function circuitState(value) {
   if (v === 'half-open' || v === 'halfopen') return 'half-open';
   if (v === 'open' || v === 'closed') return v;
   return 'unknown';
+}
+
+/** Epoch ms of a time a producer wrote (ms, s or ISO 8601), or null. */
+function toMs(value) {
+  const n = Number(value);
+  if (Number.isFinite(n) && n > 0) return n < 1e12 ? n * 1000 : n;
+  const parsed = Date.parse(value);
+  return Number.isFinite(parsed) ? parsed : null;
 }
 
 function minuteOf(ts) {
@@ -31,6 +47,8 @@ function emptyState() {
     metricsHistory: [], // [{at, data}] of the global metrics, for deltas
     providers: {},
     sessions: {},
+    sessionNews: new Map(), // session id -> ms of its latest news
+    quiet: new Map(), // sessions aged out (no news for the idle time), id -> data
     sessionsKnown: false, // true once sessions are followed: the card then counts them
     usage: [], // newest first
     rpm: new Map(), // minute epoch ms -> count of usage_log_added
@@ -130,6 +148,9 @@ export class Store {
     next.metricsByUser = { ...(ov.metrics_by_user ?? {}) };
     next.providers = { ...(ov.providers ?? {}) };
     next.sessions = { ...(ov.sessions ?? {}) };
+    for (const [id, session] of Object.entries(next.sessions)) {
+      next.sessionNews.set(id, toMs(session?.createdAt) ?? this.now());
+    }
     next.sessionsKnown = this.state.sessionsKnown || Object.keys(next.sessions).length > 0;
     const usage = Array.isArray(ov.usage) ? ov.usage : [];
     // the overview lists usage oldest first; we keep newest first
@@ -140,6 +161,7 @@ export class Store {
     }
     this.state = next;
     // recent usage entries give the log a start; their ids count as seen
+    for (const u of usage) this.sessionNewsAt(u?.sessionId, eventTime(null, u?.id));
     const fresh = [];
     for (const u of usage) {
       if (typeof u?.id !== 'string' || !this.remember(u.id)) continue;
@@ -216,14 +238,27 @@ export class Store {
         }
         break;
       case 'session_created':
-        if (d.sessionId !== undefined) s.sessions[d.sessionId] = d;
+        if (d.sessionId !== undefined) {
+          s.sessions[d.sessionId] = d;
+          s.quiet.delete(d.sessionId);
+          s.sessionNews.set(d.sessionId, eventTime(null, ev.id) ?? this.now());
+        }
         s.sessionsKnown = true;
         break;
       case 'session_ended':
-        if (d.sessionId !== undefined) delete s.sessions[d.sessionId];
+        if (d.sessionId !== undefined) {
+          delete s.sessions[d.sessionId];
+          s.quiet.delete(d.sessionId);
+          s.sessionNews.delete(d.sessionId);
+        }
         s.sessionsKnown = true;
         break;
       case 'usage_log_added': {
+        if (s.quiet.has(d.sessionId)) { // news after all: it is live again
+          s.sessions[d.sessionId] = s.quiet.get(d.sessionId);
+          s.quiet.delete(d.sessionId);
+        }
+        this.sessionNewsAt(d.sessionId, eventTime(null, ev.id) ?? this.now());
         s.usage.unshift({ ...d, id: ev.id, ts: ev.ts });
         if (s.usage.length > USAGE_LIMIT) s.usage.length = USAGE_LIMIT;
         const minute = minuteOf(eventTime(ev.ts, ev.id) ?? this.now());
@@ -235,6 +270,31 @@ export class Store {
       default:
         break;
     }
+  }
+
+  sessionNewsAt(id, at) {
+    const news = this.state.sessionNews;
+    if (at === null || !Object.hasOwn(this.state.sessions, id)) return;
+    if (!(news.get(id) >= at)) news.set(id, at);
+  }
+
+  /**
+   * Move sessions with no news for `idleMs` out of the live ones (into `quiet`).
+   * Returns whether any moved, so the caller redraws only then.
+   */
+  expireSessions(idleMs = SESSION_IDLE_MS, now = this.now()) {
+    const s = this.state;
+    let moved = false;
+    for (const [id, session] of Object.entries(s.sessions)) {
+      const news = s.sessionNews.get(id) ?? now;
+      if (now - news < idleMs) continue;
+      delete s.sessions[id];
+      s.sessionNews.delete(id);
+      s.quiet.set(id, session);
+      moved = true;
+    }
+    while (s.quiet.size > QUIET_LIMIT) s.quiet.delete(s.quiet.keys().next().value);
+    return moved;
   }
 
   /** The metrics the cards show: global ones, else the caller's own (a non-admin user). */
