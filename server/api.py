@@ -86,7 +86,7 @@ async def overview(request: Request) -> Response:
         return error_response(503, "log_unavailable", "the event log is not read yet; retry soon")
     try:
         # (the retained window the long-pollers share, a second old at most)
-        folds.trim((await rt.log_window(1.0)).first_id)
+        folds.trim_to(await rt.log_window(1.0))
     except LogUnavailable:
         pass  # answered from what was read; the stream cannot trim while Redis is away
     return Response(folds.answer(frozenset(rooms)), media_type="application/json",

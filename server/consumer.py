@@ -153,6 +153,7 @@ class Consumer:
         head = self.position
         after = ZERO
         page = 1000
+        started, read = time.monotonic(), 0
         while after < head:
             entries = await self.log.read_after(format_id(after), page)
             kept = [(i, f) for i, f in entries if parse_id(i) <= head]
@@ -166,10 +167,13 @@ class Consumer:
                     log.debug("overview skips malformed stream entry %s: %s", entry_id, exc)
             after = parse_id(kept[-1][0])
             folds.apply(events, after)
+            read += len(kept)
             if len(kept) < page:
                 break
             await asyncio.sleep(0)  # let subscribers' writers run between pages
         folds.mark_built()
+        log.info("overview folded from %d retained entries in %.2fs", read,
+                 time.monotonic() - started)
         self._trimmed_at = time.monotonic()
 
     async def _trim_overview(self) -> None:
@@ -178,7 +182,7 @@ class Consumer:
         if now - self._trimmed_at < 5.0:
             return
         self._trimmed_at = now
-        self.overview.trim((await self.log.info()).first_id)
+        self.overview.trim_to(await self.log.info())
 
     def _skip(self, entry_id: str, exc: MalformedEntry) -> None:
         stats = self.stats

@@ -29,7 +29,7 @@ import orjson
 
 from dualcast.events import ZERO, Event, StreamId, format_id
 from dualcast.feed import decode_visible
-from dualcast.log import EventLog
+from dualcast.log import EventLog, LogInfo
 
 RECENT_USAGE = 50
 CHART_MINUTES = 60
@@ -191,10 +191,15 @@ class OverviewFolds:
             self.last_key = last_key
         self.version += 1
 
-    def trim(self, first: StreamId | None) -> None:
-        """Drop what the log no longer retains (`first`: its oldest entry; None: empty)."""
-        if first is None:
-            first = (self.last_key[0], self.last_key[1] + 1)
+    def trim_to(self, window: LogInfo) -> None:
+        """Drop what the log's retained window no longer holds. An empty stream holds
+        nothing up to its last generated id, never "nothing up to what I read": a window
+        may be a second old, and events read since then are not trimmed by it."""
+        last = window.last_id
+        self.trim(window.first_id if window.first_id is not None else (last[0], last[1] + 1))
+
+    def trim(self, first: StreamId) -> None:
+        """Drop what events before `first` (the oldest retained entry) contributed."""
         changed = False
         emptied: list[frozenset[str]] = []
         for rooms, fold in self.classes.items():

@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 
 from dualcast.config import load_settings
 from dualcast.demo import Simulation
-from dualcast.events import Envelope, Event, decode_entry, entry_fields, format_id
+from dualcast.events import ZERO, Envelope, Event, decode_entry, entry_fields, format_id
+from dualcast.log import LogInfo
 from dualcast.log.redis import RedisLog
 from dualcast.overview import OverviewFolds, build_overview, fold
 from tests.conftest import token
@@ -84,8 +85,20 @@ def test_incremental_equals_full_fold_on_the_demo_events_across_batches_and_trim
             for rooms in ROOM_SETS:
                 check(folds, events[first:at], rooms)
     assert folds.state(ROOM_SETS[-1])["usage"], "the demo produced usage to compare"
-    folds.trim(None)  # the stream emptied: nothing is kept, not even empty room sets
+    last = events[-1].key
+    # the stream emptied: nothing is kept, not even empty room sets
+    folds.trim_to(LogInfo(exists=True, length=0, first_id=None, last_id=last))
     assert folds.classes == {} and folds.state(ROOM_SETS[-1])["providers"] == {}
+
+
+def test_a_stale_empty_window_never_trims_what_was_read_since() -> None:
+    """The window a call uses may be a second old: said empty before an event arrived,
+    it must not take that event away (Redis restarted empty, then a new XADD)."""
+    folds = OverviewFolds()
+    event, = as_events([("provider_status_change", {"providerId": "p"}, [])])
+    folds.apply([event], event.key)
+    folds.trim_to(LogInfo(exists=False, length=0, first_id=None, last_id=ZERO))
+    assert folds.state(frozenset())["providers"] == {"p": {"providerId": "p"}}
 
 
 rooms_pool = ["admin", "user-1", "user-2", "team"]
@@ -209,3 +222,32 @@ async def test_a_server_answers_the_full_fold_without_reading_the_stream(
     await eventually_matches(server, redis_server.url, stream, 10)
     client.close()
     assert "Traceback" not in server.log()
+
+
+async def test_the_overview_is_folded_again_when_redis_loses_the_stream(
+    fresh_redis: RedisProcess, dualcast: Any,
+) -> None:
+    """Redis restarted empty: the old answer would describe events no longer anywhere."""
+    stream = f"overview-{uuid.uuid4().hex[:8]}"
+    client = redis.Redis.from_url(fresh_redis.url)
+    server: DualcastProcess = dualcast(fresh_redis.url, env={
+        "DUALCAST_STREAM": stream, "DUALCAST_BLOCK_MS": "200", "DUALCAST_REDIS_TIMEOUT": "1",
+        "DUALCAST_BACKOFF_MAX": "0.5"})
+    await wait_for(server.ready, 10, "readyz")
+
+    def providers() -> dict[str, Any]:
+        return dict(httpx.get(server.url + "/api/overview", timeout=5).json()["providers"])
+
+    def status(provider: str, value: str) -> None:
+        client.xadd(stream, entry_fields(Envelope(  # type: ignore[arg-type]
+            event="provider_status_change", data={"providerId": provider, "status": value})))
+
+    status("openai", "down")
+    await wait_for(lambda: providers() == {"openai": {"providerId": "openai", "status": "down"}},
+                   10, "the first provider status")
+    client.flushall()  # as a Redis restarted without its data
+    await wait_for(lambda: providers() == {}, 15, "the overview to forget the lost stream")
+    status("mistral", "healthy")
+    await wait_for(lambda: list(providers()) == ["mistral"], 10, "the new provider status")
+    assert await mismatches(server, fresh_redis.url, stream) == []
+    client.close()
