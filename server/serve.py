@@ -227,6 +227,10 @@ class Workers:
             slot.process, slot.restart_at = None, now + delay
 
     def _stop_all(self) -> None:
+        # This process's copy of the shared socket would keep it listening after every
+        # worker closed its own: connects would then queue unread until we exit, instead
+        # of being refused at once (which a browser's EventSource retries).
+        self.sock.close()
         running = [slot.process for slot in self.slots if slot.process is not None]
         for process in running:
             if process.is_alive() and process.pid is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +112,18 @@ def _workers(dc: DualcastProcess) -> list[psutil.Process]:
     return [c for c in children if "resource_tracker" not in " ".join(c.cmdline())]
 
 
+async def _refused(port: int) -> bool:
+    """Whether a connect to `port` is refused (False: accepted, or no answer in time)."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 0.5)
+    except ConnectionRefusedError:
+        return True
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return False
+
+
 async def _in_stream(clients: list[BrowserSSE], n: int, within: float, what: str) -> None:
     await wait_for(lambda: all(len(c.ids) >= n or c.refusals for c in clients), within,
                    what=what)
@@ -121,7 +134,7 @@ async def _in_stream(clients: list[BrowserSSE], n: int, within: float, what: str
 async def test_draining_workers_never_answer_non_200(
     tmp_path: Path, fresh_redis: RedisProcess, dualcast: Callable[..., DualcastProcess],
 ) -> None:
-    env = {**FAST, "DUALCAST_SHUTDOWN_GRACE": "3", "DUALCAST_SSE_RETRY_MS": "300"}
+    env = {**FAST, "DUALCAST_SHUTDOWN_GRACE": "4", "DUALCAST_SSE_RETRY_MS": "300"}
     dc = dualcast(fresh_redis.url, env=env, args=["--workers", "2"])
     await wait_for(lambda: len(_workers(dc)) == 2, 30, what="two workers")
     url = f"{dc.url}/api/sse?token={token('drain')}"
@@ -141,8 +154,17 @@ async def test_draining_workers_never_answer_non_200(
         n = min(len(c.ids) for c in clients)
         await _in_stream(clients, n + 40, 30, "40 more events after the worker drained")
 
-        # The whole server drains, stops, and starts again on the same port.
-        dc.stop(30)
+        # The whole server drains, stops, and starts again on the same port. While its
+        # workers drain, a new connection is refused at once (EventSource retries that),
+        # not accepted by a socket nobody reads any more and held until the server exits.
+        dc.signal(signal.SIGTERM)
+        term = time.monotonic()
+        # (the drain takes about half the grace period, 2 s: refused well before it ends)
+        await wait_for(lambda: _refused(dc.port), 1.0,
+                       what="new connections refused while the workers drain")
+        refused_after = time.monotonic() - term
+        assert dc.alive(), "the server had already exited: the drain was not observed"
+        await asyncio.to_thread(dc.stop, 30)
         dc.start()
         n = min(len(c.ids) for c in clients)
         await _in_stream(clients, n + 40, 40, "40 more events after the restart")
@@ -159,7 +181,8 @@ async def test_draining_workers_never_answer_non_200(
         errors = sum(c.network_errors for c in clients)
         welcomes = sum(c.welcomes for c in clients)
         print(f"\ndrain: {CLIENTS} browser-like SSE clients, one worker SIGTERMed then the whole "
-              f"server restarted: 0 non-200, {welcomes} welcomes, {errors} network errors")
+              f"server restarted: 0 non-200, {welcomes} welcomes, {errors} network errors; "
+              f"new connects refused {refused_after:.2f}s after the server's SIGTERM")
         assert log_problems(dc) == []
     finally:
         await producer.stop()
