@@ -178,7 +178,8 @@ def pct(values: list[float], p: float) -> float:
 
 def summary(delays: list[float]) -> dict[str, float]:
     return {"events": len(delays), "p50_ms": round(pct(delays, 50), 2),
-            "p95_ms": round(pct(delays, 95), 2), "p99_ms": round(pct(delays, 99), 2), "max_ms": round(max(delays, default=0), 2),
+            "p95_ms": round(pct(delays, 95), 2), "p99_ms": round(pct(delays, 99), 2),
+            "max_ms": round(max(delays, default=0), 2),
             "mean_ms": round(statistics.fmean(delays), 2) if delays else float("nan")}
 
 
