@@ -14,6 +14,7 @@ out of order). Warm-up events carry a negative `seq` and only mark the client wa
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 from urllib.parse import quote
@@ -249,9 +250,26 @@ KINDS: dict[str, tuple[type[Client], str]] = {
 }
 
 
+def checkouts() -> dict[str, str]:
+    """Other dualcast checkouts to serve side by side, from BENCH_TREES.
+
+    `BENCH_TREES="before=/tmp/before,after=/tmp/after"` adds the targets `before-ws`,
+    `before-sse`, `after-ws`, ... each served from that tree's `server/` folder, so two
+    commits are measured in one run against the same peers (a before/after of a change).
+    """
+    pairs = (p.partition("=") for p in os.environ.get("BENCH_TREES", "").split(",") if p)
+    return {label.strip(): root.strip() for label, _, root in pairs}
+
+
+def base_kind(kind: str) -> str:
+    """The client kind a target speaks: `before-ws` is a dualcast WebSocket client."""
+    label, _, transport = kind.rpartition("-")
+    return f"dualcast-{transport}" if label in checkouts() else kind
+
+
 def client_path(kind: str, token: str | None = None, rooms: str | None = None) -> str:
     """The request path of a client of `kind`, with dualcast's token/rooms query."""
-    base = KINDS[kind][1]
+    base = KINDS[base_kind(kind)][1]
     params = []
     if token:
         params.append(f"token={quote(token)}")

@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from bench.clients import KINDS, Client, PollClient, Tally
+from bench.clients import KINDS, Client, PollClient, Tally, base_kind
 from tests.harness.procs import raise_nofile
 
 
@@ -38,7 +38,7 @@ class Worker:
 
     async def connect_all(self) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
-        cls = KINDS[self.kind][0]
+        cls = KINDS[base_kind(self.kind)][0]
         host, port = self.spec["host"], self.spec["port"]
         sem = asyncio.Semaphore(self.spec.get("concurrency", 50))
         timeout = self.spec.get("connect_timeout", 30.0)

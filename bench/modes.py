@@ -45,7 +45,8 @@ async def matrix(targets: list[str], clients: list[int], rates: list[float], dur
         for n in clients:
             for rate in rates:
                 for kind in targets:
-                    async with Session(kind, public_paths(kind, n), workers=workers) as s:
+                    async with Session(kind, public_paths(kind, n), workers=workers,
+                                       env=UNCAPPED) as s:
                         warm = await s.warm_up()
                         await s.quiet()
                         r = await s.step(rate, duration, drain=max(5.0, duration))
@@ -54,7 +55,7 @@ async def matrix(targets: list[str], clients: list[int], rates: list[float], dur
 
 async def _saturation_run(kind: str, n: int, rates: list[float], duration: float,
                           workers: int) -> AsyncIterator[dict[str, Any]]:
-    async with Session(kind, public_paths(kind, n), workers=workers) as s:
+    async with Session(kind, public_paths(kind, n), workers=workers, env=UNCAPPED) as s:
         warm = await s.warm_up()
         for rate in rates:
             for attempt in (1, 2):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import psutil
 
+from bench.clients import checkouts
 from tests.harness import http_ok
 from tests.harness.procs import ROOT, Child, DualcastProcess, RedisProcess, clean_env, free_port
 from tests.harness.waits import wait_until
@@ -43,16 +44,18 @@ class Stack:
     def start(self) -> Stack:
         self.redis = RedisProcess(self.workdir / "redis", port=self.redis_port,
                                   args=["--maxclients", "20000"]).start()
-        if self.target == "dualcast":
+        if self.target == "dualcast" or self.target in checkouts():
             env = {"DUALCAST_LOG_LEVEL": "warning", "DUALCAST_SECRET": SECRET, **self.extra_env}
             # A/B runs of a setting: BENCH_SERVER_ENV="DUALCAST_QUEUE_SIZE=500,..."
             for pair in filter(None, os.environ.get("BENCH_SERVER_ENV", "").split(",")):
                 name, _, value = pair.partition("=")
                 env[name.strip()] = value.strip()
-            # A/B runs: BENCH_DUALCAST_ROOT=<another checkout> serves that tree's `server/`.
-            root = Path(os.environ.get("BENCH_DUALCAST_ROOT") or ROOT)
+            root = self.root()
+            # A tree from before the package imported as `dualcast` is run as `-m server`.
+            main = (root / "server" / "__main__.py").read_text()
+            entry = ["-m", "server"] if "from server." in main else None
             self.server = DualcastProcess(self.workdir / "dualcast", self.redis.url, self.port,
-                                          env=env, root=root)
+                                          env=env, root=root, entry=entry)
             try:
                 self.server.start()
             except BaseException:
@@ -80,14 +83,20 @@ class Stack:
             raise
         return self
 
+    def root(self) -> Path:
+        """The checkout whose `server/` is served: a BENCH_TREES label's tree, else
+        BENCH_DUALCAST_ROOT (an A/B run of another checkout), else this one."""
+        tree = checkouts().get(self.target)
+        return Path(tree or os.environ.get("BENCH_DUALCAST_ROOT") or ROOT)
+
     def version(self) -> str:
         """What is being served: the git commit of dualcast's tree (+dirty), or peer versions."""
-        if self.target != "dualcast":
+        if self.target != "dualcast" and self.target not in checkouts():
             from importlib.metadata import version
 
             dist = {"socketio": "python-socketio", "broadcaster": "broadcaster"}[self.target]
             return f"{dist} {version(dist)}"
-        root = Path(os.environ.get("BENCH_DUALCAST_ROOT") or ROOT)
+        root = self.root()
         try:
             head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
                                   capture_output=True, text=True, timeout=10).stdout.strip()

@@ -14,6 +14,8 @@ from typing import Any
 
 import orjson
 
+from bench.clients import base_kind
+
 
 class Publisher:
     async def start(self) -> None:
@@ -78,7 +80,7 @@ class BroadcasterPublisher(Publisher):
 
 
 def make_publisher(kind: str, redis_url: str, rooms: list[str] | None = None) -> Publisher:
-    server = kind.split("-")[0]
+    server = base_kind(kind).split("-")[0]
     if server == "dualcast":
         return DualcastPublisher(redis_url, rooms)
     if server == "socketio":

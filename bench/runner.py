@@ -20,7 +20,7 @@ from typing import Any
 import jwt
 import psutil
 
-from bench.clients import KINDS, bucket_upper
+from bench.clients import KINDS, base_kind, bucket_upper
 from bench.procs import ROOT, SECRET, Stack, process_cpu, self_cpu
 from bench.publishers import Publisher, make_publisher, publish_at_rate
 
@@ -98,13 +98,13 @@ class Session:
     def __init__(self, kind: str, paths: list[str], workers: int = 2,
                  concurrency: int = 50, env: dict[str, str] | None = None,
                  poll_wait: int = 20) -> None:
-        if kind not in KINDS:
+        if base_kind(kind) not in KINDS:
             raise ValueError(f"unknown target {kind}; known: {', '.join(KINDS)}")
         self.kind = kind
         self.paths = paths
         self.n_workers = max(1, min(workers, len(paths)))
         self.concurrency = concurrency
-        self.stack = Stack(kind.split("-")[0], env=env)
+        self.stack = Stack(kind.rpartition("-")[0], env=env)
         self.poll_wait = poll_wait
         self.workers: list[WorkerProc] = []
         self.publisher: Publisher | None = None
