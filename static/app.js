@@ -540,7 +540,6 @@ async function boot() {
   renderWho(me);
   $('status').hidden = false;
   $('dashboard').hidden = false;
-  watchLog(); // before the overview, which the log's absence would hold up
 
   store.subscribe((change) => {
     if (change.type === 'overview') ui.renderAll();
@@ -573,6 +572,7 @@ async function boot() {
   window.addEventListener('pagehide', () => app.tabs?.post({ type: 'bye' }));
   setInterval(tick, 1000);
   app.tabs.elect();
+  watchLog(); // after the connection has started: it must not hold the first events up
 }
 
 boot();

@@ -70,6 +70,11 @@ export function age(ms) {
   return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
 }
 
+function failures(count) {
+  const n = num(count) ?? 0;
+  return `${nf.format(n)} ${n === 1 ? 'failure' : 'failures'}`;
+}
+
 function toMs(value) {
   const n = Number(value);
   if (Number.isFinite(n) && n > 0) return n < 1e12 ? n * 1000 : n;
@@ -97,7 +102,7 @@ export function summarize(ev) {
     case 'provider_status_change':
       return `${d.name ?? d.providerId ?? '?'} → ${d.status ?? '?'}`
         + ` · circuit ${circuitState(d.circuitState)}`
-        + `${has('failureCount') ? ` · ${d.failureCount} failures` : ''}`;
+        + `${has('failureCount') ? ` · ${failures(d.failureCount)}` : ''}`;
     case 'usage_log_added':
       return `${d.userId ?? '?'} · ${d.model ?? '?'}`
         + ` · ${nf.format(d.inputTokens ?? 0)} → ${nf.format(d.outputTokens ?? 0)} tok`
@@ -305,7 +310,7 @@ export class Dashboard {
           'aria-label': `circuit ${circuit}`,
         }, circuit),
         h('span', { class: 'muted small' },
-          `${nf.format(num(p.failureCount) ?? 0)} failures${at ? ` · ${hmFmt.format(new Date(at))}` : ''}`));
+          `${failures(p.failureCount)}${at ? ` · ${hmFmt.format(new Date(at))}` : ''}`));
     }));
   }
 
