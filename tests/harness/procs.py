@@ -89,12 +89,6 @@ class Child:
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
-    def __hash__(self) -> int:
-        return id(self)
-
-    def __eq__(self, other: object) -> bool:
-        return self is other
-
     def spawn(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         if self._log is not None:
