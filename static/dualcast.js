@@ -28,10 +28,11 @@ export const STATES = Object.freeze(['connecting', 'live', 'offline']);
 export const ERROR_CODES = Object.freeze([
   // who the caller is
   'unauthenticated', 'invalid_token', 'token_expired', 'no_secret', 'auth_unavailable',
-  'forbidden', 'bad_origin',
+  'session_refused', 'forbidden', 'bad_origin', 'cross_site',
   // what the caller asked for
   'bad_room', 'forbidden_room', 'too_many_rooms', 'bad_cursor', 'bad_timeout', 'bad_json',
-  'bad_frame', 'unknown_type', 'bad_event', 'too_large', 'transport_disabled',
+  'bad_frame', 'unknown_type', 'invalid', 'unencodable', 'unsupported_media_type', 'too_large',
+  'transport_disabled', 'too_many_connections',
   // the server's side
   'lagging', 'draining', 'log_unavailable', 'no_dashboard',
 ]);

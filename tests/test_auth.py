@@ -270,8 +270,10 @@ async def test_raw_producer_entries_keep_their_rooms(
         redis_server.command("XADD", stream, "*", "data", marker)
         for ws in (anon, user):
             await wait_for(lambda w=ws: has_marker(w.seen.events, tag), 10, "marker")
-        assert labels(anon.seen.events, tag) == {"null-rooms", "empty-rooms"}
-        assert labels(user.seen.events, tag) == {"u456", "null-rooms", "empty-rooms"}
+        # Rooms fail closed: `rooms` present but not a list of names (null included)
+        # makes the entry invalid for everyone, never public.
+        assert labels(anon.seen.events, tag) == {"empty-rooms"}
+        assert labels(user.seen.events, tag) == {"u456", "empty-rooms"}
 
 
 async def test_api_me_describes_the_caller(server: DualcastProcess) -> None:

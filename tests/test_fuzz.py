@@ -23,7 +23,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from tests.conftest import token
@@ -247,6 +247,13 @@ def test_random_rooms_and_cursors_on_every_transport(
     query = "&".join(f"{k}={quote(v)}" for k, v in params.items())
     if cursor is not None:
         query += f"&last_event_id={quote(cursor)}"
+    if poll.status_code == 400 and poll.json()["error"] == "bad_cursor":
+        # A malformed cursor is refused before anything streams, WebSocket included.
+        with pytest.raises(InvalidStatus) as refused:
+            connect(f"{target.proc.ws_url}/api/ws?{query}", open_timeout=10)
+        assert refused.value.response.status_code == 400
+        target.canary()
+        return
     ws_exchange(target, query, [])
 
 

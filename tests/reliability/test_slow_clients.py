@@ -28,6 +28,8 @@ EVENTS = 600  # small public events, to everyone
 BULK = 80  # 64 KB events to the "bulk" room: more than a loopback socket buffers (~4 MB)
 SLOW_ENV = {
     "DUALCAST_QUEUE_SIZE": "64",
+    # hundreds of connections on two tokens: no per-subject cap here
+    "DUALCAST_MAX_CONNECTIONS_PER_SUBJECT": "0",
     # The WebSocket heartbeat is what ends a client that reads nothing at all
     # (its socket never drains, so no close frame can reach it): make it seconds.
     "DUALCAST_PING_INTERVAL": "2",
