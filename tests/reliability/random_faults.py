@@ -163,13 +163,15 @@ class Outcome:
     reconnects: int = 0
     resets: int = 0
     producer_retries: int = 0
+    bad_gateways: int = 0  # connections nginx answered 502
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         return (f"seed {self.plan.seed}: {len(self.done)} faults, {self.events} events, "
                 f"{self.clients} clients, {self.reconnects} reconnects, {self.resets} resets, "
-                f"{self.producer_retries} producer retries, {self.seconds:.0f}s")
+                f"{self.producer_retries} producer retries, {self.bad_gateways} answers 502, "
+                f"{self.seconds:.0f}s")
 
     def report(self) -> str:
         lines = [self.summary(), *("  " + d for d in self.done)]
@@ -319,6 +321,12 @@ async def run(workdir: Path, plan: Plan, token: str, secret: str, instances: int
         outcome.clients = len(followers)
         outcome.reconnects = sum(max(0, len(f.record.connected_at) - 1) for f in followers)
         outcome.resets = sum(len(f.reset_marks) for f in followers)
+        # At most one instance is ever down, so nginx always has a live one to try: a 502
+        # means it took healthy instances out of rotation (as it did when it counted the
+        # polls' 503s during a Redis outage as failures).
+        outcome.bad_gateways = sum(" 502" in c.how for f in followers for c in f.record.closes)
+        if outcome.bad_gateways:
+            outcome.problems.append(f"{outcome.bad_gateways} connections answered 502 by nginx")
         for n, d in enumerate(cluster.instances):
             bad = [line for line in log_problems(d) if not EXPECTED_LOG.search(line)]
             outcome.problems += [f"instance #{n} log: {line[:200]}" for line in bad[:5]]
