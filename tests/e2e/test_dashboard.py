@@ -453,7 +453,8 @@ def test_expired_cookie_can_be_forgotten_for_anonymous_access(
     stack: Callable[..., Stack], open_page: Callable[..., Page]
 ) -> None:
     s = stack()
-    p = open_page(login_url(s.base_url, sub="ops", ttl=2))
+    # long enough to see it live first on a busy machine (2 s left a window of 0.4 s)
+    p = open_page(login_url(s.base_url, sub="ops", ttl=6))
     wait_transport(p.page, "websocket")
     p.page.wait_for_selector("#login:not([hidden])", timeout=20000)
     p.page.click("#login-clear")
