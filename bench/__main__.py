@@ -1,6 +1,6 @@
 """`python -m bench <mode>`: dualcast side by side with python-socketio and broadcaster.
 
-Modes: saturation, matrix, idle, routing, poll, all (each in turn), report.
+Modes: saturation, matrix, idle, routing, poll, workers, all (each in turn), report.
 Results go to bench/results/<mode>-<UTC stamp>.jsonl (+ .md); `--docs` rewrites
 docs/performance.md from the newest file of each mode.
 """
@@ -89,6 +89,14 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--duration", type=float, default=10.0)
     q.add_argument("--repeat", type=int, default=1)
 
+    k = sub.add_parser("workers", help="server CPU per delivery, --workers 1 against N")
+    k.add_argument("--target", default="dualcast-ws")
+    k.add_argument("--clients", type=ints, default=[1, 100, 1000])
+    k.add_argument("--rate", type=float, default=100.0)
+    k.add_argument("--duration", type=float, default=10.0)
+    k.add_argument("--repeat", type=int, default=3)
+    k.add_argument("--counts", type=ints, default=[1, 2], help="server worker counts")
+
     a = sub.add_parser("all", help="every mode with its defaults (about an hour)")
     a.add_argument("--quick", action="store_true", help="fewer repeats, smaller counts")
 
@@ -114,6 +122,9 @@ def runs(args: argparse.Namespace) -> list[tuple[str, Callable[[], AsyncIterator
     if args.mode == "poll":
         return [("poll", lambda: modes.poll(args.clients, args.rate, args.duration,
                                             args.repeat, w))]
+    if args.mode == "workers":
+        return [("workers", lambda: modes.workers_cost(
+            args.target, args.clients, args.rate, args.duration, args.repeat, args.counts, w))]
     if args.mode == "all":
         rep = 1 if args.quick else 3
         idle_n = 2000 if args.quick else 10_000

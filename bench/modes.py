@@ -152,6 +152,29 @@ async def idle(targets: list[str], connections: int, window: float,
             }
 
 
+async def workers_cost(kind: str, clients: list[int], rate: float, duration: float,
+                       repeat: int, counts: list[int],
+                       generators: int) -> AsyncIterator[dict[str, Any]]:
+    """The same load on `dualcast serve --workers 1` and `--workers N`, interleaved.
+
+    Every worker reads and decodes the whole stream, whatever its subscribers need;
+    a cell with one client shows that per-event cost on its own (nearly all of the
+    server's CPU there is reading the stream), the others what it adds per delivery.
+    The server's CPU is summed over the supervisor and its workers.
+    """
+    for rep in range(repeat):
+        for n in clients:
+            for count in counts:
+                env = {**UNCAPPED, "DUALCAST_WORKERS": str(count)}
+                async with Session(kind, public_paths(kind, n), workers=generators,
+                                   env=env) as s:
+                    warm = await s.warm_up()
+                    await s.quiet()
+                    r = await s.step(rate, duration, drain=max(5.0, duration))
+                yield {"mode": "workers", "server_workers": count, "repeat": rep,
+                       "warm": warm, **r}
+
+
 async def routing(subscribers: list[int], rooms: list[int], rate: float, duration: float,
                   workers: int, kind: str = "dualcast-ws") -> AsyncIterator[dict[str, Any]]:
     """Events for one user room among many: the hub should touch that room only.

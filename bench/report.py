@@ -19,7 +19,7 @@ from bench.procs import ROOT
 
 RESULTS = ROOT / "bench" / "results"
 NOTES = ROOT / "bench" / "NOTES.md"  # hand-written findings, appended to docs/performance.md
-MODES = ["saturation", "matrix", "idle", "routing", "poll"]
+MODES = ["saturation", "matrix", "idle", "routing", "poll", "workers"]
 
 
 def machine() -> dict[str, Any]:
@@ -170,14 +170,38 @@ def poll_md(records: list[dict[str, Any]]) -> str:
                   "lost", "cut off", "server CPU %", "redis CPU %"], rows)
 
 
+def workers_md(records: list[dict[str, Any]]) -> str:
+    """Per delivery and per event read, each worker count against the first one."""
+    rs = [r for r in records if r.get("mode") == "workers"]
+    if not rs:
+        return ""
+    groups = _group(rs, "target", "clients", "rate", "server_workers")
+    base: dict[tuple[Any, ...], float | None] = {}
+    rows = []
+    for (kind, n, rate, count), g in sorted(groups.items(), key=lambda kv: kv[0][1:]):
+        us = med(r["server_us_per_delivery"] for r in g)
+        per_event = med(1e6 * r["server_cpu_s"] / r["sent"] for r in g if r.get("sent"))
+        ref = base.setdefault((kind, n, rate), us)
+        ratio = f"{us / ref:.3f}x" if us is not None and ref else "-"
+        rows.append([kind, n, rate, count, len(g), med(r["deliveries_per_s"] for r in g),
+                     us, " / ".join(fmt(r["server_us_per_delivery"]) for r in g), ratio,
+                     per_event, med(r["server_cpu_pct"] for r in g), med(r["p50_ms"] for r in g),
+                     med(r["p99_ms"] for r in g), sum(r["lost"] for r in g)])
+    return table(["target", "clients", "events/s", "server workers", "runs", "deliveries/s",
+                  "server µs/delivery (median)", "each run", "vs fewest workers",
+                  "server µs/event", "server CPU %", "p50 ms", "p99 ms", "lost (all runs)"],
+                 rows)
+
+
 RENDER = {"saturation": saturation_md, "matrix": matrix_md, "idle": idle_md,
-          "routing": routing_md, "poll": poll_md}
+          "routing": routing_md, "poll": poll_md, "workers": workers_md}
 TITLES = {
     "saturation": "Saturation (1,000 clients; zero loss and p99 ≤ 250 ms)",
     "matrix": "Fixed matrix",
     "idle": "Idle connections",
     "routing": "Routing cost (events for one user room)",
     "poll": "Long-polling",
+    "workers": "Workers: the same load on one and on two server processes",
 }
 
 
