@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import re
+import signal
 import sys
 from typing import Any
 
@@ -272,6 +273,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         stop = asyncio.Event()
+        # SIGTERM (docker stop, systemd) stops as Ctrl-C does: open sessions are ended.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         assert settings.redis_url is not None
         await demo_against_redis(settings.redis_url, settings.stream, settings.maxlen, stop,
                                  args.speed, tls=settings.redis_tls)

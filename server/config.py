@@ -115,7 +115,8 @@ class Settings(BaseSettings):
                     "(others skip what the last one kept); 0 = Python's default collector",
     )
 
-    @field_validator("allowed_origins", "transports", mode="before")
+    @field_validator("allowed_origins", "transports", "jwt_algorithms", "jwt_audience",
+                     mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> object:
         if isinstance(value, str):
@@ -195,13 +196,6 @@ class Settings(BaseSettings):
         if not self.transports:
             raise ValueError("DUALCAST_TRANSPORTS: at least one transport must be enabled")
         return self
-
-    @field_validator("jwt_algorithms", "jwt_audience", mode="before")
-    @classmethod
-    def _token_lists(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [item.strip() for item in value.split(",") if item.strip()]
-        return value
 
     @field_validator("jwt_algorithms")
     @classmethod

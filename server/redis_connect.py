@@ -226,6 +226,57 @@ AsyncClient = aioredis.Redis | aiocluster.RedisCluster
 SyncClient = redis.Redis | redis.cluster.RedisCluster
 
 
+@dataclass(frozen=True)
+class _Flavour:
+    """redis-py's classes for one I/O model: the async and the blocking clients are
+    built the same way from different classes."""
+
+    client: Any
+    pool: Any
+    blocking_pool: Any
+    cluster: Any
+    node: Any
+    sentinel: Any
+    sentinel_pool: Any
+    blocking_sentinel_pool: Any
+
+
+_ASYNC = _Flavour(aioredis.Redis, aioredis.ConnectionPool, aioredis.BlockingConnectionPool,
+                  aiocluster.RedisCluster, aiocluster.ClusterNode, aiosentinel.Sentinel,
+                  aiosentinel.SentinelConnectionPool, _AsyncBlockingSentinelPool)
+_SYNC = _Flavour(redis.Redis, redis.ConnectionPool, redis.BlockingConnectionPool,
+                 redis.cluster.RedisCluster, redis.cluster.ClusterNode, redis.sentinel.Sentinel,
+                 redis.sentinel.SentinelConnectionPool, _SyncBlockingSentinelPool)
+
+
+def _build(flavour: _Flavour, target: RedisTarget, tls: TlsFiles | None, pooling: Pooling,
+           options: dict[str, Any]) -> Any:
+    kwargs = _common(target, tls, options)
+    if target.topology is Topology.CLUSTER:
+        nodes = [flavour.node(host, port) for host, port in target.nodes]
+        return flavour.cluster(startup_nodes=nodes, max_connections=pooling.max_connections,
+                               **kwargs)
+    if target.topology is Topology.SENTINEL:
+        sentinel = flavour.sentinel(list(target.nodes), sentinel_kwargs=_sentinel_kwargs(kwargs))
+        pool_class = flavour.sentinel_pool
+        pool_kwargs: dict[str, Any] = {"max_connections": 1 if pooling.single else
+                                       pooling.max_connections}
+        if pooling.wait is not None or pooling.single:
+            pool_class = flavour.blocking_sentinel_pool
+            pool_kwargs["timeout"] = pooling.wait
+        return sentinel.master_for(target.service, connection_pool_class=pool_class,
+                                   db=target.db, **pool_kwargs, **kwargs)
+    if pooling.single:
+        return flavour.client.from_url(target.url, single_connection_client=True, **kwargs)
+    if pooling.wait is not None:
+        pool = flavour.blocking_pool.from_url(
+            target.url, max_connections=pooling.max_connections, timeout=pooling.wait, **kwargs)
+    else:
+        pool = flavour.pool.from_url(target.url, max_connections=pooling.max_connections,
+                                     **kwargs)
+    return flavour.client.from_pool(pool)
+
+
 def async_client(target: RedisTarget, tls: TlsFiles | None = None,
                  pooling: Pooling = Pooling(), **options: Any) -> AsyncClient:
     """An asyncio client for `target`; `options` are redis-py connection options
@@ -233,66 +284,15 @@ def async_client(target: RedisTarget, tls: TlsFiles | None = None,
 
     The client owns its connections: closing it (`aclose`) closes them all.
     """
-    kwargs = _common(target, tls, options)
-    if target.topology is Topology.CLUSTER:
-        nodes = [aiocluster.ClusterNode(host, port) for host, port in target.nodes]
-        return aiocluster.RedisCluster(startup_nodes=nodes,
-                                       max_connections=pooling.max_connections, **kwargs)
-    if target.topology is Topology.SENTINEL:
-        sentinel = aiosentinel.Sentinel(  # type: ignore[no-untyped-call]
-            list(target.nodes), sentinel_kwargs=_sentinel_kwargs(kwargs))
-        pool_class: type[aiosentinel.SentinelConnectionPool] = aiosentinel.SentinelConnectionPool
-        pool_kwargs: dict[str, Any] = {"max_connections": 1 if pooling.single else
-                                       pooling.max_connections}
-        if pooling.wait is not None or pooling.single:
-            pool_class = _AsyncBlockingSentinelPool
-            pool_kwargs["timeout"] = pooling.wait
-        client: aioredis.Redis = sentinel.master_for(
-            target.service, connection_pool_class=pool_class, db=target.db,
-            **pool_kwargs, **kwargs,
-        )
-        return client
-    if pooling.single:
-        return aioredis.Redis.from_url(target.url, single_connection_client=True, **kwargs)
-    if pooling.wait is not None:
-        blocking = aioredis.BlockingConnectionPool.from_url(
-            target.url, max_connections=pooling.max_connections, timeout=pooling.wait, **kwargs)
-        return aioredis.Redis.from_pool(blocking)
-    plain = aioredis.ConnectionPool.from_url(target.url, max_connections=pooling.max_connections,
-                                             **kwargs)
-    return aioredis.Redis.from_pool(plain)
+    client: AsyncClient = _build(_ASYNC, target, tls, pooling, options)
+    return client
 
 
 def sync_client(target: RedisTarget, tls: TlsFiles | None = None,
                 pooling: Pooling = Pooling(), **options: Any) -> SyncClient:
     """The blocking twin of :func:`async_client`."""
-    kwargs = _common(target, tls, options)
-    if target.topology is Topology.CLUSTER:
-        nodes = [redis.cluster.ClusterNode(host, port)  # type: ignore[no-untyped-call]
-                 for host, port in target.nodes]
-        return redis.cluster.RedisCluster(startup_nodes=nodes,
-                                          max_connections=pooling.max_connections, **kwargs)
-    if target.topology is Topology.SENTINEL:
-        sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
-            list(target.nodes), sentinel_kwargs=_sentinel_kwargs(kwargs))
-        pool_class: type[redis.sentinel.SentinelConnectionPool] = (
-            redis.sentinel.SentinelConnectionPool)
-        pool_kwargs: dict[str, Any] = {"max_connections": pooling.max_connections}
-        if pooling.wait is not None:
-            pool_class = _SyncBlockingSentinelPool
-            pool_kwargs["timeout"] = pooling.wait
-        client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
-            target.service, connection_pool_class=pool_class, db=target.db,
-            **pool_kwargs, **kwargs,
-        )
-        return client
-    if pooling.wait is not None:
-        blocking = redis.BlockingConnectionPool.from_url(
-            target.url, max_connections=pooling.max_connections, timeout=pooling.wait, **kwargs)
-        return redis.Redis.from_pool(blocking)
-    plain = redis.ConnectionPool.from_url(target.url, max_connections=pooling.max_connections,
-                                          **kwargs)
-    return redis.Redis.from_pool(plain)
+    client: SyncClient = _build(_SYNC, target, tls, pooling, options)
+    return client
 
 
 __all__ = [

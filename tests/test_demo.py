@@ -288,3 +288,41 @@ async def test_demo_against_redis_writes_the_wire_format(redis_server: RedisProc
     assert {e.event for e in events} <= set(SHAPES)
     assert {"session_created", "usage_log_added", "metrics_update"} <= {e.event for e in events}
     assert all(e.rooms in {(), ("admin",)} or e.rooms[0].startswith("user-") for e in events)
+
+
+@pytest.mark.timeout(60)
+def test_dualcast_demo_ends_its_sessions_on_sigterm(redis_server: RedisProcess,
+                                                    tmp_path: Any) -> None:
+    """`docker stop` and systemd send SIGTERM: the demo ends its open sessions then too."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    import redis
+
+    from tests.harness.procs import clean_env
+    from tests.harness.waits import wait_until
+
+    stream = f"demo-term-{uuid.uuid4().hex}"
+    client = redis.Redis.from_url(redis_server.url)
+
+    def events() -> list[dict[str, Any]]:
+        return [json.loads(fields[b"data"]) for _, fields in client.xrange(stream)]
+
+    with open(tmp_path / "demo.log", "wb") as out:
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "dualcast", "demo", "--redis-url", redis_server.url,
+             "--speed", "20"], env=clean_env({"DUALCAST_STREAM": stream}),
+            stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_until(lambda: any(e["event"] == "session_created" for e in events()), 20,
+                       what="a session")
+            demo.send_signal(signal.SIGTERM)
+            assert demo.wait(timeout=15) == 0
+        finally:
+            if demo.poll() is None:
+                demo.kill()
+    created = {e["data"]["sessionId"] for e in events() if e["event"] == "session_created"}
+    ended = {e["data"]["sessionId"] for e in events() if e["event"] == "session_ended"}
+    assert created and created <= ended
