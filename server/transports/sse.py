@@ -20,6 +20,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from dualcast.admission import Refusal, admit
+from dualcast.direct import sse_sink
 from dualcast.events import Event
 from dualcast.feed import Feed, FeedClosed
 from dualcast.frames import (
@@ -76,6 +77,7 @@ class EventStream:
         self.feed = feed
         self.lease = lease
         self.encode = _plain_chunk if plain else sse_chunk
+        self.frame = Event.sse_plain_frame if plain else Event.sse_frame
         self.ping_interval = rt.settings.ping_interval
         # A client that stops reading blocks our write once the socket buffers are
         # full; the runtime's stall watch then cancels it (it reconnects with
@@ -84,6 +86,8 @@ class EventStream:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+        # Events straight to the socket while the writer idles (server/direct.py).
+        self.feed.sub.sink = sse_sink(send, self.frame)
         with self.rt.stalls.writer() as writer:
             self.writer = writer
             try:

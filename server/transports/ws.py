@@ -19,6 +19,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from dualcast.admission import Admission, Refusal, admit, error_response
 from dualcast.auth import AuthError, Identity
+from dualcast.direct import ws_sink
 from dualcast.feed import Feed, FeedClosed
 from dualcast.frames import WS_PONG, ws_error, ws_frames, ws_room, ws_welcome
 from dualcast.hub import CloseReason
@@ -243,6 +244,7 @@ async def _serve(ws: WebSocket, send: Send, rt: Runtime, admission: Admission) -
     feed = Feed(rt.hub, rt.log, rt.settings, Transport.WEBSOCKET, admission.rooms,
                 admission.cursor, expires=admission.identity.exp)
     rt.auth.follow(admission.identity, feed)  # an identity the app renews extends the feed
+    feed.sub.sink = ws_sink(send)  # events straight to the socket while the writer idles
     async with feed:
         session = Session(ws, send, rt, admission.identity, feed)
         await session.send(ws_welcome(admission.rooms, feed.start_id))
