@@ -5,6 +5,8 @@
     python -m bench idle            # RSS per idle connection, heartbeat CPU at 10,000
     python -m bench routing         # one room's events among 10,000 vs 100 subscribers
     python -m bench poll            # 1,000 long-pollers at 20 events/s
+    python -m bench workers         # the same load on serve --workers 1 and 2, per delivery
+    python -m bench.memtrace        # what an idle connection holds, by traceback (tracemalloc)
     python -m bench --docs all      # everything, then rewrite docs/performance.md
 
 Peers come from the `bench` extra (`pip install -e '.[bench]'`). Results go to
