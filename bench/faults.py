@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -48,10 +49,14 @@ async def main(args: argparse.Namespace) -> int:
         count = min(args.per_round, left)
         left = 0 if args.replay is not None else left - count
         plan = Plan.draw(round_seed, count, args.instances)
-        with tempfile.TemporaryDirectory(prefix="bench-faults-") as tmp:
-            outcome = await run(Path(tmp), plan, token=bench_token(), secret=SECRET,
-                                instances=args.instances, per_transport=args.clients,
-                                rate=args.rate, root=args.root)
+        tmp = Path(tempfile.mkdtemp(prefix="bench-faults-"))
+        outcome = await run(tmp, plan, token=bench_token(), secret=SECRET,
+                            instances=args.instances, per_transport=args.clients,
+                            rate=args.rate, root=args.root)
+        if outcome.problems:
+            print(f"logs of the failed round kept in {tmp} (nginx/logs, dc*/, redis/)")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
         outcomes.append(outcome)
         verdict = "held" if not outcome.problems else "FAILED"
         print(f"round {round_no}: {verdict}: {outcome.summary()}", flush=True)

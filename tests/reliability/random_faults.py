@@ -45,9 +45,9 @@ INSTANCE_ENV = {
     "DUALCAST_BLOCK_MS": "300",
     "DUALCAST_REDIS_TIMEOUT": "1",
     "DUALCAST_STALL_SECONDS": "2",
-    # A backoff cap of a few seconds, as in production (5 s by default): an instance that
-    # starts during an outage may reach Redis seconds after Redis returns.
-    "DUALCAST_BACKOFF_MAX": "3",
+    # The production default (5 s): an instance that starts during an outage may then
+    # reach Redis seconds after Redis returns, the window where resuming clients were lost.
+    "DUALCAST_BACKOFF_MAX": "5",
     "DUALCAST_SHUTDOWN_GRACE": "2",
     "DUALCAST_SSE_RETRY_MS": "300",
     "DUALCAST_LOG_LEVEL": "info",
@@ -103,7 +103,11 @@ class Plan:
         rng.shuffle(chosen)
         faults = [
             Fault(kind=kind, instance=rng.randrange(instances),
-                  down=round(rng.uniform(0.3, 2.5), 2), gap=round(rng.uniform(0.3, 1.5), 2),
+                  # An outage that outlasts a restart lets the fresh instance's consumer
+                  # back off for seconds: the window where resuming clients were lost.
+                  down=round(rng.uniform(1.5, 5.0) if kind is FaultKind.RESTART_IN_OUTAGE
+                             else rng.uniform(0.3, 2.5), 2),
+                  gap=round(rng.uniform(0.3, 1.5), 2),
                   drop_seed=rng.randrange(1 << 30),
                   redis_how=rng.choice([FaultKind.REDIS_KILL, FaultKind.REDIS_PAUSE]),
                   instance_how=rng.choice([FaultKind.INSTANCE_KILL, FaultKind.INSTANCE_DRAIN]))
@@ -191,6 +195,8 @@ class Cluster:
                           for n in range(instances)]
         #: the clients, once started (a fault may cut their connections)
         self.followers: list[ResetAwareFollower] = []
+        #: when the last instance fault's victim was serving again
+        self.instance_back_at = 0.0
         self.nginx = NginxProcess(workdir / "nginx", upstreams=[d.port for d in self.instances])
 
     async def start(self) -> None:
@@ -228,6 +234,7 @@ class Cluster:
 
     async def restart_instance(self, n: int) -> None:
         await asyncio.to_thread(self.instances[n].start)  # same port; waits for /healthz
+        self.instance_back_at = time.monotonic()
 
     async def take_down_redis(self, how: FaultKind) -> None:
         if how is FaultKind.REDIS_KILL:
@@ -241,10 +248,36 @@ class Cluster:
         else:
             self.redis.signal(signal.SIGCONT)
 
+    def fail_timeout(self) -> float:
+        """nginx's `fail_timeout` for the instances, read from the config it runs."""
+        found = re.search(r"^\s*server \S+ .*fail_timeout=(\d+)s;", self.nginx.site_conf.read_text(),
+                          re.MULTILINE)
+        assert found is not None, "no fail_timeout in the nginx config"
+        return float(found.group(1))
+
+    async def keep_one_out_of_rotation(self) -> float:
+        """Hold the next instance fault until nginx uses the last victim again; returns
+        the seconds held.
+
+        nginx skips an instance for `fail_timeout` after one refused connection, even
+        once it is back (its checks are passive), and the last refusal came before the
+        restart finished. Faults on every instance within that time leave nginx none to
+        try, and it answers 502: true of any instance behind such a config, and what a
+        deploy script avoids by pacing. So instance faults are paced by it; Redis faults
+        are not, since they must never take an instance out of rotation."""
+        hold = self.instance_back_at + self.fail_timeout() + 0.5 - time.monotonic()
+        if hold > 0:
+            await asyncio.sleep(hold)  # the fault schedule's pacing, derived from the config
+        return max(hold, 0.0)
+
     async def apply(self, fault: Fault) -> str:
         """Carry out one fault; returns what was done, with how long each step took."""
-        t0 = time.monotonic()
         kind = fault.kind
+        waited = 0.0
+        if kind not in (FaultKind.REDIS_KILL, FaultKind.REDIS_PAUSE):
+            waited = await self.keep_one_out_of_rotation()
+        t0 = time.monotonic()
+        after = f" (held {waited:.1f}s for nginx's fail_timeout)" if waited > 0 else ""
         if kind in (FaultKind.INSTANCE_KILL, FaultKind.INSTANCE_DRAIN):
             await self.take_down_instance(fault.instance, kind)
             await asyncio.sleep(fault.down)  # the instance stays down this long (the fault)
@@ -267,8 +300,9 @@ class Cluster:
                 await asyncio.sleep(fault.down)  # the outage goes on this long
             finally:
                 await self.bring_back_redis(fault.redis_how)
-            return f"{fault.describe()} took {time.monotonic() - t0:.1f}s, {dropped} clients dropped"
-        return f"{fault.describe()} took {time.monotonic() - t0:.1f}s"
+            return (f"{fault.describe()} took {time.monotonic() - t0:.1f}s, "
+                    f"{dropped} clients dropped{after}")
+        return f"{fault.describe()} took {time.monotonic() - t0:.1f}s{after}"
 
 
 async def run(workdir: Path, plan: Plan, token: str, secret: str, instances: int = 3,
@@ -321,9 +355,9 @@ async def run(workdir: Path, plan: Plan, token: str, secret: str, instances: int
         outcome.clients = len(followers)
         outcome.reconnects = sum(max(0, len(f.record.connected_at) - 1) for f in followers)
         outcome.resets = sum(len(f.reset_marks) for f in followers)
-        # At most one instance is ever down, so nginx always has a live one to try: a 502
-        # means it took healthy instances out of rotation (as it did when it counted the
-        # polls' 503s during a Redis outage as failures).
+        # At most one instance is ever out of rotation (keep_one_out_of_rotation), so nginx
+        # always has a live one to try: a 502 means it took healthy instances out (as it
+        # did when it counted the polls' 503s during a Redis outage as failures).
         outcome.bad_gateways = sum(" 502" in c.how for f in followers for c in f.record.closes)
         if outcome.bad_gateways:
             outcome.problems.append(f"{outcome.bad_gateways} connections answered 502 by nginx")
