@@ -28,9 +28,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from tests.harness.follow import Follower, Kind, start_followers
 from tests.harness.nginx import NginxProcess
-from tests.harness.probes import log_problems
+from tests.harness.probes import log_problems, metric
 from tests.harness.procs import DualcastProcess, RedisProcess
 from tests.harness.stream import Producer, id_key, stream_ids
 from tests.harness.waits import wait_for
@@ -103,9 +105,10 @@ class Plan:
         rng.shuffle(chosen)
         faults = [
             Fault(kind=kind, instance=rng.randrange(instances),
-                  # An outage that outlasts a restart lets the fresh instance's consumer
-                  # back off for seconds: the window where resuming clients were lost.
-                  down=round(rng.uniform(1.5, 5.0) if kind is FaultKind.RESTART_IN_OUTAGE
+                  # The outage outlasts the restart and nginx's fail_timeout, then this:
+                  # the fresh instance's consumer backs off for seconds meanwhile, the
+                  # window where resuming clients were lost.
+                  down=round(rng.uniform(1.0, 4.0) if kind is FaultKind.RESTART_IN_OUTAGE
                              else rng.uniform(0.3, 2.5), 2),
                   gap=round(rng.uniform(0.3, 1.5), 2),
                   drop_seed=rng.randrange(1 << 30),
@@ -222,6 +225,13 @@ class Cluster:
             assert victim.proc is not None
             await asyncio.to_thread(victim.proc.wait, 15)
 
+    async def connections(self, n: int) -> str:
+        """Open client connections on instance `n`, by its own /metrics (for the report)."""
+        try:
+            return f"{await metric(self.instances[n], 'dualcast_connections'):.0f}"
+        except (KeyError, httpx.HTTPError) as exc:
+            return f"? ({exc!r})"[:60]
+
     def drop_clients(self, rng: random.Random) -> int:
         """Abort the TCP connection of about half the WebSocket and SSE clients, as a
         network blip on their side would; they come back by themselves."""
@@ -293,15 +303,19 @@ class Cluster:
             try:
                 await self.take_down_instance(fault.instance, fault.instance_how)
                 await self.restart_instance(fault.instance)  # starts with no Redis to reach
-                # Streaming clients whose network blips now come back through nginx,
+                # nginx takes the fresh instance back once its fail_timeout has passed;
+                # then streaming clients whose network blips come back through nginx,
                 # which (least_conn) sends them to the fresh instance first: they resume
-                # there while it has never reached Redis.
+                # there while it has never reached Redis. (The outage lasts that long.)
+                await self.keep_one_out_of_rotation()
                 dropped = self.drop_clients(random.Random(fault.drop_seed))
                 await asyncio.sleep(fault.down)  # the outage goes on this long
+                there = await self.connections(fault.instance)
             finally:
                 await self.bring_back_redis(fault.redis_how)
             return (f"{fault.describe()} took {time.monotonic() - t0:.1f}s, "
-                    f"{dropped} clients dropped{after}")
+                    f"{dropped} clients dropped, {there} connections on the fresh instance"
+                    f"{after}")
         return f"{fault.describe()} took {time.monotonic() - t0:.1f}s{after}"
 
 
