@@ -77,29 +77,24 @@ class Provider:
     incident_until: float = 0.0
 
 
+#: Each provider's models: (name, $ per 1M input tokens, $ per 1M output tokens, first
+#: token ms, ms per token), and the provider's share of the traffic.
+_CATALOGUE: dict[tuple[str, str, float], list[tuple[str, float, float, float, float]]] = {
+    ("openai", "OpenAI", 0.36): [("gpt-4o", 2.5, 10.0, 380, 14), ("o3-mini", 1.1, 4.4, 900, 11),
+                                 ("gpt-4o-mini", 0.15, 0.6, 260, 7)],
+    ("anthropic", "Anthropic", 0.28): [("claude-3-5-sonnet", 3.0, 15.0, 450, 16),
+                                       ("claude-3-5-haiku", 0.8, 4.0, 300, 8)],
+    ("mistral", "Mistral AI", 0.14): [("mistral-large", 2.0, 6.0, 350, 12),
+                                      ("mistral-small", 0.2, 0.6, 220, 6)],
+    ("google", "Google Gemini", 0.14): [("gemini-1.5-pro", 1.25, 5.0, 420, 12),
+                                        ("gemini-1.5-flash", 0.075, 0.3, 240, 5)],
+    ("groq", "Groq", 0.08): [("llama-3.1-70b", 0.59, 0.79, 150, 2.5)],
+}
+
+
 def _providers() -> list[Provider]:
-    return [
-        Provider("openai", "OpenAI", (
-            Model("gpt-4o", 2.5, 10.0, 380, 14),
-            Model("gpt-4o-mini", 0.15, 0.6, 260, 7),
-            Model("o3-mini", 1.1, 4.4, 900, 11),
-        ), weight=0.36),
-        Provider("anthropic", "Anthropic", (
-            Model("claude-3-5-sonnet", 3.0, 15.0, 450, 16),
-            Model("claude-3-5-haiku", 0.8, 4.0, 300, 8),
-        ), weight=0.28),
-        Provider("mistral", "Mistral AI", (
-            Model("mistral-large", 2.0, 6.0, 350, 12),
-            Model("mistral-small", 0.2, 0.6, 220, 6),
-        ), weight=0.14),
-        Provider("google", "Google Gemini", (
-            Model("gemini-1.5-pro", 1.25, 5.0, 420, 12),
-            Model("gemini-1.5-flash", 0.075, 0.3, 240, 5),
-        ), weight=0.14),
-        Provider("groq", "Groq", (
-            Model("llama-3.1-70b", 0.59, 0.79, 150, 2.5),
-        ), weight=0.08),
-    ]
+    return [Provider(pid, name, tuple(Model(*model) for model in models), weight=weight)
+            for (pid, name, weight), models in _CATALOGUE.items()]
 
 
 @dataclass
