@@ -15,7 +15,7 @@ import logging
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlencode
 
 import httpx
@@ -40,27 +40,25 @@ class Failure(enum.StrEnum):
     FATAL = "fatal"              # the request itself is refused (a room, the cursor): give up
 
 
-@dataclass(frozen=True, slots=True)
-class Welcome:
+# What a connection tells its subscription: small immutable records.
+
+class Welcome(NamedTuple):
     rooms: list[str]
     last_id: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class Batch:
+class Batch(NamedTuple):
     events: list[Event]
     #: A poll answer's cursor: where to continue even when no event was visible.
     last_id: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class ErrorFrame:
+class ErrorFrame(NamedTuple):
     code: str
     message: str
 
 
-@dataclass(frozen=True, slots=True)
-class Ended:
+class Ended(NamedTuple):
     failure: Failure
     detail: str
     status: int | None = None
