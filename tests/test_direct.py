@@ -129,3 +129,15 @@ def test_the_hand_built_frame_is_the_one_websockets_builds(size: int) -> None:
     payload = b"x" * size
     frame = Frame(Opcode.TEXT, payload).serialize(mask=False)
     assert text_frame_header(size) + payload == frame
+
+
+async def test_above_the_budget_lone_events_go_through_the_writers() -> None:
+    h, wire = hub(), Wire()
+    h.DIRECT_BUDGET = 0.0  # any rate of deliveries is over it
+    sub, waiter = await parked(h, wire)
+    h.publish([event(1)])  # the first second: offered
+    h._window_start -= 1.0  # a second later the hub reviews its last second
+    h.publish([event(2)])
+    assert wire.written == ["1001-0"]
+    await asyncio.wait_for(waiter, 2)
+    assert ids(sub.drain()) == ["1002-0"]
