@@ -233,12 +233,37 @@ export function classifyRefusal(status, body) {
 // sink: welcome(conn, info) events(conn, list) reset(conn, lastId) error(conn, info)
 //       closed(conn, {welcomed, kind, code})
 
-class WebSocketConnection {
-  constructor(env, sink, { cursor, rooms }) {
-    this.name = 'websocket';
+/** What every connection shares: its name, its sink, and ending exactly once. */
+class Connection {
+  constructor(name, sink) {
+    this.name = name;
     this.sink = sink;
     this.welcomed = false;
     this.closed = false;
+  }
+
+  finish(info) {
+    if (this.closed) return;
+    this.closed = true;
+    this.sink.closed(this, { welcomed: this.welcomed, ...info });
+  }
+}
+
+/** SSE and polling: a fetch() that closing aborts. */
+class FetchConnection extends Connection {
+  close() {
+    this.closed = true;
+    try {
+      this.abort?.abort();
+    } catch {
+      /* nothing to abort */
+    }
+  }
+}
+
+class WebSocketConnection extends Connection {
+  constructor(env, sink, { cursor, rooms }) {
+    super('websocket', sink);
     const url = `${env.wsBase}/api/ws${query({
       last_event_id: cursor,
       rooms: rooms.length ? rooms.join(',') : null,
@@ -308,12 +333,6 @@ class WebSocketConnection {
     if (this.ws && this.welcomed && !this.closed) this.ws.send(JSON.stringify(obj));
   }
 
-  finish(info) {
-    if (this.closed) return;
-    this.closed = true;
-    this.sink.closed(this, { welcomed: this.welcomed, ...info });
-  }
-
   close() {
     this.closed = true;
     if (this.ws) {
@@ -328,12 +347,9 @@ class WebSocketConnection {
   }
 }
 
-class SSEConnection {
+class SSEConnection extends FetchConnection {
   constructor(env, sink, { cursor, rooms }) {
-    this.name = 'sse';
-    this.sink = sink;
-    this.welcomed = false;
-    this.closed = false;
+    super('sse', sink);
     this.abort = new env.AbortController();
     const url = `${env.httpBase}/api/sse${query({
       rooms: rooms.length ? rooms.join(',') : null,
@@ -405,29 +421,12 @@ class SSEConnection {
     }
   }
 
-  finish(info) {
-    if (this.closed) return;
-    this.closed = true;
-    this.sink.closed(this, { welcomed: this.welcomed, ...info });
-  }
-
-  close() {
-    this.closed = true;
-    try {
-      this.abort.abort();
-    } catch {
-      /* nothing to abort */
-    }
-  }
 }
 
-class PollConnection {
+class PollConnection extends FetchConnection {
   constructor(env, sink, { rooms, getCursor, pollTimeout }) {
-    this.name = 'polling';
-    this.sink = sink;
+    super('polling', sink);
     this.env = env;
-    this.welcomed = false;
-    this.closed = false;
     this.rooms = rooms;
     this.getCursor = getCursor;
     this.pollTimeout = pollTimeout;
@@ -494,20 +493,6 @@ class PollConnection {
     }
   }
 
-  finish(info) {
-    if (this.closed) return;
-    this.closed = true;
-    this.sink.closed(this, { welcomed: this.welcomed, ...info });
-  }
-
-  close() {
-    this.closed = true;
-    try {
-      this.abort?.abort();
-    } catch {
-      /* nothing to abort */
-    }
-  }
 }
 
 const CONNECTIONS = { websocket: WebSocketConnection, sse: SSEConnection, polling: PollConnection };
