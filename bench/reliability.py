@@ -7,7 +7,7 @@ the figures every reliability scenario prints.
 
 Latency: one redis-server and one dualcast process on loopback; --clients lean
 WS/SSE followers (half each) in this process, which reports its own CPU (on two
-shared cores the generator competes with the server: PITFALLS.md). Phase A
+shared cores the generator competes with the server). Phase A
 publishes --events small public events at --rate/s plus 64 KB events to a
 `bulk` room nobody reads; phase B does the same with --stuck clients in the bulk
 room that stop reading (4 KiB receive buffer, reading paused). Latency is from

@@ -1,4 +1,4 @@
-"""The demo traffic: every event has a DESIGN.md name and shape, the right rooms, and a story.
+"""The demo traffic: every event has a documented name and shape, the right rooms, and a story.
 
 The simulation runs fast (high `speed`) into a list sink and stops as soon as
 what a test looks for has appeared, with a deadline.
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.timeout(60)
 
 Record = tuple[str, Any, list[str]]
 
-#: DESIGN.md "Event types": required keys, optional keys.
+#: The event types the dashboard reads: required keys, optional keys.
 SHAPES: dict[str, tuple[set[str], set[str]]] = {
     "session_created": ({"sessionId", "userId", "providerId", "model", "createdAt"}, set()),
     "session_ended": (

@@ -4,7 +4,7 @@ The stuck ones (a 4 KiB receive buffer, reading paused after `welcome`) must be
 cut off without slowing anyone; the normal ones get every event, once, in
 order; the server's memory stays bounded; a cut-off client that comes back with
 its last id loses nothing. Lean raw-socket clients keep the generator cheap on
-two cores (PITFALLS.md). Timing (p99 with and without stuck clients) is
+two cores. Timing (p99 with and without stuck clients) is
 measured by bench/reliability.py, not asserted here.
 """
 
