@@ -48,12 +48,11 @@ def ws_sink(send: Send) -> Sink | None:
                 or transport.is_closing()):
             return False
         try:
-            payload = event.ws_frame().encode()
             if conn.extensions:  # permessage-deflate: websockets compresses per connection
-                conn.send_text(payload)
+                conn.send_text(event.ws_frame().encode())
                 transport.write(b"".join(conn.data_to_send()))
             else:
-                transport.write(text_frame_header(len(payload)) + payload)
+                transport.write(event.ws_wire(text_frame_header))
         except Exception:  # never into the fan-out loop: the writer task will see it
             return False
         return True

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -106,7 +106,8 @@ def entry_fields(envelope: Envelope, timestamp_ms: int | None = None) -> dict[st
 class Event:
     """One decoded stream entry, shared by every subscriber that receives it."""
 
-    __slots__ = ("_plain", "_poll", "_sse", "_ws", "data", "event", "id", "key", "rooms", "ts")
+    __slots__ = ("_plain", "_poll", "_sse", "_wire", "_ws", "data", "event", "id", "key", "rooms",
+                 "ts")
 
     def __init__(
         self, id: str, event: str, data: Any, rooms: tuple[str, ...], ts: int
@@ -121,6 +122,7 @@ class Event:
         self._sse: bytes | None = None
         self._poll: bytes | None = None
         self._plain: bytes | None = None
+        self._wire: bytes | None = None
 
     def visible_to(self, rooms: set[str] | frozenset[str]) -> bool:
         return not self.rooms or any(room in rooms for room in self.rooms)
@@ -133,6 +135,15 @@ class Event:
                  "ts": self.ts}
             ).decode()
         return self._ws
+
+    def ws_wire(self, header: Callable[[int], bytes]) -> bytes:
+        """The `event` frame as a whole unmasked WebSocket text frame (`header(size)` and
+        the UTF-8 payload), for writes straight to the socket: built once per event, not
+        once per subscriber."""
+        if self._wire is None:
+            payload = self.ws_frame().encode()
+            self._wire = header(len(payload)) + payload
+        return self._wire
 
     def sse_frame(self) -> bytes:
         """The SSE message (`id:`/`event:`/`data:` and the blank line), encoded once."""
