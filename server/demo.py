@@ -62,19 +62,28 @@ class Model:
 
 
 @dataclass
+class Breaker:
+    """The circuit breaker the proxy keeps per provider (closed -> open -> half-open)."""
+
+    circuit: CircuitState = "closed"
+    failures: int = 0
+    opened_at: float = 0.0
+    trial_successes: int = 0
+
+
+@dataclass
 class Provider:
+    """An upstream: its models, its share of traffic, and how healthy it is right now."""
+
     id: str
     name: str
     models: tuple[Model, ...]
     weight: float
     status: str = "healthy"  # healthy | degraded | down
-    circuit: CircuitState = "closed"
-    failures: int = 0
     error_rate: float = 0.01
     slowdown: float = 1.0
-    opened_at: float = 0.0
-    trial_successes: int = 0
     incident_until: float = 0.0
+    breaker: Breaker = field(default_factory=Breaker)
 
 
 #: Each provider's models: (name, $ per 1M input tokens, $ per 1M output tokens, first
@@ -160,8 +169,9 @@ class Simulation:
 
     def provider_changed(self, p: Provider) -> None:
         self.emit("provider_status_change", {
-            "providerId": p.id, "name": p.name, "status": p.status, "circuitState": p.circuit,
-            "failureCount": p.failures, "timestamp": _iso_now(),
+            "providerId": p.id, "name": p.name, "status": p.status,
+            "circuitState": p.breaker.circuit, "failureCount": p.breaker.failures,
+            "timestamp": _iso_now(),
         }, [])  # public: every dashboard shows provider health
 
     # -- the simulation
@@ -217,7 +227,7 @@ class Simulation:
             self.open_session()
 
     def open_session(self) -> None:
-        usable = [p for p in self.providers if p.circuit != "open"]
+        usable = [p for p in self.providers if p.breaker.circuit != "open"]
         if not usable:
             return
         provider = self.rng.choices(
@@ -238,8 +248,8 @@ class Simulation:
         self.user_dirty.add(user)
 
     def advance(self, s: Session) -> None:
-        if self.now >= s.ends_at or (s.provider.circuit == "open" and s.errors):
-            self.end(s, "failed" if s.errors >= 3 or s.provider.circuit == "open"
+        if self.now >= s.ends_at or (s.provider.breaker.circuit == "open" and s.errors):
+            self.end(s, "failed" if s.errors >= 3 or s.provider.breaker.circuit == "open"
                      else "cancelled" if self.rng.random() < 0.04 else "completed")
             return
         if self.now < s.next_request:
@@ -252,7 +262,7 @@ class Simulation:
         rng = self.rng
         input_tokens = int(rng.lognormvariate(6.6, 0.8))  # ~700 median, long tail
         output_tokens = int(rng.lognormvariate(5.3, 0.7))  # ~200 median
-        failing = p.circuit == "open" or rng.random() < p.error_rate
+        failing = p.breaker.circuit == "open" or rng.random() < p.error_rate
         if failing:
             status = rng.choice((500, 502, 503, 503, 504)) if p.status != "healthy" else \
                 rng.choice((429, 429, 500, 503))
@@ -306,18 +316,19 @@ class Simulation:
 
     def circuits(self) -> None:
         for p in self.providers:
+            b = p.breaker
             if p.status != "healthy" and self.now >= p.incident_until and p.error_rate > 0.01:
                 p.error_rate, p.slowdown = 0.01, 1.0  # the upstream fixed itself
-            if p.circuit == "closed" and p.status == "degraded" and self._rate(0.5):
+            if b.circuit == "closed" and p.status == "degraded" and self._rate(0.5):
                 # the proxy's own health probe also sees the trouble (or its end)
                 if self.rng.random() < p.error_rate:
                     self.provider_failure(p)
                 else:
                     self.provider_success(p)
-            elif p.circuit == "open" and self.now - p.opened_at >= OPEN_SECONDS:
-                p.circuit, p.status, p.trial_successes = "half-open", "degraded", 0
+            elif b.circuit == "open" and self.now - b.opened_at >= OPEN_SECONDS:
+                b.circuit, p.status, b.trial_successes = "half-open", "degraded", 0
                 self.provider_changed(p)
-            elif p.circuit == "half-open" and self._rate(1.0):
+            elif b.circuit == "half-open" and self._rate(1.0):
                 # trial probes between user requests
                 if self.rng.random() < p.error_rate:
                     self.provider_failure(p)
@@ -325,27 +336,29 @@ class Simulation:
                     self.provider_success(p)
 
     def provider_failure(self, p: Provider) -> None:
-        p.failures += 1
-        if p.circuit == "half-open" or (p.circuit == "closed" and p.failures >= FAILURE_THRESHOLD):
-            p.circuit, p.status, p.opened_at = "open", "down", self.now
-        elif p.circuit == "closed" and p.status == "healthy":
-            p.status = "degraded" if p.failures >= 2 else p.status
+        b = p.breaker
+        b.failures += 1
+        if b.circuit == "half-open" or (b.circuit == "closed" and b.failures >= FAILURE_THRESHOLD):
+            b.circuit, p.status, b.opened_at = "open", "down", self.now
+        elif b.circuit == "closed" and p.status == "healthy":
+            p.status = "degraded" if b.failures >= 2 else p.status
             if p.status == "healthy":
                 return  # a lone error on a healthy provider is no status change
-        elif p.circuit == "open":
+        elif b.circuit == "open":
             return
         self.provider_changed(p)
 
     def provider_success(self, p: Provider) -> None:
-        if p.circuit == "half-open":
-            p.trial_successes += 1
-            if p.trial_successes >= HALF_OPEN_SUCCESSES:
-                p.circuit, p.status, p.failures, p.trial_successes = "closed", "healthy", 0, 0
-                p.error_rate, p.slowdown = 0.01, 1.0
+        b = p.breaker
+        if b.circuit == "half-open":
+            b.trial_successes += 1
+            if b.trial_successes >= HALF_OPEN_SUCCESSES:
+                b.circuit, b.failures, b.trial_successes = "closed", 0, 0
+                p.status, p.error_rate, p.slowdown = "healthy", 0.01, 1.0
                 self.provider_changed(p)
-        elif p.circuit == "closed" and p.failures and self.rng.random() < 0.5:
-            p.failures -= 1  # old failures age out while requests succeed
-            if p.failures == 0 and p.status == "degraded":
+        elif b.circuit == "closed" and b.failures and self.rng.random() < 0.5:
+            b.failures -= 1  # old failures age out while requests succeed
+            if b.failures == 0 and p.status == "degraded":
                 p.status = "healthy"
                 self.provider_changed(p)
 

@@ -30,28 +30,15 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit, urlunsplit
 
-from dualcast.client.model import (
-    TRANSPORTS,
-    AuthFailed,
-    ClientError,
-    Event,
-    Item,
-    Refused,
-    Reset,
-    ServerError,
-    State,
-    Status,
-    Transport,
-    id_key,
-)
+# The vocabulary is re-exported whole, as asyncio's package re-exports its modules:
+# one list of public names (model.__all__), not a second copy of it here.
+from dualcast.client import model
+from dualcast.client.model import *  # noqa: F403
+from dualcast.client.model import TRANSPORTS, ServerError, Status, Transport, id_key
 from dualcast.client.subscription import Subscription, Timing
 from dualcast.client.tokens import Tokens, TokenSource
 
-__all__ = [
-    "TRANSPORTS", "AuthFailed", "ClientError", "Event", "Item", "Refused", "Reset",
-    "ServerError", "State", "Status", "Subscription", "Timing", "TokenSource", "Transport",
-    "bases", "subscribe",
-]
+__all__ = [*model.__all__, "Subscription", "Timing", "TokenSource", "bases", "subscribe"]
 
 
 def bases(url: str) -> tuple[str, str]:

@@ -11,6 +11,12 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+#: What `dualcast.client` re-exports from here (the vocabulary a subscriber handles).
+__all__ = [
+    "TRANSPORTS", "AuthFailed", "ClientError", "Event", "Item", "Refused", "Reset",
+    "ServerError", "State", "Status", "Transport",
+]
+
 
 class Transport(enum.StrEnum):
     WEBSOCKET = "websocket"
