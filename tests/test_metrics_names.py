@@ -1,14 +1,16 @@
 """/metrics follows Prometheus conventions, and background tasks that die come back, counted.
 
-The names are read from a real server's /metrics with prometheus_client's own
-text parser (promtool is not installed: Debian's `prometheus` package is a
-96 MB server with a daemon, too much for a lint).
+The names are read from a real server's /metrics twice: with prometheus_client's own
+text parser against our conventions, and with Prometheus's own linter
+(`promtool check metrics`, from Debian's `prometheus` package, which the test
+command installs).
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
 from collections.abc import Callable
 
 import httpx
@@ -19,6 +21,7 @@ from dualcast.metrics import Metrics
 from dualcast.runtime import Runtime
 from dualcast.tasks import TaskName, Tasks, TaskState
 from tests.harness.procs import DualcastProcess, RedisProcess
+from tests.harness.tools import require_tool
 from tests.harness.waits import wait_until
 
 UNITS = ("seconds", "bytes")
@@ -83,6 +86,35 @@ def test_metrics_follow_prometheus_conventions(
     assert {"consumer", "stall-watch"} <= running
     restarts = found["dualcast_task_restarts"][1]
     assert all(value == 0 for _, _, value in restarts)
+
+
+def promtool_problems(text: str) -> str:
+    """What `promtool check metrics` says of an exposition (empty when it is clean)."""
+    promtool = require_tool("promtool", "it lints /metrics as Prometheus itself would")
+    done = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                          text=True, timeout=30)
+    return (done.stdout + done.stderr).strip() if done.returncode or done.stdout.strip() \
+        else ""
+
+
+def test_promtool_catches_the_old_names() -> None:
+    """promtool flags a counter without `_total` (so its silence below means something)."""
+    old = (
+        "# HELP dualcast_events_delivered x\n"
+        "# TYPE dualcast_events_delivered counter\n"
+        "dualcast_events_delivered 1\n"
+    )
+    assert "dualcast_events_delivered" in promtool_problems(old)
+
+
+def test_promtool_finds_nothing_to_say_of_metrics(
+    dualcast: Callable[..., DualcastProcess], redis_server: RedisProcess
+) -> None:
+    proc = dualcast(redis_server.url)
+    wait_until(proc.ready, timeout=20, what="ready")
+    text = httpx.get(proc.url + "/metrics", timeout=5).text
+    assert "dualcast_tasks" in text
+    assert promtool_problems(text) == ""
 
 
 async def test_a_task_that_dies_is_restarted_with_backoff_and_counted() -> None:
