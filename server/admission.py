@@ -106,6 +106,11 @@ async def _admit(
     else:
         rooms, refused = requested_rooms(conn, identity, settings), []
     # Last: a request refused for another reason holds no slot.
+    if rt.quotas.full():
+        # 503, as for a drain: a client retries, a proxy tries another instance.
+        raise Refusal(503, ErrorCode.TOO_MANY_CONNECTIONS,
+                      "this server process holds all the connections it allows "
+                      "(DUALCAST_MAX_CONNECTIONS); retry")
     lease = rt.quotas.acquire(None if identity.anonymous else identity.sub,
                               conn.client.host if conn.client else None)
     if lease is None:

@@ -45,7 +45,8 @@ class Runtime:
         self.stalls = StallWatch(max(settings.ping_interval * 2, 10.0))
         self.stats = TransportStats()
         self.quotas = ConnectionQuotas(settings.max_connections_per_subject,
-                                       settings.max_connections_per_address)
+                                       settings.max_connections_per_address,
+                                       settings.max_connections)
         self.draining = False
         self.tasks = Tasks(backoff_max=max(settings.backoff_max, 1.0))
         self._window: LogInfo | None = None

@@ -29,6 +29,7 @@ import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 
 from dualcast.config import Settings
+from dualcast.fdlimit import check_file_limit
 from dualcast.logs import logging_config
 from dualcast.ws_protocol import WebSocketProtocol
 
@@ -260,6 +261,7 @@ def serve(settings: Settings, on_listening: Callable[[str], None] | None = None)
     # (uvicorn's config has set up logging by now, in this process)
     log.info("dualcast on %s: %s engine, %d worker%s", url, settings.engine,
              settings.workers, "s" if settings.workers > 1 else "")
+    check_file_limit(settings)  # before any worker starts: they inherit the raised limit
     if settings.workers > 1:
         return Workers(server, sock, settings.workers, announce).run()
     try:

@@ -25,17 +25,17 @@ def server(server_with: Callable[..., DualcastProcess]) -> DualcastProcess:
                         "DUALCAST_MAX_CONNECTIONS_PER_ADDRESS": str(CAP)}, name="quotas")
 
 
-async def refused_everywhere(server: DualcastProcess, **auth: str) -> None:
-    """A fourth WebSocket, SSE stream and poll are each refused with 429."""
+async def refused_everywhere(server: DualcastProcess, status: int = 429, **auth: str) -> None:
+    """A fourth WebSocket, SSE stream and poll are each refused with `status`."""
     ws = WSClient(server.ws_url, **auth)
     with pytest.raises(ConnectionRefusedError):
         await ws.connect()
     async with SSEClient(server.url, **auth) as sse:
-        assert sse.status == 429
+        assert sse.status == status
         assert '"too_many_connections"' in sse.body or sse.ended.is_set()
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
         answer = await client.get("/api/events", params={"timeout": "0", **auth})
-    assert answer.status_code == 429
+    assert answer.status_code == status
     assert answer.json()["error"] == "too_many_connections"
 
 
@@ -94,3 +94,34 @@ async def wait_for_admission(ws: WSClient, within: float = 10) -> None:
             if loop.time() > deadline:
                 raise
             await asyncio.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def capped_process(server_with: Callable[..., DualcastProcess]) -> DualcastProcess:
+    return server_with({"DUALCAST_MAX_CONNECTIONS": str(CAP),
+                        "DUALCAST_MAX_CONNECTIONS_PER_SUBJECT": "0",
+                        "DUALCAST_MAX_CONNECTIONS_PER_ADDRESS": "0"}, name="process-cap")
+
+
+async def test_one_process_holds_at_most_its_cap_and_gets_a_slot_back(
+    capped_process: DualcastProcess,
+) -> None:
+    """DUALCAST_MAX_CONNECTIONS counts every caller, token or not: the next is refused with
+    503 (retry, another worker or instance), and a connection that ends gives its slot back."""
+    held = [SSEClient(capped_process.url) for _ in range(CAP - 1)]
+    ws = WSClient(capped_process.ws_url, token=token("process-cap"))
+    try:
+        for sse in held:
+            await sse.connect()
+            assert sse.status == 200
+        await ws.connect()
+        await refused_everywhere(capped_process, status=503)
+        await refused_everywhere(capped_process, status=503, token=token("someone-new"))
+        await held[0].close()
+        again = WSClient(capped_process.ws_url)
+        await wait_for_admission(again)
+        await again.close()
+    finally:
+        for sse in held[1:]:
+            await sse.close()
+        await ws.close()

@@ -1,0 +1,69 @@
+"""The open-file limit at start: raised to the hard limit, checked against the cap.
+
+Every connection is an open file. A process past its RLIMIT_NOFILE soft limit
+cannot accept(): the event loop logs EMFILE and stops accepting for a second at a
+time, and Redis reconnects fail the same way. Most systems start a shell at 1,024
+soft with a far higher hard limit, so `dualcast serve` raises the soft limit to the
+hard one, as servers usually do (workers inherit it), and warns in one line when
+even that is below what DUALCAST_MAX_CONNECTIONS needs in each process.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+
+from dualcast.config import Settings
+
+log = logging.getLogger("dualcast.serve")
+
+#: Files a process holds besides its connections: stdio, the listening socket, the
+#: event loop's own descriptors, Redis connections, log files. An idle worker on the
+#: Redis engine holds 20-30; the rest is headroom for publishes and JWKS fetches.
+RESERVE = 100
+
+#: The soft limit to ask for when the hard one is unlimited (Linux's fs.nr_open default).
+UNLIMITED_TARGET = 1 << 20
+
+
+def raise_soft_limit() -> int:
+    """Raise RLIMIT_NOFILE's soft limit to the hard one (logged); the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = UNLIMITED_TARGET if hard == resource.RLIM_INFINITY else hard
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        log.debug("open-file limit %s (already the hard limit)", _shown(soft))
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        log.info("open-file limit %d: could not raise it to %s: %s", soft, _shown(hard), exc)
+        return soft
+    log.info("open-file limit raised from %d to %d (the hard limit), for every worker",
+             soft, target)
+    return target
+
+
+def check_file_limit(settings: Settings) -> int:
+    """Raise the limit, then warn if it is below the per-process cap; the soft limit."""
+    soft = raise_soft_limit()
+    cap = settings.max_connections
+    if soft == resource.RLIM_INFINITY:
+        return soft
+    room = max(0, soft - RESERVE)
+    if cap == 0:
+        log.info("no connection cap (DUALCAST_MAX_CONNECTIONS=0): each process holds at most "
+                 "about %d connections (open-file limit %d)", room, soft)
+    elif soft < cap + RESERVE:
+        need = cap + RESERVE
+        log.warning(
+            "open-file limit (RLIMIT_NOFILE) is %d per process, below the %d that "
+            "DUALCAST_MAX_CONNECTIONS=%d needs in each process: past about %d connections "
+            "accept() fails; raise it before starting (`ulimit -n %d`, LimitNOFILE=%d in a "
+            "systemd unit, `--ulimit nofile=%d` for docker) or lower DUALCAST_MAX_CONNECTIONS",
+            soft, need, cap, room, need, need, need,
+        )
+    return soft
+
+
+def _shown(limit: int) -> str:
+    return "unlimited" if limit == resource.RLIM_INFINITY else str(limit)
