@@ -1,6 +1,6 @@
 """`python -m bench <mode>`: dualcast side by side with python-socketio and broadcaster.
 
-Modes: saturation, matrix, idle, routing, poll, workers, all (each in turn), report.
+Modes: saturation, matrix, idle, routing, poll, workers, fleet, all (each in turn), report.
 Results go to bench/results/<mode>-<UTC stamp>.jsonl (+ .md); `--docs` rewrites
 docs/performance.md from the newest file of each mode.
 """
@@ -97,6 +97,20 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--repeat", type=int, default=3)
     k.add_argument("--counts", type=ints, default=[1, 2], help="server worker counts")
 
+    f = sub.add_parser("fleet", help="100,000 subscribers on serve --workers N; peers' ceilings")
+    f.add_argument("--targets", type=targets, default=["dualcast"],
+                   help="dualcast, socketio, broadcaster")
+    f.add_argument("--clients", type=ints, default=[100_000],
+                   help="rising counts, a fresh server each; a target stops at its first failure")
+    f.add_argument("--server-workers", type=int, default=6)
+    f.add_argument("--events", type=int, default=3, help="public events, one per --interval")
+    f.add_argument("--interval", type=float, default=10.0)
+    f.add_argument("--room-events", type=int, default=3, help="events to user-7 (dualcast)")
+    f.add_argument("--room-subscribers", type=int, default=1000)
+    f.add_argument("--idle-window", type=float, default=30.0, help="seconds of heartbeat CPU")
+    f.add_argument("--drain", type=float, default=15.0, help="seconds to wait for stragglers")
+    f.add_argument("--concurrency", type=int, default=100, help="connects in flight per process")
+
     a = sub.add_parser("all", help="every mode with its defaults (about an hour)")
     a.add_argument("--quick", action="store_true", help="fewer repeats, smaller counts")
 
@@ -125,6 +139,13 @@ def runs(args: argparse.Namespace) -> list[tuple[str, Callable[[], AsyncIterator
     if args.mode == "workers":
         return [("workers", lambda: modes.workers_cost(
             args.target, args.clients, args.rate, args.duration, args.repeat, args.counts, w))]
+    if args.mode == "fleet":
+        from bench.fleet import fleet
+
+        return [("fleet", lambda: fleet(
+            args.targets, args.clients, args.server_workers, max(w, 6), args.events,
+            args.interval, args.room_events, args.room_subscribers, args.idle_window,
+            args.drain, args.concurrency))]
     if args.mode == "all":
         rep = 1 if args.quick else 3
         idle_n = 2000 if args.quick else 10_000
@@ -143,7 +164,9 @@ def brief(r: dict[str, Any]) -> str:
     keys = ["mode", "target", "clients", "rate", "deliveries_per_s", "p50_ms", "p99_ms",
             "lost", "closed", "passed", "saturation_deliveries_per_s", "rss_per_conn_kb",
             "idle_server_cpu_pct", "dispatch_us_per_event", "server_cpu_pct",
-            "generator_cpu_pct"]
+            "generator_cpu_pct", "connected", "connect_per_s", "max_per_worker", "rss_mb",
+            "heartbeat_pct_per_50k", "public_p50_ms", "public_p99_ms", "public_lost",
+            "room_p99_ms", "room_misrouted"]
     return " ".join(f"{k}={r[k]}" for k in keys if k in r and r[k] is not None)
 
 
@@ -162,7 +185,12 @@ async def run(args: argparse.Namespace) -> None:
                 f.write(json.dumps(r) + "\n")
                 f.flush()
                 print(brief(r), file=sys.stderr, flush=True)
-        md = report.markdown(records)
+        if mode == "fleet":
+            from bench.fleet import table
+
+            md = table(records)
+        else:
+            md = report.markdown(records)
         out.with_suffix(".md").write_text(md + "\n")
         print(md + "\n", flush=True)
 

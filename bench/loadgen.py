@@ -11,7 +11,11 @@ line. The first line in is the spec (too big for argv with 10,000 token paths):
     runner -> {"op": "exit"}
 
 Spec keys: kind, host, port, paths (one request path per client), concurrency,
-connect_timeout, wait (long-poll timeout).
+connect_timeout, wait (long-poll timeout); optional: source (a loopback address to
+bind, e.g. 127.0.0.2: each source address has its own ~28k ephemeral ports, so a
+fleet of generators passes the 64k limit of one), retries (connects refused or
+failed are tried again this many times, 0.5 s apart, as a real client would).
+Clients keep the order of `paths` (collect's `receivers` are indices into it).
 """
 
 from __future__ import annotations
@@ -29,12 +33,22 @@ from bench.clients import KINDS, Client, PollClient, Tally, base_kind
 from tests.harness.procs import raise_nofile
 
 
+class NotReady(Exception):
+    """A client connected but was refused or failed before it was ready."""
+
+    def __init__(self, client: Client) -> None:
+        super().__init__("not ready")
+        self.client = client
+
+
 class Worker:
     def __init__(self, spec: dict[str, Any]) -> None:
         self.spec = spec
         self.kind: str = spec["kind"]
         self.tally = Tally()
         self.clients: list[Client] = []
+        #: the index in `paths` of each client (a client that never connected has none)
+        self.slots: list[int] = []
 
     async def connect_all(self) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
@@ -42,30 +56,59 @@ class Worker:
         host, port = self.spec["host"], self.spec["port"]
         sem = asyncio.Semaphore(self.spec.get("concurrency", 50))
         timeout = self.spec.get("connect_timeout", 30.0)
+        source = self.spec.get("source")
+        local_addr = (source, 0) if source else None
+        retries = int(self.spec.get("retries", 0))
         errors: Counter[str] = Counter()
+        placed: list[tuple[int, Client]] = []
+        tries = 0
 
-        async def one(path: str) -> None:
-            async with sem:
-                try:
-                    factory: Callable[[], Client]
-                    if cls is PollClient:
-                        factory = lambda: PollClient(  # noqa: E731
-                            self.tally, host, port, path, self.spec.get("wait", 20)
-                        )
-                    else:
-                        factory = lambda: cls(self.tally, host, port, path)  # noqa: E731
-                    _, client = await asyncio.wait_for(
-                        loop.create_connection(factory, host, port), timeout
-                    )
-                    self.clients.append(client)
-                    await asyncio.wait_for(asyncio.shield(client.ready), timeout)
-                except Exception as exc:  # count and go on: a refusal is a result
-                    errors[repr(exc)[:160]] += 1
+        async def attempt(path: str) -> Client:
+            factory: Callable[[], Client]
+            if cls is PollClient:
+                factory = lambda: PollClient(  # noqa: E731
+                    self.tally, host, port, path, self.spec.get("wait", 20)
+                )
+            else:
+                factory = lambda: cls(self.tally, host, port, path)  # noqa: E731
+            _, client = await asyncio.wait_for(
+                loop.create_connection(factory, host, port, local_addr=local_addr), timeout
+            )
+            try:
+                await asyncio.wait_for(asyncio.shield(client.ready), timeout)
+            except Exception as exc:
+                raise NotReady(client) from exc
+            return client
 
-        await asyncio.gather(*(one(p) for p in self.spec["paths"]))
+        async def one(i: int, path: str) -> None:
+            nonlocal tries
+            for left in range(retries, -1, -1):
+                async with sem:
+                    tries += 1
+                    try:
+                        placed.append((i, await attempt(path)))
+                        return
+                    except Exception as exc:  # count and go on: a refusal is a result
+                        cause = exc.__cause__ if isinstance(exc, NotReady) else exc
+                        errors[repr(cause)[:160]] += 1
+                        if isinstance(exc, NotReady):
+                            if not left:  # kept: it counts as closed and lost, as before
+                                placed.append((i, exc.client))
+                                return
+                            exc.client.close()
+                if left:
+                    await asyncio.sleep(0.5)
+
+        started = time.time()
+        await asyncio.gather(*(one(i, p) for i, p in enumerate(self.spec["paths"])))
+        ended = time.time()
+        placed.sort(key=lambda pair: pair[0])
+        self.clients = [c for _, c in placed]
+        self.slots = [i for i, _ in placed]
         ok = sum(1 for c in self.clients if c.ready.done() and not c.ready.exception())
         return {"op": "connected", "ok": ok, "failed": len(self.spec["paths"]) - ok,
-                "errors": errors.most_common(5)}
+                "errors": errors.most_common(5), "attempts": tries,
+                "started": started, "ended": ended}
 
     def status(self) -> dict[str, Any]:
         alive = [c for c in self.clients if not c.closed]
@@ -77,11 +120,12 @@ class Worker:
     ) -> dict[str, Any]:
         """Wait until every live client has all `expect` events (or timeout); report; reset.
 
-        With `receivers` (indices into this worker's clients) only those should get
+        With `receivers` (indices into this worker's `paths`) only those should get
         the events (a room event); anything another client gets is misrouted.
         """
-        wanted = set(range(len(self.clients)) if receivers is None else receivers)
-        targets = [c for i, c in enumerate(self.clients) if i in wanted]
+        slots = self.slots
+        wanted = set(slots if receivers is None else receivers)
+        targets = [c for i, c in zip(slots, self.clients, strict=True) if i in wanted]
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             if all(c.count >= expect or c.closed for c in targets):
@@ -90,7 +134,7 @@ class Worker:
         lost = dup = ooo = misrouted = 0
         clients_with_loss = closed = 0
         reasons: Counter[str] = Counter()
-        for i, c in enumerate(self.clients):
+        for i, c in zip(slots, self.clients, strict=True):
             if i not in wanted:
                 misrouted += c.count
                 c.reset()

@@ -28,8 +28,9 @@ class Stack:
     """One server under test and its own redis-server, both fresh, in a temp dir."""
 
     def __init__(self, target: str, workdir: Path | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, peer_workers: int = 1) -> None:
         self.target = target
+        self.peer_workers = peer_workers  # a peer's uvicorn --workers (dualcast: the env)
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"bench-{target}-"))
         self.redis_port = free_port()
         self.port = free_port()
@@ -67,6 +68,8 @@ class Stack:
         env = clean_env({"BENCH_REDIS_URL": self.redis_url, **self.extra_env})
         args = [sys.executable, "-m", "uvicorn", module, "--host", "127.0.0.1",
                 "--port", str(self.port), "--log-level", "warning"]
+        if self.peer_workers > 1:
+            args += ["--workers", str(self.peer_workers)]
         self.server = Child(args, env, self.workdir / f"{self.target}.log")
         self.server.spawn()
 
