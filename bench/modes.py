@@ -218,7 +218,8 @@ async def poll(clients: int, rate: float, duration: float, repeat: int,
     """Long-pollers that must each get every event."""
     for rep in range(repeat):
         kind = "dualcast-poll"
-        async with Session(kind, public_paths(kind, clients), workers=workers) as s:
+        async with Session(kind, public_paths(kind, clients), workers=workers,
+                           env=UNCAPPED) as s:
             warm = await s.warm_up()
             await s.quiet()
             r = await s.step(rate, duration, drain=10.0)

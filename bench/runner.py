@@ -196,7 +196,8 @@ class Session:
         return False
 
     async def _profile(self, rate: float, duration: float) -> asyncio.subprocess.Process | None:
-        """With BENCH_PROFILE=<dir>, sample the server with py-spy while publishing."""
+        """With BENCH_PROFILE=<dir>, sample the server with py-spy while publishing
+        (BENCH_PROFILE_NATIVE=1: with C frames too)."""
         folder = os.environ.get("BENCH_PROFILE")
         if not folder:
             return None
@@ -206,7 +207,8 @@ class Session:
         return await asyncio.create_subprocess_exec(
             shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy",
             "record", "-p", str(self.stack.server.pid), "-d", str(int(duration)),
-            "-r", "200", "-f", "raw", "-o", str(out), "--nonblocking",
+            "-r", "200", "-f", "raw", "-o", str(out),
+            *(["--native"] if os.environ.get("BENCH_PROFILE_NATIVE") else ["--nonblocking"]),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         )
 

@@ -15,6 +15,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from dualcast.admission import Refusal, admit, error_response
+from dualcast.direct import write_response
 from dualcast.events import ZERO, Event, format_id, parse_id
 from dualcast.feed import cursor_gone, decode_visible
 from dualcast.log import LogUnavailable
@@ -38,12 +39,18 @@ class Answer:
         self.body = body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = self.body
+        if write_response(send, _HEAD % len(body), body):  # one write (server/direct.py)
+            return
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"application/json"),
             (b"cache-control", b"no-store"),
-            (b"content-length", b"%d" % len(self.body)),
+            (b"content-length", b"%d" % len(body)),
         ]})
-        await send({"type": "http.response.body", "body": self.body})
+        await send({"type": "http.response.body", "body": body})
+
+
+_HEAD = b"content-type: application/json\r\ncache-control: no-store\r\ncontent-length: %d\r\n"
 
 
 def _answer(events: list[Event], last_id: str, reset: bool = False) -> Answer:
