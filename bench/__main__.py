@@ -88,6 +88,8 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--rate", type=float, default=20.0)
     q.add_argument("--duration", type=float, default=10.0)
     q.add_argument("--repeat", type=int, default=1)
+    q.add_argument("--server-workers", type=ints, default=[1],
+                   help="dualcast worker processes, one cell per count (1,2: both)")
 
     k = sub.add_parser("workers", help="server CPU per delivery, --workers 1 against N")
     k.add_argument("--target", default="dualcast-ws")
@@ -135,7 +137,7 @@ def runs(args: argparse.Namespace) -> list[tuple[str, Callable[[], AsyncIterator
                                                   args.duration, max(w, 4)))]
     if args.mode == "poll":
         return [("poll", lambda: modes.poll(args.clients, args.rate, args.duration,
-                                            args.repeat, w))]
+                                            args.repeat, w, args.server_workers))]
     if args.mode == "workers":
         return [("workers", lambda: modes.workers_cost(
             args.target, args.clients, args.rate, args.duration, args.repeat, args.counts, w))]

@@ -213,17 +213,20 @@ async def routing(subscribers: list[int], rooms: list[int], rate: float, duratio
         }
 
 
-async def poll(clients: int, rate: float, duration: float, repeat: int,
-               workers: int) -> AsyncIterator[dict[str, Any]]:
-    """Long-pollers that must each get every event."""
+async def poll(clients: int, rate: float, duration: float, repeat: int, workers: int,
+               server_workers: list[int] | None = None) -> AsyncIterator[dict[str, Any]]:
+    """Long-pollers that must each get every event; with several `server_workers`
+    counts, the cells of one repeat run back to back so they share the machine's mood."""
     for rep in range(repeat):
-        kind = "dualcast-poll"
-        async with Session(kind, public_paths(kind, clients), workers=workers,
-                           env=UNCAPPED) as s:
-            warm = await s.warm_up()
-            await s.quiet()
-            r = await s.step(rate, duration, drain=10.0)
-        yield {"mode": "poll", "repeat": rep, "warm": warm, **r}
+        for count in server_workers or [1]:
+            kind = "dualcast-poll"
+            env = {**UNCAPPED, "DUALCAST_WORKERS": str(count)}
+            async with Session(kind, public_paths(kind, clients), workers=workers,
+                               env=env) as s:
+                warm = await s.warm_up()
+                await s.quiet()
+                r = await s.step(rate, duration, drain=10.0)
+            yield {"mode": "poll", "repeat": rep, "server_workers": count, "warm": warm, **r}
 
 
 def stamp() -> str:
