@@ -26,6 +26,7 @@ from dualcast.methods import WrongMethods
 from dualcast.metrics import Metrics
 from dualcast.runtime import Runtime
 from dualcast.transports.poll import poll_endpoint
+from dualcast.transports.poll_conn import take_over
 from dualcast.transports.sse import sse_endpoint
 from dualcast.transports.ws import websocket_endpoint
 
@@ -75,6 +76,10 @@ class DualcastApp(Starlette):
                 scope["app"] = self
                 response = await endpoint(Request(scope, receive))
                 await response(scope, receive, send)
+                if endpoint is poll_endpoint:
+                    # The poller's next requests on this connection skip uvicorn's
+                    # request path (server/transports/poll_conn.py).
+                    take_over(scope, send, poll_endpoint)
                 return
         elif kind == "websocket":
             ws_endpoint = self._ws_fast.get(scope["path"])

@@ -38,9 +38,13 @@ class Answer:
     def __init__(self, body: bytes) -> None:
         self.body = body
 
+    def head(self) -> bytes:
+        """Its header lines, each ending in CRLF (the server adds date and server)."""
+        return _HEAD % len(self.body)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = self.body
-        if write_response(send, _HEAD % len(body), body):  # one write (server/direct.py)
+        if write_response(send, self.head(), body):  # one write (server/direct.py)
             return
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"application/json"),

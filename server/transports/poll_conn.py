@@ -1,0 +1,238 @@
+"""A long-poller's keep-alive connection, read and answered here after its first poll.
+
+A long-poller asks again as soon as it is answered, so at a few thousand pollers
+the server's work is answering requests, and most of that was uvicorn's, not
+ours: per request httptools calls back into Python for the URL and each header,
+uvicorn builds a scope, a request cycle with its `asyncio.Event`, a task, runs
+the proxy-headers middleware, and arms and cancels a keep-alive timer. At 5,000
+pollers x 20 events/s that was about three quarters of the server's samples
+(py-spy), the answer itself a few per cent.
+
+So once uvicorn has answered a poll on a keep-alive connection (`take_over`),
+this protocol takes the connection's bytes: a plain `GET /api/events?...` (the
+request line and headers as the poller sends them, nothing uvicorn would treat
+specially) is answered by the same endpoint, with the same scope, in one write.
+Anything else (another path or method, a body, an upgrade, an Origin for the
+CORS layer, forwarded-for headers, a malformed line) goes back to uvicorn's
+protocol with the bytes unread, which answers it as it always did, and keeps
+the connection. uvicorn still owns the connection's bookkeeping: it is in the
+server's connection set (graceful shutdown closes it there), our tasks are in
+its task set, and its `connection_lost` runs when the connection ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.types import Scope, Send
+
+try:
+    from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+    from uvicorn.protocols.http.httptools_impl import RequestResponseCycle as HttpToolsCycle
+except ImportError:  # pragma: no cover - uvicorn without httptools: nothing is taken over
+    HttpToolsProtocol = HttpToolsCycle = None  # type: ignore[assignment,misc]
+    STATUS_LINE = {}
+
+log = logging.getLogger("dualcast")
+
+#: What the endpoint returns: an `Answer` or a Starlette response (both have `body`).
+Endpoint = Callable[[Request], Awaitable[Any]]
+
+PATH = b"/api/events"
+#: A request head longer than this goes back to uvicorn (which has its own limits).
+MAX_HEAD = 8192
+#: Headers that make a request more than a plain poll: a body, an upgrade, a CORS
+#: request (server/cors.py), what uvicorn's proxy-headers middleware rewrites.
+_HAND_BACK = frozenset((
+    b"content-length", b"transfer-encoding", b"upgrade", b"expect", b"origin",
+    b"x-forwarded-for", b"x-forwarded-proto",
+))
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_TARGET = re.compile(rb"[\x21-\x7e]*")  # visible ASCII, as httptools takes a target
+
+
+def parse_poll(head: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]] | None:
+    """(query string, headers with lower-case names) of a plain HTTP/1.1
+    `GET /api/events` head (without its final blank line), or None for anything else."""
+    lines = head.split(b"\r\n")
+    request_line = lines[0]
+    if not request_line.startswith(b"GET /api/events") or not request_line.endswith(
+            b" HTTP/1.1"):
+        return None
+    target = request_line[4:-9]
+    path, sep, query = target.partition(b"?")
+    if path != PATH or b"#" in target or not _TARGET.fullmatch(target):
+        return None
+    headers: list[tuple[bytes, bytes]] = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.fullmatch(name) or b"\n" in value or b"\r" in value:
+            return None
+        name = name.lower()
+        value = value.strip(b" \t")
+        if name in _HAND_BACK or (name == b"connection" and value.lower() != b"keep-alive"):
+            return None
+        headers.append((name, value))
+    return (query if sep else b""), headers
+
+
+def take_over(scope: Scope, send: Send, endpoint: Endpoint) -> None:
+    """After `endpoint` answered the request of `scope` through uvicorn's `send`: take
+    the keep-alive connection's next requests, if nothing makes that unsafe."""
+    cycle = getattr(send, "__self__", None)
+    if HttpToolsCycle is None or not isinstance(cycle, HttpToolsCycle):
+        return
+    transport = cycle.transport
+    if (not cycle.response_complete or not cycle.keep_alive or cycle.disconnected
+            or transport.is_closing()):
+        return
+    proto = transport.get_protocol()
+    if (not isinstance(proto, HttpToolsProtocol) or proto.cycle is not cycle
+            or proto.scope is not cycle.scope  # the next request has begun
+            or proto.pipeline or proto.limit_concurrency is not None or proto.root_path
+            or proto.access_log or proto.flow.write_paused):
+        return
+    proto._unset_keepalive_if_required()  # ours from now on
+    conn = PollConnection(proto, scope["app"], endpoint, scope["asgi"])
+    transport.set_protocol(conn)
+    conn.idle()
+
+
+class PollConnection(asyncio.Protocol):
+    """Plain polls answered here; anything else handed back to uvicorn's protocol."""
+
+    def __init__(self, proto: HttpToolsProtocol, app: Any, endpoint: Endpoint,
+                 asgi: dict[str, str]) -> None:
+        self.proto = proto
+        self.transport: asyncio.Transport = proto.transport
+        self.app = app
+        self.endpoint = endpoint
+        self.asgi = asgi
+        self.buf = bytearray()
+        self.busy = False
+        self.closed = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    # asyncio.Protocol -----------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self._unset_timer()
+        self.buf += data
+        if self.busy:  # the client sent its next request before this answer: it waits
+            if len(self.buf) > MAX_HEAD:
+                self.transport.pause_reading()
+            return
+        self._next()
+
+    def eof_received(self) -> None:
+        self.proto.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._unset_timer()
+        self.proto.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.proto.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.proto.resume_writing()
+
+    # requests --------------------------------------------------------------------
+
+    def _next(self) -> None:
+        buf = self.buf
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > MAX_HEAD:
+                self._hand_back()
+            elif not buf:
+                self.idle()
+            return
+        parsed = parse_poll(bytes(buf[:end]))
+        if parsed is None:
+            self._hand_back()
+            return
+        del buf[: end + 4]
+        query, headers = parsed
+        proto = self.proto
+        scope = {
+            "type": "http", "asgi": self.asgi, "http_version": "1.1",
+            "server": proto.server, "client": proto.client, "scheme": proto.scheme,
+            "root_path": "", "headers": headers, "state": proto.app_state.copy(),
+            "method": "GET", "path": "/api/events", "raw_path": PATH, "query_string": query,
+            "app": self.app,
+        }
+        self.busy = True
+        task = asyncio.get_running_loop().create_task(self._serve(scope))
+        proto.tasks.add(task)
+        task.add_done_callback(proto.tasks.discard)
+
+    async def _serve(self, scope: Scope) -> None:
+        try:
+            response = await self.endpoint(Request(scope))
+            wire = self._wire(response)
+        except Exception:
+            log.exception("Exception in the long-poll endpoint")
+            wire = None
+        self.busy = False
+        if self.closed:
+            return
+        if wire is None:  # as uvicorn answers an application error
+            self.transport.write(self._head(500) + b"content-type: text/plain; charset=utf-8"
+                                 b"\r\ncontent-length: 21\r\nconnection: close\r\n\r\n"
+                                 b"Internal Server Error")
+            self.transport.close()
+            return
+        self.transport.write(wire)
+        self.proto.server_state.total_requests += 1
+        if len(self.buf) <= MAX_HEAD and not self.transport.is_closing():
+            self.transport.resume_reading()
+        self._next()
+
+    def _head(self, status: int) -> bytes:
+        parts = [STATUS_LINE[status]]
+        for name, value in self.proto.server_state.default_headers:
+            parts += (name, b": ", value, b"\r\n")
+        return b"".join(parts)
+
+    def _wire(self, response: Any) -> bytes:
+        """The whole response as uvicorn would write it for these ASGI messages."""
+        body: bytes = response.body
+        raw = getattr(response, "raw_headers", None)
+        if raw is None:  # an Answer (server/transports/poll.py): 200 with its fixed head
+            return b"%s%s\r\n%s" % (self._head(200), response.head(), body)
+        lines = b"".join(b"%s: %s\r\n" % (name.lower(), value) for name, value in raw)
+        return b"%s%s\r\n%s" % (self._head(response.status_code), lines, body)
+
+    def _hand_back(self) -> None:
+        """uvicorn's protocol reads from here on, starting with the bytes not yet read."""
+        data, self.buf = bytes(self.buf), bytearray()
+        self.transport.set_protocol(self.proto)
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
+        if data:
+            self.proto.data_received(data)
+
+    # keep-alive --------------------------------------------------------------------
+
+    def idle(self) -> None:
+        """Between requests: closed after uvicorn's keep-alive timeout, as uvicorn does."""
+        self._unset_timer()
+        self.timer = asyncio.get_running_loop().call_later(
+            self.proto.timeout_keep_alive, self._expire)
+
+    def _expire(self) -> None:
+        self.timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def _unset_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
