@@ -103,6 +103,18 @@ def take_over(scope: Scope, send: Send, endpoint: Endpoint) -> None:
     conn.idle()
 
 
+_cached: tuple[object, bytes] = (None, b"")
+
+
+def _defaults(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """uvicorn's default header lines (date, server), joined once per list: its main
+    loop puts a new list in place when the date header changes, once a second."""
+    global _cached
+    if _cached[0] is not headers:
+        _cached = (headers, b"".join(b"%s: %s\r\n" % pair for pair in headers))
+    return _cached[1]
+
+
 class PollConnection(asyncio.Protocol):
     """Plain polls answered here; anything else handed back to uvicorn's protocol."""
 
@@ -169,7 +181,7 @@ class PollConnection(asyncio.Protocol):
             "app": self.app,
         }
         self.busy = True
-        task = asyncio.get_running_loop().create_task(self._serve(scope))
+        task = proto.loop.create_task(self._serve(scope))
         proto.tasks.add(task)
         task.add_done_callback(proto.tasks.discard)
 
@@ -196,10 +208,7 @@ class PollConnection(asyncio.Protocol):
         self._next()
 
     def _head(self, status: int) -> bytes:
-        parts = [STATUS_LINE[status]]
-        for name, value in self.proto.server_state.default_headers:
-            parts += (name, b": ", value, b"\r\n")
-        return b"".join(parts)
+        return STATUS_LINE[status] + _defaults(self.proto.server_state.default_headers)
 
     def _wire(self, response: Any) -> bytes:
         """The whole response as uvicorn would write it for these ASGI messages."""
@@ -224,7 +233,8 @@ class PollConnection(asyncio.Protocol):
     def idle(self) -> None:
         """Between requests: closed after uvicorn's keep-alive timeout, as uvicorn does."""
         self._unset_timer()
-        self.timer = asyncio.get_running_loop().call_later(
+        # (the protocol's loop: on Python 3.11 asyncio.get_running_loop() is a getpid())
+        self.timer = self.proto.loop.call_later(
             self.proto.timeout_keep_alive, self._expire)
 
     def _expire(self) -> None:
