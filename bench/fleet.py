@@ -115,8 +115,10 @@ class Fleet:
     """One server, its Redis and the generator fleet; measured in `run`."""
 
     def __init__(self, target: str, clients: int, server_workers: int, generators: int,
-                 room_subscribers: int, concurrency: int) -> None:
+                 room_subscribers: int, concurrency: int, retries: int = 5) -> None:
         self.target = target
+        #: a refused connect (503 past a worker's cap) is tried again, as clients do
+        self.retries = retries
         self.clients = clients
         self.server_workers = server_workers
         self.gens = plan(target, clients, generators, room_subscribers)
@@ -186,7 +188,7 @@ class Fleet:
             self.procs.append(await WorkerProc.start({
                 "kind": gen.kind, "host": "127.0.0.1", "port": port, "paths": gen.paths,
                 "source": gen.source, "concurrency": self.concurrency,
-                "connect_timeout": 60, "retries": 2,
+                "connect_timeout": 60, "retries": self.retries,
             }))
         per_gen = max(len(g.paths) for g in self.gens)
         answers = await asyncio.gather(*(w.recv(120 + per_gen / 100) for w in self.procs))

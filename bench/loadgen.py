@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import socket
 import sys
 import time
 from collections import Counter
@@ -31,6 +32,30 @@ from typing import Any
 
 from bench.clients import KINDS, Client, PollClient, Tally, base_kind
 from tests.harness.procs import raise_nofile
+
+#: Linux's IP_BIND_ADDRESS_NO_PORT (Python names it from 3.12 only).
+BIND_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+
+
+async def bound_connect(source: str, host: str, port: int) -> socket.socket:
+    """A TCP socket from `source` connected to host:port.
+
+    `bind((source, 0))` picks the ephemeral port at bind time, with no destination to
+    tell ports apart: the kernel's search grows with every socket already bound, and
+    the first 100,000-client run spent 2.9 ms of generator CPU per connect (382
+    connects/s). With IP_BIND_ADDRESS_NO_PORT the port is chosen at connect() per
+    destination, as for an unbound socket.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_IP, BIND_NO_PORT, 1)
+        sock.setblocking(False)
+        sock.bind((source, 0))
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class NotReady(Exception):
@@ -57,7 +82,6 @@ class Worker:
         sem = asyncio.Semaphore(self.spec.get("concurrency", 50))
         timeout = self.spec.get("connect_timeout", 30.0)
         source = self.spec.get("source")
-        local_addr = (source, 0) if source else None
         retries = int(self.spec.get("retries", 0))
         errors: Counter[str] = Counter()
         placed: list[tuple[int, Client]] = []
@@ -71,9 +95,15 @@ class Worker:
                 )
             else:
                 factory = lambda: cls(self.tally, host, port, path)  # noqa: E731
-            _, client = await asyncio.wait_for(
-                loop.create_connection(factory, host, port, local_addr=local_addr), timeout
-            )
+            if source:
+                _, client = await asyncio.wait_for(
+                    loop.create_connection(factory, sock=await bound_connect(source, host, port)),
+                    timeout,
+                )
+            else:
+                _, client = await asyncio.wait_for(
+                    loop.create_connection(factory, host, port), timeout
+                )
             try:
                 await asyncio.wait_for(asyncio.shield(client.ready), timeout)
             except Exception as exc:
