@@ -22,7 +22,8 @@ from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from dualcast.config import Settings
 from dualcast.events import ZERO, StreamId, parse_id
 from dualcast.log.base import LogInfo, LogUnavailable, RawEntry
-from dualcast.redis_connect import Pooling, async_client, parse_redis_url
+from dualcast.log.xread import XReadLine
+from dualcast.redis_connect import Pooling, Topology, async_client, parse_redis_url
 
 
 @asynccontextmanager
@@ -61,11 +62,18 @@ class RedisLog:
         # connection is still noticed within block + timeout.
         self._reader = async_client(target, tls, Pooling(single=True),
                                     socket_timeout=settings.block_ms / 1000 + timeout, **common)
+        # Plain and Sentinel: the reads go through a raw line (log/xread.py); a Cluster
+        # keeps redis-py's path, which follows MOVED/ASK.
+        self._line = (None if target.topology is Topology.CLUSTER else
+                      XReadLine(self._reader, self.stream,  # type: ignore[arg-type]
+                                settings.block_ms / 1000 + timeout))
 
     async def connect(self) -> None:
         await self.ping()
 
     async def close(self) -> None:
+        if self._line is not None:
+            self._line.close()
         for client in (self._reader, self._client):
             try:
                 await client.aclose()
@@ -97,6 +105,8 @@ class RedisLog:
         return [(_text(i), f or {}) for i, f in entries or ()]  # type: ignore[misc]
 
     async def read_blocking(self, after: str, count: int, block_ms: int) -> list[RawEntry]:
+        if self._line is not None:
+            return await self._line.read(after, count, block_ms)
         async with _translated("XREAD"):
             reply = await self._reader.xread({self.stream: after}, count=count, block=block_ms)
         if not reply:

@@ -1,0 +1,215 @@
+"""The consumer's XREAD on a connection of its own, without redis-py's per-command path.
+
+Why: at low rates every worker pays one XREAD round trip per event, so with `--workers 2`
+that round trip is paid twice, and most of a worker's cost per event is the read itself.
+Through redis-py each read also ran a task for `wait_for` around the send (the socket
+timeout), an `async_timeout` around the reply, the single-connection lock and the retry
+wrapper, packed the command from its arguments and went through an asyncio StreamReader.
+Measured on this 2-core machine, one entry per read at 100 events/s, CPU from /proc: a
+bare reading process spent 240-330 µs per read through `Redis.xread` and 113-120 µs
+here; a `dualcast serve` worker with no subscriber (`python -m bench.readcost`, whole
+server CPU per event, medians of 3) 400 µs before and 200 µs after.
+
+How: redis-py still opens the connection (TLS, AUTH, SELECT, HELLO, and for Sentinel the
+lookup of the current primary), so every topology connects exactly as before; then the
+connected transport is handed to `_Replies`, a protocol that feeds hiredis and completes
+one future per reply. The command is packed once and only the id changes, so a read is
+one `write` and one reply. A stalled connection is noticed by a watchdog that looks
+once a second, not by a timer per read. On any failure (connection lost, no reply
+within the bound, an error reply, a reply of the wrong shape) the line is closed, the
+caller gets LogUnavailable, and the next read opens a fresh connection (for Sentinel,
+to whichever primary it names then). A Redis Cluster keeps redis-py's path, which
+follows MOVED/ASK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import hiredis
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from dualcast.log.base import LogUnavailable, RawEntry
+
+_WATCH_EVERY = 1.0  # seconds between two looks of the stall watchdog
+
+
+def xread_prefix(stream: str, count: int, block_ms: int) -> bytes:
+    """`XREAD COUNT <count> BLOCK <block_ms> STREAMS <stream>` in RESP, with the array
+    header for one more argument (the id) that `xread_command` appends."""
+    parts = [b"XREAD", b"COUNT", str(count).encode(), b"BLOCK", str(block_ms).encode(),
+             b"STREAMS", stream.encode()]
+    head = b"*%d\r\n" % (len(parts) + 1)
+    return head + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+
+
+def xread_command(prefix: bytes, after: str) -> bytes:
+    """The whole command: the packed prefix and the id to read after."""
+    raw = after.encode("ascii")
+    return b"%s$%d\r\n%s\r\n" % (prefix, len(raw), raw)
+
+
+def _text(value: object) -> str:
+    return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+
+
+def entries_of(reply: Any) -> list[RawEntry]:
+    """The entries of one XREAD reply as hiredis parsed it, or LogUnavailable.
+
+    Nil (the block timed out) and an empty reply are no entries. RESP2 gives
+    `[[stream, entries]]`, RESP3 `{stream: entries}`; each entry is `[id, [k1, v1, ...]]`
+    and the fields stay bytes for `decode_entry`, which judges their content (nil fields
+    are an empty map, which it counts as malformed). A reply of another shape, or an
+    error reply, is LogUnavailable.
+    """
+    if reply is None:
+        return []
+    if isinstance(reply, Exception):
+        raise LogUnavailable(f"redis XREAD failed: ResponseError: {reply}")
+    try:
+        batches = reply.values() if isinstance(reply, dict) else [s[1] for s in reply]
+        out: list[RawEntry] = []
+        for entries in batches:
+            for entry_id, flat in entries:
+                fields = iter(flat or ())
+                out.append((_text(entry_id), dict(zip(fields, fields, strict=False))))
+    except (TypeError, ValueError, IndexError) as exc:
+        raise LogUnavailable(f"redis XREAD failed: unexpected reply: {reply!r:.200}") from exc
+    return out
+
+
+class _Replies(asyncio.Protocol):
+    """Feeds what arrives to hiredis and completes the waiting read with each reply."""
+
+    def __init__(self) -> None:
+        self.reader = hiredis.Reader()
+        self.waiter: asyncio.Future[Any] | None = None
+        self.lost: BaseException | None = None
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while True:
+            try:
+                reply = self.reader.gets()
+            except hiredis.ProtocolError as exc:
+                self._fail(exc)
+                return
+            if reply is False:
+                return
+            if isinstance(reply, hiredis.PushNotification):
+                continue  # RESP3 out-of-band messages answer no read of ours
+            waiter, self.waiter = self.waiter, None
+            if waiter is None:
+                self._fail(ConnectionError("a reply nobody asked for"))
+                return
+            if not waiter.done():
+                waiter.set_result(reply)
+
+    def eof_received(self) -> bool | None:
+        self._fail(ConnectionError("Redis closed the connection"))
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(exc or ConnectionError("connection closed"))
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.lost is None:
+            self.lost = exc
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(self.lost)
+
+
+class _Line:
+    """One connected transport running one XREAD at a time."""
+
+    def __init__(self, writer: asyncio.StreamWriter, stall_after: float) -> None:
+        self.writer = writer  # kept: on Python 3.13 a collected StreamWriter closes its transport
+        transport = self.transport = writer.transport
+        self.replies = _Replies()
+        self.stall_after = stall_after
+        self.loop = asyncio.get_running_loop()
+        self.sent_at = 0.0
+        transport.set_protocol(self.replies)
+        self.watch = self.loop.call_later(_WATCH_EVERY, self._watch)
+
+    def _watch(self) -> None:
+        replies = self.replies
+        if replies.lost is not None:
+            return
+        if replies.waiter is not None and self.loop.time() - self.sent_at > self.stall_after:
+            replies._fail(TimeoutError(f"no XREAD reply within {self.stall_after:.1f}s"))
+            self.transport.abort()
+            return
+        self.watch = self.loop.call_later(_WATCH_EVERY, self._watch)
+
+    async def read(self, command: bytes) -> Any:
+        replies = self.replies
+        if replies.lost is not None:
+            raise replies.lost
+        waiter = replies.waiter = self.loop.create_future()
+        self.sent_at = self.loop.time()
+        self.transport.write(command)
+        return await waiter
+
+    def close(self) -> None:
+        self.watch.cancel()
+        self.transport.abort()  # nothing to flush: a read's command is written or moot
+
+
+class XReadLine:
+    """`read_blocking` for a plain or Sentinel-managed Redis: see the module docstring."""
+
+    def __init__(self, client: aioredis.Redis, stream: str, stall_after: float) -> None:
+        self.client = client
+        self.stream = stream
+        self.stall_after = stall_after
+        self._prefixes: dict[tuple[int, int], bytes] = {}
+        self._line: _Line | None = None
+
+    async def read(self, after: str, count: int, block_ms: int) -> list[RawEntry]:
+        prefix = self._prefixes.get((count, block_ms))
+        if prefix is None:
+            prefix = self._prefixes[(count, block_ms)] = xread_prefix(self.stream, count,
+                                                                      block_ms)
+        line = self._line or await self._open()
+        try:
+            return entries_of(await line.read(xread_command(prefix, after)))
+        except LogUnavailable:
+            self.close()  # a fresh connection (and primary) for the next read
+            raise
+        except (OSError, TimeoutError, ConnectionError, hiredis.HiredisError) as exc:
+            self.close()
+            raise LogUnavailable(f"redis XREAD failed: {type(exc).__name__}: {exc}") from exc
+        except BaseException:  # cancelled mid-read: its reply would answer the next read
+            self.close()
+            raise
+
+    async def _open(self) -> _Line:
+        writer = await self.connected_writer()
+        self._line = _Line(writer, self.stall_after)
+        return self._line
+
+    async def connected_writer(self) -> asyncio.StreamWriter:
+        """A connection made by redis-py, handshake done, detached from redis-py."""
+        conn = self.client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        try:
+            await conn.connect()
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise LogUnavailable(f"redis XREAD failed: {type(exc).__name__}: {exc}") from exc
+        # redis-py hands out no connected transport: its StreamWriter holds it. Take it and
+        # detach redis-py's Connection, so that it neither closes the line nor warns about
+        # it when collected (the handshake's replies are all read: nothing is buffered).
+        writer = getattr(conn, "_writer", None)
+        if not isinstance(writer, asyncio.StreamWriter):
+            await conn.disconnect(nowait=True)
+            raise RuntimeError("redis-py's connection has no transport to take over")
+        conn._reader = conn._writer = None
+        return writer
+
+    def close(self) -> None:
+        line, self._line = self._line, None
+        if line is not None:
+            line.close()
