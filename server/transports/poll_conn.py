@@ -5,8 +5,8 @@ the server's work is answering requests, and most of that was uvicorn's, not
 ours: per request httptools calls back into Python for the URL and each header,
 uvicorn builds a scope, a request cycle with its `asyncio.Event`, a task, runs
 the proxy-headers middleware, and arms and cancels a keep-alive timer. At 5,000
-pollers x 20 events/s that was about three quarters of the server's samples
-(py-spy), the answer itself a few per cent.
+pollers x 20 events/s uvicorn's request path and its `send` were 59 % of the
+server's samples (py-spy, 2026-11-29), the endpoint with its admission 26 %.
 
 So once uvicorn has answered a poll on a keep-alive connection (`take_over`),
 this protocol takes the connection's bytes: a plain `GET /api/events?...` (the
