@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 import pytest
@@ -31,6 +33,7 @@ from tests.conftest import SECRET, token
 class Served:
     server: uvicorn.Server
     port: int
+    app: Any
 
     def poll_connections(self) -> int:
         """How many of the server's connections the poll connection reads."""
@@ -40,8 +43,21 @@ class Served:
 
 @pytest.fixture
 async def served(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Served]:
-    settings = Settings(secret=SECRET, max_connections_per_address=0)
-    config = uvicorn_config(settings, create_app(settings))
+    async with serving(monkeypatch, Settings(secret=SECRET, max_connections_per_address=0)) as s:
+        yield s
+
+
+@pytest.fixture
+async def capped(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Served]:
+    """One waiting poll per client address."""
+    async with serving(monkeypatch, Settings(secret=SECRET, max_connections_per_address=1)) as s:
+        yield s
+
+
+@asynccontextmanager
+async def serving(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> AsyncIterator[Served]:
+    app = create_app(settings)
+    config = uvicorn_config(settings, app)
     config.host, config.port = "127.0.0.1", 0
     # As `dualcast serve` runs: no access log (pytest's capture handlers would make uvicorn
     # log each request, and a logged request is never answered in one write or taken over).
@@ -52,7 +68,7 @@ async def served(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Served]:
         async with asyncio.timeout(10):
             while not server.started:
                 await asyncio.sleep(0.01)
-        yield Served(server, server.servers[0].sockets[0].getsockname()[1])
+        yield Served(server, server.servers[0].sockets[0].getsockname()[1], app)
     finally:
         server.should_exit = True
         await asyncio.wait_for(serving, 15)
@@ -100,11 +116,11 @@ def get(target: str, extra: str = "") -> bytes:
     return f"GET {target} HTTP/1.1\r\nHost: test\r\n{extra}\r\n".encode()
 
 
-async def taken_over(served: Served) -> Client:
+async def taken_over(served: Served, extra: str = "") -> Client:
     """A connection whose first poll uvicorn answered: the poll connection reads it now."""
     client = await Client.open(served.port)
     before = served.poll_connections()
-    status, _, _ = await client.ask(get("/api/events?timeout=0"))
+    status, _, _ = await client.ask(get("/api/events?timeout=0", extra))
     assert status == 200
     assert served.poll_connections() == before + 1
     return client
@@ -172,7 +188,6 @@ OTHERS = [
     get("/healthz"),
     get("/api/%65vents?timeout=0"),  # the same path, encoded: uvicorn decodes it
     get("/api/events?timeout=0", "Origin: http://elsewhere.example\r\n"),  # CORS refusal
-    get("/api/events?timeout=0", "X-Forwarded-For: 10.1.2.3\r\n"),
     get("/api/events?timeout=0", "Cookie: a=b\r\nAuthorization: Basic eDp5\r\n"),
 ]
 
@@ -241,9 +256,12 @@ async def test_connection_close_and_a_closing_client_end_the_connection(
 
 def test_only_a_plain_poll_head_is_parsed() -> None:
     plain = b"GET /api/events?after=1-0&timeout=5 HTTP/1.1\r\nHost: x\r\nAccept:  */* "
-    assert parse_poll(plain) == (b"after=1-0&timeout=5", [(b"host", b"x"), (b"accept", b"*/*")])
+    assert parse_poll(plain) == (b"after=1-0&timeout=5", [(b"host", b"x"), (b"accept", b"*/*")],
+                                 False)
     assert parse_poll(b"GET /api/events HTTP/1.1\r\nConnection: Keep-Alive") == (
-        b"", [(b"connection", b"Keep-Alive")])
+        b"", [(b"connection", b"Keep-Alive")], False)
+    assert parse_poll(b"GET /api/events HTTP/1.1\r\nX-Forwarded-Proto: https") == (
+        b"", [(b"x-forwarded-proto", b"https")], True)
     for head in [
         b"GET /api/events HTTP/1.0\r\nHost: x",
         b"POST /api/events HTTP/1.1\r\nHost: x",
@@ -257,8 +275,34 @@ def test_only_a_plain_poll_head_is_parsed() -> None:
         b"GET /api/events HTTP/1.1\r\nOrigin: http://a",
         b"GET /api/events HTTP/1.1\r\nContent-Length: 0",
         b"GET /api/events HTTP/1.1\r\nTransfer-Encoding: chunked",
-        b"GET /api/events HTTP/1.1\r\nX-Forwarded-Proto: https",
         b"GET /api/events HTTP/1.1\r\nUpgrade: websocket",
         b"GET /api/events HTTP/1.1\r\nExpect: 100-continue",
     ]:
         assert parse_poll(head) is None, head
+
+
+FROM_A = "X-Forwarded-For: 10.0.0.1\r\nX-Forwarded-Proto: https\r\n"
+FROM_B = "X-Forwarded-For: 10.0.0.2\r\n"
+
+
+@pytest.mark.timeout(30)
+async def test_a_proxys_forwarded_address_counts_as_uvicorn_sets_it(capped: Served) -> None:
+    """Behind a proxy every poll names its client: the per-address cap counts that one."""
+    quotas = capped.app.state.dualcast.quotas
+    a = await taken_over(capped, FROM_A)
+    b = await taken_over(capped, FROM_B)
+    _, _, body = await a.ask(get("/api/events?timeout=0", FROM_A))
+    a.writer.write(get(f"/api/events?after={orjson.loads(body)['last_id']}&timeout=10", FROM_A))
+    async with asyncio.timeout(10):  # 10.0.0.1's poll waits, holding its one slot
+        while quotas.held() < 1:
+            await asyncio.sleep(0.01)
+    status, _, _ = await b.ask(get("/api/events?timeout=0", FROM_B))
+    assert status == 200  # another address
+    status, _, body = await b.ask(get("/api/events?timeout=0", FROM_A))
+    assert status == 429 and orjson.loads(body)["error"] == "too_many_connections"
+    assert capped.poll_connections() == 2
+    await publish(capped, 7)
+    status, _, body = await a.ask(b"")
+    assert status == 200 and [e["data"] for e in orjson.loads(body)["events"]] == [{"n": 7}]
+    a.close()
+    b.close()

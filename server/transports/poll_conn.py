@@ -14,10 +14,11 @@ So once uvicorn has answered a poll on a keep-alive connection (`take_over`),
 this protocol takes the connection's bytes: a plain `GET /api/events?...` (the
 request line and headers as the poller sends them, nothing uvicorn would treat
 specially) is answered by the same endpoint, with the same scope, in one write.
-Anything else (another path or method, a body, an upgrade, an Origin for the
-CORS layer, forwarded-for headers, a malformed line) goes back to uvicorn's
-protocol with the bytes unread, which answers it as it always did, and keeps
-the connection. uvicorn still owns the connection's bookkeeping: it is in the
+Forwarded-for and -proto headers (a proxy's) go through uvicorn's own
+proxy-headers middleware, run on the scope alone. Anything else (another path or
+method, a body, an upgrade, an Origin for the CORS layer, a malformed line) goes
+back to uvicorn's protocol with the bytes unread, which answers it as it always
+did, and keeps the connection. uvicorn still owns the connection's bookkeeping: it is in the
 server's connection set (graceful shutdown closes it there), our tasks are in
 its task set, and its `connection_lost` runs when the connection ends.
 """
@@ -31,7 +32,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
-from starlette.types import Scope, Send
+from starlette.types import Message, Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 try:
     from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
@@ -49,18 +51,20 @@ PATH = b"/api/events"
 #: A request head longer than this goes back to uvicorn (which has its own limits).
 MAX_HEAD = 8192
 #: Headers that make a request more than a plain poll: a body, an upgrade, a CORS
-#: request (server/cors.py), what uvicorn's proxy-headers middleware rewrites.
+#: request (server/cors.py).
 _HAND_BACK = frozenset((
     b"content-length", b"transfer-encoding", b"upgrade", b"expect", b"origin",
-    b"x-forwarded-for", b"x-forwarded-proto",
 ))
+#: What uvicorn's proxy-headers middleware reads (behind nginx, every request has both).
+_FORWARDED = frozenset((b"x-forwarded-for", b"x-forwarded-proto"))
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _TARGET = re.compile(rb"[\x21-\x7e]*")  # visible ASCII, as httptools takes a target
 
 
-def parse_poll(head: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]] | None:
-    """(query string, headers with lower-case names) of a plain HTTP/1.1
-    `GET /api/events` head (without its final blank line), or None for anything else."""
+def parse_poll(head: bytes) -> tuple[bytes, list[tuple[bytes, bytes]], bool] | None:
+    """(query string, headers with lower-case names, whether any is a forwarded-for or
+    -proto header) of a plain HTTP/1.1 `GET /api/events` head (without its final blank
+    line), or None for anything else."""
     lines = head.split(b"\r\n")
     request_line = lines[0]
     if not request_line.startswith(b"GET /api/events") or not request_line.endswith(
@@ -71,6 +75,7 @@ def parse_poll(head: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]] | None:
     if path != PATH or b"#" in target or not _TARGET.fullmatch(target):
         return None
     headers: list[tuple[bytes, bytes]] = []
+    forwarded = False
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
         if not colon or not _TOKEN.fullmatch(name) or b"\n" in value or b"\r" in value:
@@ -79,8 +84,9 @@ def parse_poll(head: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]] | None:
         value = value.strip(b" \t")
         if name in _HAND_BACK or (name == b"connection" and value.lower() != b"keep-alive"):
             return None
+        forwarded = forwarded or name in _FORWARDED
         headers.append((name, value))
-    return (query if sep else b""), headers
+    return (query if sep else b""), headers, forwarded
 
 
 def take_over(scope: Scope, send: Send, endpoint: Endpoint) -> None:
@@ -99,10 +105,32 @@ def take_over(scope: Scope, send: Send, endpoint: Endpoint) -> None:
             or proto.pipeline or proto.limit_concurrency is not None or proto.root_path
             or proto.access_log or proto.flow.write_paused):
         return
+    app = scope["app"]
+    if proto.app is app:
+        proxy = None
+    elif isinstance(proto.app, ProxyHeadersMiddleware) and proto.app.app is app:
+        # uvicorn's own middleware, run on the scope alone when a request has its headers
+        # (uvicorn types ASGI with its own TypedDicts; Starlette's are plain mappings)
+        proxy = ProxyHeadersMiddleware(
+            _scope_only, proto.config.forwarded_allow_ips)  # type: ignore[arg-type]
+    else:  # something else wraps the app (uvicorn's trace logging, say): it stays uvicorn's
+        return
     proto._unset_keepalive_if_required()  # ours from now on
-    conn = PollConnection(proto, scope["app"], endpoint, scope["asgi"])
+    conn = PollConnection(proto, app, endpoint, scope["asgi"], proxy)
     transport.set_protocol(conn)
     conn.idle()
+
+
+async def _scope_only(scope: Scope, receive: Receive, send: Send) -> None:
+    """The app behind the proxy-headers middleware when only its scope rewrite is wanted."""
+
+
+async def _no_receive() -> Message:
+    raise RuntimeError("a long-poll has no request body")  # pragma: no cover
+
+
+async def _no_send(message: Message) -> None:
+    raise RuntimeError("the poll connection writes the answer")  # pragma: no cover
 
 
 _cached: tuple[object, bytes] = (None, b"")
@@ -121,12 +149,13 @@ class PollConnection(asyncio.Protocol):
     """Plain polls answered here; anything else handed back to uvicorn's protocol."""
 
     def __init__(self, proto: HttpToolsProtocol, app: Any, endpoint: Endpoint,
-                 asgi: dict[str, str]) -> None:
+                 asgi: dict[str, str], proxy: ProxyHeadersMiddleware | None) -> None:
         self.proto = proto
         self.transport: asyncio.Transport = proto.transport
         self.app = app
         self.endpoint = endpoint
         self.asgi = asgi
+        self.proxy = proxy
         self.buf = bytearray()
         self.busy = False
         self.closed = False
@@ -173,7 +202,7 @@ class PollConnection(asyncio.Protocol):
             self._hand_back()
             return
         del buf[: end + 4]
-        query, headers = parsed
+        query, headers, forwarded = parsed
         proto = self.proto
         scope = {
             "type": "http", "asgi": self.asgi, "http_version": "1.1",
@@ -183,12 +212,15 @@ class PollConnection(asyncio.Protocol):
             "app": self.app,
         }
         self.busy = True
-        task = proto.loop.create_task(self._serve(scope))
+        task = proto.loop.create_task(self._serve(scope, forwarded))
         proto.tasks.add(task)
         task.add_done_callback(proto.tasks.discard)
 
-    async def _serve(self, scope: Scope) -> None:
+    async def _serve(self, scope: Scope, forwarded: bool) -> None:
         try:
+            if forwarded and self.proxy is not None:
+                # the client and scheme, as uvicorn sets them
+                await self.proxy(scope, _no_receive, _no_send)  # type: ignore[arg-type]
             response = await self.endpoint(Request(scope))
             wire = self._wire(response)
         except Exception:
