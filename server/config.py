@@ -93,10 +93,10 @@ class Settings(BaseSettings):
     max_connections_per_address: int = Field(
         200, ge=0, description="streams and polls one anonymous client address may hold (0: no cap)"
     )
-    max_connections: int = Field(
-        16_000, ge=0,
+    max_connections: int | None = Field(
+        None, ge=0,
         description="streams and polls one process (each worker) holds at once; each is an "
-                    "open file, so keep RLIMIT_NOFILE above it (0: no cap)",
+                    "open file (unset: the open-file limit minus 100; 0: no cap)",
     )
     ping_interval: float = Field(15.0, gt=0, le=3600, description="SSE ping / WS heartbeat")
     sse_retry_ms: int = Field(3_000, ge=100)

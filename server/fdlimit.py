@@ -4,8 +4,10 @@ Every connection is an open file. A process past its RLIMIT_NOFILE soft limit
 cannot accept(): the event loop logs EMFILE and stops accepting for a second at a
 time, and Redis reconnects fail the same way. Most systems start a shell at 1,024
 soft with a far higher hard limit, so `dualcast serve` raises the soft limit to the
-hard one, as servers usually do (workers inherit it), and warns in one line when
-even that is below what DUALCAST_MAX_CONNECTIONS needs in each process.
+hard one, as servers usually do (workers inherit it). Unset, the per-process cap
+(DUALCAST_MAX_CONNECTIONS) follows that limit, so a process refuses with a clean 503
+before accept() could fail; set, it is checked against the limit at start and a
+cap the limit cannot hold is one WARNING line.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ log = logging.getLogger("dualcast.serve")
 #: event loop's own descriptors, Redis connections, log files. An idle worker on the
 #: Redis engine holds 20-30; the rest is headroom for publishes and JWKS fetches.
 RESERVE = 100
+
+#: Below this many connections per process, an unset cap is worth a WARNING (a shell's
+#: usual 1,024 soft limit with no higher hard limit to raise it to).
+LOW = 4_000
 
 #: The soft limit to ask for when the hard one is unlimited (Linux's fs.nr_open default).
 UNLIMITED_TARGET = 1 << 20
@@ -43,14 +49,35 @@ def raise_soft_limit() -> int:
     return target
 
 
+def process_cap(configured: int | None) -> int:
+    """The connection cap of this process: as configured, else what its open files allow."""
+    if configured is not None:
+        return configured
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 0
+    return max(1, soft - RESERVE)
+
+
 def check_file_limit(settings: Settings) -> int:
-    """Raise the limit, then warn if it is below the per-process cap; the soft limit."""
+    """Raise the limit, then say what it allows: a WARNING if it is below a configured
+    cap, or too low to be useful; the soft limit."""
     soft = raise_soft_limit()
     cap = settings.max_connections
     if soft == resource.RLIM_INFINITY:
         return soft
     room = max(0, soft - RESERVE)
-    if cap == 0:
+    if cap is None:
+        if room < LOW:
+            log.warning(
+                "open-file limit (RLIMIT_NOFILE) is %d per process: each process holds at "
+                "most %d connections and refuses the rest with 503; raise it before "
+                "starting (`ulimit -n 65536`, LimitNOFILE=65536 in a systemd unit, "
+                "`--ulimit nofile=65536` for docker)", soft, room)
+        else:
+            log.info("each process holds at most %d connections (open-file limit %d; "
+                     "DUALCAST_MAX_CONNECTIONS sets another cap)", room, soft)
+    elif cap == 0:
         log.info("no connection cap (DUALCAST_MAX_CONNECTIONS=0): each process holds at most "
                  "about %d connections (open-file limit %d)", room, soft)
     elif soft < cap + RESERVE:

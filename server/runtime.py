@@ -16,6 +16,7 @@ from dualcast.auth import Authenticator
 from dualcast.config import Settings
 from dualcast.consumer import Consumer
 from dualcast.events import Envelope, decode_entry, entry_fields, format_id
+from dualcast.fdlimit import process_cap
 from dualcast.hub import CloseReason, Hub
 from dualcast.log import EventLog, LogInfo, create_log
 from dualcast.quotas import ConnectionQuotas
@@ -46,7 +47,7 @@ class Runtime:
         self.stats = TransportStats()
         self.quotas = ConnectionQuotas(settings.max_connections_per_subject,
                                        settings.max_connections_per_address,
-                                       settings.max_connections)
+                                       process_cap(settings.max_connections))
         self.draining = False
         self.tasks = Tasks(backoff_max=max(settings.backoff_max, 1.0))
         self._window: LogInfo | None = None

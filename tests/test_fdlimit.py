@@ -8,6 +8,7 @@ Real `python -m dualcast serve` children started with the limit set in the child
 from __future__ import annotations
 
 import resource
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -108,3 +109,42 @@ def test_the_soft_limit_is_raised_to_the_hard_one_for_every_worker(
     assert f"open-file limit raised from 512 to {HARD}" in child.output()
     for worker in workers():
         assert worker.rlimit(psutil.RLIMIT_NOFILE) == (HARD, HARD)
+
+
+def test_unset_the_cap_follows_the_open_file_limit(serve: Callable[..., Started]) -> None:
+    """No DUALCAST_MAX_CONNECTIONS: a process under a low limit says in one WARNING how
+    many connections it will hold, then holds that many and answers the next with 503
+    (not an accept() that fails with EMFILE)."""
+    child = serve(300, 300, {"DUALCAST_MAX_CONNECTIONS_PER_ADDRESS": "0"})
+    [line] = warnings(child.output())
+    assert "RLIMIT_NOFILE" in line and " 300 " in line and "at most 200 connections" in line
+    assert "ulimit -n" in line
+    port = int(child.proc.args[child.proc.args.index("--port") + 1])  # type: ignore[union-attr]
+    held: list[socket.socket] = []
+    try:
+        for _ in range(200):
+            held.append(open_stream(port))
+        wait_until(lambda: status_of_next_stream(port) == 503, timeout=20,
+                   what="the 201st stream refused with 503")
+    finally:
+        for sock in held:
+            sock.close()
+    # a stream that ends gives its slot back
+    wait_until(lambda: status_of_next_stream(port) == 200, timeout=20,
+               what="a slot back once the streams closed")
+
+
+def open_stream(port: int) -> socket.socket:
+    """An SSE stream held open on a raw socket (its 200 head read)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"GET /api/sse HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+    head = sock.recv(4096)
+    assert head.startswith(b"HTTP/1.1 200"), head[:200]
+    return sock
+
+
+def status_of_next_stream(port: int) -> int:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /api/sse HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n"
+                     b"Connection: close\r\n\r\n")
+        return int(sock.recv(4096).split(b" ", 2)[1])
