@@ -59,6 +59,7 @@ async def serving(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> AsyncI
     app = create_app(settings)
     config = uvicorn_config(settings, app)
     config.host, config.port = "127.0.0.1", 0
+    config.timeout_keep_alive = 1  # (uvicorn's default is 5 s)
     # As `dualcast serve` runs: no access log (pytest's capture handlers would make uvicorn
     # log each request, and a logged request is never answered in one write or taken over).
     monkeypatch.setattr(logging.getLogger("uvicorn.access"), "hasHandlers", lambda: False)
@@ -306,3 +307,15 @@ async def test_a_proxys_forwarded_address_counts_as_uvicorn_sets_it(capped: Serv
     assert status == 200 and [e["data"] for e in orjson.loads(body)["events"]] == [{"n": 7}]
     a.close()
     b.close()
+
+
+@pytest.mark.timeout(30)
+async def test_keep_alive_closes_an_idle_connection_never_a_busy_one(served: Served) -> None:
+    client = await taken_over(served)
+    # a poll that waits longer than the keep-alive timeout (1 s here) is answered...
+    status, _, body = await client.ask(get("/api/events?timeout=2"))
+    assert status == 200 and orjson.loads(body)["events"] == []
+    status, _, _ = await client.ask(get("/api/events?timeout=0"))  # ...and the connection lives
+    assert status == 200
+    assert await asyncio.wait_for(client.closed(), 10)  # then, idle, it is closed
+    assert served.poll_connections() == 0
