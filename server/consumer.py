@@ -217,12 +217,8 @@ class Consumer:
             self.hub.publish(events)
             self.overview.apply(events, last)
             await self._trim_overview()
-            if len(entries) >= settings.batch_count:
-                # A full batch: more may be waiting, and a read that returns at once (the
-                # memory engine does) would starve subscribers' writers, so let them run.
-                # After a shorter batch the next read waits for the log, which yields
-                # anyway: a yield per batch there cost a loop pass per event at low rates.
-                await asyncio.sleep(0)
+            # Let subscribers' writers run between big batches.
+            await asyncio.sleep(0)
 
     async def _check_head(self) -> None:
         """On an idle read, notice a stream that went backwards (Redis restarted empty)."""
