@@ -5,7 +5,7 @@ One run is one server (dualcast on the Redis engine with N workers, or a peer un
 uvicorn with N workers) and its own redis-server, fresh. A fleet of `python -m
 bench.loadgen` processes connects the clients: each generator speaks one transport
 (dualcast and broadcaster: half WebSocket, half SSE; python-socketio: WebSocket) and
-binds its own loopback source address (127.0.0.2, 127.0.0.3, ...): one address has
+binds its own loopback source addresses (127.0.k.2, 127.0.k.3, ...): one address has
 only the ~28k ephemeral ports of `ip_local_port_range` towards one server port.
 Every process here, server worker and generator alike, stays under the machine's
 per-process open-file limit (20,000 hard), which is why N >= 6 for 100,000.
@@ -45,6 +45,9 @@ P99_LIMIT_MS = 2000.0
 #: check stays quiet and a worker that the kernel hands more refuses with a clean 503.
 SERVER_CAP = 19_900
 ROOM = "user-7"
+#: Source addresses per generator: 100,000 clients over 6 generators are ~4,200 per
+#: address, where connect()'s port search stays short (bench/loadgen.py).
+SOURCES_PER_GENERATOR = 4
 #: Subjects of the room subscribers: subscriber k is `k % SUBJECTS` in room user-<k % SUBJECTS>.
 SUBJECTS = 100
 KINDS = {
@@ -59,18 +62,22 @@ class Generator:
     """One load-generator process's share: its transport, source address and paths."""
 
     kind: str
-    source: str
+    #: loopback addresses to bind, taken in turn (bench/loadgen.py's bound_connect)
+    sources: list[str]
     paths: list[str] = field(default_factory=list)
     #: indices into `paths` of the clients in ROOM (the room event's only receivers)
     receivers: list[int] = field(default_factory=list)
 
 
 def plan(target: str, clients: int, generators: int, room_subscribers: int) -> list[Generator]:
-    """Clients spread evenly over `generators` processes, transports alternating, each on
-    127.0.0.<2+i>. dualcast's room subscribers (a token for subject s, joining
-    `user-<s>`) are spread over the generators too; everyone else is anonymous."""
+    """Clients spread evenly over `generators` processes, transports alternating, each
+    on 127.0.k.<2+i> for k < SOURCES_PER_GENERATOR. dualcast's room subscribers (a
+    token for subject s, joining `user-<s>`) are spread over the generators too;
+    everyone else is anonymous."""
     kinds = KINDS[target]
-    gens = [Generator(kinds[i % len(kinds)], f"127.0.0.{2 + i}") for i in range(generators)]
+    gens = [Generator(kinds[i % len(kinds)],
+                      [f"127.0.{k}.{2 + i}" for k in range(SOURCES_PER_GENERATOR)])
+            for i in range(generators)]
     tokens: dict[str, str] = {}
     for j in range(clients):
         gen = gens[j % generators]
@@ -187,7 +194,7 @@ class Fleet:
         for gen in self.gens:
             self.procs.append(await WorkerProc.start({
                 "kind": gen.kind, "host": "127.0.0.1", "port": port, "paths": gen.paths,
-                "source": gen.source, "concurrency": self.concurrency,
+                "source": gen.sources, "concurrency": self.concurrency,
                 "connect_timeout": 60, "retries": self.retries,
             }))
         per_gen = max(len(g.paths) for g in self.gens)
