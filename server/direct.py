@@ -142,3 +142,39 @@ def write_response(send: Send, head: bytes, body: bytes) -> bool:
         transport.close()
     cycle.on_response()
     return True
+
+
+def start_chunked(send: Send, head: bytes, chunk: bytes) -> bool:
+    """Start a 200 chunked response (`head`: its own header lines, each ending in CRLF)
+    and write its first chunk, all in one `transport.write`, leaving uvicorn's request
+    cycle as its `send` of `http.response.start` and one body chunk would; False, having
+    written nothing, where that is not uvicorn's httptools cycle or the cycle cannot
+    take it now (then the caller sends the usual two ASGI messages).
+
+    Every SSE stream starts with its headers and its `welcome`: two sends were two
+    system calls on the server and two reads on the client, per connect. The bytes
+    on the wire are the same, in one segment.
+    """
+    cycle = getattr(send, "__self__", None)
+    if HttpToolsCycle is None or not isinstance(cycle, HttpToolsCycle):
+        return False
+    transport = cycle.transport
+    if (cycle.response_started or cycle.disconnected or cycle.access_log
+            or cycle.chunked_encoding is not None or cycle.flow.write_paused
+            or cycle.scope["method"] != "GET" or transport.is_closing()):
+        return False
+    parts = [b"HTTP/1.1 200 OK\r\n"]
+    for name, value in cycle.default_headers:
+        parts += (name, b": ", value, b"\r\n")
+    parts.append(head)
+    if not cycle.keep_alive:
+        parts.append(b"connection: close\r\n")
+    parts += (b"transfer-encoding: chunked\r\n\r\n", b"%x\r\n" % len(chunk), chunk, b"\r\n")
+    try:
+        transport.write(b"".join(parts))
+    except Exception:  # nothing taken: the ASGI sends meet the same error
+        return False
+    cycle.response_started = True
+    cycle.chunked_encoding = True
+    cycle.waiting_for_100_continue = False
+    return True

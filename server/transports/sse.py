@@ -20,7 +20,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from dualcast.admission import Refusal, admit
-from dualcast.direct import sse_sink
+from dualcast.direct import sse_sink, start_chunked
 from dualcast.events import Event
 from dualcast.feed import Feed, FeedClosed
 from dualcast.frames import (
@@ -46,6 +46,9 @@ HEADERS = [
     (b"cache-control", b"no-cache, no-transform"),
     (b"x-accel-buffering", b"no"),  # nginx: do not buffer this response
 ]
+#: HEADERS as header lines, for the start written with the welcome (server/direct.py).
+HEAD = b"".join(b"%s: %s\r\n" % pair for pair in HEADERS)
+START = {"type": "http.response.start", "status": 200, "headers": HEADERS}
 
 
 def _plain_chunk(items: list[Item]) -> bytes:
@@ -85,7 +88,8 @@ class EventStream:
         self.writer = Writer(None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+        # The headers leave with the welcome, in `_write`; until then the sink writes
+        # nothing (the response has not started), so events wait in the queue.
         # Events straight to the socket while the writer idles (server/direct.py).
         self.feed.sub.sink = sse_sink(send, self.frame)
         with self.rt.stalls.writer() as writer:
@@ -124,8 +128,10 @@ class EventStream:
     async def _write(self, send: Send) -> bool:
         """Until the stream ends; False when the client is gone (no last write then)."""
         feed, encode = self.feed, self.encode
-        await self._chunk(send, sse_welcome(
-            feed.sub.rooms, feed.start_id, self.rt.settings.sse_retry_ms))
+        welcome = sse_welcome(feed.sub.rooms, feed.start_id, self.rt.settings.sse_retry_ms)
+        if not start_chunked(send, HEAD, welcome):
+            await self._send(send, START)
+            await self._chunk(send, welcome)
         loop = asyncio.get_running_loop()
         quiet_since = loop.time()
         while True:
