@@ -110,15 +110,28 @@ def take_over(scope: Scope, send: Send, endpoint: Endpoint) -> None:
         proxy = None
     elif isinstance(proto.app, ProxyHeadersMiddleware) and proto.app.app is app:
         # uvicorn's own middleware, run on the scope alone when a request has its headers
-        # (uvicorn types ASGI with its own TypedDicts; Starlette's are plain mappings)
-        proxy = ProxyHeadersMiddleware(
-            _scope_only, proto.config.forwarded_allow_ips)  # type: ignore[arg-type]
+        proxy = _rewriter(proto.config.forwarded_allow_ips)
     else:  # something else wraps the app (uvicorn's trace logging, say): it stays uvicorn's
         return
     proto._unset_keepalive_if_required()  # ours from now on
     conn = PollConnection(proto, app, endpoint, scope["asgi"], proxy)
     transport.set_protocol(conn)
     conn.idle()
+
+
+_rewriters: dict[str | tuple[str, ...], ProxyHeadersMiddleware] = {}
+
+
+def _rewriter(trusted: list[str] | str) -> ProxyHeadersMiddleware:
+    """One proxy-headers middleware per trusted-hosts setting, shared by the connections
+    (one each cost about 2 KB per poller)."""
+    key = trusted if isinstance(trusted, str) else tuple(trusted)
+    rewriter = _rewriters.get(key)
+    if rewriter is None:
+        # (uvicorn types ASGI with its own TypedDicts; Starlette's are plain mappings)
+        rewriter = _rewriters[key] = ProxyHeadersMiddleware(
+            _scope_only, trusted)  # type: ignore[arg-type]
+    return rewriter
 
 
 async def _scope_only(scope: Scope, receive: Receive, send: Send) -> None:
