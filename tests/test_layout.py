@@ -1,0 +1,25 @@
+"""README's layout section names every module and subpackage of the package, so a
+newcomer's map cannot fall behind the code."""
+
+from __future__ import annotations
+
+import re
+
+from tests.harness.procs import ROOT
+
+
+def layout_block() -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Layout", 1)[1]
+    return section.split("```", 2)[1]
+
+
+def test_every_module_and_subpackage_is_in_the_readme_layout() -> None:
+    block = layout_block()
+    server = ROOT / "server"
+    names = [p.name for p in server.glob("*.py") if not p.name.startswith("__")]
+    names += [f"{p.name}/" for p in server.iterdir()
+              if p.is_dir() and (p / "__init__.py").exists()]
+    missing = [n for n in sorted(names) if not re.search(rf"(?<![\w/]){re.escape(n)}", block)]
+    assert missing == [], f"README's layout does not name: {missing}"
+    assert "fdlimit.py" in block  # the check reads the right block
