@@ -24,7 +24,6 @@ idle connection.
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -186,43 +185,3 @@ def inbox_of(send: Callable[..., Any]) -> Inbox | None:
     if isinstance(protocol, WebSocketProtocol) and isinstance(protocol.queue, Inbox):
         return protocol.queue
     return None
-
-
-class Cork:
-    """Holds a new WebSocket's first writes (the 101 answer, then the `welcome` frame)
-    in the kernel until `release`, so they leave as one segment (Linux TCP_CORK).
-
-    uvicorn writes the 101 as soon as the application accepts, and the welcome
-    follows a moment later: two segments, so two trips through loopback's receive
-    path on the server and two wake-ups and reads on the client, per connect. The
-    bytes are the same; the kernel sends what it holds at `release` (or after
-    200 ms at the latest, should the welcome be late). Where the transport has no
-    TCP socket (another server, a test double) it does nothing.
-    """
-
-    __slots__ = ("_sock",)
-
-    def __init__(self, send: Callable[..., Any]) -> None:
-        protocol = getattr(send, "__self__", None)
-        sock = None
-        if (_TCP_CORK is not None and isinstance(protocol, WebSocketProtocol)
-                and protocol.transport is not None):
-            sock = protocol.transport.get_extra_info("socket")
-        self._sock: Any = sock
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 1)
-            except (OSError, AttributeError):
-                self._sock = None
-
-    def release(self) -> None:
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 0)
-            except (OSError, AttributeError):
-                pass  # the connection is gone: nothing left to send
-
-
-#: Linux's TCP_CORK (None elsewhere: no cork, two segments as before).
-_TCP_CORK: int | None = getattr(socket, "TCP_CORK", None)

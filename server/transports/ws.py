@@ -26,7 +26,7 @@ from dualcast.hub import CloseReason
 from dualcast.protocol import AUTH_CODES, ErrorCode, FrameType, Transport, WSClose
 from dualcast.runtime import Runtime
 from dualcast.stalls import Stalled, Writer
-from dualcast.ws_protocol import Cork, Inbox, inbox_of
+from dualcast.ws_protocol import Inbox, inbox_of
 
 log = logging.getLogger("dualcast.ws")
 
@@ -232,19 +232,15 @@ async def websocket_endpoint(ws: WebSocket, send: Send | None = None) -> None:
     except Refusal as refusal:
         await _deny(ws, refusal)
         return
-    out = send or ws.send
-    cork = Cork(out)  # the 101 and the welcome leave in one segment
     try:
         await ws.accept()
         rt.stats.opened[Transport.WEBSOCKET] += 1
-        await _serve(ws, out, rt, admission, cork)
+        await _serve(ws, send or ws.send, rt, admission)
     finally:
-        cork.release()
         admission.lease.release()
 
 
-async def _serve(ws: WebSocket, send: Send, rt: Runtime, admission: Admission,
-                 cork: Cork) -> None:
+async def _serve(ws: WebSocket, send: Send, rt: Runtime, admission: Admission) -> None:
     feed = Feed(rt.hub, rt.log, rt.settings, Transport.WEBSOCKET, admission.rooms,
                 admission.cursor, expires=admission.identity.exp)
     rt.auth.follow(admission.identity, feed)  # an identity the app renews extends the feed
@@ -252,7 +248,6 @@ async def _serve(ws: WebSocket, send: Send, rt: Runtime, admission: Admission,
     async with feed:
         session = Session(ws, send, rt, admission.identity, feed)
         await session.send(ws_welcome(admission.rooms, feed.start_id))
-        cork.release()
         for code, message in admission.refused:
             session.refuse(code, message)
         await _run(session)
