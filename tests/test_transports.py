@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import subprocess
 import time
 import uuid
@@ -370,3 +371,38 @@ def _ignore(_: object) -> None:
 
 
 _ = (json, Path, _ignore)
+
+
+def _sse_start(port: int, extra: bytes = b"") -> tuple[list[bytes], bytes]:
+    """The head lines and the first chunk of a raw GET /api/sse."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /api/sse HTTP/1.1\r\nHost: x\r\n" + extra + b"\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data or not re.search(rb"\r\n\r\n[0-9a-f]+\r\n", data):
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        size_line, _, body = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        while len(body) < size + 2:
+            chunk = sock.recv(65536)
+            assert chunk, data
+            body += chunk
+    assert body[size:size + 2] == b"\r\n"
+    return head.split(b"\r\n"), body[:size]
+
+
+@pytest.mark.parametrize("close", [False, True])
+def test_sse_head_and_welcome_are_uvicorns_bytes(cluster: Cluster, close: bool) -> None:
+    """The head and the welcome (written together, server/direct.py start_chunked) are the
+    lines uvicorn's own start and first chunk would write, in its order."""
+    lines, welcome = _sse_start(cluster.a.port, b"Connection: close\r\n" if close else b"")
+    assert lines[0] == b"HTTP/1.1 200 OK"
+    names = [line.partition(b": ")[0] for line in lines[1:]]
+    assert names == [b"date", b"server", b"content-type", b"cache-control", b"x-accel-buffering",
+                     *([b"connection"] if close else []), b"transfer-encoding"]
+    assert lines[3:6] == [b"content-type: text/event-stream; charset=utf-8",
+                          b"cache-control: no-cache, no-transform", b"x-accel-buffering: no"]
+    assert lines[-1] == b"transfer-encoding: chunked"
+    assert welcome.startswith(b"retry: 3000\nevent: welcome\n") and welcome.endswith(b"\n\n")
