@@ -14,6 +14,7 @@ import subprocess
 from collections.abc import Callable
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dualcast.config import load_settings
@@ -67,12 +68,16 @@ def test_the_checker_catches_the_old_names() -> None:
     ]
 
 
-def test_metrics_follow_prometheus_conventions(
-    dualcast: Callable[..., DualcastProcess], redis_server: RedisProcess
-) -> None:
+@pytest.fixture
+def metrics_text(dualcast: Callable[..., DualcastProcess], redis_server: RedisProcess) -> str:
+    """/metrics of a real server on Redis, once it is ready."""
     proc = dualcast(redis_server.url)
     wait_until(proc.ready, timeout=20, what="ready")
-    text = httpx.get(proc.url + "/metrics", timeout=5).text
+    return httpx.get(proc.url + "/metrics", timeout=5).text
+
+
+def test_metrics_follow_prometheus_conventions(metrics_text: str) -> None:
+    text = metrics_text
     assert convention_problems(text) == []
     found = families(text)
     assert found["dualcast_consumer_lag_entries"][0] == "gauge"
@@ -107,14 +112,9 @@ def test_promtool_catches_the_old_names() -> None:
     assert "dualcast_events_delivered" in promtool_problems(old)
 
 
-def test_promtool_finds_nothing_to_say_of_metrics(
-    dualcast: Callable[..., DualcastProcess], redis_server: RedisProcess
-) -> None:
-    proc = dualcast(redis_server.url)
-    wait_until(proc.ready, timeout=20, what="ready")
-    text = httpx.get(proc.url + "/metrics", timeout=5).text
-    assert "dualcast_tasks" in text
-    assert promtool_problems(text) == ""
+def test_promtool_finds_nothing_to_say_of_metrics(metrics_text: str) -> None:
+    assert "dualcast_tasks" in metrics_text
+    assert promtool_problems(metrics_text) == ""
 
 
 async def test_a_task_that_dies_is_restarted_with_backoff_and_counted() -> None:
