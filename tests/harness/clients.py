@@ -258,6 +258,7 @@ class Poller:
         self.seen = Seen()
         self.conn: _PollRecorder | None = None
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     async def poll_once(self, timeout: float = 5) -> Answer:
         """One request (`after` the last answer's cursor); a 200 answer is recorded."""
@@ -273,7 +274,10 @@ class Poller:
         else:
             pending = conn.next_answer()
             conn.ask(query)
-        answer = await asyncio.wait_for(pending, timeout + 30)
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation
+        # that arrives as the answer does, and a closed Poller would poll on.
+        async with asyncio.timeout(timeout + 30):
+            answer = await pending
         if answer.status_code == 200:
             body = answer.json()
             for event in body["events"]:
@@ -284,7 +288,7 @@ class Poller:
         return answer
 
     async def _loop(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 await self.poll_once(5)
             except (OSError, TimeoutError):
@@ -294,6 +298,7 @@ class Poller:
         self._task = asyncio.create_task(self._loop())
 
     async def close(self) -> None:
+        self._closing = True
         await cancel(self._task)
         if self.conn is not None:
             self.conn.close()
