@@ -102,6 +102,18 @@ def sse_sink(send: Send, frame: Callable[[Event], bytes]) -> Sink | None:
     return write
 
 
+_joined: tuple[object, bytes] = (None, b"")
+
+
+def default_header_lines(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """uvicorn's default header lines (date, server), joined once per list: its main
+    loop puts a new list in place when the date header changes, once a second."""
+    global _joined
+    if _joined[0] is not headers:
+        _joined = (headers, b"".join(b"%s: %s\r\n" % pair for pair in headers))
+    return _joined[1]
+
+
 def _idle_cycle(send: Send) -> HttpToolsCycle | None:
     """uvicorn's httptools request cycle behind `send`, when nothing has been sent on it
     yet and its transport takes a write now; else None (the caller uses ASGI sends)."""
@@ -118,10 +130,7 @@ def _head_of_200(cycle: HttpToolsCycle, head: bytes) -> list[bytes]:
     """A 200's status line and headers as uvicorn writes them: its defaults (server,
     date: lower-cased names, validated once), then `head`, then `connection: close`
     where the cycle will not keep the connection (the blank line is the caller's)."""
-    parts = [b"HTTP/1.1 200 OK\r\n"]
-    for name, value in cycle.default_headers:
-        parts += (name, b": ", value, b"\r\n")
-    parts.append(head)
+    parts = [b"HTTP/1.1 200 OK\r\n", default_header_lines(cycle.default_headers), head]
     if not cycle.keep_alive:
         parts.append(b"connection: close\r\n")
     return parts

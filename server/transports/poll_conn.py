@@ -35,6 +35,8 @@ from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
+from dualcast.direct import default_header_lines
+
 try:
     from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
     from uvicorn.protocols.http.httptools_impl import RequestResponseCycle as HttpToolsCycle
@@ -146,18 +148,6 @@ async def _no_send(message: Message) -> None:
     raise RuntimeError("the poll connection writes the answer")  # pragma: no cover
 
 
-_cached: tuple[object, bytes] = (None, b"")
-
-
-def _defaults(headers: list[tuple[bytes, bytes]]) -> bytes:
-    """uvicorn's default header lines (date, server), joined once per list: its main
-    loop puts a new list in place when the date header changes, once a second."""
-    global _cached
-    if _cached[0] is not headers:
-        _cached = (headers, b"".join(b"%s: %s\r\n" % pair for pair in headers))
-    return _cached[1]
-
-
 class PollConnection(asyncio.Protocol):
     """Plain polls answered here; anything else handed back to uvicorn's protocol."""
 
@@ -257,7 +247,7 @@ class PollConnection(asyncio.Protocol):
         self._next()
 
     def _head(self, status: int) -> bytes:
-        return STATUS_LINE[status] + _defaults(self.proto.server_state.default_headers)
+        return STATUS_LINE[status] + default_header_lines(self.proto.server_state.default_headers)
 
     def _wire(self, response: Any) -> bytes:
         """The whole response as uvicorn would write it for these ASGI messages."""
