@@ -112,6 +112,8 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--idle-window", type=float, default=30.0, help="seconds of heartbeat CPU")
     f.add_argument("--drain", type=float, default=15.0, help="seconds to wait for stragglers")
     f.add_argument("--concurrency", type=int, default=100, help="connects in flight per process")
+    f.add_argument("--transports", type=lambda v: v.split(","), default=None,
+                   help="only these transports, e.g. ws or sse (default: all of the target's)")
 
     a = sub.add_parser("all", help="every mode with its defaults (about an hour)")
     a.add_argument("--quick", action="store_true", help="fewer repeats, smaller counts")
@@ -147,7 +149,7 @@ def runs(args: argparse.Namespace) -> list[tuple[str, Callable[[], AsyncIterator
         return [("fleet", lambda: fleet(
             args.targets, args.clients, args.server_workers, max(w, 6), args.events,
             args.interval, args.room_events, args.room_subscribers, args.idle_window,
-            args.drain, args.concurrency))]
+            args.drain, args.concurrency, args.transports))]
     if args.mode == "all":
         rep = 1 if args.quick else 3
         idle_n = 2000 if args.quick else 10_000

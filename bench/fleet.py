@@ -69,12 +69,15 @@ class Generator:
     receivers: list[int] = field(default_factory=list)
 
 
-def plan(target: str, clients: int, generators: int, room_subscribers: int) -> list[Generator]:
-    """Clients spread evenly over `generators` processes, transports alternating, each
-    on 127.0.k.<2+i> for k < SOURCES_PER_GENERATOR. dualcast's room subscribers (a
-    token for subject s, joining `user-<s>`) are spread over the generators too;
-    everyone else is anonymous."""
-    kinds = KINDS[target]
+def plan(target: str, clients: int, generators: int, room_subscribers: int,
+         transports: list[str] | None = None) -> list[Generator]:
+    """Clients spread evenly over `generators` processes, transports alternating (only
+    those named in `transports`, e.g. ["ws"], when given), each on 127.0.k.<2+i> for
+    k < SOURCES_PER_GENERATOR. dualcast's room subscribers (a token for subject s,
+    joining `user-<s>`) are spread over the generators too; everyone else is anonymous."""
+    kinds = [k for k in KINDS[target] if not transports or k.rpartition("-")[2] in transports]
+    if not kinds:
+        raise ValueError(f"{target} speaks none of {transports}")
     gens = [Generator(kinds[i % len(kinds)],
                       [f"127.0.{k}.{2 + i}" for k in range(SOURCES_PER_GENERATOR)])
             for i in range(generators)]
@@ -122,13 +125,14 @@ class Fleet:
     """One server, its Redis and the generator fleet; measured in `run`."""
 
     def __init__(self, target: str, clients: int, server_workers: int, generators: int,
-                 room_subscribers: int, concurrency: int, retries: int = 5) -> None:
+                 room_subscribers: int, concurrency: int, retries: int = 5,
+                 transports: list[str] | None = None) -> None:
         self.target = target
         #: a refused connect (503 past a worker's cap) is tried again, as clients do
         self.retries = retries
         self.clients = clients
         self.server_workers = server_workers
-        self.gens = plan(target, clients, generators, room_subscribers)
+        self.gens = plan(target, clients, generators, room_subscribers, transports)
         self.concurrency = concurrency
         env: dict[str, str] = {}
         if target == "dualcast":
@@ -138,6 +142,7 @@ class Fleet:
         self.procs: list[WorkerProc] = []
         self.publishers: list[Publisher] = []
         self.record: dict[str, Any] = {"mode": "fleet", "target": target, "clients": clients,
+                                       "transports": transports or "all",
                                        "server_workers": server_workers,
                                        "generators": generators}
 
@@ -325,14 +330,14 @@ def passed(r: dict[str, Any]) -> bool:
 async def fleet(targets: list[str], counts: list[int], server_workers: int, generators: int,
                 events: int, interval: float, room_events: int, room_subscribers: int,
                 idle_window: float, drain: float, concurrency: int,
-                ) -> AsyncIterator[dict[str, Any]]:
+                transports: list[str] | None = None) -> AsyncIterator[dict[str, Any]]:
     """Each target at rising client counts (a fresh server each), until one fails."""
     for target in targets:
         if target not in KINDS:
             raise ValueError(f"unknown fleet target {target}; known: {', '.join(KINDS)}")
         for n in counts:
             async with Fleet(target, n, server_workers, generators, room_subscribers,
-                             concurrency) as f:
+                             concurrency, transports=transports) as f:
                 r = await f.run(events, interval, room_events, idle_window, drain)
             yield r
             if not r["passed"]:
