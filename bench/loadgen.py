@@ -14,7 +14,7 @@ Spec keys: kind, host, port, paths (one request path per client), concurrency,
 connect_timeout, wait (long-poll timeout); optional: source (a loopback address to
 bind, e.g. 127.0.0.2: each source address has its own ~28k ephemeral ports, so a
 fleet of generators passes the 64k limit of one; or a list of them, taken in turn:
-see `bound_connect` for why one address should stay well below its 28k), retries
+see `bench.ramp.start_connect` for why one address should stay well below its 28k), retries
 (connects refused or failed are tried again this many times, 0.5 s apart, as a real client would).
 Clients keep the order of `paths` (collect's `receivers` are indices into it).
 """
@@ -32,46 +32,8 @@ from collections.abc import Callable
 from typing import Any
 
 from bench.clients import KINDS, Client, PollClient, Tally, base_kind
+from bench.ramp import Ramp
 from tests.harness.procs import raise_nofile
-
-#: Linux's IP_BIND_ADDRESS_NO_PORT (Python names it from 3.12 only).
-BIND_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
-
-
-async def bound_connect(source: str, host: str, port: int) -> socket.socket:
-    """A TCP socket from `source` connected to host:port.
-
-    `bind((source, 0))` picks the ephemeral port at bind time, with no destination to
-    tell ports apart: the kernel's search grows with every socket already bound, and
-    the first 100,000-client run spent 2.9 ms of generator CPU per connect (382
-    connects/s). With IP_BIND_ADDRESS_NO_PORT the port is chosen at connect() per
-    destination, as for an unbound socket.
-
-    That search still grows with the ports in use: Linux's connect() walks the even
-    half of `ip_local_port_range` (~14k ports) before it tries the odd half. With one
-    address per generator (16,700 sockets each at 100,000) the generator spent 503 us
-    of CPU per connect, against 253 us at 30,000 (5,000 per address); spread over four
-    addresses each (`source` as a list, 4,200 sockets per address), 233-291 us at
-    100,000, and the fleet's connect rate went 2,024 -> 3,148/s (median of three).
-    """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.IPPROTO_IP, BIND_NO_PORT, 1)
-        sock.setblocking(False)
-        sock.bind((source, 0))
-        await asyncio.get_running_loop().sock_connect(sock, (host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-class NotReady(Exception):
-    """A client connected but was refused or failed before it was ready."""
-
-    def __init__(self, client: Client) -> None:
-        super().__init__("not ready")
-        self.client = client
 
 
 class Worker:
@@ -84,70 +46,32 @@ class Worker:
         self.slots: list[int] = []
 
     async def connect_all(self) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        cls = KINDS[base_kind(self.kind)][0]
+        cls: Any = KINDS[base_kind(self.kind)][0]  # each kind's own signature
         host, port = self.spec["host"], self.spec["port"]
-        sem = asyncio.Semaphore(self.spec.get("concurrency", 50))
-        timeout = self.spec.get("connect_timeout", 30.0)
         source = self.spec.get("source")
         sources: list[str] = [source] if isinstance(source, str) else list(source or ())
-        retries = int(self.spec.get("retries", 0))
-        errors: Counter[str] = Counter()
-        placed: list[tuple[int, Client]] = []
-        tries = 0
-
-        async def attempt(i: int, path: str) -> Client:
-            factory: Callable[[], Client]
-            if cls is PollClient:
-                factory = lambda: PollClient(  # noqa: E731
-                    self.tally, host, port, path, self.spec.get("wait", 20)
-                )
-            else:
-                factory = lambda: cls(self.tally, host, port, path)  # noqa: E731
-            if sources:
-                sock = await bound_connect(sources[i % len(sources)], host, port)
-                _, client = await asyncio.wait_for(
-                    loop.create_connection(factory, sock=sock),
-                    timeout,
-                )
-            else:
-                _, client = await asyncio.wait_for(
-                    loop.create_connection(factory, host, port), timeout
-                )
-            try:
-                await asyncio.wait_for(asyncio.shield(client.ready), timeout)
-            except Exception as exc:
-                raise NotReady(client) from exc
-            return client
-
-        async def one(i: int, path: str) -> None:
-            nonlocal tries
-            for left in range(retries, -1, -1):
-                async with sem:
-                    tries += 1
-                    try:
-                        placed.append((i, await attempt(i, path)))
-                        return
-                    except Exception as exc:  # count and go on: a refusal is a result
-                        cause = exc.__cause__ if isinstance(exc, NotReady) else exc
-                        errors[repr(cause)[:160]] += 1
-                        if isinstance(exc, NotReady):
-                            if not left:  # kept: it counts as closed and lost, as before
-                                placed.append((i, exc.client))
-                                return
-                            exc.client.close()
-                if left:
-                    await asyncio.sleep(0.5)
-
+        factory: Callable[[str], Client]
+        if cls is PollClient:
+            wait = self.spec.get("wait", 20)
+            factory = lambda path: PollClient(self.tally, host, port, path, wait)  # noqa: E731
+        else:
+            factory = lambda path: cls(self.tally, host, port, path)  # noqa: E731
+        # resolved once: the ramp connects to a numeric address
+        info = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
+        addr: tuple[str, int] = (str(info[0][4][0]), int(info[0][4][1]))
+        ramp = Ramp(self.spec["paths"], factory, addr, sources,
+                    int(self.spec.get("concurrency", 50)),
+                    float(self.spec.get("connect_timeout", 30.0)),
+                    int(self.spec.get("retries", 0)))
         started = time.time()
-        await asyncio.gather(*(one(i, p) for i, p in enumerate(self.spec["paths"])))
+        await ramp.run()
         ended = time.time()
-        placed.sort(key=lambda pair: pair[0])
+        placed = sorted(ramp.placed, key=lambda pair: pair[0])
         self.clients = [c for _, c in placed]
         self.slots = [i for i, _ in placed]
         ok = sum(1 for c in self.clients if c.ready.done() and not c.ready.exception())
         return {"op": "connected", "ok": ok, "failed": len(self.spec["paths"]) - ok,
-                "errors": errors.most_common(5), "attempts": tries,
+                "errors": ramp.errors.most_common(5), "attempts": ramp.tries,
                 "started": started, "ended": ended}
 
     def status(self) -> dict[str, Any]:
