@@ -242,3 +242,79 @@ async def test_real_redis_reads_entries_nil_and_survives_a_killed_connection(
     finally:
         await log.close()
         admin.close()
+
+
+def one_entry(entry_id: bytes) -> bytes:
+    """An XREAD reply (RESP2) holding one entry with the given id."""
+    return (b"*1\r\n*2\r\n$1\r\ns\r\n*1\r\n*2\r\n$%d\r\n%s\r\n*2\r\n$4\r\ndata\r\n$2\r\n{}\r\n"
+            % (len(entry_id), entry_id))
+
+
+async def test_follow_takes_every_batch_until_it_declines_one(serve: Any) -> None:
+    """Batches taken in the reply's callback, each next read after the last id taken; the
+    read returns the first batch declined, then the block running out ends a read."""
+    async def script(n: int, command: list[bytes], writer: asyncio.StreamWriter) -> None:
+        writer.write(one_entry(b"1-%d" % (n + 1)) if n < 4 else b"*-1\r\n")
+
+    taken: list[str] = []
+
+    def follow(entries: list[Any]) -> str | None:
+        if entries[0][0] == "1-3":
+            return None  # declined: the read completes with it
+        taken.extend(i for i, _ in entries)
+        return str(entries[-1][0])
+
+    server, line = await serve(script)
+    async with asyncio.timeout(10):
+        assert await line.read("0-0", 500, 2000, follow) == [("1-3", {b"data": b"{}"})]
+        assert await line.read("1-3", 500, 2000, follow) == []  # 1-4 taken, then nil
+    assert taken == ["1-1", "1-2", "1-4"]
+    assert [c[-1] for c in server.commands] == [b"0-0", b"1-1", b"1-2", b"1-3", b"1-4"]
+    assert server.connections == 1
+    line.close()
+
+
+@pytest.mark.parametrize("failure", [b"-UNBLOCKED force unblock\r\n", b"close"])
+async def test_a_failure_while_following_is_log_unavailable(serve: Any, failure: bytes) -> None:
+    async def script(n: int, command: list[bytes], writer: asyncio.StreamWriter) -> None:
+        if n == 1:
+            if failure == b"close":
+                writer.close()
+            else:
+                writer.write(failure)
+        else:
+            writer.write(one_entry(b"1-%d" % (n + 1)))
+
+    taken: list[str] = []
+
+    def follow(entries: list[Any]) -> str | None:
+        taken.extend(i for i, _ in entries)
+        return str(entries[-1][0]) if len(taken) < 2 else None
+
+    server, line = await serve(script)
+    async with asyncio.timeout(10):
+        with pytest.raises(LogUnavailable):
+            await line.read("0-0", 500, 2000, follow)
+        assert taken == ["1-1"]
+        assert await line.read("1-1", 500, 2000, follow) == [("1-3", {b"data": b"{}"})]
+    assert taken == ["1-1", "1-3"]
+    assert server.connections == 2
+    line.close()
+
+
+async def test_an_error_in_follow_is_raised_by_the_read_and_the_line_reopens(
+    serve: Any,
+) -> None:
+    async def script(n: int, command: list[bytes], writer: asyncio.StreamWriter) -> None:
+        writer.write(one_entry(b"1-%d" % (n + 1)))
+
+    def broken(entries: list[Any]) -> str | None:
+        raise RuntimeError("the consumer's own bug")
+
+    server, line = await serve(script)
+    async with asyncio.timeout(10):
+        with pytest.raises(RuntimeError, match="own bug"):
+            await line.read("0-0", 500, 2000, broken)
+        assert await line.read("1-1", 500, 2000) == [("1-2", {b"data": b"{}"})]
+    assert server.connections == 2
+    line.close()

@@ -22,7 +22,7 @@ from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from dualcast.config import Settings
 from dualcast.events import ZERO, StreamId, parse_id
 from dualcast.log.base import LogInfo, LogUnavailable, RawEntry
-from dualcast.log.xread import XReadLine
+from dualcast.log.xread import Follow, XReadLine
 from dualcast.redis_connect import Pooling, Topology, async_client, parse_redis_url
 
 
@@ -41,6 +41,8 @@ def _text(value: object) -> str:
 
 class RedisLog:
     engine = "redis"
+    #: `read_blocking` takes a `follow` (the consumer's batches in the reply's callback).
+    follows = True
 
     def __init__(self, settings: Settings) -> None:
         assert settings.redis_url is not None
@@ -104,9 +106,12 @@ class RedisLog:
             entries = await self._client.xrange(self.stream, min=f"({after}", max="+", count=count)
         return [(_text(i), f or {}) for i, f in entries or ()]  # type: ignore[misc]
 
-    async def read_blocking(self, after: str, count: int, block_ms: int) -> list[RawEntry]:
+    async def read_blocking(self, after: str, count: int, block_ms: int,
+                            follow: Follow | None = None) -> list[RawEntry]:
+        """See EventLog; `follow` (log/xread.py) is used on the raw line only: through
+        redis-py (a Cluster) every batch is returned."""
         if self._line is not None:
-            return await self._line.read(after, count, block_ms)
+            return await self._line.read(after, count, block_ms, follow)
         async with _translated("XREAD"):
             reply = await self._reader.xread({self.stream: after}, count=count, block=block_ms)
         if not reply:

@@ -20,11 +20,22 @@ within the bound, an error reply, a reply of the wrong shape) the line is closed
 caller gets LogUnavailable, and the next read opens a fresh connection (for Sentinel,
 to whichever primary it names then). A Redis Cluster keeps redis-py's path, which
 follows MOVED/ASK.
+
+The consumer's batches may also be taken in the reply's own callback (`follow`): a
+reply with entries is handed to the consumer there and the next XREAD goes out at
+once, so the consumer's task is not woken for it; anything else (the block ran out,
+an error, a reply of the wrong shape, or a batch the consumer declines) completes
+the read as before. Why: at low rates each worker is woken once per event, and on
+this 2-core VM a wake-up is the cost: a bare uvloop process woken 100 times a second
+spent 55-70 µs of CPU per wake in a timer callback, 83-89 µs in a task woken from a
+future and 96-102 µs with the consumer's `sleep(0)` after it (medians of 2). The
+measured effect is in the consumer's `_follow`.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import hiredis
@@ -34,6 +45,11 @@ from redis.exceptions import RedisError
 from dualcast.log.base import LogUnavailable, RawEntry
 
 _WATCH_EVERY = 1.0  # seconds between two looks of the stall watchdog
+
+#: Takes a read's entries in the reply's callback: delivers them and returns the id to
+#: read after next, or returns None having done nothing (the read then completes with
+#: them, as without it). It is called only with entries, never with an empty read.
+Follow = Callable[[list[RawEntry]], str | None]
 
 
 def xread_prefix(stream: str, count: int, block_ms: int) -> bytes:
@@ -87,6 +103,9 @@ class _Replies(asyncio.Protocol):
         self.reader = hiredis.Reader()
         self.waiter: asyncio.Future[Any] | None = None
         self.lost: BaseException | None = None
+        #: Given a reply first while a read waits: True when it took the reply and sent
+        #: the next command (the read goes on waiting, for that command's reply).
+        self.take: Callable[[Any], bool] | None = None
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
@@ -100,10 +119,20 @@ class _Replies(asyncio.Protocol):
                 return
             if isinstance(reply, hiredis.PushNotification):
                 continue  # RESP3 out-of-band messages answer no read of ours
-            waiter, self.waiter = self.waiter, None
+            waiter = self.waiter
             if waiter is None:
                 self._fail(ConnectionError("a reply nobody asked for"))
                 return
+            take = self.take
+            if take is not None and not waiter.done():
+                try:
+                    if take(reply):
+                        continue
+                except Exception as exc:  # the consumer's own error: its read raises it
+                    self.waiter = None
+                    waiter.set_exception(exc)
+                    return
+            self.waiter = None
             if not waiter.done():
                 waiter.set_result(reply)
 
@@ -145,18 +174,48 @@ class _Line:
             return
         self.watch = self.loop.call_later(_WATCH_EVERY, self._watch)
 
-    async def read(self, command: bytes) -> Any:
+    async def read(self, command: bytes,
+                   follow: Callable[[Any], bytes | None] | None = None) -> Any:
+        """The reply to `command`; with `follow`, the first reply it does not take (it
+        takes one by returning the next command, which is sent at once)."""
         replies = self.replies
         if replies.lost is not None:
             raise replies.lost
         waiter = replies.waiter = self.loop.create_future()
+        replies.take = None if follow is None else self._taker(follow)
         self.sent_at = self.loop.time()
         self.transport.write(command)
         return await waiter
 
+    def _taker(self, follow: Callable[[Any], bytes | None]) -> Callable[[Any], bool]:
+        def take(reply: Any) -> bool:
+            command = follow(reply)
+            if command is None:
+                return False
+            self.sent_at = self.loop.time()
+            self.transport.write(command)
+            return True
+        return take
+
     def close(self) -> None:
         self.watch.cancel()
         self.transport.abort()  # nothing to flush: a read's command is written or moot
+
+
+def _taker(prefix: bytes, follow: Follow) -> Callable[[Any], bytes | None]:
+    """A reply with entries goes to `follow`; the next command if it took them."""
+    def taker(reply: Any) -> bytes | None:
+        if reply is None or isinstance(reply, Exception):
+            return None  # the read completes with it (and fails, for an error)
+        try:
+            entries = entries_of(reply)
+        except LogUnavailable:
+            return None  # likewise
+        if not entries:
+            return None
+        after = follow(entries)
+        return None if after is None else xread_command(prefix, after)
+    return taker
 
 
 class XReadLine:
@@ -169,14 +228,18 @@ class XReadLine:
         self._prefixes: dict[tuple[int, int], bytes] = {}
         self._line: _Line | None = None
 
-    async def read(self, after: str, count: int, block_ms: int) -> list[RawEntry]:
+    async def read(self, after: str, count: int, block_ms: int,
+                   follow: Follow | None = None) -> list[RawEntry]:
+        """The entries after `after`; with `follow`, the first read's entries it declines
+        (or none, when the block ran out), having handed it every batch before."""
         prefix = self._prefixes.get((count, block_ms))
         if prefix is None:
             prefix = self._prefixes[(count, block_ms)] = xread_prefix(self.stream, count,
                                                                       block_ms)
         line = self._line or await self._open()
+        taker = None if follow is None else _taker(prefix, follow)
         try:
-            return entries_of(await line.read(xread_command(prefix, after)))
+            return entries_of(await line.read(xread_command(prefix, after), taker))
         except LogUnavailable:
             self.close()  # a fresh connection (and primary) for the next read
             raise
