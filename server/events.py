@@ -222,14 +222,18 @@ def _rooms(body: dict[str, Any]) -> tuple[str, ...]:
 def decode_entry(entry_id: str, fields: RawFields) -> Event:
     """Decode, validate and encode one stream entry, or raise MalformedEntry (nothing else).
 
-    Every frame kind is encoded here, at ingestion, once: what decodes may still not
-    encode (orjson reads 1024 levels of nesting but writes 254, and a timestamp may not
-    fit in 64 bits), and an entry that fails for one transport must fail for all, before
-    any subscriber holds it. The cost, measured on this (busy, 2-core) machine for an
-    entry of ~450 bytes: 16 us per entry, against 5 us for the bare JSON decode; the WS
-    frame a live event needed anyway is ~5 us of it, so the SSE and poll frames encoded
-    whether or not anyone polls add ~7 us per event, once per process (fanning one event
-    out to 1,000 clients takes ~40 ms). Replays pay it per entry read from the log.
+    What decodes may still not encode (orjson reads 1024 levels of nesting but writes
+    254, and a JSON string may hold a lone surrogate), and an entry that fails for one
+    transport must fail for all, before any subscriber holds it. So the WebSocket frame
+    is encoded here, at ingestion, and the SSE and long-poll frames on first use: each
+    holds the same values (the poll item the same keys at the same depth, the SSE
+    message `data` alone, one level shallower), so whatever the WebSocket frame can
+    encode they can too (tests/test_ingest.py holds an entry to each limit). Encoding
+    all three here cost ~7 µs per event in every process whether or not anyone
+    listened on SSE or polled (of ~16 µs to decode an entry of ~450 bytes, warm); a
+    worker whose subscribers are all WebSocket now pays for the one frame they need.
+    `python -m bench.readcost --repeat 3 --duration 20` (one worker, no subscriber,
+    100 events/s, interleaved): 235 -> 215 µs of server CPU per event.
     """
     raw = _field(fields, b"data")
     if raw is None:
@@ -255,8 +259,6 @@ def decode_entry(entry_id: str, fields: RawFields) -> Event:
     event = Event(entry_id, name, body.get("data"), rooms, ts)
     try:
         event.ws_frame()
-        event.sse_frame()
-        event.poll_item()
     except (TypeError, ValueError, RecursionError) as exc:  # orjson.JSONEncodeError is a TypeError
         raise MalformedEntry(Malformed.UNENCODABLE, f"cannot be encoded: {exc}") from None
     return event

@@ -97,10 +97,15 @@ def _utf8(value: bytes) -> bool:
 
 
 @pytest.mark.parametrize("fields", GOOD)
-def test_decode_entry_accepts_and_has_every_frame_ready(fields: dict[bytes, bytes]) -> None:
+def test_decode_entry_accepts_and_every_frame_encodes(fields: dict[bytes, bytes]) -> None:
+    """The WebSocket frame is encoded at ingestion, the others on first use: whatever
+    passes the first must encode for every transport (253 levels, 64-bit integers)."""
     event = decode_entry("1-0", fields)
-    assert event._ws is not None and event._sse is not None and event._poll is not None
+    assert event._ws is not None
     assert json.loads(event.ws_frame())["id"] == "1-0"
+    assert json.loads(event.poll_item())["id"] == "1-0"
+    assert event.sse_frame().startswith(b"id: 1-0\nevent: ")
+    assert event.sse_plain_frame().startswith(b"id: 1-0\ndata: {")
 
 
 def test_bad_entry_ids_are_malformed_not_errors() -> None:
