@@ -32,6 +32,7 @@ from uvicorn.config import STARTUP_FAILURE
 from dualcast.config import Settings
 from dualcast.fdlimit import check_file_limit
 from dualcast.logs import logging_config
+from dualcast.upgrade import HTTP_PROTOCOL
 from dualcast.ws_protocol import WebSocketProtocol
 
 if TYPE_CHECKING:
@@ -111,6 +112,7 @@ def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
         app,
         host=settings.host, port=settings.port, workers=settings.workers,
         log_level=settings.log_level, log_config=logging_config(settings.log_level),
+        http=HTTP_PROTOCOL,  # uvicorn's httptools protocol, a plain WS upgrade parsed once
         ws=WebSocketProtocol,  # uvicorn's default, with refused handshakes answered
         ws_max_size=settings.max_frame_bytes,
         # Per-message deflate took memory per connection from 41 KB to 139 KB and CPU

@@ -19,19 +19,25 @@ idle connection.
   session run a reader only while messages wait (`dualcast.transports.ws`).
   Together with that: 24.5 -> 14.8 KB of server RSS per idle WebSocket at
   10,000 connections (`python -m bench idle`; an SSE stream: 14.5 KB).
+- A plain upgrade request that httptools parsed already is answered from its
+  pieces (`handshake_parsed`, called by `dualcast.upgrade`), not parsed again.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 from uvicorn._types import ASGIReceiveEvent
 from uvicorn.config import Config
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
-from websockets.http11 import Request
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+from websockets.protocol import Protocol
 
 
 class Inbox:
@@ -131,6 +137,18 @@ class Gate:
         return True
 
 
+@dataclass(slots=True)
+class Handshake:
+    """A plain upgrade request as httptools parsed it, checked by `dualcast.upgrade`
+    as websockets would: what the protocol needs to answer it without parsing it."""
+
+    path: str  #: the request target, query included
+    headers: list[tuple[bytes, bytes]]  #: lowercased names, values as websockets stores them
+    accept: str  #: the Sec-WebSocket-Accept of its key
+    origin: str | None
+    subprotocols: list[str]  #: those the client offered, in order
+
+
 class WebSocketProtocol(WebSocketsSansIOProtocol):
     _handshake_complete = False
 
@@ -170,6 +188,46 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         super().handle_connect(event)
         event.headers.clear()
         self.__dict__.pop("request", None)
+
+    def handshake_parsed(self, handshake: Handshake) -> None:
+        """Where `data_received` of the request would have led, for a request that was
+        parsed already (`dualcast.upgrade`): websockets' state after `parse` read the
+        request and `accept` accepted it, then uvicorn's `handle_connect` for a 101,
+        the scope built from the parsed headers as it builds it from websockets'."""
+        conn = self.conn
+        # ServerProtocol.parse reads the request, then runs its base class's frame parser.
+        conn.parser = Protocol.parse(conn)
+        next(conn.parser)
+        conn.accept_called = True
+        conn.origin = handshake.origin  # type: ignore[assignment]
+        # `accept`'s answer (no extension, no subprotocol: uvicorn offers none). uvicorn's
+        # `send` deletes the Date before sending it, so none is formatted for it here.
+        self.response = Response(101, "Switching Protocols", Headers([
+            ("Date", ""), ("Upgrade", "websocket"), ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Accept", handshake.accept),
+        ]))
+        self.handshake_initiated = True
+        raw_path, _, query_string = handshake.path.partition("?")
+        self.scope = {
+            "type": "websocket",
+            "asgi": {"version": self.asgi_version, "spec_version": "2.4"},
+            "http_version": "1.1",
+            "scheme": self.scheme,
+            "server": self.server,
+            "client": self.client,
+            "root_path": self.root_path,
+            "path": self.root_path + unquote(raw_path),
+            "raw_path": self.root_path.encode("ascii") + raw_path.encode("ascii"),
+            "query_string": query_string.encode("ascii"),
+            "headers": handshake.headers,
+            "subprotocols": handshake.subprotocols,
+            "state": self.app_state.copy(),
+            "extensions": {"websocket.http.response": {}},
+        }
+        self.queue.put_nowait({"type": "websocket.connect"})
+        task = self.loop.create_task(self.run_asgi())
+        task.add_done_callback(self.on_task_complete)
+        self.tasks.add(task)
 
     def start_keepalive(self) -> None:
         """Called by uvicorn right after the 101 went out: that answer (a `Response`

@@ -1,0 +1,180 @@
+"""A WebSocket upgrade answered from httptools' parse of it, not parsed a second time.
+
+uvicorn (0.54) hands an upgrade request to the WebSocket protocol as bytes: it
+writes the method, URL and headers httptools had just parsed back into a request,
+which websockets parses again (a generator step per line, a regex per header,
+its `Headers`), checks (`process_request`: its header-list parsers), and from
+which uvicorn then builds the ASGI scope, encoding every header back to bytes.
+About 40 % of the server's CPU per WebSocket connect was that handshake
+(py-spy, `python -m bench fleet --transports ws`). Here a plain upgrade goes
+from httptools' pieces straight to the WebSocket protocol, which starts
+websockets' frame parser as it would after parsing the request and answers with
+the same 101: server CPU per WebSocket connect 557 -> 420 us, connects/s
+1,750 -> 2,840 (`python -m bench fleet --clients 15000 --server-workers 2
+--transports ws`, medians of four interleaved runs each, 2026-11-29).
+
+"Plain" is checked here, header by header, against what websockets would make of
+the request: a valid key and version 13, one `Upgrade: websocket`, well-formed
+`Connection` and `Sec-WebSocket-Protocol` lists, at most one Origin, no body, no
+extension offer when extensions are on, every line within websockets' limits,
+every value as websockets would store it. Anything else (a request websockets
+would refuse or answer otherwise, bytes behind the request in the same segment,
+TLS, debug logging) takes uvicorn's path unchanged, so every refusal is the one
+websockets gives. uvicorn, websockets and httptools versions other than the ones
+this was written against get uvicorn's protocol (`HTTP_PROTOCOL`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import re
+from typing import Any
+
+import uvicorn
+from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
+from websockets.utils import accept_key
+from websockets.version import version as websockets_version
+
+from dualcast.ws_protocol import Handshake, WebSocketProtocol
+
+try:
+    import httptools
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # pragma: no cover - uvicorn without httptools: its own choice stands
+    httptools = None  # type: ignore[assignment]
+    HttpToolsProtocol = None  # type: ignore[assignment,misc]
+
+#: The versions whose request path this module reproduces.
+KNOWN = (uvicorn.__version__ == "0.54.0" and websockets_version.startswith("17.")
+         and httptools is not None and httptools.__version__.startswith("0."))
+
+# websockets' header grammar (RFC 9110 tokens; field values it stores after stripping
+# spaces and tabs): a value matching _STORED is valid and already stripped.
+_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
+_EDGE, _INNER = rb"[\x21-\x7e\x80-\xff]", rb"[\x09\x20-\x7e\x80-\xff]"
+_STORED = re.compile(b"(?:" + _EDGE + b"(?:" + _INNER + b"*" + _EDGE + b")?)?")
+_OWS = b" \t"
+
+#: Headers that make websockets read the request differently (a body) or that this
+#: module does not check as websockets would: their requests take uvicorn's path.
+_UNUSUAL = frozenset((b"transfer-encoding", b"content-length"))
+
+
+def _tokens(value: bytes) -> list[bytes] | None:
+    """The elements of a comma-separated token list, or None unless each is a token
+    (websockets' `parse_list` accepts every such value and also some this refuses)."""
+    items = [item.strip(_OWS) for item in value.split(b",")]
+    return items if all(_TOKEN.fullmatch(item) for item in items) else None
+
+
+def plain_handshake(method: str, url: bytes, headers: list[tuple[bytes, bytes]],
+                    extensions_on: bool) -> Handshake | None:
+    """What websockets would accept this upgrade request with, or None where it would
+    refuse it or where this module cannot vouch for the answer.
+
+    `headers` are httptools' (lowercased names, raw values) as uvicorn collected them.
+    """
+    if method != "GET" or len(headers) > MAX_NUM_HEADERS:
+        return None
+    if len(method) + len(url) + 12 > MAX_LINE_LENGTH:  # "GET <url> HTTP/1.1\r\n"
+        return None
+    try:
+        path = url.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    key = version = origin = None
+    upgrades = 0
+    connection_upgrade = False
+    subprotocols: list[str] = []
+    for name, value in headers:
+        if (len(name) + len(value) + 4 > MAX_LINE_LENGTH or not _TOKEN.fullmatch(name)
+                or not _STORED.fullmatch(value) or name in _UNUSUAL):
+            return None
+        if name == b"sec-websocket-key":
+            if key is not None:
+                return None
+            key = value
+        elif name == b"sec-websocket-version":
+            if version is not None:
+                return None
+            version = value
+        elif name == b"upgrade":
+            upgrades += 1
+            if value.lower() != b"websocket":
+                return None
+        elif name == b"connection":
+            tokens = _tokens(value)
+            if tokens is None:
+                return None
+            connection_upgrade = connection_upgrade or any(t.lower() == b"upgrade" for t in tokens)
+        elif name == b"origin":
+            if origin is not None:
+                return None
+            origin = value
+        elif name == b"sec-websocket-protocol":
+            tokens = _tokens(value)
+            if tokens is None:
+                return None
+            subprotocols += [t.decode("ascii") for t in tokens]
+        elif name == b"sec-websocket-extensions" and extensions_on:
+            return None
+    if key is None or version != b"13" or upgrades != 1 or not connection_upgrade:
+        return None
+    try:
+        if len(base64.b64decode(key, validate=True)) != 16:
+            return None
+    except binascii.Error:
+        return None
+    return Handshake(
+        path=path, headers=headers, accept=accept_key(key.decode("ascii")),
+        origin=None if origin is None else origin.decode("latin-1"),
+        subprotocols=subprotocols,
+    )
+
+
+if KNOWN and HttpToolsProtocol is not None:
+
+    class UpgradeProtocol(HttpToolsProtocol):
+        """uvicorn's httptools protocol, handing a plain WebSocket upgrade over parsed."""
+
+        def data_received(self, data: bytes) -> None:
+            # uvicorn's, but for the upgrade: its HttpParserUpgrade carries where the
+            # request ended in `data`, which uvicorn's method does not keep.
+            self._unset_keepalive_if_required()
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserError:
+                msg = "Invalid HTTP request received."
+                self.logger.warning(msg)
+                self.send_400_response(msg)
+            except httptools.HttpParserUpgrade as upgrade:
+                if not self._should_upgrade():
+                    self._unsupported_upgrade_warning()
+                elif not (upgrade.args and upgrade.args[0] == len(data)
+                          and self.upgrade_parsed()):
+                    self.handle_websocket_upgrade()
+
+        def upgrade_parsed(self) -> bool:
+            """Answer the upgrade request httptools parsed without writing it out for
+            websockets to parse again; False, having done nothing, where it is not plain."""
+            ws_class = self.ws_protocol_class
+            if (not isinstance(ws_class, type) or not issubclass(ws_class, WebSocketProtocol)
+                    or self.scheme != "http" or self.logger.isEnabledFor(logging.DEBUG)):
+                return False
+            handshake = plain_handshake(self.scope["method"], self.url, self.headers,
+                                        bool(self.config.ws_per_message_deflate))
+            if handshake is None:
+                return False
+            self.connections.discard(self)
+            protocol = ws_class(config=self.config, server_state=self.server_state,
+                                app_state=self.app_state)
+            protocol.connection_made(self.transport)
+            protocol.handshake_parsed(handshake)
+            self.transport.set_protocol(protocol)
+            return True
+
+    HTTP_PROTOCOL: Any = UpgradeProtocol
+else:  # pragma: no cover - other versions: uvicorn's own choice
+    HTTP_PROTOCOL = "auto"
