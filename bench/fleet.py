@@ -218,6 +218,8 @@ class Fleet:
             "connect_per_s": round(ok / ramp) if ramp > 0 else None,
             "connect_server_cpu_s": round(cpu1["server"] - cpu0["server"], 1),
             "connect_generator_cpu_s": round(cpu1["generator"] - cpu0["generator"], 1),
+            "connect_generator_user_s": round(sum(a.get("cpu_user", 0) for a in answers), 1),
+            "connect_generator_system_s": round(sum(a.get("cpu_system", 0) for a in answers), 1),
             "per_worker": sorted(held.values(), reverse=True),
             "max_per_worker": max(held.values(), default=0),
             "rss_before_mb": round(rss_before / 2**20), "rss_mb": round(rss / 2**20),

@@ -4,7 +4,7 @@ The runner starts several of these (`python -m bench.loadgen`) so the generator
 spreads over the cores, and talks to each over stdin/stdout, one JSON object per
 line. The first line in is the spec (too big for argv with 10,000 token paths):
 
-    worker -> {"op": "connected", "ok": n, "failed": m, "errors": [...]}
+    worker -> {"op": "connected", "ok": n, "failed": m, "errors": [...], "cpu_user": s, ...}
     runner -> {"op": "status"}                    worker -> {"op": "status", "warm": n, ...}
     runner -> {"op": "collect", "expect": K, "timeout": s}
                                                   worker -> {"op": "result", ...} (and resets)
@@ -100,13 +100,16 @@ class Worker:
         started = time.time()
         await ramp.run()
         ended = time.time()
+        cpu = os.times()
         placed = sorted(ramp.placed, key=lambda pair: pair[0])
         self.clients = [c for _, c in placed]
         self.slots = [i for i, _ in placed]
         ok = sum(1 for c in self.clients if c.ready.done() and not c.ready.exception())
         return {"op": "connected", "ok": ok, "failed": len(self.spec["paths"]) - ok,
                 "errors": ramp.errors.most_common(5), "attempts": ramp.tries,
-                "started": started, "ended": ended}
+                "started": started, "ended": ended,
+                # this process's CPU so far (start-up included), split as the kernel has it
+                "cpu_user": cpu.user, "cpu_system": cpu.system}
 
     def status(self) -> dict[str, Any]:
         alive = [c for c in self.clients if not c.closed]
