@@ -113,12 +113,13 @@ def socket_fds(pid: int) -> int:
 
 
 def server_pids(stack: Stack) -> tuple[int, list[int]]:
-    """The supervisor and its worker processes (not multiprocessing's resource tracker)."""
+    """The supervisor and its worker processes (not multiprocessing's resource tracker);
+    one process serving by itself (`--workers 1`) is its own worker."""
     assert stack.server is not None
     main = psutil.Process(stack.server.pid)
     workers = [c.pid for c in main.children()
                if "resource_tracker" not in " ".join(c.cmdline())]
-    return main.pid, workers
+    return main.pid, workers or [main.pid]
 
 
 class Fleet:
@@ -192,7 +193,7 @@ class Fleet:
     async def connect(self) -> None:
         await asyncio.to_thread(self.wait_workers)
         main_pid, workers = server_pids(self.stack)
-        base = {pid: socket_fds(pid) for pid in [main_pid, *workers]}
+        base = {pid: socket_fds(pid) for pid in {main_pid, *workers}}
         rss_before = self.stack.server_rss()
         port = self.stack.port
         cpu0 = self.cpu()
