@@ -32,8 +32,6 @@ from bench.clients import Client
 #: Linux's IP_BIND_ADDRESS_NO_PORT (Python names it from 3.12 only).
 BIND_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 _STARTED = (0, errno.EINPROGRESS)
-#: How long the ramp lets events gather between loop iterations (`Ramp.run`).
-NAP_S = 0.005
 
 
 def start_connect(source: str | None, addr: tuple[str, int]) -> socket.socket:
@@ -103,25 +101,10 @@ class Ramp:
         self.finished: asyncio.Future[None] = self.loop.create_future()
 
     async def run(self) -> None:
-        """All attempts settled; the loop meanwhile wakes every NAP_S, not on each event.
-
-        Against a server that answers a few connects at a time, each wake-up of the
-        event loop (epoll_wait, libuv's handles, the callbacks) served one or two
-        connects: with one connect in flight at a time a generator spent 82-94 us of
-        CPU per connect against a canned-answer server, 52-56 us with ten or more.
-        Napping between iterations makes each one take what arrived meanwhile
-        (a connect takes four or five iterations: at 5 ms it stays ~25 ms, well
-        within a fleet's in-flight time). Fleet at 30,000, the same server: 110 us of
-        generator CPU per connect and 4,896 connects/s against 127-157 us and
-        3,278-3,837/s for four runs without (one run with it before the deadline;
-        the server also spent 9.2 s of CPU on the ramp against 9.9-12.3 s).
-        """
         sweep = self.loop.call_later(1.0, self._sweep)
         self._launch()
         try:
-            while not self.finished.done():
-                time.sleep(NAP_S)  # not asyncio.sleep: the point is to not wake up
-                await asyncio.sleep(0)
+            await self.finished
         finally:
             sweep.cancel()
 
