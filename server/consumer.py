@@ -238,7 +238,7 @@ class Consumer:
 
         Why: at 100 events/s each worker is woken once per event to read it, which is
         what a second worker adds per event; waking the task for the reply and yielding
-        once more after the batch were a third of that. `python -m bench.readcost
+        once more after the batch were about a fifth of that. `python -m bench.readcost
         --repeat 3 --duration 20` (one worker, no subscriber, 100 events/s, interleaved
         with the tree before): 290 -> 235 µs of server CPU per event (290 / 290 / 260
         -> 235 / 245 / 235). Every other batch still goes through the task as before.
