@@ -385,3 +385,124 @@ def test_a_worker_that_dies_is_replaced(
         assert httpx.get(proc.url + "/healthz", timeout=5).status_code == 200
     assert proc.stop() in (0, -15)
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in first[1:])
+
+
+# Each worker listens on a socket of its own (SO_REUSEPORT) --------------------------------
+
+def open_stream(host: str, port: int) -> socket.socket:
+    """A raw SSE subscriber, held open until closed: it is welcomed once a worker has it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.settimeout(5)  # a connect or a welcome that hangs fails the test, never blocks it
+    try:
+        sock.connect((host, port))
+        sock.sendall(b"GET /api/sse HTTP/1.1\r\nHost: dualcast\r\n\r\n")
+        got = b""
+        while b"event: welcome" not in got:
+            chunk = sock.recv(4096)
+            assert chunk, f"closed before the welcome: {got!r}"
+            got += chunk
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def streams_held(worker: psutil.Process, port: int) -> int:
+    """Established connections a worker holds on the server's port."""
+    return sum(1 for c in worker.net_connections("tcp")
+               if c.laddr and c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED)
+
+
+def held_by(workers: list[psutil.Process], port: int, total: int) -> list[int]:
+    """Each worker's count of the `total` streams, once the workers hold them all."""
+    def counts() -> list[int]:
+        held = [streams_held(w, port) for w in workers]
+        return held if sum(held) == total else []
+
+    return wait_until(counts, timeout=10, what=f"{total} streams held")
+
+
+@pytest.mark.parametrize(("host", "dial"), [("127.0.0.1", "127.0.0.1"), ("0.0.0.0", "127.0.0.1"),
+                                            ("::1", "::1")])
+def test_each_worker_listens_on_its_own_socket_and_takes_connects(
+    host: str, dial: str, serve: Callable[..., DualcastProcess], redis_server: RedisProcess
+) -> None:
+    """The kernel hands each connect to one worker's own listening socket; the parent,
+    which bound the port first, listens on nothing (a copy of a listening socket there
+    would take connects that nobody accepts)."""
+    port = free_port()
+    proc = serve(["--host", host, "--port", str(port), "--workers", "2"],
+                 redis_url=redis_server.url, wait=False)
+    workers = wait_workers(proc, 2)
+    for worker in workers:
+        wait_until(lambda w=worker: listens_on(w, host, port), timeout=30,
+                   what=f"worker {worker.pid} listening on {host}:{port}")
+    parent = psutil.Process(proc.pid)
+    assert not any(c.status == psutil.CONN_LISTEN for c in parent.net_connections("tcp"))
+    streams = []
+    try:
+        for _ in range(40):
+            streams.append(open_stream(dial, port))
+        held = held_by(workers, port, 40)
+        assert all(count > 0 for count in held), held  # P(all 40 on one worker) = 2**-39
+    finally:
+        for stream in streams:
+            stream.close()
+
+
+def test_connects_after_a_worker_is_killed_go_to_the_others(
+    serve: Callable[..., DualcastProcess], redis_server: RedisProcess
+) -> None:
+    """kill -9 of a worker closes its listening socket with it: every connect made
+    right after is served by the survivor (none waits in a dead queue), and the
+    replacement, once it listens, takes its share again."""
+    proc = serve(["--workers", "2"], redis_url=redis_server.url)
+    victim, survivor = wait_workers(proc, 2)
+    for worker in (victim, survivor):
+        wait_until(lambda w=worker: listens_on(w, "127.0.0.1", proc.port), timeout=30,
+                   what=f"worker {worker.pid} listening")
+    victim.kill()
+    wait_until(lambda: not victim.is_running() or victim.status() == psutil.STATUS_ZOMBIE,
+               timeout=10, what="the killed worker gone")
+    with httpx.Client(timeout=5, limits=httpx.Limits(max_keepalive_connections=0)) as http:
+        for _ in range(40):  # a new connection each: the kernel picks a worker for each
+            assert http.get(proc.url + "/healthz").status_code == 200
+    replacement = wait_until(
+        lambda: [w for w in workers_of(proc) if w.pid not in (victim.pid, survivor.pid)
+                 and listens_on(w, "127.0.0.1", proc.port)],
+        timeout=30, what="a replacement worker listening")[0]
+    streams = []
+    try:
+        for _ in range(40):
+            streams.append(open_stream("127.0.0.1", proc.port))
+        held = held_by([replacement, survivor], proc.port, 40)
+        assert held[0] > 0, held
+    finally:
+        for stream in streams:
+            stream.close()
+    assert proc.stop() in (0, -15)
+
+
+def test_with_every_worker_killed_a_connect_is_served_or_refused_never_left_hanging(
+    serve: Callable[..., DualcastProcess], redis_server: RedisProcess
+) -> None:
+    """With no worker left, nothing listens (the parent's socket never does): a connect
+    is refused at once, which a client retries, until a replacement listens."""
+    proc = serve(["--workers", "2"], redis_url=redis_server.url)
+    workers = wait_workers(proc, 2)
+    for worker in workers:
+        wait_until(lambda w=worker: listens_on(w, "127.0.0.1", proc.port), timeout=30,
+                   what=f"worker {worker.pid} listening")
+    for worker in workers:
+        worker.kill()
+    for worker in workers:
+        wait_until(lambda w=worker: not w.is_running() or w.status() == psutil.STATUS_ZOMBIE,
+                   timeout=10, what="the killed workers gone")
+    try:
+        answer = httpx.get(proc.url + "/healthz", timeout=3)
+        assert answer.status_code == 200  # a replacement was already listening
+    except httpx.ConnectError:
+        pass  # refused: nobody listens, and nobody pretends to
+    wait_until(lambda: httpx.get(proc.url + "/healthz", timeout=3).status_code == 200,
+               timeout=30, what="the replacements serving")
