@@ -90,10 +90,12 @@ def worker_socket(host: str, port: int) -> socket.socket:
     socket shared by all, the workers' event loops raced for each connect: the spread
     was uneven, and a replacement worker took none of 40 new streams while the other
     was awake. Busiest/quietest of six workers over 30,000 connects: 1.15-1.35 shared
-    (19,900 vs 12,051 in a 100,000 ramp), 1.03-1.04 with a socket each. It bought no
-    CPU: 407 vs 442 us of server CPU per connect, medians of five and four interleaved
-    runs on a busy machine, the unchanged load generator's CPU per connect up as much
-    (307 vs 340 us). A worker that exits takes its socket with it, so connects then go
+    (19,900 vs 12,051 in a 100,000 ramp), 1.01-1.04 with a socket each. Its CPU
+    depends on the machine: on a busy one (other work outside the benchmark) it was
+    slower in every run (30,000 clients: 407 vs 442 us of server CPU per connect); on
+    a quiet one it won both interleaved pairs at 100,000 (326 / 284 against 400 / 290
+    us per connect, 4,602 / 5,343 against 3,756 / 5,200 connects/s, `python -m bench
+    fleet --clients 100000`). A worker that exits takes its socket with it, so connects then go
     to the others; connects still queued in its accept queue are reset by the kernel
     and the client retries (an EventSource does by itself, our clients too).
     """
