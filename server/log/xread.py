@@ -99,13 +99,14 @@ def entries_of(reply: Any) -> list[RawEntry]:
 class _Replies(asyncio.Protocol):
     """Feeds what arrives to hiredis and completes the waiting read with each reply."""
 
-    def __init__(self) -> None:
+    def __init__(self, send: Callable[[bytes], None]) -> None:
         self.reader = hiredis.Reader()
         self.waiter: asyncio.Future[Any] | None = None
         self.lost: BaseException | None = None
-        #: Given a reply first while a read waits: True when it took the reply and sent
-        #: the next command (the read goes on waiting, for that command's reply).
-        self.take: Callable[[Any], bool] | None = None
+        self.send = send
+        #: Given a reply first while a read waits: the next command when it took the
+        #: reply (sent at once; the read goes on waiting, for that command's reply).
+        self.take: Callable[[Any], bytes | None] | None = None
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
@@ -126,12 +127,14 @@ class _Replies(asyncio.Protocol):
             take = self.take
             if take is not None and not waiter.done():
                 try:
-                    if take(reply):
-                        continue
+                    command = take(reply)
                 except Exception as exc:  # the consumer's own error: its read raises it
                     self.waiter = None
                     waiter.set_exception(exc)
                     return
+                if command is not None:
+                    self.send(command)
+                    continue
             self.waiter = None
             if not waiter.done():
                 waiter.set_result(reply)
@@ -157,7 +160,7 @@ class _Line:
     def __init__(self, writer: asyncio.StreamWriter, stall_after: float) -> None:
         self.writer = writer  # kept: on Python 3.13 a collected StreamWriter closes its transport
         transport = self.transport = writer.transport
-        self.replies = _Replies()
+        self.replies = _Replies(self._send)
         self.stall_after = stall_after
         self.loop = asyncio.get_running_loop()
         self.sent_at = 0.0
@@ -182,20 +185,13 @@ class _Line:
         if replies.lost is not None:
             raise replies.lost
         waiter = replies.waiter = self.loop.create_future()
-        replies.take = None if follow is None else self._taker(follow)
-        self.sent_at = self.loop.time()
-        self.transport.write(command)
+        replies.take = follow
+        self._send(command)
         return await waiter
 
-    def _taker(self, follow: Callable[[Any], bytes | None]) -> Callable[[Any], bool]:
-        def take(reply: Any) -> bool:
-            command = follow(reply)
-            if command is None:
-                return False
-            self.sent_at = self.loop.time()
-            self.transport.write(command)
-            return True
-        return take
+    def _send(self, command: bytes) -> None:
+        self.sent_at = self.loop.time()
+        self.transport.write(command)
 
     def close(self) -> None:
         self.watch.cancel()
