@@ -103,6 +103,33 @@ def sse_sink(send: Send, frame: Callable[[Event], bytes]) -> Sink | None:
     return write
 
 
+def sse_beat(send: Send, chunk: bytes) -> Callable[[], bool] | None:
+    """A keepalive beat (`dualcast.keepalive`) for the chunked HTTP response whose ASGI
+    `send` this is, or None: it writes `chunk` (the ping, framed as a chunk) when the
+    transport takes it now, skips a round when it does not (a client that is not
+    reading needs no ping; the stall watch deals with it when something is
+    written), and returns False once the response is over.
+
+    Chunks are whole `transport.write`s, from the stream's writer or its sink, so a
+    ping written between two of them cannot split one; it waits for the response's
+    headers (the welcome) like the sink.
+    """
+    cycle = getattr(send, "__self__", None)
+    if HttpToolsCycle is None or not isinstance(cycle, HttpToolsCycle):
+        return None
+    transport, flow = cycle.transport, cycle.flow
+    framed = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+
+    def beat() -> bool:
+        if cycle.response_complete or cycle.disconnected or transport.is_closing():
+            return False
+        if cycle.response_started and cycle.chunked_encoding and not flow.write_paused:
+            transport.write(framed)
+        return True
+
+    return beat
+
+
 _joined: tuple[object, bytes] = (None, b"")
 
 

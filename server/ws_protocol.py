@@ -21,6 +21,9 @@ idle connection.
   10,000 connections (`python -m bench idle`; an SSE stream: 14.5 KB).
 - A plain upgrade request that httptools parsed already is answered from its
   pieces (`handshake_parsed`, called by `dualcast.upgrade`), not parsed again.
+- The keepalive pings come from the event loop's one ring (`dualcast.keepalive`),
+  two prebuilt bytes per ping, instead of two timers per connection armed and
+  cancelled around every ping.
 """
 
 from __future__ import annotations
@@ -36,8 +39,11 @@ from uvicorn.config import Config
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
 from websockets.datastructures import Headers
+from websockets.frames import Frame
 from websockets.http11 import Request, Response
-from websockets.protocol import Protocol
+from websockets.protocol import Protocol, State
+
+from dualcast.keepalive import Keepalive, Slot, keepalive
 
 
 class Inbox:
@@ -149,8 +155,13 @@ class Handshake:
     subprotocols: list[str]  #: those the client offered, in order
 
 
+#: A ping with no payload, as a server sends it (RFC 6455 5.2, 5.5.2).
+PING = b"\x89\x00"
+
+
 class WebSocketProtocol(WebSocketsSansIOProtocol):
     _handshake_complete = False
+    _keepalive_slot: Slot | None = None
 
     def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
                  _loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -231,9 +242,43 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
 
     def start_keepalive(self) -> None:
         """Called by uvicorn right after the 101 went out: that answer (a `Response`
-        with its `Headers`, 1 KB by tracemalloc) is kept for the connection's life."""
+        with its `Headers`, 1 KB by tracemalloc) is kept for the connection's life,
+        so it is dropped here. The pings come from the loop's one keepalive ring
+        (`dualcast.keepalive`), not from timers of this connection's own."""
         self.__dict__.pop("response", None)
-        super().start_keepalive()
+        if self.ping_interval is not None and self.ping_interval > 0:
+            self._keepalive_slot = keepalive(self.loop, self.ping_interval).add(self, self._beat)
+
+    def stop_keepalive(self) -> None:
+        Keepalive.forget(self._keepalive_slot, self)
+        self._keepalive_slot = None
+        super().stop_keepalive()
+
+    def _beat(self) -> bool:
+        """One keepalive round, as uvicorn's timers did it: end the connection when the
+        last ping went unanswered (uvicorn's `keepalive_timeout`: a 1011 close; the
+        ring's next beat comes one interval after the ping, which is how long
+        `dualcast serve` lets uvicorn wait for a pong), else send the next ping. The
+        ping's payload is empty, so the pong that answers it is empty too (RFC 6455
+        5.5.3) and uvicorn's `handle_pong`, comparing payloads, takes it; a server's
+        frame is unmasked and a control frame never compressed, so the ping is two
+        fixed bytes, written without websockets' framing (which keeps no state for
+        the frames it sends)."""
+        if (self.close_sent or self.transport.is_closing()
+                or self.conn.state is not State.OPEN):
+            return False
+        if self.pending_ping_payload is not None and self.ping_timeout is not None:
+            self.keepalive_timeout()
+            return False
+        self.pending_ping_payload = b""
+        self.transport.write(PING)
+        return True
+
+    def handle_pong(self, event: Frame) -> None:
+        """The answer to the ring's last ping (empty, as the ping was): the connection
+        is alive. uvicorn's version also times the round trip, which nothing reads."""
+        if not event.data:
+            self.pending_ping_payload = None
 
 
 def inbox_of(send: Callable[..., Any]) -> Inbox | None:

@@ -4,8 +4,9 @@ sse-starlette runs four tasks in an anyio task group per stream and wraps every
 send in a cancel scope; at 10,000 idle streams that was 20 KB of a 44 KB
 connection and, under load, 12-15 % of the server's CPU (issue 8, tracemalloc
 and py-spy). An SSE stream needs less: the request's own task writes (events,
-the ping when idle, the end), and uvicorn's own connection_lost tells the
-disconnect (a small task reading `receive` where the server is not uvicorn's).
+the end), uvicorn's own connection_lost tells the disconnect (a small task reading
+`receive` where the server is not uvicorn's), and the loop's keepalive ring sends the
+pings (the writer, after each quiet interval, where the server is not uvicorn's).
 Every event's frame is encoded once and shared by every subscriber; all events
 waiting for a client go out in a single write.
 """
@@ -21,7 +22,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from dualcast.admission import Refusal, admit
-from dualcast.direct import on_disconnect, sse_sink, start_chunked
+from dualcast.direct import on_disconnect, sse_beat, sse_sink, start_chunked
 from dualcast.events import Event
 from dualcast.feed import Feed, FeedClosed
 from dualcast.frames import (
@@ -33,6 +34,7 @@ from dualcast.frames import (
     sse_welcome,
 )
 from dualcast.hub import CloseReason
+from dualcast.keepalive import Keepalive, keepalive
 from dualcast.logs import mark_unfinished_by_stall
 from dualcast.protocol import ErrorCode, Transport
 from dualcast.query import query_of
@@ -102,9 +104,17 @@ class EventStream:
                     # itself where it can (server/direct.py), else by a task reading.
                     stop = on_disconnect(send, self._gone)
                     watcher = None if stop else asyncio.create_task(self._watch(receive))
+                    # The pings: from the loop's keepalive ring where the stream can be
+                    # written to directly, else from the writer's own timeout.
+                    beat = sse_beat(send, SSE_PING)
+                    slot = None
+                    if beat is not None:
+                        slot = keepalive(asyncio.get_running_loop(), self.ping_interval).add(
+                            self, beat)
                     try:
-                        finished = await self._write(send)
+                        finished = await self._write(send, ping=slot is None)
                     finally:
+                        Keepalive.forget(slot, self)
                         if watcher is not None:
                             watcher.cancel()
                         elif stop is not None:
@@ -135,8 +145,9 @@ class EventStream:
     async def _chunk(self, send: Send, body: bytes) -> None:
         await self._send(send, {"type": "http.response.body", "body": body, "more_body": True})
 
-    async def _write(self, send: Send) -> bool:
-        """Until the stream ends; False when the client is gone (no last write then)."""
+    async def _write(self, send: Send, ping: bool = True) -> bool:
+        """Until the stream ends; False when the client is gone (no last write then).
+        With `ping`, the writer sends `: ping` itself after each quiet interval."""
         feed, encode = self.feed, self.encode
         welcome = sse_welcome(feed.sub.rooms, feed.start_id, self.rt.settings.sse_retry_ms)
         if not start_chunked(send, HEAD, welcome):
@@ -145,11 +156,13 @@ class EventStream:
         loop = asyncio.get_running_loop()
         quiet_since = loop.time()
         while True:
-            ping_in = quiet_since + self.ping_interval - loop.time()
-            if ping_in <= 0:
-                await self._chunk(send, SSE_PING)
-                quiet_since = loop.time()
-                continue
+            ping_in = None
+            if ping:
+                ping_in = quiet_since + self.ping_interval - loop.time()
+                if ping_in <= 0:
+                    await self._chunk(send, SSE_PING)
+                    quiet_since = loop.time()
+                    continue
             try:
                 items = await feed.next(timeout=ping_in)
             except FeedClosed as closed:
