@@ -20,7 +20,8 @@ idle connection.
   Together with that: 24.5 -> 14.8 KB of server RSS per idle WebSocket at
   10,000 connections (`python -m bench idle`; an SSE stream: 14.5 KB).
 - A plain upgrade request that httptools parsed already is answered from its
-  pieces (`handshake_parsed`, called by `dualcast.upgrade`), not parsed again.
+  pieces (`handshake_parsed`, called by `dualcast.upgrade`), not parsed again, and
+  its 101 can leave in one write with the session's first frame (`accept_with`).
 - The keepalive pings come from the event loop's one ring (`dualcast.keepalive`),
   two prebuilt bytes per ping, instead of two timers per connection armed and
   cancelled around every ping.
@@ -29,6 +30,7 @@ idle connection.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +38,7 @@ from urllib.parse import unquote
 
 from uvicorn._types import ASGIReceiveEvent
 from uvicorn.config import Config
+from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
 from websockets.datastructures import Headers
@@ -43,6 +46,7 @@ from websockets.frames import Frame
 from websockets.http11 import Request, Response
 from websockets.protocol import Protocol, State
 
+from dualcast.direct import default_header_lines
 from dualcast.keepalive import Keepalive, Slot, keepalive
 
 
@@ -162,6 +166,7 @@ PING = b"\x89\x00"
 class WebSocketProtocol(WebSocketsSansIOProtocol):
     _handshake_complete = False
     _keepalive_slot: Slot | None = None
+    _accept_key: str | None = None  #: the Sec-WebSocket-Accept of a parsed request
 
     def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
                  _loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -211,12 +216,9 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         next(conn.parser)
         conn.accept_called = True
         conn.origin = handshake.origin  # type: ignore[assignment]
-        # `accept`'s answer (no extension, no subprotocol: uvicorn offers none). uvicorn's
-        # `send` deletes the Date before sending it, so none is formatted for it here.
-        self.response = Response(101, "Switching Protocols", Headers([
-            ("Date", ""), ("Upgrade", "websocket"), ("Connection", "Upgrade"),
-            ("Sec-WebSocket-Accept", handshake.accept),
-        ]))
+        # `accept`'s answer is made only if uvicorn's `send` asks for it (`response`):
+        # `accept_with` writes it from the key.
+        self._accept_key = handshake.accept
         self.handshake_initiated = True
         raw_path, _, query_string = handshake.path.partition("?")
         self.scope = {
@@ -240,12 +242,67 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         task.add_done_callback(self.on_task_complete)
         self.tasks.add(task)
 
+    @property
+    def response(self) -> Response:
+        """The 101 that uvicorn's `send` of `websocket.accept` sends. For a request
+        `handshake_parsed` took, made only when asked: `accept` would have made it (no
+        extension, no subprotocol: uvicorn offers none), and uvicorn's `send` deletes
+        its Date before sending it, so none is formatted for it here."""
+        made: Response | None = self.__dict__.get("_response")
+        if made is None and self._accept_key is not None:
+            made = self._response = Response(101, "Switching Protocols", Headers([
+                ("Date", ""), ("Upgrade", "websocket"), ("Connection", "Upgrade"),
+                ("Sec-WebSocket-Accept", self._accept_key),
+            ]))
+        assert made is not None, "no handshake to answer"
+        return made
+
+    @response.setter
+    def response(self, value: Response) -> None:
+        self._response = value
+
+    @property
+    def accepts_with(self) -> bool:
+        """True while `accept_with` can be tried: a request `handshake_parsed` took, not
+        answered yet."""
+        return self._accept_key is not None and not self.handshake_complete
+
+    def accept_with(self, frame: bytes) -> bool:
+        """Accept the upgrade `handshake_parsed` took and send `frame` (a whole frame,
+        the session's first) in the same write; False, having done nothing, where
+        that is not such a request or it cannot be accepted now (then the caller
+        sends `websocket.accept` and its frame as usual).
+
+        uvicorn's `send` of the accept builds the 101 through websockets' `Headers`
+        and `Response` (lower-casing its default headers on the way) and writes it;
+        the first frame follows in a second ASGI send and a second system call. The
+        bytes here are the same (`tests/test_ws_upgrade.py` compares them), and
+        websockets' state moves on as its `send_response` of a 101 would move it.
+        """
+        key = self._accept_key
+        if (key is None or self.handshake_complete or self.initial_response is not None
+                or self.disconnected or not self.writable.is_set()
+                or self.transport.is_closing() or self.conn.state is not State.CONNECTING):
+            return False
+        if self.logger.isEnabledFor(logging.INFO):
+            self.logger.info('%s - "WebSocket %s" [accepted]', get_client_addr(self.scope),
+                             get_path_with_query_string(self.scope))
+        self.transport.write(b"".join((
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: ", key.encode(), b"\r\n",
+            default_header_lines(self.default_headers), b"\r\n", frame)))
+        self.handshake_complete = True
+        self.conn.state = State.OPEN
+        self.start_keepalive()
+        return True
+
     def start_keepalive(self) -> None:
-        """Called by uvicorn right after the 101 went out: that answer (a `Response`
-        with its `Headers`, 1 KB by tracemalloc) is kept for the connection's life,
-        so it is dropped here. The pings come from the loop's one keepalive ring
+        """Called right after the 101 went out: that answer (a `Response` with its
+        `Headers`, 1 KB by tracemalloc) is kept for the connection's life, so it is
+        dropped here. The pings come from the loop's one keepalive ring
         (`dualcast.keepalive`), not from timers of this connection's own."""
-        self.__dict__.pop("response", None)
+        self.__dict__.pop("_response", None)
+        self.__dict__.pop("_accept_key", None)  # back to the class's None, no entry kept
         if self.ping_interval is not None and self.ping_interval > 0:
             self._keepalive_slot = keepalive(self.loop, self.ping_interval).add(self, self._beat)
 

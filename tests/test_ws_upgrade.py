@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import uvicorn
 
+from dualcast.direct import text_frame_header
 from dualcast.upgrade import HTTP_PROTOCOL, KNOWN, plain_handshake
 from dualcast.ws_protocol import Handshake, WebSocketProtocol
 from tests.harness.wire import mask_frame
@@ -37,6 +38,7 @@ class Counted(WebSocketProtocol):
     """Counts the handshakes that took the parsed path."""
 
     parsed = 0
+    accepted_with = 0
 
     def handshake_parsed(self, handshake: Handshake) -> None:
         type(self).parsed += 1
@@ -55,13 +57,21 @@ async def app(scope: Any, receive: Any, send: Any) -> None:
     if scope["query_string"] == b"close":  # closing before accepting: uvicorn's 403
         await send({"type": "websocket.close", "code": 1008})
         return
-    offered = scope["subprotocols"]
-    await send({"type": "websocket.accept", "subprotocol": offered[0] if offered else None})
     shown = {k: scope[k] for k in ("path", "root_path", "scheme", "http_version",
                                    "subprotocols")}
     shown.update({k: scope[k].decode("latin-1") for k in ("raw_path", "query_string")})
     shown["headers"] = [[n.decode("latin-1"), v.decode("latin-1")] for n, v in scope["headers"]]
-    await send({"type": "websocket.send", "text": json.dumps(shown)})
+    text = json.dumps(shown)
+    protocol = getattr(send, "__self__", None)
+    if scope["query_string"] == b"with" and getattr(protocol, "accepts_with", False):
+        # dualcast's accept: the 101 and the first frame in one write
+        payload = text.encode()
+        assert protocol.accept_with(text_frame_header(len(payload)) + payload)
+        Counted.accepted_with += 1
+    else:
+        offered = scope["subprotocols"]
+        await send({"type": "websocket.accept", "subprotocol": offered[0] if offered else None})
+        await send({"type": "websocket.send", "text": text})
     await send({"type": "websocket.close", "code": 1000})
     while (await receive())["type"] != "websocket.disconnect":
         pass
@@ -134,6 +144,7 @@ TAKEN = {
     "latin-1 value": request(lines="X-Name: caf\xe9\r\n"),
     "origin refused": request(lines="Origin: http://refused.example\r\n"),
     "closed before accepting": request("/ws?close"),
+    "accepted with its first frame": request("/ws?with"),
 }
 #: Requests the parsed path hands back to uvicorn's.
 HANDED_BACK = {
@@ -159,8 +170,10 @@ async def test_the_answer_is_uvicorns_byte_for_byte(ports: tuple[int, int], name
     before = Counted.parsed
     old = await answer(old_port, raw)
     assert Counted.parsed == before  # uvicorn's own protocol never parses for it
+    accepted_with = Counted.accepted_with
     new = await answer(new_port, raw)
     assert Counted.parsed == before + (name in TAKEN)
+    assert Counted.accepted_with == accepted_with + (name == "accepted with its first frame")
     assert new == old
 
 
