@@ -9,13 +9,20 @@ answering is closed with 1011, and an SSE stream gets `: ping` while events flow
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
+import struct
 from collections.abc import Callable
 
 import httpx
 import pytest
+import uvicorn
 
+from dualcast.app import create_app
+from dualcast.config import Settings
 from dualcast.keepalive import Keepalive, keepalive
-from tests.conftest import token
+from dualcast.serve import uvicorn_config
+from tests.conftest import SECRET, token
 from tests.harness.procs import DualcastProcess
 from tests.harness.waits import wait_for
 from tests.harness.wire import mask_frame, upgrade_request
@@ -149,3 +156,44 @@ async def test_an_sse_stream_gets_its_ping_while_events_flow(pinging: DualcastPr
                 await wait_for(lambda: seen.count("event: tick") == n, 10, "every event")
             finally:
                 reading.cancel()
+
+
+async def test_connections_that_end_leave_the_ring(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every WebSocket and SSE stream is in its loop's ring while it lasts, and none is
+    left in it once the clients have gone (closed or reset), long before any ping."""
+    interval = 3599.5  # a ring of its own: no ping falls inside the test
+    settings = Settings(secret=SECRET, ping_interval=interval)
+    config = uvicorn_config(settings, create_app(settings))
+    config.host, config.port = "127.0.0.1", 0
+    monkeypatch.setattr(logging.getLogger("uvicorn.access"), "hasHandlers", lambda: False)
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    ring = keepalive(asyncio.get_running_loop(), interval)
+    clients: list[asyncio.StreamWriter] = []
+    try:
+        await wait_for(lambda: server.started, 10, "the server")
+        port = server.servers[0].sockets[0].getsockname()[1]
+        for n in range(20):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            clients.append(writer)
+            if n % 2:
+                writer.write(upgrade_request("/api/ws", "127.0.0.1", port))
+                assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                        ).startswith(b"HTTP/1.1 101")
+                assert (await asyncio.wait_for(_read_frame(reader), 10))[0] == 0x1  # welcome
+            else:
+                writer.write(b"GET /api/sse HTTP/1.1\r\nHost: dualcast\r\n\r\n")
+                await asyncio.wait_for(reader.readuntil(b"event: welcome"), 10)
+        await wait_for(lambda: len(ring) == 20, 10, "every connection in the ring")
+        for n, writer in enumerate(clients):
+            if n % 4 == 0:  # a reset rather than a close
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.close()
+        await wait_for(lambda: len(ring) == 0, 10, "an empty ring")
+        await wait_for(lambda: not ring.armed, 10, "the ring's timer stopped at its next tick")
+    finally:
+        for writer in clients:
+            writer.close()
+        server.should_exit = True
+        await asyncio.wait_for(serving, 15)
