@@ -24,7 +24,7 @@ from dualcast.keepalive import Keepalive, keepalive
 from dualcast.serve import uvicorn_config
 from tests.conftest import SECRET, token
 from tests.harness.procs import DualcastProcess
-from tests.harness.waits import wait_for
+from tests.harness.waits import lines_of, wait_for
 from tests.harness.wire import mask_frame, upgrade_request
 
 pytestmark = pytest.mark.timeout(60)
@@ -135,27 +135,17 @@ async def test_a_websocket_that_answers_pings_stays_and_one_that_stops_is_closed
 async def test_an_sse_stream_gets_its_ping_while_events_flow(pinging: DualcastProcess) -> None:
     headers = {"Authorization": "Bearer " + token("p", publish=True)}
     async with httpx.AsyncClient(base_url=pinging.url, timeout=10) as http:
-        async with http.stream("GET", "/api/sse") as response:
-            seen: list[str] = []
-
-            async def read() -> None:
-                async for line in response.aiter_lines():
-                    seen.append(line)
-
-            reading = asyncio.create_task(read())
-            try:
-                await wait_for(lambda: "event: welcome" in seen, 10, "the welcome")
-                n = 0
-                while seen.count(": ping") < 3:  # an event every 0.1 s, pings between them
-                    assert (await http.post("/api/publish", headers=headers,
-                                            json={"event": "tick", "data": {"n": n}})
-                            ).status_code == 202
-                    n += 1
-                    assert n < 500, "fewer than three pings in 500 events"
-                    await asyncio.sleep(0.1)
-                await wait_for(lambda: seen.count("event: tick") == n, 10, "every event")
-            finally:
-                reading.cancel()
+        async with http.stream("GET", "/api/sse") as response, lines_of(response) as seen:
+            await wait_for(lambda: "event: welcome" in seen, 10, "the welcome")
+            n = 0
+            while seen.count(": ping") < 3:  # an event every 0.1 s, pings between them
+                assert (await http.post("/api/publish", headers=headers,
+                                        json={"event": "tick", "data": {"n": n}})
+                        ).status_code == 202
+                n += 1
+                assert n < 500, "fewer than three pings in 500 events"
+                await asyncio.sleep(0.1)
+            await wait_for(lambda: seen.count("event: tick") == n, 10, "every event")
 
 
 async def test_connections_that_end_leave_the_ring(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -25,7 +25,7 @@ from dualcast.app import create_app
 from dualcast.config import Settings
 from dualcast.runtime import Runtime
 from tests.conftest import SECRET, token
-from tests.harness.waits import wait_for
+from tests.harness.waits import lines_of, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -55,25 +55,15 @@ async def test_sse_streams_pings_and_is_freed_when_its_client_goes(
         stock: tuple[str, Runtime]) -> None:
     where, rt = stock
     async with httpx.AsyncClient(base_url=f"http://{where}", timeout=10) as http:
-        async with http.stream("GET", "/api/sse") as response:
+        async with http.stream("GET", "/api/sse") as response, lines_of(response) as seen:
             assert response.status_code == 200
-            seen: list[str] = []
-
-            async def read() -> None:
-                async for line in response.aiter_lines():
-                    seen.append(line)
-
-            reading = asyncio.create_task(read())
-            try:
-                await wait_for(lambda: "event: welcome" in seen, 10, "the welcome")
-                assert rt.hub.count("sse") == 1
-                answer = await http.post("/api/publish", headers=PUBLISH,
-                                         json={"event": "tick", "data": {"n": 1}})
-                assert answer.status_code == 202
-                await wait_for(lambda: "event: tick" in seen, 10, "the event")
-                await wait_for(lambda: seen.count(": ping") >= 2, 10, "the writer's pings")
-            finally:
-                reading.cancel()
+            await wait_for(lambda: "event: welcome" in seen, 10, "the welcome")
+            assert rt.hub.count("sse") == 1
+            answer = await http.post("/api/publish", headers=PUBLISH,
+                                     json={"event": "tick", "data": {"n": 1}})
+            assert answer.status_code == 202
+            await wait_for(lambda: "event: tick" in seen, 10, "the event")
+            await wait_for(lambda: seen.count(": ping") >= 2, 10, "the writer's pings")
         await wait_for(lambda: rt.hub.count("sse") == 0, 10, "the stream freed")
 
 

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import inspect
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -73,3 +73,20 @@ async def cancel(task: asyncio.Task[Any] | None) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await task
+
+
+@contextlib.asynccontextmanager
+async def lines_of(response: Any) -> AsyncIterator[list[str]]:
+    """The lines of a streaming httpx response, appended to the list yielded as they
+    arrive (a task reads them meanwhile, cancelled on the way out)."""
+    seen: list[str] = []
+
+    async def read() -> None:
+        async for line in response.aiter_lines():
+            seen.append(line)
+
+    reading = asyncio.create_task(read())
+    try:
+        yield seen
+    finally:
+        await cancel(reading)
