@@ -81,6 +81,11 @@ _MEDIUM = struct.Struct("!BBH")
 _LONG = struct.Struct("!BBQ")
 
 
+def chunked(body: bytes) -> bytes:
+    """`body` as one chunk of a chunked HTTP/1.1 response body."""
+    return b"%x\r\n%s\r\n" % (len(body), body)
+
+
 def sse_sink(send: Send, frame: Callable[[Event], bytes]) -> Sink | None:
     """A sink for the chunked HTTP response whose ASGI `send` this is, or None; it
     writes nothing before the response's headers went out."""
@@ -95,7 +100,7 @@ def sse_sink(send: Send, frame: Callable[[Event], bytes]) -> Sink | None:
             return False
         body = frame(event)
         try:
-            transport.write(b"%x\r\n%s\r\n" % (len(body), body))
+            transport.write(chunked(body))
         except Exception:  # never into the fan-out loop: the writer task will see it
             return False
         return True
@@ -118,7 +123,7 @@ def sse_beat(send: Send, chunk: bytes) -> Callable[[], bool] | None:
     if HttpToolsCycle is None or not isinstance(cycle, HttpToolsCycle):
         return None
     transport, flow = cycle.transport, cycle.flow
-    framed = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+    framed = chunked(chunk)
 
     def beat() -> bool:
         if cycle.response_complete or cycle.disconnected or transport.is_closing():

@@ -261,12 +261,6 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
     def response(self, value: Response) -> None:
         self._response = value
 
-    @property
-    def accepts_with(self) -> bool:
-        """True while `accept_with` can be tried: a request `handshake_parsed` took, not
-        answered yet."""
-        return self._accept_key is not None and not self.handshake_complete
-
     def accept_with(self, frame: bytes) -> bool:
         """Accept the upgrade `handshake_parsed` took and send `frame` (a whole frame,
         the session's first) in the same write; False, having done nothing, where
@@ -315,12 +309,11 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         """One keepalive round, as uvicorn's timers did it: end the connection when the
         last ping went unanswered (uvicorn's `keepalive_timeout`: a 1011 close; the
         ring's next beat comes one interval after the ping, which is how long
-        `dualcast serve` lets uvicorn wait for a pong), else send the next ping. The
-        ping's payload is empty, so the pong that answers it is empty too (RFC 6455
-        5.5.3) and uvicorn's `handle_pong`, comparing payloads, takes it; a server's
-        frame is unmasked and a control frame never compressed, so the ping is two
-        fixed bytes, written without websockets' framing (which keeps no state for
-        the frames it sends)."""
+        `dualcast serve` lets uvicorn wait for a pong), else send the next ping. A
+        server's frame is unmasked and a control frame never compressed, so a ping
+        with no payload is two fixed bytes, written without websockets' framing (which
+        keeps no state for the frames it sends). The pong that answers it is empty too
+        (RFC 6455 5.5.3): `handle_pong` takes it."""
         if (self.close_sent or self.transport.is_closing()
                 or self.conn.state is not State.OPEN):
             return False

@@ -63,10 +63,10 @@ async def app(scope: Any, receive: Any, send: Any) -> None:
     shown["headers"] = [[n.decode("latin-1"), v.decode("latin-1")] for n, v in scope["headers"]]
     text = json.dumps(shown)
     protocol = getattr(send, "__self__", None)
-    if scope["query_string"] == b"with" and getattr(protocol, "accepts_with", False):
-        # dualcast's accept: the 101 and the first frame in one write
-        payload = text.encode()
-        assert protocol.accept_with(text_frame_header(len(payload)) + payload)
+    payload = text.encode()
+    if (scope["query_string"] == b"with" and isinstance(protocol, WebSocketProtocol)
+            and protocol.accept_with(text_frame_header(len(payload)) + payload)):
+        # dualcast's accept: the 101 and the first frame in one write (the parsed path's)
         Counted.accepted_with += 1
     else:
         offered = scope["subprotocols"]
