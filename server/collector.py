@@ -10,8 +10,8 @@ the old generation by a quarter), and about ten growing passes back to back,
 After a full pass every object left is reachable, so we freeze them all
 (`gc.freeze`): later passes skip them. Freezing does not keep anything alive: a
 frozen object is still freed by reference counting when its last reference
-goes, and a closed connection leaves no reference cycle behind (measured for
-clean and aborted closes). What it could keep is a frozen object that later
+goes, and a closed connection leaves no reference cycle behind (clean and
+aborted closes, every transport: tests/test_no_cycles.py). What it could keep is a frozen object that later
 ends up in a garbage cycle; so every `refresh` seconds the frozen objects are
 thawed and the next full pass scans everything once, collecting any such cycle.
 """

@@ -246,7 +246,14 @@ class _GoneEvent(asyncio.Event):
             self.gone()
 
     def forget(self) -> None:
+        """Let go of the cycle and of `gone`: uvicorn's cycle keeps this event, and
+        `gone` keeps the stream, which keeps the cycle again (its sink writes there)."""
         self.cycle = None
+        self.gone = _nothing
+
+
+def _nothing() -> None:
+    pass
 
 
 def on_disconnect(send: Send, gone: Callable[[], None]) -> Callable[[], None] | None:
