@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from dualcast import auth
 from dualcast.auth import Authenticator, AuthError, mint_token
-from dualcast.collector import FreezeAfterFullCollections
+from dualcast.collector import THRESHOLDS, FreezeAfterFullCollections
 from dualcast.config import Settings
 from dualcast.events import Event
 from dualcast.hub import Hub, Subscriber
@@ -228,8 +228,10 @@ def test_full_collections_freeze_what_they_keep_and_thaw_on_schedule() -> None:
     """Survivors of a full pass are frozen (later passes skip them), frozen objects are
     still freed by reference counting, and a due refresh thaws them for one full scan."""
     collector = FreezeAfterFullCollections(refresh=3600)
+    before = gc.get_threshold()
     collector.install()
     try:
+        assert gc.get_threshold() == THRESHOLDS  # full passes often, while they are small
         baseline = gc.get_freeze_count()
         kept = [[n] for n in range(20_000)]  # a connection's worth of lists, times many
         gc.collect()
@@ -245,6 +247,7 @@ def test_full_collections_freeze_what_they_keep_and_thaw_on_schedule() -> None:
         collector.uninstall()
     assert gc.get_freeze_count() == 0
     assert collector._on_collection not in gc.callbacks
+    assert gc.get_threshold() == before
 
 
 @pytest.mark.timeout(120)
