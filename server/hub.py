@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from dualcast.events import ZERO, Event, StreamId, format_id
 from dualcast.frames import Item, Reset
+from dualcast.loops import running_loop
 
 
 class CloseReason(enum.Enum):
@@ -67,7 +68,7 @@ class Doorbell:
     async def wait(self, timeout: float | None = None) -> None:
         loop = self._loop
         if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
+            loop = self._loop = running_loop()
         waiter = self._waiter = loop.create_future()
         if timeout is not None:
             deadline = loop.time() + max(timeout, 0.0)

@@ -16,6 +16,8 @@ import logging
 import time
 from types import TracebackType
 
+from dualcast.loops import running_loop
+
 log = logging.getLogger("dualcast.stalls")
 
 
@@ -77,7 +79,7 @@ class StallWatch:
 
     def writer(self) -> Watching:
         """`with watch.writer() as writer:` watches the current task's sends in the block."""
-        return Watching(self.writers, Writer(asyncio.current_task()))
+        return Watching(self.writers, Writer(asyncio.current_task(running_loop())))
 
     def sweep(self, now: float) -> int:
         """Cancel every writer whose send began more than `limit` seconds before `now`."""

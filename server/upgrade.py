@@ -26,6 +26,7 @@ this was written against get uvicorn's protocol (`HTTP_PROTOCOL`).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
@@ -33,11 +34,17 @@ import re
 from typing import Any
 
 import uvicorn
+from uvicorn.config import Config
+from uvicorn.logging import TRACE_LOG_LEVEL
+from uvicorn.protocols.http.flow_control import FlowControl
+from uvicorn.protocols.utils import is_ssl
+from uvicorn.server import ServerState
 from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
 from websockets.utils import accept_key
 from websockets.version import version as websockets_version
 
-from dualcast.ws_protocol import Handshake, WebSocketProtocol
+from dualcast.loops import running_loop
+from dualcast.ws_protocol import Handshake, WebSocketProtocol, addresses
 
 try:
     import httptools
@@ -139,6 +146,23 @@ if KNOWN and HttpToolsProtocol is not None:
     class UpgradeProtocol(HttpToolsProtocol):
         """uvicorn's httptools protocol, handing a plain WebSocket upgrade over parsed."""
 
+        def __init__(self, config: Config, server_state: ServerState,
+                     app_state: dict[str, Any], _loop: asyncio.AbstractEventLoop | None = None
+                     ) -> None:
+            # uvicorn looks the loop up itself when not given one (`dualcast.loops`)
+            super().__init__(config, server_state, app_state, _loop or running_loop())
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            """uvicorn's, with the addresses the transport already holds (`addresses`)."""
+            self.connections.add(self)
+            self.transport = transport
+            self.flow = FlowControl(transport)
+            self.server, self.client = addresses(transport)
+            self.scheme = "https" if is_ssl(transport) else "http"
+            if self.logger.level <= TRACE_LOG_LEVEL:
+                prefix = f"{self.client[0]}:{self.client[1]} - " if self.client else ""
+                self.logger.log(TRACE_LOG_LEVEL, "%sHTTP connection made", prefix)
+
         def data_received(self, data: bytes) -> None:
             # uvicorn's, but for the upgrade: its HttpParserUpgrade carries where the
             # request ended in `data`, which uvicorn's method does not keep.
@@ -169,7 +193,7 @@ if KNOWN and HttpToolsProtocol is not None:
                 return False
             self.connections.discard(self)
             protocol = ws_class(config=self.config, server_state=self.server_state,
-                                app_state=self.app_state)
+                                app_state=self.app_state, _loop=self.loop)
             protocol.connection_made(self.transport)
             protocol.handshake_parsed(handshake)
             self.transport.set_protocol(protocol)

@@ -33,12 +33,13 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote
 
 from uvicorn._types import ASGIReceiveEvent
 from uvicorn.config import Config
-from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
+from uvicorn.logging import TRACE_LOG_LEVEL
+from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string, is_ssl
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
 from websockets.datastructures import Headers
@@ -48,6 +49,7 @@ from websockets.protocol import Protocol, State
 
 from dualcast.direct import default_header_lines
 from dualcast.keepalive import Keepalive, Slot, keepalive
+from dualcast.loops import running_loop
 
 
 class Inbox:
@@ -98,7 +100,7 @@ class Inbox:
             # One reader per connection (the ASGI contract); a second would wait forever.
             if self._waiter is not None:
                 raise RuntimeError("WebSocket receive() called while another is waiting")
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = running_loop().create_future()
             try:
                 await self._waiter
             finally:
@@ -135,7 +137,7 @@ class Gate:
     async def wait(self) -> bool:
         if self._open:
             return True
-        waiter = asyncio.get_running_loop().create_future()
+        waiter = running_loop().create_future()
         if self._waiters is None:
             self._waiters = []
         self._waiters.append(waiter)
@@ -159,6 +161,34 @@ class Handshake:
     subprotocols: list[str]  #: those the client offered, in order
 
 
+Address = tuple[str, int]
+
+
+def addresses(transport: asyncio.BaseTransport) -> tuple[Address | None, Address | None]:
+    """The (server, client) addresses uvicorn's protocols put in the ASGI scope, with
+    the values uvicorn's `get_local_addr` and `get_remote_addr` give for a TCP socket.
+
+    uvicorn asks the transport for its "socket" and calls getsockname() and
+    getpeername() on it: for uvloop's transport that makes a stand-in socket object
+    and, per call, a real socket object around the descriptor (a getsockname() of
+    its own to learn the family) and a system call, three system calls per connect
+    and three again for a WebSocket's second protocol. Both uvloop's and asyncio's
+    transports already hold the two addresses, read once when the connection was
+    made: 5-6 % of a worker's samples in getsockname/getpeername while 15,000
+    connections each came in (py-spy --native, `python -m bench fleet --clients
+    30000 --server-workers 2`, 2026-11-30). A UNIX socket's path goes in as
+    uvicorn puts it, (path, None); anything else as None, as uvicorn does.
+    """
+    local, peer = transport.get_extra_info("sockname"), transport.get_extra_info("peername")
+    server: Any = None
+    if isinstance(local, tuple):
+        server = (str(local[0]), int(local[1]))
+    elif isinstance(local, str):
+        server = (local, None)
+    client = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else None
+    return server, client
+
+
 #: A ping with no payload, as a server sends it (RFC 6455 5.2, 5.5.2).
 PING = b"\x89\x00"
 
@@ -175,6 +205,16 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         # uvicorn's code only calls the methods these provide.
         self.queue = Inbox()  # type: ignore[assignment]
         self.writable = Gate()  # type: ignore[assignment]
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """uvicorn's, with the addresses the transport already holds (`addresses`)."""
+        self.connections.add(self)
+        self.transport = cast(asyncio.Transport, transport)
+        self.server, self.client = addresses(transport)
+        self.scheme = "wss" if is_ssl(self.transport) else "ws"
+        if self.logger.level <= TRACE_LOG_LEVEL:
+            prefix = f"{self.client[0]}:{self.client[1]} - " if self.client else ""
+            self.logger.log(TRACE_LOG_LEVEL, "%sWebSocket connection made", prefix)
 
     @property
     def handshake_complete(self) -> bool:

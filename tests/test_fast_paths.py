@@ -13,6 +13,7 @@ import gc
 import socket
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import parse_qsl
 
 import httpx
@@ -29,6 +30,7 @@ from dualcast.config import Settings
 from dualcast.events import Event
 from dualcast.hub import Hub, Subscriber
 from dualcast.log import LogInfo
+from dualcast.loops import running_loop
 from dualcast.query import parse_query
 from dualcast.runtime import Runtime
 from dualcast.stalls import Stalled, StallWatch
@@ -315,3 +317,19 @@ async def test_an_sse_client_dropped_for_not_reading_is_not_logged_as_an_error(
     problems = [line for line in server.log().splitlines()
                 if "ERROR" in line or "without completing" in line or "Traceback" in line]
     assert problems == []
+
+
+def test_the_running_loop_is_found_again_when_it_changes() -> None:
+    """`running_loop` keeps the loop it found, and is right across loops and threads."""
+    with pytest.raises(RuntimeError):
+        running_loop()
+
+    async def found() -> bool:
+        return running_loop() is asyncio.get_running_loop() is running_loop()
+
+    assert asyncio.run(found())
+    assert asyncio.run(found())  # a new loop in the same thread, the old one closed
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(asyncio.run, found()).result(timeout=10)
+    with pytest.raises(RuntimeError):
+        running_loop()  # the last loop found here is not running any more

@@ -46,6 +46,11 @@ class Counted(WebSocketProtocol):
 
 
 async def app(scope: Any, receive: Any, send: Any) -> None:
+    if scope["type"] == "http":  # the addresses uvicorn's protocol put in the scope
+        body = json.dumps({"server": scope["server"], "client": scope["client"]}).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+        return
     assert scope["type"] == "websocket"
     await receive()  # websocket.connect
     headers = dict(scope["headers"])
@@ -60,6 +65,8 @@ async def app(scope: Any, receive: Any, send: Any) -> None:
     shown = {k: scope[k] for k in ("path", "root_path", "scheme", "http_version",
                                    "subprotocols")}
     shown.update({k: scope[k].decode("latin-1") for k in ("raw_path", "query_string")})
+    if scope["query_string"] == b"addresses":  # they differ between the two servers
+        shown.update(server=scope["server"], client=scope["client"])
     shown["headers"] = [[n.decode("latin-1"), v.decode("latin-1")] for n, v in scope["headers"]]
     text = json.dumps(shown)
     protocol = getattr(send, "__self__", None)
@@ -189,6 +196,26 @@ async def test_a_taken_upgrade_is_answered_as_a_websocket(ports: tuple[int, int]
     assert scope["path"] == "/ws/a b"
     assert scope["raw_path"] == "/ws/a%20b"
     assert scope["query_string"] == "token=x.y.z&room=r%2F1"
+
+
+async def test_the_scope_has_the_connections_addresses(ports: tuple[int, int]) -> None:
+    """Server and client addresses come from the transport (`dualcast.ws_protocol.
+    addresses`), not from a socket object per look, and say what uvicorn's say."""
+    for port in ports:
+        for request in (b"GET /a HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+                        (f"GET /ws?addresses HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n"
+                         f"Connection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\n"
+                         "Sec-WebSocket-Version: 13\r\n\r\n").encode()):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                mine = writer.get_extra_info("sockname")
+                writer.write(request)
+                got = await asyncio.wait_for(reader.readuntil(b"}"), 10)
+            finally:
+                writer.close()
+            shown = json.loads(got[got.index(b"{"):])
+            assert shown["server"] == ["127.0.0.1", port]
+            assert shown["client"] == [mine[0], mine[1]]
 
 
 def test_only_what_websockets_accepts_is_taken() -> None:

@@ -36,6 +36,7 @@ from dualcast.frames import (
 from dualcast.hub import CloseReason
 from dualcast.keepalive import Keepalive, keepalive
 from dualcast.logs import mark_unfinished_by_stall
+from dualcast.loops import running_loop
 from dualcast.protocol import ErrorCode, Transport
 from dualcast.query import query_of
 from dualcast.quotas import Lease
@@ -109,7 +110,7 @@ class EventStream:
                     beat = sse_beat(send, SSE_PING)
                     slot = None
                     if beat is not None:
-                        slot = keepalive(asyncio.get_running_loop(), self.ping_interval).add(
+                        slot = keepalive(running_loop(), self.ping_interval).add(
                             self, beat)
                     try:
                         finished = await self._write(send, ping=slot is None)
@@ -153,7 +154,7 @@ class EventStream:
         if not start_chunked(send, HEAD, welcome):
             await self._send(send, START)
             await self._chunk(send, welcome)
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         quiet_since = loop.time()
         while True:
             ping_in = None
