@@ -291,9 +291,11 @@ async def test_demo_against_redis_writes_the_wire_format(redis_server: RedisProc
 
 
 @pytest.mark.timeout(60)
-def test_dualcast_demo_ends_its_sessions_on_sigterm(redis_server: RedisProcess,
-                                                    tmp_path: Any) -> None:
-    """`docker stop` and systemd send SIGTERM: the demo ends its open sessions then too."""
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_dualcast_demo_ends_its_sessions_on_sigterm_and_ctrl_c(
+        redis_server: RedisProcess, tmp_path: Any, signum: str) -> None:
+    """`docker stop` and systemd send SIGTERM, a person Ctrl-C: either way the demo ends
+    its open sessions and exits."""
     import json
     import signal
     import subprocess
@@ -318,7 +320,7 @@ def test_dualcast_demo_ends_its_sessions_on_sigterm(redis_server: RedisProcess,
         try:
             wait_until(lambda: any(e["event"] == "session_created" for e in events()), 20,
                        what="a session")
-            demo.send_signal(signal.SIGTERM)
+            demo.send_signal(getattr(signal, signum))
             assert demo.wait(timeout=15) == 0
         finally:
             if demo.poll() is None:
