@@ -161,10 +161,8 @@ class Handshake:
     subprotocols: list[str]  #: those the client offered, in order
 
 
-Address = tuple[str, int]
-
-
-def addresses(transport: asyncio.BaseTransport) -> tuple[Address | None, Address | None]:
+def addresses(transport: asyncio.BaseTransport
+              ) -> tuple[tuple[str, int | None] | None, tuple[str, int] | None]:
     """The (server, client) addresses uvicorn's protocols put in the ASGI scope, with
     the values uvicorn's `get_local_addr` and `get_remote_addr` give for a TCP socket.
 
@@ -180,7 +178,7 @@ def addresses(transport: asyncio.BaseTransport) -> tuple[Address | None, Address
     uvicorn puts it, (path, None); anything else as None, as uvicorn does.
     """
     local, peer = transport.get_extra_info("sockname"), transport.get_extra_info("peername")
-    server: Any = None
+    server: tuple[str, int | None] | None = None
     if isinstance(local, tuple):
         server = (str(local[0]), int(local[1]))
     elif isinstance(local, str):
@@ -200,7 +198,8 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
 
     def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
                  _loop: asyncio.AbstractEventLoop | None = None) -> None:
-        super().__init__(config, server_state, app_state, _loop)
+        # uvicorn's own upgrade path gives no loop, and uvicorn would look it up (`dualcast.loops`)
+        super().__init__(config, server_state, app_state, _loop or running_loop())
         # Duck-typed stand-ins for the asyncio objects uvicorn made (see their docstrings);
         # uvicorn's code only calls the methods these provide.
         self.queue = Inbox()  # type: ignore[assignment]
