@@ -21,7 +21,7 @@ import asyncio
 import struct
 from collections.abc import Callable
 
-from starlette.types import Send
+from starlette.types import Receive, Send
 from websockets.protocol import State
 
 try:
@@ -256,10 +256,11 @@ def _nothing() -> None:
     pass
 
 
-def on_disconnect(send: Send, gone: Callable[[], None]) -> Callable[[], None] | None:
+def on_disconnect(channel: Send | Receive, gone: Callable[[], None]) -> Callable[[], None] | None:
     """Call `gone` once, from uvicorn's `connection_lost`, when the client of the
-    httptools request cycle behind `send` goes away; the undo, or None where that is not
-    uvicorn's cycle (then the caller waits on ASGI `receive` for `http.disconnect`).
+    httptools request cycle behind `channel` (its ASGI `send` or `receive`) goes away;
+    the undo, or None where that is not uvicorn's cycle (then the caller waits on ASGI
+    `receive` for `http.disconnect`).
 
     The usual watch is a task per stream reading `receive` until the disconnect: a
     Task, its coroutine and an awaited future per SSE connect, each woken once more
@@ -271,7 +272,7 @@ def on_disconnect(send: Send, gone: Callable[[], None]) -> Callable[[], None] | 
     each, 2026-11-29): 213 -> 197 us of server CPU per connect (medians), 14.7 ->
     13.6 KB of server RSS per stream.
     """
-    cycle = getattr(send, "__self__", None)
+    cycle = getattr(channel, "__self__", None)
     if HttpToolsCycle is None or not isinstance(cycle, HttpToolsCycle):
         return None
     watched = _GoneEvent(cycle, gone)

@@ -361,9 +361,11 @@ class Hub:
             for bell in waiting:
                 bell.ring()
 
-    async def wait_for_events(self, timeout: float) -> None:
-        """Until the next batch is published (long-pollers wait here), or the timeout."""
-        bell = Doorbell()
+    async def wait_for_events(self, timeout: float, bell: Doorbell | None = None) -> None:
+        """Until the next batch is published (long-pollers wait here), `bell` rings, or
+        the timeout."""
+        if bell is None:
+            bell = Doorbell()
         self._pollers.add(bell)
         try:
             await bell.wait(timeout)

@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from dualcast.admission import Refusal, admit, error_response
-from dualcast.direct import write_response
+from dualcast.direct import on_disconnect, write_response
 from dualcast.events import ZERO, Event, format_id, parse_id
 from dualcast.feed import cursor_gone, decode_visible
+from dualcast.hub import Doorbell
 from dualcast.log import LogUnavailable
 from dualcast.protocol import ErrorCode, Transport
 from dualcast.query import query_of
 from dualcast.runtime import Runtime
+from dualcast.transports.poll_conn import CONNECTION, PollConnection
 
 MAX_EVENTS = 500
 
@@ -69,6 +72,36 @@ def _unavailable(exc: LogUnavailable) -> Response:
     return error_response(503, ErrorCode.LOG_UNAVAILABLE, "the event log is unreachable")
 
 
+class _Wait(Doorbell):
+    """A poll's wait for events, which its client's going away also ends.
+
+    Without it a poll whose client left (a reloaded page, a closed tab) waited out its
+    timeout, 25 s by default, holding its connection lease all along: a page reloaded
+    a few times could hit its subject's or address's connection cap. Watched only
+    once a poll waits; a poll answered at once pays nothing.
+    """
+
+    __slots__ = ("gone",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gone = False
+
+    def leave(self) -> None:
+        self.gone = True
+        self.ring()
+
+
+def _watch(request: Request, wait: _Wait) -> Callable[[], None] | None:
+    """Have the client's disconnect end `wait`: told by our own poll connection
+    (server/transports/poll_conn.py) or by uvicorn's request cycle (server/direct.py);
+    the undo, or None where neither can tell (then the poll waits out its timeout)."""
+    conn: PollConnection | None = request.scope.get(CONNECTION)
+    if conn is not None:
+        return conn.watch(wait.leave)
+    return on_disconnect(request.receive, wait.leave)
+
+
 def _timeout(raw: str | None, limit: float) -> float:
     if raw is None or raw == "":
         return min(25.0, limit)
@@ -100,6 +133,8 @@ async def poll_endpoint(request: Request) -> Response | Answer:
     deadline = time.monotonic() + timeout
     rt.stats.opened[Transport.POLLING] += 1
     rt.stats.polls_waiting += 1
+    wait: _Wait | None = None
+    unwatch: Callable[[], None] | None = None
     try:
         if cursor is not None:
             key = cursor
@@ -152,9 +187,16 @@ async def poll_endpoint(request: Request) -> Response | Answer:
                     401, ErrorCode.TOKEN_EXPIRED, "the token has expired; log in again")
             if remaining <= 0 or rt.draining:
                 return _answer([], format_id(key))
-            await hub.wait_for_events(remaining)
+            if wait is None:
+                wait = _Wait()
+                unwatch = _watch(request, wait)
+            await hub.wait_for_events(remaining, wait)
+            if wait.gone:  # nobody to answer: the answer goes nowhere
+                return _answer([], format_id(key))
     except asyncio.CancelledError:
         raise
     finally:
+        if unwatch is not None:
+            unwatch()
         rt.stats.polls_waiting -= 1
         admission.lease.release()

@@ -50,6 +50,8 @@ log = logging.getLogger("dualcast")
 Endpoint = Callable[[Request], Awaitable[Any]]
 
 PATH = b"/api/events"
+#: The scope key under which a poll served here finds its connection (`watch`).
+CONNECTION = "dualcast.poll_connection"
 #: A request head longer than this goes back to uvicorn (which has its own limits).
 MAX_HEAD = 8192
 #: Headers that make a request more than a plain poll: a body, an upgrade, a CORS
@@ -164,6 +166,7 @@ class PollConnection(asyncio.Protocol):
         self.closed = False
         self.paused = False
         self.timer: asyncio.TimerHandle | None = None
+        self.on_lost: Callable[[], None] | None = None
 
     # asyncio.Protocol -----------------------------------------------------------
 
@@ -184,6 +187,9 @@ class PollConnection(asyncio.Protocol):
         self.closed = True
         self._unset_timer()
         self.proto.connection_lost(exc)
+        on_lost, self.on_lost = self.on_lost, None
+        if on_lost is not None:
+            on_lost()
 
     def pause_writing(self) -> None:
         self.proto.pause_writing()
@@ -214,7 +220,7 @@ class PollConnection(asyncio.Protocol):
             "server": proto.server, "client": proto.client, "scheme": proto.scheme,
             "root_path": "", "headers": headers, "state": proto.app_state.copy(),
             "method": "GET", "path": "/api/events", "raw_path": PATH, "query_string": query,
-            "app": self.app,
+            "app": self.app, CONNECTION: self,
         }
         self.busy = True
         task = proto.loop.create_task(self._serve(scope, forwarded))
@@ -245,6 +251,14 @@ class PollConnection(asyncio.Protocol):
         if self.paused:
             self._resume()
         self._next()
+
+    def watch(self, gone: Callable[[], None]) -> Callable[[], None]:
+        """Call `gone` if the client goes away while its poll waits; the undo."""
+        self.on_lost = gone
+        return self._unwatch
+
+    def _unwatch(self) -> None:
+        self.on_lost = None
 
     def _head(self, status: int) -> bytes:
         return STATUS_LINE[status] + default_header_lines(self.proto.server_state.default_headers)
