@@ -195,8 +195,16 @@ class Pooling:
     single: bool = False
 
 
+#: Options of a TCP connection that redis-py's Unix-socket connection refuses outright
+#: (a TypeError each time a connection is made).
+_TCP_ONLY = ("socket_keepalive", "socket_keepalive_options")
+
+
 def _common(target: RedisTarget, tls: TlsFiles | None, options: dict[str, Any]) -> dict[str, Any]:
     kwargs = dict(options)
+    if target.url.startswith("unix://"):
+        for name in _TCP_ONLY:
+            kwargs.pop(name, None)
     if target.topology is not Topology.STANDALONE:
         kwargs.update(username=target.username, password=target.password)
         if target.tls:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,9 @@ from dualcast.redis_connect import (
     parse_redis_url,
     redact,
 )
-from tests.harness.procs import RedisProcess, clean_env
+from tests.harness.clients import subscribe
+from tests.harness.procs import DualcastProcess, RedisProcess, clean_env
+from tests.harness.waits import wait_for
 
 PASSWORD = "hunter2-very-secret"
 
@@ -141,5 +144,30 @@ async def test_unix_socket(tmp_path: Path) -> None:
             assert check.xrange("unix-stream")[0][0].decode() == entry_id  # in database 2
         finally:
             check.close()
+    finally:
+        proc.stop()
+
+
+@pytest.mark.timeout(60)
+async def test_a_server_on_a_unix_socket_delivers_on_every_transport(
+    tmp_path: Path, dualcast: Callable[..., DualcastProcess],
+) -> None:
+    """The whole server on `unix://`: its log's connections take no TCP options."""
+    sock = tmp_path / "redis.sock"
+    proc = RedisProcess(tmp_path / "redis", args=["--unixsocket", str(sock),
+                                                  "--unixsocketperm", "700"]).start()
+    try:
+        url = f"unix://{sock}?db=3"
+        server = dualcast(redis_url=url, env={"DUALCAST_STREAM": "unix-served"})
+        clients = [await subscribe(kind, server.url) for kind in ("ws", "sse", "poll")]
+        try:
+            async with Publisher(url, stream="unix-served") as pub:
+                ids = [await pub.publish("over-unix", {"n": n}) for n in range(5)]
+            for client in clients:
+                await wait_for(lambda c=client: len(c.seen.ids) >= 5, 10, "5 events")  # type: ignore[misc]
+                assert client.seen.ids == ids
+        finally:
+            for client in clients:
+                await client.close()
     finally:
         proc.stop()
