@@ -19,6 +19,7 @@ from dualcast.events import Envelope, decode_entry, entry_fields, format_id
 from dualcast.fdlimit import process_cap
 from dualcast.hub import CloseReason, Hub
 from dualcast.log import EventLog, LogInfo, create_log
+from dualcast.loops import running_loop
 from dualcast.quotas import ConnectionQuotas
 from dualcast.stalls import StallWatch
 from dualcast.tasks import TaskName, Tasks
@@ -62,7 +63,7 @@ class Runtime:
         hands over to one waiter per loop iteration, and under load a thousand pollers
         behind it waited seconds (the long-poll bench's p99, issue 8).
         """
-        loop = asyncio.get_running_loop()
+        loop = running_loop()  # (every long-poll with a cursor asks: no getpid() each time)
         if self._window is not None and loop.time() - self._window_at <= max_age:
             return self._window
         fetch = self._window_fetch
@@ -76,7 +77,7 @@ class Runtime:
     async def _fetch_window(self) -> LogInfo:
         try:
             info = await self.log.info()
-            self._window, self._window_at = info, asyncio.get_running_loop().time()
+            self._window, self._window_at = info, running_loop().time()
             return info
         finally:
             self._window_fetch = None
