@@ -11,24 +11,17 @@ from __future__ import annotations
 
 import re
 import socket
-import struct
 from collections.abc import Callable
 
-import httpx
 import pytest
 
+from tests.harness.leaving import LEAVE_WAYS, connections, leave_one_then_the_rest
 from tests.harness.procs import DualcastProcess
 from tests.harness.waits import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
 POLL = b"GET /api/events?timeout=%d HTTP/1.1\r\nHost: dualcast\r\n\r\n"
-
-
-def polls_waiting(server: DualcastProcess) -> float:
-    text = httpx.get(server.url + "/metrics", timeout=5).text
-    match = re.search(r'dualcast_connections\{transport="polling"\} (\S+)', text)
-    return float(match.group(1)) if match else -1
 
 
 def answer(sock: socket.socket) -> tuple[int, bytes]:
@@ -64,37 +57,14 @@ def next_poll(port: int) -> socket.socket:
     return sock
 
 
-def close(sock: socket.socket) -> None:
-    sock.close()
-
-
-def reset(sock: socket.socket) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
-
-
-def half_close(sock: socket.socket) -> None:
-    sock.shutdown(socket.SHUT_WR)  # our FIN; the server closes, then we do
-    sock.settimeout(10)
-    while sock.recv(4096):
-        pass
-    sock.close()
-
-
-@pytest.mark.parametrize("leave", [close, reset, half_close], ids=["close", "reset", "fin"])
+@LEAVE_WAYS
 @pytest.mark.parametrize("open_poll", [first_poll, next_poll], ids=["uvicorn", "taken-over"])
 def test_a_gone_poller_stops_waiting_at_once(
     open_poll: Callable[[int], socket.socket], leave: Callable[[socket.socket], None],
     dualcast: Callable[..., DualcastProcess],
 ) -> None:
     server = dualcast(env={"DUALCAST_MAX_CONNECTIONS_PER_ADDRESS": "0"})
-    polls = [open_poll(server.port) for _ in range(3)]
-    wait_until(lambda: polls_waiting(server) == 3, timeout=10, what="3 waiting polls")
-    leave(polls.pop())
-    wait_until(lambda: polls_waiting(server) == 2, timeout=10, what="the gone one ended")
-    for sock in polls:
-        leave(sock)
-    wait_until(lambda: polls_waiting(server) == 0, timeout=10, what="every gone one ended")
+    leave_one_then_the_rest([open_poll(server.port) for _ in range(3)], leave, server, "polling")
 
 
 @pytest.mark.parametrize("open_poll", [first_poll, next_poll], ids=["uvicorn", "taken-over"])
@@ -105,7 +75,7 @@ def test_a_reloaded_page_is_not_refused_for_its_own_old_poll(
     previous one held, instead of a 429 until that one's timeout."""
     server = dualcast(env={"DUALCAST_MAX_CONNECTIONS_PER_ADDRESS": "1"})
     old = open_poll(server.port)
-    wait_until(lambda: polls_waiting(server) == 1, timeout=10, what="the old page's poll")
+    wait_until(lambda: connections(server, "polling") == 1, timeout=10, what="the old page's poll")
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as other:
         other.sendall(POLL % 0)
         assert answer(other)[0] == 429  # the cap holds while the old page is there
