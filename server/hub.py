@@ -16,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from dualcast.events import ZERO, Event, StreamId, format_id
 from dualcast.frames import Item, Reset
@@ -220,6 +221,9 @@ class Hub:
         self._recent_floor: StreamId = (2**64, 0)
         #: One doorbell per waiting long-poller, all rung by the next batch.
         self._pollers: set[Doorbell] = set()
+        #: What long-polls built from `recent` as it is now, for the pollers that ask
+        #: the same (server/transports/poll.py); emptied whenever `recent` may change.
+        self.poll_answers: dict[Any, Any] = {}
         self.stats = HubStats()
         self.started = False
         #: Whether lone events are offered to idle writers (see `_review_direct`).
@@ -272,6 +276,7 @@ class Hub:
         self.last_id = format_id(key)
         self._recent_floor = key
         self.recent.clear()
+        self.poll_answers.clear()
         self.started = True
 
     #: Share of one core the direct writes may take (see `_review_direct`).
@@ -356,6 +361,7 @@ class Hub:
         self._notify()
 
     def _notify(self) -> None:
+        self.poll_answers.clear()
         if self._pollers:
             waiting, self._pollers = self._pollers, set()
             for bell in waiting:

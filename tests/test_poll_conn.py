@@ -127,9 +127,9 @@ async def taken_over(served: Served, extra: str = "") -> Client:
     return client
 
 
-async def publish(served: Served, n: int) -> None:
+async def publish(served: Served, n: int, rooms: list[str] | None = None) -> None:
     client = await Client.open(served.port)
-    body = orjson.dumps({"event": "tick", "data": {"n": n}})
+    body = orjson.dumps({"event": "tick", "data": {"n": n}, **({"rooms": rooms} if rooms else {})})
     status, _, _ = await client.ask(
         b"POST /api/publish HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
         b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
@@ -158,6 +158,52 @@ async def test_polls_on_one_connection_get_every_event_once_in_order(served: Ser
     assert seen == list(range(40))
     assert served.poll_connections() == 1  # every one of those polls was read there
     client.close()
+
+
+@pytest.mark.timeout(30)
+async def test_pollers_at_one_cursor_each_get_their_rooms_events_and_no_stale_answer(
+        served: Served) -> None:
+    """Pollers at the same cursor share an answer only when their rooms are the same,
+    and only until the next batch."""
+    tokens = {"a": token("a", rooms=["red"]), "b": token("b", rooms=["blue"]),
+              "a2": token("a2", rooms=["red"]), "anon": ""}
+    clients = {name: await taken_over(served, f"Authorization: Bearer {tok}\r\n" if tok else "")
+               for name, tok in tokens.items()}
+    await publish(served, -1)  # a cursor after it is in the hub's window, not "0-0"
+    _, _, body = await clients["anon"].ask(get("/api/events?after=0-0&timeout=5"))
+    cursor = orjson.loads(body)["last_id"]
+
+    async def poll(name: str, after: str) -> tuple[list[int], str]:
+        tok = tokens[name]
+        _, _, body = await clients[name].ask(get(
+            f"/api/events?after={after}&timeout=5",
+            f"Authorization: Bearer {tok}\r\n" if tok else ""))
+        answer = orjson.loads(body)
+        return [e["data"]["n"] for e in answer["events"]], answer["last_id"]
+
+    async def until(name: str, last: int) -> None:
+        """Until `name` is answered event `last` (so the hub holds it and those before)."""
+        async with asyncio.timeout(10):
+            while last not in (await poll(name, cursor))[0]:
+                await asyncio.sleep(0.01)
+
+    await publish(served, 0, ["red"])
+    await publish(served, 1)
+    await publish(served, 2, ["blue"])
+    await until("b", 2)
+    for _ in range(2):  # the second round may be answered from what the first built
+        assert (await poll("a", cursor))[0] == [0, 1]
+        assert (await poll("a2", cursor))[0] == [0, 1]
+        assert (await poll("b", cursor))[0] == [1, 2]
+        assert (await poll("anon", cursor))[0] == [1]
+    await publish(served, 3)
+    await until("a", 3)
+    assert (await poll("a", cursor))[0] == [0, 1, 3]
+    assert (await poll("a2", cursor))[0] == [0, 1, 3]
+    assert (await poll("b", cursor))[0] == [1, 2, 3]
+    assert (await poll("anon", cursor))[0] == [1, 3]
+    for client in clients.values():
+        client.close()
 
 
 BAD = [

@@ -36,10 +36,20 @@ class Answer:
     answer is the most frequent response this server makes, with fixed headers.
     """
 
-    __slots__ = ("body",)
+    __slots__ = ("_wire", "body")
 
     def __init__(self, body: bytes) -> None:
         self.body = body
+        self._wire: tuple[bytes, bytes] = (b"", b"")
+
+    def wire(self, before: bytes) -> bytes:
+        """The whole response: `before` (status and default header lines), its own
+        headers, its body; kept for the next poller given the same `before` (the date
+        in it changes once a second), as pollers at one cursor share an answer."""
+        wire = self._wire
+        if wire[0] is not before:
+            wire = self._wire = (before, b"%s%s\r\n%s" % (before, self.head(), self.body))
+        return wire[1]
 
     def head(self) -> bytes:
         """Its header lines, each ending in CRLF (the server adds date and server)."""
@@ -176,11 +186,19 @@ async def poll_endpoint(request: Request) -> Response | Answer:
                     continue
                 recent = []
             else:
+                # Pollers come back at the same cursor with the same rooms, thousands of
+                # them after each batch: the first one's answer serves the others until
+                # the next batch (hub.poll_answers is emptied then).
+                memo = (key, frozenset(rooms))
+                shared: Answer | None = hub.poll_answers.get(memo)
+                if shared is not None:
+                    return shared
                 events = [e for e in recent if e.visible_to(rooms)][:MAX_EVENTS]
                 if recent:
                     key = events[-1].key if len(events) == MAX_EVENTS else recent[-1].key
                 if events:
-                    return _answer(events, format_id(key))
+                    answer = hub.poll_answers[memo] = _answer(events, format_id(key))
+                    return answer
             remaining = deadline - time.monotonic()
             if identity.expired() or (expires_first and remaining <= 0):
                 return error_response(

@@ -123,6 +123,19 @@ def take_over(scope: Scope, send: Send, endpoint: Endpoint) -> None:
     conn.idle()
 
 
+_ok: tuple[object, bytes] = (None, b"")
+
+
+def _ok_head(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The status line and default header lines of a 200: one bytes object per list of
+    default headers (a new one each second, for the date), so that `Answer.wire` can
+    keep a whole response by its identity."""
+    global _ok
+    if _ok[0] is not headers:
+        _ok = (headers, STATUS_LINE[200] + default_header_lines(headers))
+    return _ok[1]
+
+
 _rewriters: dict[str | tuple[str, ...], ProxyHeadersMiddleware] = {}
 
 
@@ -268,7 +281,8 @@ class PollConnection(asyncio.Protocol):
         body: bytes = response.body
         raw = getattr(response, "raw_headers", None)
         if raw is None:  # an Answer (server/transports/poll.py): 200 with its fixed head
-            return b"%s%s\r\n%s" % (self._head(200), response.head(), body)
+            wire: bytes = response.wire(_ok_head(self.proto.server_state.default_headers))
+            return wire
         lines = b"".join(b"%s: %s\r\n" % (name.lower(), value) for name, value in raw)
         return b"%s%s\r\n%s" % (self._head(response.status_code), lines, body)
 
