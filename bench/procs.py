@@ -112,6 +112,7 @@ class Stack:
     def stop(self) -> None:
         if self.server is not None:
             self.server.stop(10)
+            _show_errors(self.server.log_path)
         if self.redis is not None:
             self.redis.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
@@ -132,6 +133,18 @@ class Stack:
     def redis_cpu(self) -> float:
         assert self.redis is not None
         return _cpu(psutil.Process(self.redis.pid))
+
+
+def _show_errors(log: Path, last: int = 60) -> None:
+    """A server that logged an error or a traceback shows the end of its log on stderr
+    before its temp dir goes: a run's figures alone do not say why clients were refused."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return
+    if any("ERROR" in line or line.startswith("Traceback") for line in lines):
+        print(f"--- the server logged errors; the last {last} lines of {log.name}:",
+              *lines[-last:], "---", sep="\n", file=sys.stderr)
 
 
 def _cpu(proc: psutil.Process) -> float:
