@@ -297,6 +297,20 @@ async def test_bad_poll_timeouts_are_400(
     await still_served(server, healthy)
 
 
+async def test_a_poll_asking_longer_than_the_server_waits_is_answered_at_its_limit(
+    dualcast: Callable[..., DualcastProcess],
+) -> None:
+    """The protocol's range (0-30 s) is never refused; an operator's lower limit only
+    shortens the wait (the browser client asks 25 s whatever the server's limit)."""
+    server = dualcast(env={"DUALCAST_POLL_TIMEOUT_MAX": "1"})
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        response = await client.get("/api/events", params={"timeout": "25"})
+        assert response.status_code == 200  # within the client's 10 s, not after 25
+        assert response.json()["events"] == []
+        response = await client.get("/api/events", params={"timeout": "30.5"})
+        assert_json_error(response, 400, "bad_timeout")
+
+
 # --- publish bodies --------------------------------------------------------------------
 
 

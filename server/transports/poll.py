@@ -112,17 +112,28 @@ def _watch(request: Request, wait: _Wait) -> Callable[[], None] | None:
     return on_disconnect(request.receive, wait.leave)
 
 
+#: The `timeout` range every server accepts (the protocol's); a server whose own
+#: limit is lower waits at most that long instead of refusing the poll.
+PROTOCOL_TIMEOUT = 30.0
+
+
 def _timeout(raw: str | None, limit: float) -> float:
+    """How long a poll may wait: what it asks for, capped at this server's limit.
+
+    A client cannot know an operator's `DUALCAST_POLL_TIMEOUT_MAX`: refusing its 25 s
+    below a 20 s limit stopped the browser client for good. A poll may always be
+    answered early, so a lower limit only shortens the wait."""
     if raw is None or raw == "":
         return min(25.0, limit)
     try:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if not 0 <= value <= limit or value != value:
+    accepted = max(limit, PROTOCOL_TIMEOUT)
+    if not 0 <= value <= accepted or value != value:
         raise Refusal(
-            400, ErrorCode.BAD_TIMEOUT, f"timeout must be seconds between 0 and {limit:g}")
-    return value
+            400, ErrorCode.BAD_TIMEOUT, f"timeout must be seconds between 0 and {accepted:g}")
+    return min(value, limit)
 
 
 async def poll_endpoint(request: Request) -> Response | Answer:
