@@ -10,6 +10,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from dualcast.auth import Authenticator
@@ -17,8 +18,9 @@ from dualcast.config import Settings
 from dualcast.consumer import Consumer
 from dualcast.events import Envelope, decode_entry, entry_fields, format_id
 from dualcast.fdlimit import process_cap
+from dualcast.flights import Flights
 from dualcast.hub import CloseReason, Hub
-from dualcast.log import EventLog, LogInfo, create_log
+from dualcast.log import EventLog, LogInfo, RawEntry, create_log
 from dualcast.loops import running_loop
 from dualcast.quotas import ConnectionQuotas
 from dualcast.stalls import StallWatch
@@ -53,34 +55,35 @@ class Runtime:
         self.tasks = Tasks(backoff_max=max(settings.backoff_max, 1.0))
         self._window: LogInfo | None = None
         self._window_at = 0.0
-        self._window_fetch: asyncio.Future[LogInfo] | None = None
+        self._window_fetches: Flights[None, LogInfo] = Flights()
+        self._pages: Flights[tuple[str, int], list[RawEntry]] = Flights()
 
     async def log_window(self, max_age: float = 0.0) -> LogInfo:
         """The log's retained window, cached for `max_age` seconds and fetched once for
-        all concurrent callers, so a thousand long-pollers cost one XINFO, not a thousand.
-
-        Callers share the fetch in flight rather than queue on a lock: an asyncio.Lock
-        hands over to one waiter per loop iteration, and under load a thousand pollers
-        behind it waited seconds (the long-poll bench's p99, issue 8).
+        all concurrent callers, so a thousand long-pollers cost one XINFO, not a thousand
+        (server/flights.py; behind a lock, under load a thousand pollers waited seconds:
+        the long-poll bench's p99, issue 8).
         """
         loop = running_loop()  # (every long-poll with a cursor asks: no getpid() each time)
         if self._window is not None and loop.time() - self._window_at <= max_age:
             return self._window
-        fetch = self._window_fetch
-        if fetch is None:
-            fetch = self._window_fetch = asyncio.ensure_future(self._fetch_window())
-            # (its error reaches whoever awaits; none left is not "never retrieved")
-            fetch.add_done_callback(lambda f: f.cancelled() or f.exception())
-        # shield: one caller's cancellation must not cancel the fetch the others await
-        return await asyncio.shield(fetch)
+        return await self._window_fetches.run(None, self._fetch_window)
 
     async def _fetch_window(self) -> LogInfo:
-        try:
-            info = await self.log.info()
-            self._window, self._window_at = info, running_loop().time()
-            return info
-        finally:
-            self._window_fetch = None
+        info = await self.log.info()
+        self._window, self._window_at = info, running_loop().time()
+        return info
+
+    async def poll_page(self, after: str, count: int) -> list[RawEntry]:
+        """Up to `count` entries after `after` for long-polls: one read for all the polls
+        asking the same at once (the list is shared: read it, do not change it).
+
+        Not for a stream's replay (server/feed.py): there an empty page must mean that
+        the consumer had nothing newer when the subscriber joined the hub, and a read
+        shared from before it joined cannot say that. A poll only answers what a page
+        holds, and waits on the hub when it holds nothing.
+        """
+        return await self._pages.run((after, count), partial(self.log.read_after, after, count))
 
     async def start(self) -> None:
         """Start what the app runs in the background (the lifespan's startup)."""

@@ -17,9 +17,9 @@ from starlette.types import Receive, Scope, Send
 
 from dualcast.admission import Refusal, admit, error_response
 from dualcast.direct import on_disconnect, write_response
-from dualcast.events import ZERO, Event, format_id, parse_id
+from dualcast.events import ZERO, Event, StreamId, format_id, parse_id
 from dualcast.feed import cursor_gone, decode_visible
-from dualcast.hub import Doorbell
+from dualcast.hub import Doorbell, Hub
 from dualcast.log import LogUnavailable
 from dualcast.protocol import ErrorCode, Transport
 from dualcast.query import query_of
@@ -75,6 +75,12 @@ def _answer(events: list[Event], last_id: str, reset: bool = False) -> Answer:
     return Answer(b'{"events":[%s],"last_id":"%s","reset":%s}' % (
         b",".join(e.poll_item() for e in events), last_id.encode(), b"true" if reset else b"false"
     ))
+
+
+def _shared(hub: Hub, memo: tuple[StreamId, frozenset[str]]) -> Answer | None:
+    """The answer a poll at the same cursor with the same rooms got since the last batch."""
+    answer: Answer | None = hub.poll_answers.get(memo)
+    return answer
 
 
 def _unavailable(exc: LogUnavailable) -> Response:
@@ -182,28 +188,33 @@ async def poll_endpoint(request: Request) -> Response | Answer:
             if gone and cursor != ZERO:
                 return _answer([], hub.last_id, reset=True)
         while True:
+            # Pollers come back at the same cursor with the same rooms, thousands of them
+            # after each batch (or together after a restart): the first one's answer
+            # serves the others until the next batch (hub.poll_answers is emptied then).
+            memo = (key, frozenset(rooms))
+            shared = _shared(hub, memo)
+            if shared is not None:
+                return shared
             recent = hub.recent_after(key)
             if recent is None:
-                # Behind the in-memory window: a page from the log.
+                # Behind the in-memory window: a page from the log, one read for all the
+                # polls asking the same at once.
                 try:
-                    entries = await rt.log.read_after(format_id(key), MAX_EVENTS)
+                    entries = await rt.poll_page(format_id(key), MAX_EVENTS)
                 except LogUnavailable as exc:
                     return _unavailable(exc)
+                shared = _shared(hub, memo)  # another poll decoded it meanwhile
+                if shared is not None:
+                    return shared
                 if entries:
                     key = parse_id(entries[-1][0])
                     events = decode_visible(entries, rooms)
                     if events:
-                        return _answer(events, format_id(key))
+                        answer = hub.poll_answers[memo] = _answer(events, format_id(key))
+                        return answer
                     continue
                 recent = []
             else:
-                # Pollers come back at the same cursor with the same rooms, thousands of
-                # them after each batch: the first one's answer serves the others until
-                # the next batch (hub.poll_answers is emptied then).
-                memo = (key, frozenset(rooms))
-                shared: Answer | None = hub.poll_answers.get(memo)
-                if shared is not None:
-                    return shared
                 events = [e for e in recent if e.visible_to(rooms)][:MAX_EVENTS]
                 if recent:
                     key = events[-1].key if len(events) == MAX_EVENTS else recent[-1].key
