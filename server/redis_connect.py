@@ -10,23 +10,31 @@ nodes. The consumer, replay, the poll window, the publish API, the CLI and the
 Python publisher all build their clients here, so each topology behaves the same
 everywhere.
 
+A plain URL's query options are checked against the connection class of its scheme
+(`URL_OPTIONS`) when it is parsed: redis-py's own parser passes any name on, and the
+connection then refuses it with a TypeError on every connect.
+
 The publisher imports this module, so it must stay free of pydantic and Starlette.
 Nothing here ever puts a password into a message: `redact` is what callers show.
 """
 
 from __future__ import annotations
 
+import difflib
 import enum
+import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
 import redis.asyncio as aioredis
 import redis.asyncio.cluster as aiocluster
+import redis.asyncio.connection
 import redis.asyncio.sentinel as aiosentinel
 import redis.cluster
+import redis.connection
 import redis.sentinel
 
 
@@ -95,19 +103,48 @@ class RedisTarget:
         return self.where
 
 
+def _userinfo(rest: str) -> tuple[str, str] | None:
+    """(user info, what follows it) of a URL's text after `://`, or None without one.
+
+    The user info ends at the last `@`, wherever it is: a password holding an unencoded
+    `/`, `?` or `#` must still be masked whole (an `@` in a query value then masks too
+    much, never too little).
+    """
+    userinfo, at, after = rest.rpartition("@")
+    return (userinfo, after) if at else None
+
+
 def redact(url: str) -> str:
     """`url` with the password of its user info (and a `password=` query value) masked."""
     scheme, sep, rest = url.partition("://")
     if not sep:
         return "<not a URL>"
-    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
-    netloc, tail = rest[:cut], rest[cut:]
-    if "@" in netloc:
-        userinfo, _, hosts = netloc.rpartition("@")
+    split = _userinfo(rest)
+    if split is not None:
+        userinfo, rest = split
         user = userinfo.split(":", 1)[0]
-        netloc = f"{user}:***@{hosts}" if ":" in userinfo else f"***@{hosts}" if user else hosts
-    tail = re.sub(r"(?i)((?:^|[?&])password=)[^&]*", r"\1***", tail)
-    return f"{scheme}://{netloc}{tail}"
+        rest = f"{user}:***@{rest}" if ":" in userinfo else f"***@{rest}" if user else rest
+    rest = re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", rest)
+    return f"{scheme}://{rest}"
+
+
+def _masked(text: str, url: str) -> str:
+    """redis-py's (or urllib's) message about `url`, with what it quotes from the user
+    info masked: a password holding a `/` ends the host part early, and its tail is then
+    quoted back as a bad "port". What the rest of the URL shows (a port, an option's
+    name) stays: it is the reason."""
+    split = _userinfo(url.partition("://")[2])
+    if split is None:
+        return text
+    userinfo, after = split
+    password = userinfo.partition(":")[2]
+
+    def mask(match: re.Match[str]) -> str:
+        quoted = match.group(0)[1:-1]
+        secret = (quoted in userinfo and quoted not in after) or (password and password in quoted)
+        return "'***'" if quoted and secret else match.group(0)
+
+    return re.sub(r"'[^']*'|\"[^\"]*\"", mask, text)
 
 
 def _nodes(hosts: str, url: str, default_port: int) -> tuple[tuple[str, int], ...]:
@@ -134,6 +171,102 @@ def _nodes(hosts: str, url: str, default_port: int) -> tuple[tuple[str, int], ..
     return tuple(out)
 
 
+def _init_options(connection_class: type) -> set[str]:
+    """The keyword arguments `connection_class` takes: its `__init__`'s and, while each
+    passes `**kwargs` on, its bases'."""
+    names: set[str] = set()
+    for klass in connection_class.__mro__:
+        init = vars(klass).get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names.update(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return names
+
+
+#: Query options redis-py passes on as text, which the connection takes as text.
+_TEXT_OPTIONS = frozenset({
+    "username", "password", "client_name", "lib_name", "lib_version", "ssl_keyfile",
+    "ssl_certfile", "ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_path", "ssl_ca_data",
+    "ssl_password", "ssl_ciphers",
+})
+#: Options dualcast sets itself, which a URL's query would override: its pool sizes (a
+#: smaller pool raises "Too many connections" under the publisher) and waits (`timeout`
+#: reaches a non-blocking pool's connections as an unknown argument), and how replies
+#: are decoded (the log reads bytes).
+_NOT_IN_URL = {
+    "max_connections": "dualcast sizes its connection pools itself",
+    "timeout": "the wait for a free connection is DUALCAST_REDIS_TIMEOUT; "
+               "socket_timeout is the wait for a reply",
+    "decode_responses": "dualcast decodes replies itself",
+    "encoding": "dualcast writes UTF-8",
+    "encoding_errors": "dualcast writes UTF-8",
+}
+
+
+def _url_options() -> dict[str, frozenset[str]]:
+    """The query options each plain scheme can take: those redis-py reads from a URL
+    (typed by both its blocking and its asyncio parser, or text) that both connection
+    classes of the scheme accept. Any other name would reach the connection's `__init__`
+    and fail there with a TypeError on every connect."""
+    typed = (set(redis.connection.URL_QUERY_ARGUMENT_PARSERS)
+             & set(redis.asyncio.connection.URL_QUERY_ARGUMENT_PARSERS))
+    readable = (typed | _TEXT_OPTIONS) - set(_NOT_IN_URL)
+    classes = {
+        "redis": (redis.connection.Connection, redis.asyncio.connection.Connection),
+        "rediss": (redis.connection.SSLConnection, redis.asyncio.connection.SSLConnection),
+        "unix": (redis.connection.UnixDomainSocketConnection,
+                 redis.asyncio.connection.UnixDomainSocketConnection),
+    }
+    return {scheme: frozenset(readable & _init_options(sync) & _init_options(aio))
+            for scheme, (sync, aio) in classes.items()}
+
+
+URL_OPTIONS: dict[str, frozenset[str]] = _url_options()
+
+
+def _option_error(name: str, scheme: str) -> str | None:
+    """Why the query option `name` cannot be used with `scheme://`, or None if it can."""
+    if name in URL_OPTIONS[scheme]:
+        return None
+    if name in _NOT_IN_URL:
+        return f"option {name!r} is not supported: {_NOT_IN_URL[name]}"
+    takers = [f"{other}://" for other, names in URL_OPTIONS.items() if name in names]
+    if takers:
+        return f"option {name!r} does not apply to {scheme}:// (only to {', '.join(takers)})"
+    close = difflib.get_close_matches(name, sorted(URL_OPTIONS[scheme]), n=1)
+    return f"unknown option {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
+def _check_standalone(url: str, scheme: str) -> None:
+    """Refuse, before any client is built, what redis-py would take and then fail on at
+    every connect (an option the connection class refuses), retry forever (a socket
+    without a path) or quietly ignore (a database that is not a number)."""
+    try:
+        # redis-py's own check: the port, and the values of the options it types
+        parsed = redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise BadRedisUrl(f"{redact(url)}: {_masked(str(exc), url)}") from None
+    for name in parse_qs(parts.query):
+        problem = _option_error(name, scheme)
+        if problem:
+            raise BadRedisUrl(f"{redact(url)}: {problem}")
+    if scheme == "unix":
+        if not parsed.get("path"):
+            raise BadRedisUrl(f"{redact(url)}: name the socket: unix:///path/to/redis.sock")
+        return
+    if parts.port == 0:
+        raise BadRedisUrl(f"{redact(url)}: port 0 is no port")
+    db_parts = [p for p in parts.path.split("/") if p]
+    if len(db_parts) > 1:
+        raise BadRedisUrl(f"{redact(url)}: too many path parts")
+    if db_parts and not unquote(db_parts[0]).isdigit():
+        raise BadRedisUrl(f"{redact(url)}: the database must be a number, not {db_parts[0]!r}")
+
+
 def parse_redis_url(url: str) -> RedisTarget:
     """The target `url` names, or BadRedisUrl (which never repeats its password)."""
     scheme = url.partition("://")[0].lower() if "://" in url else ""
@@ -141,11 +274,7 @@ def parse_redis_url(url: str) -> RedisTarget:
         raise BadRedisUrl(f"must start with one of {', '.join(SCHEMES)}")
     topology, tls = _SCHEMES[scheme]
     if topology is Topology.STANDALONE:
-        try:
-            # redis-py's own check, query options included
-            redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
-        except ValueError as exc:
-            raise BadRedisUrl(f"{redact(url)}: {redact(str(exc))}") from None
+        _check_standalone(url, scheme)
         return RedisTarget(url=url, topology=topology, tls=tls)
     rest, _, query = url.split("://", 1)[1].partition("?")
     netloc, _, path = rest.partition("/")
@@ -304,6 +433,6 @@ def sync_client(target: RedisTarget, tls: TlsFiles | None = None,
 
 
 __all__ = [
-    "SCHEMES", "AsyncClient", "BadRedisUrl", "Pooling", "RedisTarget", "SyncClient", "TlsFiles",
-    "Topology", "async_client", "parse_redis_url", "redact", "sync_client",
+    "SCHEMES", "URL_OPTIONS", "AsyncClient", "BadRedisUrl", "Pooling", "RedisTarget", "SyncClient",
+    "TlsFiles", "Topology", "async_client", "parse_redis_url", "redact", "sync_client",
 ]

@@ -6,6 +6,7 @@ real TLS Redis in tests/reliability/test_failover.py.)
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -19,6 +20,7 @@ import redis.asyncio.cluster as aiocluster
 from dualcast.config import SettingsError, load_settings
 from dualcast.publisher import Publisher
 from dualcast.redis_connect import (
+    URL_OPTIONS,
     BadRedisUrl,
     Pooling,
     Topology,
@@ -68,6 +70,10 @@ def test_sentinel_credentials_are_the_data_nodes() -> None:
     f"redis+cluster://u:{PASSWORD}@/",
     f"redis+cluster://u:{PASSWORD}@a:1?password={PASSWORD}",
     f"redis://u:{PASSWORD}@h:notaport/0",
+    f"redis://u:{PASSWORD}/x@h:1/0",  # an unencoded "/" ends the host part in the password
+    f"redis://:{PASSWORD}?x@h:1/0?bogus=1",
+    f"redis://u:{PASSWORD}@h:1/x?socket_keepalive=maybe",
+    f"unix://u:{PASSWORD}@/run/r.sock?ssl_certfile=x",
 ])
 def test_bad_urls_never_repeat_the_password(url: str) -> None:
     with pytest.raises(BadRedisUrl) as caught:
@@ -83,6 +89,82 @@ def test_redact_masks_userinfo_and_query_password() -> None:
     assert redact(f"redis://:{PASSWORD}@h:1/0") == "redis://:***@h:1/0"
     assert redact(f"redis://{PASSWORD}@h:1/0") == "redis://***@h:1/0"
     assert redact(f"redis://h:1/0?password={PASSWORD}&db=1") == "redis://h:1/0?password=***&db=1"
+    assert redact(f"redis://u:{PASSWORD}/x@h:1/0") == "redis://u:***@h:1/0"
+
+
+@pytest.mark.parametrize(("url", "reason"), [
+    (f"redis://:{PASSWORD}@127.0.0.1:63790x/0",
+     "Port could not be cast to integer value as '63790x'"),
+    ("redis://127.0.0.1:99999/0", "Port out of range 0-65535"),
+    ("redis://127.0.0.1:0/0", "port 0 is no port"),
+    ("unix:///run/redis.sock?db=one", "Invalid value for 'db' in connection URL."),
+    ("redis://h:1/0?socket_timeout=3s", "Invalid value for 'socket_timeout' in connection URL."),
+    ("unix://", "name the socket: unix:///path/to/redis.sock"),
+    ("unix://redis.sock", "name the socket: unix:///path/to/redis.sock"),  # a host, no path
+    ("redis://h:1/abc", "the database must be a number, not 'abc'"),
+    ("redis://h:1/0/1", "too many path parts"),
+    (f"redis://u:{PASSWORD}/x@h:1/0", "Port could not be cast to integer value as '***'"),
+])
+def test_a_bad_url_says_why(url: str, reason: str) -> None:
+    """The reason redis-py (or dualcast) gives, after the URL with its password masked."""
+    with pytest.raises(BadRedisUrl) as caught:
+        parse_redis_url(url)
+    assert str(caught.value) == f"{redact(url)}: {reason}"
+    assert PASSWORD not in str(caught.value)
+
+
+@pytest.mark.parametrize(("url", "reason"), [
+    ("unix:///run/r.sock?socket_keepalive=true",
+     "option 'socket_keepalive' does not apply to unix:// (only to redis://, rediss://)"),
+    ("redis://h:1/0?ssl_cert_reqs=none",
+     "option 'ssl_cert_reqs' does not apply to redis:// (only to rediss://)"),
+    ("redis://h:1/0?bogus=1", "unknown option 'bogus'"),
+    ("redis://h:1/0?socket_timout=1", "unknown option 'socket_timout' (did you mean 'socket_timeout'?)"),
+    ("redis://h:1/0?timeout=5", "option 'timeout' is not supported: the wait for a free connection "
+                                "is DUALCAST_REDIS_TIMEOUT; socket_timeout is the wait for a reply"),
+    ("rediss://h:1/0?max_connections=2",
+     "option 'max_connections' is not supported: dualcast sizes its connection pools itself"),
+    ("redis://h:1/0?decode_responses=yes",
+     "option 'decode_responses' is not supported: dualcast decodes replies itself"),
+    ("redis://h:1/0?connection_class=x", "unknown option 'connection_class'"),
+])
+def test_a_query_option_the_connection_would_refuse_is_refused_at_once(url: str,
+                                                                       reason: str) -> None:
+    """redis-py's parser takes any name and passes it to the connection class, which then
+    raises a TypeError on every connect: refused here, naming the option, before anything
+    starts (the settings, the publisher and `dualcast serve` alike)."""
+    with pytest.raises(BadRedisUrl, match=re.escape(f"{url}: {reason}")):
+        parse_redis_url(url)
+    with pytest.raises(SettingsError, match=re.escape(reason)):
+        load_settings(redis_url=url)
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        Publisher(url)
+
+
+def test_serve_refuses_a_query_option_in_one_line() -> None:
+    url = "unix:///run/dualcast-test.sock?socket_keepalive=true"
+    done = subprocess.run(
+        [sys.executable, "-m", "dualcast", "serve", "--port", "0", "--redis-url", url],
+        env=clean_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"dualcast: bad --redis-url: {url}: option 'socket_keepalive' does not apply to unix:// "
+        "(only to redis://, rediss://)"]
+
+
+async def test_the_query_options_a_scheme_takes_reach_its_connections(
+    redis_server: RedisProcess,
+) -> None:
+    url = (f"{redis_server.url}?socket_keepalive=true&socket_timeout=4&health_check_interval=5"
+           "&client_name=from-the-url&retry_on_timeout=false")
+    client = async_client(parse_redis_url(url), pooling=Pooling(4, wait=1.0))
+    try:
+        assert await client.client_getname() == "from-the-url"
+    finally:
+        await client.aclose()
+    async with Publisher(url, stream="options-stream", timeout=5.0) as pub:
+        assert await pub.publish("with-options", 1) is not None
+    assert URL_OPTIONS["rediss"] > URL_OPTIONS["redis"] > URL_OPTIONS["unix"]
 
 
 def test_tls_files_need_a_tls_url_and_exist(tmp_path: Path) -> None:
