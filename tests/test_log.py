@@ -110,3 +110,28 @@ async def test_unreachable_redis_raises_log_unavailable() -> None:
     with pytest.raises(LogUnavailable):
         await log.append(fields("x"))
     await log.close()
+
+
+async def test_a_connection_option_redis_py_refuses_is_log_unavailable(
+    redis_server: RedisProcess,
+) -> None:
+    """redis-py raises TypeError on every connect when a connection option does not fit
+    the connection class (what a `unix://...?socket_keepalive=true` URL did before such
+    URLs were refused): it must read as the log being unavailable, a 503 and a line in
+    the consumer's log, never escape as a 500 or a traceback per retry."""
+    settings = load_settings(redis_url=redis_server.url, stream=f"test-{uuid.uuid4().hex[:8]}",
+                             redis_timeout=0.5)
+    log = create_log(settings)
+    for client in (log._client, log._reader):  # type: ignore[attr-defined]
+        client.connection_pool.connection_kwargs["not_an_option"] = 1
+    try:
+        with pytest.raises(LogUnavailable, match=r"TypeError: .*'not_an_option'"):
+            await log.connect()
+        with pytest.raises(LogUnavailable, match="'not_an_option'"):
+            await log.append(fields("x"))
+        with pytest.raises(LogUnavailable, match="'not_an_option'"):
+            await log.read_after("0-0", 10)
+        with pytest.raises(LogUnavailable, match="'not_an_option'"):
+            await log.read_blocking("0-0", 10, 100)
+    finally:
+        await log.close()

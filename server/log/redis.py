@@ -25,12 +25,18 @@ from dualcast.log.base import LogInfo, LogUnavailable, RawEntry
 from dualcast.log.xread import Follow, XReadLine
 from dualcast.redis_connect import Pooling, Topology, async_client, parse_redis_url
 
+#: What a Redis call raises when the log cannot be used. TypeError too: redis-py raises
+#: it on every connect when an option does not fit the connection class (one a newer
+#: redis-py refuses, say), and it must read as the log being unavailable (a 503, a
+#: readiness detail, one line in the consumer's log), never escape as a 500.
+UNAVAILABLE = (RedisError, RedisClusterException, OSError, TimeoutError, TypeError)
+
 
 @asynccontextmanager
 async def _translated(what: str) -> AsyncIterator[None]:
     try:
         yield
-    except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+    except UNAVAILABLE as exc:
         raise LogUnavailable(f"redis {what} failed: {type(exc).__name__}: {exc}") from exc
 
 

@@ -253,10 +253,10 @@ class XReadLine:
 
     async def connected_writer(self) -> asyncio.StreamWriter:
         """A connection made by redis-py, handshake done, detached from redis-py."""
-        conn = self.client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
-        try:
+        try:  # TypeError: an option the connection class refuses (see log/redis.py)
+            conn = self.client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
             await conn.connect()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (RedisError, OSError, TimeoutError, TypeError) as exc:
             raise LogUnavailable(f"redis XREAD failed: {type(exc).__name__}: {exc}") from exc
         # redis-py hands out no connected transport: its StreamWriter holds it. Take it and
         # detach redis-py's Connection, so that it neither closes the line nor warns about
