@@ -524,6 +524,53 @@ async def test_redis_refusing_the_write_is_not_an_outage(
         assert spub.stats.failed == 1 and spub.stats.outages == 0
 
 
+@pytest.fixture
+def guarded_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A redis-server with a user `app` whose password is `right` (and the default user
+    open, so that the harness can PING it)."""
+    proc = RedisProcess(tmp_path / "redis",
+                        args=["--user", "app", "on", ">right", "~*", "&*", "+@all"]).start()
+    yield proc
+    proc.stop()
+
+
+async def test_a_result_says_why_redis_did_not_take_the_event(guarded_redis: RedisProcess):
+    """A wrong password, a key of another type, a database past `databases` and a closed
+    port: the result names the cause (what `dualcast publish` prints), the async and the
+    sync publisher alike; a call the open breaker refuses says what opened it."""
+    base = f"127.0.0.1:{guarded_redis.port}"
+    wrongtype = stream_key()
+    check = aioredis.from_url(f"redis://{base}/0")
+    await check.set(wrongtype, "not a stream")
+    await check.aclose()
+    cases = [
+        (f"redis://app:not-the-pa55word@{base}/0", stream_key(),
+         "AuthenticationError: invalid username-password pair or user is disabled."),
+        (f"redis://{base}/0", wrongtype,
+         "ResponseError: WRONGTYPE Operation against a key holding the wrong kind of value"),
+        (f"redis://{base}/99", stream_key(), "ResponseError: DB index is out of range"),
+        ("redis://127.0.0.1:1/0", stream_key(), "ConnectionError: Error 111 connecting to "
+                                                "127.0.0.1:1."),
+    ]
+    for url, stream, cause in cases:
+        async with Publisher(url, stream=stream, timeout=OK) as pub:
+            result = await pub.publish_result("e", 1)
+            again = await pub.publish_result("e", 2)
+        assert (result.id, result.outcome) == (None, Outcome.DROPPED)
+        assert result.error is not None and result.error.startswith(cause), url
+        if pub.stats.outages:  # the breaker opened: the next call was not sent
+            assert again.error == f"not sent while Redis is unavailable ({result.error})"
+        else:
+            assert again.error == result.error
+        with SyncPublisher(url, stream=stream, timeout=OK) as spub:
+            sync_result = spub.publish_result("e", 1)
+        assert sync_result.error is not None and sync_result.error.startswith(cause), url
+        assert "pa55word" not in result.error + sync_result.error
+    async with Publisher(f"redis://app:right@{base}/0", stream=stream_key(), timeout=OK) as pub:
+        published = await pub.publish_result("e", 1)
+    assert published.outcome is Outcome.PUBLISHED and published.error is None
+
+
 async def test_unreachable_from_the_start_never_raises():
     async with Publisher("redis://127.0.0.1:1/0", stream=stream_key(), timeout=0.2) as pub:
         started = time.monotonic()

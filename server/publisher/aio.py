@@ -95,7 +95,7 @@ class Publisher(PublisherCore):
             async with asyncio.timeout(self._call_timeout):
                 async with self._slots:  # callers beyond the pool size wait, within the timeout
                     if self._breaker.open:  # it may have opened while this call waited
-                        return self._fail(entries, "short_circuited")
+                        return self._short_circuited(entries)
                     sending = True
                     replies = await self._send(entries)
         except FAILURES as exc:

@@ -6,7 +6,7 @@ import logging
 import math
 import time
 
-from dualcast.publisher.results import PublisherStats
+from dualcast.publisher.results import PublisherStats, describe
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,8 @@ class Breaker:
         self.log_every = log_every
         self.open = False
         self.opened_at = 0.0
+        #: what opened it, in one line (the results of the calls it refuses say so)
+        self.reason = ""
         self.retry_at = 0.0
         self._last_log = -math.inf
 
@@ -41,6 +43,7 @@ class Breaker:
             return
         self.open = True
         self.opened_at = now
+        self.reason = describe(exc)
         self.cooldown = self.cooldown_min
         self.retry_at = now + self.cooldown
         stats.outages += 1

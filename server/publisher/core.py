@@ -23,7 +23,7 @@ from redis.retry import Retry
 
 from dualcast.publisher.breaker import Breaker
 from dualcast.publisher.encoding import Entry, prepare
-from dualcast.publisher.results import Outcome, PublisherStats, PublishResult
+from dualcast.publisher.results import Outcome, PublisherStats, PublishResult, describe
 from dualcast.publisher.throttle import Conflator
 from dualcast.redis_connect import RedisTarget, TlsFiles, Topology, parse_redis_url, redact
 
@@ -238,7 +238,12 @@ class PublisherCore:
             return None
         with self._lock:
             shut = self._breaker.open and not (may_probe and self._breaker.probe_due())
-        return self._fail(entries, "short_circuited") if shut else None
+        return self._short_circuited(entries) if shut else None
+
+    def _short_circuited(self, entries: Sequence[Entry]) -> list[PublishResult]:
+        """Not sent: the breaker is open; the results say what opened it."""
+        return self._fail(entries, "short_circuited",
+                          f"not sent while Redis is unavailable ({self._breaker.reason})")
 
     def _xadd(self, entry: Entry) -> tuple[Any, ...]:
         """Positional arguments of redis-py's `xadd` for one entry (MAXLEN ~ when trimming)."""
@@ -280,7 +285,7 @@ class PublisherCore:
         for entry, reply in zip(entries, replies, strict=True):
             if isinstance(reply, BaseException):
                 self._log_error(f"Redis refused XADD to {self.stream!r}", reply)
-                out.extend(self._fail([entry], "failed"))
+                out.extend(self._fail([entry], "failed", describe(reply)))
                 continue
             self.stats.published += 1
             out.append(PublishResult(str(reply), Outcome.PUBLISHED, acked, self.wait_for.replicas))
@@ -302,24 +307,30 @@ class PublisherCore:
             # queued behind this process's own publishes for the whole timeout: a local
             # overload, not a Redis outage, so the breaker stays closed
             self._log_error("publisher overloaded: no connection free within the timeout", exc)
-            return self._fail(entries, "overloaded")
+            return self._fail(entries, "overloaded",
+                              "no connection free within the timeout (this process's own "
+                              f"publishes hold them all): {describe(exc)}")
         with self._lock:
             self._breaker.failure(exc, self.stats, self._where, self._outcome,
                                   probe=probing and self._breaker.open)
-        return self._fail(entries, "failed")
+        return self._fail(entries, "failed", describe(exc))
 
     def _broken(self, entries: Sequence[Entry], exc: BaseException) -> list[PublishResult]:
         """Something unexpected raised: never into the caller; count it and go on."""
         self._log_error("unexpected publish error", exc)
-        return self._fail(entries, "failed")
+        return self._fail(entries, "failed", describe(exc))
 
-    def _fail(self, entries: Sequence[Entry], reason: Miss) -> list[PublishResult]:
-        """Redis did not take `entries`: hand them to the fallback or drop them."""
+    def _fail(self, entries: Sequence[Entry], reason: Miss,
+              error: str | None = None) -> list[PublishResult]:
+        """Redis did not take `entries` (`error` says why): hand them to the fallback or
+        drop them."""
         if reason != "local":
             setattr(self.stats, reason, getattr(self.stats, reason) + len(entries))
         if self.fallback is None:
             self.stats.dropped += len(entries)
-            return [DROPPED] * len(entries)
+            dropped = DROPPED if error is None else PublishResult(None, Outcome.DROPPED,
+                                                                  error=error)
+            return [dropped] * len(entries)
         out: list[PublishResult] = []
         for entry in entries:
             try:
@@ -331,7 +342,7 @@ class PublisherCore:
                 self._log_error("local fallback failed", exc)
             else:
                 self.stats.fallback += 1
-                out.append(PublishResult(local_id, Outcome.FALLBACK))
+                out.append(PublishResult(local_id, Outcome.FALLBACK, error=error))
         return out
 
     def _log_error(self, what: str, exc: BaseException | None = None) -> None:

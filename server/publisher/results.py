@@ -21,13 +21,17 @@ class PublishResult:
 
     ``replicas`` is the number of replicas that acknowledged the write within
     ``wait_timeout_ms`` (``None`` when no replicas were asked for, or the event
-    was not appended); ``wanted`` is the ``wait_replicas`` asked for.
+    was not appended); ``wanted`` is the ``wait_replicas`` asked for. ``error`` says
+    why Redis did not take an event that went to the fallback or was dropped (the
+    exception or Redis's refusal, in one line without a password), so that a caller
+    can report the cause; None when Redis took it or was not asked.
     """
 
     id: str | None
     outcome: Outcome
     replicas: int | None = None
     wanted: int = 0
+    error: str | None = None
 
     @property
     def replicated(self) -> bool:
@@ -67,3 +71,10 @@ class PublisherStats:
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+def describe(exc: BaseException) -> str:
+    """`exc` in one line for `PublishResult.error`: its type and message (a timeout has
+    none of its own)."""
+    text = str(exc) or ("no answer in time" if isinstance(exc, TimeoutError) else "")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
