@@ -228,7 +228,8 @@ async def _publish_redis(args: argparse.Namespace, settings: Settings, data: Any
     async with publisher:
         result = await publisher.publish_result(args.event, data, args.room or None)
     if result.id is None:
-        print(f"dualcast publish: Redis at {publisher.where} is not reachable", file=sys.stderr)
+        print(f"dualcast publish: Redis at {publisher.where} did not take the event: "
+              f"{result.error}", file=sys.stderr)
         return 1
     print(result.id)
     if not result.replicated:  # written to the primary: a warning, not a failure

@@ -16,17 +16,21 @@ from pathlib import Path
 import httpx
 import jwt
 import pytest
+import redis
 
 from tests.conftest import SECRET, token
-from tests.harness.procs import ROOT, DualcastProcess
+from tests.harness.procs import ROOT, DualcastProcess, RedisProcess
 from tests.harness.waits import wait_until
 
 
-def cli(*args: str, secret: str | None = SECRET) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, secret: str | None = SECRET,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    given = env or {}
     env = {k: v for k, v in os.environ.items() if not k.startswith("DUALCAST_")}
     env.pop("REDIS_URL", None)
     if secret is not None:
         env["DUALCAST_SECRET"] = secret
+    env.update(given)
     return subprocess.run([sys.executable, "-m", "server", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
 
@@ -137,3 +141,19 @@ def test_publish_url_mints_a_token_from_the_secret(
     given = cli("publish", "note", "{}", "--url", server.url,
                 "--token", token("p", publish=True), secret=None)
     assert given.returncode == 0, given.stderr
+
+
+def test_publish_says_why_redis_did_not_take_the_event(redis_server: RedisProcess) -> None:
+    """Not "unreachable" for a Redis that answered: its own reason, in one line."""
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        client.set("cli-clash", "a string, not a stream")
+    finally:
+        client.close()
+    done = cli("publish", "note", "{}", "--redis-url", redis_server.url,
+               env={"DUALCAST_STREAM": "cli-clash"})
+    assert done.returncode == 1
+    assert done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "did not take the event" in lines[0], done.stderr
+    assert "WRONGTYPE" in lines[0]
