@@ -75,7 +75,8 @@ export interface DualcastOptions {
   /** Start on this transport (e.g. the one that worked last time). */
   initial?: Transport;
   welcomeTimeoutMs?: number;
-  /** Long-poll wait in seconds (0-30). */
+  /** Long-poll wait in seconds (0-30; default 25). Halved after each `bad_timeout` from a
+   *  server whose limit is lower; a `bad_timeout` at 0 is a 'fatal' error. */
   pollTimeout?: number;
   retryBaseMs?: number;
   retryCapMs?: number;

@@ -434,41 +434,23 @@ class PollConnection extends FetchConnection {
   }
 
   async run() {
-    const env = this.env;
     let info = { kind: 'transport' };
     try {
       while (!this.closed) {
-        const cursor = this.getCursor();
-        this.abort = new env.AbortController();
-        const url = `${env.httpBase}/api/events${query({
-          after: cursor,
-          // the first request answers at once (that is our "welcome"), later ones wait
-          timeout: this.welcomed ? this.pollTimeout : 0,
-          rooms: this.rooms.length ? this.rooms.join(',') : null,
-        })}`;
-        // a proxy that swallows the answer must not hang us: give up a while after timeout
-        const guard = env.setTimeout(() => this.abort.abort(), (this.pollTimeout + 15) * 1000);
-        let response;
-        let body;
-        try {
-          response = await env.fetch(url, {
-            signal: this.abort.signal, cache: 'no-store', credentials: 'same-origin',
-            headers: withToken(env, { Accept: 'application/json' }),
-          });
-          if (this.closed) return;
-          if (!response.ok) {
-            const err = await errorBody(response);
-            info = {
-              kind: classifyRefusal(response.status, err), status: response.status,
-              code: err.error ?? err.code, message: err.message,
-            };
-            return;
-          }
-          body = await response.json();
-        } finally {
-          env.clearTimeout(guard);
-        }
+        // the first request answers at once (that is our "welcome"), later ones wait
+        const wait = this.welcomed ? this.pollTimeout : 0;
+        const answer = await this.ask(wait);
         if (this.closed) return;
+        if (answer.refusal) {
+          if (answer.refusal.code === 'bad_timeout' && wait >= 1) {
+            // an older or stricter server's limit is below ours: ask for less
+            this.pollTimeout = Math.floor(wait / 2);
+            continue;
+          }
+          info = answer.refusal;
+          return;
+        }
+        const body = answer.body;
         if (!body || typeof body !== 'object') {
           info = { kind: 'transport', error: 'bad poll answer' };
           return;
@@ -493,6 +475,39 @@ class PollConnection extends FetchConnection {
     }
   }
 
+  /**
+   * One poll, waiting up to `wait` s at the server: {body}, {refusal} (what the sink is
+   * told). Network errors throw.
+   */
+  async ask(wait) {
+    const env = this.env;
+    this.abort = new env.AbortController();
+    const url = `${env.httpBase}/api/events${query({
+      after: this.getCursor(),
+      timeout: wait,
+      rooms: this.rooms.length ? this.rooms.join(',') : null,
+    })}`;
+    // a proxy that swallows the answer must not hang us: give up a while after timeout
+    const guard = env.setTimeout(() => this.abort.abort(), (wait + 15) * 1000);
+    try {
+      const response = await env.fetch(url, {
+        signal: this.abort.signal, cache: 'no-store', credentials: 'same-origin',
+        headers: withToken(env, { Accept: 'application/json' }),
+      });
+      if (!response.ok) {
+        const err = await errorBody(response);
+        return {
+          refusal: {
+            kind: classifyRefusal(response.status, err), status: response.status,
+            code: err.error ?? err.code, message: err.message,
+          },
+        };
+      }
+      return { body: await response.json() };
+    } finally {
+      env.clearTimeout(guard);
+    }
+  }
 }
 
 const CONNECTIONS = { websocket: WebSocketConnection, sse: SSEConnection, polling: PollConnection };

@@ -204,3 +204,28 @@ describe('fallback against a real server that refuses WebSocket', { skip, timeou
     }
   });
 });
+
+describe('polling a server whose DUALCAST_POLL_TIMEOUT_MAX is below 25', { skip, timeout: 60000 },
+  () => {
+    let server;
+    before(async () => {
+      server = await new Server({ DUALCAST_POLL_TIMEOUT_MAX: '10' }).start();
+    });
+    after(async () => {
+      await server?.stop();
+    });
+
+    it('keeps polling with a shorter wait and delivers each id once', { timeout: 30000 },
+      async () => {
+        const c = watch(server.url, { token: token({ admin: true }), transports: ['polling'] });
+        try {
+          await live(c.dc, 'polling');
+          const ids = await publishMany(server, 3, 'short-max');
+          await received(c.seen, ids);
+          assert.deepEqual(c.errors, []);
+          assert.equal(c.dc.state, 'live');
+        } finally {
+          c.dc.stop();
+        }
+      });
+  });

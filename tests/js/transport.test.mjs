@@ -44,9 +44,14 @@ function sseRoute() {
  * An /api/events route answering from a list of published events after `after`; with
  * nothing to send it holds the answer for `timeout` seconds of the fake clock.
  */
-function pollRoute(clock, published, { reset = false } = {}) {
+function pollRoute(clock, published, { reset = false, max = 30 } = {}) {
   const handler = (request) => {
     const after = request.params.get('after');
+    if (Number(request.params.get('timeout') ?? 0) > max) {
+      return jsonResponse(400, {
+        error: 'bad_timeout', message: `timeout must be seconds between 0 and ${max}`,
+      });
+    }
     if (reset && after !== '5000-0') {
       return jsonResponse(200, { events: [], last_id: '5000-0', reset: true });
     }
@@ -256,6 +261,46 @@ describe('fallback chain and climbing back', { timeout: 5000 }, () => {
     await t.clock.tick(0);
     assert.equal(t.manager.transport, 'sse');
     t.manager.stop();
+  });
+});
+
+describe('a server whose poll limit is below ours', { timeout: 5000 }, () => {
+  it('bad_timeout: the wait is halved until the server takes it, and polling goes on',
+    async () => {
+      const published = [];
+      const clock = new FakeClock();
+      const t = setup({
+        clock, transports: ['polling'],
+        routes: { '/api/events': pollRoute(clock, published, { max: 10 }) },
+      });
+      t.manager.start();
+      await t.clock.tick(0);
+      const asked = () => t.fetch.calls.map((c) => c.params.get('timeout'));
+      assert.deepEqual(asked(), ['0', '25', '12', '6'], 'halved until it fits');
+      assert.equal(t.manager.state, 'live');
+      published.push(evt(1));
+      await t.clock.tick(6000);
+      published.push(evt(2));
+      await t.clock.tick(6000);
+      assert.deepEqual(t.seen, ['1001-0', '1002-0']);
+      assert.ok(asked().slice(3).every((s) => s === '6'), `then 6 s each time: ${asked()}`);
+      assert.equal(t.manager.state, 'live');
+      assert.deepEqual(t.errors, []);
+      t.manager.stop();
+    });
+
+  it('bad_timeout even at timeout 0: an error that stops, not an endless retry', async () => {
+    const clock = new FakeClock();
+    const t = setup({
+      clock, transports: ['polling'],
+      routes: { '/api/events': pollRoute(clock, [], { max: -1 }) },
+    });
+    t.manager.start();
+    await t.clock.tick(60000);
+    assert.equal(t.fetch.calls.length, 1);
+    assert.equal(t.errors[0].code, 'bad_timeout');
+    assert.equal(t.errors[0].kind, 'fatal');
+    assert.equal(t.manager.state, 'offline');
   });
 });
 
