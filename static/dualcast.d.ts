@@ -64,7 +64,9 @@ export type TokenSource = string | (() => string | Promise<string>);
 
 export interface DualcastOptions {
   /** A token, or a function called at start, again a minute before `exp`, and after an
-   *  auth refusal. None: the dashboard's cookie (same origin only) or anonymous. */
+   *  auth refusal. None: the dashboard's cookie (same origin only) or anonymous. A new
+   *  token from the function goes to the open connection at once (an `auth` frame on a
+   *  WebSocket; a waiting poll or an SSE stream asks again with it, from the cursor). */
   token?: TokenSource;
   /** Rooms to join; none: the server's default for the token. */
   rooms?: string[];

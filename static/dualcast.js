@@ -430,7 +430,20 @@ class PollConnection extends FetchConnection {
     this.rooms = rooms;
     this.getCursor = getCursor;
     this.pollTimeout = pollTimeout;
+    this.renewing = false;
     this.run();
+  }
+
+  /**
+   * A new token: the poll waiting at the server carries the old one and would be
+   * answered 401 when that one runs out. Drop it and ask again, from the manager's
+   * cursor (an answer dropped before it was handed on moved nothing, so nothing is
+   * lost or repeated), without a new welcome.
+   */
+  renew() {
+    if (this.closed || !this.abort) return;
+    this.renewing = true;
+    this.abort.abort();
   }
 
   async run() {
@@ -441,6 +454,7 @@ class PollConnection extends FetchConnection {
         const wait = this.welcomed ? this.pollTimeout : 0;
         const answer = await this.ask(wait);
         if (this.closed) return;
+        if (answer.renewed) continue;
         if (answer.refusal) {
           if (answer.refusal.code === 'bad_timeout' && wait >= 1) {
             // an older or stricter server's limit is below ours: ask for less
@@ -477,11 +491,12 @@ class PollConnection extends FetchConnection {
 
   /**
    * One poll, waiting up to `wait` s at the server: {body}, {refusal} (what the sink is
-   * told). Network errors throw.
+   * told) or {renewed} (renew() dropped it). Network errors throw.
    */
   async ask(wait) {
     const env = this.env;
     this.abort = new env.AbortController();
+    this.renewing = false;
     const url = `${env.httpBase}/api/events${query({
       after: this.getCursor(),
       timeout: wait,
@@ -504,6 +519,9 @@ class PollConnection extends FetchConnection {
         };
       }
       return { body: await response.json() };
+    } catch (err) {
+      if (this.renewing && !this.closed) return { renewed: true };
+      throw err;
     } finally {
       env.clearTimeout(guard);
     }
@@ -637,6 +655,33 @@ export class TransportManager {
     this.teardown();
     this.failures = 0;
     this.open();
+  }
+
+  /**
+   * A refreshed token: a live WebSocket takes it in an `auth` frame; a waiting poll
+   * asks again with it; an SSE stream (or a WebSocket not yet welcomed) holds the old
+   * one in its request, so it reconnects from the cursor before that one runs out.
+   * Without a connection, the next open reads the new token anyway.
+   */
+  renewToken(token) {
+    if (!this.running || this.paused) return;
+    if (this.conn?.name === 'polling') {
+      this.conn.renew();
+    } else if (this.conn && !this.send({ type: 'auth', token })) {
+      this.restart({}); // drops a probe too: the next climb opens it with the new token
+      return;
+    }
+    this.reprobe();
+  }
+
+  /** A probe opened with the old token would be promoted holding it: probe afresh. */
+  reprobe() {
+    const probe = this.probe;
+    if (!probe) return;
+    probe.close();
+    this.probe = null;
+    this.clear('probeWelcome');
+    this.probeNext(this.order.indexOf(probe.name));
   }
 
   /** Send a frame on the WebSocket (e.g. a refreshed token); false when not on WS. */
@@ -1128,12 +1173,7 @@ export class Dualcast {
     this.token = typeof token === 'string' && token ? token : null;
     this.refreshedAt = this.now();
     this.scheduleRefresh();
-    if (previous && this.token && this.token !== previous && this.manager.running) {
-      // a live WebSocket takes the new token in place; an SSE stream holds the old one
-      // in its request, so it reconnects (from the cursor) before that one runs out
-      const sent = this.manager.send({ type: 'auth', token: this.token });
-      if (!sent && this.manager.transport === 'sse') this.manager.restart({});
-    }
+    if (previous && this.token && this.token !== previous) this.manager.renewToken(this.token);
     return true;
   }
 

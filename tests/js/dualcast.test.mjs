@@ -146,6 +146,88 @@ describe('Dualcast', { timeout: 10000 }, () => {
     t.dc.stop();
   });
 
+  it('a refreshed token on polling: the waiting poll asks again with it, from the cursor',
+    async () => {
+      const clock = new FakeClock();
+      const issued = [];
+      const polls = []; // {request, answer(body)}: the test answers each poll by hand
+      const t = setup({
+        clock, transports: ['polling'], lastEventId: '1000-0',
+        token: async () => {
+          issued.push(jwt({ sub: 'u', exp: Math.floor(clock.now() / 1000) + 8 }));
+          return issued.at(-1);
+        },
+        routes: {
+          '/base/api/events': (request) => new Promise((resolve) => {
+            polls.push({ request, answer: (body) => resolve(jsonResponse(200, body)) });
+          }),
+        },
+      });
+      const answer = (i, events) => polls[i].answer({
+        events, last_id: events.at(-1)?.id ?? polls[i].request.params.get('after'), reset: false,
+      });
+      t.dc.start();
+      await clock.tick(0);
+      answer(0, [evt(1)]); // the first poll is the welcome
+      await clock.tick(0);
+      assert.equal(t.dc.state, 'live');
+      assert.equal(polls.length, 2);
+      assert.equal(polls[1].request.headers.Authorization, `Bearer ${issued[0]}`);
+      await clock.tick(4000); // half the token's life: the token function is asked again
+      assert.equal(issued.length, 2);
+      assert.ok(polls[1].request.signal.aborted, 'the poll holding the old token is dropped');
+      assert.equal(polls.length, 3);
+      const again = polls[2].request;
+      assert.equal(again.headers.Authorization, `Bearer ${issued[1]}`);
+      assert.equal(again.params.get('after'), '1001-0', 'from the cursor');
+      assert.equal(again.params.get('timeout'), '25', 'a poll, not a new welcome');
+      answer(1, [evt(2)]); // the dropped poll's late answer counts for nothing
+      answer(2, [evt(2), evt(3)]);
+      await clock.tick(0);
+      assert.deepEqual(t.seen, ['1001-0', '1002-0', '1003-0']);
+      assert.equal(polls[3].request.params.get('after'), '1003-0');
+      assert.deepEqual(t.states, ['polling/connecting', 'polling/live'], 'no reconnect');
+      assert.deepEqual(t.errors, []);
+      t.dc.stop();
+    });
+
+  it('a refreshed token while a WebSocket probe waits for welcome: probed again with it',
+    async () => {
+      const clock = new FakeClock();
+      const issued = [];
+      const t = setup({
+        clock, transports: ['websocket', 'polling'], climbBaseMs: 1000, welcomeTimeoutMs: 10_000,
+        token: async () => {
+          issued.push(jwt({ sub: 'u', exp: Math.floor(clock.now() / 1000) + 8 }));
+          return issued.at(-1);
+        },
+        routes: {
+          '/base/api/events': (request) => (request.params.get('timeout') === '0'
+            ? jsonResponse(200, { events: [], last_id: '1000-0', reset: false })
+            : new Promise(() => {})),
+        },
+      });
+      t.WS.refuse = true;
+      t.dc.start();
+      await clock.tick(0);
+      assert.equal(t.dc.transport, 'polling');
+      t.WS.refuse = false;
+      await clock.tick(1000); // the climb opens a probe, with the first token
+      assert.equal(t.WS.instances.length, 2);
+      const stale = t.WS.last();
+      assert.equal(stale.params.get('token'), issued[0]);
+      await clock.tick(3000); // the refresh, while the probe has not said welcome
+      assert.equal(issued.length, 2);
+      assert.ok(stale.closed, 'the probe holding the old token is dropped');
+      const probe = t.WS.last();
+      assert.equal(probe.params.get('token'), issued[1]);
+      probe.welcome('1000-0');
+      assert.equal(t.dc.transport, 'websocket');
+      assert.equal(t.dc.state, 'live');
+      assert.deepEqual(t.errors, []);
+      t.dc.stop();
+    });
+
   it('a token function that fails: token_unavailable, nothing opened', async () => {
     const t = setup({ token: async () => { throw new Error('backend down'); } });
     t.dc.start();

@@ -94,8 +94,8 @@ describe('dualcast.js against a real server', { skip, timeout: 120000 }, () => {
   });
 
   it('asks a token function again before the token expires, and keeps delivering',
-    { timeout: 40000 }, async () => {
-      for (const transport of ['websocket', 'sse']) {
+    { timeout: 60000 }, async () => {
+      for (const transport of ['websocket', 'sse', 'polling']) {
         let calls = 0;
         const c = watch(server.url, {
           token: async () => {
