@@ -25,6 +25,11 @@ Command line (prints to stdout)::
     python nginx/render.py --upstream 10.0.0.5:8000 --upstream 10.0.0.6:8000 \\
         --server-name push.example.com --static-root /srv/dualcast/static \\
         --ssl-certificate /etc/ssl/push.pem --ssl-certificate-key /etc/ssl/push.key
+    python nginx/render.py --access-log off      # no access log
+
+Paths are quoted when they need it; a value nginx cannot take (``$`` in a path,
+``--limit-conn 0``, an upstream that is not one ``host:port`` word) ends in one
+line and exit status 2.
 """
 
 from __future__ import annotations
@@ -152,7 +157,7 @@ _HTTP_REDIRECT_SERVER = """
 server {
     listen {{listen}};
     server_name {{server_name}};
-    access_log {{access_log}} dualcast;
+    access_log {{access_log}};
     client_header_timeout {{client_header_timeout}};
     limit_conn dualcast_per_client {{limit_conn}};
 
@@ -188,6 +193,45 @@ _TEST_LOCATIONS = """
 
 class TemplateError(ValueError):
     """A template and its values do not match (missing or unused placeholders)."""
+
+
+#: What a path may hold and still be written bare; anything else is quoted.
+_BARE_PATH = re.compile(r"[A-Za-z0-9_./@%+=:,~-]+")
+#: What a word (an address, a port, a host name) may hold.
+_WORD = re.compile(r"[A-Za-z0-9_.:/\[\]*-]+")
+
+
+def nginx_path(value: str | Path, what: str) -> str:
+    """`value` as one nginx argument: bare when it can be, else double-quoted.
+
+    A space or a quote would otherwise split the argument or end the directive;
+    `$` cannot be written at all (nginx reads a variable there in `root` and
+    `access_log`, quoted or not), nor can a control character.
+    """
+    text = str(value)
+    if not text:
+        raise ValueError(f"{what} is empty")
+    if "$" in text or any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise ValueError(
+            f"{what} {text!r}: nginx cannot take a path with '$' or a control character")
+    if _BARE_PATH.fullmatch(text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def nginx_word(value: str, what: str) -> str:
+    """`value` checked as one bare nginx word (`host:port`, a port, a server name)."""
+    if not _WORD.fullmatch(value):
+        raise ValueError(f"{what} {value!r}: not a single word nginx can take "
+                         "(letters, digits and . : / - _ [ ] *)")
+    return value
+
+
+def access_log_directive(access_log: str | Path) -> str:
+    """The arguments of `access_log`: a file in the `dualcast` format, or ``off``."""
+    if str(access_log) == "off":
+        return "off"
+    return f"{nginx_path(access_log, 'access log')} dualcast"
 
 
 def fill(template: str, values: Mapping[str, object]) -> str:
@@ -232,6 +276,14 @@ def render_site(
         raise ValueError(f"unknown nginx mode {mode!r}; one of {', '.join(MODES)}")
     if not upstreams:
         raise ValueError("at least one upstream (host:port) is needed")
+    if limit_conn < 1:
+        raise ValueError(f"limit_conn {limit_conn}: nginx needs at least 1 connection per client")
+    for upstream in upstreams:
+        nginx_word(upstream, "upstream")
+    nginx_word(listen, "listen")
+    nginx_word(server_name, "server name")
+    static_root = nginx_path(static_root, "static root")
+    access_log = access_log_directive(access_log)
     server_extra = ""
     if mode in ("no-websocket", "buffering"):
         server_extra += _REFUSE_UPGRADE
@@ -258,6 +310,9 @@ def render_site(
     else:
         if ssl_certificate is None or ssl_certificate_key is None:
             raise ValueError("tls_listen needs ssl_certificate and ssl_certificate_key")
+        nginx_word(tls_listen, "tls listen")
+        ssl_certificate = nginx_path(ssl_certificate, "ssl certificate")
+        ssl_certificate_key = nginx_path(ssl_certificate_key, "ssl certificate key")
         listen_lines = f"    listen {tls_listen} ssl http2;"
         https_port = tls_listen.rsplit(":", 1)[-1]
         http_server = fill(_HTTP_REDIRECT_SERVER, {
@@ -337,7 +392,19 @@ def render_production() -> str:
     return render_site(**PRODUCTION)  # type: ignore[arg-type]
 
 
+def _connections(text: str) -> int:
+    """--limit-conn: a whole number of at least 1 (nginx refuses 0)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: nginx needs at least 1")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Print the config; arguments nginx would refuse end in one line and exit 2."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--upstream", action="append", metavar="HOST:PORT",
@@ -345,19 +412,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--listen", default=PRODUCTION["listen"])
     parser.add_argument("--server-name", default=PRODUCTION["server_name"])
-    parser.add_argument("--static-root", default=PRODUCTION["static_root"])
-    parser.add_argument("--access-log", default=PRODUCTION["access_log"])
+    parser.add_argument("--static-root", default=PRODUCTION["static_root"],
+                        help="dualcast's static/ folder, served by nginx (quoted when needed)")
+    parser.add_argument("--access-log", default=PRODUCTION["access_log"],
+                        help="the access log file (tokens masked); 'off' = no access log")
     parser.add_argument("--tls-listen", default=PRODUCTION["tls_listen"],
                         help="port (or address:port) of the https server; '' = plain HTTP only")
     parser.add_argument("--ssl-certificate", default=None,
                         help="certificate chain (default: Let's Encrypt's path for --server-name)")
     parser.add_argument("--ssl-certificate-key", default=None)
-    parser.add_argument("--limit-conn", type=int, default=LIMIT_CONN,
-                        help="connections (HTTP/2 streams) one client address may hold")
+    parser.add_argument("--limit-conn", type=_connections, default=LIMIT_CONN,
+                        help="connections (HTTP/2 streams) one client address may hold (1 or more)")
     args = parser.parse_args(argv)
     live = f"/etc/letsencrypt/live/{args.server_name}"
-    print(
-        render_site(
+    try:
+        site = render_site(
             upstreams=args.upstream or PRODUCTION["upstreams"],
             listen=args.listen,
             server_name=args.server_name,
@@ -367,9 +436,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             ssl_certificate=args.ssl_certificate or f"{live}/fullchain.pem",
             ssl_certificate_key=args.ssl_certificate_key or f"{live}/privkey.pem",
             limit_conn=args.limit_conn,
-        ),
-        end="",
-    )
+        )
+    except ValueError as err:  # a value nginx could not take: one line, exit 2
+        parser.error(str(err))
+    print(site, end="")
     return 0
 
 

@@ -14,6 +14,8 @@ import asyncio
 import json
 import re
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -269,6 +271,77 @@ def test_a_config_nginx_refuses_fails_loudly_with_its_message(
         proc.validate()
     with pytest.raises(render.TemplateError, match="missing values"):
         render.fill("listen {{listen}};", {})
+
+
+def render_py(*args: str) -> subprocess.CompletedProcess[str]:
+    """`python nginx/render.py ARGS`, as a user runs it."""
+    return subprocess.run([sys.executable, str(ROOT / "nginx" / "render.py"), *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+def check_rendered(tmp_path: Path, site: str) -> None:
+    """`nginx -t` on a site config render.py printed (raises NginxError with its words)."""
+    (tmp_path / "dualcast.conf").write_text(site)
+    (tmp_path / "nginx.conf").write_text(
+        render.render_main(prefix=tmp_path, site_conf=tmp_path / "dualcast.conf")
+    )
+    NginxProcess(tmp_path, [1]).validate()
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--limit-conn", "0"], "argument --limit-conn: 0: nginx needs at least 1"),
+    (["--static-root", "/srv/$host/static"], "static root '/srv/$host/static': nginx cannot"),
+    (["--access-log", "/var/log/a\nb.log"], "access log '/var/log/a\\nb.log': nginx cannot"),
+    (["--upstream", "127.0.0.1 8001"], "upstream '127.0.0.1 8001': not a single word"),
+    (["--server-name", "push.example.com;"], "server name 'push.example.com;': not a single"),
+])
+def test_render_py_refuses_what_nginx_would_refuse_in_one_line(
+    args: list[str], says: str
+) -> None:
+    result = render_py(*args)
+    assert result.returncode == 2, result.stdout
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith(f"render.py: error: {says}"), result.stderr
+
+
+def test_render_py_quotes_paths_with_spaces_and_nginx_takes_them(
+    tmp_path: Path, nginx_binary: str
+) -> None:
+    static = tmp_path / "my static"
+    static.mkdir()
+    logs = tmp_path / "my logs"
+    logs.mkdir()
+    require_tool("openssl", "the TLS tests make a throwaway CA with it")
+    tls = make_throwaway_ca(tmp_path / "tls dir")
+    result = render_py("--upstream", "127.0.0.1:8001", "--listen", "127.0.0.1:18080",
+                       "--static-root", str(static), "--access-log", str(logs / "a.log"),
+                       "--ssl-certificate", str(tls.cert), "--ssl-certificate-key", str(tls.key))
+    assert result.returncode == 0, result.stderr
+    assert f'    root "{static}";' in result.stdout
+    assert f'    access_log "{logs / "a.log"}" dualcast;' in result.stdout
+    check_rendered(tmp_path, result.stdout)
+
+
+def test_a_static_root_with_a_space_is_served(tmp_path: Path, nginx_binary: str) -> None:
+    static = tmp_path / "my static"
+    static.mkdir()
+    (static / "index.html").write_text("<!doctype html><title>from a folder with a space</title>")
+    with NginxProcess(tmp_path / "nginx", [free_port()], static_dir=static) as nginx:
+        with nginx.http_client(timeout=10) as client:
+            page = client.get("/")
+    assert page.status_code == 200 and "folder with a space" in page.text
+
+
+def test_render_py_access_log_off_means_no_access_log(tmp_path: Path, nginx_binary: str) -> None:
+    result = render_py("--upstream", "127.0.0.1:8001", "--tls-listen", "",
+                       "--listen", "127.0.0.1:18080", "--static-root", str(tmp_path),
+                       "--access-log", "off")
+    assert result.returncode == 0, result.stderr
+    lines = [line.strip() for line in result.stdout.splitlines()]
+    logs = [line for line in lines if line.startswith("access_log")]
+    assert logs == ["access_log off;"] * 3  # the server's, and the two locations' own
+    check_rendered(tmp_path, result.stdout)
 
 
 # ---- the production config, end to end ---------------------------------------------------
