@@ -9,7 +9,6 @@ refusal reaches the client (HTTP status and JSON, a WebSocket denial or an
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +17,7 @@ from starlette.responses import JSONResponse
 
 from dualcast.auth import AuthError, Identity
 from dualcast.events import StreamId, parse_id
+from dualcast.names import name_rule
 from dualcast.protocol import ErrorCode, Transport
 from dualcast.query import query_of
 from dualcast.quotas import FREE, Lease
@@ -144,7 +144,7 @@ def choose_rooms(
     """
     if raw is None or not raw.strip():
         return identity.default_rooms(), []
-    pattern = re.compile(settings.room_pattern)
+    accepts = name_rule("room", settings.room_pattern).accepts
     names = list(dict.fromkeys(part.strip() for part in raw.split(",") if part.strip()))
     malformed: list[tuple[ErrorCode, str]] = []
     forbidden: list[tuple[ErrorCode, str]] = []
@@ -155,7 +155,7 @@ def choose_rooms(
         names = names[: settings.max_rooms]
     rooms: set[str] = set()
     for name in names:
-        if not pattern.fullmatch(name):
+        if not accepts(name):
             malformed.append((ErrorCode.BAD_ROOM, f"malformed room name {name[:80]!r}"))
         elif not identity.may_join(name):
             forbidden.append((ErrorCode.FORBIDDEN_ROOM, f"not allowed in room {name!r}"))

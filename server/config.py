@@ -7,13 +7,19 @@ Every knob is an environment variable with the `DUALCAST_` prefix (plain
 from __future__ import annotations
 
 import os
-import re
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from dualcast.names import EVENT_NAME_PATTERN, ROOM_NAME_PATTERN
+from dualcast.names import EVENT_NAME_PATTERN, ROOM_NAME_PATTERN, name_rule
 from dualcast.redis_connect import TlsFiles, parse_redis_url
 from dualcast.secret_file import MIN_SECRET_BYTES
 
@@ -130,11 +136,10 @@ class Settings(BaseSettings):
 
     @field_validator("room_pattern", "event_pattern")
     @classmethod
-    def _regex(cls, value: str) -> str:
-        try:
-            re.compile(value)
-        except re.error as exc:
-            raise ValueError(f"not a regular expression: {exc}") from None
+    def _name_pattern(cls, value: str, info: ValidationInfo) -> str:
+        """A pattern that compiles, refuses the empty name and the names that would break
+        the protocol (see dualcast.names: those limits also hold per name at run time)."""
+        name_rule("room" if info.field_name == "room_pattern" else "event", value)
         return value
 
     @field_validator("secret", mode="before")

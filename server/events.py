@@ -12,14 +12,14 @@ import enum
 import re
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dualcast.names import EVENT_NAME_PATTERN as EVENT_NAME_PATTERN
+from dualcast.names import MAX_ROOMS, NameRule, check_rooms, name_rule
 from dualcast.names import ROOM_NAME_PATTERN as ROOM_NAME_PATTERN
-from dualcast.names import check_event, check_rooms
 
 _ID_RE = re.compile(r"^(\d{1,20})(?:-(\d{1,20}))?$")
 
@@ -73,6 +73,41 @@ def dumps(value: Any) -> bytes:
     return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS)
 
 
+class NameRules(NamedTuple):
+    """The event and room name rules one process serves with."""
+
+    event: NameRule
+    room: NameRule
+
+    @classmethod
+    def of(cls, event_pattern: str, room_pattern: str) -> NameRules:
+        return cls(name_rule("event", event_pattern), name_rule("room", room_pattern))
+
+
+_rules = NameRules.of(EVENT_NAME_PATTERN, ROOM_NAME_PATTERN)
+#: What the decoder calls per name: bound once here, so the hot path looks up one
+#: global, as it did when it held the default patterns compiled at import.
+_event_ok = _rules.event.accepts
+_room_ok = _rules.room.accepts
+
+
+def use_names(rules: NameRules) -> None:
+    """Serve with these name rules: the decoder and the `Envelope` model follow them.
+
+    Called once, when a process builds its runtime (each worker builds its own), so
+    events published with a deployment's wider pattern are the events its decoder
+    delivers. A process that never calls it (a producer) keeps the defaults.
+    """
+    global _rules, _event_ok, _room_ok
+    _rules = rules
+    _event_ok, _room_ok = rules.event.accepts, rules.room.accepts
+
+
+def name_rules() -> NameRules:
+    """The name rules this process serves with."""
+    return _rules
+
+
 class Envelope(BaseModel):
     """What a producer appends: the JSON in the stream entry's `data` field."""
 
@@ -82,16 +117,16 @@ class Envelope(BaseModel):
     data: Any = None
     rooms: list[str] = Field(default_factory=list)
 
-    # the rules live in dualcast.names, shared with the publisher and the publish API
+    # the rules live in dualcast.names; the patterns are this process's (`use_names`)
     @field_validator("event")
     @classmethod
     def _event_is_a_name(cls, event: str) -> str:
-        return check_event(event)
+        return _rules.event.check(event)
 
     @field_validator("rooms")
     @classmethod
     def _rooms_are_names(cls, rooms: list[str]) -> list[str]:
-        return check_rooms(rooms)
+        return check_rooms(rooms, _rules.room.pattern)
 
 
 def entry_fields(envelope: Envelope, timestamp_ms: int | None = None) -> dict[str, str]:
@@ -175,12 +210,8 @@ class Event:
 #: What one stream entry holds as read: `bytes` from Redis, `str` from the memory engine.
 RawFields = Mapping[Any, str | bytes]
 
-#: Anchored by `fullmatch`, never `match`: `$` also matches before a final line
-#: break, which must never reach an SSE `event:` line.
-_EVENT_NAME = re.compile(EVENT_NAME_PATTERN)
-_ROOM_NAME = re.compile(ROOM_NAME_PATTERN)
 _TIMESTAMP = re.compile(r"-?[0-9]{1,19}")
-_MAX_ROOMS = 100
+_MAX_ROOMS = MAX_ROOMS
 _I64 = 2**63
 
 
@@ -214,7 +245,7 @@ def _rooms(body: dict[str, Any]) -> tuple[str, ...]:
     if type(rooms) is not list or len(rooms) > _MAX_ROOMS:
         raise MalformedEntry(Malformed.BAD_ROOMS, "'rooms' is not a list of at most 100 names")
     for room in rooms:
-        if type(room) is not str or _ROOM_NAME.fullmatch(room) is None:
+        if type(room) is not str or not _room_ok(room):
             raise MalformedEntry(Malformed.BAD_ROOMS, f"room {str(room)[:70]!r} is not a room name")
     return tuple(rooms)
 
@@ -247,7 +278,7 @@ def decode_entry(entry_id: str, fields: RawFields) -> Event:
     if type(body) is not dict:
         raise MalformedEntry(Malformed.NOT_OBJECT, "'data' is not a JSON object")
     name = body.get("event")
-    if type(name) is not str or _EVENT_NAME.fullmatch(name) is None:
+    if type(name) is not str or not _event_ok(name):
         raise MalformedEntry(Malformed.BAD_EVENT, f"'event' {str(name)[:70]!r} is not a name")
     rooms = _rooms(body)
     try:

@@ -16,7 +16,14 @@ from typing import Any
 from dualcast.auth import Authenticator
 from dualcast.config import Settings
 from dualcast.consumer import Consumer
-from dualcast.events import Envelope, decode_entry, entry_fields, format_id
+from dualcast.events import (
+    Envelope,
+    NameRules,
+    decode_entry,
+    entry_fields,
+    format_id,
+    use_names,
+)
 from dualcast.fdlimit import process_cap
 from dualcast.flights import Flights
 from dualcast.hub import CloseReason, Hub
@@ -41,6 +48,8 @@ class Runtime:
     def __init__(self, settings: Settings, secret: str | None) -> None:
         self.settings = settings
         self.secret = secret
+        # the decoder and the publish envelope check names with this deployment's patterns
+        use_names(NameRules.of(settings.event_pattern, settings.room_pattern))
         self.auth = Authenticator.from_settings(settings, secret)
         self.log: EventLog = create_log(settings)
         self.hub = Hub(settings.recent_window)

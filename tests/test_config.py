@@ -66,3 +66,35 @@ def test_serve_with_a_bad_setting_exits_with_one_clear_line() -> None:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert "DUALCAST_PORT" in lines[0]
+
+
+@pytest.mark.parametrize(("env", "value", "why"), [
+    ("DUALCAST_ROOM_PATTERN", "", "must not be empty"),
+    ("DUALCAST_EVENT_PATTERN", "", "must not be empty"),
+    ("DUALCAST_ROOM_PATTERN", "^[a-z]{0,64}$", "accepts the empty room name"),
+    ("DUALCAST_ROOM_PATTERN", ".*", "accepts the empty room name"),
+    ("DUALCAST_ROOM_PATTERN", "^[^/]{1,64}$", "may never hold a comma, whitespace"),
+    ("DUALCAST_ROOM_PATTERN", r"^\S{1,64}$", "may never hold a comma, whitespace"),
+    ("DUALCAST_ROOM_PATTERN", "^[a-z]+$", "over 256 characters"),
+    ("DUALCAST_EVENT_PATTERN", "^.{1,64}$", "may never hold a line break"),
+    ("DUALCAST_EVENT_PATTERN", r"(?s)^[a-z\n]{1,64}$", "may never hold a line break"),
+])
+def test_a_name_pattern_that_admits_protocol_breaking_names_is_refused(
+    monkeypatch: pytest.MonkeyPatch, env: str, value: str, why: str
+) -> None:
+    """A pattern that refuses every name, or admits one the protocol cannot carry (a
+    comma splits `?rooms=`, a line break an SSE frame), fails at start, not per event."""
+    monkeypatch.setenv(env, value)
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    message = str(info.value)
+    assert message.startswith(f"bad setting {env}: ") and why in message
+    assert "\n" not in message
+
+
+def test_a_wider_name_pattern_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DUALCAST_ROOM_PATTERN", "^[a-z0-9/-]{1,64}$")
+    monkeypatch.setenv("DUALCAST_EVENT_PATTERN", "^[a-z0-9/ _]{1,128}$")
+    settings = load_settings()
+    assert settings.room_pattern == "^[a-z0-9/-]{1,64}$"
+    assert settings.event_pattern == "^[a-z0-9/ _]{1,128}$"

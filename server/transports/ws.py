@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,6 +22,7 @@ from dualcast.direct import text_frame_header, ws_sink
 from dualcast.feed import Feed, FeedClosed
 from dualcast.frames import WS_PONG, ws_error, ws_frames, ws_room, ws_welcome
 from dualcast.hub import CloseReason
+from dualcast.names import name_rule
 from dualcast.protocol import AUTH_CODES, ErrorCode, FrameType, Transport, WSClose
 from dualcast.runtime import Runtime
 from dualcast.stalls import Stalled, Writer
@@ -71,7 +71,7 @@ class Session:
         self.inbox: Inbox | None = None
         #: The task running `read`, if any: with an inbox, only while messages wait.
         self.reader: asyncio.Task[None] | None = None
-        self._room_re = re.compile(rt.settings.room_pattern)
+        self._room_ok = name_rule("room", rt.settings.room_pattern).accepts
 
     async def send(self, frame: str) -> None:
         """The one way a frame leaves: the ASGI send itself, watched by the stall watch.
@@ -160,7 +160,7 @@ class Session:
 
     def room(self, kind: FrameType, room: object) -> None:
         sub, max_rooms = self.feed.sub, self.rt.settings.max_rooms
-        if not isinstance(room, str) or not self._room_re.fullmatch(room):
+        if not isinstance(room, str) or not self._room_ok(room):
             self.abuse(ErrorCode.BAD_ROOM, "room must be a name matching the room pattern")
         elif kind == FrameType.LEAVE:
             self.feed.leave(room)
