@@ -142,6 +142,16 @@ class Settings(BaseSettings):
         name_rule("room" if info.field_name == "room_pattern" else "event", value)
         return value
 
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        """A blank host (an env file's `DUALCAST_HOST=`) would bind every interface: the
+        opposite of the default, so it is refused rather than guessed at."""
+        if not value.strip():
+            raise ValueError("must not be empty (127.0.0.1 binds this machine only, "
+                             "0.0.0.0 or :: every interface)")
+        return value.strip()
+
     @field_validator("secret", mode="before")
     @classmethod
     def _empty_secret(cls, value: object) -> object:

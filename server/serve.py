@@ -49,6 +49,10 @@ def _shown(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _url(host: str, port: int) -> str:
+    return f"http://{_shown(host, port)}"
+
+
 def _socket(host: str) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -311,9 +315,10 @@ def serve(settings: Settings, on_listening: Callable[[str], None] | None = None)
     """Run dualcast until a signal stops it; the exit status. `on_listening(url)` is
     called once the server accepts connections (never if it cannot)."""
     sock = bind(settings.host, settings.port, settings.workers)  # raises ListenError
-    host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
-    port = int(sock.getsockname()[1])
-    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    bound, port = sock.getsockname()[:2]
+    # the link a person opens on this machine; the log says what was bound
+    host = settings.host if settings.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    url = _url(host, port)
 
     def announce() -> None:
         if on_listening is not None:
@@ -321,7 +326,7 @@ def serve(settings: Settings, on_listening: Callable[[str], None] | None = None)
 
     server = DualcastServer(settings, None if settings.workers > 1 else announce)
     # (uvicorn's config has set up logging by now, in this process)
-    log.info("dualcast on %s: %s engine, %d worker%s", url, settings.engine,
+    log.info("dualcast on %s: %s engine, %d worker%s", _url(bound, port), settings.engine,
              settings.workers, "s" if settings.workers > 1 else "")
     check_file_limit(settings)  # before any worker starts: they inherit the raised limit
     if settings.workers > 1:

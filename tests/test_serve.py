@@ -222,6 +222,10 @@ def test_memory_engine_refuses_several_workers_with_a_clear_line() -> None:
     ([], {"REDIS_URL": "mysql://h/0"}, "REDIS_URL"),
     (["--redis-url", "http://h/0"], {}, "--redis-url"),
     ([], {"DUALCAST_QUEUE_SIZE": "none"}, "DUALCAST_QUEUE_SIZE"),
+    # a blank host bound every interface while the log said 127.0.0.1
+    ([], {"DUALCAST_HOST": ""}, "DUALCAST_HOST"),
+    ([], {"DUALCAST_HOST": "  "}, "DUALCAST_HOST"),
+    (["--host", ""], {}, "--host"),
 ])
 def test_bad_settings_are_one_line_naming_it(args: list[str], env: dict[str, str],
                                              named: str) -> None:
@@ -317,6 +321,17 @@ def test_port_in_use_is_one_line_and_no_link(own_state_home: Path) -> None:
     assert len(lines) == 1, lines
     assert f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0]
     assert "token=" not in done.stderr
+
+
+@pytest.mark.parametrize(("host", "bound"), [("localhost", "127.0.0.1"), ("::1", "[::1]")])
+def test_the_log_names_the_address_bound(host: str, bound: str,
+                                         serve: Callable[..., DualcastProcess]) -> None:
+    """The log used to repeat the setting (and showed a blank host, which bound every
+    interface, as 127.0.0.1): it now says what the socket is bound to."""
+    proc = serve(["--host", host], wait=False)
+    wait_until(lambda: "dualcast on " in proc.log(), timeout=20, what="the listening line")
+    line = next(line for line in proc.log().splitlines() if "dualcast on " in line)
+    assert f"dualcast on http://{bound}:{proc.port}: memory engine" in line
 
 
 def test_the_link_comes_after_the_server_listens(serve: Callable[..., DualcastProcess]) -> None:
