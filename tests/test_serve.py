@@ -6,7 +6,9 @@ psutil to look inside each worker process (its sockets, its connections).
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -19,7 +21,11 @@ import jwt
 import psutil
 import pytest
 
+from dualcast.config import load_settings
+from dualcast.serve import uvicorn_config
 from tests.conftest import SECRET
+from tests.harness.clients import subscribe
+from tests.harness.probes import log_problems
 from tests.harness.procs import ROOT, DualcastProcess, RedisProcess, free_port
 from tests.harness.waits import wait_until
 
@@ -339,6 +345,37 @@ def test_the_link_comes_after_the_server_listens(serve: Callable[..., DualcastPr
     wait_until(lambda: "dashboard as admin" in proc.log(), timeout=10, what="the link")
     log = proc.log()
     assert log.index("Application startup complete") < log.index("dashboard as admin")
+
+
+# Stopping -----------------------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("grace", ["0", "0.5"])
+async def test_a_sub_second_grace_stops_cleanly(
+    grace: str, serve: Callable[..., DualcastProcess]
+) -> None:
+    """A grace below 1 s (allowed) reached uvicorn as int 0, and every SIGTERM logged
+    "ERROR: Cancel 0 running task(s), timeout graceful shutdown exceeded"."""
+    proc = serve([], env={"DUALCAST_SHUTDOWN_GRACE": grace})
+    assert proc.proc is not None
+    subscribers = [await subscribe(kind, proc.url) for kind in ("ws", "sse")]
+    try:
+        proc.signal(signal.SIGTERM)
+        exit_code = await asyncio.to_thread(proc.proc.wait, 20)
+    finally:
+        for sub in subscribers:
+            await sub.close()
+    log = proc.log()
+    assert exit_code in (0, -signal.SIGTERM), log
+    assert "Application shutdown complete" in log
+    assert [line for line in log.splitlines() if "ERROR" in line] == []
+    assert log_problems(proc) == []
+
+
+def test_a_fractional_grace_is_kept_for_uvicorn() -> None:
+    """int() made 3.9 s of grace 3 s of waiting for connections to close."""
+    config = uvicorn_config(load_settings(shutdown_grace=3.9, redis_url=None), app=None)
+    assert config.timeout_graceful_shutdown == 3.9
 
 
 # HTTP details --------------------------------------------------------------------------
