@@ -6,8 +6,11 @@ Every knob is an environment variable with the `DUALCAST_` prefix (plain
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AliasChoices,
@@ -133,6 +136,16 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        """Each listed origin as a browser sends it, so a request's Origin header is
+        compared as sent (one set lookup per request, nothing parsed)."""
+        try:
+            return list(dict.fromkeys(canonical_origin(item) for item in value))
+        except ValueError as exc:
+            raise ValueError(f"DUALCAST_ALLOWED_ORIGINS: {exc}") from None
 
     @field_validator("room_pattern", "event_pattern")
     @classmethod
@@ -268,6 +281,63 @@ class Settings(BaseSettings):
     @property
     def engine(self) -> str:
         return "memory" if self.redis_url is None else "redis"
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_HOST_NAME = re.compile(r"[a-z0-9_.-]+")
+
+
+def canonical_origin(value: str) -> str:
+    """`value` as the `Origin` header a browser sends for it (RFC 6454 serialisation:
+    scheme and host lower-case, the scheme's default port left out, no path), or
+    ValueError naming what makes it something else. `*` (any origin) stays `*`."""
+    if value == "*":
+        return value
+    if "*" in value:
+        raise ValueError(f"{value!r}: `*` alone allows any origin; an origin with a "
+                         "wildcard in it is not supported")
+    problem = _not_an_origin(value)
+    if problem:
+        raise ValueError(f"{value!r} is not an origin (scheme://host[:port]): {problem}")
+    parts = urlsplit(value)
+    scheme, host, port = parts.scheme.lower(), parts.hostname or "", parts.port
+    if ":" in host:
+        host = f"[{ipaddress.IPv6Address(host).compressed}]"
+    shown_port = "" if port is None or port == _DEFAULT_PORTS[scheme] else f":{port}"
+    return f"{scheme}://{host}{shown_port}"
+
+
+def _not_an_origin(value: str) -> str | None:
+    """What keeps `value` from being an http(s) origin, or None when it is one."""
+    if not value.isprintable() or " " in value:
+        return "it holds whitespace or control characters"
+    if "://" not in value:
+        return "it has no scheme (http:// or https://)"
+    try:
+        parts = urlsplit(value)
+        _ = parts.port  # (raises ValueError for a port that is not a number in range)
+    except ValueError as exc:
+        return f"its host or port does not parse ({exc})"
+    host = parts.hostname or ""
+    if parts.scheme.lower() not in _DEFAULT_PORTS:
+        return f"its scheme is {parts.scheme!r}, not http or https"
+    if "@" in parts.netloc:
+        return "it has user information"
+    if parts.path not in ("", "/"):
+        return f"it has a path ({parts.path})"
+    if "?" in value or "#" in value:
+        return "it has a query or a fragment"
+    if not host:
+        return "it has no host"
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return f"{host!r} is not an IPv6 address"
+    elif not _HOST_NAME.fullmatch(host):
+        return "its host is not a DNS name or an IP address (write an international name in " \
+               "its xn-- form, as browsers send it)"
+    return None
 
 
 class SettingsError(Exception):

@@ -56,7 +56,10 @@ def header(scope: Scope, name: bytes) -> bytes | None:
 
 
 def judge(origin: bytes | None, host: bytes | None, allowed: Iterable[str]) -> Verdict:
-    """Where a request comes from, as the WebSocket Origin check sees it."""
+    """Where a request comes from, as the WebSocket Origin check sees it.
+
+    `allowed` holds origins as browsers serialise them (settings normalise each one
+    once, `config.canonical_origin`), so the header is compared as sent."""
     if origin is None:
         return Verdict.SAME_ORIGIN
     text = origin.decode("latin-1")

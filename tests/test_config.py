@@ -98,3 +98,32 @@ def test_a_wider_name_pattern_is_accepted(monkeypatch: pytest.MonkeyPatch) -> No
     settings = load_settings()
     assert settings.room_pattern == "^[a-z0-9/-]{1,64}$"
     assert settings.event_pattern == "^[a-z0-9/ _]{1,128}$"
+
+
+@pytest.mark.parametrize(("value", "why"), [
+    ("app.example.com", "no scheme"),
+    ("https://app.example.com/app", "has a path"),
+    ("https://app.example.com/?x=1", "query"),
+    ("https://user@app.example.com", "user information"),
+    ("ftp://app.example.com", "not http or https"),
+    ("null", "no scheme"),
+    ("https://*.example.com", "`*` alone"),
+    ("https://app.example.com:99999", "port"),
+    ("https://bücher.example", "xn--"),
+])
+def test_a_listed_origin_that_is_not_one_is_refused(
+    monkeypatch: pytest.MonkeyPatch, value: str, why: str
+) -> None:
+    monkeypatch.setenv("DUALCAST_ALLOWED_ORIGINS", f"https://ok.example.com, {value}")
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    message = str(info.value)
+    assert message.startswith("bad setting DUALCAST_ALLOWED_ORIGINS: ")
+    assert repr(value) in message and why in message and "\n" not in message
+
+
+def test_listed_origins_are_kept_as_browsers_send_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DUALCAST_ALLOWED_ORIGINS",
+                       "https://A.example.com/,https://a.example.com:443,http://b.example:8080,*")
+    assert load_settings().allowed_origins == ["https://a.example.com", "http://b.example:8080",
+                                               "*"]

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import token
+from tests.harness.clients import WSClient
 from tests.harness.procs import DualcastProcess
 
 LISTED = "https://app.example.com"
@@ -115,3 +116,40 @@ def test_the_client_is_served_to_any_origin(client: httpx.Client, path: str, kin
     assert response.headers["content-type"].startswith(kind)
     assert response.headers["access-control-allow-origin"] == "*"
     assert "export class Dualcast" in response.text or "declare class Dualcast" in response.text
+
+
+# DUALCAST_ALLOWED_ORIGINS as people write it ------------------------------------------
+
+#: A listed value as written -> the Origin a browser sends for that page.
+WRITTEN = {
+    "https://slash.example.com/": "https://slash.example.com",
+    "https://Upper.Example.com": "https://upper.example.com",
+    "https://port.example.com:443": "https://port.example.com",
+    "HTTP://plain.example.com:80": "http://plain.example.com",
+    "http://[0:0::1]:8080": "http://[::1]:8080",
+}
+
+
+@pytest.fixture(scope="module")
+def written(server_with: Callable[..., DualcastProcess]) -> DualcastProcess:
+    return server_with({"DUALCAST_ALLOWED_ORIGINS": ",".join(WRITTEN)}, name="written")
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("origin", WRITTEN.values())
+async def test_an_origin_listed_in_another_form_admits_what_the_browser_sends(
+    written: DualcastProcess, origin: str
+) -> None:
+    """Listed with a trailing slash, capitals or its default port, an origin was
+    accepted at start and then never matched: 403 bad_origin on polls and upgrades."""
+    async with httpx.AsyncClient(base_url=written.url, timeout=10) as client:
+        poll = await client.get("/api/events", params={"timeout": "0"},
+                                headers={"Origin": origin})
+    assert poll.status_code == 200, poll.text
+    assert poll.headers["access-control-allow-origin"] == origin
+    ws = WSClient(written.ws_url)
+    await ws.connect(origin=origin)
+    try:
+        assert ws.seen.welcome is not None
+    finally:
+        await ws.close()

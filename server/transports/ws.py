@@ -39,7 +39,8 @@ _CLOSES = {
 
 
 def origin_allowed(ws: WebSocket, allowed: list[str]) -> bool:
-    """Cross-site WebSocket hijacking guard: a browser's Origin must be this host or listed."""
+    """Cross-site WebSocket hijacking guard: a browser's Origin must be this host or listed
+    (`allowed` is in the form browsers send, normalised once by the settings)."""
     origin = ws.headers.get("origin")
     if origin is None:
         return True  # not a browser: let it in on its token
