@@ -129,11 +129,24 @@ def mint_token(
     return jwt.encode(claims, key, algorithm=algorithm, headers=headers)
 
 
+def hmac_algorithm(settings: Settings) -> str | None:
+    """The algorithm tokens signed with the shared secret must use on this server: the first
+    HS* of DUALCAST_JWT_ALGORITHMS (an HS256 token is refused where only HS512 is listed).
+    None when it lists only public-key algorithms: then only the issuer's private key
+    makes a token it accepts, and the secret makes none."""
+    return next((a for a in settings.jwt_algorithms if ALGORITHMS[a] is Family.HMAC), None)
+
+
 def mint_for(settings: Settings, secret: str, sub: str, **claims: Any) -> str:
-    """An HS256 token this server accepts: with the issuer and audience it checks (the
-    admin link `serve` prints, the CLI's own publish token)."""
+    """A token this server accepts, signed with the secret: its HS* algorithm, the issuer
+    and audience it checks (the admin link `serve` prints, the CLI's own publish token).
+    ValueError when it accepts no HS* token (see `hmac_algorithm`)."""
+    algorithm = hmac_algorithm(settings)
+    if algorithm is None:
+        raise ValueError("this server accepts no token signed with the shared secret")
     audience = settings.jwt_audience[0] if settings.jwt_audience else None
-    return mint_token(secret, sub, issuer=settings.jwt_issuer, audience=audience, **claims)
+    return mint_token(secret, sub, issuer=settings.jwt_issuer, audience=audience,
+                      algorithm=algorithm, **claims)
 
 
 def _refusal_for(exc: jwt.InvalidTokenError, audience: Sequence[str]) -> AuthError:

@@ -9,10 +9,13 @@ import logging
 import re
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dualcast.config import Settings, SettingsError, env_name, load_settings
 from dualcast.secret_file import MIN_SECRET_BYTES
+
+if TYPE_CHECKING:
+    from dualcast.keys import PrivateKey
 
 log = logging.getLogger("dualcast")
 
@@ -41,12 +44,15 @@ SERVE_FLAGS = {
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from dualcast.auth import hmac_algorithm
     from dualcast.secret_file import SecretFileError, load_or_create, secret_path
     from dualcast.serve import ListenError, serve
 
     settings = _flag_settings(args, SERVE_FLAGS)
+    configured = settings.secret is not None
     kept: tuple[str, bool] | None = None
-    if settings.secret is None:
+    # No secret is made where no HS* token is accepted: it would sign nothing.
+    if not configured and hmac_algorithm(settings) is not None:
         path = secret_path()
         try:
             settings.secret, made = load_or_create(path)
@@ -54,21 +60,16 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"dualcast serve: {exc}", file=sys.stderr)
             return 2
         kept = (str(path), made)
-    secret = settings.secret
 
     def on_listening(url: str) -> None:
-        if kept is None:  # a configured secret: no admin token in anybody's log
+        if configured:  # a configured secret: no admin token in anybody's log
             return
-        from dualcast.auth import mint_for
-
-        path, made = kept
-        # with the issuer and audience this server checks, or it would refuse its own link
-        token = mint_for(settings, secret, "admin", admin=True, publish=True, ttl=7 * 86400)
-        print(f"dualcast: no DUALCAST_SECRET set: signing tokens with the secret "
-              f"{'made now and ' if made else ''}kept in {path} (other machines do not "
-              "know it: give several instances one shared DUALCAST_SECRET)", file=sys.stderr)
-        print(f"dualcast: open the dashboard as admin: {url}/?token={token}",
-              file=sys.stderr, flush=True)
+        if kept is None:
+            print(f"dualcast: no admin link: {_keyed_only(settings)}; mint one with "
+                  f"`{_keyed_token_command(settings, '--sub admin --admin')}` and open "
+                  f"{url}/?token=<token>", file=sys.stderr, flush=True)
+            return
+        _print_admin_link(settings, kept, url)
 
     try:
         return serve(settings, on_listening)
@@ -76,6 +77,35 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"dualcast serve: {exc} (another server? choose a port with --port "
               "or DUALCAST_PORT)", file=sys.stderr)
         return 1
+
+
+def _print_admin_link(settings: Settings, kept: tuple[str, bool], url: str) -> None:
+    """The admin link of a server signing with the secret kept on this machine."""
+    from dualcast.auth import mint_for
+
+    path, made = kept
+    assert settings.secret is not None
+    # with the algorithm, issuer and audience this server checks, or it would refuse its
+    # own link
+    token = mint_for(settings, settings.secret, "admin", admin=True, publish=True,
+                     ttl=7 * 86400)
+    print(f"dualcast: no DUALCAST_SECRET set: signing tokens with the secret "
+          f"{'made now and ' if made else ''}kept in {path} (other machines do not "
+          "know it: give several instances one shared DUALCAST_SECRET)", file=sys.stderr)
+    print(f"dualcast: open the dashboard as admin: {url}/?token={token}",
+          file=sys.stderr, flush=True)
+
+
+def _keyed_only(settings: Settings) -> str:
+    """Why the CLI makes no token for a server that accepts only public-key algorithms."""
+    return (f"this server accepts only {' or '.join(settings.jwt_algorithms)} tokens "
+            "(DUALCAST_JWT_ALGORITHMS), signed with the issuer's private key")
+
+
+def _keyed_token_command(settings: Settings, claims: str) -> str:
+    """The `dualcast token` command that makes a token such a server accepts."""
+    return (f"dualcast token --key @private.pem --alg {settings.jwt_algorithms[0]} "
+            f"{claims}")
 
 
 def _flag_settings(args: argparse.Namespace, flags: dict[str, str]) -> Settings:
@@ -94,9 +124,9 @@ def _flag_settings(args: argparse.Namespace, flags: dict[str, str]) -> Settings:
 
 def _token(args: argparse.Namespace) -> int:
     """Mint a token: HS* with the shared secret, or signed with a private key (`--key`),
-    carrying the issuer and audience this server checks."""
+    carrying the algorithm, issuer and audience this server checks."""
     from dualcast.auth import mint_token
-    from dualcast.keys import ALGORITHMS, Family, PrivateKey, load_private_key, usual_algorithm
+    from dualcast.keys import ALGORITHMS, Family, load_private_key
 
     settings = _settings(args)
     key: PrivateKey | None = None
@@ -106,7 +136,9 @@ def _token(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"dualcast token: --key: {exc}", file=sys.stderr)
             return 2
-    algorithm = args.alg or usual_algorithm(key)
+    algorithm = args.alg or _token_algorithm(settings, key)
+    if algorithm is None:
+        return 2
     if algorithm not in ALGORITHMS:
         print(f"dualcast token: --alg: unknown algorithm {algorithm!r} "
               f"(choose from {', '.join(ALGORITHMS)})", file=sys.stderr)
@@ -138,6 +170,31 @@ def _token(args: argparse.Namespace) -> int:
         return 2
     print(token)
     return 0
+
+
+def _token_algorithm(settings: Settings, key: PrivateKey | None) -> str | None:
+    """`dualcast token`'s algorithm without --alg: one this server accepts (the first
+    HS* of DUALCAST_JWT_ALGORITHMS, or with --key the first the key fits); else None,
+    the refusal said. A key where the server lists no public-key algorithm signs with
+    its usual one: the token is for another server, the one with that key's public half."""
+    from dualcast.auth import hmac_algorithm
+    from dualcast.keys import ALGORITHMS, Family, key_fits, usual_algorithm
+
+    if key is None:
+        algorithm = hmac_algorithm(settings)
+        if algorithm is None:
+            print(f"dualcast token: {_keyed_only(settings)}: pass --key @private.pem "
+                  "(or --alg for another server)", file=sys.stderr)
+        return algorithm
+    keyed = [a for a in settings.jwt_algorithms if ALGORITHMS[a] is not Family.HMAC]
+    if not keyed:
+        return usual_algorithm(key)
+    fitting = next((a for a in keyed if key_fits(key, a)), None)
+    if fitting is None:
+        print(f"dualcast token: --key fits none of {', '.join(keyed)} "
+              "(DUALCAST_JWT_ALGORITHMS): pass --alg to sign for another server",
+              file=sys.stderr)
+    return fitting
 
 
 def _kept_secret() -> str | None:
@@ -241,11 +298,15 @@ async def _publish_redis(args: argparse.Namespace, settings: Settings, data: Any
 def _publish_http(args: argparse.Namespace, settings: Settings, data: Any) -> int:
     import httpx
 
-    from dualcast.auth import mint_for
+    from dualcast.auth import hmac_algorithm, mint_for
 
     token = args.token
+    if token is None and hmac_algorithm(settings) is None:
+        print(f"dualcast publish: {_keyed_only(settings)}: pass --token, e.g. from "
+              f"`{_keyed_token_command(settings, '--sub cli --publish')}`", file=sys.stderr)
+        return 2
     secret = (settings.secret or _kept_secret()) if token is None else None
-    if secret:  # the issuer and audience the server checks, else it refuses the token
+    if secret:  # the algorithm, issuer and audience the server checks, else it refuses it
         token = mint_for(settings, secret, "cli", publish=True, ttl=300)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     body = {"event": args.event, "data": data, "rooms": args.room}
@@ -353,7 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--ttl", type=parse_ttl, default=3600.0)
     tok.add_argument("--secret")
     tok.add_argument("--key", help="sign with this private key (PEM, or @path)")
-    tok.add_argument("--alg", help="HS256 (default), or RS*/PS*/ES*/EdDSA with --key")
+    tok.add_argument("--alg", help="HS256, HS384, HS512, or RS*/PS*/ES*/EdDSA with --key "
+                     "(default: the first of DUALCAST_JWT_ALGORITHMS the secret or --key "
+                     "signs)")
     tok.add_argument("--kid", help="the key id a JWKS publishes the key under")
     tok.add_argument("--issuer", help="'iss' claim (default: DUALCAST_JWT_ISSUER)")
     tok.add_argument("--audience", help="'aud' claim (default: DUALCAST_JWT_AUDIENCE)")
