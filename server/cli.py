@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import logging
 import re
@@ -74,8 +75,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         return serve(settings, on_listening)
     except ListenError as exc:
-        print(f"dualcast serve: {exc} (another server? choose a port with --port "
-              "or DUALCAST_PORT)", file=sys.stderr)
+        print(f"dualcast serve: {exc} {_listen_hint(settings.host, settings.port)}",
+              file=sys.stderr)
         return 1
 
 
@@ -106,6 +107,35 @@ def _keyed_token_command(settings: Settings, claims: str) -> str:
     """The `dualcast token` command that makes a token such a server accepts."""
     return (f"dualcast token --key @private.pem --alg {settings.jwt_algorithms[0]} "
             f"{claims}")
+
+
+def _listen_hint(host: str, port: int) -> str:
+    """What to change when the address cannot be bound: the host when it alone cannot be
+    (a name that does not resolve, an address of another machine), else the port. Found
+    by trying again here, so the hint never depends on the wording of the error."""
+    if host.startswith("[") and host.endswith("]"):
+        return f"(write an IPv6 address without brackets: --host {host[1:-1]})"
+    if _bind_errno(host, 0) is not None:
+        return ("(not a name or address of this machine: choose one with --host or "
+                "DUALCAST_HOST, e.g. 127.0.0.1, or 0.0.0.0 for every interface)")
+    if _bind_errno(host, port) == errno.EACCES:
+        return ("(ports below 1024 need privileges here: choose a port with --port or "
+                "DUALCAST_PORT)")
+    return "(another server? choose a port with --port or DUALCAST_PORT)"
+
+
+def _bind_errno(host: str, port: int) -> int | None:
+    """The error number of binding (host, port) as the server does; None if it binds."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc.errno or -1
+    return None
 
 
 def _flag_settings(args: argparse.Namespace, flags: dict[str, str]) -> Settings:
@@ -380,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the server")
-    serve.add_argument("--host", help="interface to bind (DUALCAST_HOST)")
+    serve.add_argument("--host", help="interface to bind: an address of this machine (IPv6 "
+                       "without brackets) or its name; 0.0.0.0 for all (DUALCAST_HOST)")
     serve.add_argument("--port", type=int, help="port to bind (DUALCAST_PORT)")
     serve.add_argument("--redis-url", help="Redis URL; none = the memory engine "
                        "(DUALCAST_REDIS_URL)")

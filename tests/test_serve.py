@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -327,6 +328,7 @@ def test_port_in_use_is_one_line_and_no_link(own_state_home: Path) -> None:
     lines = (done.stdout + done.stderr).strip().splitlines()
     assert len(lines) == 1, lines
     assert f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0]
+    assert "--port or DUALCAST_PORT" in lines[0] and "--host" not in lines[0]
     assert "token=" not in done.stderr
 
 
@@ -339,6 +341,43 @@ def test_the_log_names_the_address_bound(host: str, bound: str,
     wait_until(lambda: "dualcast on " in proc.log(), timeout=20, what="the listening line")
     line = next(line for line in proc.log().splitlines() if "dualcast on " in line)
     assert f"dualcast on http://{bound}:{proc.port}: memory engine" in line
+
+
+@pytest.mark.parametrize(("host", "hint"), [
+    ("no.such.host.invalid", "--host or DUALCAST_HOST"),  # does not resolve (RFC 6761)
+    ("192.0.2.1", "--host or DUALCAST_HOST"),  # an address of another machine (RFC 5737)
+    ("[::1]", "without brackets: --host ::1"),
+])
+def test_a_host_that_cannot_be_bound_gets_a_hint_about_the_host(
+    host: str, hint: str, own_state_home: Path,
+) -> None:
+    """The hint names what to change: it was "(another server? choose a port with --port
+    or DUALCAST_PORT)" for a host that does not resolve or is not this machine's."""
+    done = run_cli("serve", "--host", host, "--port", str(free_port()))
+    assert done.returncode == 1
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "cannot listen on" in lines[0] and hint in lines[0]
+    assert "--port" not in lines[0] and "another server" not in lines[0]
+
+
+def test_a_privileged_port_gets_a_hint_about_the_port(own_state_home: Path) -> None:
+    start = Path("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+    if start.exists() and int(start.read_text()) <= 1:
+        pytest.skip("this machine lets anybody bind port 1")
+    without: list[str] = []  # root binds any port: run it without the capability that allows it
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("root, and no setpriv to drop CAP_NET_BIND_SERVICE")
+        without = ["setpriv", "--bounding-set=-net_bind_service",
+                   "--inh-caps=-net_bind_service"]
+    done = subprocess.run([*without, *PY, "serve", "--host", "127.0.0.1", "--port", "1"],
+                          cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "permission denied" in lines[0] and "below 1024" in lines[0]
+    assert "--port or DUALCAST_PORT" in lines[0] and "another server" not in lines[0]
 
 
 def test_the_link_comes_after_the_server_listens(serve: Callable[..., DualcastProcess]) -> None:
