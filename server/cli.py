@@ -7,6 +7,7 @@ import asyncio
 import errno
 import json
 import logging
+import math
 import re
 import signal
 import sys
@@ -299,6 +300,23 @@ def _count(value: str) -> int:
     return int(value)
 
 
+#: The demo's fastest pace: what DUALCAST_DEMO_SPEED (`serve --demo-speed`) accepts, too.
+DEMO_SPEED_MAX = 100.0
+
+
+def _demo_speed(value: str) -> float:
+    """`demo --speed`, refused by argparse in one line as `serve --demo-speed` is by the
+    settings (0, nan or inf ended in a traceback once the demo had started)."""
+    try:
+        speed = float(value)
+    except ValueError:
+        speed = math.nan
+    if not 0 < speed <= DEMO_SPEED_MAX:  # (nan fails every comparison)
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a number above 0 and at most {DEMO_SPEED_MAX:g}")
+    return speed
+
+
 async def _publish_redis(args: argparse.Namespace, settings: Settings, data: Any) -> int:
     from dualcast.publisher import Publisher
 
@@ -462,7 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="publish simulated traffic to Redis")
     demo.add_argument("--redis-url")
-    demo.add_argument("--speed", type=float, default=1.0)
+    demo.add_argument("--speed", type=_demo_speed, default=1.0,
+                      help=f"pace: 1 = about five events a second, up to {DEMO_SPEED_MAX:g} "
+                      "(as DUALCAST_DEMO_SPEED)")
     demo.set_defaults(func=_demo)
 
     tail = sub.add_parser("tail", help="print a server's events as JSON lines until Ctrl-C")

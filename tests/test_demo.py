@@ -328,3 +328,29 @@ def test_dualcast_demo_ends_its_sessions_on_sigterm_and_ctrl_c(
     created = {e["data"]["sessionId"] for e in events() if e["event"] == "session_created"}
     ended = {e["data"]["sessionId"] for e in events() if e["event"] == "session_ended"}
     assert created and created <= ended
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("speed", ["0", "-1", "nan", "inf", "101", "fast"])
+def test_dualcast_demo_refuses_a_bad_speed_in_one_line(
+        redis_server: RedisProcess, speed: str) -> None:
+    """As `serve --demo-speed 0` is: one line naming the flag, exit 2, nothing published
+    (it was a ValueError traceback after "publishing ... speed 0.0")."""
+    import subprocess
+    import sys
+
+    import redis
+
+    from tests.harness.procs import clean_env
+
+    stream = f"demo-speed-{uuid.uuid4().hex}"
+    done = subprocess.run(
+        [sys.executable, "-m", "dualcast", "demo", "--redis-url", redis_server.url,
+         f"--speed={speed}"], env=clean_env({"DUALCAST_STREAM": stream}),
+        capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "--speed" in lines[0] and repr(speed) in lines[0] and "at most 100" in lines[0]
+    assert done.stdout == ""
+    assert redis.Redis.from_url(redis_server.url).exists(stream) == 0
