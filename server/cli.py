@@ -254,9 +254,17 @@ def _keys(args: argparse.Namespace) -> int:
     folder = Path(args.dir)
     try:
         made = make_key_files(folder, kid, algorithm, Path(args.jwks or folder / "jwks.json"))
-    except FileExistsError:
-        print(f"dualcast keys: {folder / kid}.pem exists; choose another --kid", file=sys.stderr)
+    except FileExistsError as exc:
+        print(f"dualcast keys: {exc.filename} exists; choose another --kid", file=sys.stderr)
         return 2
+    except ValueError as exc:  # the key set file is not one: nothing was written
+        print(f"dualcast keys: {exc} (fix or remove it, or name another with --jwks)",
+              file=sys.stderr)
+        return 2
+    except OSError as exc:  # nothing is left behind either
+        print(f"dualcast keys: cannot write {exc.filename or folder}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 1
     print(f"private key  {made.private}  (keep it with the service that mints tokens)\n"
           f"public key   {made.public}  (DUALCAST_PUBLIC_KEY=@{made.public})\n"
           f"key set      {made.jwks}  ({made.keys_in_set} keys; serve it at DUALCAST_JWKS_URL)\n"

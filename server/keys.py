@@ -9,7 +9,9 @@ is not an algorithm here at all.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import errno
 import json
 import os
 from dataclasses import dataclass
@@ -185,19 +187,49 @@ def public_jwk(key: PublicKey, kid: str, algorithm: str) -> dict[str, Any]:
     return {**jwk, "kid": kid, "alg": algorithm, "use": "sig"}
 
 
-def add_to_jwks(path: Path, jwk: dict[str, Any]) -> dict[str, Any]:
-    """`path`'s key set with `jwk` added (replacing a key of the same `kid`), written back.
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number",
+               bool: "true or false", type(None): "null"}
+
+
+def read_jwks(path: Path) -> list[dict[str, Any]]:
+    """The keys of the key set (JWKS) file at `path`, none when there is no file yet.
+
+    ValueError names the file and what is wrong with it: read before anything is
+    written, so a file that is not a key set never leaves a half-made key behind.
+    A JSON object without "keys" (`{}` aside) is refused too: it may be a lone JWK,
+    which writing a set over it would lose.
+    """
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    except UnicodeDecodeError:
+        raise ValueError(f"the key set {path} is not a JWKS (not text)") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read the key set {path}: {exc.strerror}") from None
+    if not text.strip():
+        raise ValueError(f"the key set {path} is empty, not a JWKS ({{\"keys\": [...]}})")
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"the key set {path} is not JSON ({exc.msg}, line {exc.lineno})"
+                         ) from None
+    if not isinstance(document, dict):
+        raise ValueError(f"the key set {path} holds {_JSON_KINDS.get(type(document))}, "
+                         "not a JWKS object ({\"keys\": [...]})")
+    keys = document.get("keys", [] if not document else None)
+    if not isinstance(keys, list) or not all(isinstance(k, dict) for k in keys):
+        raise ValueError(f"the key set {path} has no \"keys\" list of JWK objects")
+    return keys
+
+
+def _jwks_with(keys: list[dict[str, Any]], jwk: dict[str, Any]) -> dict[str, Any]:
+    """The key set with `jwk` added (replacing a key of the same `kid`).
 
     Rotation is two steps: publish the new key beside the old one, sign with it, and
     drop the old key once the tokens it signed have expired.
     """
-    keys: list[dict[str, Any]] = []
-    if path.exists():
-        loaded = json.loads(path.read_text())
-        keys = [k for k in loaded.get("keys", []) if k.get("kid") != jwk["kid"]]
-    document = {"keys": [*keys, jwk]}
-    path.write_text(json.dumps(document, indent=2) + "\n")
-    return document
+    return {"keys": [*(k for k in keys if k.get("kid") != jwk["kid"]), jwk]}
 
 
 @dataclass(frozen=True)
@@ -210,13 +242,53 @@ class KeyFiles:
 
 def make_key_files(folder: Path, kid: str, algorithm: str, jwks: Path) -> KeyFiles:
     """A new key pair as `<kid>.pem` (0600) and `<kid>.pub.pem`, its public JWK added to
-    `jwks`. FileExistsError when `<kid>.pem` exists: a key is never overwritten."""
-    folder.mkdir(parents=True, exist_ok=True)
+    `jwks`. The key set is read first (ValueError if it is not one, see `read_jwks`);
+    FileExistsError names a key file that exists: a key is never overwritten. On any
+    failure nothing is left behind: no key file, no folder made for them, and the key
+    set as it was (a retry with the same `kid` then works)."""
+    keys = read_jwks(jwks)
     private_path, public_path = folder / f"{kid}.pem", folder / f"{kid}.pub.pem"
+    for path in (private_path, public_path):
+        if path.exists():
+            raise FileExistsError(errno.EEXIST, "exists", str(path))
     key = generate(algorithm)
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(private_pem(key))
-    public_path.write_bytes(public_pem(key.public_key()))
-    document = add_to_jwks(jwks, public_jwk(key.public_key(), kid, algorithm))
+    document = _jwks_with(keys, public_jwk(key.public_key(), kid, algorithm))
+    folders, files = _missing_folders(folder), []
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_new(private_path, private_pem(key), 0o600)
+        files.append(private_path)
+        _write_new(public_path, public_pem(key.public_key()), 0o666)  # (less the umask)
+        files.append(public_path)
+        jwks.write_text(json.dumps(document, indent=2) + "\n")
+    except BaseException:
+        _remove(files, folders)
+        raise
     return KeyFiles(private_path, public_path, jwks, len(document["keys"]))
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """The folders `mkdir(parents=True)` would make for `folder`, outermost first."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    return missing[::-1]
+
+
+def _remove(files: list[Path], folders: list[Path]) -> None:
+    """Undo a failed `make_key_files`: its files, then its folders, deepest first."""
+    for path in files:
+        path.unlink(missing_ok=True)
+    for path in reversed(folders):
+        with contextlib.suppress(OSError):  # (not empty: something else was put there)
+            path.rmdir()
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Write a file that must not exist yet (FileExistsError if it does, and then it is
+    left as it is); a file this call made is removed again if writing it fails."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise

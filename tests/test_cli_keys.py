@@ -1,0 +1,71 @@
+"""`dualcast keys` when something is in the way: one line, and nothing left behind.
+
+The CLI runs as a real subprocess (`python -m dualcast keys ...`), as a user would run
+it, in a folder of the test's own; what is asserted is its output and the files there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def keys(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DUALCAST_")}
+    return subprocess.run([sys.executable, "-m", "dualcast", "keys", *args],
+                          cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def files_in(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b""
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize(("content", "wrong"), [
+    ("", "is empty"),
+    ("[]", "holds an array"),
+    ('"keys"', "holds a string"),
+    ('{"keys": ', "is not JSON"),
+    ('{"kty": "EC", "crv": "P-256"}', 'no "keys" list'),  # a lone JWK: never written over
+    ('{"keys": [1]}', 'no "keys" list'),
+])
+def test_a_key_set_that_is_not_one_is_refused_before_anything_is_written(
+    tmp_path: Path, content: str, wrong: str,
+) -> None:
+    """It was a traceback (JSONDecodeError, AttributeError) that left k1.pem behind, so
+    the retry said "k1.pem exists; choose another --kid"."""
+    (tmp_path / "jwks.json").write_text(content)
+    before = files_in(tmp_path)
+    done = keys(tmp_path, "--alg", "ES256", "--kid", "k1", "--dir", ".")
+    assert done.returncode == 2 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "jwks.json" in lines[0] and wrong in lines[0] and "--jwks" in lines[0]
+    assert files_in(tmp_path) == before
+
+    (tmp_path / "jwks.json").unlink()  # the person removes it: the same --kid now works
+    again = keys(tmp_path, "--alg", "ES256", "--kid", "k1", "--dir", ".")
+    assert again.returncode == 0, again.stderr
+    assert [k["kid"] for k in json.loads((tmp_path / "jwks.json").read_text())["keys"]] == ["k1"]
+
+
+def test_a_key_set_that_cannot_be_written_leaves_no_key_and_no_folder(tmp_path: Path) -> None:
+    done = keys(tmp_path, "--kid", "k1", "--dir", "new/keys", "--jwks", "gone/jwks.json")
+    assert done.returncode == 1 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "gone/jwks.json" in lines[0], done.stderr
+    assert files_in(tmp_path) == {}
+
+
+def test_an_existing_public_key_file_is_named_and_kept(tmp_path: Path) -> None:
+    (tmp_path / "k1.pub.pem").write_text("mine")
+    done = keys(tmp_path, "--kid", "k1", "--dir", ".")
+    assert done.returncode == 2
+    assert done.stderr.strip() == "dualcast keys: k1.pub.pem exists; choose another --kid"
+    assert files_in(tmp_path) == {"k1.pub.pem": b"mine"}
