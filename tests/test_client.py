@@ -37,7 +37,7 @@ from dualcast.client import (
 from dualcast.client.connections import sse_event
 from dualcast.client.model import id_key, is_after
 from dualcast.client.sse import Message, SSEParser
-from dualcast.client.tokens import expiry, refresh_in
+from dualcast.client.tokens import MIN_REFRESH, expiry, refresh_in
 from tests.conftest import token as mint
 
 pytestmark = pytest.mark.timeout(90)
@@ -160,7 +160,8 @@ def test_token_expiry_is_read_from_the_jwt_and_refreshed_before_it() -> None:
     assert exp is not None and abs(exp - (now + 300)) < 5
     assert refresh_in(jwt, now=exp - 300) == pytest.approx(240)   # a minute before
     assert refresh_in(jwt, now=exp - 10) == pytest.approx(8)      # a fifth before
-    assert refresh_in(jwt, now=exp + 5) == 0
+    # Never sooner than a second, even for a token already expired (no busy loop).
+    assert refresh_in(jwt, now=exp + 5) == MIN_REFRESH == 1.0
     assert expiry("opaque-session-token") is None
     unsigned = "x." + base64.urlsafe_b64encode(b'{"exp":"soon"}').decode().rstrip("=") + ".y"
     assert expiry(unsigned) is None
@@ -304,6 +305,32 @@ async def test_a_token_source_is_called_again_before_expiry_and_nothing_is_lost(
         assert watch.ids == published
         assert len(minted) >= 3, minted
         assert watch.failure is None
+
+
+@pytest.mark.parametrize("transport", FORCED)
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_token_source_that_gives_an_expired_token_ends_in_auth_failed(
+    server: Any, transport: Transport, kind: str
+) -> None:
+    """A source handing out a stale token (a backend cache, a skewed clock) is asked
+    once more, then the iteration ends: no busy loop, and no blocked event loop for a
+    plain function."""
+    expired = mint("stale", ttl=-5)
+    calls: list[float] = []
+
+    def stale() -> str:
+        calls.append(time.monotonic())
+        return expired
+
+    async def stale_async() -> str:
+        return stale()
+
+    source = stale if kind == "sync" else stale_async
+    async with watching(server.url, transports=[transport], token=source) as (watch, _):
+        await until(lambda: watch.done, what="the iteration to end")
+    assert isinstance(watch.failure, AuthFailed), watch.failure
+    assert watch.failure.code == "token_expired"
+    assert len(calls) == 2, calls
 
 
 async def test_leaving_the_block_closes_the_connection_even_on_error(server: Any) -> None:

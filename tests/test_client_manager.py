@@ -256,7 +256,7 @@ async def test_sse_and_polling_reconnect_quietly_with_a_refreshed_token(
         first = await run.conn(0)
         await first.say(Welcome([], "100-0"), Batch([ev(1)]))
         assert await run.items(1) == [ev(1)]
-        second = await run.conn(1)                            # at a fifth of 0.3 s before exp
+        second = await run.conn(1)                            # the 1 s floor, past exp
         assert first.closed and second.cursor == "100-1" and second.token != first.token
         await second.say(Welcome([], "100-1"), Batch([ev(1), ev(2)]))
         assert await run.items(1) == [ev(2)]

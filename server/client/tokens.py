@@ -18,6 +18,12 @@ from collections.abc import Awaitable, Callable
 
 TokenSource = str | Callable[[], str | Awaitable[str]] | None
 
+#: The soonest the source is asked again, however close (or past) the token's `exp`:
+#: a source that hands out an expired token (a stale cache, a skewed clock) must not
+#: be called in a loop; the server refuses that token and the subscription ends with
+#: `AuthFailed` once a second one was no better. The browser client's floor too.
+MIN_REFRESH = 1.0
+
 
 def expiry(token: str | None) -> float | None:
     """The `exp` claim (epoch seconds) of a JWT, or None when there is none to read."""
@@ -39,12 +45,13 @@ def expiry(token: str | None) -> float | None:
 
 def refresh_in(token: str | None, now: float | None = None) -> float | None:
     """Seconds until the token should be replaced: a fifth of what is left, at most a
-    minute, before it expires (so a slow token source still answers in time)."""
+    minute, before it expires (so a slow token source still answers in time), and
+    never sooner than `MIN_REFRESH`."""
     exp = expiry(token)
     if exp is None:
         return None
     left = exp - (time.time() if now is None else now)
-    return max(0.0, left - min(60.0, left / 5))
+    return max(MIN_REFRESH, left - min(60.0, left / 5))
 
 
 class Tokens:
