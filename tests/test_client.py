@@ -36,7 +36,7 @@ from dualcast.client import (
 )
 from dualcast.client.connections import sse_event
 from dualcast.client.model import id_key, is_after
-from dualcast.client.sse import Message, SSEParser
+from dualcast.client.sse import Lines, Message, SSEParser
 from dualcast.client.tokens import MIN_REFRESH, expiry, refresh_in
 from tests.conftest import token as mint
 
@@ -130,6 +130,15 @@ def test_sse_parser_follows_the_event_stream_rules() -> None:
     ]
 
 
+def test_sse_lines_end_only_at_cr_lf_or_crlf_across_chunks() -> None:
+    lines = Lines()
+    chunks = ["data: one\u2028two\u2029three\x85four\r", "\nid: 1", "-0\r", "\n\r",
+              "\n", "\n", "data: x\ry\nda", "ta: z"]
+    got = [line for chunk in chunks for line in lines.feed(chunk)]
+    assert got == ["data: one\u2028two\u2029three\x85four", "id: 1-0", "", "", "data: x", "y"]
+    assert lines.feed("\n") == ["data: z"]
+
+
 def testsse_events_are_read_named_or_as_whole_unnamed_messages() -> None:
     named = sse_event(Message("5-1", "deploy", '{"v": 2}'))
     assert named == Event("5-1", "deploy", {"v": 2}, None)  # a server without events=message
@@ -220,6 +229,22 @@ async def test_each_transport_delivers_every_event_once_in_order(
         assert isinstance(last, Event)
         assert (last.event, last.data) == ("after", {"n": 4, "text": "é"})
         assert isinstance(last.ts, int) and last.ts > 1_700_000_000_000  # SSE too
+        assert watch.failure is None and not watch.errors
+
+
+@pytest.mark.parametrize("transport", FORCED)
+async def test_data_with_unicode_line_separators_arrives_intact(
+    server: Any, transport: Transport
+) -> None:
+    # Legal unescaped in JSON, and sent so: an SSE line ends only at CR or LF.
+    data = {"text": "line one\u2028line two\u2029three", "nel": "a\x85b"}
+    async with watching(server.url, transports=[transport]) as (watch, _):
+        await until(lambda: watch.live_on(transport), what=f"live on {transport}")
+        sent = await publish(server.url, "note", data)
+        await until(lambda: sent in watch.ids, what="the event")
+        last = watch.items[-1]
+        assert isinstance(last, Event)
+        assert (last.id, last.event, last.data) == (sent, "note", data)
         assert watch.failure is None and not watch.errors
 
 

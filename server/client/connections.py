@@ -23,7 +23,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from dualcast.client.model import AUTH_CODES, Event, Reset, Transport
-from dualcast.client.sse import Message, SSEParser
+from dualcast.client.sse import Lines, Message, SSEParser
 
 log = logging.getLogger("dualcast.client")
 
@@ -271,24 +271,28 @@ class Connection:
             kind = response.headers.get("content-type", "")
             if not kind.startswith("text/event-stream"):
                 raise _Ends(Ended(Failure.TRANSPORT, f"not an event stream: {kind!r}"))
-            parser = SSEParser()
-            async for line in response.aiter_lines():
-                message = parser.line(line)
-                if message is None:
-                    continue
-                if message.event == "welcome":
-                    body = _json_object(message.data)
-                    rooms = body.get("rooms")
-                    await self._emit(Welcome(list(rooms) if isinstance(rooms, list) else [],
-                                             _str(body.get("last_id"))))
-                elif message.event == "reset" and not message.id:
-                    await self._emit(Reset(_str(_json_object(message.data).get("last_id"))))
-                elif message.event == "error" and not message.id:
-                    body = _json_object(message.data)
-                    await self._emit(ErrorFrame(str(body.get("code") or "error"),
-                                                str(body.get("message") or "")))
-                elif message.id:
-                    await self._emit(Batch([sse_event(message)]))
+            parser, lines = SSEParser(), Lines()
+            async for chunk in response.aiter_text():
+                for line in lines.feed(chunk):
+                    message = parser.line(line)
+                    if message is not None:
+                        await self._message(message)
+
+    async def _message(self, message: Message) -> None:
+        """One SSE message: a control message (no `id`) or an event."""
+        if message.event == "welcome":
+            body = _json_object(message.data)
+            rooms = body.get("rooms")
+            await self._emit(Welcome(list(rooms) if isinstance(rooms, list) else [],
+                                     _str(body.get("last_id"))))
+        elif message.event == "reset" and not message.id:
+            await self._emit(Reset(_str(_json_object(message.data).get("last_id"))))
+        elif message.event == "error" and not message.id:
+            body = _json_object(message.data)
+            await self._emit(ErrorFrame(str(body.get("code") or "error"),
+                                        str(body.get("message") or "")))
+        elif message.id:
+            await self._emit(Batch([sse_event(message)]))
 
     # -- long-polling ----------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""A text/event-stream parser, fed one line at a time (httpx splits the lines).
+"""A text/event-stream reader: `Lines` cuts the decoded body into lines, `SSEParser`
+takes them one at a time.
 
 The WHATWG rules that matter here: `field: value` with one leading space dropped,
 `data` lines joined with a newline, a blank line dispatches, `:` starts a comment,
@@ -6,11 +7,38 @@ an `id` containing NUL is ignored. Unlike a browser's EventSource, an `id` belon
 to its own message only: dualcast's control messages (welcome, reset, error) carry
 none, and must not inherit the last event's. `retry:` is ignored on purpose: the
 client decides its own backoff.
+
+A line ends at CR, LF or CRLF and nowhere else: U+2028, U+2029 and U+0085 are legal
+unescaped in JSON data, and httpx's `aiter_lines()` (like `str.splitlines()`) would
+cut an event's data there.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+
+class Lines:
+    """Splits text chunks into SSE lines; a line cut by a chunk boundary is held back
+    until its end arrives. A chunk is one `str.split("\\n")` (plus two replaces when
+    it holds a CR, which dualcast does not send): cheaper than httpx's splitter."""
+
+    def __init__(self) -> None:
+        self._pending = ""
+        self._after_cr = False
+
+    def feed(self, chunk: str) -> list[str]:
+        """The lines this chunk completes (without their line breaks)."""
+        if self._after_cr and chunk.startswith("\n"):
+            chunk = chunk[1:]  # the LF of a CRLF the previous chunk ended inside
+        self._after_cr = chunk.endswith("\r")
+        if not chunk:
+            return []
+        if "\r" in chunk:
+            chunk = chunk.replace("\r\n", "\n").replace("\r", "\n")
+        lines = (self._pending + chunk).split("\n")
+        self._pending = lines.pop()
+        return lines
 
 
 @dataclass(frozen=True, slots=True)
