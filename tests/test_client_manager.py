@@ -247,6 +247,17 @@ async def test_iterating_after_the_block_ends_stops_instead_of_hanging() -> None
         await asyncio.wait_for(run.sub.__anext__(), 5)
 
 
+async def test_leaving_the_block_ends_an_iteration_waiting_in_another_task() -> None:
+    async with manager((WS,)) as run:
+        await run.conn(0)
+        assert run.sub is not None
+        reader = asyncio.create_task(run.sub.__anext__())
+        await asyncio.sleep(0)  # one turn of the loop: the reader now waits for an item
+        assert not reader.done()
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(reader, 5)
+
+
 @pytest.mark.parametrize("transport", [SSE, POLL])
 async def test_sse_and_polling_reconnect_quietly_with_a_refreshed_token(
     transport: Transport

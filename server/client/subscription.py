@@ -171,6 +171,8 @@ class Subscription:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+            if self._task.cancelled():  # it had not ended: no end marker went out
+                self._wake_readers()
 
     # -- the manager -----------------------------------------------------------
 
@@ -194,6 +196,13 @@ class Subscription:
             error = exc
         self._set_state(State.OFFLINE)
         await self._out.put(_Done(error))
+
+    def _wake_readers(self) -> None:
+        """The `async with` block ended while the subscription ran: a task waiting in
+        `async for` elsewhere gets the end marker and stops. A full queue has no one
+        waiting on it, and the reader that drains it stops at the end (`_closed`)."""
+        if not self._out.full():
+            self._out.put_nowait(_Done(None))
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
