@@ -176,6 +176,18 @@ def test_token_expiry_is_read_from_the_jwt_and_refreshed_before_it() -> None:
     assert expiry(unsigned) is None
 
 
+async def test_a_single_string_for_rooms_or_transports_is_refused_not_split() -> None:
+    with pytest.raises(ValueError, match="rooms must be a list of room names, not a single"):
+        async with subscribe("http://127.0.0.1:9", rooms="ops"):
+            pass
+    with pytest.raises(ValueError, match="transports must be a list of transport names"):
+        async with subscribe("http://127.0.0.1:9", transports="websocket"):
+            pass
+    with pytest.raises(ValueError, match="unknown transport 'pigeon': name websocket, sse"):
+        async with subscribe("http://127.0.0.1:9", transports=["sse", "pigeon"]):
+            pass
+
+
 def test_server_urls() -> None:
     assert bases("http://127.0.0.1:8000/") == ("http://127.0.0.1:8000", "ws://127.0.0.1:8000")
     assert bases("wss://push.example.com/rt") == ("https://push.example.com/rt",

@@ -55,6 +55,35 @@ def bases(url: str) -> tuple[str, str]:
             urlunsplit((ws, parts.netloc, path, "", "")))
 
 
+def room_list(rooms: Iterable[str]) -> tuple[str, ...]:
+    """The rooms asked for, in order. A single string is refused rather than read as a
+    list of one-letter rooms (`rooms="ops"` would ask for o, p and s)."""
+    if isinstance(rooms, (str, bytes)):
+        raise ValueError("rooms must be a list of room names, not a single string")
+    names = tuple(dict.fromkeys(rooms))
+    for name in names:
+        if not isinstance(name, str):
+            raise ValueError(f"rooms must be room names (strings), not {repr(name)[:60]}")
+    return names
+
+
+def transport_order(transports: Iterable[Transport | str]) -> tuple[Transport, ...]:
+    """The transports to use, best first, each once."""
+    if isinstance(transports, (str, bytes)):
+        raise ValueError("transports must be a list of transport names "
+                         "(websocket, sse, polling), not a single string")
+    names = ", ".join(TRANSPORTS)
+    order: dict[Transport, None] = {}
+    for name in transports:
+        try:
+            order[Transport(name)] = None
+        except ValueError:
+            raise ValueError(f"unknown transport {name!r}: name {names}") from None
+    if not order:
+        raise ValueError(f"transports: name at least one of {names}")
+    return tuple(order)
+
+
 @asynccontextmanager
 async def subscribe(
     url: str,
@@ -81,11 +110,9 @@ async def subscribe(
     if last_event_id and id_key(last_event_id) is None:
         raise ValueError(f"last_event_id must be a stream id like 1732550000000-0, "
                          f"not {last_event_id[:40]!r}")
-    order = tuple(dict.fromkeys(Transport(t) for t in transports))
-    if not order:
-        raise ValueError("transports: name at least one of websocket, sse, polling")
+    order = transport_order(transports)
     subscription = Subscription(
-        http_base, ws_base, tokens=Tokens(token), rooms=tuple(rooms),
+        http_base, ws_base, tokens=Tokens(token), rooms=room_list(rooms),
         last_event_id=last_event_id or None, transports=order, timing=timing or Timing(),
         on_status=on_status, on_error=on_error, buffer=buffer,
     )
