@@ -386,6 +386,24 @@ async def test_leaving_the_block_closes_the_connection_even_on_error(server: Any
     await until(lambda: open_websockets() == 0, what="the server to see the close")
 
 
+def test_dualcast_tail_at_a_path_with_no_dualcast_server_says_so_and_exits(server: Any) -> None:
+    import subprocess
+    import sys
+
+    from tests.harness.procs import ROOT
+
+    result = subprocess.run(
+        [sys.executable, "-m", "dualcast", "tail", server.url + "/nope"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith(f"dualcast tail: refused: not_found: no dualcast server at "
+                           f"{server.url}/nope (")
+    assert "HTTP 404 on /api/sse" in last and "HTTP 404 on /api/events" in last
+    assert "Traceback" not in result.stderr
+
+
 # ---- a server restart ------------------------------------------------------------------
 
 

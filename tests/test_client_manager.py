@@ -258,6 +258,27 @@ async def test_leaving_the_block_ends_an_iteration_waiting_in_another_task() -> 
         await asyncio.wait_for(reader, 5)
 
 
+async def test_a_404_falls_back_and_404s_everywhere_end_with_not_found() -> None:
+    async with manager((WS, SSE, POLL)) as run:
+        ws = await run.conn(0)
+        await ws.say(Ended(Failure.TRANSPORT, "HTTP 404", 404))   # a proxy routes no /api/ws
+        sse = await run.conn(1)
+        await sse.say(Welcome([], "100-0"), Batch([ev(1)]))
+        assert await run.items(1) == [ev(1)]
+    async with manager((WS, SSE, POLL)) as run:
+        for index, status in enumerate([403, 404, 404]):  # 403: an upgrade with no route
+            conn = await run.conn(index)
+            await conn.say(Ended(Failure.TRANSPORT, f"HTTP {status}", status))
+        with pytest.raises(Refused, match="HTTP 404 on /api/sse") as refused:
+            await run.items(1)
+        assert (refused.value.status, refused.value.code) == (404, "not_found")
+    async with manager((WS,)) as run:  # a 403 alone is a refusal, not a missing server
+        for index in range(3):
+            conn = await run.conn(index)
+            await conn.say(Ended(Failure.TRANSPORT, "HTTP 403", 403))
+        await run.conn(3)
+
+
 @pytest.mark.parametrize("transport", [SSE, POLL])
 async def test_sse_and_polling_reconnect_quietly_with_a_refreshed_token(
     transport: Transport

@@ -30,6 +30,11 @@ log = logging.getLogger("dualcast.client")
 #: Bound on one WebSocket frame from the server (a `batch` of many events is one frame).
 MAX_FRAME = 64 * 1024 * 1024
 
+#: Where each transport lives below the server's base URL.
+PATHS: Mapping[Transport, str] = {
+    Transport.WEBSOCKET: "/api/ws", Transport.SSE: "/api/sse", Transport.POLLING: "/api/events",
+}
+
 
 class Failure(enum.StrEnum):
     """Why a connection ended, which decides what the subscription does next."""
@@ -119,6 +124,16 @@ def classify(status: int, body: Mapping[str, Any]) -> Failure:
     return Failure.TRANSPORT
 
 
+def no_endpoint(transport: Transport, ended: Ended) -> bool:
+    """Whether a refusal says there is no dualcast endpoint at this path: a 404 (a
+    dualcast server never answers its own paths so: a transport it turned off is a
+    403 `transport_disabled`), or a WebSocket upgrade refused without a dualcast
+    error (how an ASGI app answers an upgrade on a path it has no route for)."""
+    if ended.status == 404:
+        return True
+    return transport is Transport.WEBSOCKET and ended.status == 403 and not ended.code
+
+
 def _refusal(status: int, raw: bytes | bytearray) -> _Ends:
     try:
         body = json.loads(raw)
@@ -203,7 +218,7 @@ class Connection:
 
     async def _websocket(self) -> None:
         target = self.target
-        url = target.ws_base + "/api/ws" + target.query(last_event_id=self.cursor)
+        url = target.ws_base + PATHS[Transport.WEBSOCKET] + target.query(last_event_id=self.cursor)
         # No open_timeout of its own: the subscription times out on `welcome`, which
         # covers a handshake a proxy holds as well as an upgrade that never answers.
         async with connect(url, additional_headers=target.headers(), open_timeout=None,
@@ -263,7 +278,7 @@ class Connection:
         # `events=message`: each event's data is `{id, event, data, ts}`, so SSE carries
         # `ts` like the other transports; a server without that mode ignores it and
         # sends named events, which are read as well (their `ts` is then None).
-        url = target.http_base + "/api/sse" + target.query(events="message")
+        url = target.http_base + PATHS[Transport.SSE] + target.query(events="message")
         async with target.http.stream("GET", url, headers=target.headers(headers),
                                       timeout=timeout) as response:
             if response.status_code != 200:
@@ -302,10 +317,11 @@ class Connection:
         target = self.target
         cursor = self.cursor
         longest = target.poll_timeout
+        endpoint = target.http_base + PATHS[Transport.POLLING]
         while True:
             # The first request answers at once (that answer is our `welcome`).
             wait = longest if self.welcomed else 0
-            url = target.http_base + "/api/events" + target.query(after=cursor, timeout=wait)
+            url = endpoint + target.query(after=cursor, timeout=wait)
             # A proxy that swallows the answer must not hang us: give up a while after.
             timeout = httpx.Timeout(10.0, read=wait + 15.0)
             response = await target.http.get(

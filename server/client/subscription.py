@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import httpx
 
 from dualcast.client.connections import (
+    PATHS,
     Batch,
     Connection,
     Ended,
@@ -33,6 +34,7 @@ from dualcast.client.connections import (
     Signal,
     Target,
     Welcome,
+    no_endpoint,
 )
 from dualcast.client.model import (
     AUTH_CODES,
@@ -134,6 +136,8 @@ class Subscription:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._target: Target | None = None
+        #: Since the last `welcome`: transports that answered "no endpoint here", and how.
+        self._missing: dict[Transport, int | None] = {}
 
     # -- the caller's side -----------------------------------------------------
 
@@ -318,6 +322,7 @@ class Subscription:
         elif conn is not self._conn:
             return
         self._clear(Timer.WELCOME)
+        self._missing.clear()
         if self._cursor is None and welcome.last_id:
             self._cursor = welcome.last_id
         self._failures = 0
@@ -422,6 +427,7 @@ class Subscription:
             self._schedule(Timer.RETRY, backoff(len(self._deaths) - 1, timing.retry_base,
                                                 timing.retry_cap, self._rand))
             return
+        self._check_endpoint(conn.transport, ended)
         if ended.failure is Failure.UNREACHABLE:
             # Nobody answers: every transport would fail the same way, so stay here.
             self._retry_later()
@@ -431,6 +437,20 @@ class Subscription:
             return
         self._retry_later()
         self._schedule_climb()
+
+    def _check_endpoint(self, transport: Transport, ended: Ended) -> None:
+        """A 404 falls back like any refusal (a proxy may route only some paths), but
+        when every transport says there is no endpoint, no retry will find one: the
+        URL (or its path prefix) is wrong."""
+        if not no_endpoint(transport, ended):
+            self._missing.clear()
+            return
+        self._missing[transport] = ended.status
+        if set(self._missing) >= set(self._order) and 404 in self._missing.values():
+            answers = ", ".join(f"HTTP {status} on {PATHS[name]}"
+                                for name, status in self._missing.items())
+            raise Refused(404, "not_found", f"no dualcast server at {self._http_base} "
+                          f"({answers}): check the URL and its path")
 
     def _retry_later(self) -> None:
         timing = self._timing

@@ -3,6 +3,8 @@
 stdout carries only events, one JSON object per line (`{"id","event","data","ts"}`),
 so it can be piped into `jq` or a file; everything else (transport changes, resets,
 the server's errors) goes to stderr. It runs until interrupted; Ctrl-C exits 0.
+A refusal that no retry would change (a token, no allowed room, a URL with no
+dualcast server behind it) is one line on stderr and exit 1.
 """
 
 from __future__ import annotations
