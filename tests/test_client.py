@@ -292,23 +292,52 @@ async def test_a_cursor_the_stream_does_not_hold_comes_out_as_a_reset_marker(
         assert events.last_event_id == fresh
 
 
-@pytest.mark.parametrize("transport", [Transport.SSE, Transport.POLLING])
-async def test_a_forbidden_room_raises_refused(server: Any, transport: Transport) -> None:
-    async with watching(server.url, transports=[transport], rooms=["finance"],
+@pytest.mark.parametrize("transport", FORCED)
+async def test_when_no_room_asked_for_may_be_joined_it_raises_refused(
+    server: Any, transport: Transport
+) -> None:
+    async with watching(server.url, transports=[transport], rooms=["finance", "hr"],
                         token=mint("u2", rooms=["ops"])) as (watch, _):
         await until(lambda: watch.done, what="the iteration to end")
     assert isinstance(watch.failure, Refused) and not isinstance(watch.failure, AuthFailed)
     assert watch.failure.code == "forbidden_room"
 
 
-async def test_a_forbidden_room_on_websocket_keeps_the_allowed_ones(server: Any) -> None:
-    async with watching(server.url, transports=[Transport.WEBSOCKET], rooms=["ops", "finance"],
+@pytest.mark.parametrize("transport", FORCED)
+async def test_a_forbidden_room_is_reported_once_and_the_allowed_ones_kept(
+    server: Any, transport: Transport
+) -> None:
+    async with watching(server.url, transports=[transport], rooms=["finance", "ops", "hr"],
                         token=mint("u3", rooms=["ops"])) as (watch, _):
-        await until(lambda: watch.errors, what="the error frame")
-        assert watch.errors[0].code == "forbidden_room"
+        await until(lambda: watch.live_on(transport))
         ops = await publish(server.url, "ops", 1, rooms=["ops"])
         await until(lambda: ops in watch.ids)
+        assert {(e.code, e.message) for e in watch.errors} == {
+            ("forbidden_room", "not allowed in room 'finance'"),
+            ("forbidden_room", "not allowed in room 'hr'")}
+        assert len(watch.errors) == 2 and watch.failure is None
+
+
+async def test_after_a_fallback_a_forbidden_room_is_not_asked_for_again(
+    redis_server: Any, dualcast: Callable[..., Any]
+) -> None:
+    """Refused on WebSocket (an `error`, the rest kept), the room must not come back
+    when the client falls back to SSE: there it would refuse the whole request."""
+    first = dualcast(redis_server.url)
+    async with watching(first.url, rooms=["ops", "finance"],
+                        token=mint("u4", rooms=["ops"])) as (watch, _):
+        await until(lambda: watch.live_on(Transport.WEBSOCKET) and watch.errors)
+        before = await publish(first.url, "ops", 1, rooms=["ops"])
+        await until(lambda: before in watch.ids)
+        await asyncio.to_thread(first.kill)
+        # The same port, without WebSocket now (a proxy that starts blocking upgrades).
+        second = await asyncio.to_thread(dualcast, redis_server.url, port=first.port,
+                                         env={"DUALCAST_TRANSPORTS": "sse,polling"})
+        after = await publish(second.url, "ops", 2, rooms=["ops"])
+        await until(lambda: after in watch.ids or watch.done, what="the event after the fallback")
         assert watch.failure is None
+        assert watch.ids[-2:] == [before, after] and watch.live_on(Transport.SSE)
+        assert [e.code for e in watch.errors] == ["forbidden_room"]  # once, not per connect
 
 
 @pytest.mark.parametrize("transport", FORCED)

@@ -14,11 +14,17 @@
 Each id arrives once, in order, whatever the transport (WebSocket, else SSE,
 else long-polling, climbing back when it can) and across reconnects. A cursor
 that is gone arrives as a `Reset` item (an in-band marker, not an exception, so
-the subscription carries on from the head). A refused subscription (a forbidden
-room, a bad cursor) raises `Refused` from the iteration; a token that is not good
-and cannot be refreshed raises `AuthFailed`. `token` may be a string or a callable
-(sync or async) returning one: it is called at the start, shortly before each
-token's `exp`, and after the server says `token_expired`.
+the subscription carries on from the head). A room the token may not join is
+reported once to `on_error` (a `ServerError`, code `forbidden_room`, on every
+transport) and left out of every later connection, while the other rooms keep
+flowing. The iteration raises `Refused` when none of the rooms asked for may be
+joined, when the server refuses the request itself (a bad cursor, too many rooms),
+and when nothing at the URL's path is a dualcast server (404s: code `not_found`);
+it raises `AuthFailed` when the token is not good and cannot be refreshed. `token`
+may be a string or a callable (sync or async) returning one: it is called at the
+start, shortly before each token's `exp` (at most once a second), and after the
+server says `token_expired`; a fresh token refused as well ends the iteration
+with `AuthFailed`.
 
 This package imports neither starlette nor the server's modules: it needs only
 httpx and websockets.
@@ -99,7 +105,8 @@ async def subscribe(
 ) -> AsyncIterator[Subscription]:
     """Subscribe until the `async with` block ends (the connections close with it).
 
-    `rooms` empty = the rooms the token allows; `last_event_id` None = live from now,
+    `rooms` (a list) empty = the rooms the token allows; a room the token may not
+    join is reported to `on_error` and dropped; `last_event_id` None = live from now,
     `"0"` = from the oldest retained event; `transports` = which to use, best first.
     `on_status` hears every transport or state change; `on_error` hears the server's
     non-fatal errors (by default they are logged). At most `buffer` events wait for

@@ -35,6 +35,10 @@ PATHS: Mapping[Transport, str] = {
     Transport.WEBSOCKET: "/api/ws", Transport.SSE: "/api/sse", Transport.POLLING: "/api/events",
 }
 
+#: Refusals that name one room of the request (the server names the first it refuses);
+#: the other rooms would be granted.
+ROOM_CODES = frozenset({"forbidden_room", "bad_room"})
+
 
 class Failure(enum.StrEnum):
     """Why a connection ended, which decides what the subscription does next."""
@@ -132,6 +136,14 @@ def no_endpoint(transport: Transport, ended: Ended) -> bool:
     if ended.status == 404:
         return True
     return transport is Transport.WEBSOCKET and ended.status == 403 and not ended.code
+
+
+def refused_room(ended: Ended, rooms: tuple[str, ...]) -> str | None:
+    """The room of `rooms` a refusal names (`not allowed in room 'admin'`), if it
+    refuses one room rather than the request."""
+    if ended.code not in ROOM_CODES:
+        return None
+    return next((room for room in rooms if repr(room[:80]) in ended.message), None)
 
 
 def _refusal(status: int, raw: bytes | bytearray) -> _Ends:

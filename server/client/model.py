@@ -79,7 +79,8 @@ class Status:
 @dataclass(frozen=True, slots=True)
 class ServerError:
     """An `error` the server sent that does not end the subscription (for example a
-    room the token may not join on a WebSocket, which keeps the other rooms)."""
+    room the token may not join, on any transport: the other rooms are kept, and
+    later connections no longer ask for it)."""
 
     transport: Transport
     code: str
@@ -91,8 +92,9 @@ class ClientError(Exception):
 
 
 class Refused(ClientError):
-    """The server refused the subscription itself (a forbidden or malformed room, a
-    bad cursor): trying again, on any transport, would not help."""
+    """The server refused the subscription itself (none of the rooms asked for may be
+    joined, a bad cursor, too many rooms, no dualcast server at that URL: code
+    `not_found`): trying again, on any transport, would not help."""
 
     def __init__(self, status: int | None, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}" if message else code)

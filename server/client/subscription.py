@@ -20,7 +20,7 @@ import enum
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import httpx
 
@@ -35,6 +35,7 @@ from dualcast.client.connections import (
     Target,
     Welcome,
     no_endpoint,
+    refused_room,
 )
 from dualcast.client.model import (
     AUTH_CODES,
@@ -110,7 +111,8 @@ class Subscription:
         self._http_base = http_base
         self._ws_base = ws_base
         self._tokens = tokens
-        self._rooms = rooms
+        self._asked = rooms
+        self._rooms = rooms  # the rooms asked for, narrowed to those the server grants
         self._order = transports
         self._timing = timing
         self._on_status = on_status
@@ -323,6 +325,8 @@ class Subscription:
             return
         self._clear(Timer.WELCOME)
         self._missing.clear()
+        if self._rooms:
+            self._narrow(tuple(room for room in self._rooms if room in welcome.rooms))
         if self._cursor is None and welcome.last_id:
             self._cursor = welcome.last_id
         self._failures = 0
@@ -333,6 +337,19 @@ class Subscription:
             self._schedule_climb()
         else:
             self._clear(Timer.CLIMB)
+
+    def _narrow(self, rooms: tuple[str, ...]) -> None:
+        """Ask only for `rooms` from now on: a room the server refused (a WebSocket
+        leaves it out of its `welcome`) would make every SSE or poll reconnect a 403.
+        The browser client does the same. None left: nothing asked for can be joined."""
+        if rooms == self._rooms:
+            return
+        if not rooms:
+            raise Refused(403, "forbidden_room", "none of the rooms asked for may be joined "
+                          f"({', '.join(self._asked)})")
+        self._rooms = rooms
+        assert self._target is not None
+        self._target = replace(self._target, rooms=rooms)
 
     def _promote(self, probe: Connection) -> None:
         """A probe said welcome: it feeds us from now on, the old connection goes."""
@@ -359,11 +376,13 @@ class Subscription:
             await self._auth_lost(conn, Ended(Failure.AUTH, frame.code, None, frame.code,
                                               frame.message))
             return
-        error = ServerError(conn.transport, frame.code, frame.message)
+        self._report(ServerError(conn.transport, frame.code, frame.message))
+
+    def _report(self, error: ServerError) -> None:
         if self._on_error is not None:
             self._on_error(error)
         else:
-            log.warning("dualcast %s: %s: %s", conn.transport, frame.code, frame.message)
+            log.warning("dualcast %s: %s: %s", error.transport, error.code, error.message)
 
     async def _auth_lost(self, conn: Connection, ended: Ended) -> None:
         """The server refused the token: ask the source for a fresh one and reconnect;
@@ -406,7 +425,15 @@ class Subscription:
             await self._auth_lost(conn, ended)
             return
         if ended.failure is Failure.FATAL:
-            raise Refused(ended.status, ended.code or "refused", ended.message or ended.detail)
+            room = refused_room(ended, self._rooms)
+            if room is None:
+                raise Refused(ended.status, ended.code or "refused",
+                              ended.message or ended.detail)
+            # As a WebSocket does: say so once, and carry on with the other rooms.
+            self._narrow(tuple(r for r in self._rooms if r != room))
+            self._report(ServerError(conn.transport, ended.code, ended.message))
+            self._open()
+            return
         timing = self._timing
         now = asyncio.get_running_loop().time()
         last = self._level >= len(self._order) - 1
