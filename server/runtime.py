@@ -78,6 +78,11 @@ class Runtime:
             return self._window
         return await self._window_fetches.run(None, self._fetch_window)
 
+    @property
+    def last_window(self) -> LogInfo | None:
+        """The log's window as last fetched, however old (None: never fetched)."""
+        return self._window
+
     async def _fetch_window(self) -> LogInfo:
         info = await self.log.info()
         self._window, self._window_at = info, running_loop().time()

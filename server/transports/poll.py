@@ -182,7 +182,13 @@ async def poll_endpoint(request: Request) -> Response | Answer:
             try:
                 info = await rt.log_window(1.0 if in_memory else 0.0)
             except LogUnavailable as exc:
-                return _unavailable(exc)
+                # Redis is away. An in-memory cursor keeps its poll, on the last window
+                # known (the same "at worst" as above), as a stream keeps its connection:
+                # the poll waits for what the consumer reads once Redis is back.
+                last = rt.last_window if in_memory else None
+                if last is None:
+                    return _unavailable(exc)
+                info = last
             # (an in-memory cursor is not newer than the stream: the consumer read it there)
             gone = cursor < info.max_deleted if in_memory else cursor_gone(cursor, info)
             if gone and cursor != ZERO:

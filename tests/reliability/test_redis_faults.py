@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.conftest import token
@@ -218,3 +219,37 @@ async def test_redis_restarted_empty_tells_clients_to_reset(
     await _stop(followers, pollers)
     assert dc.proc is not None and dc.proc.poll() is None, "dualcast died"
     assert log_problems(dc) == []
+
+
+async def test_a_poller_at_the_head_keeps_polling_while_redis_is_away(
+    tmp_path: Path, dualcast: Callable[..., DualcastProcess]
+) -> None:
+    """As a stream keeps its connection, a poll whose cursor this instance holds in
+    memory is answered (empty, at its timeout) while Redis is away, not refused 503."""
+    redis = RedisProcess(tmp_path / "redis").start()
+    try:
+        dc = dualcast(redis.url, env=FAST)
+        producer = Producer(redis.url, rate=50).start(limit=3)
+        await producer.wait(10)
+        async with httpx.AsyncClient(base_url=dc.url, timeout=10) as client:
+
+            async def poll(after: str, timeout: int) -> httpx.Response:
+                return await client.get("/api/events", params={"after": after, "timeout": timeout})
+
+            async def caught_up() -> bool:
+                answer = (await poll("0", 0)).json()
+                return len(answer["events"]) == 3
+
+            await wait_for(caught_up, 10, what="the 3 events in the instance's window")
+            head = (await poll("0", 0)).json()["last_id"]
+            assert (await poll(head, 0)).status_code == 200
+            redis.kill()
+            await wait_for_async(lambda: readyz(dc), 503, 10, "readyz 503 while Redis is away")
+            for _ in range(3):  # polls of 1 s each: past the window's 1 s cache
+                answer = await poll(head, 1)
+                assert answer.status_code == 200, answer.text
+                assert answer.json() == {"events": [], "last_id": head, "reset": False}
+            behind = await poll("0", 1)  # a cursor the log must answer: Redis is needed
+            assert behind.status_code == 503
+    finally:
+        redis.stop()
