@@ -15,6 +15,10 @@ from pathlib import Path
 
 #: HS256 keys shorter than the hash output are weak (RFC 7518, 3.2); PyJWT warns below it.
 MIN_SECRET_BYTES = 32
+#: Random bytes of a secret made here: 64 characters once URL-safe encoded, as long as
+#: HS512's hash output, so the kept secret is strong enough (and PyJWT silent) for any
+#: HMAC algorithm DUALCAST_JWT_ALGORITHMS may list (43 characters warned for HS384/HS512).
+MADE_SECRET_BYTES = 48
 
 
 class SecretFileError(Exception):
@@ -53,7 +57,7 @@ def load_or_create(path: Path) -> tuple[str, bool]:
     existing = read_secret(path)
     if existing is not None:
         return existing, False
-    secret = secrets.token_urlsafe(MIN_SECRET_BYTES)
+    secret = secrets.token_urlsafe(MADE_SECRET_BYTES)
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         # Written aside, then linked into place: a second server starting at the same
