@@ -68,7 +68,9 @@ export interface DualcastOptions {
    *  token from the function goes to the open connection at once (an `auth` frame on a
    *  WebSocket; a waiting poll or an SSE stream asks again with it, from the cursor). */
   token?: TokenSource;
-  /** Rooms to join; none: the server's default for the token. */
+  /** Rooms to join; none: the server's default for the token. A room the token may not
+   *  join is a `forbidden_room` error and is not asked for again; when none of them may
+   *  be joined, that error is 'fatal' and the client stops, on every transport. */
   rooms?: string[];
   /** Resume after this id; `0` = from the oldest retained event; none = live from now. */
   lastEventId?: string | null;

@@ -767,6 +767,7 @@ export class TransportManager {
     this.failures = 0;
     this.liveSince = this.now();
     this.onWelcome({ transport: conn.name, rooms: info.rooms ?? [], lastId: info.lastId });
+    if (conn !== this.conn) return; // the welcome's handler stopped it
     this.setState('live');
     if (this.level > 0) this.scheduleClimb();
     else this.clear('climb');
@@ -988,6 +989,17 @@ export class Dualcast {
       onReset: (lastId) => this.emit('reset', { lastId }),
       onError: (info) => this.failed(info),
       onWelcome: (info) => {
+        if (this.rooms.length && !info.rooms.length && info.transport !== 'polling') {
+          // Every room asked for was refused: stop, as SSE and polling do on their 403,
+          // rather than stay on public events and widen to the token's rooms next connect.
+          const asked = this.rooms.join(', ');
+          this.stop();
+          this.emit('error', {
+            code: 'forbidden_room', kind: 'fatal', transport: info.transport,
+            message: `none of the rooms asked for may be joined (${asked})`,
+          });
+          return;
+        }
         this.joined = [...info.rooms];
         this.pending.clear();
         // what the server granted is what a reconnect asks for (a refused room would

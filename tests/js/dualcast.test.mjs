@@ -284,6 +284,20 @@ describe('Dualcast', { timeout: 10000 }, () => {
     t.dc.stop();
   });
 
+  it('a WebSocket welcome that grants none of the rooms asked for stops, as SSE does', async () => {
+    const t = setup({ rooms: ['admin'] });
+    t.dc.start();
+    await t.clock.tick(0);
+    const ws = t.WS.last();
+    ws.serverSend({ type: 'error', code: 'forbidden_room', message: "may not join 'admin'" });
+    ws.welcome('1000-0', []);
+    assert.equal(t.errors.at(-1).code, 'forbidden_room');
+    assert.equal(t.errors.at(-1).kind, 'fatal');
+    await t.clock.tick(60_000);
+    assert.equal(t.WS.instances.length, 1, 'no reconnect asking the token\'s rooms instead');
+    assert.equal(t.dc.state, 'offline');
+  });
+
   it('join on SSE reconnects with the new set, from the cursor', async () => {
     const streams = [];
     const t = setup({
