@@ -13,11 +13,12 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Any
 
-from dualcast.config import Settings, SettingsError, env_name, load_settings
+from dualcast.config import DEMO_SPEED_MAX, Settings, SettingsError, env_name, load_settings
 from dualcast.secret_file import MIN_SECRET_BYTES
 
 if TYPE_CHECKING:
     from dualcast.keys import PrivateKey
+    from dualcast.serve import ListenError
 
 log = logging.getLogger("dualcast")
 
@@ -76,8 +77,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         return serve(settings, on_listening)
     except ListenError as exc:
-        print(f"dualcast serve: {exc} {_listen_hint(settings.host, settings.port)}",
-              file=sys.stderr)
+        print(f"dualcast serve: {exc} {_listen_hint(settings.host, exc)}", file=sys.stderr)
         return 1
 
 
@@ -110,33 +110,23 @@ def _keyed_token_command(settings: Settings, claims: str) -> str:
             f"{claims}")
 
 
-def _listen_hint(host: str, port: int) -> str:
+def _listen_hint(host: str, failed: ListenError) -> str:
     """What to change when the address cannot be bound: the host when it alone cannot be
-    (a name that does not resolve, an address of another machine), else the port. Found
-    by trying again here, so the hint never depends on the wording of the error."""
+    (a name that does not resolve, an address of another machine: tried again on any
+    port), else the port. Never depends on the wording of the error."""
+    from dualcast.serve import ListenError, bind
+
     if host.startswith("[") and host.endswith("]"):
         return f"(write an IPv6 address without brackets: --host {host[1:-1]})"
-    if _bind_errno(host, 0) is not None:
+    try:
+        bind(host, 0).close()
+    except ListenError:
         return ("(not a name or address of this machine: choose one with --host or "
                 "DUALCAST_HOST, e.g. 127.0.0.1, or 0.0.0.0 for every interface)")
-    if _bind_errno(host, port) == errno.EACCES:
+    if failed.errno == errno.EACCES:
         return ("(ports below 1024 need privileges here: choose a port with --port or "
                 "DUALCAST_PORT)")
     return "(another server? choose a port with --port or DUALCAST_PORT)"
-
-
-def _bind_errno(host: str, port: int) -> int | None:
-    """The error number of binding (host, port) as the server does; None if it binds."""
-    import socket
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            return exc.errno or -1
-    return None
 
 
 def _flag_settings(args: argparse.Namespace, flags: dict[str, str]) -> Settings:
@@ -306,10 +296,6 @@ def _count(value: str) -> int:
     if not value.isdigit():
         raise argparse.ArgumentTypeError(f"{value!r} is not a whole number >= 0")
     return int(value)
-
-
-#: The demo's fastest pace: what DUALCAST_DEMO_SPEED (`serve --demo-speed`) accepts, too.
-DEMO_SPEED_MAX = 100.0
 
 
 def _demo_speed(value: str) -> float:

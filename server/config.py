@@ -30,6 +30,10 @@ Transport = Literal["websocket", "sse", "polling"]
 ALL_TRANSPORTS: tuple[Transport, ...] = ("websocket", "sse", "polling")
 
 
+#: The demo's fastest pace, for DUALCAST_DEMO_SPEED and `dualcast demo --speed` alike.
+DEMO_SPEED_MAX = 100.0
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DUALCAST_", extra="ignore", frozen=False)
 
@@ -122,7 +126,7 @@ class Settings(BaseSettings):
     event_pattern: str = EVENT_NAME_PATTERN
     max_bad_frames: int = Field(10, ge=1, description="bad WS frames before close 1008")
     demo: bool = Field(False, description="publish simulated LLM-proxy traffic (one process)")
-    demo_speed: float = Field(1.0, gt=0, le=100, description="pace of the demo traffic")
+    demo_speed: float = Field(1.0, gt=0, le=DEMO_SPEED_MAX, description="pace of the demo traffic")
     gc_refresh: float = Field(
         3600.0, ge=0,
         description="seconds between full garbage collections that rescan every connection "

@@ -103,11 +103,6 @@ def use_names(rules: NameRules) -> None:
     _event_ok, _room_ok = rules.event.accepts, rules.room.accepts
 
 
-def name_rules() -> NameRules:
-    """The name rules this process serves with."""
-    return _rules
-
-
 class Envelope(BaseModel):
     """What a producer appends: the JSON in the stream entry's `data` field."""
 
@@ -211,7 +206,6 @@ class Event:
 RawFields = Mapping[Any, str | bytes]
 
 _TIMESTAMP = re.compile(r"-?[0-9]{1,19}")
-_MAX_ROOMS = MAX_ROOMS
 _I64 = 2**63
 
 
@@ -242,7 +236,7 @@ def _rooms(body: dict[str, Any]) -> tuple[str, ...]:
     if "rooms" not in body:
         return ()
     rooms = body["rooms"]
-    if type(rooms) is not list or len(rooms) > _MAX_ROOMS:
+    if type(rooms) is not list or len(rooms) > MAX_ROOMS:
         raise MalformedEntry(Malformed.BAD_ROOMS, "'rooms' is not a list of at most 100 names")
     for room in rooms:
         if type(room) is not str or not _room_ok(room):

@@ -367,11 +367,9 @@ class Hub:
             for bell in waiting:
                 bell.ring()
 
-    async def wait_for_events(self, timeout: float, bell: Doorbell | None = None) -> None:
+    async def wait_for_events(self, timeout: float, bell: Doorbell) -> None:
         """Until the next batch is published (long-pollers wait here), `bell` rings, or
         the timeout."""
-        if bell is None:
-            bell = Doorbell()
         self._pollers.add(bell)
         try:
             await bell.wait(timeout)

@@ -42,7 +42,12 @@ log = logging.getLogger("dualcast.serve")
 
 
 class ListenError(Exception):
-    """The address cannot be bound; the message is one line naming the address."""
+    """The address cannot be bound; the message is one line naming the address, `errno`
+    the bind's own error number."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 def _shown(host: str, port: int) -> str:
@@ -80,7 +85,7 @@ def bind(host: str, port: int, workers: int = 1) -> socket.socket:
     except OSError as exc:
         sock.close()
         why = (exc.strerror or str(exc)).lower()
-        raise ListenError(f"cannot listen on {_shown(host, port)}: {why}") from None
+        raise ListenError(f"cannot listen on {_shown(host, port)}: {why}", exc.errno) from None
     if workers > 1:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     return sock
