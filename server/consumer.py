@@ -247,7 +247,8 @@ class Consumer:
         if now - self._trimmed_at >= _TRIM_EVERY or not self.overview.built:
             return None
         self.last_read_at = now
-        return format_id(self._deliver(entries))
+        self._deliver(entries)
+        return entries[-1][0]  # the id as Redis wrote it, which is its canonical form
 
     def _deliver(self, entries: list[RawEntry]) -> StreamId:
         """Decode a batch (skipping what is malformed), move past it, deliver it, fold it."""
@@ -257,7 +258,8 @@ class Consumer:
                 events.append(decode_entry(entry_id, fields))
             except MalformedEntry as exc:
                 self._skip(entry_id, exc)
-        last = parse_id(entries[-1][0])
+        last_id = entries[-1][0]
+        last = events[-1].key if events and events[-1].id == last_id else parse_id(last_id)
         self.stats.consumed += len(events)
         # The position moves first: nothing after this line may make the batch be
         # read again (a skipped entry is skipped once, a delivered one delivered once).

@@ -140,10 +140,11 @@ class Event:
                  "ts")
 
     def __init__(
-        self, id: str, event: str, data: Any, rooms: tuple[str, ...], ts: int
+        self, id: str, event: str, data: Any, rooms: tuple[str, ...], ts: int,
+        key: StreamId | None = None,
     ) -> None:
         self.id = id
-        self.key = parse_id(id)
+        self.key = parse_id(id) if key is None else key  # (the decoder has parsed it)
         self.event = event
         self.data = data
         self.rooms = rooms
@@ -215,6 +216,8 @@ def _field(fields: RawFields, name: bytes) -> str | bytes | None:
 
 
 def _timestamp(raw: str | bytes, default: int) -> int:
+    if type(raw) is bytes and 0 < len(raw) < 19 and raw.isdigit():
+        return int(raw)  # what producers write (ASCII digits, fits): no decode, no regex
     try:
         text = raw.decode() if isinstance(raw, bytes) else raw
     except UnicodeDecodeError:
@@ -281,7 +284,7 @@ def decode_entry(entry_id: str, fields: RawFields) -> Event:
         raise MalformedEntry(Malformed.BAD_ID, str(exc)) from None
     ts_raw = _field(fields, b"timestamp")
     ts = key[0] if ts_raw is None else _timestamp(ts_raw, key[0])
-    event = Event(entry_id, name, body.get("data"), rooms, ts)
+    event = Event(entry_id, name, body.get("data"), rooms, ts, key)
     try:
         event.ws_frame()
     except (TypeError, ValueError, RecursionError) as exc:  # orjson.JSONEncodeError is a TypeError

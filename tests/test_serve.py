@@ -14,6 +14,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import psutil
 import pytest
 
 from dualcast.config import load_settings
-from dualcast.serve import uvicorn_config
+from dualcast.serve import DualcastServer, uvicorn_config
 from tests.conftest import SECRET
 from tests.harness.clients import subscribe
 from tests.harness.probes import log_problems
@@ -410,6 +411,22 @@ async def test_a_sub_second_grace_stops_cleanly(
     assert "Application shutdown complete" in log
     assert [line for line in log.splitlines() if "ERROR" in line] == []
     assert log_problems(proc) == []
+
+
+@pytest.mark.timeout(60)
+def test_a_stop_begins_at_once_although_the_main_loop_looks_rarely() -> None:
+    """The main loop looks at `should_exit` once a second (uvicorn: ten times a second);
+    setting it, as a signal, the supervisor or a test does, wakes the loop. With an hour
+    between two looks the server must still stop at once."""
+    settings = load_settings(redis_url=None, host="127.0.0.1", port=0, secret=SECRET)
+    server = DualcastServer(settings)
+    server.TICK = 3600.0
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, timeout=20, what="the server to start")
+    server.should_exit = True
+    thread.join(20)
+    assert not thread.is_alive(), "the server did not stop when asked"
 
 
 def test_a_fractional_grace_is_kept_for_uvicorn() -> None:

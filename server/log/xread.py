@@ -85,9 +85,9 @@ def entries_of(reply: Any) -> list[RawEntry]:
     if isinstance(reply, Exception):
         raise LogUnavailable(f"redis XREAD failed: ResponseError: {reply}")
     try:
-        batches = reply.values() if isinstance(reply, dict) else [s[1] for s in reply]
+        streams = reply.items() if isinstance(reply, dict) else reply
         out: list[RawEntry] = []
-        for entries in batches:
+        for _stream, entries in streams:
             for entry_id, flat in entries:
                 fields = iter(flat or ())
                 out.append((_text(entry_id), dict(zip(fields, fields, strict=False))))
