@@ -9,6 +9,7 @@ answering is closed with 1011, and an SSE stream gets `: ping` while events flow
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import socket
 import struct
@@ -75,6 +76,28 @@ async def test_a_finished_or_failing_beat_is_dropped_and_the_others_go_on() -> N
     assert runs["broken"] == 1
     assert len(ring) == 1
     ring.close()
+
+
+async def test_a_ring_wakes_only_for_the_slots_that_hold_beats() -> None:
+    """A few connections fill a few of the ring's slots; its timer skips the empty ones
+    (each tick wakes the whole process), and each beat still runs once per interval."""
+    walks = 0
+
+    class Counting(Keepalive):
+        def _walk(self) -> None:
+            nonlocal walks
+            walks += 1
+            super()._walk()
+
+    loop = asyncio.get_running_loop()
+    ring = Counting(loop, 0.4)  # a tick of 0.1 s: four slots
+    times: list[float] = []
+    ring.add("one", lambda: times.append(loop.time()) or True)
+    await wait_for(lambda: len(times) >= 5, 20, "five beats")
+    ring.close()
+    assert walks <= len(times) + 1  # (the first tick, armed by `add`, may find it empty)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert min(gaps) > 0.3, gaps  # once per interval, not once per tick
 
 
 async def test_an_empty_ring_stops_its_timer_and_starts_it_again() -> None:
