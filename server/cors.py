@@ -55,6 +55,20 @@ def header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
+def origin_netloc(origin: str) -> str | None:
+    """The `host[:port]` an Origin header names, lowercased; None when it names none.
+
+    `null` has no netloc, and a value `urlsplit` refuses (`http://[::1` raises
+    ValueError: "Invalid IPv6 URL") names none either: every Origin check (CORS,
+    the WebSocket guard, CSRF) goes through here, so a malformed header is a
+    refusal, never a 500 with a traceback in the log.
+    """
+    try:
+        return urlsplit(origin.strip()).netloc.lower() or None
+    except ValueError:
+        return None
+
+
 def judge(origin: bytes | None, host: bytes | None, allowed: Iterable[str]) -> Verdict:
     """Where a request comes from, as the WebSocket Origin check sees it.
 
@@ -63,7 +77,7 @@ def judge(origin: bytes | None, host: bytes | None, allowed: Iterable[str]) -> V
     if origin is None:
         return Verdict.SAME_ORIGIN
     text = origin.decode("latin-1")
-    if host and urlsplit(text).netloc.lower() == host.decode("latin-1").lower():
+    if host and origin_netloc(text) == host.decode("latin-1").lower():
         return Verdict.SAME_ORIGIN
     listed = set(allowed)
     return Verdict.ALLOWED if "*" in listed or text in listed else Verdict.REFUSED

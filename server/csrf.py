@@ -13,10 +13,10 @@ cannot make a browser attach someone else's Bearer token.
 from __future__ import annotations
 
 from enum import StrEnum
-from urllib.parse import urlsplit
 
 from starlette.requests import HTTPConnection
 
+from dualcast.cors import origin_netloc
 from dualcast.query import query_of
 
 
@@ -67,7 +67,7 @@ def same_origin(conn: HTTPConnection) -> bool:
         return True
     host = conn.headers.get("host", "")
     # "null" (sandboxed frames, some redirects) has no netloc and never matches.
-    return bool(host) and urlsplit(origin.strip()).netloc.lower() == host.lower()
+    return bool(host) and origin_netloc(origin) == host.lower()
 
 
 def cross_site_cookie_write(conn: HTTPConnection) -> bool:

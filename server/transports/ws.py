@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
 from starlette.types import Send
@@ -18,6 +17,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from dualcast.admission import Admission, Refusal, admit, error_response
 from dualcast.auth import AuthError, Identity
+from dualcast.cors import origin_netloc
 from dualcast.direct import text_frame_header, ws_sink
 from dualcast.feed import Feed, FeedClosed
 from dualcast.frames import WS_PONG, ws_error, ws_frames, ws_room, ws_welcome
@@ -47,7 +47,7 @@ def origin_allowed(ws: WebSocket, allowed: list[str]) -> bool:
     if "*" in allowed or origin in allowed:
         return True
     host = ws.headers.get("host", "")
-    return urlsplit(origin).netloc.lower() == host.lower() and bool(host)
+    return bool(host) and origin_netloc(origin) == host.lower()
 
 
 class Session:

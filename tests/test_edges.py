@@ -1,0 +1,86 @@
+"""The HTTP and WebSocket edges as a sloppy client or an attacker meets them.
+
+One real server (memory engine) for the module; each test sends what a broken
+proxy, a hand-written client or a probe might, and checks that the answer is a
+clear refusal (or the normal answer), that nothing lands in the log as a
+traceback, and that the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import websockets
+
+from tests.conftest import SECRET, token
+from tests.harness.procs import DualcastProcess
+
+USER = token("456", rooms=["ops"])
+PUBLISHER = token("ci", publish=True)
+
+#: Origin headers no browser sends, but anyone can: each is a refusal, never a 500.
+BAD_ORIGINS = ["http://[::1", "http://[", "https://[zz]:80", "http://a]b"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DualcastProcess]:
+    proc = DualcastProcess(tmp_path_factory.mktemp("edges"),
+                           env={"DUALCAST_SECRET": SECRET}).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def http(server: DualcastProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        yield client
+
+
+def no_traceback(server: DualcastProcess) -> None:
+    log = server.log()
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, (
+        server.log_tail(3000))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("origin", BAD_ORIGINS)
+def test_a_malformed_origin_is_refused_not_a_500(
+    server: DualcastProcess, http: httpx.Client, origin: str
+) -> None:
+    for path in ("/api/me", "/api/overview", "/api/sse"):
+        answer = http.get(path, headers={"Origin": origin})
+        assert answer.status_code == 403, (path, answer.text)
+        assert answer.json()["error"] == "bad_origin"
+    preflight = http.options("/api/events", headers={
+        "Origin": origin, "Access-Control-Request-Method": "GET"})
+    assert preflight.status_code == 403, preflight.text
+    # a cookie write with it is a cross-site write (CSRF), not a crash
+    http.cookies.set("dualcast_token", PUBLISHER)
+    try:
+        publish = http.post("/api/publish", json={"event": "x"}, headers={"Origin": origin})
+        logout = http.post("/api/logout", headers={"Origin": origin})
+    finally:
+        http.cookies.clear()
+    assert (publish.status_code, logout.status_code) == (403, 403), (publish.text, logout.text)
+    assert publish.json()["error"] == "cross_site"
+    no_traceback(server)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("origin", BAD_ORIGINS)
+async def test_a_websocket_with_a_malformed_origin_is_refused_not_a_500(
+    server: DualcastProcess, origin: str
+) -> None:
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        async with websockets.connect(f"{server.ws_url}/api/ws",
+                                      additional_headers={"Origin": origin}):
+            pass
+    assert refused.value.response.status_code == 403
+    # the server still serves WebSockets
+    async with websockets.connect(f"{server.ws_url}/api/ws?token={USER}") as conn:
+        welcome = await asyncio.wait_for(conn.recv(), 5)
+        assert '"welcome"' in str(welcome)
+    no_traceback(server)
