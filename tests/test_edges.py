@@ -84,3 +84,30 @@ async def test_a_websocket_with_a_malformed_origin_is_refused_not_a_500(
         welcome = await asyncio.wait_for(conn.recv(), 5)
         assert '"welcome"' in str(welcome)
     no_traceback(server)
+
+
+def open_streams(http: httpx.Client, transport: str) -> float:
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith(f'dualcast_connections{{transport="{transport}"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("no dualcast_connections in /metrics")
+
+
+@pytest.mark.timeout(60)
+def test_head_of_the_sse_stream_ends_and_frees_the_connection(
+    server: DualcastProcess, http: httpx.Client
+) -> None:
+    """HEAD has no body, so a client takes the headers as the whole answer and sends its
+    next request on the same connection: that request must be answered, and the HEAD
+    must not stay open as a stream behind the client's back."""
+    with httpx.Client(base_url=server.url, timeout=5,
+                      limits=httpx.Limits(max_connections=1)) as client:
+        for _ in range(3):
+            head = client.head("/api/sse", params={"token": USER})
+            assert head.status_code == 200
+            assert head.headers["content-type"].startswith("text/event-stream")
+            assert client.get("/healthz").status_code == 200  # same connection: answered
+        refused = client.head("/api/sse", params={"rooms": "admin", "token": USER})
+        assert refused.status_code == 403  # GET's status, for HEAD too
+        assert open_streams(http, "sse") == 0
+    no_traceback(server)

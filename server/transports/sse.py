@@ -19,7 +19,7 @@ import random
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dualcast.admission import Refusal, admit
 from dualcast.direct import on_disconnect, sse_beat, sse_sink, start_chunked
@@ -62,12 +62,24 @@ def _plain_chunk(items: list[Item]) -> bytes:
     ])
 
 
-async def sse_endpoint(request: Request) -> Response | EventStream:
+async def _head_only(scope: Scope, receive: Receive, send: Send) -> None:
+    await send(START)
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def sse_endpoint(request: Request) -> Response | EventStream | ASGIApp:
     rt: Runtime = request.app.state.dualcast
     try:
         admission = await admit(request, rt, Transport.SSE, cursor_header=True)
     except Refusal as refusal:
         return refusal.response()
+    if request.method == "HEAD":
+        # GET's status and headers, then the end. A HEAD answer has no body, so a
+        # client takes it as complete at once; an endless stream behind it held the
+        # connection (the client's next request on it never got an answer) and a
+        # connection slot for as long as the client kept the socket.
+        admission.lease.release()
+        return _head_only
     rt.stats.opened[Transport.SSE] += 1
     feed = Feed(rt.hub, rt.log, rt.settings, Transport.SSE, admission.rooms, admission.cursor,
                 expires=admission.identity.exp)
