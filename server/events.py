@@ -21,7 +21,10 @@ from dualcast.names import EVENT_NAME_PATTERN as EVENT_NAME_PATTERN
 from dualcast.names import MAX_ROOMS, NameRule, check_rooms, name_rule
 from dualcast.names import ROOM_NAME_PATTERN as ROOM_NAME_PATTERN
 
-_ID_RE = re.compile(r"^(\d{1,20})(?:-(\d{1,20}))?$")
+#: ASCII digits only and matched whole: `\d` alone also takes other scripts' digits
+#: (`int()` reads Arabic-Indic "17" as 17), and `$` a trailing newline, so a cursor no stream id
+#: spells was taken as some other id instead of being refused.
+_ID_RE = re.compile(r"(\d{1,20})(?:-(\d{1,20}))?", re.ASCII)
 
 StreamId = tuple[int, int]
 ZERO: StreamId = (0, 0)
@@ -54,7 +57,7 @@ def parse_id(value: str) -> StreamId:
 
     Raises ValueError for anything else, so a caller can answer 400.
     """
-    match = _ID_RE.match(value)
+    match = _ID_RE.fullmatch(value)
     if match is None:
         raise ValueError(f"not a stream id: {value[:40]!r}")
     ms, seq = match.groups()

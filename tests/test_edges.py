@@ -111,3 +111,25 @@ def test_head_of_the_sse_stream_ends_and_frees_the_connection(
         assert refused.status_code == 403  # GET's status, for HEAD too
         assert open_streams(http, "sse") == 0
     no_traceback(server)
+
+
+#: Digits of other scripts: `int()` reads each as a number, no stream id is spelt so.
+FOREIGN_DIGITS = ["\u0661\u0667-0", "1-\u0660", "\uff11\uff12\uff13", "\u09e7"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("cursor", FOREIGN_DIGITS)
+async def test_a_cursor_in_other_digits_is_refused(server: DualcastProcess, cursor: str) -> None:
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        poll = await client.get("/api/events", params={"after": cursor, "timeout": "0"})
+        assert poll.status_code == 400, poll.text
+        assert poll.json()["error"] == "bad_cursor"
+        sse = await client.get("/api/sse", params={"last_event_id": cursor})
+        assert sse.status_code == 400, sse.text
+        assert sse.json()["error"] == "bad_cursor"
+    query = httpx.QueryParams({"last_event_id": cursor})
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        async with websockets.connect(f"{server.ws_url}/api/ws?{query}"):
+            pass
+    assert refused.value.response.status_code == 400
+    no_traceback(server)
