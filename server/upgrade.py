@@ -43,15 +43,28 @@ from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
 from websockets.utils import accept_key
 from websockets.version import version as websockets_version
 
+from dualcast.direct import default_header_lines
 from dualcast.loops import running_loop
 from dualcast.ws_protocol import Handshake, WebSocketProtocol, addresses
 
 try:
     import httptools
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 except ImportError:  # pragma: no cover - uvicorn without httptools: its own choice stands
     httptools = None  # type: ignore[assignment]
     HttpToolsProtocol = None  # type: ignore[assignment,misc]
+
+#: The most bytes one request's head (request line and headers) may take. httptools
+#: sets no limit and uvicorn (0.54) none for it: a client could send headers without
+#: end and every byte was kept (RSS +117 MB for one 200 MB head), the URL and any
+#: one header value grown by concatenation. A browser's head is a few KB (a token in
+#: the query, cookies); nginx refuses over 32 KB by default. Checked after each read
+#: (a head that ends in the read that crosses the limit is served): what a connection
+#: holds stays within this and one read.
+MAX_REQUEST_HEAD = 64 * 1024
+#: Seconds a refused connection is still read (and what it sends dropped) before it is
+#: closed, so that its answer arrives before the reset a close with bytes unread causes.
+LINGER = 1.0
 
 #: The versions whose request path this module reproduces.
 KNOWN = (uvicorn.__version__ == "0.54.0" and websockets_version.startswith("17.")
@@ -163,22 +176,72 @@ if KNOWN and HttpToolsProtocol is not None:
                 prefix = f"{self.client[0]}:{self.client[1]} - " if self.client else ""
                 self.logger.log(TRACE_LOG_LEVEL, "%sHTTP connection made", prefix)
 
+        #: Bytes of the request head being read (see `MAX_REQUEST_HEAD`), while one is.
+        _head_bytes = 0
+        _head_pending = False
+        #: Whether a request ended during the current `data_received` (its bytes are
+        #: then not all the next request's).
+        _ended_in_feed = False
+        _refused = False
+
         def data_received(self, data: bytes) -> None:
             # uvicorn's, but for the upgrade: its HttpParserUpgrade carries where the
             # request ended in `data`, which uvicorn's method does not keep.
+            if self._refused:
+                return  # (read to be dropped: see `_refuse_head`)
             self._unset_keepalive_if_required()
+            self._ended_in_feed = False
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserError:
                 msg = "Invalid HTTP request received."
                 self.logger.warning(msg)
                 self.send_400_response(msg)
+                return
             except httptools.HttpParserUpgrade as upgrade:
                 if not self._should_upgrade():
                     self._unsupported_upgrade_warning()
                 elif not (upgrade.args and upgrade.args[0] == len(data)
                           and self.upgrade_parsed()):
                     self.handle_websocket_upgrade()
+                return
+            if self._head_pending:
+                # (a chunk in which an earlier request ended also holds its tail: not
+                # counted, so at most one read's worth goes uncounted, none twice)
+                if not self._ended_in_feed:
+                    self._head_bytes += len(data)
+                if self._head_bytes > MAX_REQUEST_HEAD:
+                    self._refuse_head()
+
+        def on_message_begin(self) -> None:
+            self._head_pending, self._head_bytes = True, 0
+            super().on_message_begin()
+
+        def on_headers_complete(self) -> None:
+            self._head_pending = False
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self._ended_in_feed = True
+            super().on_message_complete()
+
+        def _refuse_head(self) -> None:
+            """431, then the end of what this connection sends; what the client still sends
+            is read and dropped for a moment before the close, since closing a socket
+            with bytes unread resets the connection and the client would never see why."""
+            self._head_pending, self._refused = False, True
+            self.logger.warning("Request head over %d bytes refused.", MAX_REQUEST_HEAD)
+            msg = b"Request header fields too large."
+            transport = self.transport
+            transport.write(b"".join((
+                STATUS_LINE[431], default_header_lines(self.server_state.default_headers),
+                b"content-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n"
+                b"connection: close\r\n\r\n" % len(msg), msg)))
+            if transport.can_write_eof():
+                transport.write_eof()
+                self.loop.call_later(LINGER, transport.close)
+            else:
+                transport.close()
 
         def upgrade_parsed(self) -> bool:
             """Answer the upgrade request httptools parsed without writing it out for

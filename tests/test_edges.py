@@ -9,6 +9,7 @@ traceback, and that the server keeps serving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
 
 import httpx
@@ -132,4 +133,62 @@ async def test_a_cursor_in_other_digits_is_refused(server: DualcastProcess, curs
         async with websockets.connect(f"{server.ws_url}/api/ws?{query}"):
             pass
     assert refused.value.response.status_code == 400
+    no_traceback(server)
+
+
+async def answer_to(server: DualcastProcess, pieces: list[bytes]) -> tuple[bytes, bool]:
+    """What the server answers to a request sent in `pieces` (each its own write), read
+    as it arrives (a close while we still send may reset the connection, and a reset
+    discards what was not read yet), and whether the server ended the connection
+    within 10 s. Sending stops once the server has closed."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    got = bytearray()
+
+    async def read() -> None:
+        with contextlib.suppress(ConnectionError):
+            while chunk := await reader.read(65536):
+                got.extend(chunk)
+
+    reading = asyncio.create_task(read())
+    try:
+        for piece in pieces:
+            if reading.done():
+                break
+            writer.write(piece)
+            try:
+                await writer.drain()
+            except ConnectionError:
+                break
+        try:
+            await asyncio.wait_for(asyncio.shield(reading), 10)
+        except TimeoutError:
+            return bytes(got), False
+        return bytes(got), True
+    finally:
+        reading.cancel()
+        writer.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("where", ["headers", "one header", "url", "websocket"])
+async def test_a_request_head_without_end_is_refused(server: DualcastProcess, where: str) -> None:
+    """httptools keeps every header byte it is sent until the head ends: a client that
+    never ends it grew the server's memory without bound. Past the limit: 431, closed."""
+    line = b"X-Junk: " + b"j" * 1000 + b"\r\n"
+    starts = {
+        "headers": (b"GET /healthz HTTP/1.1\r\nHost: x\r\n", line),
+        "one header": (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-One: ", b"j" * 1000),
+        "url": (b"GET /healthz?q=", b"j" * 1000),
+        "websocket": (b"GET /api/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                      b"Connection: Upgrade\r\n", line),
+    }
+    start, piece = starts[where]
+    answer, closed = await answer_to(server, [start, *([piece] * 1000)])  # 1 MB, never ended
+    assert closed, f"the connection is still open after {answer[:200]!r}"
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        # a large head that ends is served as before, and so is everyone else
+        big = await client.get("/api/me", headers={"X-Big": "b" * 40_000},
+                               params={"token": USER})
+        assert big.status_code == 200 and big.json()["sub"] == "456"
     no_traceback(server)
