@@ -66,6 +66,14 @@ MAX_REQUEST_HEAD = 64 * 1024
 #: closed, so that its answer arrives before the reset a close with bytes unread causes.
 LINGER = 1.0
 
+#: Seconds a connection may take to send a whole request head, counted from its
+#: opening or from the first byte of the head. uvicorn (0.54) times only the idle
+#: time after an answer: a client that connected and sent nothing, or half a head,
+#: held its connection (a file descriptor of the process's few thousand) for as long
+#: as it liked. nginx allows 60 s (`client_header_timeout`); a head takes a client
+#: one write.
+HEAD_TIMEOUT = 10.0
+
 #: The versions whose request path this module reproduces.
 KNOWN = (uvicorn.__version__ == "0.54.0" and websockets_version.startswith("17.")
          and httptools is not None and httptools.__version__.startswith("0."))
@@ -175,6 +183,25 @@ if KNOWN and HttpToolsProtocol is not None:
             if self.logger.level <= TRACE_LOG_LEVEL:
                 prefix = f"{self.client[0]}:{self.client[1]} - " if self.client else ""
                 self.logger.log(TRACE_LOG_LEVEL, "%sHTTP connection made", prefix)
+            self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._head_timed_out)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._unset_head_timer()
+            super().connection_lost(exc)
+
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def _unset_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            """No whole request head in `HEAD_TIMEOUT`: the connection is closed (a
+            client that sends nothing is told nothing, as uvicorn's keep-alive does)."""
+            self._head_timer = None
+            if not self.transport.is_closing():
+                self.transport.close()
 
         #: Bytes of the request head being read (see `MAX_REQUEST_HEAD`), while one is.
         _head_bytes = 0
@@ -215,10 +242,13 @@ if KNOWN and HttpToolsProtocol is not None:
 
         def on_message_begin(self) -> None:
             self._head_pending, self._head_bytes = True, 0
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._head_timed_out)
             super().on_message_begin()
 
         def on_headers_complete(self) -> None:
             self._head_pending = False
+            self._unset_head_timer()
             super().on_headers_complete()
 
         def on_message_complete(self) -> None:

@@ -192,3 +192,56 @@ async def test_a_request_head_without_end_is_refused(server: DualcastProcess, wh
                                params={"token": USER})
         assert big.status_code == 200 and big.json()["sub"] == "456"
     no_traceback(server)
+
+
+@pytest.mark.timeout(60)
+async def test_a_connection_without_a_whole_request_head_is_closed_in_time(
+    server: DualcastProcess,
+) -> None:
+    """Connect and send nothing, or half a head (also on a long-poller's kept
+    connection): each held a file descriptor for as long as the client liked. Now each
+    is closed after HEAD_TIMEOUT, and streams whose heads ended are not touched."""
+    async def opened(first: bytes = b"") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        if first:
+            writer.write(first)
+            await writer.drain()
+        return reader, writer
+
+    async def closed_by_server(reader: asyncio.StreamReader) -> float:
+        start = asyncio.get_running_loop().time()
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(65536):
+                pass
+        return asyncio.get_running_loop().time() - start
+
+    poll = b"GET /api/events?timeout=0 HTTP/1.1\r\nHost: x\r\n"
+    kept_reader, kept_writer = await opened(poll + b"\r\n")  # answered, then kept alive
+    answer = await asyncio.wait_for(kept_reader.readuntil(b"\r\n\r\n"), 10)
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    await asyncio.wait_for(kept_reader.readexactly(
+        int(answer.lower().split(b"content-length: ")[1].split(b"\r\n")[0])), 10)
+    kept_writer.write(poll)  # half of the next poll's head
+    idle = [await opened(), await opened(poll), await opened(b"GET /api/sse?rooms=a"),
+            (kept_reader, kept_writer)]
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        async with client.stream("GET", "/api/sse", params={"token": USER}) as stream, \
+                websockets.connect(f"{server.ws_url}/api/ws?token={USER}") as conn:
+            assert '"welcome"' in str(await asyncio.wait_for(conn.recv(), 5))
+            lines = stream.aiter_lines()
+            while "event: welcome" not in await anext(lines):
+                pass
+            waited = await asyncio.wait_for(
+                asyncio.gather(*(closed_by_server(reader) for reader, _ in idle)), 30)
+            assert max(waited) < 25, waited
+            # the streams whose heads had ended are still served
+            await conn.send('{"type":"ping"}')
+            assert await asyncio.wait_for(conn.recv(), 5) == '{"type":"pong"}'
+            sent = await client.post("/api/publish", json={"event": "after_idle"},
+                                     headers={"Authorization": f"Bearer {PUBLISHER}"})
+            assert sent.status_code == 202
+            while "after_idle" not in await asyncio.wait_for(anext(lines), 10):
+                pass
+    for _, writer in idle:
+        writer.close()
+    no_traceback(server)

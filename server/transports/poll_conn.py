@@ -36,6 +36,7 @@ from starlette.types import Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from dualcast.direct import default_header_lines
+from dualcast.upgrade import HEAD_TIMEOUT
 
 try:
     from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
@@ -179,6 +180,8 @@ class PollConnection(asyncio.Protocol):
         self.closed = False
         self.paused = False
         self.timer: asyncio.TimerHandle | None = None
+        #: While a request head has begun and not ended (`HEAD_TIMEOUT`).
+        self.head_timer: asyncio.TimerHandle | None = None
         self.on_lost: Callable[[], None] | None = None
 
     # asyncio.Protocol -----------------------------------------------------------
@@ -199,6 +202,7 @@ class PollConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._unset_timer()
+        self._unset_head_timer()
         self.proto.connection_lost(exc)
         on_lost, self.on_lost = self.on_lost, None
         if on_lost is not None:
@@ -220,7 +224,11 @@ class PollConnection(asyncio.Protocol):
                 self._hand_back()
             elif not buf:
                 self.idle()
+            elif self.head_timer is None:
+                # half a head: it must end in time, as on uvicorn's side (server/upgrade.py)
+                self.head_timer = self.proto.loop.call_later(HEAD_TIMEOUT, self._expire)
             return
+        self._unset_head_timer()
         parsed = parse_poll(bytes(buf[:end]))
         if parsed is None:
             self._hand_back()
@@ -288,6 +296,7 @@ class PollConnection(asyncio.Protocol):
 
     def _hand_back(self) -> None:
         """uvicorn's protocol reads from here on, starting with the bytes not yet read."""
+        self._unset_head_timer()
         data, self.buf = bytes(self.buf), bytearray()
         self.transport.set_protocol(self.proto)
         if self.paused:
@@ -315,6 +324,11 @@ class PollConnection(asyncio.Protocol):
         self.timer = None
         if not self.transport.is_closing():
             self.transport.close()
+
+    def _unset_head_timer(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
 
     def _unset_timer(self) -> None:
         if self.timer is not None:
