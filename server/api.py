@@ -8,7 +8,7 @@ from urllib.parse import quote
 
 import orjson
 from pydantic import ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from dualcast.admission import Refusal, error_response, identify, requested_rooms
@@ -126,10 +126,17 @@ async def publish(request: Request) -> Response:
     if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
         return error_response(413, "too_large", f"body over {settings.max_body_bytes} bytes")
     body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > settings.max_body_bytes:
-            return error_response(413, "too_large", f"body over {settings.max_body_bytes} bytes")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > settings.max_body_bytes:
+                return error_response(413, "too_large",
+                                      f"body over {settings.max_body_bytes} bytes")
+    except ClientDisconnect:
+        # The producer went away mid-body (killed, timed out, its network dropped):
+        # nothing to publish and nobody to answer. Uncaught, this was an "Exception
+        # in ASGI application" traceback in the log for every such producer.
+        return Response(status_code=400)
     try:
         raw = orjson.loads(body)
     except orjson.JSONDecodeError as exc:

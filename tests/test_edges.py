@@ -245,3 +245,28 @@ async def test_a_connection_without_a_whole_request_head_is_closed_in_time(
     for _, writer in idle:
         writer.close()
     no_traceback(server)
+
+
+@pytest.mark.timeout(60)
+async def test_a_producer_that_leaves_mid_body_leaves_no_traceback(
+    server: DualcastProcess,
+) -> None:
+    """A publish whose client goes before its body is whole (a killed producer, a
+    dropped network) has nobody to answer; it was an ASGI traceback in the log."""
+    head = (f"POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {PUBLISHER}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n").encode()
+    for _ in range(3):
+        _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(head + b'{"event": "cut')
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        # (requests after the cut ones: the server has handled those cuts by their answer)
+        for _ in range(3):
+            sent = await client.post("/api/publish", json={"event": "whole"},
+                                     headers={"Authorization": f"Bearer {PUBLISHER}"})
+            assert sent.status_code == 202
+        events = await client.get("/api/events", params={"after": "0", "timeout": "0"})
+        assert "cut" not in [e["event"] for e in events.json()["events"]]
+    no_traceback(server)
