@@ -239,6 +239,13 @@ if KNOWN and HttpToolsProtocol is not None:
                     self._head_bytes += len(data)
                 if self._head_bytes > MAX_REQUEST_HEAD:
                     self._refuse_head()
+            elif (self._head_timer is None and self.timeout_keep_alive_task is None
+                  and (self.cycle is None or self.cycle.response_complete)
+                  and not self.pipeline):
+                # Bytes that begin no request (the blank lines a client may send between
+                # requests) cancelled uvicorn's keep-alive timer above and start no
+                # head: without a timer the idle connection was kept forever.
+                self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._head_timed_out)
 
         def on_message_begin(self) -> None:
             self._head_pending, self._head_bytes = True, 0

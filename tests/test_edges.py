@@ -199,8 +199,9 @@ async def test_a_connection_without_a_whole_request_head_is_closed_in_time(
     server: DualcastProcess,
 ) -> None:
     """Connect and send nothing, or half a head (also on a long-poller's kept
-    connection): each held a file descriptor for as long as the client liked. Now each
-    is closed after HEAD_TIMEOUT, and streams whose heads ended are not touched."""
+    connection), or a blank line after an answer: each held a file descriptor for as
+    long as the client liked. Now each is closed after HEAD_TIMEOUT, and streams whose
+    heads ended are not touched."""
     async def opened(first: bytes = b"") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         if first:
@@ -222,8 +223,12 @@ async def test_a_connection_without_a_whole_request_head_is_closed_in_time(
     await asyncio.wait_for(kept_reader.readexactly(
         int(answer.lower().split(b"content-length: ")[1].split(b"\r\n")[0])), 10)
     kept_writer.write(poll)  # half of the next poll's head
+    blank_reader, blank_writer = await opened(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = await asyncio.wait_for(blank_reader.readuntil(b"\r\n\r\n"), 10)
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    blank_writer.write(b"\r\n")  # a blank line between requests: no head begins
     idle = [await opened(), await opened(poll), await opened(b"GET /api/sse?rooms=a"),
-            (kept_reader, kept_writer)]
+            (kept_reader, kept_writer), (blank_reader, blank_writer)]
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
         async with client.stream("GET", "/api/sse", params={"token": USER}) as stream, \
                 websockets.connect(f"{server.ws_url}/api/ws?token={USER}") as conn:
