@@ -199,12 +199,16 @@ def _identity_of(claims: Any) -> Identity:
     exp = claims["exp"]
     if isinstance(exp, bool) or not isinstance(exp, int | float):
         raise AuthError("invalid_token", "the token's 'exp' claim must be a number")
+    try:
+        expires = float(exp)
+    except OverflowError:  # an integer past any float (PyJWT compares it as an int): a 500
+        raise AuthError("invalid_token", "the token's 'exp' claim is out of range") from None
     return Identity(
         sub=sub,
         rooms=frozenset(rooms),
         admin=_claim_bool(claims, "admin"),
         publish=_claim_bool(claims, "publish"),
-        exp=float(exp),
+        exp=expires,
         anonymous=False,
     )
 

@@ -154,7 +154,10 @@ def parse_answer(body: Any, asked_at: float, max_age: float) -> Answer:
     elif isinstance(exp, bool) or not isinstance(exp, int | float):
         raise HookUnavailable("the answer's 'exp' must be a number (epoch seconds)")
     else:
-        end = float(exp)
+        try:
+            end = float(exp)
+        except OverflowError:  # an integer past any float
+            raise HookUnavailable("the answer's 'exp' is out of range") from None
         if end <= time.time():
             raise HookRefused(401, "the application's session has expired")
     return Answer(sub, frozenset(rooms), flags["admin"], flags["publish"], end, asked_at)

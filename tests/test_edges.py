@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import time
 from collections.abc import Iterator
 
 import httpx
+import jwt
 import pytest
 import websockets
 
+from dualcast.authhook import HookUnavailable, parse_answer
 from tests.conftest import SECRET, token
 from tests.harness.procs import DualcastProcess
 
@@ -275,3 +279,27 @@ async def test_a_producer_that_leaves_mid_body_leaves_no_traceback(
         events = await client.get("/api/events", params={"after": "0", "timeout": "0"})
         assert "cut" not in [e["event"] for e in events.json()["events"]]
     no_traceback(server)
+
+
+#: A signed token whose `exp` is an integer no float holds (PyJWT checks it as an int).
+HUGE_EXP = jwt.encode({"sub": "456", "exp": 10**400}, SECRET, algorithm="HS256")
+
+
+@pytest.mark.timeout(60)
+async def test_a_token_with_an_exp_past_any_float_is_refused_not_a_500(
+    server: DualcastProcess,
+) -> None:
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        for path in ("/api/me", "/api/sse", "/api/events", "/api/overview"):
+            answer = await client.get(path, params={"token": HUGE_EXP, "timeout": "0"})
+            assert answer.status_code == 401, (path, answer.text)
+            assert answer.json()["error"] == "invalid_token"
+    async with websockets.connect(f"{server.ws_url}/api/ws?token={HUGE_EXP}") as conn:
+        frame = json.loads(await asyncio.wait_for(conn.recv(), 5))
+        assert (frame["type"], frame["code"]) == ("error", "invalid_token")
+    no_traceback(server)
+
+
+def test_a_hook_answer_with_an_exp_past_any_float_is_the_hooks_fault() -> None:
+    with pytest.raises(HookUnavailable):
+        parse_answer({"sub": "456", "exp": 10**400}, time.time(), 60.0)
