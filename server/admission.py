@@ -142,10 +142,14 @@ def choose_rooms(
     At most `max_rooms` distinct names are looked at: a query with thousands of
     names costs one `too_many_rooms` refusal, not thousands of checks and frames.
     """
-    if raw is None or not raw.strip():
+    if raw is None:
+        return identity.default_rooms(), []
+    names = list(dict.fromkeys(part.strip() for part in raw.split(",") if part.strip()))
+    if not names:
+        # (`?rooms=,` or `?rooms=, ,`, as a client joining an empty list may send: no room
+        # named, like `?rooms=`; it joined no room at all, not even `user-<sub>`)
         return identity.default_rooms(), []
     accepts = name_rule("room", settings.room_pattern).accepts
-    names = list(dict.fromkeys(part.strip() for part in raw.split(",") if part.strip()))
     malformed: list[tuple[ErrorCode, str]] = []
     forbidden: list[tuple[ErrorCode, str]] = []
     too_many: list[tuple[ErrorCode, str]] = []

@@ -303,3 +303,27 @@ async def test_a_token_with_an_exp_past_any_float_is_refused_not_a_500(
 def test_a_hook_answer_with_an_exp_past_any_float_is_the_hooks_fault() -> None:
     with pytest.raises(HookUnavailable):
         parse_answer({"sub": "456", "exp": 10**400}, time.time(), 60.0)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("rooms", [",", ", ,", ",,,"])
+async def test_a_rooms_list_of_only_commas_names_no_room(
+    server: DualcastProcess, rooms: str
+) -> None:
+    """DESIGN: a subscriber that names no rooms joins every room its token allows. `?rooms=`
+    did; `?rooms=,` (an empty list joined with commas) joined none, not even user-<sub>."""
+    expected = ["ops", "user-456"]
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        async with client.stream("GET", "/api/sse",
+                                 params={"token": USER, "rooms": rooms}) as stream:
+            lines = stream.aiter_lines()
+            while not (line := await asyncio.wait_for(anext(lines), 10)).startswith("data:"):
+                pass
+            assert sorted(json.loads(line[5:])["rooms"]) == expected
+        overview = await client.get("/api/overview", params={"token": USER, "rooms": rooms})
+        assert overview.status_code == 200
+    query = httpx.QueryParams({"token": USER, "rooms": rooms})
+    async with websockets.connect(f"{server.ws_url}/api/ws?{query}") as conn:
+        welcome = json.loads(await asyncio.wait_for(conn.recv(), 5))
+        assert sorted(welcome["rooms"]) == expected
+    no_traceback(server)
