@@ -231,6 +231,13 @@ if KNOWN and HttpToolsProtocol is not None:
                 elif not (upgrade.args and upgrade.args[0] == len(data)
                           and self.upgrade_parsed()):
                     self.handle_websocket_upgrade()
+                    # Frames the client sent right behind its request, in the same read
+                    # (a client that does not wait for the 101): uvicorn passes on the
+                    # request alone and they were lost, a first `join` or `auth` unanswered.
+                    rest = data[upgrade.args[0]:] if upgrade.args else b""
+                    protocol = self.transport.get_protocol()
+                    if rest and isinstance(protocol, WebSocketProtocol):
+                        protocol.hold_early(rest)
                 return
             if self._head_pending:
                 # (a chunk in which an earlier request ended also holds its tail: not

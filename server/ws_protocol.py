@@ -338,6 +338,17 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         self.__dict__.pop("_accept_key", None)  # back to the class's None, no entry kept
         if self.ping_interval is not None and self.ping_interval > 0:
             self._keepalive_slot = keepalive(self.loop, self.ping_interval).add(self, self._beat)
+        early = self.__dict__.pop("_early", None)
+        if early and not self.transport.is_closing():
+            self.data_received(early)
+
+    def hold_early(self, data: bytes) -> None:
+        """Bytes the client sent behind its upgrade request, in the same read (frames
+        from a client that did not wait for the 101). uvicorn hands the request alone to
+        this protocol, and they were lost; read now, a ping would be answered before
+        the 101. They are read once the 101 went out (`start_keepalive`); a refused
+        upgrade never reads them."""
+        self._early = data
 
     def stop_keepalive(self) -> None:
         Keepalive.forget(self._keepalive_slot, self)

@@ -327,3 +327,38 @@ async def test_a_rooms_list_of_only_commas_names_no_room(
         welcome = json.loads(await asyncio.wait_for(conn.recv(), 5))
         assert sorted(welcome["rooms"]) == expected
     no_traceback(server)
+
+
+def masked_text(text: str) -> bytes:
+    """A client's text frame (masked, RFC 6455 5.3), payload under 126 bytes."""
+    payload, mask = text.encode(), b"\x01\x02\x03\x04"
+    assert len(payload) < 126
+    return bytes([0x81, 0x80 | len(payload)]) + mask + bytes(
+        b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+@pytest.mark.timeout(60)
+async def test_frames_sent_behind_the_upgrade_request_are_read(server: DualcastProcess) -> None:
+    """A client that writes its first frames without waiting for the 101 (in one write
+    with the request): uvicorn hands the request alone to the WebSocket and they were
+    dropped, the client's first `ping`/`join` never answered."""
+    request = (f"GET /api/ws?token={USER}&rooms=ops HTTP/1.1\r\nHost: x\r\n"
+               "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+               "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+               "Sec-WebSocket-Version: 13\r\n\r\n").encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(request + masked_text('{"type":"ping"}')
+                     + masked_text('{"type":"join","room":"user-456"}'))
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        frames = []
+        while len(frames) < 3:
+            first, length = await asyncio.wait_for(reader.readexactly(2), 10)
+            assert first == 0x81 and length < 126, (first, length)  # short text frames
+            frames.append(json.loads(await asyncio.wait_for(reader.readexactly(length), 10)))
+        assert [f["type"] for f in frames] == ["welcome", "pong", "joined"], frames
+    finally:
+        writer.close()
+    no_traceback(server)

@@ -181,6 +181,11 @@ async def test_the_answer_is_uvicorns_byte_for_byte(ports: tuple[int, int], name
     new = await answer(new_port, raw)
     assert Counted.parsed == before + (name in TAKEN)
     assert Counted.accepted_with == accepted_with + (name == "accepted with its first frame")
+    if name == "frames behind the request":
+        # uvicorn drops what follows the request in its read; ours reads it once the 101
+        # is out (`WebSocketProtocol.hold_early`): the ping is answered, after the 101
+        head, sep, rest = old.partition(b"\r\n\r\n")
+        old = head + sep + b"\x8a\x04ping" + rest
     assert new == old
 
 
