@@ -332,6 +332,11 @@ UNDELIVERABLE: dict[str, tuple[Any, str]] = {
     "negative_past_64_bits": (-(2**63) - 1, "past 64 bits"),
     "lists_too_deep": (nested(253), "nested deeper than 252 levels"),
     "objects_too_deep": (nested(253, mapping=True), "nested deeper than 252 levels"),
+    # a lone surrogate (stdlib json.loads('"\\ud800"'), surrogateescape): not UTF-8. Once a
+    # TypeError from inside orjson, and in a key or a list the whole of data became its repr
+    "lone_surrogate": ("\ud800", "data: string holds a lone surrogate (U+D800)"),
+    "surrogate_in_list": (["ok", "x\ud83d"], "data[1]: string holds a lone surrogate"),
+    "surrogate_in_key": ({"a": {"\udfff": 1}}, "data['a']['\\udfff']: string holds"),
 }
 
 
@@ -894,6 +899,7 @@ def test_cli_refusals_are_one_line(redis_server: RedisProcess):
         (("ok", "{}", "--room", "no room"), "room name 'no room' does not match"),
         (("ok", '{"x": NaN}'), "data['x']: nan is not a finite number"),
         (("ok", "[" * 253 + "]" * 253), "nested deeper than 252 levels"),
+        (("ok", '{"x": "\\ud800"}'), "data['x']: string holds a lone surrogate (U+D800)"),
         (("ok", "{}", "--wait-replicas", "many"), "--wait-replicas"),
     ):
         done = publish_cli(redis_server.url, *args)

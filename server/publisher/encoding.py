@@ -10,7 +10,10 @@ dashboard wants them (datetimes as ISO 8601, sets as lists, integers beyond
 * a Decimal that does not fit the JSON number a server decodes it to: an
   integral one past 64 bits, any other past the float range (``1E+400``);
 * an integer past 64 bits (orjson refuses to write it);
-* nesting deeper than the server can write back out (see :data:`MAX_DEPTH`).
+* nesting deeper than the server can write back out (see :data:`MAX_DEPTH`);
+* a string (value or key) holding a lone surrogate (``"\\ud800"``, as Python's own
+  ``json.loads`` or ``surrogateescape`` produce): it is not UTF-8, so orjson cannot
+  write it and no server decodes it.
 
 The fast path is one ``orjson.dumps``; the Python walk runs only when that
 fails or its output could hide a refusal (a ``null`` that may have been a NaN,
@@ -80,6 +83,22 @@ def _decimal(value: Decimal) -> orjson.Fragment:
     return orjson.Fragment(text)
 
 
+def _text(value: str) -> str:
+    """The string itself, unless it holds a lone surrogate: then UnpublishableValue.
+
+    orjson refuses to write one (a TypeError, which once escaped `publish` as is) and
+    the fallback below would have turned the whole of `data` into its repr, silently.
+    """
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        bad = value[exc.start]
+        raise UnpublishableValue(
+            f"string holds a lone surrogate (U+{ord(bad):04X}), which is not UTF-8"
+        ) from None
+    return value
+
+
 def _short(text: str) -> str:
     return text if len(text) <= 40 else f"{text[:20]}...({len(text)} digits)"
 
@@ -123,7 +142,7 @@ _LEAVES = (str, type(None), datetime, date, dt_time, UUID)
 
 def _key(key: Any) -> str:
     if isinstance(key, str):
-        return key
+        return _text(key)
     if isinstance(key, bool) or key is None:
         return orjson.dumps(key).decode()
     if isinstance(key, (datetime, date, dt_time)):
@@ -166,6 +185,8 @@ class _Walk:
         One frame per level (no helper calls in between): data nested to MAX_DEPTH
         must fit in Python's default recursion limit with the caller's own frames.
         """
+        if isinstance(value, str):
+            return _text(value)
         if isinstance(value, _LEAVES) or isinstance(value, bool):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, Enum):
@@ -180,6 +201,8 @@ class _Walk:
             converted = self.converted.get(id(value), _UNSEEN)
             if converted is _UNSEEN:
                 converted = self.default(value)
+            if isinstance(converted, str):
+                return _text(converted)  # a str() or isoformat() may hold one too
             if not isinstance(converted, (dict, list)):
                 return converted
             value = converted
@@ -239,7 +262,9 @@ def encode_envelope(event: str, data: Any, rooms: Sequence[str]) -> str:
     except RecursionError:  # a caller already deep in its own stack
         raise UnpublishableValue(f"nested too deep to check (at most {MAX_DEPTH} levels)") from None
     except Exception:
-        body["data"] = _safe_str(data)
+        # (a str() may hold a lone surrogate too: escaped, so that this never raises)
+        text = _safe_str(data).encode("utf-8", "backslashreplace").decode()
+        body["data"] = text
         return orjson.dumps(body).decode()
 
 
