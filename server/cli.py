@@ -272,12 +272,15 @@ def _publish(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as exc:
         print(f"dualcast publish: JSON is not valid: {exc}", file=sys.stderr)
         return 2
+    settings = _settings(args)
     try:  # names, and data a server could not deliver (NaN, numbers past 64 bits, depth)
-        prepare(args.event, data, args.room)
+        # Names by this deployment's patterns (DUALCAST_EVENT_PATTERN...), as its servers
+        # decode them: by the defaults, a name they refuse was appended and then skipped
+        # by every server while this printed its id, and a name they allow was refused.
+        prepare(args.event, data, args.room, settings.event_pattern, settings.room_pattern)
     except ValueError as exc:
         print(f"dualcast publish: {exc}", file=sys.stderr)
         return 2
-    settings = _settings(args)
     if args.url:
         if args.wait_replicas:
             print("dualcast publish: --wait-replicas needs Redis (--redis-url or "
@@ -320,7 +323,9 @@ async def _publish_redis(args: argparse.Namespace, settings: Settings, data: Any
     try:
         publisher = Publisher(settings.redis_url, stream=settings.stream, maxlen=settings.maxlen,
                               timeout=settings.redis_timeout, wait_replicas=args.wait_replicas,
-                              wait_timeout_ms=args.wait_timeout, tls=settings.redis_tls)
+                              wait_timeout_ms=args.wait_timeout, tls=settings.redis_tls,
+                              event_pattern=settings.event_pattern,
+                              room_pattern=settings.room_pattern)
     except ValueError as exc:  # an option this Redis cannot honour (WAIT on a Cluster)
         print(f"dualcast publish: {exc}", file=sys.stderr)
         return 2

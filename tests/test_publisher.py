@@ -12,6 +12,7 @@ import dataclasses
 import enum
 import itertools
 import logging
+import re
 import signal
 import subprocess
 import sys
@@ -39,6 +40,7 @@ from dualcast.publisher import (
     encoding,
 )
 from tests.conftest import token
+from tests.harness.probes import metric
 from tests.harness.procs import RedisProcess, clean_env
 from tests.harness.waits import wait_for, wait_until
 
@@ -993,3 +995,59 @@ async def test_fallback_keeps_an_in_process_dashboard_live_through_an_outage(
     finally:
         server.should_exit = True
         await asyncio.wait_for(serving, 15)
+
+
+#: A deployment's own name patterns: rooms with a slash, lower-case event names only.
+PATTERNS = {"DUALCAST_ROOM_PATTERN": r"^[a-z0-9/-]{1,64}$",
+            "DUALCAST_EVENT_PATTERN": r"^[a-z_]{1,32}$"}
+
+
+async def test_names_follow_the_deployments_patterns(redis_server: RedisProcess, dualcast):
+    """`dualcast publish` once checked the default patterns whatever the deployment set:
+    it refused `--room team/a`, which every server of the deployment accepts, and it
+    appended `Big` (printing its id, exit 0), which every server then skipped as
+    bad_event. The CLI now uses the settings' patterns; the library takes them."""
+    stream = stream_key()
+    env = {**PATTERNS, "DUALCAST_STREAM": stream}
+    server = dualcast(redis_server.url, env=env)
+    url = f"{server.ws_url}/api/ws?token={token('456', admin=True)}&rooms=team/a"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "dualcast", "publish", *args, "--redis-url", redis_server.url],
+            capture_output=True, text=True, timeout=30, env=clean_env(env),
+            cwd=tempfile.gettempdir(),
+        )
+
+    refused = cli("Big", "{}")
+    assert refused.returncode == 2 and refused.stdout == "", refused
+    assert "event name 'Big' does not match ^[a-z_]{1,32}$" in refused.stderr
+    async with websockets.connect(url, open_timeout=10) as ws:
+        welcome = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert welcome["type"] == "welcome" and welcome["rooms"] == ["team/a"]
+        done = cli("team_update", '{"n": 1}', "--room", "team/a")
+        assert done.returncode == 0, done.stderr
+        from_cli = done.stdout.strip()
+        async with Publisher(redis_server.url, stream=stream, timeout=OK,
+                             event_pattern=PATTERNS["DUALCAST_EVENT_PATTERN"],
+                             room_pattern=PATTERNS["DUALCAST_ROOM_PATTERN"]) as pub:
+            with pytest.raises(ValueError, match="does not match"):
+                await pub.publish("Big", 1)
+            with pytest.raises(ValueError, match="does not match"):
+                await pub.publish_many([("fine", 1), ("Big", 2)])
+            from_lib = await pub.publish("team_update", {"n": 2}, ["team/a"])
+        seen: list[dict[str, Any]] = []
+        async with asyncio.timeout(10):
+            while len(seen) < 2:
+                frame = orjson.loads(await ws.recv())
+                seen += [e for e in (frame["events"] if frame["type"] == "batch" else [frame])
+                         if e["type"] == "event"]
+    assert [(e["id"], e["data"]) for e in seen] == [(from_cli, {"n": 1}), (from_lib, {"n": 2})]
+    assert await metric(server, "dualcast_malformed_entries") == 0
+
+
+def test_a_pattern_that_breaks_the_protocol_is_refused_at_once():
+    with pytest.raises(ValueError, match=re.escape("room_pattern '.*': accepts the empty room")):
+        Publisher("redis://127.0.0.1:1/0", room_pattern=".*")
+    with pytest.raises(ValueError, match="event_pattern"):
+        SyncPublisher("redis://127.0.0.1:1/0", event_pattern="(")

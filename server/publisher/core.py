@@ -21,6 +21,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from dualcast.names import EVENT_NAME_PATTERN, ROOM_NAME_PATTERN, name_rule
 from dualcast.publisher.breaker import Breaker
 from dualcast.publisher.encoding import Entry, prepare
 from dualcast.publisher.results import Outcome, PublisherStats, PublishResult, describe
@@ -99,6 +100,10 @@ class PublisherCore:
     ``redis_url`` may name a Sentinel service or a Cluster (see
     :mod:`dualcast.redis_connect`); ``tls`` gives the CA and client files for a
     ``rediss`` URL. A URL that cannot be used raises ValueError here, not later.
+    ``event_pattern`` and ``room_pattern`` are the deployment's name patterns
+    (``DUALCAST_EVENT_PATTERN``, ``DUALCAST_ROOM_PATTERN``) when it sets its own: a
+    server skips an entry whose names its patterns refuse, so names are checked here
+    against the same ones (and the defaults would refuse names such a server accepts).
     """
 
     def __init__(
@@ -116,7 +121,17 @@ class PublisherCore:
         wait_replicas: int = 0,
         wait_timeout_ms: int = 100,
         tls: TlsFiles | None = None,
+        event_pattern: str = EVENT_NAME_PATTERN,
+        room_pattern: str = ROOM_NAME_PATTERN,
     ) -> None:
+        # a pattern that is no regex, or admits names that break the protocol: ValueError now
+        for kind, pattern in (("event", event_pattern), ("room", room_pattern)):
+            try:
+                name_rule(kind, pattern)  # type: ignore[arg-type]
+            except ValueError as exc:
+                raise ValueError(f"{kind}_pattern {pattern!r}: {exc}") from None
+        self.event_pattern = event_pattern
+        self.room_pattern = room_pattern
         if timeout <= 0:
             raise ValueError("timeout must be > 0")
         if maxlen is not None and maxlen < 1:
@@ -186,7 +201,7 @@ class PublisherCore:
     def _admit(self, event: str, data: Any, rooms: Iterable[str] | None,
                throttle: Throttle) -> Entry | None:
         """The validated entry to send now, or None when the throttle holds it for later."""
-        entry = prepare(event, data, rooms)
+        entry = prepare(event, data, rooms, self.event_pattern, self.room_pattern)
         if not throttle:
             return entry
         unknown = set(throttle) - {"throttle_key", "every"}
@@ -216,14 +231,14 @@ class PublisherCore:
             raise ValueError("every must be a positive number of seconds")
         return key, interval
 
-    @staticmethod
-    def _batch(items: Iterable[BatchItem]) -> list[Entry]:
+    def _batch(self, items: Iterable[BatchItem]) -> list[Entry]:
         """Every item validated before any is sent, so a bad one appends nothing."""
         entries = []
         for item in items:
             if not isinstance(item, tuple) or len(item) not in (2, 3):
                 raise ValueError("publish_many items are (event, data) or (event, data, rooms)")
-            entries.append(prepare(item[0], item[1], item[2] if len(item) == 3 else None))
+            entries.append(prepare(item[0], item[1], item[2] if len(item) == 3 else None,
+                                   self.event_pattern, self.room_pattern))
         return entries
 
     def _gate(self, entries: Sequence[Entry], may_probe: bool) -> list[PublishResult] | None:

@@ -36,7 +36,7 @@ from uuid import UUID
 
 import orjson
 
-from dualcast.names import check_event, check_rooms
+from dualcast.names import EVENT_NAME_PATTERN, ROOM_NAME_PATTERN, check_event, check_rooms
 
 #: Largest integer a JavaScript number holds exactly; beyond it the dashboard gets a string.
 MAX_SAFE_INT = 2**53 - 1
@@ -286,8 +286,14 @@ class Entry:
         return orjson.loads(self.body).get("data")
 
 
-def prepare(event: str, data: Any, rooms: Iterable[str] | None) -> Entry:
-    """Check the names, encode the envelope; ValueError for anything a server would refuse."""
-    name = check_event(event)
-    room_list = check_rooms(rooms)
+def prepare(event: str, data: Any, rooms: Iterable[str] | None,
+            event_pattern: str = EVENT_NAME_PATTERN,
+            room_pattern: str = ROOM_NAME_PATTERN) -> Entry:
+    """Check the names, encode the envelope; ValueError for anything a server would refuse.
+
+    The patterns are the deployment's (DUALCAST_EVENT_PATTERN, DUALCAST_ROOM_PATTERN):
+    a server decodes names with its own, and skips an entry whose names it refuses.
+    """
+    name = check_event(event, event_pattern)
+    room_list = check_rooms(rooms, room_pattern)
     return Entry(name, room_list, encode_envelope(name, data, room_list))
