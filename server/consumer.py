@@ -34,7 +34,7 @@ from dualcast.events import (
     parse_id,
 )
 from dualcast.hub import Hub
-from dualcast.log import EventLog, LogUnavailable
+from dualcast.log import EventLog, LogInfo, LogUnavailable
 from dualcast.log.base import RawEntry
 from dualcast.logs import redact_url
 from dualcast.overview import OverviewFolds
@@ -67,6 +67,7 @@ class ConsumerStats:
     malformed: int = 0
     malformed_by: dict[Malformed, int] = field(default_factory=dict)
     reconnects: int = 0
+    #: every client told to reset: the stream went backwards, or trimmed unread entries
     resets: int = 0
 
 
@@ -88,6 +89,10 @@ class Consumer:
         self._trimmed_at = 0.0
         self._following = (cast(_Following, log_) if getattr(log_, "follows", False)
                            else None)
+        #: A read of at least this many entries may follow a trim past the position: a
+        #: trim keeps MAXLEN entries, all of them after a position it went past.
+        self._gap_check_at = min(settings.batch_count, settings.maxlen)
+        self._told_reset_at: StreamId | None = None
 
     @property
     def seconds_since_read(self) -> float:
@@ -154,8 +159,8 @@ class Consumer:
             self.position = info.last_id
             self.hub.set_position(info.last_id)
             log.info("consuming %s engine from %s", self.log.engine, format_id(info.last_id))
-        elif not self._went_backwards(info.last_id) and self.stats.reconnects:
-            if not self.connected:
+        elif not self._went_backwards(info.last_id) and not self._trimmed_past(info):
+            if self.stats.reconnects and not self.connected:
                 log.info("event log back; resuming after %s", format_id(self.position))
         self.connected = True
         self.last_error = None
@@ -226,6 +231,9 @@ class Consumer:
                 await self._check_head()
                 await self._trim_overview()
                 continue
+            if len(entries) >= self._gap_check_at:
+                # (before delivering: a gap must reach clients as a reset ahead of these)
+                self._trimmed_past(await self.log.info())
             self._deliver(entries)
             await self._trim_overview()
             # Let subscribers' writers run between big batches.
@@ -246,6 +254,8 @@ class Consumer:
         now = time.monotonic()
         if now - self._trimmed_at >= _TRIM_EVERY or not self.overview.built:
             return None
+        if len(entries) >= self._gap_check_at:
+            return None  # the task looks for a trim past the position first
         self.last_read_at = now
         self._deliver(entries)
         return entries[-1][0]  # the id as Redis wrote it, which is its canonical form
@@ -290,6 +300,26 @@ class Consumer:
         self.position = head
         self.hub.reset_all(head)
         self.overview.clear()  # folded again, from what the stream holds now
+        return True
+
+    def _trimmed_past(self, info: LogInfo) -> bool:
+        """The stream trimmed entries after our position before we read them (we were
+        away from Redis, or fell MAXLEN behind). XREAD just goes on from the oldest
+        retained entry, so live subscribers would miss them without a word; instead
+        every client is told `reset`, as a client resuming from this position would be
+        (`feed.cursor_gone`). The consumer still reads on from its position: what the
+        stream retains after it is delivered after the reset."""
+        assert self.position is not None
+        if not self.position < info.max_deleted or self.position == self._told_reset_at:
+            return False  # (told already: the first read after a reconnect looks again)
+        self._told_reset_at = self.position
+        log.warning(
+            "stream trimmed past the consumer (%s < %s): entries were lost unread; "
+            "telling every client to reset", format_id(self.position),
+            format_id(info.max_deleted),
+        )
+        self.stats.resets += 1
+        self.hub.reset_all(self.position)
         return True
 
     async def lag(self) -> int:

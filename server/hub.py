@@ -351,11 +351,14 @@ class Hub:
         self._notify()
 
     def reset_all(self, key: StreamId) -> None:
-        """Redis lost data: every subscriber's cursor is meaningless; tell each one."""
+        """Redis lost data (or trimmed it unread): every subscriber's cursor is
+        meaningless; tell each one. Live delivery goes on after `key`."""
         self.last_key = key
         self.last_id = format_id(key)
         self.recent.clear()
-        self._recent_floor = key
+        # Just past `key`: a poller whose cursor is `key` itself asks the log, which says
+        # whether it must reset, instead of `recent` answering it across the gap.
+        self._recent_floor = (key[0], key[1] + 1)
         marker = Reset(self.last_id)
         for sub in list(self.subscribers):
             sub.reset_to(key, marker)

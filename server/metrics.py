@@ -60,7 +60,9 @@ class RuntimeCollector(Collector):
         yield CounterMetricFamily(
             "dualcast_consumer_reconnects", "Consumer reconnects to the log", c.reconnects
         )
-        yield CounterMetricFamily("dualcast_resets", "Times the stream went backwards", c.resets)
+        yield CounterMetricFamily(
+            "dualcast_resets", "Times every client was told to reset (the stream went "
+            "backwards, or was trimmed past what the consumer had read)", c.resets)
         yield CounterMetricFamily(
             "dualcast_refusals", "Requests refused (auth, bad input)", rt.stats.refused
         )
