@@ -1051,3 +1051,24 @@ def test_a_pattern_that_breaks_the_protocol_is_refused_at_once():
         Publisher("redis://127.0.0.1:1/0", room_pattern=".*")
     with pytest.raises(ValueError, match="event_pattern"):
         SyncPublisher("redis://127.0.0.1:1/0", event_pattern="(")
+
+
+def test_a_publisher_kept_across_event_loops_publishes_every_event(redis_server: RedisProcess):
+    """A module-level Publisher used from `asyncio.run()` per job (or per test) once
+    dropped every other event: the pooled connection belonged to the loop that had
+    closed ("Event loop is closed"), and only the failure discarded it."""
+    import redis as sync_redis
+
+    stream = stream_key()
+    pub = Publisher(redis_server.url, stream=stream, timeout=OK)
+
+    async def job(n: int) -> list[str | None]:
+        return [await pub.publish("job", n),
+                *await pub.publish_many([("job", n), ("job", n)])]
+
+    sent = [asyncio.run(job(n)) for n in range(4)]
+    asyncio.run(pub.aclose())
+    assert all(all(ids) for ids in sent), (sent, pub.stats)
+    assert (pub.stats.published, pub.stats.dropped) == (12, 0)
+    with sync_redis.Redis.from_url(redis_server.url) as raw:
+        assert raw.xlen(stream) == 12

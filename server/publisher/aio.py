@@ -26,6 +26,7 @@ class Publisher(PublisherCore):
 
     _redis: AsyncClient | None = None
     _slots_: asyncio.Semaphore | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
     _flusher: asyncio.Task[None] | None = None
     _prober: asyncio.Task[None] | None = None
     _wake: asyncio.Event | None = None
@@ -86,10 +87,25 @@ class Publisher(PublisherCore):
         entries = self._batch(items)
         return await self._append(entries) if entries else []
 
+    def _on_this_loop(self) -> None:
+        """Connections and the semaphore belong to the loop that made them. A publisher
+        kept across loops (a module-level one, `asyncio.run()` per task or per test) once
+        failed every other call with "Event loop is closed" (dropped: the pooled
+        connection of the dead loop), so a new loop gets a client of its own; the old
+        one's connections went with their loop."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._loop = loop
+            self._redis = self._slots_ = None
+            # (tasks of a loop that was closed without cancelling them never end)
+            self._prober = self._flusher = None
+            self._wake = None
+
     async def _append(self, entries: Sequence[Entry]) -> list[PublishResult]:
         refused = self._gate(entries, may_probe=False)
         if refused is not None:
             return refused
+        self._on_this_loop()
         sending = False
         try:
             async with asyncio.timeout(self._call_timeout):
@@ -142,6 +158,7 @@ class Publisher(PublisherCore):
     # -- trailing edges of the throttle
 
     def _throttled(self) -> None:
+        self._on_this_loop()
         if self._wake is None:
             self._wake = asyncio.Event()
         self._wake.set()
@@ -171,6 +188,7 @@ class Publisher(PublisherCore):
         """Flush held throttled values, stop the background tasks, close the connections."""
         if self._closed:
             return
+        self._on_this_loop()
         try:
             await self.flush()
         finally:
