@@ -316,6 +316,7 @@ def _demo_speed(value: str) -> float:
 
 async def _publish_redis(args: argparse.Namespace, settings: Settings, data: Any) -> int:
     from dualcast.publisher import Publisher
+    from dualcast.publisher.core import MAYBE_APPENDED
 
     assert settings.redis_url is not None
     # the command reports the outcome itself, in one line: the library's warnings would repeat it
@@ -332,8 +333,11 @@ async def _publish_redis(args: argparse.Namespace, settings: Settings, data: Any
     async with publisher:
         result = await publisher.publish_result(args.event, data, args.room or None)
     if result.id is None:
-        print(f"dualcast publish: Redis at {publisher.where} did not take the event: "
-              f"{result.error}", file=sys.stderr)
+        # (no reply in time is no refusal: a retry could append the event a second time)
+        took = ("may or may not have taken the event" if (result.error or "").endswith(
+            MAYBE_APPENDED) else "did not take the event")
+        print(f"dualcast publish: Redis at {publisher.where} {took}: {result.error}",
+              file=sys.stderr)
         return 1
     print(result.id)
     if not result.replicated:  # written to the primary: a warning, not a failure

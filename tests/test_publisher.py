@@ -1072,3 +1072,45 @@ def test_a_publisher_kept_across_event_loops_publishes_every_event(redis_server:
     assert (pub.stats.published, pub.stats.dropped) == (12, 0)
     with sync_redis.Redis.from_url(redis_server.url) as raw:
         assert raw.xlen(stream) == 12
+
+
+async def test_a_reply_too_late_says_the_event_may_be_in_the_stream(redis_server: RedisProcess):
+    """Redis carried the XADD out but its reply came after the timeout: `dualcast
+    publish` said Redis "did not take the event" (exit 1), so a script that retried
+    appended it twice, and a result's error read like a refusal. Both now say that the
+    event may be in the stream."""
+    from tests.harness.tcpproxy import TCPProxy
+
+    stream = stream_key()
+    local = Recorder()
+    with TCPProxy(redis_server.port) as proxy:
+        url = f"redis://127.0.0.1:{proxy.port}/0"
+        async with Publisher(url, stream=stream, timeout=0.3, fallback=local) as pub:
+            assert await pub.publish("warm", 0)  # a connection, open and proven
+            proxy.delay_replies(1.0)
+            late = await pub.publish_result("late", 1)
+        with SyncPublisher(url, stream=stream, timeout=0.3, fallback=local) as spub:
+            proxy.delay_replies(0)
+            assert spub.publish("warm", 0)
+            proxy.delay_replies(1.0)
+            sync_late = spub.publish_result("late", 2)
+        done = subprocess.run(
+            [sys.executable, "-m", "dualcast", "publish", "late", "3", "--redis-url", url],
+            capture_output=True, text=True, timeout=30, cwd=tempfile.gettempdir(),
+            env=clean_env({"DUALCAST_STREAM": stream, "DUALCAST_REDIS_TIMEOUT": "0.3"}),
+        )
+        proxy.restore()
+    for result in (late, sync_late):
+        # (fail open: the fallback still takes it, as documented, at the risk of twice)
+        assert result.outcome is Outcome.FALLBACK, result
+        assert result.error and result.error.endswith("(Redis may still have appended it)")
+    assert [event for event, _, _ in local.calls] == ["late", "late"]
+    assert done.returncode == 1 and "may or may not have taken the event" in done.stderr, done
+    async with aioredis.from_url(redis_server.url, decode_responses=True) as raw:
+        # (the CLI's connection never got through its handshake: it sent no XADD)
+        await wait_for(lambda: _count(raw, stream, "late", 2), 10, "the late XADDs to land")
+
+
+async def _count(raw: aioredis.Redis, stream: str, event: str, n: int) -> bool:
+    bodies = [orjson.loads(fields["data"]) for _, fields in await raw.xrange(stream)]
+    return sum(body["event"] == event for body in bodies) == n

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: An item of `publish_many`: (event, data) or (event, data, rooms).
 BatchItem = tuple[str, Any] | tuple[str, Any, Iterable[str] | None]
+#: Ends the `error` of a result whose XADD got no reply in time: it may be in the stream.
+MAYBE_APPENDED = "(Redis may still have appended it)"
 #: Why Redis did not take an event.
 Miss = Literal["failed", "short_circuited", "overloaded", "local"]
 #: What a Redis call raises when Redis is away or slow (an outage, as opposed to a refusal).
@@ -328,6 +330,12 @@ class PublisherCore:
         with self._lock:
             self._breaker.failure(exc, self.stats, self._where, self._outcome,
                                   probe=probing and self._breaker.open)
+        if unanswered(exc):
+            # No reply in time is not "Redis did not take it": a slow reply, not a lost
+            # write, leaves the event in the stream, and a caller that retries on the
+            # result appends it twice. The result says so (the fallback still gets it:
+            # fail open is documented to risk that one twice, under two ids).
+            return self._fail(entries, "failed", f"{describe(exc)} {MAYBE_APPENDED}")
         return self._fail(entries, "failed", describe(exc))
 
     def _broken(self, entries: Sequence[Entry], exc: BaseException) -> list[PublishResult]:
@@ -386,6 +394,14 @@ class PublisherCore:
             return self._conflator.drain()
 
 
+
+
+def unanswered(exc: BaseException) -> bool:
+    """Whether a failed call timed out waiting for Redis's reply (the command may have been
+    carried out), rather than failing to reach Redis at all."""
+    if isinstance(exc, redis.TimeoutError):
+        return "connecting" not in str(exc)  # redis-py: "Timeout connecting to server"
+    return isinstance(exc, TimeoutError)
 
 
 def ids(results: Iterable[PublishResult]) -> list[str | None]:

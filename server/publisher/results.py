@@ -11,7 +11,8 @@ class Outcome(StrEnum):
 
     PUBLISHED = "published"  # appended to the Redis Stream
     FALLBACK = "fallback"  # handed to the local fallback (this process's hub only)
-    DROPPED = "dropped"  # lost: Redis away or refused it, and no fallback took it
+    DROPPED = "dropped"  # lost: Redis away or refused it, and no fallback took it (or no
+    # reply in time: then ``error`` ends "(Redis may still have appended it)")
     HELD = "held"  # throttled: held for the end of the interval (or replaced by a newer value)
 
 

@@ -10,6 +10,8 @@ alike. Faults, each undone by `restore()`:
 - `stall()`: keep every connection open but forward nothing in either
   direction: bytes are swallowed and replies never come, as a network path
   that black-holes packets. Only timeouts notice it; nothing is closed.
+- `delay_replies(s)`: forward commands at once but hold each reply `s` seconds, as a
+  slow network or disk: Redis carries a command out, its client gives up waiting.
 
 Counters (`accepted`, `active`) let a test wait for the client to reconnect.
 """
@@ -39,6 +41,7 @@ class TCPProxy:
         self._thread = threading.Thread(target=self._loop.run_forever, name="tcpproxy",
                                         daemon=True)
         self._flowing: asyncio.Event | None = None
+        self.reply_delay = 0.0
         self.state = "stopped"
 
     # control (thread-safe, blocking) --------------------------------------------
@@ -58,6 +61,10 @@ class TCPProxy:
     def refuse(self) -> None:
         """Stop listening (connects are refused) and abort the open connections."""
         self._call(self._refuse())
+
+    def delay_replies(self, seconds: float) -> None:
+        """Hold every reply from Redis `seconds` before passing it on (commands go at once)."""
+        self.reply_delay = seconds
 
     def stall(self) -> None:
         """Forward nothing, close nothing: only the peers' timeouts can notice."""
@@ -112,13 +119,15 @@ class TCPProxy:
         pair = (writer, up_writer)
         self._conns.add(pair)
         try:
-            await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
+            await asyncio.gather(self._pump(reader, up_writer),
+                                 self._pump(up_reader, writer, replies=True))
         finally:
             self._conns.discard(pair)
             for w in pair:
                 w.transport.abort()
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    replies: bool = False) -> None:
         assert self._flowing is not None
         try:
             while True:
@@ -127,6 +136,8 @@ class TCPProxy:
                     break
                 if not self._flowing.is_set():
                     continue  # black hole: swallowed, never forwarded, nothing closed
+                if replies and self.reply_delay:
+                    await asyncio.sleep(self.reply_delay)
                 writer.write(data)
                 await writer.drain()
         except (OSError, asyncio.IncompleteReadError):
@@ -156,6 +167,7 @@ class TCPProxy:
             self._flowing.clear()
 
     async def _restore(self) -> None:
+        self.reply_delay = 0.0
         await self._set_flowing(True)
         if self._server is None:
             await self._listen()
