@@ -7,6 +7,7 @@ where events were lost, never silence.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 
@@ -40,12 +41,19 @@ async def test_a_stream_trimmed_past_the_consumer_resets_its_live_subscribers(
             for client in clients:
                 await wait_for(lambda c=client: before in c.seen.ids, 10, "the first event")
             proxy.refuse()  # the server loses Redis; producers do not
-            async with httpx.AsyncClient(base_url=server.url, timeout=5) as http:
-                await wait_for(lambda: _unready(http), 15, "the server to notice Redis is gone")
+            http = httpx.AsyncClient(base_url=server.url, timeout=30)
+            await wait_for(lambda: _unready(http), 15, "the server to notice Redis is gone")
+            # a long-poll that waits through it all (it once read on across the gap)
+            waiting = asyncio.create_task(http.get("/api/events", params={
+                "after": before, "timeout": "20"}))
+            await wait_for(lambda: _connections(server, 4), 10, "the long-poll to wait")
             for n in range(50):  # MAXLEN 10, exact: 40 entries the server never read go
                 fresh_redis.command("XADD", "websocket-broadcast", "MAXLEN", "10", "*",
                                     "data", json.dumps({"event": "tick", "data": n}))
             proxy.restore()
+            answer = (await waiting).json()
+            await http.aclose()
+            assert answer["reset"] is True and answer["events"] == [], answer
             after = xadd(fresh_redis, "after", 1)
             for client in clients:
                 await wait_for(lambda c=client: c.seen.resets, 20,
@@ -65,6 +73,12 @@ async def test_a_stream_trimmed_past_the_consumer_resets_its_live_subscribers(
                 await client.close()
 
 
+async def _connections(server: DualcastProcess, n: int) -> bool:
+    """Whether `n` subscribers are connected (waiting long-polls included)."""
+    return await metric(server, "dualcast_connections") >= n
+
+
 async def _unready(http: httpx.AsyncClient) -> bool:
     return (await http.get("/readyz")).status_code == 503
+
 

@@ -162,6 +162,9 @@ async def poll_endpoint(request: Request) -> Response | Answer:
     rt.stats.polls_waiting += 1
     wait: _Wait | None = None
     unwatch: Callable[[], None] | None = None
+    #: Whether this poll's key was checked against the log's window as it is now (a key
+    #: answered from memory was not: see the loop).
+    log_checked = False
     try:
         if cursor is not None:
             key = cursor
@@ -191,6 +194,7 @@ async def poll_endpoint(request: Request) -> Response | Answer:
                 info = last
             # (an in-memory cursor is not newer than the stream: the consumer read it there)
             gone = cursor < info.max_deleted if in_memory else cursor_gone(cursor, info)
+            log_checked = not in_memory
             if gone and cursor != ZERO:
                 return _answer([], hub.last_id, reset=True)
         while True:
@@ -202,6 +206,18 @@ async def poll_endpoint(request: Request) -> Response | Answer:
             if shared is not None:
                 return shared
             recent = hub.recent_after(key)
+            if recent is None and not log_checked:
+                # Memory let go of this key while the poll waited: the consumer told every
+                # client to reset (the stream was trimmed past what it had read), or a
+                # burst overran the window. Read on from the log only if it still covers
+                # the key; it once did so regardless, across the gap, without a reset.
+                try:
+                    info = await rt.log_window(0.0)
+                except LogUnavailable as exc:
+                    return _unavailable(exc)
+                log_checked = True
+                if cursor_gone(key, info):
+                    return _answer([], hub.last_id, reset=True)
             if recent is None:
                 # Behind the in-memory window: a page from the log, one read for all the
                 # polls asking the same at once.
