@@ -160,6 +160,7 @@ async def publish(request: Request) -> Response:
         rt.stats.publish_failures += 1
         log.warning("publish failed: %s", str(exc) or "timed out")
         return error_response(503, "log_unavailable", "the event log is unreachable; retry soon")
+    rt.stats.published += 1
     return JSONResponse({"id": entry_id}, status_code=202)
 
 

@@ -66,6 +66,16 @@ class RuntimeCollector(Collector):
         yield CounterMetricFamily(
             "dualcast_refusals", "Requests refused (auth, bad input)", rt.stats.refused
         )
+        # (counted since the API was written, never shown: a publisher's failures were
+        # invisible to the scrape that alerts on them)
+        yield CounterMetricFamily(
+            "dualcast_published", "Events appended through POST /api/publish", rt.stats.published
+        )
+        yield CounterMetricFamily(
+            "dualcast_publish_failures",
+            "POST /api/publish calls answered 503: the event log was unreachable or slow",
+            rt.stats.publish_failures,
+        )
         yield GaugeMetricFamily(
             "dualcast_consumer_lag_entries",
             "Entries between the stream head and the consumer (counted up to 1000)", self.lag,

@@ -41,6 +41,8 @@ class TransportStats:
     opened: dict[str, int] = field(default_factory=lambda: {"websocket": 0, "sse": 0, "polling": 0})
     polls_waiting: int = 0
     refused: int = 0
+    #: POST /api/publish: events appended, and calls answered 503 (the log unreachable)
+    published: int = 0
     publish_failures: int = 0
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
+from tests.conftest import token
 from tests.harness.clients import Poller, WSClient, subscribe
 from tests.harness.probes import metric
 from tests.harness.procs import DualcastProcess, RedisProcess
@@ -82,3 +83,22 @@ async def _unready(http: httpx.AsyncClient) -> bool:
     return (await http.get("/readyz")).status_code == 503
 
 
+
+async def test_metrics_count_what_the_publish_api_appended_and_failed(
+    fresh_redis: RedisProcess, dualcast: Callable[..., DualcastProcess],
+) -> None:
+    """The server counted POST /api/publish's 503s but /metrics never showed them (nor
+    what the API appended), so an outage of the publish path could not be alerted on."""
+    with TCPProxy(fresh_redis.port) as proxy:
+        server = dualcast(f"redis://127.0.0.1:{proxy.port}/0",
+                          env={"DUALCAST_REDIS_TIMEOUT": "1"})
+        auth = {"Authorization": f"Bearer {token('producer', publish=True)}"}
+        async with httpx.AsyncClient(base_url=server.url, timeout=10, headers=auth) as http:
+            for n in range(2):
+                sent = await http.post("/api/publish", json={"event": "ok", "data": n})
+                assert sent.status_code == 202, sent.text
+            proxy.refuse()
+            failed = await http.post("/api/publish", json={"event": "lost", "data": 0})
+            assert failed.status_code == 503, failed.text
+        assert await metric(server, "dualcast_published") == 2
+        assert await metric(server, "dualcast_publish_failures") == 1
