@@ -250,6 +250,14 @@ def _rooms(body: dict[str, Any]) -> tuple[str, ...]:
     return tuple(rooms)
 
 
+def _utf8(raw: bytes) -> bool:
+    try:
+        raw.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def decode_entry(entry_id: str, fields: RawFields) -> Event:
     """Decode, validate and encode one stream entry, or raise MalformedEntry (nothing else).
 
@@ -272,7 +280,9 @@ def decode_entry(entry_id: str, fields: RawFields) -> Event:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        if isinstance(raw, bytes) and "UTF-8" in str(exc):
+        # Asked of the bytes, not read from orjson's message: "UTF-8 byte order mark (BOM)
+        # is not supported" was counted and logged as "not UTF-8", on valid UTF-8.
+        if isinstance(raw, bytes) and not _utf8(raw):
             raise MalformedEntry(Malformed.NOT_UTF8, "'data' is not UTF-8") from None
         raise MalformedEntry(Malformed.NOT_JSON, f"'data' is not JSON: {exc}") from None
     if type(body) is not dict:

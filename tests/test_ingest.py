@@ -44,6 +44,9 @@ BAD: list[tuple[dict[bytes, bytes], Malformed]] = [
     ({b"data": b'{"event":"x","data":"caf\xe9"}'}, Malformed.NOT_UTF8),
     ({b"data": envelope(), b"timestamp": b"\xff"}, Malformed.NOT_UTF8),
     ({b"data": b"not json"}, Malformed.NOT_JSON),
+    # valid UTF-8 with a byte order mark (a .NET or PowerShell producer): once counted
+    # and logged as not UTF-8, which sent its owner looking for the wrong mistake
+    ({b"data": b"\xef\xbb\xbf" + envelope()}, Malformed.NOT_JSON),
     ({b"data": b'{"event":"x","data":1e400}'}, Malformed.NOT_JSON),
     ({b"data": b'["a list"]'}, Malformed.NOT_OBJECT),
     ({b"other": b"field"}, Malformed.NO_DATA),
