@@ -129,7 +129,8 @@ class Feed:
         if self._headless:
             sub.cursor = (await self.log.info()).last_id  # no reset: there was no cursor
             self._headless = False
-        if not self._checked:
+        checked_now = not self._checked
+        if checked_now:
             info = await self.log.info()
             self._checked = True
             if cursor_gone(sub.cursor, info):
@@ -138,6 +139,14 @@ class Feed:
         # position (if it had one then) is at or before this cursor.
         consumer_positioned = hub.started
         entries = await self.log.read_after(format_id(sub.cursor), self.settings.replay_page)
+        if entries and not checked_now:
+            # While the pages before were sent (a slow client holds the replay as long as
+            # it likes), MAXLEN may have trimmed past this cursor: the read then began at
+            # the oldest retained entry, and the events between were lost without a word.
+            # Looked at after the read: what was gone before it is gone by now as well.
+            info = await self.log.info()
+            if cursor_gone(sub.cursor, info):
+                return [self._jump_to(max(hub.last_key, info.last_id))]
         if not entries:
             if consumer_positioned:
                 # Everything after the cursor now reaches the queue through the hub.

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 from collections.abc import Callable
 
 import httpx
 import pytest
+import redis
 
 from tests.conftest import token
 from tests.harness.clients import Poller, WSClient, subscribe
@@ -20,7 +22,7 @@ from tests.harness.probes import metric
 from tests.harness.procs import DualcastProcess, RedisProcess
 from tests.harness.stream import xadd
 from tests.harness.tcpproxy import TCPProxy
-from tests.harness.waits import wait_for
+from tests.harness.waits import wait_for, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -102,3 +104,48 @@ async def test_metrics_count_what_the_publish_api_appended_and_failed(
             assert failed.status_code == 503, failed.text
         assert await metric(server, "dualcast_published") == 2
         assert await metric(server, "dualcast_publish_failures") == 1
+
+
+def test_a_replay_the_stream_trims_ahead_of_says_reset(
+    fresh_redis: RedisProcess, dualcast: Callable[..., DualcastProcess],
+) -> None:
+    """A client resumes from its cursor and reads slowly; while the server waits to send
+    it the replay's first pages, producers go on and MAXLEN trims the entries the replay
+    has not read yet. The replay's next page then began at the oldest retained entry:
+    events 10 to 39 were skipped without a reset (the window was checked only once,
+    before the first page)."""
+    import fcntl
+    import socket
+    import termios
+
+    raw = redis.Redis(port=fresh_redis.port)
+    start = raw.xadd("websocket-broadcast", {"data": json.dumps({"event": "start"})}).decode()
+    big = "x" * (1 << 20)  # 5 per page: a page more than the sockets can hold unread
+    for n in range(20):
+        raw.xadd("websocket-broadcast", {"data": json.dumps({"event": "big", "data": [n, big]})})
+    # (the server's own MAXLEN left high: its consumer, which also sees the trim, then
+    # looks for a gap only in reads of 500, so the reset here is the replay's own)
+    server = dualcast(fresh_redis.url, env={"DUALCAST_REPLAY_PAGE": "5"})
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        sock.connect(("127.0.0.1", server.port))
+        sock.sendall(f"GET /api/sse?token={token('u', admin=True)} HTTP/1.1\r\nHost: t\r\n"
+                     f"Last-Event-ID: {start}\r\n\r\n".encode())
+
+        def queued() -> int:
+            return struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0" * 4))[0]
+
+        wait_until(lambda: queued() >= 8192, 10, what="the replay to fill the socket")
+        for n in range(20, 60):  # MAXLEN 20, exact: every entry after the first pages goes
+            raw.xadd("websocket-broadcast", {"data": json.dumps({"event": "big", "data": [n]})},
+                     maxlen=20, approximate=False)
+        sock.settimeout(10)
+        body = b""
+        while b"event: reset" not in body and b"[59]" not in body:
+            chunk = sock.recv(1 << 20)
+            assert chunk, body[-300:]
+            body += chunk
+    got = [json.loads(line[6:])[0] for line in body.split(b"\n")
+           if line.startswith(b"data: [")]
+    assert b"event: reset" in body, got  # not 0..9 and then 40..59 as if nothing was lost
+    assert got == list(range(len(got))), got  # what came before the reset came in order
