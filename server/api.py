@@ -17,7 +17,7 @@ from dualcast.consumer import Readiness
 from dualcast.csrf import FetchSite, cross_site_cookie_write, fetch_site
 from dualcast.events import Envelope, entry_fields
 from dualcast.headers import PAGE_HEADERS
-from dualcast.log import LogUnavailable
+from dualcast.log import LogNoAnswer, LogUnavailable
 from dualcast.metrics import Metrics
 from dualcast.query import query_of
 from dualcast.runtime import Runtime
@@ -159,6 +159,12 @@ async def publish(request: Request) -> Response:
     except (LogUnavailable, TimeoutError) as exc:
         rt.stats.publish_failures += 1
         log.warning("publish failed: %s", str(exc) or "timed out")
+        if isinstance(exc, (LogNoAnswer, TimeoutError)):
+            # The XADD went out and its reply did not come in time: a slow Redis may have
+            # appended it, and "retry soon" had producers append it a second time.
+            return error_response(
+                503, "log_unavailable", "the event log did not answer in time: the event "
+                "may have been appended; retrying may deliver it twice", maybe_appended=True)
         return error_response(503, "log_unavailable", "the event log is unreachable; retry soon")
     rt.stats.published += 1
     return JSONResponse({"id": entry_id}, status_code=202)

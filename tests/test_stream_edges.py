@@ -149,3 +149,30 @@ def test_a_replay_the_stream_trims_ahead_of_says_reset(
            if line.startswith(b"data: [")]
     assert b"event: reset" in body, got  # not 0..9 and then 40..59 as if nothing was lost
     assert got == list(range(len(got))), got  # what came before the reset came in order
+
+
+async def test_a_publish_whose_reply_came_too_late_does_not_ask_to_be_retried(
+    fresh_redis: RedisProcess, dualcast: Callable[..., DualcastProcess],
+) -> None:
+    """POST /api/publish answered "the event log is unreachable; retry soon" when Redis
+    had appended the event and only its reply was late: a producer that did as told
+    published it twice. It now says the event may have been appended."""
+    with TCPProxy(fresh_redis.port) as proxy:
+        server = dualcast(f"redis://127.0.0.1:{proxy.port}/0",
+                          env={"DUALCAST_REDIS_TIMEOUT": "0.5"})
+        auth = {"Authorization": f"Bearer {token('producer', publish=True)}"}
+        async with httpx.AsyncClient(base_url=server.url, timeout=10, headers=auth) as http:
+            assert (await http.post("/api/publish", json={"event": "warm"})).status_code == 202
+            proxy.delay_replies(1.5)
+            late = await http.post("/api/publish", json={"event": "late", "data": 1})
+            proxy.delay_replies(0)
+            assert late.status_code == 503, late.text
+            body = late.json()
+            assert body["maybe_appended"] is True and "retry soon" not in body["message"], body
+            proxy.refuse()  # unreachable: that one is safe to retry, and says so
+            gone = (await http.post("/api/publish", json={"event": "gone"})).json()
+            assert "retry soon" in gone["message"] and "maybe_appended" not in gone, gone
+    raw = redis.Redis(port=fresh_redis.port)
+    wait_until(lambda: [json.loads(f[b"data"])["event"] for _, f in
+                        raw.xrange("websocket-broadcast")] == ["warm", "late"], 10,
+               what="the late publish to be in the stream")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dualcast.config import Settings
-from dualcast.log.base import EventLog, LogInfo, LogUnavailable, RawEntry
+from dualcast.log.base import EventLog, LogInfo, LogNoAnswer, LogUnavailable, RawEntry
 
 
 def create_log(settings: Settings) -> EventLog:
@@ -17,4 +17,4 @@ def create_log(settings: Settings) -> EventLog:
     return RedisLog(settings)
 
 
-__all__ = ["EventLog", "LogInfo", "LogUnavailable", "RawEntry", "create_log"]
+__all__ = ["EventLog", "LogInfo", "LogNoAnswer", "LogUnavailable", "RawEntry", "create_log"]

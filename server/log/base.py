@@ -20,6 +20,11 @@ class LogUnavailable(Exception):
     """The log cannot be reached right now (connection refused, timeout, Redis loading)."""
 
 
+class LogNoAnswer(LogUnavailable):
+    """A command went out and its reply did not come in time: it may have been carried
+    out (an append may be in the log), unlike a log that could not be reached."""
+
+
 @dataclass(frozen=True)
 class LogInfo:
     """Where the retained window starts and ends.

@@ -18,10 +18,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dualcast.config import Settings
 from dualcast.events import ZERO, StreamId, parse_id
-from dualcast.log.base import LogInfo, LogUnavailable, RawEntry
+from dualcast.log.base import LogInfo, LogNoAnswer, LogUnavailable, RawEntry
 from dualcast.log.xread import Follow, XReadLine
 from dualcast.redis_connect import Pooling, Topology, async_client, parse_redis_url
 
@@ -37,7 +38,10 @@ async def _translated(what: str) -> AsyncIterator[None]:
     try:
         yield
     except UNAVAILABLE as exc:
-        raise LogUnavailable(f"redis {what} failed: {type(exc).__name__}: {exc}") from exc
+        # a read timeout (not redis-py's "Timeout connecting"): the command went out
+        unanswered = isinstance(exc, RedisTimeoutError) and "connecting" not in str(exc)
+        raise (LogNoAnswer if unanswered else LogUnavailable)(
+            f"redis {what} failed: {type(exc).__name__}: {exc}") from exc
 
 
 def _text(value: object) -> str:
