@@ -3,7 +3,7 @@
 // Every event-log row carries data-event-id="<stream id>" (tests rely on it).
 
 import { eventTime } from './dualcast.js';
-import { circuitState } from './store.js';
+import { circuitState, text, toMs, toNumber } from './store.js';
 
 const SVG = 'http://www.w3.org/2000/svg';
 const nf = new Intl.NumberFormat(undefined, { maximumFractionDigits: 0 });
@@ -24,26 +24,34 @@ export const EVENT_TYPES = [
   'usage_log_added',
 ];
 
-/** Create an element: h('td', {class: 'x'}, 'text', child). Text is never parsed as HTML. */
+/**
+ * Create an element: h('td', {class: 'x'}, 'text', child). Text is never parsed as HTML,
+ * and any value a producer wrote becomes text without throwing (see store.js text()).
+ */
 export function h(tag, attrs = {}, ...children) {
   const el = document.createElement(tag);
   for (const [key, value] of Object.entries(attrs)) {
     if (value === null || value === undefined || value === false) continue;
     if (key === 'class') el.className = value;
     else if (key === 'text') el.textContent = value;
-    else el.setAttribute(key, value === true ? '' : String(value));
+    else el.setAttribute(key, value === true ? '' : text(value));
   }
   for (const child of children) {
     if (child === null || child === undefined) continue;
-    el.append(child instanceof Node ? child : String(child));
+    el.append(child instanceof Node ? child : text(child));
   }
   return el;
 }
 
 function num(value) {
-  if (value === null || value === undefined || value === '') return null;
-  const n = Number(value);
+  const n = toNumber(value);
   return Number.isFinite(n) ? n : null;
+}
+
+/** A count as the page shows it ('—' for anything that is not a number). */
+function count(value) {
+  const n = num(value);
+  return n === null ? '—' : nf.format(n);
 }
 
 export function money(value) {
@@ -70,44 +78,39 @@ export function age(ms) {
   return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
 }
 
-function failures(count) {
-  const n = num(count) ?? 0;
+function failures(value) {
+  const n = num(value) ?? 0;
   return `${nf.format(n)} ${n === 1 ? 'failure' : 'failures'}`;
-}
-
-function toMs(value) {
-  const n = Number(value);
-  if (Number.isFinite(n) && n > 0) return n < 1e12 ? n * 1000 : n;
-  const parsed = Date.parse(value);
-  return Number.isFinite(parsed) ? parsed : null;
 }
 
 /** One line that says what an event is about, for the log. */
 export function summarize(ev) {
   const d = ev.data && typeof ev.data === 'object' ? ev.data : {};
   const has = (k) => d[k] !== undefined && d[k] !== null;
+  // every field as text, whatever its type: a template literal throws on some objects
+  const t = (k, or = '?') => (has(k) ? text(d[k]) : or);
   switch (ev.event) {
     case 'session_created':
-      return `session ${d.sessionId ?? '?'} · user ${d.userId ?? '?'} · ${d.providerId ?? '?'}`
-        + `${has('model') ? ` / ${d.model}` : ''}`;
+      return `session ${t('sessionId')} · user ${t('userId')} · ${t('providerId')}`
+        + `${has('model') ? ` / ${t('model')}` : ''}`;
     case 'session_ended':
-      return `session ${d.sessionId ?? '?'} ended${has('status') ? ` · ${d.status}` : ''}`
+      return `session ${t('sessionId')} ended${has('status') ? ` · ${t('status')}` : ''}`
         + `${has('durationMs') ? ` · ${duration(d.durationMs)}` : ''}`
         + `${has('costUsd') ? ` · ${money(d.costUsd)}` : ''}`;
     case 'metrics_update':
-      return `${has('userId') ? `user ${d.userId} · ` : ''}active ${d.activeSessions ?? '—'}`
-        + ` · requests ${has('totalRequests') ? nf.format(d.totalRequests) : '—'}`
+      return `${has('userId') ? `user ${t('userId')} · ` : ''}active ${t('activeSessions', '—')}`
+        + ` · requests ${count(d.totalRequests)}`
         + ` · ${money(d.totalCost)}`
         + `${has('avgResponseMs') ? ` · avg ${duration(d.avgResponseMs)}` : ''}`;
     case 'provider_status_change':
-      return `${d.name ?? d.providerId ?? '?'} → ${d.status ?? '?'}`
+      return `${has('name') ? t('name') : t('providerId')} → ${t('status')}`
         + ` · circuit ${circuitState(d.circuitState)}`
         + `${has('failureCount') ? ` · ${failures(d.failureCount)}` : ''}`;
     case 'usage_log_added':
-      return `${d.userId ?? '?'} · ${d.model ?? '?'}`
-        + ` · ${nf.format(d.inputTokens ?? 0)} → ${nf.format(d.outputTokens ?? 0)} tok`
+      return `${t('userId')} · ${t('model')}`
+        + ` · ${count(d.inputTokens ?? 0)} → ${count(d.outputTokens ?? 0)} tok`
         + ` · ${money(d.costUsd)} · ${duration(d.latencyMs)}`
-        + `${has('statusCode') ? ` · ${d.statusCode}` : ''}`;
+        + `${has('statusCode') ? ` · ${t('statusCode')}` : ''}`;
     default: {
       const text = JSON.stringify(ev.data);
       return text === undefined ? '' : text.length > 160 ? `${text.slice(0, 157)}…` : text;
@@ -295,11 +298,11 @@ export class Dashboard {
   renderProviders() {
     const list = this.$('providers');
     const providers = Object.values(this.store.state.providers)
-      .sort((a, b) => String(a.name ?? a.providerId).localeCompare(String(b.name ?? b.providerId)));
+      .sort((a, b) => text(a.name ?? a.providerId).localeCompare(text(b.name ?? b.providerId)));
     this.$('providers-empty').hidden = providers.length > 0;
     list.replaceChildren(...providers.map((p) => {
       const circuit = circuitState(p.circuitState);
-      const status = String(p.status ?? 'unknown').toLowerCase();
+      const status = text(p.status ?? 'unknown').toLowerCase();
       const at = toMs(p.timestamp);
       return h('li', { class: `provider circuit-${circuit}`, 'data-provider-id': p.providerId },
         h('div', { class: 'provider-name' }, p.name ?? p.providerId,

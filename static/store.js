@@ -19,19 +19,49 @@ const HISTORY_MS = 15 * 60 * 1000;
 export const SESSION_IDLE_MS = 10 * 60 * 1000;
 const QUIET_LIMIT = 1000;
 
+/**
+ * Text for any value a producer wrote. Never throws: String() does on an object whose own
+ * `toString` key is not a function (`{"toString": 1}` is valid JSON), and so do template
+ * literals, Number(), Date.parse() and property keys built from it.
+ */
+export function text(value) {
+  if (typeof value === 'string') return value;
+  if (value === null || value === undefined) return '';
+  if (typeof value === 'object') {
+    try {
+      return JSON.stringify(value) ?? '';
+    } catch {
+      return '?';
+    }
+  }
+  return String(value);
+}
+
+/** A number from a value a producer wrote (a number or a numeric string), else NaN. */
+export function toNumber(value) {
+  if (typeof value === 'number') return value;
+  if (typeof value === 'string' && value.trim() !== '') return Number(value);
+  return NaN;
+}
+
+/** The key of a session, provider or user id (as text), or null when there is none. */
+export function keyOf(value) {
+  return value === null || value === undefined ? null : text(value);
+}
+
 /** Normalise the many spellings of a circuit state to closed / half-open / open. */
 export function circuitState(value) {
-  const v = String(value ?? '').toLowerCase().replace(/[\s_]+/g, '-');
+  const v = text(value).toLowerCase().replace(/[\s_]+/g, '-');
   if (v === 'half-open' || v === 'halfopen') return 'half-open';
   if (v === 'open' || v === 'closed') return v;
   return 'unknown';
 }
 
 /** Epoch ms of a time a producer wrote (ms, s or ISO 8601), or null. */
-function toMs(value) {
-  const n = Number(value);
+export function toMs(value) {
+  const n = toNumber(value);
   if (Number.isFinite(n) && n > 0) return n < 1e12 ? n * 1000 : n;
-  const parsed = Date.parse(value);
+  const parsed = typeof value === 'string' ? Date.parse(value) : NaN;
   return Number.isFinite(parsed) ? parsed : null;
 }
 
@@ -161,7 +191,7 @@ export class Store {
     }
     this.state = next;
     // recent usage entries give the log a start; their ids count as seen
-    for (const u of usage) this.sessionNewsAt(u?.sessionId, eventTime(null, u?.id));
+    for (const u of usage) this.sessionNewsAt(keyOf(u?.sessionId), eventTime(null, u?.id));
     const fresh = [];
     for (const u of usage) {
       if (typeof u?.id !== 'string' || !this.remember(u.id)) continue;
@@ -173,10 +203,7 @@ export class Store {
   }
 
   metricTime(data) {
-    const t = Number(data?.timestamp);
-    if (Number.isFinite(t) && t > 0) return t < 1e12 ? t * 1000 : t;
-    const parsed = Date.parse(data?.timestamp);
-    return Number.isFinite(parsed) ? parsed : this.now();
+    return toMs(data?.timestamp) ?? this.now();
   }
 
   addToLog(events) {
@@ -221,7 +248,7 @@ export class Store {
     switch (ev.event) {
       case 'metrics_update':
         if (d.userId !== undefined && d.userId !== null && d.userId !== '') {
-          s.metricsByUser[d.userId] = d;
+          s.metricsByUser[text(d.userId)] = d;
         } else {
           s.metrics = d;
           const at = this.metricTime(d);
@@ -232,33 +259,40 @@ export class Store {
           }
         }
         break;
-      case 'provider_status_change':
-        if (d.providerId !== undefined) {
-          s.providers[d.providerId] = { ...(s.providers[d.providerId] ?? {}), ...d };
+      case 'provider_status_change': {
+        const provider = keyOf(d.providerId);
+        if (provider !== null) {
+          s.providers[provider] = { ...(s.providers[provider] ?? {}), ...d };
         }
         break;
-      case 'session_created':
-        if (d.sessionId !== undefined) {
-          s.sessions[d.sessionId] = d;
-          s.quiet.delete(d.sessionId);
-          s.sessionNews.set(d.sessionId, eventTime(null, ev.id) ?? this.now());
-        }
-        s.sessionsKnown = true;
-        break;
-      case 'session_ended':
-        if (d.sessionId !== undefined) {
-          delete s.sessions[d.sessionId];
-          s.quiet.delete(d.sessionId);
-          s.sessionNews.delete(d.sessionId);
+      }
+      case 'session_created': {
+        const session = keyOf(d.sessionId);
+        if (session !== null) {
+          s.sessions[session] = d;
+          s.quiet.delete(session);
+          s.sessionNews.set(session, eventTime(null, ev.id) ?? this.now());
         }
         s.sessionsKnown = true;
         break;
+      }
+      case 'session_ended': {
+        const session = keyOf(d.sessionId);
+        if (session !== null) {
+          delete s.sessions[session];
+          s.quiet.delete(session);
+          s.sessionNews.delete(session);
+        }
+        s.sessionsKnown = true;
+        break;
+      }
       case 'usage_log_added': {
-        if (s.quiet.has(d.sessionId)) { // news after all: it is live again
-          s.sessions[d.sessionId] = s.quiet.get(d.sessionId);
-          s.quiet.delete(d.sessionId);
+        const session = keyOf(d.sessionId);
+        if (s.quiet.has(session)) { // news after all: it is live again
+          s.sessions[session] = s.quiet.get(session);
+          s.quiet.delete(session);
         }
-        this.sessionNewsAt(d.sessionId, eventTime(null, ev.id) ?? this.now());
+        this.sessionNewsAt(session, eventTime(null, ev.id) ?? this.now());
         s.usage.unshift({ ...d, id: ev.id, ts: ev.ts });
         if (s.usage.length > USAGE_LIMIT) s.usage.length = USAGE_LIMIT;
         const minute = minuteOf(eventTime(ev.ts, ev.id) ?? this.now());
@@ -274,7 +308,7 @@ export class Store {
 
   sessionNewsAt(id, at) {
     const news = this.state.sessionNews;
-    if (at === null || !Object.hasOwn(this.state.sessions, id)) return;
+    if (at === null || id === null || !Object.hasOwn(this.state.sessions, id)) return;
     if (!(news.get(id) >= at)) news.set(id, at);
   }
 
@@ -323,8 +357,8 @@ export class Store {
       }
     }
     if (base === last) base = h[h.length - 2];
-    const a = Number(base.data?.[field]);
-    const b = Number(last.data?.[field]);
+    const a = toNumber(base.data?.[field]);
+    const b = toNumber(last.data?.[field]);
     if (!Number.isFinite(a) || !Number.isFinite(b)) return null;
     return { value: b - a, since: last.at - base.at };
   }

@@ -1,0 +1,71 @@
+"""What a producer writes cannot break the dashboard, in a real Chromium against a real dualcast.
+
+Anyone with a publish token writes event data that every dashboard draws: odd types,
+odd keys, huge values and long strings must leave the page live, every event shown
+and the panels drawn, now and after a reload (from the overview).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+
+from tests.e2e.conftest import (
+    Page,
+    Stack,
+    assert_each_once,
+    login_url,
+    wait_ids,
+    wait_js,
+    wait_transport,
+)
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
+
+# valid JSON that String(), Number(), template literals and property keys throw on
+HOSTILE = {"toString": 1}
+
+
+def test_objects_with_a_to_string_key_do_not_freeze_the_dashboard(
+    stack: Callable[..., Stack], open_page: Callable[..., Page],
+) -> None:
+    s = stack()
+    p = open_page(login_url(s.base_url, sub="ops", admin=True))
+    wait_transport(p.page, "websocket")
+    now = int(time.time() * 1000)
+    ids = [
+        s.publish("provider_status_change", {"providerId": "evil", "name": HOSTILE,
+                                             "status": HOSTILE, "circuitState": HOSTILE,
+                                             "failureCount": HOSTILE, "timestamp": HOSTILE}),
+        s.publish("session_created", {"sessionId": HOSTILE, "userId": HOSTILE,
+                                      "providerId": HOSTILE, "model": HOSTILE,
+                                      "createdAt": HOSTILE}),
+        s.publish("usage_log_added", {"sessionId": HOSTILE, "userId": HOSTILE,
+                                      "model": HOSTILE, "inputTokens": HOSTILE,
+                                      "costUsd": HOSTILE, "latencyMs": HOSTILE}),
+        s.publish("metrics_update", {"userId": HOSTILE, "totalRequests": HOSTILE}),
+        s.publish("metrics_update", {"activeSessions": HOSTILE, "totalRequests": HOSTILE,
+                                     "totalCost": HOSTILE, "timestamp": HOSTILE}),
+        s.publish("provider_status_change", {"providerId": "openai", "name": "OpenAI",
+                                             "status": "healthy", "circuitState": "closed",
+                                             "failureCount": 0, "timestamp": now}),
+        s.publish("metrics_update", {"activeSessions": 1, "totalRequests": 42,
+                                     "totalCost": 1.5, "timestamp": now}),
+    ]
+    assert_each_once(wait_ids(p.page, ids), ids)
+    # the panels keep following the events
+    wait_js(p.page, "document.getElementById('card-requests').textContent === '42'")
+    wait_js(p.page, "!!document.querySelector('[data-provider-id=\"openai\"]')")
+    assert "(cannot be shown)" not in (p.page.text_content("#log") or "")
+    assert p.unexpected_errors() == []
+
+    # a page opened now starts from the overview, which holds those events
+    q = open_page(login_url(s.base_url, sub="ops", admin=True))
+    wait_transport(q.page, "websocket")
+    wait_js(q.page, "document.getElementById('card-requests').textContent === '42'")
+    wait_js(q.page, "!!document.querySelector('[data-provider-id=\"openai\"]')")
+    after = s.publish("usage_log_added", {"sessionId": "s1", "userId": "u", "model": "m"})
+    wait_ids(q.page, [after])
+    assert q.unexpected_errors() == []
