@@ -274,7 +274,10 @@ export class Dashboard {
     this.$('cards').toggleAttribute('data-empty', cards.every(([, value]) => num(value) === null));
     for (const [key, value, fmt, field, lowerIsBetter] of cards) {
       const n = num(value);
-      this.$(`card-${key}`).textContent = n === null ? '—' : fmt(n);
+      const shownValue = n === null ? '—' : fmt(n);
+      const valueEl = this.$(`card-${key}`);
+      valueEl.textContent = shownValue;
+      valueEl.title = shownValue; // all of it, when a huge figure is cut to the card
       const deltaEl = this.$(`delta-${key}`);
       const d = this.store.state.metrics ? this.store.delta(field) : null;
       if (!d || d.value === 0 || !Number.isFinite(d.value)) {
@@ -305,9 +308,11 @@ export class Dashboard {
       const status = text(p.status ?? 'unknown').toLowerCase();
       const at = toMs(p.timestamp);
       return h('li', { class: `provider circuit-${circuit}`, 'data-provider-id': p.providerId },
-        h('div', { class: 'provider-name' }, p.name ?? p.providerId,
-          p.name && p.name !== p.providerId ? h('span', { class: 'muted' }, ` ${p.providerId}`) : null),
-        h('span', { class: `pill status-${status.replace(/[^a-z0-9-]/g, '')}` }, status),
+        h('div', { class: 'provider-name', title: text(p.name ?? p.providerId) },
+          p.name ?? p.providerId,
+          p.name && p.name !== p.providerId ? h('span', { class: 'muted' }, ` ${text(p.providerId)}`) : null),
+        h('span', { class: `pill status-${status.replace(/[^a-z0-9-]/g, '')}`, title: status },
+          status),
         h('span', {
           class: `pill circuit circuit-${circuit}`, title: 'circuit breaker state',
           'aria-label': `circuit ${circuit}`,
@@ -332,11 +337,16 @@ export class Dashboard {
     note.textContent = quiet === 0 ? '' : `${nf.format(quiet)} ${quiet === 1 ? 'session' : 'sessions'}`
       + ` with no news for ${age(this.sessionIdleMs ?? 0)} not shown (ended without a word?)`;
     const shown = sessions.slice(0, 100);
+    // a long id or name is cut to its column; the cell's title holds all of it
+    const cell = (value, attrs = {}) => {
+      const shownText = value === null || value === undefined ? '—' : text(value);
+      return h('td', { ...attrs, title: shownText }, shownText);
+    };
     this.$('sessions').replaceChildren(...shown.map((s) => h('tr', { 'data-session-id': s.sessionId },
-      h('td', { class: 'mono' }, s.sessionId),
-      h('td', {}, s.userId ?? '—'),
-      h('td', {}, s.providerId ?? '—'),
-      h('td', {}, s.model ?? '—'),
+      cell(s.sessionId, { class: 'mono' }),
+      cell(s.userId),
+      cell(s.providerId),
+      cell(s.model),
       h('td', { class: 'num', 'data-started': s.started ?? '' },
         s.started ? age(now - s.started) : '—'))));
   }

@@ -69,3 +69,68 @@ def test_objects_with_a_to_string_key_do_not_freeze_the_dashboard(
     after = s.publish("usage_log_added", {"sessionId": "s1", "userId": "u", "model": "m"})
     wait_ids(q.page, [after])
     assert q.unexpected_errors() == []
+
+
+# what of each card, provider and session row the eye sees: a box's own right edge when
+# it clips its content, else its content's
+SPILLS = """(() => {
+  const out = [];
+  const seen = (el) => {
+    if (getComputedStyle(el).overflowX !== 'visible') return el.getBoundingClientRect().right;
+    const range = document.createRange();
+    range.selectNodeContents(el);
+    return range.getBoundingClientRect().right;
+  };
+  const check = (boxSel, partSel) => {
+    for (const box of document.querySelectorAll(boxSel)) {
+      const right = box.getBoundingClientRect().right;
+      for (const part of box.querySelectorAll(partSel)) {
+        if (seen(part) > right + 1) out.push(`${boxSel} ${part.className || part.tagName}`);
+      }
+    }
+  };
+  check('.card', '.value');
+  check('.provider', ':scope > *');
+  return out;
+})()"""
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_long_strings_and_huge_figures_stay_in_their_boxes(
+    width: int, stack: Callable[..., Stack], open_page: Callable[..., Page],
+) -> None:
+    s = stack()
+    p = open_page(login_url(s.base_url, sub="ops", admin=True),
+                  viewport={"width": width, "height": 900})
+    wait_transport(p.page, "websocket")
+    long = "x" * 2000
+    now = int(time.time() * 1000)
+    ids = [
+        s.publish("session_created", {"sessionId": "s" + long, "userId": "u" + long,
+                                      "providerId": "p" + long, "model": "m" + long,
+                                      "createdAt": now}),
+        s.publish("provider_status_change", {"providerId": "p" + long, "name": "n" + long,
+                                             "status": "degraded " + long,
+                                             "circuitState": "open", "failureCount": 3,
+                                             "timestamp": now}),
+        s.publish("metrics_update", {"activeSessions": 1, "totalRequests": "9" * 60,
+                                     "totalCost": 1e300, "avgResponseMs": 1e300,
+                                     "timestamp": now}),
+    ]
+    wait_ids(p.page, ids)
+    wait_js(p.page, "document.querySelectorAll('#sessions tr').length === 1")
+    wait_js(p.page, "document.querySelectorAll('#providers .provider').length === 1")
+    wait_js(p.page, "document.getElementById('card-cost').textContent.length > 100")
+    page_width = p.page.evaluate(
+        "[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+    assert page_width[0] <= page_width[1], f"the page scrolls sideways: {page_width}"
+    assert p.page.evaluate(SPILLS) == []
+    # the table keeps every column in reach: no cell is wider than its panel
+    widest = p.page.evaluate(
+        "Math.max(...[...document.querySelectorAll('#sessions td')].map(c => c.offsetWidth))")
+    panel = p.page.evaluate("document.querySelector('.sessions-panel').clientWidth")
+    assert widest < panel, f"a session cell is {widest}px wide in a {panel}px panel"
+    # what is cut is all there, on hover
+    assert p.page.get_attribute("#card-cost", "title") == p.page.text_content("#card-cost")
+    assert p.page.get_attribute("#sessions td.mono", "title") == "s" + long
+    assert p.unexpected_errors() == []
