@@ -69,14 +69,25 @@ function minuteOf(ts) {
   return Math.floor(ts / 60000) * 60000;
 }
 
+/**
+ * A map keyed by ids a producer wrote, with no prototype: `__proto__` or `constructor`
+ * is a key like any other (on a plain object the first would replace its prototype and
+ * never be listed), as in the overview the server sends.
+ */
+function keyed(from = null) {
+  const out = Object.create(null);
+  if (from && typeof from === 'object') Object.assign(out, from);
+  return out;
+}
+
 function emptyState() {
   return {
     lastId: null, // the cursor: the newest id folded into this state
     metrics: null, // latest global metrics_update data (no userId)
-    metricsByUser: {},
+    metricsByUser: keyed(),
     metricsHistory: [], // [{at, data}] of the global metrics, for deltas
-    providers: {},
-    sessions: {},
+    providers: keyed(),
+    sessions: keyed(),
     sessionNews: new Map(), // session id -> ms of its latest news
     quiet: new Map(), // sessions aged out (no news for the idle time), id -> data
     sessionsKnown: false, // true once sessions are followed: the card then counts them
@@ -175,9 +186,9 @@ export class Store {
       next.metrics = ov.metrics;
       next.metricsHistory.push({ at: this.metricTime(ov.metrics), data: ov.metrics });
     }
-    next.metricsByUser = { ...(ov.metrics_by_user ?? {}) };
-    next.providers = { ...(ov.providers ?? {}) };
-    next.sessions = { ...(ov.sessions ?? {}) };
+    next.metricsByUser = keyed(ov.metrics_by_user);
+    next.providers = keyed(ov.providers);
+    next.sessions = keyed(ov.sessions);
     for (const [id, session] of Object.entries(next.sessions)) {
       next.sessionNews.set(id, toMs(session?.createdAt) ?? this.now());
     }
@@ -246,8 +257,9 @@ export class Store {
     const s = this.state;
     const d = ev.data && typeof ev.data === 'object' ? ev.data : {};
     switch (ev.event) {
+      // each rule as the server's overview folds it, so a reload shows what live did
       case 'metrics_update':
-        if (d.userId !== undefined && d.userId !== null && d.userId !== '') {
+        if (d.userId !== undefined && d.userId !== null) {
           s.metricsByUser[text(d.userId)] = d;
         } else {
           s.metrics = d;
@@ -261,9 +273,8 @@ export class Store {
         break;
       case 'provider_status_change': {
         const provider = keyOf(d.providerId);
-        if (provider !== null) {
-          s.providers[provider] = { ...(s.providers[provider] ?? {}), ...d };
-        }
+        // the latest update is the provider's state: a field it leaves out is gone
+        if (provider !== null) s.providers[provider] = d;
         break;
       }
       case 'session_created': {

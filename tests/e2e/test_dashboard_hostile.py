@@ -134,3 +134,46 @@ def test_long_strings_and_huge_figures_stay_in_their_boxes(
     assert p.page.get_attribute("#card-cost", "title") == p.page.text_content("#card-cost")
     assert p.page.get_attribute("#sessions td.mono", "title") == "s" + long
     assert p.unexpected_errors() == []
+
+
+# what the panels show, to hold a live page against one that starts from the overview
+PANELS = """(() => ({
+  providers: [...document.querySelectorAll('#providers .provider')].map(p => p.textContent),
+  sessions: [...document.querySelectorAll('#sessions tr')].map(r => r.dataset.sessionId).sort(),
+  card: document.getElementById('card-sessions').textContent,
+}))()"""
+
+
+def test_a_reload_shows_what_the_live_page_showed(
+    stack: Callable[..., Stack], open_page: Callable[..., Page],
+) -> None:
+    s = stack()
+    p = open_page(login_url(s.base_url, sub="ops", admin=True))
+    wait_transport(p.page, "websocket")
+    now = int(time.time() * 1000)
+    ids = [
+        s.publish("provider_status_change", {"providerId": "openai", "name": "OpenAI",
+                                             "status": "healthy", "circuitState": "closed",
+                                             "failureCount": 0, "timestamp": now}),
+        # an update that leaves the name out: the provider's state is this update
+        s.publish("provider_status_change", {"providerId": "openai", "status": "down",
+                                             "circuitState": "open", "failureCount": 5,
+                                             "timestamp": now}),
+    ]
+    # ids that are names of Object.prototype's own
+    for name in ("__proto__", "constructor", "toString"):
+        ids.append(s.publish("session_created", {"sessionId": name, "userId": "u",
+                                                 "providerId": "p", "model": "m",
+                                                 "createdAt": now}))
+    wait_ids(p.page, ids)
+    wait_js(p.page, "document.querySelectorAll('#sessions tr').length === 3")
+    wait_js(p.page, "document.getElementById('card-sessions').textContent === '3'")
+    wait_js(p.page, "document.querySelector('#providers .provider .status-down') !== null")
+    live = p.page.evaluate(PANELS)
+    assert live["sessions"] == ["__proto__", "constructor", "toString"]
+
+    q = open_page(login_url(s.base_url, sub="ops", admin=True))
+    wait_transport(q.page, "websocket")
+    wait_js(q.page, "document.querySelectorAll('#sessions tr').length === 3")
+    assert q.page.evaluate(PANELS) == live
+    assert p.unexpected_errors() == [] and q.unexpected_errors() == []
