@@ -11,6 +11,12 @@ export const RPM_MINUTES = 30;
 const SEEN_LIMIT = 20000;
 const HISTORY_MS = 15 * 60 * 1000;
 /**
+ * At most this many global metrics are kept for the deltas, whatever their timestamps:
+ * a producer that stamps every update with the same time (the start of its day), or one
+ * update far in the future, would otherwise keep each one for as long as the page is open.
+ */
+const HISTORY_LIMIT = 2000;
+/**
  * A session with no news (its session_created, or a usage_log_added of its own) for
  * this long leaves the live table and the card: a producer that died (a killed demo)
  * never sends its session_ended. Time comes from the events' stream ids (the overview's
@@ -263,12 +269,7 @@ export class Store {
           s.metricsByUser[text(d.userId)] = d;
         } else {
           s.metrics = d;
-          const at = this.metricTime(d);
-          s.metricsHistory.push({ at, data: d });
-          const horizon = at - HISTORY_MS;
-          while (s.metricsHistory.length > 2 && s.metricsHistory[0].at < horizon) {
-            s.metricsHistory.shift();
-          }
+          this.rememberMetrics(d);
         }
         break;
       case 'provider_status_change': {
@@ -315,6 +316,24 @@ export class Store {
       default:
         break;
     }
+  }
+
+  /** Add a global metrics update to the history the deltas read (bounded). */
+  rememberMetrics(data) {
+    const history = this.state.metricsHistory;
+    const at = this.metricTime(data);
+    const second = Math.floor(at / 1000);
+    const n = history.length;
+    // many updates in one second: keep its first and its last (deltas look minutes back)
+    if (n >= 2 && Math.floor(history[n - 1].at / 1000) === second
+      && Math.floor(history[n - 2].at / 1000) === second) {
+      history[n - 1] = { at, data };
+    } else {
+      history.push({ at, data });
+    }
+    const horizon = at - HISTORY_MS;
+    while (history.length > 2 && history[0].at < horizon) history.shift();
+    if (history.length > HISTORY_LIMIT) history.splice(0, history.length - HISTORY_LIMIT);
   }
 
   sessionNewsAt(id, at) {

@@ -153,4 +153,35 @@ describe('store', { timeout: 5000 }, () => {
     assert.deepEqual(Object.keys(store.state.sessions).sort(), ['new', 's1']);
     assert.equal(store.cursor, `${MIN}-9`);
   });
+  it('keeps a bounded history of metrics whatever timestamps a producer writes', () => {
+    // a fixed timestamp (the start of the producer's day), one in the future, none at all
+    const stamps = [() => '2026-11-25T00:00:00Z', (n) => (n === 0 ? MIN + 86400000 : MIN), () => null];
+    for (const stamp of stamps) {
+      const store = new Store({ now: () => NOW });
+      const events = [];
+      for (let n = 1; n <= 20000; n += 1) {
+        events.push(ev(`${MIN}-${n}`, 'metrics_update',
+          { activeSessions: 1, totalRequests: n, totalCost: n, timestamp: stamp(n - 1) }));
+      }
+      store.applyEvents(events);
+      assert.equal(store.state.metrics.totalRequests, 20000);
+      assert.ok(store.state.metricsHistory.length <= 2000,
+        `${store.state.metricsHistory.length} metrics kept`);
+    }
+  });
+
+  it('deltas still span minutes when metrics come many times a second', () => {
+    const store = new Store({ now: () => NOW });
+    const events = [];
+    // ten updates a second for ten minutes
+    for (let n = 0; n < 6000; n += 1) {
+      events.push(ev(`${MIN}-${n + 1}`, 'metrics_update',
+        { activeSessions: 1, totalRequests: n, totalCost: 0, timestamp: MIN + n * 100 }));
+    }
+    store.applyEvents(events);
+    assert.ok(store.state.metricsHistory.length <= 2000);
+    const d = store.delta('totalRequests');
+    assert.ok(d.since >= 299000 && d.since <= 300000, `since ${d.since}`);
+    assert.ok(d.value >= 2990 && d.value <= 3000, `value ${d.value}`);
+  });
 });
