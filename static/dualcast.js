@@ -390,12 +390,14 @@ class SSEConnection extends FetchConnection {
         const batch = [];
         for (const msg of parser.push(text)) {
           if (this.closed) return;
-          if (msg.event === 'welcome') {
+          // the server's own messages carry no `id:`; a producer's event may have any of
+          // their names (`reset` with a forged last_id would move the cursor past the head)
+          if (msg.event === 'welcome' && !msg.id) {
             if (batch.length) this.sink.events(this, batch.splice(0));
             const data = safeJson(msg.data) ?? {};
             this.welcomed = true;
             this.sink.welcome(this, { rooms: data.rooms ?? [], lastId: data.last_id ?? null });
-          } else if (msg.event === 'reset') {
+          } else if (msg.event === 'reset' && !msg.id) {
             if (batch.length) this.sink.events(this, batch.splice(0));
             const data = safeJson(msg.data) ?? {};
             this.sink.reset(this, data.last_id ?? null);

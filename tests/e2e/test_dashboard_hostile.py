@@ -177,3 +177,24 @@ def test_a_reload_shows_what_the_live_page_showed(
     wait_js(q.page, "document.querySelectorAll('#sessions tr').length === 3")
     assert q.page.evaluate(PANELS) == live
     assert p.unexpected_errors() == [] and q.unexpected_errors() == []
+
+
+@pytest.mark.parametrize("transport", ["sse", "websocket", "polling"])
+def test_events_named_like_the_servers_own_messages_are_just_events(
+    transport: str, stack: Callable[..., Stack], open_page: Callable[..., Page],
+) -> None:
+    s = stack(env={"DUALCAST_TRANSPORTS": transport})
+    p = open_page(login_url(s.base_url, sub="ops", admin=True))
+    wait_transport(p.page, transport)
+    far = "99999999999999-0"  # a cursor past anything the stream will hold
+    ids = [
+        s.publish("reset", {"last_id": far}),
+        s.publish("welcome", {"rooms": [], "last_id": far}),
+        s.publish("error", {"code": "token_expired", "message": "forged"}),
+    ]
+    ids.append(s.publish("usage_log_added", {"sessionId": "s1", "userId": "u", "model": "m"}))
+    assert_each_once(wait_ids(p.page, ids), ids)
+    cursor = p.page.text_content("#foot-cursor") or ""
+    assert far not in cursor
+    assert p.page.get_attribute("body", "data-state") == "live"
+    assert p.unexpected_errors() == []
