@@ -24,6 +24,12 @@ const HISTORY_LIMIT = 2000;
  */
 export const SESSION_IDLE_MS = 10 * 60 * 1000;
 const QUIET_LIMIT = 1000;
+/**
+ * Per-user metrics kept, the most recently updated: an admin's page sees every user's,
+ * and a page open for days would keep each user it ever saw. The stream holds 10,000
+ * entries by default, so the overview of a fresh page never names more users than this.
+ */
+export const USERS_LIMIT = 10000;
 
 /**
  * Text for any value a producer wrote. Never throws: String() does on an object whose own
@@ -91,6 +97,7 @@ function emptyState() {
     lastId: null, // the cursor: the newest id folded into this state
     metrics: null, // latest global metrics_update data (no userId)
     metricsByUser: keyed(),
+    userOrder: new Map(), // user key -> true, least recently updated first
     metricsHistory: [], // [{at, data}] of the global metrics, for deltas
     providers: keyed(),
     sessions: keyed(),
@@ -193,6 +200,7 @@ export class Store {
       next.metricsHistory.push({ at: this.metricTime(ov.metrics), data: ov.metrics });
     }
     next.metricsByUser = keyed(ov.metrics_by_user);
+    for (const user of Object.keys(next.metricsByUser)) next.userOrder.set(user, true);
     next.providers = keyed(ov.providers);
     next.sessions = keyed(ov.sessions);
     for (const [id, session] of Object.entries(next.sessions)) {
@@ -266,7 +274,15 @@ export class Store {
       // each rule as the server's overview folds it, so a reload shows what live did
       case 'metrics_update':
         if (d.userId !== undefined && d.userId !== null) {
-          s.metricsByUser[text(d.userId)] = d;
+          const user = text(d.userId);
+          s.metricsByUser[user] = d;
+          s.userOrder.delete(user);
+          s.userOrder.set(user, true);
+          while (s.userOrder.size > USERS_LIMIT) {
+            const oldest = s.userOrder.keys().next().value;
+            s.userOrder.delete(oldest);
+            delete s.metricsByUser[oldest];
+          }
         } else {
           s.metrics = d;
           this.rememberMetrics(d);

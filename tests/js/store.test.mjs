@@ -184,4 +184,24 @@ describe('store', { timeout: 5000 }, () => {
     assert.ok(d.since >= 299000 && d.since <= 300000, `since ${d.since}`);
     assert.ok(d.value >= 2990 && d.value <= 3000, `value ${d.value}`);
   });
+  it('keeps the metrics of the users updated last, not of every user ever seen', () => {
+    const USERS_LIMIT = 10000; // what the stream holds by default: no fresh page sees more
+    const store = new Store({ now: () => NOW });
+    store.applyOverview(overview());
+    const events = [];
+    for (let n = 1; n <= USERS_LIMIT * 2; n += 1) {
+      events.push(ev(`${MIN}-${n + 5}`, 'metrics_update',
+        { userId: `user${n}`, activeSessions: 1, totalRequests: n, totalCost: 0 }));
+    }
+    // an early user again: updated last, so kept
+    events.push(ev(`${MIN}-${USERS_LIMIT * 2 + 6}`, 'metrics_update',
+      { userId: 'user1', activeSessions: 1, totalRequests: 7, totalCost: 0 }));
+    store.applyEvents(events);
+    const users = Object.keys(store.state.metricsByUser);
+    assert.equal(users.length, USERS_LIMIT);
+    assert.equal(store.state.metricsByUser.user1.totalRequests, 7);
+    assert.equal(store.state.metricsByUser[`user${USERS_LIMIT * 2}`].totalRequests, USERS_LIMIT * 2);
+    assert.equal(store.state.metricsByUser.user2, undefined);
+    assert.equal(store.state.metricsByUser.u1, undefined); // the overview's, updated first
+  });
 });
