@@ -119,6 +119,13 @@ export function summarize(ev) {
 }
 
 const TRANSPORT_LABEL = { websocket: 'WebSocket', sse: 'SSE', polling: 'Polling' };
+/**
+ * Rows the provider list draws: a producer may name any number of providers, and
+ * thousands of rows redrawn a few times a second would take the whole page down.
+ */
+export const PROVIDERS_SHOWN = 100;
+/** Which providers stay in view when some must go: broken circuits first. */
+const CIRCUIT_RANK = { open: 0, 'half-open': 1, unknown: 2, closed: 3 };
 
 export class Dashboard {
   /**
@@ -300,9 +307,20 @@ export class Dashboard {
 
   renderProviders() {
     const list = this.$('providers');
-    const providers = Object.values(this.store.state.providers)
+    const all = Object.values(this.store.state.providers)
       .sort((a, b) => text(a.name ?? a.providerId).localeCompare(text(b.name ?? b.providerId)));
-    this.$('providers-empty').hidden = providers.length > 0;
+    this.$('providers-empty').hidden = all.length > 0;
+    let providers = all;
+    if (all.length > PROVIDERS_SHOWN) {
+      const rank = (p) => CIRCUIT_RANK[circuitState(p.circuitState)];
+      const keep = new Set([...all].sort((a, b) => rank(a) - rank(b)).slice(0, PROVIDERS_SHOWN));
+      providers = all.filter((p) => keep.has(p));
+    }
+    const more = this.$('providers-more');
+    const hiddenCount = all.length - providers.length;
+    more.hidden = hiddenCount === 0;
+    more.textContent = hiddenCount === 0 ? ''
+      : `${nf.format(hiddenCount)} more not shown (broken circuits are shown first)`;
     list.replaceChildren(...providers.map((p) => {
       const circuit = circuitState(p.circuitState);
       const status = text(p.status ?? 'unknown').toLowerCase();

@@ -7,10 +7,12 @@ and the panels drawn, now and after a reload (from the overview).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 
 import pytest
+import redis
 
 from tests.e2e.conftest import (
     Page,
@@ -197,4 +199,37 @@ def test_events_named_like_the_servers_own_messages_are_just_events(
     cursor = p.page.text_content("#foot-cursor") or ""
     assert far not in cursor
     assert p.page.get_attribute("body", "data-state") == "live"
+    assert p.unexpected_errors() == []
+
+
+def test_thousands_of_providers_leave_the_page_usable(
+    stack: Callable[..., Stack], open_page: Callable[..., Page],
+) -> None:
+    s = stack()
+    p = open_page(login_url(s.base_url, sub="ops", admin=True))
+    wait_transport(p.page, "websocket")
+    now = int(time.time() * 1000)
+    client = redis.Redis.from_url(s.redis.url)
+    try:
+        pipe = client.pipeline(transaction=False)
+        for n in range(2000):
+            data = {"providerId": f"p{n:04d}", "status": "healthy", "circuitState": "closed",
+                    "failureCount": 0, "timestamp": now}
+            pipe.xadd(s.stream, {"data": json.dumps(
+                {"event": "provider_status_change", "data": data})})
+        pipe.xadd(s.stream, {"data": json.dumps({"event": "provider_status_change", "data": {
+            "providerId": "zzz", "status": "down", "circuitState": "open",
+            "failureCount": 9, "timestamp": now}})})
+        last = pipe.execute()[-1].decode()
+    finally:
+        client.close()
+    wait_ids(p.page, [last])
+    # the rest are counted, and the one whose circuit is open is among those drawn
+    wait_js(p.page, "document.getElementById('providers-more').textContent"
+                    ".startsWith('1,901 more')")
+    assert p.page.query_selector('[data-provider-id="zzz"]') is not None
+    rows = p.page.evaluate("document.querySelectorAll('#providers .provider').length")
+    assert rows <= 100, f"{rows} provider rows drawn"
+    height = p.page.evaluate("document.documentElement.scrollHeight")
+    assert height < 10000, f"the page is {height}px tall"
     assert p.unexpected_errors() == []
