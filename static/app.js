@@ -267,8 +267,9 @@ function setupRoomPicker(me) {
   const known = new Set(['admin', `user-${me.sub}`, ...(me.rooms ?? []), ...app.rooms]);
   const options = $('rooms-options');
   const draw = () => {
-    options.replaceChildren(...[...known].sort().map((room) => {
-      const id = `room-${room.replace(/[^A-Za-z0-9_-]/g, '_')}`;
+    options.replaceChildren(...[...known].sort().map((room, n) => {
+      // by position: rooms such as `team.eu` and `team:eu` must not share a label's target
+      const id = `room-option-${n}`;
       return h('label', { for: id, class: 'room-option' },
         h('input', {
           type: 'checkbox', id, name: 'rooms', value: room, checked: app.rooms.includes(room),

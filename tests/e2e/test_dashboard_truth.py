@@ -101,3 +101,22 @@ def test_an_event_with_any_ts_renders_with_the_rest_of_its_batch(
     times = p.page.eval_on_selector_all(
         "#log [data-event-id] time", "ts => ts.map(t => t.textContent)")
     assert all(times), times
+
+
+def test_each_room_label_ticks_its_own_room(stack: Callable[..., Stack],
+                                            open_page: Callable[..., Page]) -> None:
+    s = stack()
+    p = open_page(login_url(s.base_url, sub="ops", admin=True))
+    wait_transport(p.page, "websocket")
+    p.page.click("#rooms-picker summary")
+    for room in ("team.eu", "team:eu", "team@eu"):
+        p.page.fill("#rooms-add", room)
+        p.page.click("#rooms-add-btn")
+    checked = ("Object.fromEntries([...document.querySelectorAll('#rooms-options input')]"
+               ".map(i => [i.value, i.checked]))")
+    assert {k: v for k, v in p.page.evaluate(checked).items() if k.startswith("team")} == {
+        "team.eu": True, "team:eu": True, "team@eu": True}
+    # a click on a room's name unticks that room, not another one named alike
+    p.page.locator("label.room-option", has_text="team:eu").click(position={"x": 60, "y": 5})
+    assert {k: v for k, v in p.page.evaluate(checked).items() if k.startswith("team")} == {
+        "team.eu": True, "team:eu": False, "team@eu": True}
