@@ -8,6 +8,8 @@ import { compareIds, eventTime, maxId } from './dualcast.js';
 export const LOG_LIMIT = 1000;
 export const USAGE_LIMIT = 50;
 export const RPM_MINUTES = 30;
+/** Requests per minute are counted for minutes this close to now (either side). */
+const RPM_KEEP_MS = 24 * 60 * 60000;
 const SEEN_LIMIT = 20000;
 const HISTORY_MS = 15 * 60 * 1000;
 /**
@@ -323,10 +325,15 @@ export class Store {
         this.sessionNewsAt(session, eventTime(null, ev.id) ?? this.now());
         s.usage.unshift({ ...d, id: ev.id, ts: ev.ts });
         if (s.usage.length > USAGE_LIMIT) s.usage.length = USAGE_LIMIT;
+        // minutes within a day of now only: a producer's timestamps may be anywhere, and
+        // one key per far-off minute would grow for as long as the page is open
         const minute = minuteOf(eventTime(ev.ts, ev.id) ?? this.now());
-        s.rpm.set(minute, (s.rpm.get(minute) ?? 0) + 1);
-        const oldest = minuteOf(this.now()) - 24 * 60 * 60000;
-        for (const key of s.rpm.keys()) if (key < oldest) s.rpm.delete(key);
+        const oldest = minuteOf(this.now()) - RPM_KEEP_MS;
+        const newest = minuteOf(this.now()) + RPM_KEEP_MS;
+        if (minute >= oldest && minute <= newest) s.rpm.set(minute, (s.rpm.get(minute) ?? 0) + 1);
+        if (s.rpm.size > 2 * RPM_KEEP_MS / 60000 + 1) {
+          for (const key of s.rpm.keys()) if (key < oldest || key > newest) s.rpm.delete(key);
+        }
         break;
       }
       default:

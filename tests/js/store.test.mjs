@@ -204,4 +204,17 @@ describe('store', { timeout: 5000 }, () => {
     assert.equal(store.state.metricsByUser.user2, undefined);
     assert.equal(store.state.metricsByUser.u1, undefined); // the overview's, updated first
   });
+  it('counts requests per minute near now only, whatever timestamps a producer writes', () => {
+    const store = new Store({ now: () => NOW });
+    const events = [];
+    for (let n = 1; n <= 20000; n += 1) {
+      // one far-off minute each (days ahead, and years back), and some of this minute
+      const far = n % 2 ? MIN + (2 * 1440 + n) * 60000 : MIN - (400 * 1440 + n) * 60000;
+      events.push({ id: `${MIN}-${n}`, event: 'usage_log_added', data: { n },
+        ts: n % 10 === 0 ? NOW : far });
+    }
+    store.applyEvents(events);
+    assert.ok(store.state.rpm.size <= 2 * 1440 + 1, `${store.state.rpm.size} minutes kept`);
+    assert.deepEqual(store.requestsPerMinute(1), [[MIN, 2000]]);
+  });
 });
