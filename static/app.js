@@ -325,12 +325,12 @@ function startCursor() {
 /**
  * Optional timing overrides from localStorage `dualcast.tuning` (JSON), for tests and
  * for operators who want a faster climb: climbBaseMs, climbCapMs, welcomeTimeoutMs,
- * retryBaseMs, retryCapMs, pauseAfterHiddenMs, readyPollMs, sessionIdleMs.
+ * retryBaseMs, retryCapMs, pauseAfterHiddenMs, readyPollMs, sessionIdleMs, idleTimeoutMs.
  */
 function tuning() {
   const allowed = [
     'climbBaseMs', 'climbCapMs', 'welcomeTimeoutMs', 'retryBaseMs', 'retryCapMs',
-    'pauseAfterHiddenMs', 'readyPollMs', 'sessionIdleMs',
+    'pauseAfterHiddenMs', 'readyPollMs', 'sessionIdleMs', 'idleTimeoutMs',
   ];
   try {
     const raw = JSON.parse(localStorage.getItem('dualcast.tuning') ?? '{}');

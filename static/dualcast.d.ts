@@ -79,6 +79,9 @@ export interface DualcastOptions {
   /** Start on this transport (e.g. the one that worked last time). */
   initial?: Transport;
   welcomeTimeoutMs?: number;
+  /** A live WebSocket or SSE stream on which nothing at all (not even the server's
+   *  ping) arrives for this long is taken for dead and reconnected (default 40000). */
+  idleTimeoutMs?: number;
   /** Long-poll wait in seconds (0-30; default 25). Halved after each `bad_timeout` from a
    *  server whose limit is lower; a `bad_timeout` at 0 is a 'fatal' error. */
   pollTimeout?: number;

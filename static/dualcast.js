@@ -240,12 +240,54 @@ class Connection {
     this.sink = sink;
     this.welcomed = false;
     this.closed = false;
+    this.watchTimer = null;
   }
 
   finish(info) {
     if (this.closed) return;
     this.closed = true;
+    this.stopWatch();
     this.sink.closed(this, { welcomed: this.welcomed, ...info });
+  }
+
+  /**
+   * A path can die without a close (a laptop that slept, a NAT or proxy that forgot the
+   * flow): the socket then waits for ever and the page says "live" while nothing comes.
+   * The server writes at least once per ping interval (15 s: an SSE `: ping`, a `pong`
+   * to our WebSocket `ping`), so `idleMs` with nothing at all means the path is gone:
+   * close it and report it dead, and the manager reconnects from the cursor.
+   * `ping` (WebSocket) is sent once a third of that has passed in silence.
+   */
+  watch(env, idleMs, ping = null) {
+    this.stopWatch();
+    if (!(idleMs > 0) || this.closed) return;
+    this.heardAt = env.now();
+    const step = idleMs / 3;
+    const check = () => {
+      this.watchTimer = null;
+      if (this.closed) return;
+      const quiet = env.now() - this.heardAt;
+      if (quiet >= idleMs) {
+        this.close();
+        this.stopWatch();
+        this.sink.closed(this, { welcomed: this.welcomed, kind: 'transport', error: 'silent' });
+        return;
+      }
+      if (ping && quiet >= step) ping();
+      this.watchTimer = env.setTimeout(check, Math.min(step, idleMs - quiet));
+    };
+    this.watchEnv = env;
+    this.watchTimer = env.setTimeout(check, step);
+  }
+
+  /** Something arrived: the path is alive. */
+  heard() {
+    if (this.watchEnv) this.heardAt = this.watchEnv.now();
+  }
+
+  stopWatch() {
+    if (this.watchTimer !== null) this.watchEnv.clearTimeout(this.watchTimer);
+    this.watchTimer = null;
   }
 }
 
@@ -253,6 +295,7 @@ class Connection {
 class FetchConnection extends Connection {
   close() {
     this.closed = true;
+    this.stopWatch();
     try {
       this.abort?.abort();
     } catch {
@@ -262,8 +305,10 @@ class FetchConnection extends Connection {
 }
 
 class WebSocketConnection extends Connection {
-  constructor(env, sink, { cursor, rooms }) {
+  constructor(env, sink, { cursor, rooms, idleMs }) {
     super('websocket', sink);
+    this.env = env;
+    this.idleMs = idleMs;
     const url = `${env.wsBase}/api/ws${query({
       last_event_id: cursor,
       rooms: rooms.length ? rooms.join(',') : null,
@@ -284,6 +329,7 @@ class WebSocketConnection extends Connection {
 
   message(raw) {
     if (this.closed) return;
+    this.heard();
     const frame = typeof raw === 'string' ? safeJson(raw) : undefined;
     if (!frame || typeof frame !== 'object') return;
     this.frame(frame);
@@ -293,6 +339,8 @@ class WebSocketConnection extends Connection {
     switch (frame.type) {
       case 'welcome':
         this.welcomed = true;
+        // a quiet WebSocket is asked for a `pong`: a dead path is noticed within idleMs
+        this.watch(this.env, this.idleMs, () => this.send({ type: 'ping' }));
         this.sink.welcome(this, { rooms: frame.rooms ?? [], lastId: frame.last_id ?? null });
         break;
       case 'event': {
@@ -335,6 +383,7 @@ class WebSocketConnection extends Connection {
 
   close() {
     this.closed = true;
+    this.stopWatch();
     if (this.ws) {
       this.ws.onmessage = null;
       this.ws.onclose = null;
@@ -348,8 +397,9 @@ class WebSocketConnection extends Connection {
 }
 
 class SSEConnection extends FetchConnection {
-  constructor(env, sink, { cursor, rooms }) {
+  constructor(env, sink, { cursor, rooms, idleMs }) {
     super('sse', sink);
+    this.idleMs = idleMs;
     this.abort = new env.AbortController();
     const url = `${env.httpBase}/api/sse${query({
       rooms: rooms.length ? rooms.join(',') : null,
@@ -386,6 +436,7 @@ class SSEConnection extends FetchConnection {
         const { value, done } = await reader.read();
         if (this.closed) return;
         if (done) break;
+        this.heard(); // an event, or the server's `: ping`
         const text = typeof value === 'string' ? value : decoder.decode(value, { stream: true });
         const batch = [];
         for (const msg of parser.push(text)) {
@@ -396,6 +447,7 @@ class SSEConnection extends FetchConnection {
             if (batch.length) this.sink.events(this, batch.splice(0));
             const data = safeJson(msg.data) ?? {};
             this.welcomed = true;
+            this.watch(env, this.idleMs);
             this.sink.welcome(this, { rooms: data.rooms ?? [], lastId: data.last_id ?? null });
           } else if (msg.event === 'reset' && !msg.id) {
             if (batch.length) this.sink.events(this, batch.splice(0));
@@ -541,6 +593,7 @@ const CONNECTIONS = { websocket: WebSocketConnection, sse: SSEConnection, pollin
  *   returns the current one; none: the cookie, same origin only)
  *   cursor (last id seen), rooms ([] = the server's default), transports (order)
  *   initial (transport to start on), welcomeTimeoutMs, pollTimeout (s)
+ *   idleTimeoutMs (a live WebSocket or SSE stream silent this long is reconnected)
  *   retryBaseMs/retryCapMs (reconnect), climbBaseMs/climbCapMs (probe higher transports)
  *   deathWindowMs/maxDeaths (how many deaths of a live transport before falling back)
  * Callbacks: onEvents(list, cursor), onStatus(status), onReset(lastId), onError(info),
@@ -556,6 +609,7 @@ export class TransportManager {
       TextDecoder: opts.TextDecoder ?? g.TextDecoder,
       setTimeout: opts.setTimeout ?? g.setTimeout.bind(g),
       clearTimeout: opts.clearTimeout ?? g.clearTimeout.bind(g),
+      now: opts.now ?? (() => Date.now()),
       httpBase: opts.httpBase ?? '',
       wsBase: opts.wsBase ?? '',
       // a string, or a function returning the current one (refreshed by Dualcast)
@@ -568,6 +622,9 @@ export class TransportManager {
     this.cursor = opts.cursor ?? null;
     this.rooms = [...(opts.rooms ?? [])];
     this.welcomeTimeoutMs = opts.welcomeTimeoutMs ?? 3000;
+    // nothing at all for this long on a live WebSocket or SSE stream: the path is dead
+    // (the server writes once per 15 s ping interval at least)
+    this.idleTimeoutMs = opts.idleTimeoutMs ?? 40000;
     this.pollTimeout = opts.pollTimeout ?? 25;
     this.retryBaseMs = opts.retryBaseMs ?? 500;
     this.retryCapMs = opts.retryCapMs ?? 15000;
@@ -722,7 +779,7 @@ export class TransportManager {
   connect(name) {
     return new CONNECTIONS[name](this.env, this.sink, {
       cursor: this.cursor, rooms: this.rooms, pollTimeout: this.pollTimeout,
-      getCursor: () => this.cursor,
+      getCursor: () => this.cursor, idleMs: this.idleTimeoutMs,
     });
   }
 

@@ -23,6 +23,8 @@ from tests.e2e.conftest import (
     wait_js,
     wait_transport,
 )
+from tests.harness.tcpproxy import TCPProxy
+from tests.harness.waits import wait_until
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
 
@@ -233,3 +235,29 @@ def test_thousands_of_providers_leave_the_page_usable(
     height = p.page.evaluate("document.documentElement.scrollHeight")
     assert height < 10000, f"the page is {height}px tall"
     assert p.unexpected_errors() == []
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+def test_a_path_that_dies_without_a_close_is_noticed_and_replaced(
+    transport: str, stack: Callable[..., Stack], open_page: Callable[..., Page],
+) -> None:
+    """A laptop that slept, a NAT that forgot the flow: the open connection goes silent
+    for good and nothing closes it. The page must not say "live" for ever: it notices the
+    silence (the server writes once per ping interval) and reconnects from its cursor."""
+    s = stack(env={"DUALCAST_TRANSPORTS": transport, "DUALCAST_PING_INTERVAL": "1"})
+    with TCPProxy(s.server.port) as proxy:
+        base = f"http://127.0.0.1:{proxy.port}"
+        p = open_page(login_url(base, sub="ops", admin=True),
+                      tuning={"idleTimeoutMs": 4000, "retryBaseMs": 200})
+        wait_transport(p.page, transport)
+        before = s.publish("usage_log_added", {"sessionId": "s1", "userId": "u", "model": "m"})
+        wait_ids(p.page, [before])
+        accepted = proxy.accepted
+        proxy.sever()
+        during = s.publish("usage_log_added", {"sessionId": "s2", "userId": "u", "model": "m"})
+        wait_until(lambda: proxy.accepted > accepted, timeout=20, what="a new connection")
+        after = s.publish("usage_log_added", {"sessionId": "s3", "userId": "u", "model": "m"})
+        assert_each_once(wait_ids(p.page, [before, during, after], timeout=20),
+                         [before, during, after])
+        wait_transport(p.page, transport)
+        assert p.unexpected_errors() == []

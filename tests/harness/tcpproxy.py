@@ -12,6 +12,10 @@ alike. Faults, each undone by `restore()`:
   that black-holes packets. Only timeouts notice it; nothing is closed.
 - `delay_replies(s)`: forward commands at once but hold each reply `s` seconds, as a
   slow network or disk: Redis carries a command out, its client gives up waiting.
+- `sever()`: the connections open now lose their path for good while new ones
+  flow, as behind a NAT that forgot its flows: what the server sends is lost and
+  nothing is closed, so a client that only listens waits for ever (one that minds
+  the silence reconnects); what the client sends is answered with a reset.
 
 Counters (`accepted`, `active`) let a test wait for the client to reconnect.
 """
@@ -42,6 +46,8 @@ class TCPProxy:
                                         daemon=True)
         self._flowing: asyncio.Event | None = None
         self.reply_delay = 0.0
+        self._severed: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._stopping: asyncio.Event | None = None
         self.state = "stopped"
 
     # control (thread-safe, blocking) --------------------------------------------
@@ -71,6 +77,10 @@ class TCPProxy:
         self._call(self._set_flowing(False))
         self.state = "stalled"
 
+    def sever(self) -> None:
+        """The open connections forward nothing from now on and are never closed."""
+        self._call(self._sever())
+
     def restore(self) -> None:
         """Undo any fault: listen again and forward again."""
         self._call(self._restore())
@@ -98,6 +108,7 @@ class TCPProxy:
     # inside the proxy's loop -----------------------------------------------------
 
     async def _start(self) -> None:
+        self._stopping = asyncio.Event()
         self._flowing = asyncio.Event()
         self._flowing.set()
         await self._listen()
@@ -119,22 +130,31 @@ class TCPProxy:
         pair = (writer, up_writer)
         self._conns.add(pair)
         try:
-            await asyncio.gather(self._pump(reader, up_writer),
-                                 self._pump(up_reader, writer, replies=True))
+            await asyncio.gather(self._pump(reader, up_writer, pair, from_client=True),
+                                 self._pump(up_reader, writer, pair, replies=True))
         finally:
             self._conns.discard(pair)
+            self._severed.discard(pair)
             for w in pair:
                 w.transport.abort()
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    replies: bool = False) -> None:
+                    pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter],
+                    from_client: bool = False, replies: bool = False) -> None:
         assert self._flowing is not None
         try:
             while True:
                 data = await reader.read(65536)
                 if not data:
+                    if pair in self._severed:  # a severed path tells nobody: hold on
+                        assert self._stopping is not None
+                        await self._stopping.wait()
                     break
-                if not self._flowing.is_set():
+                if pair in self._severed and from_client:
+                    for w in pair:  # the far end does not know this flow: a reset
+                        w.transport.abort()
+                    break
+                if not self._flowing.is_set() or pair in self._severed:
                     continue  # black hole: swallowed, never forwarded, nothing closed
                 if replies and self.reply_delay:
                     await asyncio.sleep(self.reply_delay)
@@ -151,6 +171,9 @@ class TCPProxy:
             for w in pair:
                 w.transport.abort()
         self._conns.clear()
+
+    async def _sever(self) -> None:
+        self._severed.update(self._conns)
 
     async def _refuse(self) -> None:
         if self._server is not None:
@@ -174,6 +197,8 @@ class TCPProxy:
         self.state = "up"
 
     async def _shutdown(self) -> None:
+        if self._stopping is not None:
+            self._stopping.set()
         if self._server is not None:
             self._server.close()
             self._server = None

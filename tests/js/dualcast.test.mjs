@@ -55,6 +55,32 @@ describe('Dualcast', { timeout: 10000 }, () => {
     assert.ok(ws.closed);
   });
 
+  it('a live WebSocket that goes silent without a close is replaced, from the cursor', async () => {
+    const t = setup({ lastEventId: '1000-0' });
+    t.dc.start();
+    await t.clock.tick(0);
+    const ws = t.WS.last();
+    ws.welcome('1000-0');
+    ws.serverSend(evt(1));
+    // a quiet but healthy path: pings are answered, nothing is replaced
+    await t.clock.tick(120_000);
+    assert.ok(ws.pings >= 3, `${ws.pings} pings`);
+    assert.equal(t.WS.instances.length, 1);
+    assert.equal(t.dc.state, 'live');
+    // the path dies without a close: nothing more arrives, not even a pong
+    ws.mute = true;
+    await t.clock.tick(45_000);
+    assert.ok(ws.closed, 'the silent socket is closed');
+    await t.clock.tick(20_000);
+    const again = t.WS.last();
+    assert.notEqual(again, ws);
+    assert.equal(again.params.get('last_event_id'), '1001-0');
+    again.welcome('1001-0');
+    again.serverSend(evt(2));
+    assert.deepEqual(t.seen, ['1001-0', '1002-0']);
+    t.dc.stop();
+  });
+
   it('a listener that throws loses neither the rest of the batch nor the feed', async () => {
     const t = setup({ lastEventId: '1000-0' });
     const logged = [];

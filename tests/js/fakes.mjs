@@ -57,7 +57,15 @@ export function makeFakeWebSocket() {
     }
 
     send(data) {
-      this.sent.push(JSON.parse(data));
+      const frame = JSON.parse(data);
+      if (frame.type === 'ping') {
+        // as the server does (unless the test cut the path: `mute`); kept out of `sent`,
+        // which tests read for what the client said
+        this.pings = (this.pings ?? 0) + 1;
+        queueMicrotask(() => { if (!this.closed && !this.mute) this.serverSend({ type: 'pong' }); });
+        return;
+      }
+      this.sent.push(frame);
     }
 
     close() {
