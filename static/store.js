@@ -205,8 +205,11 @@ export class Store {
     for (const user of Object.keys(next.metricsByUser)) next.userOrder.set(user, true);
     next.providers = keyed(ov.providers);
     next.sessions = keyed(ov.sessions);
+    // a session in the overview was created at or before the last event it folds: a
+    // createdAt past that (a clock ahead, microseconds read as ms) must not keep it for ever
+    const upTo = eventTime(null, next.lastId) ?? this.now();
     for (const [id, session] of Object.entries(next.sessions)) {
-      next.sessionNews.set(id, toMs(session?.createdAt) ?? this.now());
+      next.sessionNews.set(id, Math.min(toMs(session?.createdAt) ?? upTo, upTo));
     }
     next.sessionsKnown = this.state.sessionsKnown || Object.keys(next.sessions).length > 0;
     const usage = Array.isArray(ov.usage) ? ov.usage : [];

@@ -261,3 +261,25 @@ def test_a_path_that_dies_without_a_close_is_noticed_and_replaced(
                          [before, during, after])
         wait_transport(p.page, transport)
         assert p.unexpected_errors() == []
+
+
+def test_a_session_created_in_the_future_ages_out_after_a_reload_too(
+    stack: Callable[..., Stack], open_page: Callable[..., Page],
+) -> None:
+    """A producer whose clock runs ahead (or that writes seconds where ms are meant):
+    the live page ages its silent sessions out by their stream ids; a page that starts
+    from the overview has only `createdAt`, which must not keep them for ever."""
+    s = stack()
+    tuning = {"sessionIdleMs": 3000}
+    p = open_page(login_url(s.base_url, sub="ops", admin=True), tuning=tuning)
+    wait_transport(p.page, "websocket")
+    ahead = int(time.time() * 1000) + 365 * 86400 * 1000
+    created = s.publish("session_created", {"sessionId": "ahead", "userId": "u",
+                                            "providerId": "p", "model": "m",
+                                            "createdAt": ahead})
+    wait_ids(p.page, [created])
+    wait_js(p.page, "document.querySelectorAll('#sessions tr').length === 0", timeout=15)
+    q = open_page(login_url(s.base_url, sub="ops", admin=True), tuning=tuning)
+    wait_transport(q.page, "websocket")
+    wait_js(q.page, "document.querySelectorAll('#sessions tr').length === 0", timeout=15)
+    assert not q.page.is_hidden("#sessions-quiet")
