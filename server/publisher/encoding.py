@@ -263,8 +263,7 @@ def encode_envelope(event: str, data: Any, rooms: Sequence[str]) -> str:
         raise UnpublishableValue(f"nested too deep to check (at most {MAX_DEPTH} levels)") from None
     except Exception:
         # (a str() may hold a lone surrogate too: escaped, so that this never raises)
-        text = _safe_str(data).encode("utf-8", "backslashreplace").decode()
-        body["data"] = text
+        body["data"] = _safe_str(data).encode("utf-8", "backslashreplace").decode()
         return orjson.dumps(body).decode()
 
 
