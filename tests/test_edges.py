@@ -22,6 +22,7 @@ import websockets
 from dualcast.authhook import HookUnavailable, parse_answer
 from tests.conftest import SECRET, token
 from tests.harness.procs import DualcastProcess
+from tests.harness.waits import wait_for
 
 USER = token("456", rooms=["ops"])
 PUBLISHER = token("ci", publish=True)
@@ -362,3 +363,49 @@ async def test_frames_sent_behind_the_upgrade_request_are_read(server: DualcastP
     finally:
         writer.close()
     no_traceback(server)
+
+
+class _Transport(asyncio.Transport):
+    """Just enough of a socket's transport for the HTTP protocol to read a request."""
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return {"peername": ("127.0.0.1", 50000), "sockname": ("127.0.0.1", 8000)}.get(
+            name, default)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.timeout(30)
+async def test_the_head_limits_cost_a_long_lived_connection_no_memory() -> None:
+    """The request-head limits keep their state in one attribute: four more attributes
+    on uvicorn's protocol object gave every connection that stays on it (an SSE stream)
+    a dict of its own instead of the shared-key one, 1.3 KB more per idle SSE stream."""
+    import sys
+
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+
+    from dualcast.upgrade import HTTP_PROTOCOL
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        assert callable(send)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    config = Config(app, http=HTTP_PROTOCOL, log_level="warning")
+    config.load()
+    protocol = HTTP_PROTOCOL(config=config, server_state=ServerState(), app_state={})
+    protocol.connection_made(_Transport())
+    shared = sys.getsizeof(protocol.__dict__)
+    protocol.data_received(b"GET /api/sse HTTP/1.1\r\nHost: x\r\n\r\n")
+    await wait_for(lambda: protocol.cycle is not None and protocol.cycle.response_complete,
+                   10, "the answer")  # (the response cycle runs as a task)
+    assert sys.getsizeof(protocol.__dict__) == shared
+    protocol.connection_lost(None)
