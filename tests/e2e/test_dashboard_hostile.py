@@ -32,12 +32,18 @@ pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
 HOSTILE = {"toString": 1}
 
 
-def test_objects_with_a_to_string_key_do_not_freeze_the_dashboard(
-    stack: Callable[..., Stack], open_page: Callable[..., Page],
-) -> None:
+def _admin_page(stack: Callable[..., Stack], open_page: Callable[..., Page]) -> tuple[Stack, Page]:
+    """A fresh server and an admin's dashboard on it, live over WebSocket."""
     s = stack()
     p = open_page(login_url(s.base_url, sub="ops", admin=True))
     wait_transport(p.page, "websocket")
+    return s, p
+
+
+def test_objects_with_a_to_string_key_do_not_freeze_the_dashboard(
+    stack: Callable[..., Stack], open_page: Callable[..., Page],
+) -> None:
+    s, p = _admin_page(stack, open_page)
     now = int(time.time() * 1000)
     ids = [
         s.publish("provider_status_change", {"providerId": "evil", "name": HOSTILE,
@@ -151,9 +157,7 @@ PANELS = """(() => ({
 def test_a_reload_shows_what_the_live_page_showed(
     stack: Callable[..., Stack], open_page: Callable[..., Page],
 ) -> None:
-    s = stack()
-    p = open_page(login_url(s.base_url, sub="ops", admin=True))
-    wait_transport(p.page, "websocket")
+    s, p = _admin_page(stack, open_page)
     now = int(time.time() * 1000)
     ids = [
         s.publish("provider_status_change", {"providerId": "openai", "name": "OpenAI",
@@ -207,9 +211,7 @@ def test_events_named_like_the_servers_own_messages_are_just_events(
 def test_thousands_of_providers_leave_the_page_usable(
     stack: Callable[..., Stack], open_page: Callable[..., Page],
 ) -> None:
-    s = stack()
-    p = open_page(login_url(s.base_url, sub="ops", admin=True))
-    wait_transport(p.page, "websocket")
+    s, p = _admin_page(stack, open_page)
     now = int(time.time() * 1000)
     client = redis.Redis.from_url(s.redis.url)
     try:
