@@ -17,7 +17,7 @@ from dualcast.consumer import Readiness
 from dualcast.csrf import FetchSite, cross_site_cookie_write, fetch_site
 from dualcast.events import Envelope, entry_fields
 from dualcast.headers import PAGE_HEADERS
-from dualcast.log import LogNoAnswer, LogUnavailable
+from dualcast.log import LogNoAnswer, LogRefused, LogUnavailable
 from dualcast.metrics import Metrics
 from dualcast.query import query_of
 from dualcast.runtime import Runtime
@@ -165,6 +165,9 @@ async def publish(request: Request) -> Response:
             return error_response(
                 503, "log_unavailable", "the event log did not answer in time: the event "
                 "may have been appended; retrying may deliver it twice", maybe_appended=True)
+        if isinstance(exc, LogRefused):  # trying again will not help: say what Redis said
+            return error_response(503, "log_unavailable", f"the event log refused the event "
+                                  f"({exc}); retrying will not help until that is fixed")
         return error_response(503, "log_unavailable", "the event log is unreachable; retry soon")
     rt.stats.published += 1
     return JSONResponse({"id": entry_id}, status_code=202)

@@ -176,3 +176,24 @@ async def test_a_publish_whose_reply_came_too_late_does_not_ask_to_be_retried(
     wait_until(lambda: [json.loads(f[b"data"])["event"] for _, f in
                         raw.xrange("websocket-broadcast")] == ["warm", "late"], 10,
                what="the late publish to be in the stream")
+
+
+async def test_a_publish_redis_refuses_says_why_instead_of_retry_soon(
+    fresh_redis: RedisProcess, dualcast: Callable[..., DualcastProcess],
+) -> None:
+    """An XADD that Redis answers with an error (here NOPERM: the ACL user may not append;
+    WRONGTYPE and OOM alike) was answered "the event log is unreachable; retry soon": the
+    producer retried an append that could never succeed and nobody saw why."""
+    raw = redis.Redis(port=fresh_redis.port)
+    raw.acl_setuser("reader", enabled=True, passwords=["+reader-pw"], keys=["*"],
+                    commands=["+@all", "-xadd"])
+    server = dualcast(f"redis://reader:reader-pw@127.0.0.1:{fresh_redis.port}/0")
+    auth = {"Authorization": f"Bearer {token('producer', publish=True)}"}
+    async with httpx.AsyncClient(base_url=server.url, timeout=10, headers=auth) as http:
+        refused = await http.post("/api/publish", json={"event": "never", "data": 1})
+    assert refused.status_code == 503, refused.text
+    body = refused.json()
+    assert body["error"] == "log_unavailable", body
+    assert "no permissions" in body["message"] and "retry soon" not in body["message"], body
+    assert "maybe_appended" not in body, body
+    assert raw.xlen("websocket-broadcast") == 0

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from dualcast.config import Settings
-from dualcast.log.base import EventLog, LogInfo, LogNoAnswer, LogUnavailable, RawEntry
+from dualcast.log.base import (
+    EventLog,
+    LogInfo,
+    LogNoAnswer,
+    LogRefused,
+    LogUnavailable,
+    RawEntry,
+)
 
 
 def create_log(settings: Settings) -> EventLog:
@@ -17,4 +24,5 @@ def create_log(settings: Settings) -> EventLog:
     return RedisLog(settings)
 
 
-__all__ = ["EventLog", "LogInfo", "LogNoAnswer", "LogUnavailable", "RawEntry", "create_log"]
+__all__ = ["EventLog", "LogInfo", "LogNoAnswer", "LogRefused", "LogUnavailable", "RawEntry",
+           "create_log"]

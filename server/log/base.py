@@ -20,6 +20,12 @@ class LogUnavailable(Exception):
     """The log cannot be reached right now (connection refused, timeout, Redis loading)."""
 
 
+class LogRefused(LogUnavailable):
+    """Redis answered the command with an error that trying again will not mend (the
+    stream's key holds another type, the ACL user may not run it, maxmemory is reached
+    with no eviction): the message carries Redis's own words for whoever must fix it."""
+
+
 class LogNoAnswer(LogUnavailable):
     """A command went out and its reply did not come in time: it may have been carried
     out (an append may be in the log), unlike a log that could not be reached."""

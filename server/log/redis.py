@@ -17,12 +17,20 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from redis.exceptions import RedisClusterException, RedisError, ResponseError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    ReadOnlyError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dualcast.config import Settings
 from dualcast.events import ZERO, StreamId, parse_id
-from dualcast.log.base import LogInfo, LogNoAnswer, LogUnavailable, RawEntry
+from dualcast.log.base import LogInfo, LogNoAnswer, LogRefused, LogUnavailable, RawEntry
 from dualcast.log.xread import Follow, XReadLine
 from dualcast.redis_connect import Pooling, Topology, async_client, parse_redis_url
 
@@ -33,10 +41,18 @@ from dualcast.redis_connect import Pooling, Topology, async_client, parse_redis_
 UNAVAILABLE = (RedisError, RedisClusterException, OSError, TimeoutError, TypeError)
 
 
+#: Error replies that a failover or a resharding under way gives, which pass on their own.
+TRANSIENT_REFUSALS = (ReadOnlyError, TryAgainError, ClusterDownError, AskError)
+
+
 @asynccontextmanager
 async def _translated(what: str) -> AsyncIterator[None]:
     try:
         yield
+    except ResponseError as exc:
+        if isinstance(exc, TRANSIENT_REFUSALS):
+            raise LogUnavailable(f"redis {what} failed: {type(exc).__name__}: {exc}") from exc
+        raise LogRefused(f"redis {what} refused: {type(exc).__name__}: {exc}") from exc
     except UNAVAILABLE as exc:
         # a read timeout (not redis-py's "Timeout connecting"): the command went out
         unanswered = isinstance(exc, RedisTimeoutError) and "connecting" not in str(exc)
