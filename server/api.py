@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from dualcast.admission import Refusal, error_response, identify, requested_rooms
 from dualcast.auth import COOKIE_NAME, AuthError
+from dualcast.bigints import past_64_bits
 from dualcast.consumer import Readiness
 from dualcast.csrf import FetchSite, cross_site_cookie_write, fetch_site
 from dualcast.events import Envelope, entry_fields
@@ -148,6 +149,9 @@ async def publish(request: Request) -> Response:
         where = ".".join(str(p) for p in first["loc"]) or "body"
         message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix to our own
         return error_response(422, "invalid", f"{where}: {message}", field=where)
+    if (where := past_64_bits(body)) is not None:  # orjson read it as a float: refuse, not round
+        return error_response(422, "invalid", f"{where}: an integer past 64 bits does not "
+                              "fit (send it as a string)", field=where)
     try:
         fields = entry_fields(envelope)
     except (TypeError, ValueError):  # orjson: nested past 254 levels (deeper than it writes)

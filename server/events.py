@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from dualcast.bigints import past_64_bits
 from dualcast.names import EVENT_NAME_PATTERN as EVENT_NAME_PATTERN
 from dualcast.names import MAX_ROOMS, NameRule, check_rooms, name_rule
 from dualcast.names import ROOM_NAME_PATTERN as ROOM_NAME_PATTERN
@@ -35,7 +36,7 @@ class Malformed(enum.Enum):
 
     NO_DATA = "no_data"              # no `data` field
     NOT_UTF8 = "not_utf8"            # a field's bytes are not UTF-8
-    NOT_JSON = "not_json"            # not JSON, or a number orjson cannot hold
+    NOT_JSON = "not_json"            # not JSON, or a number that does not fit (1e400, 2**64)
     NOT_OBJECT = "not_object"        # JSON, but not an object
     BAD_EVENT = "bad_event"          # `event` missing, not a string, or off the name pattern
     BAD_ROOMS = "bad_rooms"          # `rooms` present but not a list of valid room names
@@ -287,6 +288,9 @@ def decode_entry(entry_id: str, fields: RawFields) -> Event:
         raise MalformedEntry(Malformed.NOT_JSON, f"'data' is not JSON: {exc}") from None
     if type(body) is not dict:
         raise MalformedEntry(Malformed.NOT_OBJECT, "'data' is not a JSON object")
+    if (where := past_64_bits(raw)) is not None:  # orjson made it a float: not delivered
+        raise MalformedEntry(Malformed.NOT_JSON, f"'data' holds an integer past 64 bits "
+                                                 f"at {where}")
     name = body.get("event")
     if type(name) is not str or not _event_ok(name):
         raise MalformedEntry(Malformed.BAD_EVENT, f"'event' {str(name)[:70]!r} is not a name")

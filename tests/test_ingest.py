@@ -48,6 +48,10 @@ BAD: list[tuple[dict[bytes, bytes], Malformed]] = [
     # and logged as not UTF-8, which sent its owner looking for the wrong mistake
     ({b"data": b"\xef\xbb\xbf" + envelope()}, Malformed.NOT_JSON),
     ({b"data": b'{"event":"x","data":1e400}'}, Malformed.NOT_JSON),
+    # integers past 64 bits: orjson reads them as floats, so they would arrive changed
+    ({b"data": envelope(data=2**64)}, Malformed.NOT_JSON),
+    ({b"data": envelope(data=-(2**63) - 1)}, Malformed.NOT_JSON),
+    ({b"data": envelope(data={"rows": [1, {"n": 10**30}]})}, Malformed.NOT_JSON),
     ({b"data": b'["a list"]'}, Malformed.NOT_OBJECT),
     ({b"other": b"field"}, Malformed.NO_DATA),
     ({b"data": envelope(event=7)}, Malformed.BAD_EVENT),
@@ -72,6 +76,8 @@ GOOD: list[dict[bytes, bytes]] = [
     {b"data": envelope(rooms=["admin", "user-456"]), b"timestamp": b"1732550000000"},
     {b"data": b'{"event":"deep","data":' + nested(253).encode() + b"}"},
     {b"data": envelope(data=2**63)},  # an unsigned 64-bit integer: encodable
+    {b"data": envelope(data=[2**64 - 1, -(2**63)])},  # the range's two ends
+    {b"data": envelope(data={"id": "12345678901234567890123", "t": 1.5e30})},  # not integers
     {b"data": envelope(), b"timestamp": str(2**63 - 1).encode()},
     {b"data": envelope(extra_key=1)},  # producers may add fields of their own
 ]
@@ -106,6 +112,7 @@ def test_decode_entry_accepts_and_every_frame_encodes(fields: dict[bytes, bytes]
     event = decode_entry("1-0", fields)
     assert event._ws is not None
     assert json.loads(event.ws_frame())["id"] == "1-0"
+    assert json.loads(event.ws_frame())["data"] == json.loads(fields[b"data"])["data"]  # exact
     assert json.loads(event.poll_item())["id"] == "1-0"
     assert event.sse_frame().startswith(b"id: 1-0\nevent: ")
     assert event.sse_plain_frame().startswith(b"id: 1-0\ndata: {")

@@ -354,6 +354,8 @@ async def test_publish_body_over_the_limit_is_413(
     ({"event": "ok", "rooms": ["bad room"]}, "rooms"),
     ({"event": "ok", "rooms": [1]}, "rooms"),
     ({"event": "ok", "extra": True}, "extra"),
+    ({"event": "ok", "data": {"total": 2**64}}, "data"),  # would be read as a float
+    ({"event": "ok", "data": [0, -(2**63) - 1]}, "data"),
 ])
 async def test_invalid_envelopes_are_422_naming_the_field(
     server: DualcastProcess, healthy: WSClient, body: dict[str, Any], field: str,
