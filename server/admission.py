@@ -9,6 +9,8 @@ refusal reaches the client (HTTP status and JSON, a WebSocket denial or an
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
     from dualcast.config import Settings
     from dualcast.runtime import Runtime
 
+log = logging.getLogger("dualcast.auth")
 
 class Refusal(Exception):
     """A client error with an HTTP status, a machine code and a human message."""
@@ -142,14 +145,14 @@ def choose_rooms(
     At most `max_rooms` distinct names are looked at: a query with thousands of
     names costs one `too_many_rooms` refusal, not thousands of checks and frames.
     """
+    accepts = name_rule("room", settings.room_pattern).accepts
     if raw is None:
-        return identity.default_rooms(), []
+        return _default_rooms(identity, accepts, settings.room_pattern), []
     names = list(dict.fromkeys(part.strip() for part in raw.split(",") if part.strip()))
     if not names:
         # (`?rooms=,` or `?rooms=, ,`, as a client joining an empty list may send: no room
         # named, like `?rooms=`; it joined no room at all, not even `user-<sub>`)
-        return identity.default_rooms(), []
-    accepts = name_rule("room", settings.room_pattern).accepts
+        return _default_rooms(identity, accepts, settings.room_pattern), []
     malformed: list[tuple[ErrorCode, str]] = []
     forbidden: list[tuple[ErrorCode, str]] = []
     too_many: list[tuple[ErrorCode, str]] = []
@@ -166,6 +169,32 @@ def choose_rooms(
         else:
             rooms.add(name)
     return rooms, malformed + forbidden + too_many
+
+
+_told_of_unnamed_rooms = False  # the warning below, once per process
+
+
+def _default_rooms(identity: Identity, accepts: Callable[[str], object],
+                   pattern: str) -> set[str]:
+    """The identity's own rooms, with a warning the first time one breaks the room pattern.
+
+    Subjects from other issuers often do: Auth0's `auth0|64f0...` or
+    `google-oauth2|1057...` give `user-auth0|64f0...`, which the default pattern refuses.
+    The subscriber is still in that room, but no producer may publish to it and no
+    `?rooms=` may name it, so its owner would wait for events that can never come.
+    """
+    global _told_of_unnamed_rooms
+    rooms = identity.default_rooms()
+    if not _told_of_unnamed_rooms:
+        unnamed = sorted(room for room in rooms if not accepts(room))
+        if unnamed:
+            _told_of_unnamed_rooms = True
+            log.warning(
+                "subject %r is in room %r, which DUALCAST_ROOM_PATTERN %s refuses: no "
+                "producer can publish to it. Widen the pattern on the server and its "
+                "producers (for subjects like 'auth0|abc': ^[A-Za-z0-9_.:@|-]{1,64}$); "
+                "said once", identity.sub, unnamed[0], pattern)
+    return rooms
 
 
 def parse_cursor(raw: str | None, name: str = "last_event_id") -> StreamId | None:

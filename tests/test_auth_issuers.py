@@ -508,3 +508,25 @@ async def test_token_cli_signs_with_each_key_kind(tmp_path: Path) -> None:
         assert claims["sub"] == "kim"
     assert len(json.loads((tmp_path / "jwks.json").read_text())["keys"]) == 5
     assert oct((tmp_path / "rs256-1.pem").stat().st_mode & 0o777) == "0o600"
+
+
+async def test_a_subject_the_room_pattern_refuses_is_told_once_and_a_wider_pattern_serves_it(
+    dualcast: Start,
+) -> None:
+    """Auth0 names subjects `auth0|64f0...`: their `user-<sub>` room breaks the default
+    room pattern, so no producer could publish to it. The operator is told, once, and
+    the pattern the warning suggests delivers to it on every transport."""
+    bar = token("auth0|abc")
+    strict = dualcast()
+    for _ in range(2):
+        async with websockets.connect(f"{strict.ws_url}/api/ws",
+                                      additional_headers={"Authorization": f"Bearer {bar}"}) as ws:
+            welcome = json.loads(await ws.recv())
+            assert welcome["rooms"] == ["user-auth0|abc"], welcome
+    warnings = [line for line in strict.log().splitlines() if "DUALCAST_ROOM_PATTERN" in line]
+    assert len(warnings) == 1, strict.log_tail()
+    assert "'user-auth0|abc'" in warnings[0] and "^[A-Za-z0-9_.:@|-]{1,64}$" in warnings[0]
+
+    wide = dualcast(env={"DUALCAST_ROOM_PATTERN": r"^[A-Za-z0-9_.:@|-]{1,64}$"})
+    assert await received_everywhere(wide.url, "user-auth0|abc", bearer=bar) == EVERYWHERE
+    assert "DUALCAST_ROOM_PATTERN" not in wide.log()
