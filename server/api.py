@@ -128,11 +128,17 @@ async def publish(request: Request) -> Response:
         return error_response(413, "too_large", f"body over {settings.max_body_bytes} bytes")
     body = b""
     try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > settings.max_body_bytes:
-                return error_response(413, "too_large",
-                                      f"body over {settings.max_body_bytes} bytes")
+        # A token holder's body sent a byte at a time held a connection and its buffer
+        # for as long as it liked (only a proxy in front bounded it).
+        async with asyncio.timeout(settings.body_timeout):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > settings.max_body_bytes:
+                    return error_response(413, "too_large",
+                                          f"body over {settings.max_body_bytes} bytes")
+    except TimeoutError:
+        return error_response(408, "body_timeout",
+                              f"the body did not arrive within {settings.body_timeout:g} s")
     except ClientDisconnect:
         # The producer went away mid-body (killed, timed out, its network dropped):
         # nothing to publish and nobody to answer. Uncaught, this was an "Exception

@@ -121,6 +121,8 @@ class Settings(BaseSettings):
     # limits
     max_frame_bytes: int = Field(64 * 1024, ge=256)
     max_body_bytes: int = Field(256 * 1024, ge=256)
+    body_timeout: float = Field(30.0, gt=0, le=600,
+                                description="seconds a publish body may take to arrive")
     max_rooms: int = Field(50, ge=1)
     room_pattern: str = ROOM_NAME_PATTERN
     event_pattern: str = EVENT_NAME_PATTERN

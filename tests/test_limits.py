@@ -36,7 +36,8 @@ USER = token("456")
 def server(server_with: Callable[..., DualcastProcess]) -> DualcastProcess:
     return server_with(
         {"DUALCAST_MAX_ROOMS": str(MAX_ROOMS), "DUALCAST_MAX_FRAME_BYTES": str(MAX_FRAME),
-         "DUALCAST_MAX_BODY_BYTES": str(MAX_BODY), "DUALCAST_MAX_BAD_FRAMES": str(MAX_BAD)},
+         "DUALCAST_MAX_BODY_BYTES": str(MAX_BODY), "DUALCAST_MAX_BAD_FRAMES": str(MAX_BAD),
+         "DUALCAST_BODY_TIMEOUT": "1"},
         name="limits",
     )
 
@@ -340,6 +341,28 @@ async def test_publish_body_over_the_limit_is_413(
         assert_json_error(response, 413, "too_large")
         ok = json.dumps({"event": "fits", "data": "x" * (MAX_BODY - 100)})
         assert (await _post(client, ok)).status_code == 202
+    await still_served(server, healthy)
+
+
+async def test_a_publish_body_that_never_ends_is_408(
+    server: DualcastProcess, healthy: WSClient,
+) -> None:
+    """A token holder that sends a few bytes of the body it announced and then nothing
+    held the connection for as long as it liked; now it is answered and let go."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(b"POST /api/publish HTTP/1.1\r\nHost: x\r\n"
+                     b"Authorization: Bearer " + PUBLISHER.encode() + b"\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                     b'{"event": ')
+        await writer.drain()
+        async with asyncio.timeout(15):
+            answer = await reader.read()  # the server answers, then closes
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), answer
+    assert json.loads(body)["error"] == "body_timeout"
     await still_served(server, healthy)
 
 
