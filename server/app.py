@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
@@ -90,6 +91,20 @@ class DualcastApp(Starlette):
         await super().__call__(scope, receive, send)
 
 
+_HTTP_ERRORS = {404: "not_found", 405: "method_not_allowed"}
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (no such path or file, a method a route does not take)
+    as the JSON errors every other refusal is, with `nosniff`: its plain-text answers
+    carried none of the page headers, since the static files raise past their wrapper."""
+    assert isinstance(exc, HTTPException)
+    code = _HTTP_ERRORS.get(exc.status_code, "http_error")
+    response = error_response(exc.status_code, code, exc.detail)
+    response.headers.update({**(exc.headers or {}), "X-Content-Type-Options": "nosniff"})
+    return response
+
+
 def create_app(settings: Settings, secret: str | None = None) -> Starlette:
     """Build one dualcast app. `secret` overrides settings.secret (the CLI's process secret)."""
     runtime = Runtime(settings, secret if secret is not None else settings.secret)
@@ -139,6 +154,7 @@ def create_app(settings: Settings, secret: str | None = None) -> Starlette:
         routes.append(Mount("/", WrongMethods(static, routes), name="static"))
     app = DualcastApp(
         routes=routes, lifespan=lifespan,
+        exception_handlers={HTTPException: _http_error},
         # (the overview too: anyone may call it often; the full stack cost 139 us a
         # call in-process, this 60 us, the fold's part of either a few us)
         http_fast={"/api/sse": sse_endpoint, "/api/events": poll_endpoint,

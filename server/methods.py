@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from starlette.responses import PlainTextResponse
+from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -27,9 +27,5 @@ class WrongMethods:
         if scope["type"] == "http":
             allow = self.allowed.get(scope["path"])
             if allow is not None and scope["method"] not in allow.split(", "):
-                response = PlainTextResponse(
-                    "Method Not Allowed", status_code=405, headers={"Allow": allow}
-                )
-                await response(scope, receive, send)
-                return
+                raise HTTPException(405, headers={"Allow": allow})  # answered by the app
         await self.app(scope, receive, send)

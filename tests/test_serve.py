@@ -453,7 +453,14 @@ def test_wrong_method_is_405_with_allow(serve: Callable[..., DualcastProcess]) -
     for method, path, allow in WRONG_METHODS:
         answer = httpx.request(method, proc.url + path, timeout=5)
         assert (answer.status_code, answer.headers.get("allow")) == (405, allow), (method, path)
-    assert httpx.get(proc.url + "/api/nothing-here", timeout=5).status_code == 404
+        if method != "HEAD":
+            assert answer.json()["error"] == "method_not_allowed", (method, path)
+        assert answer.headers["x-content-type-options"] == "nosniff", (method, path)
+    for path in ("/api/nothing-here", "/no-such-file.js"):
+        missing = httpx.get(proc.url + path, timeout=5)
+        assert missing.status_code == 404, path
+        assert missing.json()["error"] == "not_found", path
+        assert missing.headers["x-content-type-options"] == "nosniff", path
     assert httpx.get(proc.url + "/healthz", timeout=5).status_code == 200
 
 
