@@ -155,9 +155,9 @@ async def publish(request: Request) -> Response:
         where = ".".join(str(p) for p in first["loc"]) or "body"
         message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix to our own
         return error_response(422, "invalid", f"{where}: {message}", field=where)
-    if (where := past_64_bits(body)) is not None:  # orjson read it as a float: refuse, not round
-        return error_response(422, "invalid", f"{where}: an integer past 64 bits does not "
-                              "fit (send it as a string)", field=where)
+    if (big_at := past_64_bits(body)) is not None:  # orjson read it as a float: refuse, not round
+        return error_response(422, "invalid", f"{big_at}: an integer past 64 bits does not "
+                              "fit (send it as a string)", field=big_at)
     try:
         fields = entry_fields(envelope)
     except (TypeError, ValueError):  # orjson: nested past 254 levels (deeper than it writes)

@@ -14,6 +14,7 @@ from dualcast.events import Envelope, decode_entry, entry_fields, format_id, par
 from dualcast.log import EventLog, LogUnavailable, create_log
 from tests.harness.procs import RedisProcess, free_port
 from tests.harness.stream import xadd
+from tests.harness.tcpproxy import TCPProxy
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -135,3 +136,25 @@ async def test_a_connection_option_redis_py_refuses_is_log_unavailable(
             await log.read_blocking("0-0", 10, 100)
     finally:
         await log.close()
+
+
+async def test_reads_after_redis_comes_back_do_not_fail_on_connections_that_died(
+    redis_server: RedisProcess,
+) -> None:
+    """Pooled connections cut while Redis was away stayed in the pool, and the first
+    read after Redis came back failed on one: a long-poll that had waited through the
+    outage answered 503 with Redis up. A read now tries once more on a fresh connection."""
+    with TCPProxy(redis_server.port) as proxy:
+        settings = load_settings(redis_url=f"redis://127.0.0.1:{proxy.port}/0",
+                                 stream=f"test-{uuid.uuid4().hex[:8]}", redis_timeout=1)
+        log = create_log(settings)
+        try:
+            await log.append(fields("before"))
+            for read in (lambda: log.read_after("0-0", 10), log.info, log.ping):
+                # several connections in the pool, all of them cut by the outage
+                await asyncio.gather(*(log.read_after("0-0", 10) for _ in range(5)))
+                proxy.refuse()
+                proxy.restore()
+                await read()
+        finally:
+            await log.close()

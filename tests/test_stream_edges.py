@@ -54,7 +54,9 @@ async def test_a_stream_trimmed_past_the_consumer_resets_its_live_subscribers(
                 fresh_redis.command("XADD", "websocket-broadcast", "MAXLEN", "10", "*",
                                     "data", json.dumps({"event": "tick", "data": n}))
             proxy.restore()
-            answer = (await waiting).json()
+            answered = await waiting
+            assert answered.status_code == 200, (answered.text, server.log_tail())
+            answer = answered.json()
             await http.aclose()
             assert answer["reset"] is True and answer["events"] == [], answer
             after = xadd(fresh_redis, "after", 1)

@@ -13,9 +13,10 @@ bytes; ids and XINFO values, which Redis itself writes, are decoded here.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 from redis.exceptions import (
     AskError,
@@ -26,6 +27,7 @@ from redis.exceptions import (
     ResponseError,
     TryAgainError,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dualcast.config import Settings
@@ -33,6 +35,8 @@ from dualcast.events import ZERO, StreamId, parse_id
 from dualcast.log.base import LogInfo, LogNoAnswer, LogRefused, LogUnavailable, RawEntry
 from dualcast.log.xread import Follow, XReadLine
 from dualcast.redis_connect import Pooling, Topology, async_client, parse_redis_url
+
+T = TypeVar("T")
 
 #: What a Redis call raises when the log cannot be used. TypeError too: redis-py raises
 #: it on every connect when an option does not fit the connection class (one a newer
@@ -108,9 +112,27 @@ class RedisLog:
             except (RedisError, OSError):
                 pass
 
+    async def _read(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """A read, tried once more at once when its pooled connection broke.
+
+        Why: a connection that died while Redis was away stays in the pool, and
+        redis-py's look at it on checkout can miss the peer's close, so the first read
+        after Redis came back failed: a long-poll that had waited through the outage
+        answered 503 with Redis up again (tests/test_stream_edges.py, once in ~20 runs
+        under load). The second try takes a fresh connection. Reads only: an XADD whose
+        connection broke may have been appended, and its caller is told so.
+        """
+        try:
+            async with _translated(what):
+                return await call()
+        except LogUnavailable as exc:
+            if not isinstance(exc.__cause__, RedisConnectionError):
+                raise
+        async with _translated(what):
+            return await call()
+
     async def ping(self) -> None:
-        async with _translated("PING"):
-            await self._client.ping()
+        await self._read("PING", self._client.ping)
 
     async def append(self, fields: dict[str, str]) -> str:
         async with _translated("XADD"):
@@ -128,8 +150,8 @@ class RedisLog:
         return [_text(i) for i in ids]
 
     async def read_after(self, after: str, count: int) -> list[RawEntry]:
-        async with _translated("XRANGE"):
-            entries = await self._client.xrange(self.stream, min=f"({after}", max="+", count=count)
+        entries = await self._read("XRANGE", partial(
+            self._client.xrange, self.stream, min=f"({after}", max="+", count=count))
         return [(_text(i), f or {}) for i, f in entries or ()]  # type: ignore[misc]
 
     async def read_blocking(self, after: str, count: int, block_ms: int,
@@ -151,8 +173,7 @@ class RedisLog:
 
     async def info(self) -> LogInfo:
         try:
-            async with _translated("XINFO STREAM"):
-                raw = await self._client.xinfo_stream(self.stream)
+            raw = await self._read("XINFO STREAM", partial(self._client.xinfo_stream, self.stream))
         except LogUnavailable as exc:
             if isinstance(exc.__cause__, ResponseError) and "no such key" in str(exc.__cause__):
                 return LogInfo(exists=False, length=0, first_id=None, last_id=ZERO)
