@@ -343,6 +343,21 @@ def _common(target: RedisTarget, tls: TlsFiles | None, options: dict[str, Any]) 
     return kwargs
 
 
+try:
+    from redis.maint_notifications import MaintNotificationsConfig
+except ImportError:  # pragma: no cover - redis-py before 7 has no such notifications
+    _NO_MAINT_NOTIFICATIONS: dict[str, Any] = {}
+else:
+    #: Why: a pool checks a connection as it hands it out and reconnects one whose peer
+    #: closed it, except when maintenance notifications (a Redis Enterprise feature, RESP3
+    #: only) are on, and redis-py 8's default for them is "auto", which that check reads
+    #: as on. So every connection cut while Redis was away was handed out as if alive
+    #: and the first command on it after Redis came back failed: a publish answered 503
+    #: "unreachable", a long-poll 503 (tests/test_log.py). Off, the check works again.
+    _NO_MAINT_NOTIFICATIONS = {"maint_notifications_config": MaintNotificationsConfig(
+        enabled=False)}
+
+
 def _sentinel_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     """What the Sentinels themselves are asked with: the timeouts only. The URL's
     password is the data nodes'; Sentinels are usually run without one."""
@@ -393,6 +408,7 @@ def _build(flavour: _Flavour, target: RedisTarget, tls: TlsFiles | None, pooling
         nodes = [flavour.node(host, port) for host, port in target.nodes]
         return flavour.cluster(startup_nodes=nodes, max_connections=pooling.max_connections,
                                **kwargs)
+    kwargs.update(_NO_MAINT_NOTIFICATIONS)
     if target.topology is Topology.SENTINEL:
         sentinel = flavour.sentinel(list(target.nodes), sentinel_kwargs=_sentinel_kwargs(kwargs))
         pool_class = flavour.sentinel_pool

@@ -15,6 +15,7 @@ from dualcast.log import EventLog, LogUnavailable, create_log
 from tests.harness.procs import RedisProcess, free_port
 from tests.harness.stream import xadd
 from tests.harness.tcpproxy import TCPProxy
+from tests.harness.waits import wait_for
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -138,23 +139,32 @@ async def test_a_connection_option_redis_py_refuses_is_log_unavailable(
         await log.close()
 
 
-async def test_reads_after_redis_comes_back_do_not_fail_on_connections_that_died(
+async def test_commands_after_redis_comes_back_do_not_fail_on_connections_that_died(
     redis_server: RedisProcess,
 ) -> None:
-    """Pooled connections cut while Redis was away stayed in the pool, and the first
-    read after Redis came back failed on one: a long-poll that had waited through the
-    outage answered 503 with Redis up. A read now tries once more on a fresh connection."""
+    """Pooled connections cut while Redis was away were handed out as if alive, and the
+    first command after Redis came back failed on one: a long-poll that had waited
+    through the outage answered 503 with Redis up, and so did the first publish."""
     with TCPProxy(redis_server.port) as proxy:
         settings = load_settings(redis_url=f"redis://127.0.0.1:{proxy.port}/0",
                                  stream=f"test-{uuid.uuid4().hex[:8]}", redis_timeout=1)
         log = create_log(settings)
         try:
             await log.append(fields("before"))
-            for read in (lambda: log.read_after("0-0", 10), log.info, log.ping):
+            for command in (lambda: log.read_after("0-0", 10), log.info, log.ping,
+                            lambda: log.append(fields("after"))):
                 # several connections in the pool, all of them cut by the outage
                 await asyncio.gather(*(log.read_after("0-0", 10) for _ in range(5)))
                 proxy.refuse()
+                await wait_for(lambda: _pool_saw_the_cut(log), 5, "the pool to see the cut")
                 proxy.restore()
-                await read()
+                await command()
         finally:
             await log.close()
+
+
+def _pool_saw_the_cut(log: EventLog) -> bool:
+    """Whether every idle pooled connection has read its peer's close (nothing was asked
+    of Redis while it was away, as on a quiet server)."""
+    idle = log._client.connection_pool._available_connections  # type: ignore[attr-defined]
+    return bool(idle) and all(c._reader is None or c._reader.at_eof() for c in idle)

@@ -115,12 +115,13 @@ class RedisLog:
     async def _read(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         """A read, tried once more at once when its pooled connection broke.
 
-        Why: a connection that died while Redis was away stays in the pool, and
-        redis-py's look at it on checkout can miss the peer's close, so the first read
-        after Redis came back failed: a long-poll that had waited through the outage
-        answered 503 with Redis up again (tests/test_stream_edges.py, once in ~20 runs
-        under load). The second try takes a fresh connection. Reads only: an XADD whose
-        connection broke may have been appended, and its caller is told so.
+        Why: a connection can die between the pool's look at it and the command (a
+        Redis restart or failover just then), and the read would fail with Redis up:
+        a long-poll waiting through an outage answered 503 once it was over. (The
+        usual case, connections cut while Redis was away, is caught as they are handed
+        out: server/redis_connect.py.) The second try takes a fresh connection. Reads
+        only: an XADD whose connection broke may have been appended, and its caller is
+        told so.
         """
         try:
             async with _translated(what):
