@@ -119,6 +119,18 @@ def test_head_of_the_sse_stream_ends_and_frees_the_connection(
     no_traceback(server)
 
 
+@pytest.mark.timeout(60)
+def test_head_of_a_long_poll_is_answered_at_once(server: DualcastProcess) -> None:
+    """A probe's HEAD /api/events waited out the whole poll (30 s) for headers only."""
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        head = client.head("/api/events", params={"token": USER, "timeout": "30"})
+        assert head.status_code == 200 and head.content == b""
+        assert head.headers["content-type"] == "application/json"
+        refused = client.head("/api/events", params={"rooms": "admin", "token": USER})
+        assert refused.status_code == 403  # GET's status, for HEAD too
+    no_traceback(server)
+
+
 #: Digits of other scripts: `int()` reads each as a number, no stream id is spelt so.
 FOREIGN_DIGITS = ["\u0661\u0667-0", "1-\u0660", "\uff11\uff12\uff13", "\u09e7"]
 

@@ -149,6 +149,8 @@ async def poll_endpoint(request: Request) -> Response | Answer:
         admission = await admit(request, rt, Transport.POLLING, cursor_param="after")
     except Refusal as refusal:
         return refusal.response()
+    if request.method == "HEAD":
+        timeout = 0.0  # a probe asking for GET's status: answered now, not after the wait
     identity, rooms, cursor = admission.identity, admission.rooms, admission.cursor
     hub = rt.hub
     left = identity.seconds_left()
