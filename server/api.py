@@ -20,6 +20,7 @@ from dualcast.events import Envelope, entry_fields
 from dualcast.headers import PAGE_HEADERS
 from dualcast.log import LogNoAnswer, LogRefused, LogUnavailable
 from dualcast.metrics import Metrics
+from dualcast.protocol import ErrorCode
 from dualcast.query import query_of
 from dualcast.runtime import Runtime
 
@@ -137,7 +138,7 @@ async def publish(request: Request) -> Response:
                     return error_response(413, "too_large",
                                           f"body over {settings.max_body_bytes} bytes")
     except TimeoutError:
-        return error_response(408, "body_timeout",
+        return error_response(408, ErrorCode.BODY_TIMEOUT,
                               f"the body did not arrive within {settings.body_timeout:g} s")
     except ClientDisconnect:
         # The producer went away mid-body (killed, timed out, its network dropped):

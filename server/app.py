@@ -25,6 +25,7 @@ from dualcast.cors import CLIENT_FILES, CORS_PATHS, Cors, Verdict, client_endpoi
 from dualcast.headers import PAGE_HEADERS, WithPageHeaders
 from dualcast.methods import WrongMethods
 from dualcast.metrics import Metrics
+from dualcast.protocol import ErrorCode
 from dualcast.runtime import Runtime
 from dualcast.transports.poll import poll_endpoint
 from dualcast.transports.poll_conn import take_over
@@ -91,7 +92,7 @@ class DualcastApp(Starlette):
         await super().__call__(scope, receive, send)
 
 
-_HTTP_ERRORS = {404: "not_found", 405: "method_not_allowed"}
+_HTTP_ERRORS = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -99,8 +100,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     as the JSON errors every other refusal is, with `nosniff`: its plain-text answers
     carried none of the page headers, since the static files raise past their wrapper."""
     assert isinstance(exc, HTTPException)
-    code = _HTTP_ERRORS.get(exc.status_code, "http_error")
-    response = error_response(exc.status_code, code, exc.detail)
+    response = error_response(exc.status_code, _HTTP_ERRORS[exc.status_code], exc.detail)
     response.headers.update({**(exc.headers or {}), "X-Content-Type-Options": "nosniff"})
     return response
 
@@ -154,7 +154,7 @@ def create_app(settings: Settings, secret: str | None = None) -> Starlette:
         routes.append(Mount("/", WrongMethods(static, routes), name="static"))
     app = DualcastApp(
         routes=routes, lifespan=lifespan,
-        exception_handlers={HTTPException: _http_error},
+        exception_handlers=dict.fromkeys(_HTTP_ERRORS, _http_error),
         # (the overview too: anyone may call it often; the full stack cost 139 us a
         # call in-process, this 60 us, the fold's part of either a few us)
         http_fast={"/api/sse": sse_endpoint, "/api/events": poll_endpoint,

@@ -59,6 +59,9 @@ class ErrorCode(enum.StrEnum):
     UNENCODABLE = "unencodable"              # valid JSON no transport could send on
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     TOO_LARGE = "too_large"
+    BODY_TIMEOUT = "body_timeout"            # a publish body that did not arrive in time
+    NOT_FOUND = "not_found"                  # no such path or file
+    METHOD_NOT_ALLOWED = "method_not_allowed"
     TRANSPORT_DISABLED = "transport_disabled"
     TOO_MANY_CONNECTIONS = "too_many_connections"
     # the server's side

@@ -32,7 +32,7 @@ export const ERROR_CODES = Object.freeze([
   // what the caller asked for
   'bad_room', 'forbidden_room', 'too_many_rooms', 'bad_cursor', 'bad_timeout', 'bad_json',
   'bad_frame', 'unknown_type', 'invalid', 'unencodable', 'unsupported_media_type', 'too_large',
-  'transport_disabled', 'too_many_connections',
+  'body_timeout', 'not_found', 'method_not_allowed', 'transport_disabled', 'too_many_connections',
   // the server's side
   'lagging', 'draining', 'log_unavailable', 'no_dashboard',
 ]);
