@@ -495,3 +495,33 @@ async def test_polls_adapt_to_a_server_whose_longest_wait_is_shorter(
         # One connection the whole time: no poll was refused and reconnected.
         assert watch.statuses == [Status(Transport.POLLING, State.CONNECTING),
                                   Status(Transport.POLLING, State.LIVE)]
+
+
+async def test_a_replay_larger_than_64_mib_arrives_on_a_websocket(
+    fresh_redis: Any, dualcast: Callable[..., Any]
+) -> None:
+    """A replay page goes out as one `batch` frame: 80 entries of 1 MiB are one frame of
+    80 MiB. A browser takes a frame of any size; the client must too, else it closes
+    the connection (1009), reconnects from the same cursor, and never gets further."""
+    instance = dualcast(fresh_redis.url)
+    stream = aioredis.from_url(fresh_redis.url)
+    try:
+        blob = "x" * (1 << 20)
+        async with stream.pipeline(transaction=False) as pipe:
+            for n in range(80):
+                body = json.dumps({"event": "big", "data": {"n": n, "blob": blob}})
+                pipe.xadd("websocket-broadcast",
+                          {"data": body, "timestamp": str(int(time.time() * 1000))})
+            published = [entry.decode() for entry in await pipe.execute()]
+    finally:
+        await stream.aclose()
+    async with watching(instance.url, transports=[Transport.WEBSOCKET],
+                        last_event_id="0") as (watch, _):
+        await until(lambda: len(watch.ids) >= len(published) or watch.done, timeout=40,
+                    what=f"the 80 events (have {len(watch.ids)})")
+        assert watch.ids == published and watch.failure is None
+        last = watch.items[-1]
+        assert isinstance(last, Event) and last.data == {"n": 79, "blob": blob}
+        # One connection: it never had to reconnect.
+        assert watch.statuses == [Status(Transport.WEBSOCKET, State.CONNECTING),
+                                  Status(Transport.WEBSOCKET, State.LIVE)]

@@ -27,9 +27,6 @@ from dualcast.client.sse import Lines, Message, SSEParser
 
 log = logging.getLogger("dualcast.client")
 
-#: Bound on one WebSocket frame from the server (a `batch` of many events is one frame).
-MAX_FRAME = 64 * 1024 * 1024
-
 #: Where each transport lives below the server's base URL.
 PATHS: Mapping[Transport, str] = {
     Transport.WEBSOCKET: "/api/ws", Transport.SSE: "/api/sse", Transport.POLLING: "/api/events",
@@ -233,8 +230,11 @@ class Connection:
         url = target.ws_base + PATHS[Transport.WEBSOCKET] + target.query(last_event_id=self.cursor)
         # No open_timeout of its own: the subscription times out on `welcome`, which
         # covers a handshake a proxy holds as well as an upgrade that never answers.
+        # No bound on a frame's size either, as in a browser: a replay page goes out as
+        # one `batch` frame (500 events of 256 KiB are 128 MiB), and a frame refused
+        # (1009) would be asked for again from the same cursor, for ever.
         async with connect(url, additional_headers=target.headers(), open_timeout=None,
-                           max_size=MAX_FRAME, compression=None, close_timeout=2,
+                           max_size=None, compression=None, close_timeout=2,
                            user_agent_header="dualcast-client") as ws:
             self._ws = ws
             async for raw in ws:
