@@ -525,3 +525,39 @@ async def test_a_replay_larger_than_64_mib_arrives_on_a_websocket(
         # One connection: it never had to reconnect.
         assert watch.statuses == [Status(Transport.WEBSOCKET, State.CONNECTING),
                                   Status(Transport.WEBSOCKET, State.LIVE)]
+
+
+async def test_dualcast_tail_prints_every_event_whatever_stdout_can_encode(server: Any) -> None:
+    """A terminal in a Latin-1 (or ASCII) locale cannot show 日本: the line goes out with
+    JSON's \\u escapes (the same object), not an encoding error that ends the command."""
+    import os
+    import signal
+    import sys
+
+    from tests.harness.procs import ROOT
+
+    marker = await publish(server.url, "marker", 0)
+    data = [{"text": "日本 €"}, None, {"text": "ASCII"}]
+    published = [await publish(server.url, "note", item) for item in data]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DUALCAST_")}
+    env["PYTHONIOENCODING"] = "latin-1"
+    tail = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dualcast", "tail", server.url, "--last-event-id", marker,
+        cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert tail.stdout is not None and tail.stderr is not None
+        lines = []
+        async with asyncio.timeout(30):
+            while len(lines) < len(published) and (line := await tail.stdout.readline()):
+                lines.append(json.loads(line.decode("latin-1")))
+        assert [(line["id"], line["data"]) for line in lines] == list(zip(published, data, strict=True))
+        tail.send_signal(signal.SIGINT)
+        async with asyncio.timeout(15):
+            await tail.wait()
+            errors = (await tail.stderr.read()).decode()
+        assert tail.returncode == 0, errors
+        assert "codec" not in errors and "Traceback" not in errors, errors
+    finally:
+        if tail.returncode is None:
+            tail.kill()
+            await tail.wait()

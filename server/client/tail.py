@@ -48,8 +48,14 @@ async def tail(url: str, *, token: str | None, rooms: list[str], last_event_id: 
                              on_error=on_error) as events:
             async for item in events:
                 if isinstance(item, Event):
-                    out.write(json.dumps(item.as_dict(), ensure_ascii=False,
-                                         separators=(",", ":")) + "\n")
+                    try:
+                        out.write(json.dumps(item.as_dict(), ensure_ascii=False,
+                                             separators=(",", ":")) + "\n")
+                    except UnicodeEncodeError:
+                        # stdout's encoding (a Latin-1 locale, PYTHONIOENCODING) cannot
+                        # carry this text: the same JSON with \u escapes (nothing was
+                        # written: the line is encoded whole before it is buffered).
+                        out.write(json.dumps(item.as_dict(), separators=(",", ":")) + "\n")
                     out.flush()
                 else:
                     said(f"reset: the cursor is gone; events before {item.last_id} "
