@@ -561,3 +561,44 @@ async def test_dualcast_tail_prints_every_event_whatever_stdout_can_encode(serve
         if tail.returncode is None:
             tail.kill()
             await tail.wait()
+
+
+@asynccontextmanager
+async def redirecting(to: str, status: int = 301) -> AsyncIterator[str]:
+    """A front that answers every request with a redirect to the same path and query
+    at `to` (as nginx sends http:// to https://); yields its own URL."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            target = head.split(b" ", 2)[1].decode()
+            writer.write(f"HTTP/1.1 {status} Moved Permanently\r\nLocation: {to}{target}\r\n"
+                         "Content-Length: 0\r\nConnection: close\r\n\r\n".encode())
+            await writer.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    front = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{front.sockets[0].getsockname()[1]}"
+    finally:
+        front.close()
+        await front.wait_closed()
+
+
+@pytest.mark.parametrize(("transports", "lands_on"), [
+    (FORCED, Transport.SSE),  # a WebSocket cannot follow a redirect to an http(s) URL
+    ([Transport.POLLING], Transport.POLLING),
+])
+async def test_a_server_url_that_redirects_is_followed(
+    server: Any, transports: list[Transport], lands_on: Transport
+) -> None:
+    marker = await publish(server.url, "marker", 0)
+    async with redirecting(server.url) as front, watching(
+            front, transports=transports, last_event_id=marker) as (watch, _):
+        await until(lambda: watch.live_on(lands_on) or watch.done, what=f"live on {lands_on}")
+        published = [await publish(server.url, "tick", n) for n in range(3)]
+        await until(lambda: len(watch.ids) >= len(published) or watch.done, what="the events")
+        assert watch.ids == published and watch.failure is None

@@ -185,7 +185,10 @@ class Subscription:
     async def _main(self) -> None:
         error: BaseException | None = None
         try:
-            async with httpx.AsyncClient(headers={"User-Agent": "dualcast-client"}) as http:
+            # Redirects are followed, as by a browser (http:// to https://, a moved path);
+            # httpx drops the Authorization header when one leads to another origin.
+            async with httpx.AsyncClient(headers={"User-Agent": "dualcast-client"},
+                                         follow_redirects=True) as http:
                 self._target = Target(
                     self._http_base, self._ws_base, self._rooms, lambda: self._tokens.current,
                     self._timing.poll, self._timing.idle, http)
