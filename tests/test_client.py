@@ -564,16 +564,16 @@ async def test_dualcast_tail_prints_every_event_whatever_stdout_can_encode(serve
 
 
 @asynccontextmanager
-async def redirecting(to: str, status: int = 301) -> AsyncIterator[str]:
-    """A front that answers every request with a redirect to the same path and query
-    at `to` (as nginx sends http:// to https://); yields its own URL."""
+async def answering(head: Callable[[str], str], body: bytes = b"") -> AsyncIterator[str]:
+    """A web server that answers every request alike: `head(target)` is its status line
+    and headers; yields its URL."""
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            target = head.split(b" ", 2)[1].decode()
-            writer.write(f"HTTP/1.1 {status} Moved Permanently\r\nLocation: {to}{target}\r\n"
-                         "Content-Length: 0\r\nConnection: close\r\n\r\n".encode())
+            request = await reader.readuntil(b"\r\n\r\n")
+            target = request.split(b" ", 2)[1].decode()
+            writer.write(f"{head(target)}\r\nContent-Length: {len(body)}\r\n"
+                         "Connection: close\r\n\r\n".encode() + body)
             await writer.drain()
         except (OSError, asyncio.IncompleteReadError):
             pass
@@ -586,6 +586,12 @@ async def redirecting(to: str, status: int = 301) -> AsyncIterator[str]:
     finally:
         front.close()
         await front.wait_closed()
+
+
+def redirecting(to: str) -> Any:
+    """A front that redirects every request to the same path and query at `to` (as
+    nginx sends http:// to https://)."""
+    return answering(lambda target: f"HTTP/1.1 301 Moved Permanently\r\nLocation: {to}{target}")
 
 
 @pytest.mark.parametrize(("transports", "lands_on"), [
@@ -602,3 +608,21 @@ async def test_a_server_url_that_redirects_is_followed(
         published = [await publish(server.url, "tick", n) for n in range(3)]
         await until(lambda: len(watch.ids) >= len(published) or watch.done, what="the events")
         assert watch.ids == published and watch.failure is None
+
+
+async def test_a_web_site_that_answers_every_path_with_a_page_is_not_a_dualcast_server(
+) -> None:
+    """A site whose catch-all route answers 200 and HTML (the company's web site where
+    the push server was meant): every transport says so, and the iteration ends with
+    `not_found` instead of retrying for ever."""
+    page = b"<!doctype html><title>Example</title><p>Welcome to our app"
+    async with answering(lambda _: "HTTP/1.1 200 OK\r\nContent-Type: text/html", page) as site:
+        async with watching(site) as (watch, _):
+            await until(lambda: watch.done, what="the iteration to end")
+    assert isinstance(watch.failure, Refused), watch.failure
+    assert (watch.failure.status, watch.failure.code) == (200, "not_found")
+    assert watch.failure.message == (
+        f"no dualcast server at {site} (HTTP 200 text/html, not a WebSocket upgrade on "
+        "/api/ws, HTTP 200 text/html, not an event stream on /api/sse, HTTP 200 text/html, "
+        "not a poll answer on /api/events): check the URL and its path")
+    assert watch.ids == [] and not watch.errors

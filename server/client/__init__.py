@@ -19,12 +19,12 @@ reported once to `on_error` (a `ServerError`, code `forbidden_room`, on every
 transport) and left out of every later connection, while the other rooms keep
 flowing. The iteration raises `Refused` when none of the rooms asked for may be
 joined, when the server refuses the request itself (a bad cursor, too many rooms),
-and when nothing at the URL's path is a dualcast server (404s: code `not_found`);
-it raises `AuthFailed` when the token is not good and cannot be refreshed. `token`
-may be a string or a callable (sync or async) returning one: it is called at the
-start, shortly before each token's `exp` (at most once a second), and after the
-server says `token_expired`; a fresh token refused as well ends the iteration
-with `AuthFailed`.
+and when nothing at the URL's path is a dualcast server (404s, or a web page on
+every path: code `not_found`); it raises `AuthFailed` when the token is not good
+and cannot be refreshed. `token` may be a string or a callable (sync or async)
+returning one: it is called at the start, shortly before each token's `exp` (at
+most once a second), and after the server says `token_expired`; a fresh token
+refused as well ends the iteration with `AuthFailed`.
 
 This package imports neither starlette nor the server's modules: it needs only
 httpx and websockets.

@@ -128,9 +128,10 @@ def classify(status: int, body: Mapping[str, Any]) -> Failure:
 def no_endpoint(transport: Transport, ended: Ended) -> bool:
     """Whether a refusal says there is no dualcast endpoint at this path: a 404 (a
     dualcast server never answers its own paths so: a transport it turned off is a
-    403 `transport_disabled`), or a WebSocket upgrade refused without a dualcast
-    error (how an ASGI app answers an upgrade on a path it has no route for)."""
-    if ended.status == 404:
+    403 `transport_disabled`), a success that is not the transport's protocol (a web
+    site's HTML page for every path), or a WebSocket upgrade refused without a
+    dualcast error (how an ASGI app answers an upgrade on a path it has no route for)."""
+    if ended.status is not None and (ended.status == 404 or 200 <= ended.status < 300):
         return True
     return transport is Transport.WEBSOCKET and ended.status == 403 and not ended.code
 
@@ -153,6 +154,13 @@ def _refusal(status: int, raw: bytes | bytearray) -> _Ends:
     code = str(body.get("error") or body.get("code") or "")
     return _Ends(Ended(classify(status, body), f"HTTP {status}", status, code,
                        str(body.get("message", ""))))
+
+
+def _not_protocol(response: httpx.Response, what: str) -> _Ends:
+    """A success that is not what a dualcast server answers there (a web page)."""
+    kind = response.headers.get("content-type", "").split(";")[0] or "no content type"
+    return _Ends(Ended(Failure.TRANSPORT, f"HTTP {response.status_code} {kind}, {what}",
+                       response.status_code))
 
 
 def _event(item: Mapping[str, Any]) -> Event | None:
@@ -202,6 +210,10 @@ class Connection:
         except websockets.InvalidStatus as exc:
             status = exc.response.status_code
             ended = _refusal(status, exc.response.body or b"").ended
+            if 200 <= status < 300:  # a web page where the upgrade should be
+                kind = exc.response.headers.get("content-type", "").split(";")[0]
+                ended = ended._replace(detail=f"HTTP {status} {kind or 'no content type'}"
+                                       ", not a WebSocket upgrade")
         except (OSError, httpx.HTTPError, websockets.WebSocketException, ValueError) as exc:
             # (ValueError: a body that is not the JSON the protocol promises)
             kind = Failure.UNREACHABLE if _unreachable(exc) else Failure.TRANSPORT
@@ -297,7 +309,7 @@ class Connection:
                 raise _refusal(response.status_code, await response.aread())
             kind = response.headers.get("content-type", "")
             if not kind.startswith("text/event-stream"):
-                raise _Ends(Ended(Failure.TRANSPORT, f"not an event stream: {kind!r}"))
+                raise _not_protocol(response, "not an event stream")
             parser, lines = SSEParser(), Lines()
             async for chunk in response.aiter_text():
                 for line in lines.feed(chunk):
@@ -345,9 +357,12 @@ class Connection:
                     longest = wait // 2
                     continue
                 raise refusal
-            body = response.json()
+            try:
+                body = response.json()
+            except ValueError:
+                body = None
             if not isinstance(body, dict):
-                raise _Ends(Ended(Failure.TRANSPORT, "a poll answer that is not an object"))
+                raise _not_protocol(response, "not a poll answer")
             last_id = _str(body.get("last_id"))
             if not self.welcomed:
                 await self._emit(Welcome(list(target.rooms), last_id))

@@ -139,7 +139,7 @@ class Subscription:
         self._closed = False
         self._target: Target | None = None
         #: Since the last `welcome`: transports that answered "no endpoint here", and how.
-        self._missing: dict[Transport, int | None] = {}
+        self._missing: dict[Transport, Ended] = {}
 
     # -- the caller's side -----------------------------------------------------
 
@@ -475,12 +475,16 @@ class Subscription:
         if not no_endpoint(transport, ended):
             self._missing.clear()
             return
-        self._missing[transport] = ended.status
-        if set(self._missing) >= set(self._order) and 404 in self._missing.values():
-            answers = ", ".join(f"HTTP {status} on {PATHS[name]}"
-                                for name, status in self._missing.items())
-            raise Refused(404, "not_found", f"no dualcast server at {self._http_base} "
-                          f"({answers}): check the URL and its path")
+        self._missing[transport] = ended
+        # A bare 403 on the upgrade alone may be a proxy refusing WebSockets: at least
+        # one answer must say plainly that nothing is there (a 404, a web page).
+        sure = [e.status for e in self._missing.values() if e.status != 403]
+        if set(self._missing) >= set(self._order) and sure:
+            answers = ", ".join(f"{e.detail} on {PATHS[name]}"
+                                for name, e in self._missing.items())
+            raise Refused(404 if 404 in sure else sure[0], "not_found",
+                          f"no dualcast server at {self._http_base} ({answers}): "
+                          "check the URL and its path")
 
     def _retry_later(self) -> None:
         timing = self._timing
