@@ -196,6 +196,28 @@ def test_server_urls() -> None:
         bases("127.0.0.1:8000")
 
 
+def test_dualcast_tail_refuses_the_dashboard_link_instead_of_dropping_its_token() -> None:
+    """`dualcast serve` prints an admin link, `http://host:port/?token=…`: pasted into
+    `tail`, its token was dropped without a word and the stream read anonymously."""
+    import subprocess
+    import sys
+
+    from tests.harness.procs import ROOT
+
+    link = f"http://127.0.0.1:9/?token={mint('admin', admin=True)}"
+    with pytest.raises(ValueError, match="no query or fragment: give the token with token="):
+        bases(link)
+    with pytest.raises(ValueError, match="no query or fragment"):
+        bases("http://127.0.0.1:9/push#top")
+    result = subprocess.run([sys.executable, "-m", "dualcast", "tail", link],
+                            cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        "dualcast tail: a dualcast server URL has no query or fragment: give the token with "
+        "token= (dualcast tail: --token or DUALCAST_TOKEN), not in the URL "
+        "http://127.0.0.1:9/\n")
+
+
 async def test_a_cursor_that_is_not_an_id_is_refused_before_connecting() -> None:
     with pytest.raises(ValueError, match="stream id"):
         async with subscribe("http://127.0.0.1:9", last_event_id="yesterday"):

@@ -55,6 +55,11 @@ def bases(url: str) -> tuple[str, str]:
     http = {"http": "http", "https": "https", "ws": "http", "wss": "https"}.get(scheme)
     if http is None or not parts.netloc:
         raise ValueError(f"not a dualcast server URL: {url!r} (use http://host:port)")
+    if parts.query or parts.fragment:
+        # Dropped quietly, the dashboard's `/?token=…` link would subscribe anonymously.
+        raise ValueError("a dualcast server URL has no query or fragment: give the token "
+                         "with token= (dualcast tail: --token or DUALCAST_TOKEN), not in the "
+                         f"URL {urlunsplit((parts.scheme, parts.netloc, parts.path, '', ''))}")
     ws = "wss" if http == "https" else "ws"
     path = parts.path.rstrip("/")
     return (urlunsplit((http, parts.netloc, path, "", "")),
