@@ -648,3 +648,35 @@ async def test_a_web_site_that_answers_every_path_with_a_page_is_not_a_dualcast_
         "/api/ws, HTTP 200 text/html, not an event stream on /api/sse, HTTP 200 text/html, "
         "not a poll answer on /api/events): check the URL and its path")
     assert watch.ids == [] and not watch.errors
+
+
+async def test_dualcast_tail_piped_into_head_exits_when_head_does(server: Any) -> None:
+    """`dualcast tail URL | head -1` in a script: once head has its line and exits, tail
+    must exit quietly too, not hold the pipeline (and its connection) open until the
+    next event shows it the pipe is gone (GNU `tail -f` watches its output alike)."""
+    import os
+    import sys
+
+    from tests.harness.procs import ROOT
+
+    marker = await publish(server.url, "marker", 0)
+    first = await publish(server.url, "first", {"n": 1})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DUALCAST_")}
+    read_end, write_end = os.pipe()
+    tail = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dualcast", "tail", server.url, "--last-event-id", marker,
+        cwd=ROOT, env=env, stdout=write_end, stderr=asyncio.subprocess.PIPE)
+    os.close(write_end)
+    try:
+        with open(read_end, "rb") as head:  # what `head -1` does: one line, then exit
+            line = await asyncio.wait_for(asyncio.to_thread(head.readline), 30)
+        assert json.loads(line)["id"] == first
+        code = await asyncio.wait_for(tail.wait(), 15)
+        assert tail.stderr is not None
+        errors = (await tail.stderr.read()).decode()
+        assert code == 0, errors
+        assert "Traceback" not in errors and "Error" not in errors, errors
+    finally:
+        if tail.returncode is None:
+            tail.kill()
+            await tail.wait()

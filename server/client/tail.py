@@ -2,7 +2,8 @@
 
 stdout carries only events, one JSON object per line (`{"id","event","data","ts"}`),
 so it can be piped into `jq` or a file; everything else (transport changes, resets,
-the server's errors) goes to stderr. It runs until interrupted; Ctrl-C exits 0.
+the server's errors) goes to stderr. It runs until interrupted; Ctrl-C exits 0, as
+does the reader of a pipe going away (`| head -1`), at once, not at the next event.
 A refusal that no retry would change (a token, no allowed room, a URL with no
 dualcast server behind it) is one line on stderr and exit 1.
 """
@@ -12,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import stat
 import sys
+from collections.abc import Callable
 from typing import TextIO
 
 from dualcast.client import (
@@ -31,6 +34,26 @@ def transports_for(choice: str) -> tuple[Transport, ...]:
     return TRANSPORTS if choice == "auto" else (Transport(choice),)
 
 
+def when_reader_leaves(out: TextIO, then: Callable[[], object]) -> Callable[[], None]:
+    """Call `then` once the reader of `out` is gone, when `out` is a pipe (`| head -1`):
+    without this, tail learns it only at its next write, so a quiet stream holds the
+    pipeline open. On Linux a pipe's write end reports an error to epoll once its
+    reader has closed (and never reports readable before). Returns the undo."""
+    loop = asyncio.get_running_loop()
+    try:
+        fd = out.fileno()
+        if sys.platform != "linux" or not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return lambda: None
+        loop.add_reader(fd, then)
+    except (OSError, ValueError, NotImplementedError):  # no fd, or a loop without readers
+        return lambda: None
+
+    def unwatch() -> None:
+        loop.remove_reader(fd)
+
+    return unwatch
+
+
 async def tail(url: str, *, token: str | None, rooms: list[str], last_event_id: str | None,
                transport: str, out: TextIO, err: TextIO) -> int:
     def said(message: str) -> None:
@@ -42,6 +65,15 @@ async def tail(url: str, *, token: str | None, rooms: list[str], last_event_id: 
     def on_error(error: ServerError) -> None:
         said(f"server error on {error.transport}: {error.code}: {error.message}")
 
+    main = asyncio.current_task()
+    gone = asyncio.Event()
+
+    def reader_left() -> None:
+        gone.set()
+        if main is not None:
+            main.cancel()
+
+    unwatch = when_reader_leaves(out, reader_left)
     try:
         async with subscribe(url, token=token, rooms=rooms, last_event_id=last_event_id,
                              transports=transports_for(transport), on_status=on_status,
@@ -60,12 +92,18 @@ async def tail(url: str, *, token: str | None, rooms: list[str], last_event_id: 
                 else:
                     said(f"reset: the cursor is gone; events before {item.last_id} "
                          "may be missing")
+    except asyncio.CancelledError:
+        if not gone.is_set():
+            raise
+        raise BrokenPipeError("the reader of stdout is gone") from None  # as a write says
     except ClientError as exc:
         said(f"refused: {exc}")
         return 1
     except ValueError as exc:  # a URL or transport name that cannot be used
         said(str(exc))
         return 2
+    finally:
+        unwatch()
     return 0
 
 
