@@ -680,3 +680,28 @@ async def test_dualcast_tail_piped_into_head_exits_when_head_does(server: Any) -
         if tail.returncode is None:
             tail.kill()
             await tail.wait()
+
+
+async def test_a_huge_event_on_sse_arrives_in_time_linear_in_its_size(
+    fresh_redis: Any, dualcast: Callable[..., Any]
+) -> None:
+    """One event of 64 MiB is one SSE line of 64 MiB, read in chunks of about 64 KiB:
+    adding each chunk to what came before copied the line a thousand times (45 s of
+    CPU for this event, 71 s at 80 MiB, against 2 s on a WebSocket)."""
+    instance = dualcast(fresh_redis.url)
+    stream = aioredis.from_url(fresh_redis.url, decode_responses=True)
+    try:
+        before = await stream.xadd("websocket-broadcast", {
+            "data": json.dumps({"event": "small", "data": 0}), "timestamp": "1"})
+        blob = "z" * (64 << 20)
+        huge = await stream.xadd("websocket-broadcast", {
+            "data": json.dumps({"event": "huge", "data": blob}),
+            "timestamp": str(int(time.time() * 1000))})
+    finally:
+        await stream.aclose()
+    async with watching(instance.url, transports=[Transport.SSE],
+                        last_event_id=before) as (watch, _):
+        await until(lambda: watch.ids or watch.done, timeout=25, what="the huge event")
+        assert watch.ids == [huge] and watch.failure is None
+        event = watch.items[0]
+        assert isinstance(event, Event) and event.data == blob

@@ -24,7 +24,9 @@ class Lines:
     it holds a CR, which dualcast does not send): cheaper than httpx's splitter."""
 
     def __init__(self) -> None:
-        self._pending = ""
+        #: The pieces of a line not ended yet, joined once its end arrives: adding each
+        #: chunk to a string would copy a long line (an event of 50 MB) once per chunk.
+        self._pending: list[str] = []
         self._after_cr = False
 
     def feed(self, chunk: str) -> list[str]:
@@ -36,8 +38,14 @@ class Lines:
             return []
         if "\r" in chunk:
             chunk = chunk.replace("\r\n", "\n").replace("\r", "\n")
-        lines = (self._pending + chunk).split("\n")
-        self._pending = lines.pop()
+        if "\n" not in chunk:
+            self._pending.append(chunk)
+            return []
+        lines = chunk.split("\n")
+        if self._pending:
+            self._pending.append(lines[0])
+            lines[0] = "".join(self._pending)
+        self._pending = [lines.pop()]
         return lines
 
 
