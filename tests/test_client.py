@@ -705,3 +705,40 @@ async def test_a_huge_event_on_sse_arrives_in_time_linear_in_its_size(
         assert watch.ids == [huge] and watch.failure is None
         event = watch.items[0]
         assert isinstance(event, Event) and event.data == blob
+
+
+async def test_a_server_certificate_the_client_does_not_trust_ends_with_a_clear_error(
+    tmp_path: Any,
+) -> None:
+    """https:// to a server whose certificate comes from a CA the client does not know (a
+    company's own CA): every try meets the same certificate, so the iteration ends with
+    `tls_certificate` and how to fix it, instead of 'offline' for ever with no reason."""
+    import ssl
+
+    from tests.conftest import require_tool
+    from tests.harness.tls import make_throwaway_ca
+
+    require_tool("openssl", "the test makes a throwaway CA")
+    files = make_throwaway_ca(tmp_path / "tls")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(files.cert, files.key)
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.read()
+        except (OSError, ssl.SSLError):
+            pass
+        writer.close()
+
+    site = await asyncio.start_server(hold, "127.0.0.1", 0, ssl=context)
+    try:
+        url = f"https://127.0.0.1:{site.sockets[0].getsockname()[1]}"
+        async with watching(url) as (watch, _):
+            await until(lambda: watch.done, what="the iteration to end")
+    finally:
+        site.close()
+    assert isinstance(watch.failure, Refused), watch.failure
+    assert watch.failure.code == "tls_certificate"
+    assert watch.failure.message == (
+        "the server's TLS certificate was not accepted (unable to get local issuer "
+        "certificate); for a private CA, set SSL_CERT_FILE to a bundle that holds it")

@@ -13,6 +13,7 @@ import enum
 import json
 import logging
 import socket
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -172,6 +173,18 @@ def _event(item: Mapping[str, Any]) -> Event | None:
                  ts if isinstance(ts, int) and not isinstance(ts, bool) else None)
 
 
+def _certificate_refused(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate check that failed under `exc` (httpx wraps it twice), if any."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 def _unreachable(exc: BaseException) -> bool:
     """Nobody listens (refused, no such host): every transport would fail alike."""
     return isinstance(exc, (ConnectionRefusedError, socket.gaierror, httpx.ConnectError))
@@ -218,6 +231,12 @@ class Connection:
             # (ValueError: a body that is not the JSON the protocol promises)
             kind = Failure.UNREACHABLE if _unreachable(exc) else Failure.TRANSPORT
             ended = Ended(kind, f"{type(exc).__name__}: {exc}".rstrip(": "))
+            if (refused := _certificate_refused(exc)) is not None:
+                # Retrying would meet the same certificate: say why, once.
+                reason = refused.verify_message or str(refused)
+                ended = Ended(Failure.FATAL, ended.detail, None, "tls_certificate",
+                              f"the server's TLS certificate was not accepted ({reason}); "
+                              "for a private CA, set SSL_CERT_FILE to a bundle that holds it")
         await self.inbox.put((self, ended))
 
     def close(self) -> None:
