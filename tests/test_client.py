@@ -742,3 +742,29 @@ async def test_a_server_certificate_the_client_does_not_trust_ends_with_a_clear_
     assert watch.failure.message == (
         "the server's TLS certificate was not accepted (unable to get local issuer "
         "certificate); for a private CA, set SSL_CERT_FILE to a bundle that holds it")
+
+
+async def test_polls_do_not_run_back_to_back_when_the_server_allows_no_wait(
+    redis_server: Any, dualcast: Callable[..., Any]
+) -> None:
+    """DUALCAST_POLL_TIMEOUT_MAX=0 (a short-poll-only server) caps each poll's 25 s at 0
+    and answers at once: the client asked again the moment each answer came, some 700
+    requests a second from one client. It polls once a second instead, and delivers."""
+
+    def polls() -> float:
+        text = httpx.get(server.url + "/metrics", timeout=5).text
+        for line in text.splitlines():
+            if line.startswith('dualcast_connections_opened_total{transport="polling"}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    server = dualcast(redis_server.url, env={"DUALCAST_POLL_TIMEOUT_MAX": "0"})
+    async with watching(server.url, transports=["polling"]) as (watch, _):
+        await until(lambda: watch.live_on(Transport.POLLING))
+        before = await asyncio.to_thread(polls)
+        await asyncio.sleep(3)  # a window to count the polls in, not a wait for something
+        during = await asyncio.to_thread(polls) - before
+        sent = await publish(server.url, "tick", 1)
+        await until(lambda: sent in watch.ids, what="the event")
+    assert during <= 8, f"{during:g} polls in 3 s"
+    assert watch.failure is None

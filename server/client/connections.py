@@ -28,6 +28,10 @@ from dualcast.client.sse import Lines, Message, SSEParser
 
 log = logging.getLogger("dualcast.client")
 
+#: The shortest time from one poll to the next when a poll asked to wait came back
+#: empty (a server whose longest wait is shorter, or none).
+SHORT_POLL = 1.0
+
 #: Where each transport lives below the server's base URL.
 PATHS: Mapping[Transport, str] = {
     Transport.WEBSOCKET: "/api/ws", Transport.SSE: "/api/sse", Transport.POLLING: "/api/events",
@@ -367,6 +371,7 @@ class Connection:
             url = endpoint + target.query(after=cursor, timeout=wait)
             # A proxy that swallows the answer must not hang us: give up a while after.
             timeout = httpx.Timeout(10.0, read=wait + 15.0)
+            asked = asyncio.get_running_loop().time()
             response = await target.http.get(
                 url, headers=target.headers({"Accept": "application/json"}), timeout=timeout)
             if response.status_code != 200:
@@ -392,6 +397,11 @@ class Connection:
                 events = [e for item in (items if isinstance(items, list) else [])
                           if isinstance(item, dict) and (e := _event(item)) is not None]
                 await self._emit(Batch(events, last_id))
+                if wait and not events:
+                    # Asked to wait, answered empty at once: the server's limit is short
+                    # (DUALCAST_POLL_TIMEOUT_MAX=0 answers every poll so). No
+                    # back-to-back polls: at most one a second.
+                    await asyncio.sleep(SHORT_POLL + asked - asyncio.get_running_loop().time())
             cursor = last_id or cursor
 
 
