@@ -13,7 +13,14 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Any
 
-from dualcast.config import DEMO_SPEED_MAX, Settings, SettingsError, env_name, load_settings
+from dualcast.config import (
+    DEMO_SPEED_MAX,
+    Settings,
+    SettingsError,
+    env_name,
+    load_settings,
+    unknown_variables,
+)
 from dualcast.secret_file import MIN_SECRET_BYTES
 
 if TYPE_CHECKING:
@@ -134,6 +141,8 @@ def _flag_settings(args: argparse.Namespace, flags: dict[str, str]) -> Settings:
     a flag set the bad value, else the variable."""
     overrides = {field: getattr(args, field) for field in flags
                  if getattr(args, field, None) is not None}
+    for line in unknown_variables():
+        print(f"dualcast: warning: {line}", file=sys.stderr)
     try:
         return load_settings(**overrides)
     except SettingsError as exc:

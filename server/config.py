@@ -6,9 +6,11 @@ Every knob is an environment variable with the `DUALCAST_` prefix (plain
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
+from collections.abc import Mapping
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
@@ -365,6 +367,29 @@ def env_name(field: str) -> str:
     if field == "redis_url" and only_plain:
         return "REDIS_URL"
     return f"DUALCAST_{field.upper()}"
+
+
+#: Variables with the prefix that are not settings: `dualcast tail` reads DUALCAST_TOKEN.
+NOT_SETTINGS = frozenset({"DUALCAST_TOKEN"})
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One line for each `DUALCAST_*` variable that is no setting (a typo such as
+    DUALCAST_REDIS_ULR is ignored by the settings, so the server would run on the memory
+    engine without a word), naming the setting it most likely meant."""
+    fields = [field.upper() for field in Settings.model_fields]
+    known = {f"DUALCAST_{field}" for field in fields} | NOT_SETTINGS
+    lines = []
+    for name in sorted(os.environ if environ is None else environ):
+        upper = name.upper()  # (the settings read their variables in any case)
+        if not upper.startswith("DUALCAST_") or upper in known:
+            continue
+        close = difflib.get_close_matches(upper.removeprefix("DUALCAST_"), fields, n=1,
+                                          cutoff=0.75)
+        hint = (f"did you mean DUALCAST_{close[0]}?" if close
+                else "the settings are listed under Configuration in the README")
+        lines.append(f"{name} is not a dualcast setting and is ignored ({hint})")
+    return lines
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
 
-from dualcast.config import SettingsError, load_settings
+from dualcast.config import SettingsError, load_settings, unknown_variables
 from tests.harness.procs import ROOT
 
 
@@ -127,3 +128,33 @@ def test_listed_origins_are_kept_as_browsers_send_them(monkeypatch: pytest.Monke
                        "https://A.example.com/,https://a.example.com:443,http://b.example:8080,*")
     assert load_settings().allowed_origins == ["https://a.example.com", "http://b.example:8080",
                                                "*"]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("DUALCAST_")}
+    env.pop("REDIS_URL", None)
+    env.update(extra)
+    return env
+
+
+def test_a_misspelled_variable_is_named_with_the_setting_meant() -> None:
+    """DUALCAST_REDIS_ULR was ignored without a word: `serve` ran the memory engine and
+    `publish` said no Redis was configured, while the person had set one."""
+    env = cli_env(DUALCAST_REDIS_ULR="redis://127.0.0.1:1/0", DUALCAST_TOKEN="for-tail")
+    done = subprocess.run([sys.executable, "-m", "dualcast", "publish", "x", "{}"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    lines = done.stderr.splitlines()
+    assert lines[0] == ("dualcast: warning: DUALCAST_REDIS_ULR is not a dualcast setting and "
+                        "is ignored (did you mean DUALCAST_REDIS_URL?)")
+    assert "no Redis configured" in lines[1] and len(lines) == 2  # DUALCAST_TOKEN: tail's
+
+
+@pytest.mark.parametrize(("name", "meant"), [
+    ("dualcast_secrets", "DUALCAST_SECRET"), ("DUALCAST_WORKER", "DUALCAST_WORKERS"),
+    ("DUALCAST_LOGLEVEL", "DUALCAST_LOG_LEVEL"), ("DUALCAST_FOO", None),
+])
+def test_unknown_variables_name_the_closest_setting(name: str, meant: str | None) -> None:
+    [line] = unknown_variables({name: "1", "DUALCAST_PORT": "1", "HOME": "/"})
+    assert line.startswith(f"{name} is not a dualcast setting and is ignored")
+    assert (f"did you mean {meant}?" in line) if meant else "Configuration in the README" in line
