@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -158,3 +159,36 @@ def test_unknown_variables_name_the_closest_setting(name: str, meant: str | None
     [line] = unknown_variables({name: "1", "DUALCAST_PORT": "1", "HOME": "/"})
     assert line.startswith(f"{name} is not a dualcast setting and is ignored")
     assert (f"did you mean {meant}?" in line) if meant else "Configuration in the README" in line
+
+
+def readme_settings() -> dict[str, str]:
+    """The README's Configuration table: variable -> its documented default."""
+    text = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\| `(DUALCAST_[A-Z_]+)[^`]*` \| (.+?) \|", text, re.MULTILINE)
+    return {name: default.strip("`") for name, default in rows}
+
+
+def shown(value: object) -> str:
+    """A default as the README's table writes it."""
+    if value is None:
+        return "(none)"
+    if isinstance(value, list):
+        return ",".join(value) if value else "(empty)"
+    return str(value)
+
+
+def test_the_readme_lists_every_setting_with_its_real_default(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """DUALCAST_MAX_CONNECTIONS_PER_SUBJECT and _PER_ADDRESS were missing from the table,
+    so a newcomer behind one NAT met 429s from a cap no table named."""
+    for name in list(os.environ):
+        if name.upper().startswith("DUALCAST_") or name == "REDIS_URL":
+            monkeypatch.delenv(name)
+    documented = readme_settings()
+    real = load_settings().model_dump()
+    for field, value in real.items():
+        name = f"DUALCAST_{field.upper()}"
+        assert name in documented, f"{name} is missing from the README's Configuration table"
+        if field != "max_connections":  # documented as the open-file limit minus 100
+            assert documented[name] == shown(value), name
+    assert set(documented) <= {f"DUALCAST_{field.upper()}" for field in real}
