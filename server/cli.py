@@ -37,7 +37,18 @@ def parse_ttl(value: str) -> float:
     if match is None:
         raise argparse.ArgumentTypeError(f"bad --ttl {value!r}: use e.g. 90s, 30m, 1h, 7d")
     number, unit = match.groups()
-    return float(number) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
+    seconds = float(number) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
+    if seconds <= 0:  # a token that has expired when it is made: every server refuses it
+        raise argparse.ArgumentTypeError(f"bad --ttl {value!r}: a token must live above 0 s")
+    return seconds
+
+
+def _subject(value: str) -> str:
+    """`token --sub`: every server refuses a token whose `sub` is empty."""
+    if not value:
+        raise argparse.ArgumentTypeError("must not be empty (who the token is for, e.g. "
+                                         "a user id)")
+    return value
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -468,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     pub.set_defaults(func=_publish)
 
     tok = sub.add_parser("token", help="mint a token")
-    tok.add_argument("--sub", required=True)
+    tok.add_argument("--sub", required=True, type=_subject)
     tok.add_argument("--room", action="append", default=[])
     tok.add_argument("--admin", action="store_true")
     tok.add_argument("--publish", action="store_true")

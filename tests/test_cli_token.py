@@ -80,6 +80,19 @@ def test_token_with_explicit_secret_and_errors() -> None:
     assert no_sub.returncode == 2 and "--sub" in no_sub.stderr
 
 
+@pytest.mark.parametrize(("args", "flag"), [
+    (["--sub", "1", "--ttl", "0"], "--ttl"), (["--sub", "1", "--ttl", "0s"], "--ttl"),
+    (["--sub", "1", "--ttl", "0.0h"], "--ttl"), (["--sub", ""], "--sub"),
+])
+def test_token_refuses_what_every_server_refuses(args: list[str], flag: str) -> None:
+    """`--ttl 0` printed a token already expired and `--sub ''` one without a subject,
+    with exit 0: every server answered them token_expired / invalid_token."""
+    done = cli("token", *args)
+    assert done.returncode == 2 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"argument {flag}:" in lines[0], done.stderr
+
+
 def test_minted_token_works_against_a_server(dualcast: Callable[..., DualcastProcess]) -> None:
     server = dualcast()
     tok = cli("token", "--sub", "456", "--room", "team-x", "--ttl", "10m").stdout.strip()
