@@ -168,8 +168,16 @@ def _token(args: argparse.Namespace) -> int:
     carrying the algorithm, issuer and audience this server checks."""
     from dualcast.auth import mint_token
     from dualcast.keys import ALGORITHMS, Family, load_private_key
+    from dualcast.names import check_room
 
     settings = _settings(args)
+    for room in args.room:  # a room the server's pattern refuses: no event could reach it
+        try:
+            check_room(room, settings.room_pattern)
+        except ValueError as exc:
+            print(f"dualcast token: --room: {exc} (DUALCAST_ROOM_PATTERN): no event could "
+                  "ever be published to it", file=sys.stderr)
+            return 2
     key: PrivateKey | None = None
     if args.key:
         try:

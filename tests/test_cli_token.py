@@ -93,6 +93,20 @@ def test_token_refuses_what_every_server_refuses(args: list[str], flag: str) -> 
     assert len(lines) == 1 and f"argument {flag}:" in lines[0], done.stderr
 
 
+@pytest.mark.parametrize("room", ["ops team", "", "a,b"])
+def test_token_refuses_a_room_no_event_could_reach(room: str) -> None:
+    """`--room 'ops team'` made a token for a room that `dualcast publish --room` and
+    POST /api/publish refuse by the same pattern: a subscription nothing could reach."""
+    done = cli("token", "--sub", "1", "--room", "ops", "--room", room)
+    assert done.returncode == 2 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dualcast token: --room: ")
+    assert repr(room) in lines[0] and "DUALCAST_ROOM_PATTERN" in lines[0]
+    wider = cli("token", "--sub", "1", "--room", "ops/team",
+                env={"DUALCAST_ROOM_PATTERN": "^[a-z/]{1,64}$"})
+    assert wider.returncode == 0 and decode(wider.stdout.strip())["rooms"] == ["ops/team"]
+
+
 def test_minted_token_works_against_a_server(dualcast: Callable[..., DualcastProcess]) -> None:
     server = dualcast()
     tok = cli("token", "--sub", "456", "--room", "team-x", "--ttl", "10m").stdout.strip()
