@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import errno
 import json
 import logging
@@ -13,17 +12,12 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Any
 
-from dualcast.config import (
-    DEMO_SPEED_MAX,
-    Settings,
-    SettingsError,
-    env_name,
-    load_settings,
-    unknown_variables,
-)
 from dualcast.secret_file import MIN_SECRET_BYTES
 
+# The settings (pydantic, redis) and asyncio are imported where a command needs them, inside
+# main(): a Ctrl-C during those imports, a quarter of a second, ended in a traceback.
 if TYPE_CHECKING:
+    from dualcast.config import Settings
     from dualcast.keys import PrivateKey
     from dualcast.serve import ListenError
 
@@ -150,6 +144,8 @@ def _listen_hint(host: str, failed: ListenError) -> str:
 def _flag_settings(args: argparse.Namespace, flags: dict[str, str]) -> Settings:
     """Settings from the environment and the flags given; an error names the flag when
     a flag set the bad value, else the variable."""
+    from dualcast.config import SettingsError, env_name, load_settings, unknown_variables
+
     overrides = {field: getattr(args, field) for field in flags
                  if getattr(args, field, None) is not None}
     for line in unknown_variables():
@@ -319,6 +315,8 @@ def _publish(args: argparse.Namespace) -> int:
         print("dualcast publish: no Redis configured: set DUALCAST_REDIS_URL, pass --redis-url, "
               "or --url of a running dualcast server", file=sys.stderr)
         return 2
+    import asyncio
+
     return asyncio.run(_publish_redis(args, settings, data))
 
 
@@ -332,6 +330,8 @@ def _count(value: str) -> int:
 def _demo_speed(value: str) -> float:
     """`demo --speed`, refused by argparse in one line as `serve --demo-speed` is by the
     settings (0, nan or inf ended in a traceback once the demo had started)."""
+    from dualcast.config import DEMO_SPEED_MAX
+
     try:
         speed = float(value)
     except ValueError:
@@ -403,6 +403,8 @@ def _publish_http(args: argparse.Namespace, settings: Settings, data: Any) -> in
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import asyncio
+
     from dualcast.demo import demo_against_redis
 
     settings = _settings(args)
@@ -455,6 +457,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dualcast.config import DEMO_SPEED_MAX
+
     parser = _Parser(prog="dualcast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -527,13 +531,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The exit status of a command stopped by Ctrl-C before it was under way (128 + SIGINT).
+INTERRUPTED = 128 + signal.SIGINT
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
-    except SettingsError as exc:
-        print(f"dualcast: {exc}", file=sys.stderr)
-        return 2
+        from dualcast.config import SettingsError
+
+        args = build_parser().parse_args(argv)
+        try:
+            return int(args.func(args))
+        except SettingsError as exc:
+            print(f"dualcast: {exc}", file=sys.stderr)
+            return 2
+    except KeyboardInterrupt:  # Ctrl-C while starting (imports, settings): no traceback
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -408,5 +408,6 @@ def serve(settings: Settings, on_listening: Callable[[str], None] | None = None)
     try:
         server.run([sock])
     except KeyboardInterrupt:
-        pass
+        if not server.started:
+            raise  # Ctrl-C before it listened: the command's exit for an interrupt, not 3
     return 0 if server.started else STARTUP_FAILURE

@@ -622,3 +622,26 @@ def test_with_every_worker_killed_a_connect_is_served_or_refused_never_left_hang
         pass  # refused: nobody listens, and nobody pretends to
     wait_until(lambda: httpx.get(proc.url + "/healthz", timeout=3).status_code == 200,
                timeout=30, what="the replacements serving")
+
+
+def test_ctrl_c_while_starting_is_no_traceback(tmp_path: Path) -> None:
+    """Ctrl-C in the first moments of `dualcast serve` (its imports, a quarter of a second
+    or more) printed a KeyboardInterrupt traceback. Now: nothing, and exit 130."""
+    env = clean_env(XDG_STATE_HOME=str(tmp_path))
+    proc = subprocess.Popen([*PY, "serve", "--port", str(free_port())], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        maps = Path(f"/proc/{proc.pid}/maps")
+        # mid-import: the settings' redis (hiredis) is loaded, the server far from listening
+        # (not pydantic_core: a signal inside its own init turns into an ImportError)
+        wait_until(lambda: "hiredis" in maps.read_text(), timeout=30, interval=0.001,
+                   what="the settings being imported")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert "Traceback" not in err, err
+    assert proc.returncode == 130, (proc.returncode, err)
+    assert "/?token=" not in out + err  # it never listened
