@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -184,3 +185,40 @@ def test_publish_says_why_redis_did_not_take_the_event(redis_server: RedisProces
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "did not take the event" in lines[0], done.stderr
     assert "WRONGTYPE" in lines[0]
+
+
+def test_publish_to_a_redis_that_wants_a_password_says_so(fresh_redis: RedisProcess) -> None:
+    """Without a password in the URL the line quoted Redis's answer to redis-py's own
+    handshake ("HELLO must be called with the client already authenticated ..."), a
+    command the person never ran; it now says the URL lacks the password."""
+    assert b"+OK" in fresh_redis.command("CONFIG", "SET", "requirepass", "pw-of-this-test")
+    done = cli("publish", "note", "{}", "--redis-url", fresh_redis.url)
+    assert done.returncode == 1 and done.stdout == ""
+    [line] = done.stderr.strip().splitlines()
+    assert "did not take the event" in line and "HELLO" not in line
+    assert "requires a password and the URL has none: redis://:PASSWORD@host" in line
+    given = cli("publish", "note", "{}", "--redis-url",
+                f"redis://:pw-of-this-test@127.0.0.1:{fresh_redis.port}/0")
+    assert given.returncode == 0, given.stderr
+
+
+def test_demo_to_a_redis_that_wants_a_password_says_so(fresh_redis: RedisProcess,
+                                                       tmp_path: Path) -> None:
+    """`dualcast demo`'s outage warning quoted the same HELLO sentence."""
+    assert b"+OK" in fresh_redis.command("CONFIG", "SET", "requirepass", "pw-of-this-test")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DUALCAST_")}
+    env.pop("REDIS_URL", None)
+    log_path = tmp_path / "demo.log"
+    with log_path.open("wb") as log:
+        demo = subprocess.Popen([sys.executable, "-m", "dualcast", "demo", "--redis-url",
+                                 fresh_redis.url], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+    try:
+        line = wait_until(lambda: next((x for x in log_path.read_text().splitlines()
+                                        if "unavailable (" in x), None),
+                          timeout=30, what="the demo's outage warning")
+    finally:
+        demo.send_signal(signal.SIGINT)
+        demo.wait(15)
+    assert "HELLO" not in line
+    assert "requires a password and the URL has none" in line

@@ -50,8 +50,8 @@ class Breaker:
         if now - self._last_log >= self.log_every:
             self._last_log = now
             log.warning(
-                "publisher: Redis at %s unavailable (%s: %s); events are %s until it is back",
-                where, type(exc).__name__, exc or "timeout", outcome,
+                "publisher: Redis at %s unavailable (%s); events are %s until it is back",
+                where, describe(exc), outcome,
             )
 
     def success(self, stats: PublisherStats) -> None:

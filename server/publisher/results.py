@@ -74,8 +74,17 @@ class PublisherStats:
         return asdict(self)
 
 
+#: Redis's answers to a client that sent no password where one is required: to the
+#: RESP3 handshake redis-py opens with, a sentence about HELLO nobody called.
+_NO_PASSWORD = ("HELLO must be called with the client already authenticated",
+                "Authentication required")
+
+
 def describe(exc: BaseException) -> str:
     """`exc` in one line for `PublishResult.error`: its type and message (a timeout has
     none of its own)."""
     text = str(exc) or ("no answer in time" if isinstance(exc, TimeoutError) else "")
+    if text.startswith(_NO_PASSWORD):
+        text = ("this Redis requires a password and the URL has none: "
+                "redis://:PASSWORD@host:port/db (or USER:PASSWORD@ for an ACL user)")
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
