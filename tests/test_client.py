@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -39,6 +40,7 @@ from dualcast.client.model import id_key, is_after
 from dualcast.client.sse import Lines, Message, SSEParser
 from dualcast.client.tokens import MIN_REFRESH, expiry, refresh_in
 from tests.conftest import token as mint
+from tests.harness.waits import wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -236,6 +238,31 @@ def test_dualcast_tail_says_what_is_wrong_with_its_arguments() -> None:
     assert result.returncode == 2
     assert result.stdout == ""
     assert "stream id" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_dualcast_tail_with_nothing_at_the_address_says_why_it_is_offline(
+        tmp_path: Path) -> None:
+    """A mistyped port: `dualcast tail` said "websocket offline" over and over, and never
+    why; the offline line now carries the reason (nothing listens there)."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.harness.procs import ROOT, free_port
+
+    log_path = tmp_path / "tail.log"
+    with log_path.open("wb") as log:
+        tail = subprocess.Popen([sys.executable, "-m", "dualcast", "tail",
+                                 f"http://127.0.0.1:{free_port()}"], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        line = wait_until(lambda: next((x for x in log_path.read_text().splitlines()
+                                        if " offline" in x), None),
+                          timeout=30, what="the offline line")
+    finally:
+        tail.send_signal(signal.SIGINT)
+        assert tail.wait(15) == 0
+    assert line.startswith("dualcast tail: websocket offline (ConnectionRefusedError: "), line
 
 
 # ---- against a real server ---------------------------------------------------------------

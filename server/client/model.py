@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 #: What `dualcast.client` re-exports from here (the vocabulary a subscriber handles).
@@ -70,10 +70,12 @@ Item = Event | Reset
 
 @dataclass(frozen=True, slots=True)
 class Status:
-    """Which transport feeds the subscription and whether it is live."""
+    """Which transport feeds the subscription and whether it is live; `reason`, for a
+    subscription gone offline, why the last attempt failed (not compared)."""
 
     transport: Transport
     state: State
+    reason: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

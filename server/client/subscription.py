@@ -249,9 +249,9 @@ class Subscription:
         for timer in timers:
             self._deadlines.pop(timer, None)
 
-    def _set_state(self, state: State) -> None:
+    def _set_state(self, state: State, reason: str | None = None) -> None:
         self._state = state
-        status = Status(self.transport, state)
+        status = Status(self.transport, state, reason)
         if status != self._status:
             self._status = status
             if self._on_status is not None:
@@ -460,12 +460,12 @@ class Subscription:
         self._check_endpoint(conn.transport, ended)
         if ended.failure is Failure.UNREACHABLE:
             # Nobody answers: every transport would fail the same way, so stay here.
-            self._retry_later()
+            self._retry_later(ended.detail)
             return
         if not last:
             self._fall_back()
             return
-        self._retry_later()
+        self._retry_later(ended.detail)
         self._schedule_climb()
 
     def _check_endpoint(self, transport: Transport, ended: Ended) -> None:
@@ -486,10 +486,12 @@ class Subscription:
                           f"no dualcast server at {self._http_base} ({answers}): "
                           "check the URL and its path")
 
-    def _retry_later(self) -> None:
+    def _retry_later(self, reason: str) -> None:
         timing = self._timing
         self._failures += 1
-        self._set_state(State.OFFLINE if self._failures >= 2 else State.CONNECTING)
+        offline = self._failures >= 2
+        self._set_state(State.OFFLINE if offline else State.CONNECTING,
+                        reason if offline else None)
         self._schedule(Timer.RETRY, timing.retry_base + backoff(
             self._failures, timing.retry_base, timing.retry_cap, self._rand))
 

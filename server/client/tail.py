@@ -60,7 +60,9 @@ async def tail(url: str, *, token: str | None, rooms: list[str], last_event_id: 
         print(f"dualcast tail: {message}", file=err, flush=True)
 
     def on_status(status: Status) -> None:
-        said(f"{status.transport} {status.state}")
+        # offline: why (nothing listens at that address, ...), or it said nothing useful
+        why = f" ({status.reason})" if status.reason else ""
+        said(f"{status.transport} {status.state}{why}")
 
     def on_error(error: ServerError) -> None:
         said(f"server error on {error.transport}: {error.code}: {error.message}")
