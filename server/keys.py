@@ -105,6 +105,17 @@ def _text(value: str) -> str:
     return value
 
 
+def _file_hint(value: str) -> str:
+    """For a value that is no PEM: the file it names, when it was given without its `@`
+    (`--key keys/k1.pem`); else where a key may come from. Never the value itself
+    otherwise: it may be a pasted private key."""
+    if not value.startswith("@") and "-----BEGIN" not in value:
+        if Path(value).expanduser().is_file():
+            return f": to read the file, write @{value}"
+        return " (give the PEM text itself, or @path of a file holding it)"
+    return ""
+
+
 def load_public_key(value: str) -> PublicKey:
     """A PEM public key (or certificate), inline or `@path`; ValueError says what is wrong."""
     data = _text(value).strip().encode()
@@ -114,7 +125,7 @@ def load_public_key(value: str) -> PublicKey:
         else:
             key = serialization.load_pem_public_key(data)
     except ValueError:
-        raise ValueError("not a PEM public key or certificate") from None
+        raise ValueError(f"not a PEM public key or certificate{_file_hint(value)}") from None
     if family_of(key) is None:
         raise ValueError("not an RSA, EC, Ed25519 or Ed448 public key")
     return key  # type: ignore[return-value]
@@ -126,7 +137,7 @@ def load_private_key(value: str) -> PrivateKey:
     try:
         key: object = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):
-        raise ValueError("not an unencrypted PEM private key") from None
+        raise ValueError(f"not an unencrypted PEM private key{_file_hint(value)}") from None
     if family_of(key) is None:
         raise ValueError("not an RSA, EC, Ed25519 or Ed448 private key")
     return key  # type: ignore[return-value]

@@ -69,3 +69,32 @@ def test_an_existing_public_key_file_is_named_and_kept(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.strip() == "dualcast keys: k1.pub.pem exists; choose another --kid"
     assert files_in(tmp_path) == {"k1.pub.pem": b"mine"}
+
+
+def dualcast(folder: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("DUALCAST_")}
+    clean.pop("REDIS_URL", None)
+    return subprocess.run([sys.executable, "-m", "dualcast", *args], cwd=folder,
+                          env={**clean, **env}, capture_output=True, text=True, timeout=60)
+
+
+def test_a_key_file_named_without_its_at_sign_is_said_so(tmp_path: Path) -> None:
+    """`--key keys/k1.pem` and DUALCAST_PUBLIC_KEY=keys/k1.pub.pem (the path without its
+    `@`) were read as PEM text: "not an unencrypted PEM private key", and nothing said
+    that a file needs `@`."""
+    assert keys(tmp_path, "--kid", "k1", "--dir", "keys").returncode == 0
+    token = dualcast(tmp_path, "token", "--key", "keys/k1.pem", "--sub", "a")
+    assert token.returncode == 2 and token.stdout == ""
+    assert token.stderr.strip() == ("dualcast token: --key: not an unencrypted PEM private "
+                                    "key: to read the file, write @keys/k1.pem")
+    serve = dualcast(tmp_path, "serve", "--port", "0", DUALCAST_JWT_ALGORITHMS="ES256",
+                     DUALCAST_PUBLIC_KEY="keys/k1.pub.pem")
+    assert serve.returncode == 2
+    assert serve.stderr.strip() == ("dualcast: bad setting DUALCAST_PUBLIC_KEY: not a PEM "
+                                    "public key or certificate: to read the file, write "
+                                    "@keys/k1.pub.pem")
+    # a name that is no file is not repeated (it could be a pasted key), only the forms
+    missing = dualcast(tmp_path, "token", "--key", "nope.pem", "--sub", "a")
+    assert missing.returncode == 2 and "nope.pem" not in missing.stderr
+    assert "or @path of a file holding it" in missing.stderr
+    assert dualcast(tmp_path, "token", "--key", "@keys/k1.pem", "--sub", "a").returncode == 0
