@@ -396,10 +396,30 @@ def _publish_http(args: argparse.Namespace, settings: Settings, data: Any) -> in
         print(f"dualcast publish: {args.url} is not reachable: {exc}", file=sys.stderr)
         return 1
     if response.status_code != 202:
-        print(f"dualcast publish: {response.status_code}: {response.text}", file=sys.stderr)
+        print(f"dualcast publish: {_publish_refusal(args.url, response)}", file=sys.stderr)
         return 1
     print(response.json()["id"])
     return 0
+
+
+def _publish_refusal(url: str, response: Any) -> str:
+    """A refused POST /api/publish in one line: dualcast's own JSON error as it came; a
+    404 or 405 (no publish endpoint at that path), or an answer that is no dualcast error
+    (another server's HTML page, a proxy's), with what to check."""
+    endpoint = url.rstrip("/") + "/api/publish"
+    try:
+        body = response.json()
+        known = isinstance(body, dict) and {"error", "message"} <= body.keys()
+    except ValueError:
+        known = False
+    status = response.status_code
+    if not known:
+        return (f"{endpoint} answered {status} {response.reason_phrase}, which is no dualcast "
+                "answer: is --url a dualcast server (or is a proxy in the way)?")
+    if status in (404, 405):
+        return (f"{endpoint} answered {status} {body['error']}: no publish endpoint there; "
+                "--url is the server's base URL (e.g. http://127.0.0.1:8000)")
+    return f"{status}: {response.text}"
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -222,3 +222,41 @@ def test_demo_to_a_redis_that_wants_a_password_says_so(fresh_redis: RedisProcess
         demo.wait(15)
     assert "HELLO" not in line
     assert "requires a password and the URL has none" in line
+
+
+def test_publish_url_that_is_no_dualcast_server_is_one_line(
+    dualcast: Callable[..., DualcastProcess],
+) -> None:
+    """`--url` at another web server printed its whole HTML error page, and `--url
+    http://host:port/api` a bare "405: method_not_allowed"; both are one line saying
+    what to check."""
+    import http.server
+    import threading
+
+    class Other(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.send_error(404, "Not Found")  # a page of HTML over several lines
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Other)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{other.server_address[1]}"
+        done = cli("publish", "note", "{}", "--url", url)
+    finally:
+        other.shutdown()
+        other.server_close()
+    assert done.returncode == 1 and done.stdout == ""
+    [line] = done.stderr.strip().splitlines()
+    assert line == (f"dualcast publish: {url}/api/publish answered 404 Not Found, which is no "
+                    "dualcast answer: is --url a dualcast server (or is a proxy in the way)?")
+
+    server = dualcast()
+    wrong = cli("publish", "note", "{}", "--url", server.url + "/api")
+    assert wrong.returncode == 1
+    [line] = wrong.stderr.strip().splitlines()
+    assert line.startswith(f"dualcast publish: {server.url}/api/api/publish answered 405 "
+                           "method_not_allowed: no publish endpoint there; --url is the "
+                           "server's base URL")
