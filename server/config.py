@@ -196,6 +196,21 @@ class Settings(BaseSettings):
         parse_redis_url(value)  # its errors never repeat the password
         return value
 
+    @field_validator("static_dir", mode="before")
+    @classmethod
+    def _empty_static_dir(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("static_dir")
+    @classmethod
+    def _static_folder(cls, value: str | None) -> str | None:
+        """A folder that is not there (a typo) served a 404 for the dashboard while the
+        server printed its link; refused at start instead."""
+        if value is not None and not os.path.isdir(value):
+            raise ValueError("no such folder (the dashboard's files; leave it unset for "
+                             "the bundled dashboard)")
+        return value
+
     @field_validator("redis_tls_ca", "redis_tls_cert", "redis_tls_key", mode="before")
     @classmethod
     def _empty_path(cls, value: object) -> object:
