@@ -196,6 +196,27 @@ class Settings(BaseSettings):
         parse_redis_url(value)  # its errors never repeat the password
         return value
 
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _proxies(cls, value: str) -> str:
+        """Addresses and networks as uvicorn reads them. It takes anything else (a host
+        name, 10.0.0.1/16 with host bits set, `*` beside an address) for a literal that
+        no client address ever equals, so the proxy's headers were ignored without a word
+        and every client looked like the proxy."""
+        items = [item.strip() for item in value.split(",") if item.strip()]
+        if "*" in items:
+            return "*"
+        for item in items:
+            try:
+                if "/" in item:
+                    ipaddress.ip_network(item)
+                else:
+                    ipaddress.ip_address(item)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or a network such as "
+                                 "10.0.0.0/16 (a comma list; * trusts any)") from None
+        return ",".join(items)
+
     @field_validator("static_dir", mode="before")
     @classmethod
     def _empty_static_dir(cls, value: object) -> object:

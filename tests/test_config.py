@@ -192,3 +192,27 @@ def test_the_readme_lists_every_setting_with_its_real_default(
         if field != "max_connections":  # documented as the open-file limit minus 100
             assert documented[name] == shown(value), name
     assert set(documented) <= {f"DUALCAST_{field.upper()}" for field in real}
+
+
+@pytest.mark.parametrize("value", ["nginx", "10.0.0.1/16", "10.0.0.0/33", "10.0.0.1;10.0.0.2"])
+def test_a_trusted_proxy_that_is_no_address_or_network_is_refused(
+        monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    """uvicorn took these for literals no client address equals: nginx's X-Forwarded-For
+    was ignored without a word, and every client had nginx's address (one per-address
+    cap for all anonymous clients)."""
+    monkeypatch.setenv("DUALCAST_FORWARDED_ALLOW_IPS", f"127.0.0.1,{value}")
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    message = str(info.value)
+    assert message.startswith("bad setting DUALCAST_FORWARDED_ALLOW_IPS: ")
+    assert f"{value!r} is not an IP address or a network" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(("value", "kept"), [
+    ("10.0.0.0/16, ::1", "10.0.0.0/16,::1"), ("10.0.0.5,*", "*"), ("*", "*"), ("", ""),
+])
+def test_trusted_proxies_are_kept_as_uvicorn_reads_them(
+        monkeypatch: pytest.MonkeyPatch, value: str, kept: str) -> None:
+    """`*` beside an address was one more literal to uvicorn, not "any"."""
+    monkeypatch.setenv("DUALCAST_FORWARDED_ALLOW_IPS", value)
+    assert load_settings().forwarded_allow_ips == kept

@@ -237,6 +237,7 @@ def test_memory_engine_refuses_several_workers_with_a_clear_line() -> None:
     ([], {"DUALCAST_ALLOWED_ORIGINS": "https://app.example.com/app"}, "DUALCAST_ALLOWED_ORIGINS"),
     # a folder that is not there: the server started and its dashboard link answered 404
     ([], {"DUALCAST_STATIC_DIR": "/nonexistent/dashboard"}, "DUALCAST_STATIC_DIR"),
+    ([], {"DUALCAST_FORWARDED_ALLOW_IPS": "nginx"}, "DUALCAST_FORWARDED_ALLOW_IPS"),
 ])
 def test_bad_settings_are_one_line_naming_it(args: list[str], env: dict[str, str],
                                              named: str) -> None:
