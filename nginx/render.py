@@ -38,6 +38,7 @@ import argparse
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 SITE_TEMPLATE = TEMPLATES / "dualcast.conf.tmpl"
@@ -227,6 +228,21 @@ def nginx_word(value: str, what: str) -> str:
     return value
 
 
+#: An upstream: a host name or IPv4 address, or an IPv6 one in brackets, then its port.
+_UPSTREAM = re.compile(r"(?:[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})")
+
+
+def nginx_upstream(value: str) -> str:
+    """`value` checked as one dualcast instance, `host:port`: nginx takes `http://h:p`
+    or a port past 65535 only to fail `nginx -t`, and a bare host as port 80."""
+    nginx_word(value, "upstream")
+    match = _UPSTREAM.fullmatch(value)
+    if match is None or not 1 <= int(match.group(1)) <= 65535:
+        raise ValueError(f"upstream {value!r}: not host:port with a port from 1 to 65535 "
+                         "(e.g. 127.0.0.1:8001, [::1]:8001; no http://)")
+    return value
+
+
 def access_log_directive(access_log: str | Path) -> str:
     """The arguments of `access_log`: a file in the `dualcast` format, or ``off``."""
     if str(access_log) == "off":
@@ -279,7 +295,7 @@ def render_site(
     if limit_conn < 1:
         raise ValueError(f"limit_conn {limit_conn}: nginx needs at least 1 connection per client")
     for upstream in upstreams:
-        nginx_word(upstream, "upstream")
+        nginx_upstream(upstream)
     nginx_word(listen, "listen")
     nginx_word(server_name, "server name")
     static_root = nginx_path(static_root, "static root")
@@ -403,9 +419,16 @@ def _connections(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a refused command line said in one line, not the usage and then it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the config; arguments nginx would refuse end in one line and exit 2."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--upstream", action="append", metavar="HOST:PORT",
         help="a dualcast instance; repeat once per instance (default: 127.0.0.1:8001-8003)",

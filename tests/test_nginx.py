@@ -294,15 +294,21 @@ def check_rendered(tmp_path: Path, site: str) -> None:
     (["--access-log", "/var/log/a\nb.log"], "access log '/var/log/a\\nb.log': nginx cannot"),
     (["--upstream", "127.0.0.1 8001"], "upstream '127.0.0.1 8001': not a single word"),
     (["--server-name", "push.example.com;"], "server name 'push.example.com;': not a single"),
+    # nginx -t failed on these (a scheme, a port past 65535), or read port 80 (no port)
+    (["--upstream", "http://127.0.0.1:8001"], "upstream 'http://127.0.0.1:8001': not host:port"),
+    (["--upstream", "127.0.0.1:99999"], "upstream '127.0.0.1:99999': not host:port"),
+    (["--upstream", "127.0.0.1"], "upstream '127.0.0.1': not host:port"),
 ])
 def test_render_py_refuses_what_nginx_would_refuse_in_one_line(
     args: list[str], says: str
 ) -> None:
+    """One line, as the README says (it was argparse's usage, six lines, then the error)."""
     result = render_py(*args)
     assert result.returncode == 2, result.stdout
     assert result.stdout == ""
     assert "Traceback" not in result.stderr
-    assert result.stderr.splitlines()[-1].startswith(f"render.py: error: {says}"), result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"render.py: error: {says}"), result.stderr
 
 
 def test_render_py_quotes_paths_with_spaces_and_nginx_takes_them(
