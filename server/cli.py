@@ -498,10 +498,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
 
     pub = sub.add_parser("publish", help="append one event")
-    pub.add_argument("event")
-    pub.add_argument("json", help="the event's data as JSON")
-    pub.add_argument("--room", action="append", default=[])
-    pub.add_argument("--redis-url")
+    pub.add_argument("event", help="the event's name, e.g. deploy (DUALCAST_EVENT_PATTERN)")
+    pub.add_argument("json", help="the event's data as JSON, e.g. '{\"v\": 2}'")
+    pub.add_argument("--room", action="append", default=[],
+                     help="a room to send it to; repeat for several (none: a public event)")
+    pub.add_argument("--redis-url", help="append straight to this Redis (DUALCAST_REDIS_URL)")
     pub.add_argument("--url", help="a running dualcast server (uses POST /api/publish)")
     pub.add_argument("--token", help="a publish token for --url")
     pub.add_argument("--wait-replicas", type=_count, default=0, metavar="N",
@@ -511,12 +512,16 @@ def build_parser() -> argparse.ArgumentParser:
     pub.set_defaults(func=_publish)
 
     tok = sub.add_parser("token", help="mint a token")
-    tok.add_argument("--sub", required=True, type=_subject)
-    tok.add_argument("--room", action="append", default=[])
-    tok.add_argument("--admin", action="store_true")
-    tok.add_argument("--publish", action="store_true")
-    tok.add_argument("--ttl", type=parse_ttl, default=3600.0)
-    tok.add_argument("--secret")
+    tok.add_argument("--sub", required=True, type=_subject,
+                     help="who the token is for (its user room is user-<sub>)")
+    tok.add_argument("--room", action="append", default=[],
+                     help="a room it may join; repeat for several")
+    tok.add_argument("--admin", action="store_true", help="may join every room")
+    tok.add_argument("--publish", action="store_true", help="may POST /api/publish")
+    tok.add_argument("--ttl", type=parse_ttl, default=3600.0,
+                     help="lifetime: seconds, or e.g. 90s, 30m, 8h, 7d (default 1h)")
+    tok.add_argument("--secret", help="the HS* secret (default: DUALCAST_SECRET, else the "
+                     "one dualcast serve keeps on this machine)")
     tok.add_argument("--key", help="sign with this private key (PEM, or @path)")
     tok.add_argument("--alg", help="HS256, HS384, HS512, or RS*/PS*/ES*/EdDSA with --key "
                      "(default: the first of DUALCAST_JWT_ALGORITHMS the secret or --key "
@@ -534,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys.set_defaults(func=_keys)
 
     demo = sub.add_parser("demo", help="publish simulated traffic to Redis")
-    demo.add_argument("--redis-url")
+    demo.add_argument("--redis-url", help="the Redis to publish to (DUALCAST_REDIS_URL)")
     demo.add_argument("--speed", type=_demo_speed, default=1.0,
                       help=f"pace: 1 = about five events a second, up to {DEMO_SPEED_MAX:g} "
                       "(as DUALCAST_DEMO_SPEED)")
@@ -546,7 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--rooms", help="comma-separated rooms (default: all the token allows)")
     tail.add_argument("--last-event-id", help="resume after this id; 0 = all retained events")
     tail.add_argument("--transport", choices=["auto", "websocket", "sse", "polling"],
-                      default="auto")
+                      default="auto", help="only this transport (default auto: the best "
+                      "that works, falling back and climbing back)")
     tail.set_defaults(func=_tail)
     return parser
 

@@ -260,3 +260,22 @@ def test_publish_url_that_is_no_dualcast_server_is_one_line(
     assert line.startswith(f"dualcast publish: {server.url}/api/api/publish answered 405 "
                            "method_not_allowed: no publish endpoint there; --url is the "
                            "server's base URL")
+
+
+def test_every_option_of_every_command_says_what_it_is() -> None:
+    """`dualcast token --help` listed --sub, --room, --ttl and --secret bare: nothing said
+    that --ttl takes 90s/30m/8h/7d or that it defaults to an hour."""
+    import argparse
+
+    from dualcast.cli import build_parser
+
+    done = cli("token", "--help")
+    assert done.returncode == 0
+    assert re.search(r"--ttl TTL\s+lifetime: seconds, or e\.g\. 90s, 30m, 8h, 7d\s+\(default\s+1h\)",
+                     done.stdout), done.stdout
+    [commands] = [a for a in build_parser()._actions
+                  if isinstance(a, argparse._SubParsersAction)]
+    bare = [f"{name} {action.option_strings or action.dest}"
+            for name, parser in commands.choices.items() for action in parser._actions
+            if not action.help]
+    assert bare == []
