@@ -10,7 +10,8 @@ import math
 import re
 import signal
 import sys
-from typing import TYPE_CHECKING, Any
+import warnings
+from typing import TYPE_CHECKING, Any, TextIO
 
 from dualcast.secret_file import MIN_SECRET_BYTES
 
@@ -561,7 +562,15 @@ def build_parser() -> argparse.ArgumentParser:
 INTERRUPTED = 128 + signal.SIGINT
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str,
+                      lineno: int, file: TextIO | None = None, line: str | None = None) -> None:
+    """A library's warning as one line of the command's (PyJWT's InsecureKeyLengthWarning
+    came as its source file, line number and a line of its code)."""
+    print(f"dualcast: warning: {message}", file=file or sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _one_line_warning
     try:
         from dualcast.config import SettingsError
 

@@ -279,3 +279,13 @@ def test_every_option_of_every_command_says_what_it_is() -> None:
             for name, parser in commands.choices.items() for action in parser._actions
             if not action.help]
     assert bare == []
+
+
+def test_a_library_warning_is_one_line() -> None:
+    """HS512 with a 32-byte secret (allowed; the README says PyJWT warns): the warning
+    came as PyJWT's file and line number and then a line of its source code."""
+    done = cli("token", "--sub", "1", env={"DUALCAST_JWT_ALGORITHMS": "HS512"})
+    assert done.returncode == 0, done.stderr
+    assert jwt.get_unverified_header(done.stdout.strip())["alg"] == "HS512"
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("dualcast: warning: The HMAC key is ") and "SHA512" in line
