@@ -166,6 +166,7 @@ def _token(args: argparse.Namespace) -> int:
     from dualcast.auth import mint_token
     from dualcast.keys import ALGORITHMS, Family, load_private_key
     from dualcast.names import check_room
+    from dualcast.secret_file import SecretFileError
 
     settings = _settings(args)
     for room in args.room:  # a room the server's pattern refuses: no event could reach it
@@ -191,7 +192,11 @@ def _token(args: argparse.Namespace) -> int:
         return 2
     secret: str | None = None
     if ALGORITHMS[algorithm] is Family.HMAC:
-        secret = args.secret or settings.secret or _kept_secret()
+        try:
+            secret = args.secret or settings.secret or _kept_secret()
+        except SecretFileError as exc:
+            print(f"dualcast token: {exc}", file=sys.stderr)
+            return 2
         if not secret:
             print("dualcast token: no secret: set DUALCAST_SECRET or pass --secret "
                   "(or --key @private.pem with --alg)", file=sys.stderr)
@@ -244,13 +249,12 @@ def _token_algorithm(settings: Settings, key: PrivateKey | None) -> str | None:
 
 
 def _kept_secret() -> str | None:
-    """The secret `dualcast serve` keeps on this machine, if there is one."""
-    from dualcast.secret_file import SecretFileError, read_secret, secret_path
+    """The secret `dualcast serve` keeps on this machine, if there is one; SecretFileError
+    (one line saying what to do) for a file that is there but unusable: "no secret" would
+    send the person to set one while the server refuses to start on that file."""
+    from dualcast.secret_file import read_secret, secret_path
 
-    try:
-        return read_secret(secret_path())
-    except SecretFileError:
-        return None
+    return read_secret(secret_path())
 
 
 def _keys(args: argparse.Namespace) -> int:
@@ -379,13 +383,18 @@ def _publish_http(args: argparse.Namespace, settings: Settings, data: Any) -> in
     import httpx
 
     from dualcast.auth import hmac_algorithm, mint_for
+    from dualcast.secret_file import SecretFileError
 
     token = args.token
     if token is None and hmac_algorithm(settings) is None:
         print(f"dualcast publish: {_keyed_only(settings)}: pass --token, e.g. from "
               f"`{_keyed_token_command(settings, '--sub cli --publish')}`", file=sys.stderr)
         return 2
-    secret = (settings.secret or _kept_secret()) if token is None else None
+    try:
+        secret = (settings.secret or _kept_secret()) if token is None else None
+    except SecretFileError as exc:
+        print(f"dualcast publish: {exc}", file=sys.stderr)
+        return 2
     if secret:  # the algorithm, issuer and audience the server checks, else it refuses it
         token = mint_for(settings, secret, "cli", publish=True, ttl=300)
     headers = {"Authorization": f"Bearer {token}"} if token else {}

@@ -289,3 +289,22 @@ def test_a_library_warning_is_one_line() -> None:
     assert jwt.get_unverified_header(done.stdout.strip())["alg"] == "HS512"
     [line] = done.stderr.strip().splitlines()
     assert line.startswith("dualcast: warning: The HMAC key is ") and "SHA512" in line
+
+
+def test_a_kept_secret_file_that_is_unusable_is_named(tmp_path: Path) -> None:
+    """`dualcast serve` refuses a kept secret file that is too short ("delete it to make a
+    new one"), but `dualcast token` said "no secret: set DUALCAST_SECRET", and publish
+    --url sent no token at all (401)."""
+    kept = tmp_path / "dualcast" / "secret"
+    kept.parent.mkdir()
+    kept.write_text("short\n")
+    env = {"XDG_STATE_HOME": str(tmp_path)}
+    for args in (["token", "--sub", "1"], ["publish", "x", "{}", "--url", "http://127.0.0.1:9"]):
+        done = cli(*args, secret=None, env=env)
+        assert done.returncode == 2 and done.stdout == ""
+        [line] = done.stderr.strip().splitlines()
+        assert line == (f"dualcast {args[0]}: the secret file {kept} holds fewer than 32 "
+                        "bytes: delete it to make a new one, or set DUALCAST_SECRET")
+    kept.unlink()
+    missing = cli("token", "--sub", "1", secret=None, env=env)
+    assert missing.returncode == 2 and "no secret: set DUALCAST_SECRET" in missing.stderr
