@@ -9,6 +9,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -125,10 +126,12 @@ class Runtime:
 
         await run_demo(sink, stop=asyncio.Event(), speed=self.settings.demo_speed)
 
-    async def drain(self, grace: float) -> None:
+    async def drain(self, grace: float, hurry: Callable[[], bool] | None = None) -> None:
         """SIGTERM: send every subscriber away (WS 1001, SSE ends with a jittered `retry:`),
         spread over half the grace period so thousands of clients do not all come back in
         the same second; the consumer keeps delivering to those not yet closed.
+
+        `hurry()` true (a second Ctrl-C) sends the rest away at once and returns.
         """
         if self.draining:
             return
@@ -137,11 +140,17 @@ class Runtime:
         spread = max(grace * 0.5, 0.0)
         log.info("draining %d subscribers over %.1fs", len(subscribers), spread)
         loop = asyncio.get_running_loop()
-        for sub in subscribers:
-            loop.call_later(random.uniform(0, spread), sub.close, CloseReason.SHUTDOWN)
+        closings = [loop.call_later(random.uniform(0, spread), sub.close, CloseReason.SHUTDOWN)
+                    for sub in subscribers]
         self.hub.wake_pollers()
         deadline = loop.time() + max(grace * 0.8, 0.1)
         while self.hub.subscribers and loop.time() < deadline:
+            if hurry is not None and hurry():
+                log.info("closing the %d subscribers left at once", len(self.hub.subscribers))
+                for closing in closings:
+                    closing.cancel()
+                self.hub.close_all(CloseReason.SHUTDOWN)
+                return
             await asyncio.sleep(0.05)
 
     def publish_local(self, event: str, data: Any, rooms: list[str]) -> str:

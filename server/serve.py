@@ -257,8 +257,15 @@ class DualcastServer(uvicorn.Server):
             if not isinstance(connection, WebSocketProtocol):
                 connection.shutdown()
         if self.runtime is not None:
-            await self.runtime.drain(self.settings.shutdown_grace)
+            # a second Ctrl-C (uvicorn's force_exit) cuts the drain short
+            await self.runtime.drain(self.settings.shutdown_grace, lambda: self.force_exit)
         await super().shutdown(sockets)
+        if self.force_exit:
+            # uvicorn skips the app's shutdown then, and its lifespan task, cancelled when
+            # the loop closed, logged a traceback; the app's own shutdown is quick.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLOSE_FLOOR * 4):
+                    await self.lifespan.shutdown()
 
 
 def _worker(server: DualcastServer, address: tuple[str, int], listening: Any) -> None:

@@ -417,6 +417,31 @@ async def test_a_sub_second_grace_stops_cleanly(
 
 
 @pytest.mark.timeout(60)
+async def test_a_second_ctrl_c_stops_the_drain_at_once_without_a_traceback(
+    serve: Callable[..., DualcastProcess]
+) -> None:
+    """Ctrl-C drains subscribers over half the grace; a person who pressed it again (as
+    uvicorn's "CTRL+C to force quit" invites) waited all the same, then got a traceback
+    (the app's lifespan, skipped by uvicorn's forced exit, cancelled with the loop)."""
+    proc = serve([], env={"DUALCAST_SHUTDOWN_GRACE": "30"})  # a drain of 15 s
+    assert proc.proc is not None
+    subscribers = [await subscribe(kind, proc.url) for kind in ("ws", "sse") for _ in range(3)]
+    try:
+        proc.signal(signal.SIGINT)
+        await asyncio.to_thread(wait_until, lambda: "draining 6 subscribers" in proc.log(),
+                                timeout=10, what="the drain")
+        proc.signal(signal.SIGINT)
+        exit_code = await asyncio.to_thread(proc.proc.wait, 5)
+    finally:
+        for sub in subscribers:
+            await sub.close()
+    log = proc.log()
+    assert exit_code == 0, log
+    assert "Traceback" not in log and "ERROR" not in log, log
+    assert "Application shutdown complete" in log
+
+
+@pytest.mark.timeout(60)
 def test_a_stop_begins_at_once_although_the_main_loop_looks_rarely() -> None:
     """The main loop looks at `should_exit` once a second (uvicorn: ten times a second);
     setting it, as a signal, the supervisor or a test does, wakes the loop. With an hour
