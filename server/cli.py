@@ -192,6 +192,11 @@ def _token(args: argparse.Namespace) -> int:
         return 2
     secret: str | None = None
     if ALGORITHMS[algorithm] is Family.HMAC:
+        if key is not None:  # it signed with the secret, and the key was ignored
+            print(f"dualcast token: --alg {algorithm} signs with the shared secret, not "
+                  "--key: leave out --key, or choose its algorithm with --alg (e.g. ES256)",
+                  file=sys.stderr)
+            return 2
         try:
             secret = args.secret or settings.secret or _kept_secret()
         except SecretFileError as exc:

@@ -308,3 +308,17 @@ def test_a_kept_secret_file_that_is_unusable_is_named(tmp_path: Path) -> None:
     kept.unlink()
     missing = cli("token", "--sub", "1", secret=None, env=env)
     assert missing.returncode == 2 and "no secret: set DUALCAST_SECRET" in missing.stderr
+
+
+def test_a_key_is_never_ignored_for_a_secret_algorithm(tmp_path: Path) -> None:
+    """`--alg HS256 --key @k1.pem` signed with the shared secret and dropped the key
+    without a word: the token was not the one asked for."""
+    made = subprocess.run([sys.executable, "-m", "dualcast", "keys", "--kid", "k1", "--dir",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    done = cli("token", "--sub", "a", "--alg", "HS256", "--key", f"@{tmp_path / 'k1.pem'}")
+    assert done.returncode == 2 and done.stdout == ""
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("dualcast token: --alg HS256 signs with the shared secret, not --key")
+    keyed = cli("token", "--sub", "a", "--alg", "ES256", "--key", f"@{tmp_path / 'k1.pem'}")
+    assert keyed.returncode == 0 and jwt.get_unverified_header(keyed.stdout.strip())["alg"] == "ES256"
