@@ -65,6 +65,10 @@ def _serve(args: argparse.Namespace) -> int:
     from dualcast.serve import ListenError, serve
 
     settings = _flag_settings(args, SERVE_FLAGS)
+    if args.demo_speed is not None and not settings.demo:  # it would pace nothing
+        print("dualcast serve: --demo-speed paces the demo traffic: add --demo (or set "
+              "DUALCAST_DEMO=true)", file=sys.stderr)
+        return 2
     configured = settings.secret is not None
     kept: tuple[str, bool] | None = None
     # No secret is made where no HS* token is accepted: it would sign nothing.

@@ -210,6 +210,15 @@ def test_demo_with_several_workers_is_one_clear_line(redis_server: RedisProcess)
     assert "--demo" in lines[0] or "DUALCAST_DEMO" in lines[0]
 
 
+def test_demo_speed_without_the_demo_is_one_clear_line() -> None:
+    """`dualcast serve --demo-speed 5` (without --demo) started a server with no demo at
+    all, and nothing said the flag paced nothing."""
+    done = run_cli("serve", "--port", str(free_port()), "--demo-speed", "5")
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("dualcast serve: --demo-speed paces the demo traffic: add --demo")
+
+
 def test_memory_engine_refuses_several_workers_with_a_clear_line() -> None:
     done = run_cli("serve", "--workers", "2", "--port", str(free_port()))
     assert done.returncode == 2
