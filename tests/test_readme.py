@@ -134,6 +134,20 @@ def test_every_sh_block_is_marked() -> None:
     assert {"quick-start", "using-it", "redis-cli"} <= set(names)
 
 
+def test_the_quick_start_says_which_python_and_where_to_install() -> None:
+    """`python3 -m pip install -e .` as the first command on a fresh Debian or Ubuntu
+    ended in `externally-managed-environment` (their Python refuses pip outside a venv),
+    and on Python 3.10 in pip's "requires a different Python"; the README said neither."""
+    text = README.read_text()
+    before = " ".join(text[text.index("## Quick start"):
+                           text.index("<!-- readme-test: quick-start -->")].split())
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    least = re.search(r'requires-python = ">=(\d+\.\d+)"', pyproject)
+    assert least is not None
+    assert f"Python {least[1]} or newer" in before
+    assert "python3 -m venv .venv && . .venv/bin/activate" in before
+
+
 def test_readme_blocks_on_a_plain_install(venv: Path, fresh_redis: RedisProcess,
                                           shells: list[Shell], tmp_path: Path) -> None:
     require_tool("curl", "the README's commands use it")
