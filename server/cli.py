@@ -274,7 +274,12 @@ def _keys(args: argparse.Namespace) -> int:
     from dualcast.keys import ALGORITHMS, Family, make_key_files
 
     algorithm = args.alg
-    if ALGORITHMS.get(algorithm, Family.HMAC) is Family.HMAC:
+    keyed = [name for name, family in ALGORITHMS.items() if family is not Family.HMAC]
+    if algorithm not in ALGORITHMS:  # (es256 was told "must be ES*", as HS256 was)
+        print(f"dualcast keys: --alg: unknown algorithm {algorithm!r} (choose from "
+              f"{', '.join(keyed)})", file=sys.stderr)
+        return 2
+    if ALGORITHMS[algorithm] is Family.HMAC:
         print("dualcast keys: --alg must be RS*, PS*, ES* or EdDSA "
               "(HS* uses DUALCAST_SECRET, not a key pair)", file=sys.stderr)
         return 2

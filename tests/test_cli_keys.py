@@ -98,3 +98,15 @@ def test_a_key_file_named_without_its_at_sign_is_said_so(tmp_path: Path) -> None
     assert missing.returncode == 2 and "nope.pem" not in missing.stderr
     assert "or @path of a file holding it" in missing.stderr
     assert dualcast(tmp_path, "token", "--key", "@keys/k1.pem", "--sub", "a").returncode == 0
+
+
+@pytest.mark.parametrize("alg", ["es256", "ES999"])
+def test_an_unknown_algorithm_is_named_with_the_choices(tmp_path: Path, alg: str) -> None:
+    """`--alg es256` was told "--alg must be RS*, PS*, ES* or EdDSA (HS* uses
+    DUALCAST_SECRET)": as if it were an HS* algorithm, and with no name to type."""
+    done = keys(tmp_path, "--alg", alg)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip() == (f"dualcast keys: --alg: unknown algorithm {alg!r} (choose "
+                                   "from RS256, RS384, RS512, PS256, PS384, PS512, ES256, "
+                                   "ES384, ES512, ES256K, EdDSA)")
+    assert files_in(tmp_path) == {}
