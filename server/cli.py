@@ -519,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--demo", action="store_true", default=None,
                        help="publish simulated proxy traffic (DUALCAST_DEMO)")
     serve.add_argument("--demo-speed", type=float, help="pace of the demo (DUALCAST_DEMO_SPEED)")
-    serve.set_defaults(func=_serve)
+    serve.set_defaults(func=_serve, parser=serve)
 
     pub = sub.add_parser("publish", help="append one event")
     pub.add_argument("event", help="the event's name, e.g. deploy (DUALCAST_EVENT_PATTERN)")
@@ -533,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="after the write, WAIT for N replicas (a warning on stderr if fewer)")
     pub.add_argument("--wait-timeout", type=_count, default=1000, metavar="MS",
                      help="how long --wait-replicas waits, in ms (default 1000)")
-    pub.set_defaults(func=_publish)
+    pub.set_defaults(func=_publish, parser=pub)
 
     tok = sub.add_parser("token", help="mint a token")
     tok.add_argument("--sub", required=True, type=_subject,
@@ -553,21 +553,21 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--kid", help="the key id a JWKS publishes the key under")
     tok.add_argument("--issuer", help="'iss' claim (default: DUALCAST_JWT_ISSUER)")
     tok.add_argument("--audience", help="'aud' claim (default: DUALCAST_JWT_AUDIENCE)")
-    tok.set_defaults(func=_token)
+    tok.set_defaults(func=_token, parser=tok)
 
     keys = sub.add_parser("keys", help="make a key pair for tokens and a JWKS file")
     keys.add_argument("--alg", default="ES256", help="RS*, PS*, ES* or EdDSA (default ES256)")
     keys.add_argument("--kid", help="key id (default: made up)")
     keys.add_argument("--dir", default=".", help="where the key files go")
     keys.add_argument("--jwks", help="the JWKS file to add the key to (default DIR/jwks.json)")
-    keys.set_defaults(func=_keys)
+    keys.set_defaults(func=_keys, parser=keys)
 
     demo = sub.add_parser("demo", help="publish simulated traffic to Redis")
     demo.add_argument("--redis-url", help="the Redis to publish to (DUALCAST_REDIS_URL)")
     demo.add_argument("--speed", type=_demo_speed, default=1.0,
                       help=f"pace: 1 = about five events a second, up to {DEMO_SPEED_MAX:g} "
                       "(as DUALCAST_DEMO_SPEED)")
-    demo.set_defaults(func=_demo)
+    demo.set_defaults(func=_demo, parser=demo)
 
     tail = sub.add_parser("tail", help="print a server's events as JSON lines until Ctrl-C")
     tail.add_argument("url", help="the dualcast server, e.g. http://127.0.0.1:8000")
@@ -577,12 +577,24 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--transport", choices=["auto", "websocket", "sse", "polling"],
                       default="auto", help="only this transport (default auto: the best "
                       "that works, falling back and climbing back)")
-    tail.set_defaults(func=_tail)
+    tail.set_defaults(func=_tail, parser=tail)
     return parser
 
 
 #: The exit status of a command stopped by Ctrl-C before it was under way (128 + SIGINT).
 INTERRUPTED = 128 + signal.SIGINT
+
+
+def _unrecognized(parser: argparse.ArgumentParser, extra: list[str]) -> None:
+    """`dualcast serve --prot 8000`: the flags the command does not know, the one meant
+    when it is close to one, and the command's --help (`dualcast --help` lists none)."""
+    import difflib
+
+    flags = [flag for action in parser._actions for flag in action.option_strings]
+    meant = [close[0] for word in extra if word.startswith("-")
+             for close in [difflib.get_close_matches(word.split("=")[0], flags, n=1)] if close]
+    hint = f"; did you mean {', '.join(meant)}?" if meant else ""
+    parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], filename: str,
@@ -597,7 +609,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from dualcast.config import SettingsError
 
-        args = build_parser().parse_args(argv)
+        args, extra = build_parser().parse_known_args(argv)
+        if extra:  # said by the command's own parser: its --help lists its flags
+            _unrecognized(args.parser, extra)
         try:
             return int(args.func(args))
         except SettingsError as exc:

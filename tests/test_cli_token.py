@@ -322,3 +322,21 @@ def test_a_key_is_never_ignored_for_a_secret_algorithm(tmp_path: Path) -> None:
     assert line.startswith("dualcast token: --alg HS256 signs with the shared secret, not --key")
     keyed = cli("token", "--sub", "a", "--alg", "ES256", "--key", f"@{tmp_path / 'k1.pem'}")
     assert keyed.returncode == 0 and jwt.get_unverified_header(keyed.stdout.strip())["alg"] == "ES256"
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["serve", "--prot", "8000"], "dualcast serve: unrecognized arguments: --prot 8000; did "
+                                  "you mean --port? (see dualcast serve --help)"),
+    (["token", "--sub", "1", "--rooms", "ops"], "dualcast token: unrecognized arguments: "
+                                                "--rooms ops; did you mean --room? (see "
+                                                "dualcast token --help)"),
+    (["serve", "8000"], "dualcast serve: unrecognized arguments: 8000 (see dualcast serve "
+                        "--help)"),
+])
+def test_a_mistyped_flag_is_named_with_the_command_and_the_flag_meant(
+        args: list[str], says: str) -> None:
+    """`dualcast serve --prot 8000` said "(see dualcast --help)", whose help lists no flag
+    of serve's, and not which flag was meant."""
+    done = cli(*args)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip() == says
