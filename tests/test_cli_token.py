@@ -340,3 +340,20 @@ def test_a_mistyped_flag_is_named_with_the_command_and_the_flag_meant(
     done = cli(*args)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip() == says
+
+
+def test_a_redis_url_at_a_port_that_is_no_redis_says_so(
+    dualcast: Callable[..., DualcastProcess],
+) -> None:
+    """A Redis URL with dualcast's own HTTP port (8000 for 6379) was answered "InvalidResponse:
+    Protocol error, got "H" as reply type byte", for publish and in the server's log."""
+    http = dualcast()
+    port = http.url.rsplit(":", 1)[1]
+    url = f"redis://127.0.0.1:{port}/0"
+    done = cli("publish", "note", "{}", "--redis-url", url)
+    assert done.returncode == 1
+    [line] = done.stderr.strip().splitlines()
+    assert "does not speak Redis (an HTTP server, dualcast's own port?)" in line, line
+    served = dualcast(url)
+    wait_until(lambda: "does not speak Redis" in served.log(), timeout=20,
+               what="the consumer's error with the hint")

@@ -34,6 +34,7 @@ from dualcast.config import Settings
 from dualcast.events import ZERO, StreamId, parse_id
 from dualcast.log.base import LogInfo, LogNoAnswer, LogRefused, LogUnavailable, RawEntry
 from dualcast.log.xread import Follow, XReadLine
+from dualcast.publisher.results import describe
 from dualcast.redis_connect import Pooling, Topology, async_client, parse_redis_url
 
 T = TypeVar("T")
@@ -61,7 +62,7 @@ async def _translated(what: str) -> AsyncIterator[None]:
         # a read timeout (not redis-py's "Timeout connecting"): the command went out
         unanswered = isinstance(exc, RedisTimeoutError) and "connecting" not in str(exc)
         raise (LogNoAnswer if unanswered else LogUnavailable)(
-            f"redis {what} failed: {type(exc).__name__}: {exc}") from exc
+            f"redis {what} failed: {describe(exc)}") from exc
 
 
 def _text(value: object) -> str:

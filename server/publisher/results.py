@@ -80,6 +80,11 @@ _NO_PASSWORD = ("HELLO must be called with the client already authenticated",
                 "Authentication required")
 
 
+#: redis-py's words for a reply that is no Redis reply ("got "H" as reply type byte": an
+#: HTTP server's "HTTP/1.1 ...").
+_NOT_REDIS = "Protocol error, got"
+
+
 def describe(exc: BaseException) -> str:
     """`exc` in one line for `PublishResult.error`: its type and message (a timeout has
     none of its own)."""
@@ -87,4 +92,7 @@ def describe(exc: BaseException) -> str:
     if text.startswith(_NO_PASSWORD):
         text = ("this Redis requires a password and the URL has none: "
                 "redis://:PASSWORD@host:port/db (or USER:PASSWORD@ for an ACL user)")
+    elif text.startswith(_NOT_REDIS):
+        text += (": what answers at that address does not speak Redis (an HTTP server, "
+                 "dualcast's own port?): check the URL's port (Redis's is usually 6379)")
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
