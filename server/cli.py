@@ -346,6 +346,15 @@ def _count(value: str) -> int:
     return int(value)
 
 
+def _milliseconds(value: str) -> int:
+    """`--wait-timeout`: WAIT with 0 would block without bound, which the publisher refuses
+    (in words naming its own parameter, wait_timeout_ms, not this flag)."""
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of milliseconds "
+                                         ">= 1 (0 would wait without bound)")
+    return int(value)
+
+
 def _demo_speed(value: str) -> float:
     """`demo --speed`, refused by argparse in one line as `serve --demo-speed` is by the
     settings (0, nan or inf ended in a traceback once the demo had started)."""
@@ -531,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--token", help="a publish token for --url")
     pub.add_argument("--wait-replicas", type=_count, default=0, metavar="N",
                      help="after the write, WAIT for N replicas (a warning on stderr if fewer)")
-    pub.add_argument("--wait-timeout", type=_count, default=1000, metavar="MS",
+    pub.add_argument("--wait-timeout", type=_milliseconds, default=1000, metavar="MS",
                      help="how long --wait-replicas waits, in ms (default 1000)")
     pub.set_defaults(func=_publish, parser=pub)
 

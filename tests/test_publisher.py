@@ -903,6 +903,9 @@ def test_cli_refusals_are_one_line(redis_server: RedisProcess):
         (("ok", "[" * 253 + "]" * 253), "nested deeper than 252 levels"),
         (("ok", '{"x": "\\ud800"}'), "data['x']: string holds a lone surrogate (U+D800)"),
         (("ok", "{}", "--wait-replicas", "many"), "--wait-replicas"),
+        # named the library's wait_timeout_ms, not the flag the person typed
+        (("ok", "{}", "--wait-replicas", "1", "--wait-timeout", "0"),
+         "argument --wait-timeout: '0' is not a whole number of milliseconds >= 1"),
     ):
         done = publish_cli(redis_server.url, *args)
         assert done.returncode == 2 and done.stdout == "", (args, done)
