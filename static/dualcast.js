@@ -227,6 +227,16 @@ export function classifyRefusal(status, body) {
   return 'transport';
 }
 
+/** Codes of a refusal that names one room (`not allowed in room 'admin'`). */
+const ROOM_CODES = new Set(['forbidden_room', 'bad_room']);
+
+/** The room of `rooms` an HTTP refusal names, if it refuses one room, else null. */
+export function refusedRoom(info, rooms) {
+  if (!ROOM_CODES.has(info.code)) return null;
+  const message = String(info.message ?? '');
+  return rooms.find((room) => message.includes(`'${room.slice(0, 80)}'`)) ?? null;
+}
+
 // ---------------------------------------------------------------------------
 // One class per transport. Each reports to its `sink` (the manager) with itself as the
 // first argument, so the manager can ignore a connection it has already replaced.
@@ -597,7 +607,8 @@ const CONNECTIONS = { websocket: WebSocketConnection, sse: SSEConnection, pollin
  *   retryBaseMs/retryCapMs (reconnect), climbBaseMs/climbCapMs (probe higher transports)
  *   deathWindowMs/maxDeaths (how many deaths of a live transport before falling back)
  * Callbacks: onEvents(list, cursor), onStatus(status), onReset(lastId), onError(info),
- *   onWelcome({transport, rooms, lastId}), onRoom('joined'|'left', room)
+ *   onWelcome({transport, rooms, lastId}), onRoom('joined'|'left', room),
+ *   onRoomRefused(room) (an SSE or poll connect refused one room: asked for no more)
  */
 export class TransportManager {
   constructor(opts = {}) {
@@ -639,6 +650,7 @@ export class TransportManager {
     this.onError = opts.onError ?? (() => {});
     this.onWelcome = opts.onWelcome ?? (() => {});
     this.onRoom = opts.onRoom ?? (() => {});
+    this.onRoomRefused = opts.onRoomRefused ?? (() => {});
 
     this.level = Math.max(0, this.order.indexOf(opts.initial ?? this.order[0]));
     this.conn = null; // the connection that feeds us
@@ -897,6 +909,16 @@ export class TransportManager {
       this.stop('auth');
       return;
     }
+    const room = info.kind === 'fatal' ? refusedRoom(info, this.rooms) : null;
+    if (room !== null && this.rooms.length > 1) {
+      // one room refused (a join, or a room the token lost): as a WebSocket does, say
+      // so once and carry on with the others; only none left is fatal
+      this.rooms = this.rooms.filter((r) => r !== room);
+      this.onRoomRefused(room);
+      this.onError({ ...info, kind: 'frame', transport: conn.name });
+      this.open();
+      return;
+    }
     if (info.kind === 'fatal') {
       this.onError({ ...info, transport: conn.name });
       this.stop('refused');
@@ -1069,6 +1091,7 @@ export class Dualcast {
       onRoom: (kind, room) => {
         if (kind === 'joined') this.pending.delete(room);
       },
+      onRoomRefused: (room) => this.setRoomsQuietly(this.rooms.filter((r) => r !== room)),
     });
   }
 

@@ -1,0 +1,111 @@
+"""The Dualcast class itself, driven from a blank page on ANOTHER origin in a real Chromium.
+
+docs/examples exercise the happy path; these tests call the API as an embedding app
+would (join/leave, stop/start, token functions, transport subsets) and watch what it
+emits. The page only imports the module; everything else runs through page.evaluate.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from tests.conftest import token
+from tests.e2e.conftest import Page, Stack, wait_js
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
+
+# Loads the module from the server given in ?server= and records everything it emits.
+BLANK = """<!doctype html><meta charset="utf-8"><link rel="icon" href="data:,">
+<script type="module">
+const server = new URLSearchParams(location.search).get('server');
+const mod = await import(`${server}/dualcast.js`);
+window.mod = mod;
+window.make = (opts = {}, url = server) => {
+  const dc = new mod.Dualcast(url, opts);
+  dc.seen = { event: [], state: [], error: [], reset: [], welcome: [] };
+  for (const name of Object.keys(dc.seen)) dc.on(name, (v) => dc.seen[name].push(v));
+  return dc;
+};
+window.ready = true;
+</script>"""
+
+
+class BlankHandler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        data = BLANK.encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        """Quiet."""
+
+
+@pytest.fixture
+def page_origin() -> Iterator[Callable[[], str]]:
+    servers: list[ThreadingHTTPServer] = []
+
+    def start() -> str:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), BlankHandler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def embed(stack: Callable[..., Stack], open_page: Callable[..., Page],
+          page_origin: Callable[[], str]) -> Callable[..., tuple[Stack, Any]]:
+    """A server listing a fresh page origin, and that blank page, module loaded."""
+
+    def start(env: dict[str, str] | None = None) -> tuple[Stack, Any]:
+        origin = page_origin()
+        s = stack(env={"DUALCAST_ALLOWED_ORIGINS": origin, **(env or {})})
+        p = open_page(f"{origin}/?server={s.base_url}")
+        wait_js(p.page, "window.ready === true", timeout=20)
+        return s, p.page
+
+    return start
+
+
+def start_client(page: Any, **options: Any) -> None:
+    """`window.dc = make(options); dc.start()` in the page."""
+    page.evaluate("(o) => { window.dc = make(o); dc.start(); }", options)
+
+
+def wait_event(page: Any, entry_id: str, timeout: float = 15) -> None:
+    wait_js(page, f"dc.seen.event.some((e) => e.id === {entry_id!r})", timeout)
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse", "polling"])
+def test_joining_a_forbidden_room_is_an_error_and_the_feed_carries_on(
+    transport: str, embed: Callable[..., tuple[Stack, Any]],
+) -> None:
+    """On SSE and polling a join reconnects with the new set, which the server refuses
+    (403 forbidden_room) as a whole: the client stopped for good, though the token may
+    still read every room it had. As on a WebSocket: one error, the room dropped, live."""
+    s, page = embed()
+    start_client(page, token=token("456", rooms=["ops"]), rooms=["ops"],
+                 transports=[transport])
+    wait_js(page, "dc.state === 'live'", 20)
+    page.evaluate("dc.join('admin')")
+    wait_js(page, "dc.seen.error.length > 0 && dc.state === 'live'", 20)
+    errors = page.evaluate("dc.seen.error")
+    assert [(e["code"], e["kind"]) for e in errors] == [("forbidden_room", "frame")], errors
+    assert page.evaluate("dc.rooms") == ["ops"]
+    entry = s.publish("x", {"n": 1}, rooms=["ops"])
+    wait_event(page, entry)
+    assert page.evaluate("dc.seen.event.map((e) => e.id)") == [entry]
+    assert page.evaluate("dc.transport") == transport
+    assert page.evaluate("dc.seen.error.length") == 1
