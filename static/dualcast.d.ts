@@ -35,7 +35,10 @@ export interface StateChange {
 }
 
 export interface DualcastError {
-  /** One of ERROR_CODES, or 'token_unavailable' when the token function failed. */
+  /** One of ERROR_CODES, 'token_unavailable' when the token function failed, or
+   *  'unreachable' when no transport could connect (kind 'transport', once per outage;
+   *  the client keeps retrying): the server is down, or it does not list this page's
+   *  origin in DUALCAST_ALLOWED_ORIGINS (a browser shows both as one network error). */
   code: string;
   message: string;
   /** 'auth': new credentials needed; 'fatal': the request is wrong; else the server said so. */

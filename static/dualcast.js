@@ -951,9 +951,28 @@ export class TransportManager {
     }
     this.failures += 1;
     this.setState(this.failures >= 2 ? 'offline' : 'connecting');
+    if (this.failures === 2) this.tellUnreachable(conn, info);
     this.schedule('retry', steadyBackoff(this.failures, this.retryBaseMs * 2, this.retryCapMs,
       this.random) + this.retryBaseMs, () => this.open());
     this.scheduleClimb();
+  }
+
+  /**
+   * Every transport has failed to open, twice on the last: say so once per outage (the
+   * client keeps retrying). A browser hides why behind one network error: a server
+   * that is down, and an origin its DUALCAST_ALLOWED_ORIGINS does not list (a refused
+   * preflight, a refused upgrade), look the same from here.
+   */
+  tellUnreachable(conn, info) {
+    const where = this.env.httpBase || 'this page\'s server';
+    this.onError({
+      code: info.code ?? 'unreachable',
+      message: info.message ?? `no transport (${this.order.join(', ')}) could connect to `
+        + `${where}: the server is down or unreachable, or this page's origin is not in `
+        + 'its DUALCAST_ALLOWED_ORIGINS',
+      kind: 'transport', transport: conn.name,
+      ...(info.status === undefined ? {} : { status: info.status }),
+    });
   }
 
   fallBack() {

@@ -109,3 +109,27 @@ def test_joining_a_forbidden_room_is_an_error_and_the_feed_carries_on(
     assert page.evaluate("dc.seen.event.map((e) => e.id)") == [entry]
     assert page.evaluate("dc.transport") == transport
     assert page.evaluate("dc.seen.error.length") == 1
+
+
+def test_an_origin_not_on_the_list_gets_an_error_event_not_a_silent_offline(
+    stack: Callable[..., Stack], open_page: Callable[..., Page],
+    page_origin: Callable[[], str],
+) -> None:
+    """Every transport refused (the upgrade's Origin check, the preflights of SSE and
+    polls): the browser shows the page one network error for each and the client went
+    offline and retried for ever without an `error`, so an app had nothing to show.
+    Now one `error` (code `unreachable`, kind 'transport') says what to check."""
+    listed, unlisted = page_origin(), page_origin()
+    s = stack(env={"DUALCAST_ALLOWED_ORIGINS": listed})
+    p = open_page(f"{unlisted}/?server={s.base_url}")
+    wait_js(p.page, "window.ready === true", timeout=20)
+    start_client(p.page, token=token("ops", admin=True))
+    wait_js(p.page, "dc.seen.error.length > 0", timeout=30)
+    error = p.page.evaluate("dc.seen.error[0]")
+    assert error["code"] == "unreachable", error
+    assert error["kind"] == "transport"
+    assert "DUALCAST_ALLOWED_ORIGINS" in error["message"]
+    assert p.page.evaluate("dc.state") == "offline"
+    assert p.page.evaluate("dc.seen.event.length") == 0
+    assert s.gauge("websocket") == 0 and s.gauge("sse") == 0
+    p.page.evaluate("dc.stop()")
