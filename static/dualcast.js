@@ -1245,7 +1245,11 @@ export class Dualcast {
   }
 
   failed(info) {
-    const error = { code: info.code ?? 'error', message: info.message ?? '', ...info };
+    // defaults after the spread: a refusal without a JSON body carries code: undefined
+    const error = {
+      ...info, code: info.code ?? 'error',
+      message: info.message ?? (info.status ? `HTTP ${info.status}` : ''),
+    };
     if (info.kind === 'frame' && REQUEST_CODES.has(info.code) && this.pending.size) {
       // a join the server refused: the room named in the message, else the oldest
       const refused = [...this.pending].find((r) => String(info.message).includes(r))

@@ -397,6 +397,25 @@ describe('Dualcast', { timeout: 10000 }, () => {
     assert.equal(steadyBackoff(10, 1000, 30000, () => 0), 15000);
     assert.equal(steadyBackoff(10, 1000, 30000, () => 0.9999), 29998);
   });
+
+  it('a refusal without a JSON body (a proxy\'s HTML 401) is still an error with a code', async () => {
+    const t = setup({
+      transports: ['polling'], token: 'tok',
+      routes: {
+        '/base/api/events': () => ({
+          ok: false, status: 401, body: null,
+          json: async () => { throw new SyntaxError('Unexpected token <'); },
+        }),
+      },
+    });
+    t.dc.start();
+    await t.clock.tick(0);
+    assert.equal(t.errors.length, 1);
+    assert.equal(typeof t.errors[0].code, 'string');
+    assert.equal(typeof t.errors[0].message, 'string');
+    assert.equal(t.errors[0].kind, 'auth');
+    assert.equal(t.errors[0].status, 401);
+  });
 });
 
 describe('helpers of the public client', { timeout: 5000 }, () => {
