@@ -1171,7 +1171,7 @@ export class Dualcast {
     if (this.running) return this;
     this.running = true;
     const generation = this.generation;
-    if (this.tokenSource && !this.token) {
+    if (this.tokenSource && !this.usableToken()) {
       this.refresh(generation).then((ok) => {
         if (ok && this.running && generation === this.generation) this.manager.start();
       });
@@ -1267,7 +1267,16 @@ export class Dualcast {
       return;
     }
     if (info.kind === 'auth' || info.kind === 'fatal') this.running = false;
+    // a refused token is not offered again: the next start() asks the function anew
+    if (info.kind === 'auth' && this.tokenSource) this.token = null;
     this.emit('error', error);
+  }
+
+  /** A token to connect with: one is held and its `exp` (if it has one) is ahead. */
+  usableToken() {
+    if (!this.token) return false;
+    const exp = tokenExpiry(this.token);
+    return exp === null || exp * 1000 > this.now();
   }
 
   /** Ask the token function for a token; false (and an `error`) if it failed. */

@@ -7,6 +7,7 @@ emits. The page only imports the module; everything else runs through page.evalu
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,13 +15,13 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import token
+from tests.conftest import SECRET, token
 from tests.e2e.conftest import Page, Stack, wait_js
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
 
 # Loads the module from the server given in ?server= and records everything it emits.
-BLANK = """<!doctype html><meta charset="utf-8"><link rel="icon" href="data:,">
+BLANK = r"""<!doctype html><meta charset="utf-8"><link rel="icon" href="data:,">
 <script type="module">
 const server = new URLSearchParams(location.search).get('server');
 const mod = await import(`${server}/dualcast.js`);
@@ -31,13 +32,27 @@ window.make = (opts = {}, url = server) => {
   for (const name of Object.keys(dc.seen)) dc.on(name, (v) => dc.seen[name].push(v));
   return dc;
 };
+// HS256 tokens minted in the page (the tests' secret), for token functions that must
+// answer while the test's Python side is busy waiting
+const key = await crypto.subtle.importKey('raw', new TextEncoder().encode(SECRET),
+  { name: 'HMAC', hash: 'SHA-256' }, false, ['sign']);
+const b64 = (bytes) => btoa(String.fromCharCode(...new Uint8Array(bytes)))
+  .replace(/\+/g, '-').replace(/\//g, '_').replace(/=+$/, '');
+const part = (v) => b64(new TextEncoder().encode(JSON.stringify(v)));
+window.mint = async (sub, ttl, claims = {}) => {
+  const now = Math.floor(Date.now() / 1000);
+  const body = `${part({ alg: 'HS256', typ: 'JWT' })}.${part({
+    sub, rooms: [], admin: false, publish: false, iat: now, exp: now + ttl, ...claims })}`;
+  const sig = await crypto.subtle.sign('HMAC', key, new TextEncoder().encode(body));
+  return `${body}.${b64(sig)}`;
+};
 window.ready = true;
 </script>"""
 
 
 class BlankHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
-        data = BLANK.encode()
+        data = BLANK.replace("SECRET", json.dumps(SECRET)).encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/html; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
@@ -133,3 +148,26 @@ def test_an_origin_not_on_the_list_gets_an_error_event_not_a_silent_offline(
     assert p.page.evaluate("dc.seen.event.length") == 0
     assert s.gauge("websocket") == 0 and s.gauge("sse") == 0
     p.page.evaluate("dc.stop()")
+
+
+def test_start_after_a_refused_token_asks_the_token_function_again(
+    embed: Callable[..., tuple[Stack, Any]],
+) -> None:
+    """The token function gave an expired token: `token_expired`, offline, as it should.
+    The app's retry (stop(), start()) then reused the refused token without calling the
+    function, and failed the same way for as long as the app kept trying."""
+    s, page = embed()
+    page.evaluate("""window.calls = 0;
+        window.dc = make({ token: async () => {
+          window.calls += 1;
+          return mint('456', window.calls === 1 ? -100 : 3600);
+        } });
+        dc.start();""")
+    wait_js(page, "dc.seen.error.length === 1 && dc.state === 'offline'", 20)
+    assert page.evaluate("dc.seen.error[0].code") == "token_expired"
+    page.evaluate("dc.stop(); dc.start()")
+    wait_js(page, "dc.state === 'live'", 20)
+    assert page.evaluate("window.calls") == 2
+    entry = s.publish("x", {"n": 1})
+    wait_event(page, entry)
+    assert page.evaluate("dc.seen.error.length") == 1
