@@ -77,7 +77,8 @@ export interface DualcastOptions {
   rooms?: string[];
   /** Resume after this id; `0` = from the oldest retained event; none = live from now. */
   lastEventId?: string | null;
-  /** Order or subset of the transports to use. */
+  /** Order or subset of the transports to use (an empty list: all three). Any other
+   *  name is a TypeError from the constructor. */
   transports?: Transport[];
   /** Start on this transport (e.g. the one that worked last time). */
   initial?: Transport;

@@ -594,6 +594,24 @@ class PollConnection extends FetchConnection {
 
 const CONNECTIONS = { websocket: WebSocketConnection, sse: SSEConnection, polling: PollConnection };
 
+/**
+ * The `transports` option as an order: none or an empty list = all three. A name that
+ * is not a transport is a TypeError: dropped in silence, a typo ('long-polling') left
+ * a page with no fallback behind a proxy, and nothing said why.
+ */
+function transportOrder(asked) {
+  if (asked === undefined || asked === null) return [...TRANSPORTS];
+  if (!Array.isArray(asked)) {
+    throw new TypeError(`Dualcast: transports must be a list of ${TRANSPORTS.join(', ')}`);
+  }
+  const unknown = asked.filter((t) => !TRANSPORTS.includes(t));
+  if (unknown.length) {
+    throw new TypeError(`Dualcast: unknown transport ${unknown.map((t) => JSON.stringify(t))
+      .join(', ')} (the transports are ${TRANSPORTS.join(', ')})`);
+  }
+  return asked.length ? [...new Set(asked)] : [...TRANSPORTS];
+}
+
 // ---------------------------------------------------------------------------
 
 /**
@@ -628,8 +646,7 @@ export class TransportManager {
     };
     this.now = opts.now ?? (() => Date.now());
     this.random = opts.random ?? Math.random;
-    this.order = (opts.transports ?? TRANSPORTS).filter((t) => TRANSPORTS.includes(t));
-    if (!this.order.length) this.order = [...TRANSPORTS];
+    this.order = transportOrder(opts.transports);
     this.cursor = opts.cursor ?? null;
     this.rooms = [...(opts.rooms ?? [])];
     this.welcomeTimeoutMs = opts.welcomeTimeoutMs ?? 3000;

@@ -449,6 +449,16 @@ describe('helpers of the public client', { timeout: 5000 }, () => {
     for (const code of REQUEST_CODES) assert.ok(ERROR_CODES.includes(code), code);
   });
 
+  it('an unknown transport name is a TypeError, not silently dropped', () => {
+    const make = (transports) => new Dualcast('https://push.example.com', { transports });
+    assert.throws(() => make(['websocket', 'long-polling']), /unknown transport "long-polling"/);
+    assert.throws(() => make(['websockets']), TypeError);
+    assert.throws(() => make('sse'), /must be a list/);
+    assert.deepEqual(make([]).manager.order, ['websocket', 'sse', 'polling']);
+    assert.deepEqual(make(['polling', 'sse', 'polling']).manager.order, ['polling', 'sse']);
+    assert.equal(make(['sse']).transport, 'sse');
+  });
+
   it('outside a page a URL is required', () => {
     assert.throws(() => new Dualcast(''), /URL is required/);
   });
