@@ -66,7 +66,8 @@ export interface DualcastEvents {
 export type TokenSource = string | (() => string | Promise<string>);
 
 export interface DualcastOptions {
-  /** A token, or a function called at start, again a minute before `exp`, and after an
+  /** A token, or a function called at start, again a minute before `exp` (a call that
+   *  throws then is tried again while the token held is still good), and after an
    *  auth refusal. None: the dashboard's cookie (same origin only) or anonymous. A new
    *  token from the function goes to the open connection at once (an `auth` frame on a
    *  WebSocket; a waiting poll or an SSE stream asks again with it, from the cursor). */

@@ -1036,6 +1036,8 @@ const EVENT_NAMES = Object.freeze(['event', 'batch', 'state', 'reset', 'error', 
 const REFRESH_LEAD_MS = 60000;
 /** After a refresh, an auth refusal this soon means the new token is no better: stop. */
 const REFRESH_GRACE_MS = 10000;
+/** A refresh ahead of `exp` that failed is tried again this soon (sooner for a short token). */
+const REFRESH_RETRY_MS = 5000;
 
 /** The `exp` claim (seconds) of a JWT, read without checking it (the server checks). */
 export function tokenExpiry(token) {
@@ -1296,15 +1298,24 @@ export class Dualcast {
     return exp === null || exp * 1000 > this.now();
   }
 
-  /** Ask the token function for a token; false (and an `error`) if it failed. */
-  async refresh(generation) {
+  /**
+   * Ask the token function for a token; false (and an `error`) if it failed. A refresh
+   * ahead of `exp` that fails (`ahead`: the app's token endpoint had a blip) is tried
+   * again while the token held is still good; only a token that is gone stops the feed.
+   */
+  async refresh(generation, ahead = false) {
     let token;
     try {
       token = await this.tokenSource();
     } catch (err) {
       if (generation !== this.generation) return false;
+      if (ahead && this.running && this.usableToken()) {
+        const left = tokenExpiry(this.token) * 1000 - this.now();
+        this.scheduleRefresh(Math.max(1000, Math.min(REFRESH_RETRY_MS, left / 2)));
+        return false;
+      }
       this.running = false;
-      // the one code of the client's own: the server never sends it
+      // a code of the client's own: the server never sends it
       this.emit('error', {
         code: 'token_unavailable', message: String(err?.message ?? err), kind: 'auth',
       });
@@ -1320,18 +1331,19 @@ export class Dualcast {
     return true;
   }
 
-  scheduleRefresh() {
+  /** Ask the token function again a while before the token's `exp` (or after `wait`). */
+  scheduleRefresh(wait = null) {
     this.cancelRefresh();
     if (!this.tokenSource || !this.running) return;
     const exp = tokenExpiry(this.token);
     if (exp === null) return;
     const left = exp * 1000 - this.now();
-    const wait = Math.max(1000, left - Math.min(REFRESH_LEAD_MS, left / 2));
+    const delay = wait ?? Math.max(1000, left - Math.min(REFRESH_LEAD_MS, left / 2));
     const generation = this.generation;
     this.refreshTimer = this.timer.set(() => {
       this.refreshTimer = null;
-      if (this.running && generation === this.generation) this.refresh(generation);
-    }, wait);
+      if (this.running && generation === this.generation) this.refresh(generation, true);
+    }, delay);
   }
 
   cancelRefresh() {

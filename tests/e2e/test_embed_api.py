@@ -171,3 +171,32 @@ def test_start_after_a_refused_token_asks_the_token_function_again(
     entry = s.publish("x", {"n": 1})
     wait_event(page, entry)
     assert page.evaluate("dc.seen.error.length") == 1
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse", "polling"])
+def test_a_token_refresh_that_fails_once_does_not_end_the_feed(
+    transport: str, embed: Callable[..., tuple[Stack, Any]],
+) -> None:
+    """The token function threw once at a refresh ahead of `exp` (the app's token
+    endpoint had a blip): the client stopped for good (token_unavailable, offline),
+    though the token it held had seconds to live. Now it asks again while it holds."""
+    s, page = embed()
+    page.evaluate("""(transport) => {
+        window.calls = 0;
+        window.dc = make({ transports: [transport], token: async () => {
+          window.calls += 1;
+          if (window.calls === 2) throw new Error('token endpoint down');
+          const t = await mint('456', window.calls === 1 ? 8 : 3600);
+          if (window.calls === 1) window.firstExp = JSON.parse(atob(t.split('.')[1])).exp;
+          return t;
+        } });
+        dc.start();
+    }""", transport)
+    wait_js(page, "dc.state === 'live'", 20)
+    wait_js(page, "window.calls >= 3", 20)
+    # past the first token's exp: still live, on the same transport, and delivering
+    wait_js(page, "Date.now() > window.firstExp * 1000 + 500", 20)
+    entry = s.publish("x", {"n": 1})
+    wait_event(page, entry)
+    assert page.evaluate("dc.seen.error") == []
+    assert page.evaluate("[dc.state, dc.transport]") == ["live", transport]
