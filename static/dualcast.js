@@ -736,13 +736,13 @@ export class TransportManager {
   }
 
   /** Rooms changed (and maybe the cursor, after an overview reload): reconnect. */
-  restart({ rooms, cursor } = {}) {
+  restart({ rooms, cursor } = {}, { quiet = false } = {}) {
     if (rooms) this.rooms = [...rooms];
     if (cursor !== undefined) this.cursor = cursor;
     if (!this.running || this.paused) return;
     this.teardown();
     this.failures = 0;
-    this.open();
+    this.open({ quiet });
   }
 
   /**
@@ -756,7 +756,9 @@ export class TransportManager {
     if (this.conn?.name === 'polling') {
       this.conn.renew();
     } else if (this.conn && !this.send({ type: 'auth', token })) {
-      this.restart({}); // drops a probe too: the next climb opens it with the new token
+      // drops a probe too: the next climb opens it with the new token. A planned
+      // reconnect, not an outage: a live page does not flicker to 'connecting'
+      this.restart({}, { quiet: this.state === 'live' });
       return;
     }
     this.reprobe();
@@ -812,12 +814,13 @@ export class TransportManager {
     });
   }
 
-  open() {
+  /** Connect on the current transport; `quiet`: keep the state until it answers. */
+  open({ quiet = false } = {}) {
     if (!this.running || this.paused) return;
     this.clear('retry');
     const name = this.transport;
     this.liveSince = null;
-    this.setState('connecting');
+    if (!quiet) this.setState('connecting');
     const conn = this.connect(name);
     this.conn = conn;
     if (name !== 'polling') {

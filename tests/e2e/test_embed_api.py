@@ -200,3 +200,28 @@ def test_a_token_refresh_that_fails_once_does_not_end_the_feed(
     wait_event(page, entry)
     assert page.evaluate("dc.seen.error") == []
     assert page.evaluate("[dc.state, dc.transport]") == ["live", transport]
+
+
+def test_a_token_refresh_on_sse_does_not_flicker_to_connecting(
+    embed: Callable[..., tuple[Stack, Any]],
+) -> None:
+    """An SSE stream holds the token it connected with, so a refresh reconnects from the
+    cursor: planned, yet each one said `connecting` then `live` again, and a page that
+    shows a 'reconnecting' banner flashed it at every refresh (every half-life of a short
+    token). As on WebSocket and polling, the state now stays `live` across it."""
+    s, page = embed()
+    page.evaluate("""window.calls = 0;
+        window.dc = make({ transports: ['sse'], token: async () => {
+          window.calls += 1;
+          return mint('456', 4);
+        } });
+        dc.start();""")
+    wait_js(page, "dc.state === 'live'", 20)
+    first = s.publish("x", {"n": 1})
+    wait_js(page, "window.calls >= 3", 20)  # two refreshes: two reconnects
+    second = s.publish("x", {"n": 2})
+    wait_event(page, second)
+    assert page.evaluate("dc.seen.event.map((e) => e.id)") == [first, second]
+    states = page.evaluate("dc.seen.state.map((s) => `${s.transport}/${s.state}`)")
+    assert states == ["sse/connecting", "sse/live"], states
+    assert page.evaluate("dc.seen.error") == []
