@@ -1058,11 +1058,22 @@ export function tokenExpiry(token) {
   }
 }
 
-/** `https://host/x/` -> {httpBase: 'https://host/x', wsBase: 'wss://host/x'}; '' = this page. */
+/**
+ * `https://host/x/` (or `wss://host/x/`) -> {httpBase: 'https://host/x', wsBase:
+ * 'wss://host/x'}; '' = this page.
+ */
 function bases(url) {
   const here = globalThis.location?.href;
   if (!url && !here) throw new TypeError('Dualcast: a server URL is required outside a page');
   const full = new URL(url || '/', here);
+  // a WebSocket URL names the same server: SSE and polling go to its http(s) twin, and
+  // wss:// must stay wss:// (it was read as plain ws://, and fetch() refused ws: URLs)
+  if (full.protocol === 'ws:' || full.protocol === 'wss:') {
+    full.protocol = full.protocol === 'wss:' ? 'https:' : 'http:';
+  }
+  if (full.protocol !== 'http:' && full.protocol !== 'https:') {
+    throw new TypeError(`Dualcast: the server URL must be http(s):// or ws(s)://, not ${url}`);
+  }
   const path = full.pathname.replace(/\/+$/, '');
   const httpBase = url ? `${full.origin}${path}` : path;
   const wsBase = `${full.protocol === 'https:' ? 'wss:' : 'ws:'}//${full.host}${path}`;

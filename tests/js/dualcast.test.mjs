@@ -459,6 +459,27 @@ describe('helpers of the public client', { timeout: 5000 }, () => {
     assert.equal(make(['sse']).transport, 'sse');
   });
 
+  it('a ws:// or wss:// server URL keeps its security; any other scheme is a TypeError', async () => {
+    const clock = new FakeClock();
+    for (const [url, ws, http] of [
+      ['wss://push.example.com/base/', 'wss://push.example.com/base/api/ws', 'https://push.example.com/base'],
+      ['ws://127.0.0.1:8000', 'ws://127.0.0.1:8000/api/ws', 'http://127.0.0.1:8000'],
+    ]) {
+      const WS = makeFakeWebSocket();
+      const dc = new Dualcast(url, {
+        WebSocket: WS, setTimeout: clock.setTimeout, clearTimeout: clock.clearTimeout,
+        now: clock.now,
+      });
+      dc.start();
+      await clock.tick(0);
+      assert.ok(WS.last().url.startsWith(`${ws}?`) || WS.last().url === ws, WS.last().url);
+      assert.equal(dc.manager.env.httpBase, http);
+      dc.stop();
+    }
+    assert.throws(() => new Dualcast('push.example.com:8000'), /must be http/);
+    assert.throws(() => new Dualcast('ftp://push.example.com'), TypeError);
+  });
+
   it('outside a page a URL is required', () => {
     assert.throws(() => new Dualcast(''), /URL is required/);
   });
