@@ -123,7 +123,11 @@ export declare class Dualcast {
   stop(): this;
   pause(): void;
   resume(): void;
+  /** Join a room (a `join` frame on a live WebSocket, else a reconnect). Without
+   *  `rooms`, before the first welcome names the server's default set, the call waits
+   *  for it and then adds to it. A room the token may not join: a `forbidden_room` error. */
   join(room: string): void;
+  /** Leave a room; like join, it waits for the default set when that is not yet known. */
   leave(room: string): void;
   setRooms(rooms: string[]): void;
   status(): StateChange;

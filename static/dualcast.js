@@ -1101,6 +1101,9 @@ export class Dualcast {
     this.rooms = [...(rooms ?? [])];
     this.joined = null; // the rooms the last welcome named
     this.pending = new Set(); // joins sent on the WebSocket and not yet confirmed
+    // join/leave calls made while the rooms are the server's default and not yet known
+    // (before the first welcome): applied to the rooms that welcome names
+    this.deferred = [];
     this.refreshTimer = null;
     this.refreshedAt = null;
     this.lastStateKey = null;
@@ -1118,7 +1121,12 @@ export class Dualcast {
       rooms: this.rooms,
       transports,
       onEvents: (list, cursor) => this.deliver(list, cursor),
-      onStatus: (status) => this.stateChanged(status),
+      onStatus: (status) => {
+        this.stateChanged(status);
+        if (status.state === 'live' && this.deferred.length && this.joined !== null) {
+          for (const [kind, room] of this.deferred.splice(0)) this[kind](room);
+        }
+      },
       onReset: (lastId) => this.emit('reset', { lastId }),
       onError: (info) => this.failed(info),
       onWelcome: (info) => {
@@ -1235,6 +1243,7 @@ export class Dualcast {
 
   /** Join a room: a `join` frame on a live WebSocket, else a reconnect with the new set. */
   join(room) {
+    if (this.defer('join', room)) return;
     const current = this.roomSet();
     if (current.includes(room)) return;
     this.rooms = [...current, room];
@@ -1252,6 +1261,7 @@ export class Dualcast {
   }
 
   leave(room) {
+    if (this.defer('leave', room)) return;
     const current = this.roomSet();
     if (!current.includes(room)) return;
     this.rooms = current.filter((r) => r !== room);
@@ -1260,7 +1270,19 @@ export class Dualcast {
   }
 
   /** Replace the rooms (none: the server's default) and reconnect from the cursor. */
+  /**
+   * No rooms asked for and none named by a welcome yet: the server's default set is
+   * unknown, so a join would replace it (`rooms=<that one>`: user-<sub> and the token's
+   * rooms dropped) and a leave had nothing to leave. Keep the call for the welcome.
+   */
+  defer(kind, room) {
+    if (this.rooms.length || this.joined !== null) return false;
+    this.deferred.push([kind, room]);
+    return true;
+  }
+
   setRooms(rooms) {
+    this.deferred = [];
     this.rooms = [...rooms];
     this.joined = null;
     this.manager.restart({ rooms: this.rooms });

@@ -225,3 +225,35 @@ def test_a_token_refresh_on_sse_does_not_flicker_to_connecting(
     states = page.evaluate("dc.seen.state.map((s) => `${s.transport}/${s.state}`)")
     assert states == ["sse/connecting", "sse/live"], states
     assert page.evaluate("dc.seen.error") == []
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+def test_join_and_leave_before_start_change_the_default_rooms(
+    transport: str, embed: Callable[..., tuple[Stack, Any]],
+) -> None:
+    """Without `rooms` the server joins the token's default rooms (here user-ops and
+    admin). dc.join('team') before start() (or before the first welcome) asked for
+    `rooms=team` alone, so the page silently lost its default rooms; dc.leave('admin')
+    then did nothing at all. Both now apply to the default set once a welcome names it."""
+    s, page = embed()
+    tok = token("ops", admin=True)
+    page.evaluate("""([tok, transport]) => {
+        window.joiner = make({ token: tok, transports: [transport] });
+        joiner.join('team');
+        joiner.start();
+        window.leaver = make({ token: tok, transports: [transport] });
+        leaver.leave('admin');
+        leaver.start();
+    }""", [tok, transport])
+    wait_js(page, "joiner.state === 'live' && leaver.state === 'live'", 20)
+    wait_js(page, "joiner.rooms.includes('team') && !leaver.rooms.includes('admin')", 20)
+    wait_js(page, "joiner.state === 'live' && leaver.state === 'live'", 20)
+    team = s.publish("x", {"to": "team"}, rooms=["team"])
+    admin = s.publish("x", {"to": "admin"}, rooms=["admin"])
+    mine = s.publish("x", {"to": "me"}, rooms=["user-ops"])
+    wait_js(page, f"joiner.seen.event.some((e) => e.id === {mine!r})", 15)
+    wait_js(page, f"leaver.seen.event.some((e) => e.id === {mine!r})", 15)
+    assert page.evaluate("joiner.seen.event.map((e) => e.id)") == [team, admin, mine]
+    assert page.evaluate("leaver.seen.event.map((e) => e.id)") == [mine]
+    assert sorted(page.evaluate("joiner.rooms")) == ["admin", "team", "user-ops"]
+    assert page.evaluate("[joiner.seen.error, leaver.seen.error]") == [[], []]
