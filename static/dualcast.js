@@ -1213,14 +1213,24 @@ export class Dualcast {
     this.running = true;
     const generation = this.generation;
     if (this.tokenSource && !this.usableToken()) {
-      this.refresh(generation).then((ok) => {
-        if (ok && this.running && generation === this.generation) this.manager.start();
-      });
+      this.startWithFreshToken(generation);
     } else {
       this.scheduleRefresh();
       this.manager.start();
     }
     return this;
+  }
+
+  /**
+   * Ask the token function, then connect. The state says `connecting` meanwhile: a slow
+   * token endpoint is part of connecting, not an outage (it said `offline`, with no
+   * `state` event at all, for as long as the function took).
+   */
+  startWithFreshToken(generation) {
+    this.manager.setState('connecting');
+    this.refresh(generation).then((ok) => {
+      if (ok && this.running && generation === this.generation) this.manager.start();
+    });
   }
 
   /** Close everything; the cursor stays, so start() resumes where this left off. */
@@ -1315,10 +1325,7 @@ export class Dualcast {
     const recent = this.refreshedAt !== null && this.now() - this.refreshedAt < REFRESH_GRACE_MS;
     if (info.kind === 'auth' && this.tokenSource && this.running && !recent) {
       // the manager has stopped itself: ask for a fresh token and carry on from the cursor
-      const generation = this.generation;
-      this.refresh(generation).then((ok) => {
-        if (ok && this.running && generation === this.generation) this.manager.start();
-      });
+      this.startWithFreshToken(this.generation);
       return;
     }
     if (info.kind === 'auth' || info.kind === 'fatal') this.running = false;

@@ -257,3 +257,23 @@ def test_join_and_leave_before_start_change_the_default_rooms(
     assert page.evaluate("leaver.seen.event.map((e) => e.id)") == [mine]
     assert sorted(page.evaluate("joiner.rooms")) == ["admin", "team", "user-ops"]
     assert page.evaluate("[joiner.seen.error, leaver.seen.error]") == [[], []]
+
+
+def test_the_state_is_connecting_while_the_token_function_works(
+    embed: Callable[..., tuple[Stack, Any]],
+) -> None:
+    """start() with a token function that takes its time (the app's token endpoint):
+    the client said `offline` and emitted no `state` at all until the function returned,
+    so a page showed 'offline' for every slow login. It is `connecting` meanwhile."""
+    _, page = embed()
+    page.evaluate("""window.dc = make({ token: () => new Promise((resolve) => {
+          window.release = () => mint('456', 3600).then(resolve);
+        }) });
+        dc.start();""")
+    wait_js(page, "typeof window.release === 'function'", 10)
+    assert page.evaluate("dc.state") == "connecting"
+    assert page.evaluate("dc.seen.state.map((s) => s.state)") == ["connecting"]
+    page.evaluate("window.release()")
+    wait_js(page, "dc.state === 'live'", 20)
+    assert page.evaluate("dc.seen.state.map((s) => s.state)") == ["connecting", "live"]
+    assert page.evaluate("dc.seen.error") == []
