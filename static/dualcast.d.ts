@@ -63,6 +63,7 @@ export interface DualcastEvents {
   welcome: Welcome;
 }
 
+/** A function must give a token string: anything else is a `token_unavailable` error. */
 export type TokenSource = string | (() => string | Promise<string>);
 
 export interface DualcastOptions {

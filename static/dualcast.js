@@ -1350,6 +1350,14 @@ export class Dualcast {
     let token;
     try {
       token = await this.tokenSource();
+      // anything but a token (an {access_token} object, undefined from a forgotten
+      // return) was taken for "no token": the page went on anonymously, public events
+      // only, and nothing said why
+      if (typeof token !== 'string' || !token) {
+        const what = token === null ? 'null' : typeof token === 'string' ? 'an empty string'
+          : typeof token;
+        throw new TypeError(`the token function returned ${what}, not a token string`);
+      }
     } catch (err) {
       if (generation !== this.generation) return false;
       if (ahead && this.running && this.usableToken()) {
@@ -1367,7 +1375,7 @@ export class Dualcast {
     }
     if (generation !== this.generation) return false;
     const previous = this.token;
-    this.token = typeof token === 'string' && token ? token : null;
+    this.token = token;
     this.refreshedAt = this.now();
     this.scheduleRefresh();
     if (previous && this.token && this.token !== previous) this.manager.renewToken(this.token);

@@ -277,3 +277,23 @@ def test_the_state_is_connecting_while_the_token_function_works(
     wait_js(page, "dc.state === 'live'", 20)
     assert page.evaluate("dc.seen.state.map((s) => s.state)") == ["connecting", "live"]
     assert page.evaluate("dc.seen.error") == []
+
+
+def test_a_token_function_that_returns_no_string_is_an_error_not_anonymous(
+    embed: Callable[..., tuple[Stack, Any]],
+) -> None:
+    """A token function that resolves to the token endpoint's JSON ({access_token}) or
+    to undefined (a forgotten return) was taken for "no token": the page connected
+    anonymously, got public events only, and nothing said why. It is a
+    `token_unavailable` error, and nothing connects."""
+    s, page = embed()
+    page.evaluate("""(tok) => {
+        window.dc = make({ token: async () => ({ access_token: tok }) });
+        dc.start();
+    }""", token("456"))
+    wait_js(page, "dc.seen.error.length > 0", 20)
+    error = page.evaluate("dc.seen.error[0]")
+    assert (error["code"], error["kind"]) == ("token_unavailable", "auth"), error
+    assert "object" in error["message"]
+    assert page.evaluate("dc.state") == "offline"
+    assert s.gauge("websocket") == 0
