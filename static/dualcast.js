@@ -534,8 +534,10 @@ class PollConnection extends FetchConnection {
           return;
         }
         if (!this.welcomed) {
+          const rooms = this.rooms.length ? this.rooms : await this.defaultRooms();
+          if (this.closed) return;
           this.welcomed = true;
-          this.sink.welcome(this, { rooms: this.rooms, lastId: body.last_id ?? null });
+          this.sink.welcome(this, { rooms, lastId: body.last_id ?? null });
           if (this.closed) return;
         }
         if (body.reset) {
@@ -550,6 +552,25 @@ class PollConnection extends FetchConnection {
       info = { kind: 'transport', error: String(err?.message ?? err) };
     } finally {
       this.finish(info);
+    }
+  }
+
+  /**
+   * The rooms the server joins when none are named (a poll answer does not say, as a
+   * WebSocket or SSE welcome does): from /api/me, else none known. Without them a
+   * join() on polling asked for that one room and dropped user-<sub> and the rest.
+   */
+  async defaultRooms() {
+    const env = this.env;
+    try {
+      const response = await env.fetch(`${env.httpBase}/api/me`, {
+        signal: this.abort.signal, cache: 'no-store', credentials: 'same-origin',
+        headers: withToken(env, { Accept: 'application/json' }),
+      });
+      const body = response.ok ? await response.json() : null;
+      return Array.isArray(body?.rooms) ? body.rooms.filter((r) => typeof r === 'string') : [];
+    } catch {
+      return [];
     }
   }
 

@@ -227,7 +227,7 @@ def test_a_token_refresh_on_sse_does_not_flicker_to_connecting(
     assert page.evaluate("dc.seen.error") == []
 
 
-@pytest.mark.parametrize("transport", ["websocket", "sse"])
+@pytest.mark.parametrize("transport", ["websocket", "sse", "polling"])
 def test_join_and_leave_before_start_change_the_default_rooms(
     transport: str, embed: Callable[..., tuple[Stack, Any]],
 ) -> None:
@@ -297,3 +297,24 @@ def test_a_token_function_that_returns_no_string_is_an_error_not_anonymous(
     assert "object" in error["message"]
     assert page.evaluate("dc.state") == "offline"
     assert s.gauge("websocket") == 0
+
+
+def test_join_on_polling_adds_to_the_default_rooms(
+    embed: Callable[..., tuple[Stack, Any]],
+) -> None:
+    """A poll answer names no rooms, so on polling the client never knew the server's
+    default set: dc.join('team') asked for `rooms=team` alone and the page lost
+    user-<sub> and admin for good. It now learns the set from /api/me."""
+    s, page = embed()
+    start_client(page, token=token("ops", admin=True), transports=["polling"])
+    wait_js(page, "dc.state === 'live'", 20)
+    assert sorted(page.evaluate("dc.seen.welcome[0].rooms")) == ["admin", "user-ops"]
+    page.evaluate("dc.join('team')")
+    wait_js(page, "dc.seen.welcome.length === 2 && dc.state === 'live'", 20)
+    team = s.publish("x", {"to": "team"}, rooms=["team"])
+    admin = s.publish("x", {"to": "admin"}, rooms=["admin"])
+    mine = s.publish("x", {"to": "me"}, rooms=["user-ops"])
+    wait_event(page, mine)
+    assert page.evaluate("dc.seen.event.map((e) => e.id)") == [team, admin, mine]
+    assert sorted(page.evaluate("dc.rooms")) == ["admin", "team", "user-ops"]
+    assert page.evaluate("dc.seen.error") == []
