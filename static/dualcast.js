@@ -1065,6 +1065,12 @@ const REFRESH_RETRY_MS = 5000;
 
 /** The `exp` claim (seconds) of a JWT, read without checking it (the server checks). */
 export function tokenExpiry(token) {
+  const exp = tokenClaims(token)?.exp;
+  return typeof exp === 'number' && Number.isFinite(exp) ? exp : null;
+}
+
+/** A JWT's claims, read without checking them (the server checks); null if not a JWT. */
+function tokenClaims(token) {
   if (typeof token !== 'string') return null;
   const part = token.split('.')[1];
   if (!part) return null;
@@ -1072,8 +1078,8 @@ export function tokenExpiry(token) {
     const b64 = part.replace(/-/g, '+').replace(/_/g, '/');
     const text = typeof atob === 'function' ? atob(b64)
       : globalThis.Buffer.from(b64, 'base64').toString('binary');
-    const exp = JSON.parse(text).exp;
-    return typeof exp === 'number' && Number.isFinite(exp) ? exp : null;
+    const claims = JSON.parse(text);
+    return claims && typeof claims === 'object' ? claims : null;
   } catch {
     return null;
   }
@@ -1399,7 +1405,12 @@ export class Dualcast {
     this.token = token;
     this.refreshedAt = this.now();
     this.scheduleRefresh();
-    if (previous && this.token && this.token !== previous) this.manager.renewToken(this.token);
+    if (previous && this.token !== previous) {
+      // a WebSocket refuses an `auth` frame for another subject (invalid_token, and the
+      // client stopped): a token for someone else (the app switched users) reconnects
+      if (tokenClaims(previous)?.sub !== tokenClaims(this.token)?.sub) this.manager.restart({});
+      else this.manager.renewToken(this.token);
+    }
     return true;
   }
 

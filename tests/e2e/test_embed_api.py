@@ -318,3 +318,26 @@ def test_join_on_polling_adds_to_the_default_rooms(
     assert page.evaluate("dc.seen.event.map((e) => e.id)") == [team, admin, mine]
     assert sorted(page.evaluate("dc.rooms")) == ["admin", "team", "user-ops"]
     assert page.evaluate("dc.seen.error") == []
+
+
+def test_a_refreshed_token_for_another_user_reconnects_on_websocket(
+    embed: Callable[..., tuple[Stack, Any]],
+) -> None:
+    """The app switched users and its token function now returns the new user's token.
+    SSE and polling reconnect with it; on a WebSocket the client sent it in an `auth`
+    frame, which the server refuses for another subject (invalid_token): the feed
+    stopped for good. A token for another subject now reconnects there too."""
+    s, page = embed()
+    page.evaluate("""window.calls = 0;
+        window.dc = make({ transports: ['websocket'], token: async () => {
+          window.calls += 1;
+          return window.calls === 1 ? mint('456', 4) : mint('789', 3600);
+        } });
+        dc.start();""")
+    wait_js(page, "dc.state === 'live'", 20)
+    wait_js(page, "window.calls >= 2 && dc.seen.welcome.length === 2", 20)
+    wait_js(page, "dc.state === 'live'", 20)
+    assert page.evaluate("dc.seen.welcome[1].rooms") == ["user-789"]
+    entry = s.publish("x", {"to": "789"}, rooms=["user-789"])
+    wait_event(page, entry)
+    assert page.evaluate("dc.seen.error") == []
