@@ -1177,6 +1177,12 @@ export class Dualcast {
       },
       onRoom: (kind, room) => {
         if (kind === 'joined') this.pending.delete(room);
+        // `left` answers our leave, or says a refreshed token may no longer read the
+        // room: not asked for again (an SSE or poll reconnect would be refused for it)
+        if (kind === 'left') {
+          if (this.joined) this.joined = this.joined.filter((r) => r !== room);
+          if (this.rooms.includes(room)) this.setRoomsQuietly(this.rooms.filter((r) => r !== room));
+        }
       },
       onRoomRefused: (room) => this.setRoomsQuietly(this.rooms.filter((r) => r !== room)),
     });

@@ -341,3 +341,29 @@ def test_a_refreshed_token_for_another_user_reconnects_on_websocket(
     entry = s.publish("x", {"to": "789"}, rooms=["user-789"])
     wait_event(page, entry)
     assert page.evaluate("dc.seen.error") == []
+
+
+def test_a_room_a_refreshed_token_loses_is_not_asked_for_again(
+    embed: Callable[..., tuple[Stack, Any]],
+) -> None:
+    """A refreshed token that may no longer read a room: the WebSocket server leaves it
+    (a `left` frame), but the client kept it in dc.rooms and asked for it again on the
+    next connect, which on SSE is refused (403 forbidden_room). It drops it at once."""
+    s, page = embed()
+    page.evaluate("""window.calls = 0;
+        window.dc = make({ rooms: ['ops', 'dev'], transports: ['websocket', 'sse'],
+          token: async () => {
+            window.calls += 1;
+            return mint('456', window.calls === 1 ? 4 : 3600,
+              { rooms: window.calls === 1 ? ['ops', 'dev'] : ['ops'] });
+          } });
+        dc.start();""")
+    wait_js(page, "dc.state === 'live'", 20)
+    wait_js(page, "window.calls >= 2 && !dc.rooms.includes('dev')", 20)
+    assert page.evaluate("dc.rooms") == ["ops"]
+    # the next connect (here: a forced switch to SSE) asks for what is left, and is let in
+    page.evaluate("dc.manager.level = 1; dc.manager.restart({})")
+    wait_js(page, "dc.transport === 'sse' && dc.state === 'live'", 20)
+    entry = s.publish("x", {"n": 1}, rooms=["ops"])
+    wait_event(page, entry)
+    assert page.evaluate("dc.seen.error") == []
