@@ -231,7 +231,7 @@ export function classifyRefusal(status, body) {
 const ROOM_CODES = new Set(['forbidden_room', 'bad_room']);
 
 /** The room of `rooms` an HTTP refusal names, if it refuses one room, else null. */
-export function refusedRoom(info, rooms) {
+function refusedRoom(info, rooms) {
   if (!ROOM_CODES.has(info.code)) return null;
   const message = String(info.message ?? '');
   return rooms.find((room) => message.includes(`'${room.slice(0, 80)}'`)) ?? null;
