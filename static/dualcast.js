@@ -516,9 +516,11 @@ class PollConnection extends FetchConnection {
       while (!this.closed) {
         // the first request answers at once (that is our "welcome"), later ones wait
         const wait = this.welcomed ? this.pollTimeout : 0;
+        const sentAt = this.env.now();
         const answer = await this.ask(wait);
         if (this.closed) return;
         if (answer.renewed) continue;
+
         if (answer.refusal) {
           if (answer.refusal.code === 'bad_timeout' && wait >= 1) {
             // an older or stricter server's limit is below ours: ask for less
@@ -546,6 +548,13 @@ class PollConnection extends FetchConnection {
           const list = (Array.isArray(body.events) ? body.events : []).map(normalizeEvent)
             .filter(Boolean);
           this.sink.events(this, list, body.last_id ?? null);
+          if (wait >= 1 && !list.length && !this.closed) {
+            // An empty answer to a poll that asked to wait: a server whose limit is 0, or
+            // a proxy answering at once, had this loop ask hundreds of times a second. The
+            // next poll goes out no sooner than a second after this one did.
+            const early = 1000 - (this.env.now() - sentAt);
+            if (early > 0) await new Promise((done) => this.env.setTimeout(done, early));
+          }
         }
       }
     } catch (err) {

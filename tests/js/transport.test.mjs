@@ -290,6 +290,25 @@ describe('a server whose poll limit is below ours', { timeout: 5000 }, () => {
       t.manager.stop();
     });
 
+  it('a server that answers every poll at once: at most one poll a second', async () => {
+    const published = [];
+    const clock = new FakeClock();
+    const instant = (request) => {
+      const after = request.params.get('after');
+      const events = published.filter((e) => compareIds(e.id, after) > 0);
+      return jsonResponse(200, { events, last_id: events.at(-1)?.id ?? after, reset: false });
+    };
+    const t = setup({ clock, transports: ['polling'], routes: { '/api/events': instant } });
+    t.manager.start();
+    for (let i = 0; i < 50; i += 1) await t.clock.tick(100); // 5 s
+    const polls = t.fetch.calls.filter((c) => c.path.endsWith('/api/events')).length;
+    assert.ok(polls <= 7, `${polls} polls in 5 s`);
+    published.push(evt(1));
+    for (let i = 0; i < 15; i += 1) await t.clock.tick(100);
+    assert.deepEqual(t.seen, ['1001-0'], 'and the event still arrives');
+    t.manager.stop();
+  });
+
   it('bad_timeout even at timeout 0: an error that stops, not an endless retry', async () => {
     const clock = new FakeClock();
     const t = setup({
