@@ -71,6 +71,8 @@ async def tail(url: str, *, token: str | None, rooms: list[str], last_event_id: 
     gone = asyncio.Event()
 
     def reader_left() -> None:
+        if gone.is_set():  # epoll repeats the error until the reader is removed: once
+            return
         gone.set()
         if main is not None:
             main.cancel()
