@@ -795,3 +795,24 @@ async def test_polls_do_not_run_back_to_back_when_the_server_allows_no_wait(
         await until(lambda: sent in watch.ids, what="the event")
     assert during <= 8, f"{during:g} polls in 3 s"
     assert watch.failure is None
+
+
+async def test_a_transport_the_server_does_not_offer_ends_with_refused_when_forced(
+    redis_server: Any, dualcast: Callable[..., Any]
+) -> None:
+    """`dualcast tail --transport websocket` against a server run with
+    DUALCAST_TRANSPORTS=sse,polling: every try is refused `transport_disabled`, which no
+    retry changes; the iteration says so instead of 'websocket offline' for ever."""
+    server = dualcast(redis_server.url, env={"DUALCAST_TRANSPORTS": "sse,polling"})
+    async with watching(server.url, transports=[Transport.WEBSOCKET]) as (watch, _):
+        await until(lambda: watch.done, what="the iteration to end")
+    assert isinstance(watch.failure, Refused), watch.failure
+    assert (watch.failure.status, watch.failure.code) == (403, "transport_disabled")
+    assert watch.failure.message == (
+        f"the server at {server.url} offers none of the transports asked for (websocket)")
+    # With the others allowed, it falls back as before.
+    async with watching(server.url) as (watch, _):
+        await until(lambda: watch.live_on(Transport.SSE), what="live on SSE")
+        sent = await publish(server.url, "tick", 1)
+        await until(lambda: sent in watch.ids, what="the event")
+        assert watch.failure is None

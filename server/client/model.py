@@ -96,8 +96,9 @@ class ClientError(Exception):
 class Refused(ClientError):
     """The server refused the subscription itself (none of the rooms asked for may be
     joined, a bad cursor, too many rooms, no dualcast server at that URL: code
-    `not_found`, a TLS certificate the client does not trust: `tls_certificate`):
-    trying again, on any transport, would not help."""
+    `not_found`, a TLS certificate the client does not trust: `tls_certificate`, no
+    transport asked for offered by the server: `transport_disabled`): trying again,
+    on any transport, would not help."""
 
     def __init__(self, status: int | None, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}" if message else code)

@@ -140,6 +140,8 @@ class Subscription:
         self._target: Target | None = None
         #: Since the last `welcome`: transports that answered "no endpoint here", and how.
         self._missing: dict[Transport, Ended] = {}
+        #: Transports the server said it does not offer (`transport_disabled`).
+        self._disabled: set[Transport] = set()
 
     # -- the caller's side -----------------------------------------------------
 
@@ -328,6 +330,7 @@ class Subscription:
             return
         self._clear(Timer.WELCOME)
         self._missing.clear()
+        self._disabled.clear()
         if self._rooms:
             self._narrow(tuple(room for room in self._rooms if room in welcome.rooms))
         if self._cursor is None and welcome.last_id:
@@ -471,7 +474,15 @@ class Subscription:
     def _check_endpoint(self, transport: Transport, ended: Ended) -> None:
         """A 404 falls back like any refusal (a proxy may route only some paths), but
         when every transport says there is no endpoint, no retry will find one: the
-        URL (or its path prefix) is wrong."""
+        URL (or its path prefix) is wrong. Nor when the server said it offers none of
+        the transports asked for (a forced `transports=["websocket"]` where the server
+        runs with DUALCAST_TRANSPORTS=sse,polling)."""
+        if ended.code == "transport_disabled":
+            self._disabled.add(transport)
+            if self._disabled >= set(self._order):
+                raise Refused(ended.status, "transport_disabled",
+                              f"the server at {self._http_base} offers none of the transports "
+                              f"asked for ({', '.join(self._order)})")
         if not no_endpoint(transport, ended):
             self._missing.clear()
             return
