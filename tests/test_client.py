@@ -816,3 +816,32 @@ async def test_a_transport_the_server_does_not_offer_ends_with_refused_when_forc
         sent = await publish(server.url, "tick", 1)
         await until(lambda: sent in watch.ids, what="the event")
         assert watch.failure is None
+
+
+async def test_dualcast_tail_with_stdout_or_stderr_closed(server: Any) -> None:
+    """Started with stdout closed (`>&-`) tail failed with a traceback; with stderr closed
+    (`2>&-`) its status lines went to stdout (print's fallback), among the JSON events."""
+    import os
+    import sys
+
+    from tests.harness.procs import ROOT
+
+    marker = await publish(server.url, "marker", 0)
+    sent = await publish(server.url, "tick", {"n": 1})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DUALCAST_")}
+    command = f"exec '{sys.executable}' -m dualcast tail {server.url} --last-event-id {marker}"
+    closed_out = await asyncio.create_subprocess_exec(
+        "sh", "-c", command + " >&-", cwd=ROOT, env=env, stderr=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(30):
+        _, errors = await closed_out.communicate()
+    assert closed_out.returncode == 0 and errors == b"", errors.decode()
+    closed_err = await asyncio.create_subprocess_exec(
+        "sh", "-c", command + " 2>&-", cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE)
+    try:
+        assert closed_err.stdout is not None
+        async with asyncio.timeout(30):
+            line = await closed_err.stdout.readline()
+        assert json.loads(line)["id"] == sent  # an event, not "dualcast tail: ... connecting"
+    finally:
+        closed_err.kill()
+        await closed_err.wait()

@@ -115,9 +115,13 @@ def run(url: str, *, token: str | None, rooms: list[str], last_event_id: str | N
         transport: str) -> int:
     """The command's entry point: an interrupt is the normal way out (exit 0)."""
     token = token or os.environ.get("DUALCAST_TOKEN") or None
+    if sys.stdout is None:  # started with stdout closed (`>&-`): as a reader gone at once
+        return 0
+    # With stderr closed (`2>&-`), print(file=None) would write to stdout, among the events.
+    err = sys.stderr if sys.stderr is not None else open(os.devnull, "w")
     try:
         return asyncio.run(tail(url, token=token, rooms=rooms, last_event_id=last_event_id,
-                                transport=transport, out=sys.stdout, err=sys.stderr))
+                                transport=transport, out=sys.stdout, err=err))
     except KeyboardInterrupt:
         return 0
     except BrokenPipeError:
