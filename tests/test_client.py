@@ -845,3 +845,26 @@ async def test_dualcast_tail_with_stdout_or_stderr_closed(server: Any) -> None:
     finally:
         closed_err.kill()
         await closed_err.wait()
+
+
+def test_dualcast_tail_into_a_full_disk_says_so_in_one_line(server: Any) -> None:
+    """stdout refusing a write (ENOSPC: /dev/full) ended tail with a traceback."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.harness.procs import ROOT
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    marker = asyncio.run(publish(server.url, "marker", 0))
+    asyncio.run(publish(server.url, "tick", {"n": 1}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DUALCAST_")}
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "dualcast", "tail", server.url, "--last-event-id", marker],
+            cwd=ROOT, env=env, stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "dualcast tail: cannot write the events: No space left on device")
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr

@@ -130,3 +130,11 @@ def run(url: str, *, token: str | None, rooms: list[str], last_event_id: str | N
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    except OSError as exc:
+        # stdout refused an event (a full disk): one line, not a traceback, and the
+        # interpreter's final flush of what it holds goes nowhere rather than failing again.
+        print(f"dualcast tail: cannot write the events: {exc.strerror or exc}", file=err,
+              flush=True)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
