@@ -294,3 +294,23 @@ async def test_sse_and_polling_reconnect_quietly_with_a_refreshed_token(
         assert await run.items(1) == [ev(2)]
         assert run.statuses == [Status(transport, State.CONNECTING),
                                 Status(transport, State.LIVE)]  # no blip for the refresh
+
+
+async def test_a_certificate_one_transport_does_not_trust_falls_back_until_none_does() -> None:
+    """websockets checks certificates against the system's CAs, httpx against certifi's:
+    a company CA installed in one set only fails one transport, and the next must be
+    tried; the subscription ends with `tls_certificate` only when none trusts it."""
+    untrusted = Ended(Failure.TRANSPORT, "SSLCertVerificationError", None, "tls_certificate",
+                      "the server's TLS certificate was not accepted (unable to get local "
+                      "issuer certificate); for a private CA, set SSL_CERT_FILE ...")
+    async with manager((WS, SSE, POLL)) as run:
+        await (await run.conn(0)).say(untrusted)
+        sse = await run.conn(1)
+        await sse.say(Welcome([], "100-0"), Batch([ev(1)]))
+        assert await run.items(1) == [ev(1)]
+    async with manager((WS, SSE, POLL)) as run:
+        for index in range(3):
+            await (await run.conn(index)).say(untrusted)
+        with pytest.raises(Refused, match="TLS certificate was not accepted") as refused:
+            await run.items(1)
+        assert refused.value.code == "tls_certificate"

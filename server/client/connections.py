@@ -236,9 +236,11 @@ class Connection:
             kind = Failure.UNREACHABLE if _unreachable(exc) else Failure.TRANSPORT
             ended = Ended(kind, f"{type(exc).__name__}: {exc}".rstrip(": "))
             if (refused := _certificate_refused(exc)) is not None:
-                # Retrying would meet the same certificate: say why, once.
+                # A transport refused, not an unreachable server: the next may trust the
+                # certificate (websockets reads the system's CAs, httpx certifi's); when
+                # none does, the subscription says why (see `Subscription`).
                 reason = refused.verify_message or str(refused)
-                ended = Ended(Failure.FATAL, ended.detail, None, "tls_certificate",
+                ended = Ended(Failure.TRANSPORT, ended.detail, None, "tls_certificate",
                               f"the server's TLS certificate was not accepted ({reason}); "
                               "for a private CA, set SSL_CERT_FILE to a bundle that holds it")
         await self.inbox.put((self, ended))

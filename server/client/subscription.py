@@ -82,6 +82,11 @@ def backoff(attempt: int, base: float, cap: float, rand: Callable[[], float]) ->
     return rand() * min(cap, base * (1 << min(attempt, 30)))
 
 
+#: Refusals of one transport that no retry changes: when every transport asked for has
+#: given one since the last `welcome`, the subscription ends with it.
+HOPELESS = frozenset({"transport_disabled", "tls_certificate"})
+
+
 class Timer(enum.StrEnum):
     WELCOME = "welcome"
     PROBE_WELCOME = "probe_welcome"
@@ -140,8 +145,9 @@ class Subscription:
         self._target: Target | None = None
         #: Since the last `welcome`: transports that answered "no endpoint here", and how.
         self._missing: dict[Transport, Ended] = {}
-        #: Transports the server said it does not offer (`transport_disabled`).
-        self._disabled: set[Transport] = set()
+        #: Since the last `welcome`: transports that no retry will change, and how (the
+        #: server does not offer it; the client does not trust the server's certificate).
+        self._hopeless: dict[Transport, Ended] = {}
 
     # -- the caller's side -----------------------------------------------------
 
@@ -330,7 +336,7 @@ class Subscription:
             return
         self._clear(Timer.WELCOME)
         self._missing.clear()
-        self._disabled.clear()
+        self._hopeless.clear()
         if self._rooms:
             self._narrow(tuple(room for room in self._rooms if room in welcome.rooms))
         if self._cursor is None and welcome.last_id:
@@ -476,13 +482,15 @@ class Subscription:
         when every transport says there is no endpoint, no retry will find one: the
         URL (or its path prefix) is wrong. Nor when the server said it offers none of
         the transports asked for (a forced `transports=["websocket"]` where the server
-        runs with DUALCAST_TRANSPORTS=sse,polling)."""
-        if ended.code == "transport_disabled":
-            self._disabled.add(transport)
-            if self._disabled >= set(self._order):
-                raise Refused(ended.status, "transport_disabled",
-                              f"the server at {self._http_base} offers none of the transports "
-                              f"asked for ({', '.join(self._order)})")
+        runs with DUALCAST_TRANSPORTS=sse,polling), or none trusts its certificate."""
+        if ended.code in HOPELESS:
+            self._hopeless[transport] = ended
+            if set(self._hopeless) >= set(self._order):
+                if all(e.code == "transport_disabled" for e in self._hopeless.values()):
+                    raise Refused(ended.status, "transport_disabled",
+                                  f"the server at {self._http_base} offers none of the "
+                                  f"transports asked for ({', '.join(self._order)})")
+                raise Refused(ended.status, ended.code, ended.message)
         if not no_endpoint(transport, ended):
             self._missing.clear()
             return
