@@ -868,3 +868,22 @@ def test_dualcast_tail_into_a_full_disk_says_so_in_one_line(server: Any) -> None
     assert result.stderr.splitlines()[-1] == (
         "dualcast tail: cannot write the events: No space left on device")
     assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
+
+
+@pytest.mark.parametrize("transport", FORCED)
+async def test_last_event_id_of_a_live_subscription_resumes_without_a_gap(
+    server: Any, transport: Transport
+) -> None:
+    """Subscribed live from now, with nothing for it yet: `events.last_event_id` was None,
+    so an application that saved it at shutdown and resumed with it started live again
+    and lost what was published while it was down. It is the position the subscription
+    is live from (the server's head), as the browser client's `lastEventId` is."""
+    head = await publish(server.url, "before", 0)
+    async with watching(server.url, transports=[transport]) as (watch, events):
+        await until(lambda: watch.live_on(transport), what=f"live on {transport}")
+        saved = events.last_event_id
+    assert saved is not None and not is_after(head, saved), (head, saved)
+    missed = await publish(server.url, "while-down", 1)  # the application is down
+    async with watching(server.url, transports=[transport], last_event_id=saved) as (watch, _):
+        await until(lambda: missed in watch.ids or watch.done, what="the event published meanwhile")
+        assert watch.ids == [missed]

@@ -127,7 +127,9 @@ class Subscription:
         self._out: asyncio.Queue[Item | _Done] = asyncio.Queue(buffer)
         self._inbox: asyncio.Queue[tuple[Connection, Signal]] = asyncio.Queue(256)
         self._cursor = last_event_id  # the last id put on the output queue
-        self.last_event_id = last_event_id  # the last id handed to the caller
+        #: Where the caller may resume from: the last id handed to it, or, before any,
+        #: the server's head the subscription went live from (as the browser's lastEventId).
+        self.last_event_id = last_event_id
         self._level = 0
         self._conn: Connection | None = None
         self._probe: Connection | None = None
@@ -341,6 +343,9 @@ class Subscription:
             self._narrow(tuple(room for room in self._rooms if room in welcome.rooms))
         if self._cursor is None and welcome.last_id:
             self._cursor = welcome.last_id
+            if self.last_event_id is None and self._out.empty():
+                # Nothing handed over yet: resuming from here later misses nothing.
+                self.last_event_id = welcome.last_id
         self._failures = 0
         self._auth_retried = False
         self._live_since = asyncio.get_running_loop().time()
