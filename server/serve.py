@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing import resource_tracker
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -241,6 +242,9 @@ class DualcastServer(uvicorn.Server):
         super().run(sockets)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        # A worker starts with SIGINT blocked (Workers._start): a Ctrl-C of its first
+        # moments waited until now, when uvicorn's handler is in place to take it.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         await super().startup(sockets)
         if self.started and self.on_listening is not None:
             self.on_listening()
@@ -331,7 +335,19 @@ class Workers:
         host, port = self.sock.getsockname()[:2]
         slot.process = self._spawn.Process(target=_worker, name="dualcast-worker",
                                            args=(self.server, (host, port), self.listening))
-        slot.process.start()
+        # Started with SIGINT blocked (the mask is kept across the exec; the worker lifts
+        # it once uvicorn handles signals, in DualcastServer.startup): a Ctrl-C, which
+        # the terminal sends to the whole group, reached a worker still importing or
+        # building its app as a KeyboardInterrupt traceback. Here a SIGINT of those
+        # moments waits, and is handled when the mask is restored.
+        # (multiprocessing's resource tracker, started with the first worker, lifts a
+        # SIGINT block of its own when it starts: started before ours is put in place)
+        resource_tracker.ensure_running()
+        masked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            slot.process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, masked)
         slot.started_at = time.monotonic()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:

@@ -7,6 +7,7 @@ psutil to look inside each worker process (its sockets, its connections).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -538,6 +539,35 @@ def test_a_worker_that_dies_is_replaced(
         assert httpx.get(proc.url + "/healthz", timeout=5).status_code == 200
     assert proc.stop() in (0, -15)
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in first[1:])
+
+
+def test_ctrl_c_reaching_a_starting_worker_is_no_traceback(
+    serve: Callable[..., DualcastProcess], redis_server: RedisProcess
+) -> None:
+    """The terminal sends Ctrl-C to the whole process group, workers included: a worker
+    still importing in multiprocessing's spawn bootstrap printed a KeyboardInterrupt
+    traceback. Here the signal goes to that worker alone (the parent's SIGTERM would
+    otherwise race the traceback out of sight)."""
+    proc = serve(["--workers", "2"], redis_url=redis_server.url, wait=False)
+
+    def importing() -> psutil.Process | None:
+        for worker in workers_of(proc):
+            with contextlib.suppress(OSError, psutil.Error):
+                if "hiredis" in Path(f"/proc/{worker.pid}/maps").read_text():
+                    return worker
+        return None
+
+    worker = wait_until(importing, timeout=30, interval=0.001,
+                        what="a worker importing in its bootstrap")
+    worker.send_signal(signal.SIGINT)
+    wait_until(lambda: len(workers_of(proc)) == 2 and worker.pid not in
+               {w.pid for w in workers_of(proc)}, timeout=30,
+               what="the worker gone and replaced")
+    wait_until(lambda: httpx.get(proc.url + "/healthz", timeout=5).status_code == 200,
+               timeout=30, what="the server serving")
+    assert proc.stop() in (0, -15)
+    log = proc.log()
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
 
 
 # Each worker listens on a socket of its own (SO_REUSEPORT) --------------------------------
