@@ -325,11 +325,19 @@ def _publish(args: argparse.Namespace) -> int:
         print(f"dualcast publish: {exc}", file=sys.stderr)
         return 2
     if args.url:
+        if args.redis_url:  # one of the two was ignored without a word
+            print("dualcast publish: --url and --redis-url are two ways to publish (through "
+                  "a server, or straight to Redis): give one", file=sys.stderr)
+            return 2
         if args.wait_replicas:
             print("dualcast publish: --wait-replicas needs Redis (--redis-url or "
                   "DUALCAST_REDIS_URL), not --url", file=sys.stderr)
             return 2
         return _publish_http(args, settings, data)
+    if args.token:  # a token is for --url: straight to Redis it was ignored
+        print("dualcast publish: --token is for --url (POST /api/publish); straight to Redis "
+              "no token is needed: leave it out, or add --url", file=sys.stderr)
+        return 2
     if settings.redis_url is None:
         print("dualcast publish: no Redis configured: set DUALCAST_REDIS_URL, pass --redis-url, "
               "or --url of a running dualcast server", file=sys.stderr)

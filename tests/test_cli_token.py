@@ -357,3 +357,19 @@ def test_a_redis_url_at_a_port_that_is_no_redis_says_so(
     served = dualcast(url)
     wait_until(lambda: "does not speak Redis" in served.log(), timeout=20,
                what="the consumer's error with the hint")
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--url", "http://127.0.0.1:9", "--redis-url", "redis://127.0.0.1:9/0"],
+     "dualcast publish: --url and --redis-url are two ways to publish"),
+    (["--token", "t", "--redis-url", "redis://127.0.0.1:9/0"],
+     "dualcast publish: --token is for --url (POST /api/publish)"),
+])
+def test_publish_refuses_a_flag_its_path_would_ignore(args: list[str], says: str) -> None:
+    """`--url` with `--redis-url` went through the server and dropped the Redis URL, and
+    `--token` without `--url` went straight to Redis and dropped the token: each without
+    a word, so the event did not go the way the person asked."""
+    done = cli("publish", "note", "{}", *args)
+    assert done.returncode == 2 and done.stdout == ""
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(says), line
