@@ -218,6 +218,10 @@ def _token(args: argparse.Namespace) -> int:
         print(f"dualcast token: {algorithm} signs with a private key: pass --key @path",
               file=sys.stderr)
         return 2
+    elif args.secret:  # it signed with the key, and the secret was ignored
+        print(f"dualcast token: {algorithm} signs with --key, not --secret: leave out "
+              "--secret, or sign with it by --alg HS256 without --key", file=sys.stderr)
+        return 2
     audience = args.audience or (settings.jwt_audience[0] if settings.jwt_audience else None)
     try:
         token = mint_token(

@@ -322,6 +322,10 @@ def test_a_key_is_never_ignored_for_a_secret_algorithm(tmp_path: Path) -> None:
     assert line.startswith("dualcast token: --alg HS256 signs with the shared secret, not --key")
     keyed = cli("token", "--sub", "a", "--alg", "ES256", "--key", f"@{tmp_path / 'k1.pem'}")
     assert keyed.returncode == 0 and jwt.get_unverified_header(keyed.stdout.strip())["alg"] == "ES256"
+    # and the other way round: --secret beside a key was dropped as silently
+    both = cli("token", "--sub", "a", "--key", f"@{tmp_path / 'k1.pem'}", "--secret", SECRET)
+    assert both.returncode == 2 and both.stdout == ""
+    assert both.stderr.strip().startswith("dualcast token: ES256 signs with --key, not --secret")
 
 
 @pytest.mark.parametrize(("args", "says"), [
