@@ -432,7 +432,12 @@ def _publish_http(args: argparse.Namespace, settings: Settings, data: Any) -> in
         return 2
     if secret:  # the algorithm, issuer and audience the server checks, else it refuses it
         token = mint_for(settings, secret, "cli", publish=True, ttl=300)
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if not token:  # every server refuses a publish without one (it was a bare 401 back)
+        print("dualcast publish: --url needs a publish token: pass --token (e.g. from "
+              "`dualcast token --sub cli --publish` on the server's machine), or set "
+              "DUALCAST_SECRET to the server's secret", file=sys.stderr)
+        return 2
+    headers = {"Authorization": f"Bearer {token}"}
     body = {"event": args.event, "data": data, "rooms": args.room}
     try:
         response = httpx.post(args.url.rstrip("/") + "/api/publish", json=body, headers=headers,

@@ -147,7 +147,7 @@ def test_serve_without_secret_prints_a_working_admin_url(tmp_path: Path) -> None
 
 
 def test_publish_url_mints_a_token_from_the_secret(
-    dualcast: Callable[..., DualcastProcess],
+    dualcast: Callable[..., DualcastProcess], tmp_path: Path,
 ) -> None:
     server = dualcast()
     done = cli("publish", "note", '{"n": 1}', "--room", "user-456", "--url", server.url)
@@ -161,8 +161,13 @@ def test_publish_url_mints_a_token_from_the_secret(
                        params={"after": "0", "timeout": "0", "token": token("789")}).json()
     assert hidden["events"] == []
 
-    anonymous = cli("publish", "note", "{}", "--url", server.url, secret=None)
-    assert anonymous.returncode == 1 and "401" in anonymous.stderr
+    # no secret here and none kept: no token to send, said before any request (it was
+    # the server's bare 401 back)
+    anonymous = cli("publish", "note", "{}", "--url", server.url, secret=None,
+                    env={"XDG_STATE_HOME": str(tmp_path)})
+    assert anonymous.returncode == 2 and anonymous.stdout == ""
+    assert anonymous.stderr.startswith("dualcast publish: --url needs a publish token: pass "
+                                       "--token"), anonymous.stderr
     plain = cli("publish", "note", "{}", "--url", server.url, "--token", token("456"),
                 secret=None)
     assert plain.returncode == 1 and "403" in plain.stderr
