@@ -37,7 +37,9 @@ DEMO_SPEED_MAX = 100.0
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DUALCAST_", extra="ignore", frozen=False)
+    # (no float setting means anything by inf: "off" is 0 where a setting has an off)
+    model_config = SettingsConfigDict(env_prefix="DUALCAST_", extra="ignore", frozen=False,
+                                      allow_inf_nan=False)
 
     # where events live
     redis_url: str | None = Field(

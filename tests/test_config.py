@@ -39,6 +39,10 @@ def test_plain_redis_url_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
         ("DUALCAST_TRANSPORTS", "carrier-pigeon", "DUALCAST_TRANSPORTS"),
         ("DUALCAST_SECRET", "short", "DUALCAST_SECRET"),
         ("DUALCAST_ROOM_PATTERN", "([", "DUALCAST_ROOM_PATTERN"),
+        # settings without an upper bound took inf (a stall watch that never looks)
+        ("DUALCAST_STALL_SECONDS", "inf", "DUALCAST_STALL_SECONDS"),
+        ("DUALCAST_GC_REFRESH", "inf", "DUALCAST_GC_REFRESH"),
+        ("DUALCAST_JWKS_REFRESH", "Infinity", "DUALCAST_JWKS_REFRESH"),
     ],
 )
 def test_bad_setting_is_one_line_naming_it(
