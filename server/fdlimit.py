@@ -66,7 +66,7 @@ def check_file_limit(settings: Settings) -> int:
     cap = settings.max_connections
     if soft == resource.RLIM_INFINITY:
         return soft
-    room = max(0, soft - RESERVE)
+    room = max(1, soft - RESERVE)  # as `connection_cap`: 0 would read as "no cap"
     if cap is None:
         if room < LOW:
             log.warning(

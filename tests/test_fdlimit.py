@@ -134,6 +134,16 @@ def test_unset_the_cap_follows_the_open_file_limit(serve: Callable[..., Started]
                what="a slot back once the streams closed")
 
 
+def test_a_limit_at_the_reserve_says_the_one_connection_it_holds(
+    serve: Callable[..., Started],
+) -> None:
+    """At 100 open files or fewer the process still holds one connection (0 would mean no
+    cap); its warning said "at most 0 connections"."""
+    child = serve(100, 100, {})
+    [line] = warnings(child.output())
+    assert "at most 1 connections" in line, line
+
+
 def open_stream(port: int) -> socket.socket:
     """An SSE stream held open on a raw socket (its 200 head read)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
