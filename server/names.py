@@ -47,7 +47,7 @@ _PROBES: dict[Kind, tuple[str, ...]] = {
     "event": ("", "\n", "a\n", "a\nb", "\r", "a\r\nb", "\x00", "\x7f", "\x85", "\u2028",
               "\ufeff", "a" * (MAX_NAME_LENGTH + 1)),
 }
-#: Patterns known to admit only protocol-safe names (tests/test_names.py proves it for
+#: Patterns known to admit only protocol-safe names (tests/test_name_patterns.py proves it for
 #: every code point), so the decoder's hot path pays for the pattern alone.
 _KNOWN_SAFE = {("event", EVENT_NAME_PATTERN), ("room", ROOM_NAME_PATTERN)}
 
