@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -887,3 +888,25 @@ async def test_last_event_id_of_a_live_subscription_resumes_without_a_gap(
     async with watching(server.url, transports=[transport], last_event_id=saved) as (watch, _):
         await until(lambda: missed in watch.ids or watch.done, what="the event published meanwhile")
         assert watch.ids == [missed]
+
+
+def test_timing_says_which_defaults_are_the_browser_clients() -> None:
+    """Timing's docstring once said every default matched the browser client while
+    `welcome` (5 s / 3 s) and `idle` (45 s / 40 s) never did; the shared ones stay shared."""
+    source = (Path(__file__).resolve().parents[1] / "static" / "dualcast.js").read_text()
+
+    def js(option: str) -> float:
+        match = re.search(rf"this\.{option} = opts\.{option} \?\? (\d+);", source)
+        assert match is not None, f"{option} has no default in static/dualcast.js"
+        return float(match.group(1))
+
+    timing = Timing()
+    shared = {"pollTimeout": timing.poll, "maxDeaths": timing.max_deaths}
+    shared |= {f"{js_name}Ms": value * 1000 for js_name, value in {
+        "retryBase": timing.retry_base, "retryCap": timing.retry_cap,
+        "climbBase": timing.climb_base, "climbCap": timing.climb_cap,
+        "stable": timing.stable, "deathWindow": timing.death_window}.items()}
+    assert {name: js(name) for name in shared} == shared
+    assert (timing.welcome, js("welcomeTimeoutMs")) == (5.0, 3000)
+    assert (timing.idle, js("idleTimeoutMs")) == (45.0, 40000)
+    assert Timing.__doc__ is not None and "5 s here (3 s" in Timing.__doc__

@@ -62,7 +62,9 @@ Connector = Callable[
 
 @dataclass(frozen=True)
 class Timing:
-    """Seconds. Defaults match the browser client; tests shorten them."""
+    """Seconds; tests shorten them. `poll` and the retry, climb and death values are the
+    browser client's defaults; `welcome` is 5 s here (3 s in the browser) and `idle` 45 s
+    (40 s there, where it watches the WebSocket too: here websockets' own pings do)."""
 
     welcome: float = 5.0          # a connection that has not said `welcome` by then failed
     poll: float = 25.0            # how long one long-poll waits at the server
