@@ -375,6 +375,9 @@ async def test_what_it_accepts_at_the_limits_the_server_delivers(
         "largest_decimal": (Decimal("1.7E+308"), 1.7e308),
         "tiny_decimal": (Decimal("1E-400"), 0.0),
         "decimal_int64": (Decimal(2**63), 2**63),
+        # docs/producers.md: a Decimal's exact digits reach the stream, not subscribers
+        "decimal_digits": (Decimal("1.10"), 1.1),
+        "decimal_past_a_double": (Decimal("0.1234567890123456789"), 0.12345678901234568),
         "null": (None, None),
     }
     stream = stream_key()
