@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -563,6 +564,66 @@ async def test_clients_of_a_killed_instance_resume_on_the_other_and_lose_nothing
     finally:
         for client in clients:
             await client.stop()
+
+
+def unread_bytes_at(port: int) -> int:
+    """Bytes waiting unread in the receive queues of the connections accepted on local
+    `port` (/proc/net/tcp{,6}: what a stopped process has not read yet)."""
+    waiting = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            if local_port == port and fields[3] != "0A":  # 0A: the listening socket
+                waiting += int(fields[4].split(":")[1], 16)
+    return waiting
+
+
+@pytest.mark.timeout(90)
+async def test_a_publish_an_instance_never_read_is_retried_on_the_other(
+    redis_server: RedisProcess, pair: list[DualcastProcess], proxy: Callable[..., NginxProcess]
+) -> None:
+    """A producer's POST that nginx has sent to an instance which then goes away without
+    reading it (a stopping instance closes nginx's idle keep-alive connections, one of
+    which nginx has just used; or it dies) was answered with nginx's HTML 502, although
+    no instance ever saw the event and the other one was up. Here the race is made
+    certain: the victim is stopped (SIGSTOP) until the publish sits unread in its
+    socket, then killed."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("needs Linux's /proc/net/tcp to see a publish waiting unread")
+    nginx = proxy("plain")
+    victim, survivor = pair
+    run = f"unread-{time.time_ns()}"
+    headers = {"Authorization": f"Bearer {token('producer', publish=True)}"}
+    victim.signal(signal.SIGSTOP)
+    try:
+        async with httpx.AsyncClient(base_url=nginx.url, timeout=30) as client:
+            answer: httpx.Response | None = None
+            for attempt in range(6):  # least_conn alternates: one of two goes to the victim
+                marker = f"{run}-{attempt}"
+                body = {"event": "unread", "data": {"marker": marker}}
+                task = asyncio.create_task(client.post("/api/publish", json=body,
+                                                       headers=headers))
+                await wait_for(lambda t=task: t.done() or unread_bytes_at(victim.port) > 0,
+                               timeout=10, what="the publish answered, or unread at the victim")
+                if task.done():  # the survivor took it
+                    assert task.result().status_code == 202, task.result().text
+                    continue
+                victim.kill()  # it goes away with the publish unread
+                answer = await asyncio.wait_for(task, 20)
+                break
+            assert answer is not None, "no publish was ever sent to the stopped instance"
+    finally:
+        if victim.alive():
+            victim.signal(signal.SIGCONT)
+    assert answer.status_code == 202, f"{answer.status_code}: {answer.text[:200]}"
+    assert port_of(answer.headers.get(UPSTREAM_HEADER)) == survivor.port
+    stored = redis_server.command("XREVRANGE", "websocket-broadcast", "+", "-", "COUNT", "50")
+    assert stored.count(marker.encode()) == 1, "the retried publish is in the stream once"
 
 
 # ---- proxies that break real-time transports ----------------------------------------------
