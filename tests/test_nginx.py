@@ -30,6 +30,7 @@ import websockets
 from websockets.exceptions import InvalidStatus
 
 from dualcast.config import load_settings
+from dualcast.cors import CLIENT_FILES
 from tests.conftest import require_tool, token
 from tests.harness.clients import SSEClient
 from tests.harness.nginx import MODES, NginxError, NginxProcess, render, require_nginx
@@ -382,6 +383,31 @@ async def test_static_files_come_from_nginx_and_login_links_from_dualcast(
         assert (await client.get("/healthz")).status_code == 200
         assert (await client.get("/readyz")).status_code == 200
         assert "dualcast_connections" in (await client.get("/metrics")).text
+
+
+@pytest.mark.timeout(60)
+async def test_the_browser_client_and_its_types_come_from_nginx_as_from_dualcast(
+    pair: list[DualcastProcess], proxy: Callable[..., NginxProcess]
+) -> None:
+    """`/dualcast.js` and `/dualcast.d.ts` (the README: "types at /dualcast.d.ts") are
+    fetched by pages and tools of other origins: nginx serves them from disk with the
+    type and the Access-Control-Allow-Origin dualcast gives them. The types came as
+    `video/mp2t` (mime.types' .ts) without CORS, so a page of another origin could
+    not read them."""
+    nginx = proxy("plain")
+    async with httpx.AsyncClient(timeout=10) as client:
+        for path in CLIENT_FILES:
+            direct = await client.get(pair[0].url + path, headers={"Origin": "https://app.example"})
+            through = await client.get(nginx.url + path, headers={"Origin": "https://app.example"})
+            assert direct.status_code == through.status_code == 200, path
+            assert UPSTREAM_HEADER not in through.headers, f"{path}: nginx serves it from disk"
+            assert through.content == direct.content, path
+            media = {direct.headers["content-type"].split(";")[0]}
+            if media == {"text/javascript"}:  # the same type by its older name
+                media.add("application/javascript")
+            assert through.headers["content-type"] in media, path
+            assert through.headers.get("access-control-allow-origin") == "*", path
+            assert through.headers["x-content-type-options"] == "nosniff", path
 
 
 async def test_browser_origin_and_body_limits_survive_the_proxy(
