@@ -163,6 +163,29 @@ def test_tls_with_http2_hsts_and_a_redirect_from_plain_http(
     assert tok.rsplit(".", 1)[1] not in text and "token" not in text
 
 
+def test_behind_another_tls_terminator_the_login_cookie_is_still_secure(
+    redis_server: RedisProcess, dualcast: Callable[..., DualcastProcess],
+    nginx: Callable[..., NginxProcess],
+) -> None:
+    """The docs: "Behind another TLS terminator, render with --tls-listen ''". That
+    layout (the tests' plain one) overwrote the terminator's `X-Forwarded-Proto: https`
+    with its own `http`, so browsers on https got a login cookie without `Secure`.
+    A claim of https is passed on; a claim of anything else is not (nginx's own scheme)."""
+    instance = dualcast(redis_server.url)
+    proxy = nginx([instance.port])
+    assert proxy.tls is None  # the --tls-listen '' layout
+    tok = token("alice", admin=True)
+    with httpx.Client(base_url=proxy.url, timeout=10) as client:
+        def cookie(**headers: str) -> str:
+            login = client.get("/", params={"token": tok}, headers=headers)
+            assert login.status_code == 303 and UPSTREAM_HEADER in login.headers
+            return login.headers["set-cookie"]
+
+        assert "Secure" in cookie(**{"X-Forwarded-Proto": "https"})  # from the terminator
+        assert "Secure" not in cookie()  # plain http, no terminator
+        assert "Secure" not in cookie(**{"X-Forwarded-Proto": "gopher"})
+
+
 # ---- connection caps and slow heads ------------------------------------------------------------
 
 
