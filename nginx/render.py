@@ -26,6 +26,7 @@ Command line (prints to stdout)::
         --server-name push.example.com --static-root /srv/dualcast/static \\
         --ssl-certificate /etc/ssl/push.pem --ssl-certificate-key /etc/ssl/push.key
     python nginx/render.py --access-log off      # no access log
+    python nginx/render.py --tls-listen '' --real-ip-from 10.0.0.2   # behind a TLS terminator
 
 Paths are quoted when they need it; a value nginx cannot take (``$`` in a path,
 ``--limit-conn 0``, an upstream that is not one ``host:port`` word) ends in one
@@ -35,6 +36,7 @@ line and exit status 2.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -182,6 +184,16 @@ _TLS_SETTINGS = """
     add_header Strict-Transport-Security "{{hsts}}" always;
 """
 
+_REAL_IP = """
+    # A TLS terminator (or load balancer) in front: requests come from its
+    # address, so the client's is taken from the X-Forwarded-For it adds (the
+    # rightmost address not listed here). Without this, limit_conn above and
+    # dualcast's per-address cap counted every user of the site as one client.
+{{addresses}}
+    real_ip_header X-Forwarded-For;
+    real_ip_recursive on;
+"""
+
 _TEST_LOCATIONS = """
     # ---- test hooks (rendered only for tests) ----
     # Which config is live: a test waits for the new generation after a reload.
@@ -243,6 +255,21 @@ def nginx_upstream(value: str) -> str:
     return value
 
 
+def real_ip_lines(addresses: Sequence[str]) -> str:
+    """The realip block for trusted proxies in front (addresses or networks), or ''."""
+    if not addresses:
+        return ""
+    lines = []
+    for address in addresses:
+        try:
+            network = ipaddress.ip_network(address, strict=False)
+        except ValueError:
+            raise ValueError(f"real ip from {address!r}: not an address or network "
+                             "(e.g. 10.0.0.5, 10.0.0.0/16, ::1)") from None
+        lines.append(f"    set_real_ip_from {network if '/' in address else address};")
+    return fill(_REAL_IP, {"addresses": "\n".join(lines)})
+
+
 def access_log_directive(access_log: str | Path) -> str:
     """The arguments of `access_log`: a file in the `dualcast` format, or ``off``."""
     if str(access_log) == "off":
@@ -276,6 +303,7 @@ def render_site(
     ssl_certificate_key: str | Path | None = None,
     limit_conn: int = LIMIT_CONN,
     client_header_timeout: str = "10s",
+    real_ip_from: Sequence[str] = (),
 ) -> str:
     """The http-level config (map, upstream, server) for one mode.
 
@@ -300,6 +328,7 @@ def render_site(
     nginx_word(server_name, "server name")
     static_root = nginx_path(static_root, "static root")
     access_log = access_log_directive(access_log)
+    real_ip = real_ip_lines(real_ip_from)
     server_extra = ""
     if mode in ("no-websocket", "buffering"):
         server_extra += _REFUSE_UPGRADE
@@ -357,6 +386,7 @@ def render_site(
             "page_headers": page_header_lines,
             "limit_conn": limit_conn,
             "client_header_timeout": client_header_timeout,
+            "real_ip": real_ip,
             "server_name": server_name,
             "static_root": static_root,
             "access_log": access_log,
@@ -446,6 +476,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ssl-certificate-key", default=None)
     parser.add_argument("--limit-conn", type=_connections, default=LIMIT_CONN,
                         help="connections (HTTP/2 streams) one client address may hold (1 or more)")
+    parser.add_argument("--real-ip-from", action="append", default=[], metavar="ADDRESS",
+                        help="a TLS terminator or load balancer in front (address or network; "
+                             "repeat for several): client addresses come from its "
+                             "X-Forwarded-For")
     args = parser.parse_args(argv)
     live = f"/etc/letsencrypt/live/{args.server_name}"
     try:
@@ -459,6 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ssl_certificate=args.ssl_certificate or f"{live}/fullchain.pem",
             ssl_certificate_key=args.ssl_certificate_key or f"{live}/privkey.pem",
             limit_conn=args.limit_conn,
+            real_ip_from=args.real_ip_from,
         )
     except ValueError as err:  # a value nginx could not take: one line, exit 2
         parser.error(str(err))

@@ -300,6 +300,7 @@ def check_rendered(tmp_path: Path, site: str) -> None:
     (["--upstream", "http://127.0.0.1:8001"], "upstream 'http://127.0.0.1:8001': not host:port"),
     (["--upstream", "127.0.0.1:99999"], "upstream '127.0.0.1:99999': not host:port"),
     (["--upstream", "127.0.0.1"], "upstream '127.0.0.1': not host:port"),
+    (["--real-ip-from", "lb.example"], "real ip from 'lb.example': not an address"),
 ])
 def test_render_py_refuses_what_nginx_would_refuse_in_one_line(
     args: list[str], says: str

@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -236,6 +237,39 @@ def test_a_request_head_sent_a_byte_at_a_time_is_cut_off(
     elapsed = time.monotonic() - started
     assert closed, f"nginx still waited for the head after {elapsed:.1f} s"
     assert elapsed < 14, f"cut off only after {elapsed:.1f} s (client_header_timeout is 10 s)"
+
+
+def test_behind_another_tls_terminator_each_client_has_its_own_caps(
+    redis_server: RedisProcess, dualcast: Callable[..., DualcastProcess],
+    nginx: Callable[..., NginxProcess],
+) -> None:
+    """Behind a TLS terminator on another host (here 127.0.0.9, which dualcast does not
+    trust), every request reached nginx from the terminator's address: nginx's
+    `limit_conn` and dualcast's per-address cap counted the whole site as one client,
+    and the next user of the site got 429. `--real-ip-from` names the terminator: nginx
+    takes the client's address from its X-Forwarded-For, and passes it on."""
+    terminator = "127.0.0.9"
+    instance = dualcast(redis_server.url, env={"DUALCAST_MAX_CONNECTIONS_PER_ADDRESS": "2"})
+    proxy = nginx([instance.port], limit_conn=2, real_ip_from=[terminator])
+    transport = httpx.HTTPTransport(local_address=terminator)
+    with httpx.Client(base_url=proxy.url, timeout=10, transport=transport) as client:
+        def sse(client_address: str) -> tuple[Any, httpx.Response]:
+            stream = client.stream("GET", "/api/sse",
+                                   headers={"X-Forwarded-For": client_address})
+            return stream, stream.__enter__()
+
+        opened = [sse("203.0.113.1"), sse("203.0.113.1")]
+        try:
+            assert [answer.status_code for _, answer in opened] == [200, 200]
+            third = sse("203.0.113.1")
+            opened.append(third)
+            assert third[1].status_code == 429  # that client's cap still holds
+            other = sse("198.51.100.7")
+            opened.append(other)
+            assert other[1].status_code == 200, other[1].read()  # another user of the site
+        finally:
+            for stream, _ in opened:
+                stream.__exit__(None, None, None)
 
 
 # ---- a Redis outage does not empty the upstream ---------------------------------------------

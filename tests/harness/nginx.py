@@ -84,10 +84,12 @@ class NginxProcess:
         port: int | None = None,
         tls: TlsFiles | None = None,
         limit_conn: int | None = None,
+        real_ip_from: list[str] | None = None,
     ) -> None:
         """With `tls`, the production layout: https + HTTP/2 on `tls_port` (then `url`),
         and `port` only redirects there (`http_url`). `limit_conn` overrides the
-        production per-address connection cap."""
+        production per-address connection cap; `real_ip_from` names TLS terminators in
+        front (render.py's --real-ip-from)."""
         if mode not in MODES:
             raise ValueError(f"unknown nginx mode {mode!r}; one of {', '.join(MODES)}")
         self.prefix = workdir
@@ -98,6 +100,7 @@ class NginxProcess:
         self.tls = tls
         self.tls_port = free_port() if tls is not None else None
         self.limit_conn = limit_conn
+        self.real_ip_from = list(real_ip_from or [])
         self.generation = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.binary = nginx_binary() or "nginx"
@@ -161,6 +164,8 @@ class NginxProcess:
                          ssl_certificate=self.tls.cert, ssl_certificate_key=self.tls.key)
         if self.limit_conn is not None:
             extra["limit_conn"] = self.limit_conn
+        if self.real_ip_from:
+            extra["real_ip_from"] = self.real_ip_from
         return extra
 
     def _base_args(self) -> list[str]:
