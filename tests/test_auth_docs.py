@@ -7,6 +7,8 @@ stops working fails here, not in a reader's project.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import re
 import shutil
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import websockets
 
 from tests.conftest import SECRET, require_tool
 from tests.harness.procs import ROOT, DualcastProcess, free_port
@@ -175,6 +178,16 @@ async def test_hook_recipe_behind_one_nginx_host(
         assert described["sub"] == "alice" and "ops" in described["rooms"], described
         assert time.monotonic() - began < 5
         assert await received_everywhere(base, "ops", headers=signed_in) == EVERYWHERE
+        # A browser's WebSocket names the page's origin, port included (the recipe's
+        # 8080): a Host without the port made dualcast refuse it as cross-site (403),
+        # and the page's client fell back to SSE.
+        page = f"http://127.0.0.1:{port}"
+        async with asyncio.timeout(15), websockets.connect(
+            base.replace("http://", "ws://") + "/api/ws?rooms=ops", origin=page,  # type: ignore[arg-type]
+            additional_headers=signed_in,
+        ) as ws:
+            welcome = json.loads(await ws.recv())
+            assert welcome["type"] == "welcome" and "ops" in welcome["rooms"], welcome
         stranger = await me(base, headers={"Cookie": "session=forged"})
         assert stranger.status_code == 401 and stranger.json()["error"] == "session_refused"
         assert (await me(base)).json()["anonymous"] is True  # no cookie: not asked
