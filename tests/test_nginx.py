@@ -256,6 +256,45 @@ def test_the_shipped_production_config_passes_nginx_t(tmp_path: Path, nginx_bina
     NginxProcess(tmp_path, [1]).validate()
 
 
+def documented_main_settings(doc: Path) -> str:
+    """The nginx main-config lines the deployment steps of `doc` tell a user to set."""
+    found = re.search(r"<!-- nginx-main -->\n```nginx\n(.*?)```", doc.read_text(), re.DOTALL)
+    assert found, f"{doc.name}: no main-config block (<!-- nginx-main -->)"
+    return found.group(1)
+
+
+def directive(text: str, name: str) -> str:
+    found = re.search(rf"^\s*{name}\s+([^;]+);", text, re.M)
+    assert found, f"no {name} in:\n{text}"
+    return found.group(1).strip()
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/nginx.md"])
+def test_the_deployment_steps_set_the_main_config_the_tests_run_nginx_with(
+    tmp_path: Path, nginx_binary: str, doc: str
+) -> None:
+    """Every test runs nginx with worker_connections 4096 and worker_shutdown_timeout 10s,
+    but a user following the steps kept Debian's main file: 768 connections a worker
+    (about 380 clients, each needing two), and after every reload old workers holding
+    WebSocket and SSE clients with the old config for hours. The steps now say what to
+    set there; nginx takes it."""
+    settings = documented_main_settings(ROOT / doc)
+    tested = (ROOT / "nginx" / "templates" / "nginx.conf.tmpl").read_text()
+    assert directive(settings, "worker_shutdown_timeout") == directive(
+        tested, "worker_shutdown_timeout")
+    connections = int(directive(settings, "worker_connections"))
+    assert connections >= int(directive(tested, "worker_connections"))
+    assert int(directive(settings, "worker_rlimit_nofile")) >= connections
+    # nginx -t on a main file holding exactly these lines, around the production site
+    main = render.render_main(prefix=tmp_path, site_conf=tmp_path / "dualcast.conf")
+    main = re.sub(r"worker_shutdown_timeout [^;]+;", "", main)
+    main = re.sub(r"events \{[^}]*\}", settings, main)
+    proc = NginxProcess(tmp_path, [free_port()])
+    proc.render()  # the site (and a main file, replaced next)
+    proc.conf.write_text(main)
+    proc.validate()
+
+
 def test_a_poll_is_never_cut_off_by_nginx_before_the_app_answers() -> None:
     shipped = (ROOT / "nginx" / "dualcast.conf").read_text()
     block = shipped.split("location = /api/events {", 1)[1].split("}", 1)[0]
