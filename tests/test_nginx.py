@@ -18,7 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -649,6 +649,31 @@ def unread_bytes_at(port: int) -> int:
     return waiting
 
 
+async def post_until_one_sits_unread(
+    nginx: NginxProcess, victim: DualcastProcess,
+    post: Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]], expected: int,
+) -> tuple[httpx.Response, int]:
+    """With `victim` stopped (SIGSTOP), send `post(client, attempt)` through nginx until
+    one sits unread in the victim's socket (the others: answered `expected` by the other
+    instance), then kill the victim: nginx's answer to that one, and its attempt."""
+    victim.signal(signal.SIGSTOP)
+    try:
+        async with httpx.AsyncClient(base_url=nginx.url, timeout=30) as client:
+            for attempt in range(6):  # least_conn alternates: one of two goes to the victim
+                task = asyncio.create_task(post(client, attempt))
+                await wait_for(lambda t=task: t.done() or unread_bytes_at(victim.port) > 0,
+                               timeout=10, what="an answer, or the request unread at the victim")
+                if task.done():  # the other instance took it
+                    assert task.result().status_code == expected, task.result().text
+                    continue
+                victim.kill()  # it goes away with the request unread
+                return await asyncio.wait_for(task, 20), attempt
+    finally:
+        if victim.alive():
+            victim.signal(signal.SIGCONT)
+    raise AssertionError("no request was ever sent to the stopped instance")
+
+
 @pytest.mark.timeout(90)
 async def test_a_publish_an_instance_never_read_is_retried_on_the_other(
     redis_server: RedisProcess, pair: list[DualcastProcess], proxy: Callable[..., NginxProcess]
@@ -660,36 +685,45 @@ async def test_a_publish_an_instance_never_read_is_retried_on_the_other(
     certain: the victim is stopped (SIGSTOP) until the publish sits unread in its
     socket, then killed."""
     if not sys.platform.startswith("linux"):
-        pytest.skip("needs Linux's /proc/net/tcp to see a publish waiting unread")
+        pytest.skip("needs Linux's /proc/net/tcp to see a request waiting unread")
     nginx = proxy("plain")
     victim, survivor = pair
     run = f"unread-{time.time_ns()}"
     headers = {"Authorization": f"Bearer {token('producer', publish=True)}"}
-    victim.signal(signal.SIGSTOP)
-    try:
-        async with httpx.AsyncClient(base_url=nginx.url, timeout=30) as client:
-            answer: httpx.Response | None = None
-            for attempt in range(6):  # least_conn alternates: one of two goes to the victim
-                marker = f"{run}-{attempt}"
-                body = {"event": "unread", "data": {"marker": marker}}
-                task = asyncio.create_task(client.post("/api/publish", json=body,
-                                                       headers=headers))
-                await wait_for(lambda t=task: t.done() or unread_bytes_at(victim.port) > 0,
-                               timeout=10, what="the publish answered, or unread at the victim")
-                if task.done():  # the survivor took it
-                    assert task.result().status_code == 202, task.result().text
-                    continue
-                victim.kill()  # it goes away with the publish unread
-                answer = await asyncio.wait_for(task, 20)
-                break
-            assert answer is not None, "no publish was ever sent to the stopped instance"
-    finally:
-        if victim.alive():
-            victim.signal(signal.SIGCONT)
+
+    def publish(client: httpx.AsyncClient, attempt: int) -> Awaitable[httpx.Response]:
+        body = {"event": "unread", "data": {"marker": f"{run}-{attempt}"}}
+        return client.post("/api/publish", json=body, headers=headers)
+
+    answer, attempt = await post_until_one_sits_unread(nginx, victim, publish, 202)
     assert answer.status_code == 202, f"{answer.status_code}: {answer.text[:200]}"
     assert port_of(answer.headers.get(UPSTREAM_HEADER)) == survivor.port
     stored = redis_server.command("XREVRANGE", "websocket-broadcast", "+", "-", "COUNT", "50")
-    assert stored.count(marker.encode()) == 1, "the retried publish is in the stream once"
+    assert stored.count(f"{run}-{attempt}".encode()) == 1, "the retried publish is stored once"
+
+
+@pytest.mark.timeout(90)
+async def test_a_sign_out_an_instance_never_read_is_retried_on_the_other(
+    pair: list[DualcastProcess], proxy: Callable[..., NginxProcess]
+) -> None:
+    """The same race for the dashboard's Sign out (POST /api/logout): nginx answered 502,
+    the dashboard showed its login screen all the same (it does not look at the answer),
+    and the HttpOnly cookie stayed: the next visit was still signed in."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("needs Linux's /proc/net/tcp to see a request waiting unread")
+    nginx = proxy("plain")
+    victim, survivor = pair
+    cookie = {"Cookie": f"dualcast_token={token('alice', admin=True)}",
+              "Sec-Fetch-Site": "same-origin"}
+
+    def sign_out(client: httpx.AsyncClient, attempt: int) -> Awaitable[httpx.Response]:
+        return client.post("/api/logout", headers=cookie)
+
+    answer, _ = await post_until_one_sits_unread(nginx, victim, sign_out, 200)
+    assert answer.status_code == 200, f"{answer.status_code}: {answer.text[:200]}"
+    assert port_of(answer.headers.get(UPSTREAM_HEADER)) == survivor.port
+    assert 'dualcast_token=""' in answer.headers["set-cookie"] or (
+        "max-age=0" in answer.headers["set-cookie"].lower()), answer.headers["set-cookie"]
 
 
 # ---- proxies that break real-time transports ----------------------------------------------
