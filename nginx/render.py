@@ -77,6 +77,10 @@ PAGE_HEADERS = {
     "Referrer-Policy": "no-referrer",
 }
 
+#: nginx's buffers for a long request head: 4 x 16 KiB, so a line holds a token as long
+#: as dualcast takes (8,192 characters) with room to spare, and a head dualcast's 64 KiB.
+HEADER_BUFFERS = "4 16k"
+
 #: One year, the value HSTS preload lists ask for; no includeSubDomains (the
 #: config cannot know what else lives under the domain).
 HSTS = "max-age=31536000"
@@ -162,6 +166,7 @@ server {
     server_name {{server_name}};
     access_log {{access_log}};
     client_header_timeout {{client_header_timeout}};
+    large_client_header_buffers {{header_buffers}};
     limit_conn dualcast_per_client {{limit_conn}};
 
     location / {
@@ -363,6 +368,7 @@ def render_site(
         http_server = fill(_HTTP_REDIRECT_SERVER, {
             "listen": listen, "server_name": server_name, "access_log": access_log,
             "client_header_timeout": client_header_timeout, "limit_conn": limit_conn,
+            "header_buffers": HEADER_BUFFERS,
             "https_port": "" if https_port == "443" else f":{https_port}",
         })
         tls_settings = fill(_TLS_SETTINGS, {
@@ -386,6 +392,7 @@ def render_site(
             "page_headers": page_header_lines,
             "limit_conn": limit_conn,
             "client_header_timeout": client_header_timeout,
+            "header_buffers": HEADER_BUFFERS,
             "real_ip": real_ip,
             "server_name": server_name,
             "static_root": static_root,

@@ -29,9 +29,10 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
+from dualcast.auth import Authenticator, mint_token
 from dualcast.config import load_settings
 from dualcast.cors import CLIENT_FILES
-from tests.conftest import require_tool, token
+from tests.conftest import SECRET, require_tool, token
 from tests.harness.clients import SSEClient
 from tests.harness.nginx import MODES, NginxError, NginxProcess, render, require_nginx
 from tests.harness.procs import ROOT, DualcastProcess, RedisProcess, free_port
@@ -448,6 +449,43 @@ async def test_the_browser_client_and_its_types_come_from_nginx_as_from_dualcast
             assert through.headers["content-type"] in media, path
             assert through.headers.get("access-control-allow-origin") == "*", path
             assert through.headers["x-content-type-options"] == "nosniff", path
+
+
+def longest_token(sub: str = "alice") -> str:
+    """A valid token as long as dualcast takes (Authenticator.MAX_TOKEN): a user in many
+    rooms, as an issuer's token with a long group list is."""
+    count = 0
+    while True:
+        rooms = [f"team-{n:04d}" for n in range(count + 1)]
+        longer = mint_token(SECRET, sub, rooms=rooms)
+        if len(longer) > Authenticator.MAX_TOKEN:
+            break
+        count += 1
+    tok = mint_token(SECRET, sub, rooms=[f"team-{n:04d}" for n in range(count)])
+    assert Authenticator.MAX_TOKEN - 20 < len(tok) <= Authenticator.MAX_TOKEN
+    return tok
+
+
+@pytest.mark.timeout(60)
+async def test_a_token_as_long_as_dualcast_takes_passes_nginx(
+    pair: list[DualcastProcess], proxy: Callable[..., NginxProcess]
+) -> None:
+    """dualcast takes tokens of up to 8,192 characters and request heads of up to 64 KiB,
+    but nginx's default head buffers are 8 KiB a line: such a token in the
+    `Authorization` header of an SSE stream or a poll, or in the login cookie, got
+    nginx's HTML 400 (Request Header Or Cookie Too Large). (In a WebSocket URL dualcast
+    itself takes a request line of at most 8 KiB.)"""
+    nginx = proxy("plain")
+    tok = longest_token()
+    async with httpx.AsyncClient(base_url=nginx.url, timeout=10) as client:
+        async with client.stream("GET", "/api/sse", headers={"Authorization": f"Bearer {tok}"}
+                                 ) as stream:
+            assert stream.status_code == 200, await stream.aread()
+        poll = await client.get("/api/events", params={"timeout": "0", "rooms": "team-0000"},
+                                headers={"Authorization": f"Bearer {tok}"})
+        assert poll.status_code == 200, poll.text
+        me = await client.get("/api/me", headers={"Cookie": f"dualcast_token={tok}"})
+        assert me.status_code == 200 and me.json()["sub"] == "alice", me.text
 
 
 async def test_browser_origin_and_body_limits_survive_the_proxy(
