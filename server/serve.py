@@ -23,7 +23,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing import resource_tracker
 from types import FrameType
@@ -179,6 +179,7 @@ class DualcastServer(uvicorn.Server):
         self.settings = settings
         self.on_listening = on_listening
         self.runtime: Runtime | None = None
+        self.hangup = False  # SIGHUP asked this server to stop (see capture_signals)
 
     @property  # type: ignore[override]
     def should_exit(self) -> bool:
@@ -227,6 +228,31 @@ class DualcastServer(uvicorn.Server):
         finally:
             self._wake = None
 
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's, with SIGHUP taken as SIGTERM: uvicorn handles only SIGINT and
+        SIGTERM, so a hangup (the terminal or SSH session that started it closing, a
+        `kill -HUP` meant as a reload) ended the process at once, every client cut off
+        without a drain. dualcast reads its settings once, at start: there is nothing
+        to reload, so a hangup stops it the way SIGTERM does. A SIGHUP ignored when
+        the process started (`nohup`) stays ignored."""
+        if (threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGHUP) is signal.SIG_IGN):
+            with super().capture_signals():
+                yield
+            return
+
+        def hangup(signum: int, frame: FrameType | None) -> None:
+            self.hangup = True
+            self.handle_exit(signal.SIGTERM, frame)
+
+        previous = signal.signal(signal.SIGHUP, hangup)
+        try:
+            with super().capture_signals():
+                yield
+        finally:
+            signal.signal(signal.SIGHUP, previous)
+
     def run(self, sockets: list[socket.socket] | None = None) -> None:
         from dualcast.app import create_app  # the app's imports only where it is served
 
@@ -250,6 +276,8 @@ class DualcastServer(uvicorn.Server):
             self.on_listening()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.hangup:
+            log.info("SIGHUP: stopping as on SIGTERM (settings are read at start only)")
         for srv in self.servers:
             srv.close()
         # A proxy (nginx `keepalive`) keeps idle HTTP connections open and would
@@ -327,6 +355,7 @@ class Workers:
         self.on_listening = on_listening
         self.stop = threading.Event()
         self.failed = False
+        self.signalled: int | None = None
         self._spawn = multiprocessing.get_context("spawn")
         self.listening = self._spawn.RawValue("b", 0)  # 1 once some worker listens
         self.slots = [_Slot() for _ in range(count)]
@@ -351,10 +380,16 @@ class Workers:
         slot.started_at = time.monotonic()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.signalled = signum
         self.stop.set()
 
     def run(self) -> int:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # SIGHUP too: left to its default, a hangup ended this process alone, at once,
+        # and its workers served on unsupervised (none replaced, none stopped). Unless
+        # it was ignored from the start (`nohup`): then it stays ignored, here and in
+        # the workers, which inherit that.
+        hangup = signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN
+        for sig in (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hangup else [])):
             signal.signal(sig, self._on_signal)
         log.info("starting %d workers (parent process %d)", self.count, os.getpid())
         for slot in self.slots:
@@ -366,6 +401,10 @@ class Workers:
                 if self.on_listening is not None:
                     self.on_listening()
             self._replace_dead()
+        if self.signalled is not None:
+            log.info("%s: stopping %d workers (draining up to %gs)",
+                     signal.Signals(self.signalled).name, self.count,
+                     self.server.settings.shutdown_grace)
         self._stop_all()
         return 1 if self.failed else 0
 

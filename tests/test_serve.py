@@ -451,6 +451,69 @@ async def test_a_second_ctrl_c_stops_the_drain_at_once_without_a_traceback(
     assert "Application shutdown complete" in log
 
 
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_sighup_drains_and_stops_every_process(
+    workers: str, serve: Callable[..., DualcastProcess], redis_server: RedisProcess
+) -> None:
+    """SIGHUP (the terminal or SSH session that started the server closing, or a
+    `kill -HUP` meant as a reload) was left to its default: the process ended at once.
+    One process cut its clients off without a drain; with --workers 2 the supervisor
+    alone died and its workers went on serving the port, unsupervised, for good. It now
+    stops as on SIGTERM: every client drained (1001), every process gone, a log line."""
+    proc = serve(["--workers", workers], env={"DUALCAST_SHUTDOWN_GRACE": "1"},
+                 redis_url=redis_server.url)
+    assert proc.proc is not None
+    served_by = wait_workers(proc, 2) if workers == "2" else [psutil.Process(proc.pid)]
+    ws = await subscribe("ws", proc.url)
+    try:
+        proc.signal(signal.SIGHUP)
+        exit_code = await asyncio.to_thread(proc.proc.wait, 30)
+        await asyncio.wait_for(asyncio.shield(ws.conn.done), 10)  # type: ignore[union-attr]
+    finally:
+        await ws.close()
+    log = proc.log()
+    assert ws.seen.closed == 1001, (ws.seen.closed, log)
+    await asyncio.to_thread(
+        wait_until, lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                                    for p in served_by),
+        timeout=15, what="every serving process gone")
+    assert exit_code in (0, -signal.SIGTERM), log
+    assert "SIGHUP: stopping" in log, log
+    assert "Traceback" not in log and "ERROR" not in log, log
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_under_nohup_a_hangup_is_still_ignored(
+    workers: str, redis_server: RedisProcess, tmp_path: Path
+) -> None:
+    """`nohup dualcast serve` starts with SIGHUP ignored so that closing the terminal
+    leaves it running: taking SIGHUP as a stop must not undo that."""
+    port = free_port()
+    env = clean_env(DUALCAST_SECRET=SECRET, DUALCAST_REDIS_URL=redis_server.url,
+                    XDG_STATE_HOME=str(tmp_path))
+    proc = subprocess.Popen(
+        [*PY, "serve", "--port", str(port), "--workers", workers], cwd=ROOT, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: httpx.get(url + "/readyz", timeout=2).status_code == 200,
+                   timeout=30, what="ready")
+        children = psutil.Process(proc.pid).children(recursive=True)
+        for pid in [proc.pid, *(c.pid for c in children)]:  # the hangup reaches them all
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+        for _ in range(20):  # still serving, every worker still there
+            assert httpx.get(url + "/healthz", timeout=5).status_code == 200
+        assert proc.poll() is None
+        assert all(c.is_running() for c in children)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 @pytest.mark.timeout(60)
 def test_a_stop_begins_at_once_although_the_main_loop_looks_rarely() -> None:
     """The main loop looks at `should_exit` once a second (uvicorn: ten times a second);
