@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from urllib.parse import quote
 
 import orjson
@@ -25,6 +26,9 @@ from dualcast.query import query_of
 from dualcast.runtime import Runtime
 
 log = logging.getLogger("dualcast.api")
+
+#: Seconds between two log lines about publishes the log failed (each says how many).
+PUBLISH_FAILURE_LOG_EVERY = 30.0
 
 
 def _rt(request: Request) -> Runtime:
@@ -168,8 +172,7 @@ async def publish(request: Request) -> Response:
         async with asyncio.timeout(settings.redis_timeout):
             entry_id = await rt.log.append(fields)
     except (LogUnavailable, TimeoutError) as exc:
-        rt.stats.publish_failures += 1
-        log.warning("publish failed: %s", str(exc) or "timed out")
+        _publish_failed(rt, str(exc) or "timed out")
         if isinstance(exc, (LogNoAnswer, TimeoutError)):
             # The XADD went out and its reply did not come in time: a slow Redis may have
             # appended it, and "retry soon" had producers append it a second time.
@@ -182,6 +185,24 @@ async def publish(request: Request) -> Response:
         return error_response(503, "log_unavailable", "the event log is unreachable; retry soon")
     rt.stats.published += 1
     return JSONResponse({"id": entry_id}, status_code=202)
+
+
+def _publish_failed(rt: Runtime, why: str) -> None:
+    """Count a failed publish; log the first, then one line per PUBLISH_FAILURE_LOG_EVERY
+    seconds with the count. A line per failure wrote a producer's whole rate into the
+    log while Redis was away (100 publishes a second, 100 lines a second)."""
+    stats = rt.stats
+    stats.publish_failures += 1
+    now = time.monotonic()
+    if stats.publish_failure_logged_at and \
+            now - stats.publish_failure_logged_at < PUBLISH_FAILURE_LOG_EVERY:
+        return
+    failed = stats.publish_failures - stats.publish_failures_logged
+    stats.publish_failure_logged_at, stats.publish_failures_logged = now, stats.publish_failures
+    more = f" ({failed} failed publishes since the last such line)" if failed > 1 else ""
+    log.warning("publish failed, answered 503: %s%s; said at most every %gs, "
+                "dualcast_publish_failures_total counts each", why, more,
+                PUBLISH_FAILURE_LOG_EVERY)
 
 
 def _secure(request: Request, mode: str) -> bool:

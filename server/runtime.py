@@ -45,6 +45,9 @@ class TransportStats:
     #: POST /api/publish: events appended, and calls answered 503 (the log unreachable)
     published: int = 0
     publish_failures: int = 0
+    #: the last log line about failed publishes: when, and the count it covered
+    publish_failure_logged_at: float = 0.0
+    publish_failures_logged: int = 0
 
 
 class Runtime:

@@ -108,6 +108,28 @@ async def test_metrics_count_what_the_publish_api_appended_and_failed(
         assert await metric(server, "dualcast_publish_failures") == 1
 
 
+async def test_publishes_failing_through_an_outage_are_not_a_line_each(
+    fresh_redis: RedisProcess, dualcast: Callable[..., DualcastProcess],
+) -> None:
+    """Each POST /api/publish answered 503 while Redis was away wrote its own WARNING: a
+    producer's whole rate went into the log (100 publishes a second, 100 lines a
+    second). The first failure is logged, then one line per 30 s with the count; the
+    metric counts every one."""
+    with TCPProxy(fresh_redis.port) as proxy:
+        server = dualcast(f"redis://127.0.0.1:{proxy.port}/0",
+                          env={"DUALCAST_REDIS_TIMEOUT": "1"})
+        auth = {"Authorization": f"Bearer {token('producer', publish=True)}"}
+        proxy.refuse()
+        async with httpx.AsyncClient(base_url=server.url, timeout=10, headers=auth) as http:
+            for n in range(40):
+                failed = await http.post("/api/publish", json={"event": "lost", "data": n})
+                assert failed.status_code == 503, failed.text
+        assert await metric(server, "dualcast_publish_failures") == 40
+    lines = [line for line in server.log().splitlines() if "publish failed" in line]
+    assert len(lines) == 1, lines
+    assert "dualcast_publish_failures_total" in lines[0], lines
+
+
 def test_a_replay_the_stream_trims_ahead_of_says_reset(
     fresh_redis: RedisProcess, dualcast: Callable[..., DualcastProcess],
 ) -> None:
