@@ -22,8 +22,26 @@ class RuntimeCollector(Collector):
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.lag = 0
+        #: this process's place among `--workers N` (None when it serves alone)
+        self.worker: str | None = None
 
     def collect(self) -> Iterator[Metric]:
+        if self.worker is None:
+            yield from self._collect()
+            return
+        # With several workers a scrape reaches whichever one the kernel hands the
+        # connect: unlabelled, one series took each worker's value in turn, and every
+        # counter went down (30, 20, 30...) which Prometheus reads as a reset, so
+        # rate() counted the other worker's total again at each switch. Labelled by the
+        # worker's slot (0..N-1, kept by its replacement), each series is one process's.
+        for family in self._collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            for sample in family.samples:
+                labelled.add_sample(sample.name, {**sample.labels, "worker": self.worker},
+                                    sample.value, sample.timestamp)
+            yield labelled
+
+    def _collect(self) -> Iterator[Metric]:
         rt = self.runtime
         conns = GaugeMetricFamily(
             "dualcast_connections", "Open subscriber connections by transport",

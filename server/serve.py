@@ -180,6 +180,8 @@ class DualcastServer(uvicorn.Server):
         self.on_listening = on_listening
         self.runtime: Runtime | None = None
         self.hangup = False  # SIGHUP asked this server to stop (see capture_signals)
+        #: the worker's slot under `--workers N` (its metrics carry it), None alone
+        self.worker: int | None = None
 
     @property  # type: ignore[override]
     def should_exit(self) -> bool:
@@ -262,6 +264,8 @@ class DualcastServer(uvicorn.Server):
             log.exception("cannot build the app")
             sys.exit(STARTUP_FAILURE)
         self.runtime = app.state.dualcast
+        if self.worker is not None:
+            app.state.metrics.collector.worker = str(self.worker)
         self.config.app = app  # (no longer picklable: this process serves it)
         log.debug("process %d serving: %s engine, log level %s", os.getpid(),
                   self.settings.engine, self.settings.log_level)
@@ -300,7 +304,8 @@ class DualcastServer(uvicorn.Server):
                     await self.lifespan.shutdown()
 
 
-def _worker(server: DualcastServer, address: tuple[str, int], listening: Any) -> None:
+def _worker(server: DualcastServer, address: tuple[str, int], listening: Any,
+            slot: int) -> None:
     """A worker process's entry point (spawned: nothing inherited but these arguments).
 
     `listening` (a shared byte) becomes 1 once this worker listens, which is how the
@@ -319,6 +324,7 @@ def _worker(server: DualcastServer, address: tuple[str, int], listening: Any) ->
         listening.value = 1
 
     server.on_listening = announce
+    server.worker = slot
     try:
         server.run([sock])
     except KeyboardInterrupt:  # the parent already asked us to stop
@@ -329,6 +335,7 @@ def _worker(server: DualcastServer, address: tuple[str, int], listening: Any) ->
 class _Slot:
     """One worker's place: its process, or the moment its replacement may start."""
 
+    index: int = 0  # its place, 0..N-1, which its replacements keep
     process: Any = None
     started_at: float = 0.0
     quick_deaths: int = 0  # deaths in a row soon after starting
@@ -358,12 +365,13 @@ class Workers:
         self.signalled: int | None = None
         self._spawn = multiprocessing.get_context("spawn")
         self.listening = self._spawn.RawValue("b", 0)  # 1 once some worker listens
-        self.slots = [_Slot() for _ in range(count)]
+        self.slots = [_Slot(index) for index in range(count)]
 
     def _start(self, slot: _Slot) -> None:
         host, port = self.sock.getsockname()[:2]
         slot.process = self._spawn.Process(target=_worker, name="dualcast-worker",
-                                           args=(self.server, (host, port), self.listening))
+                                           args=(self.server, (host, port), self.listening,
+                                                 slot.index))
         # Started with SIGINT blocked (the mask is kept across the exec; the worker lifts
         # it once uvicorn handles signals, in DualcastServer.startup): a Ctrl-C, which
         # the terminal sends to the whole group, reached a worker still importing or

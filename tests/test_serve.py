@@ -604,6 +604,46 @@ def test_a_worker_that_dies_is_replaced(
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in first[1:])
 
 
+@pytest.mark.timeout(90)
+async def test_counters_of_several_workers_never_go_down_between_scrapes(
+    serve: Callable[..., DualcastProcess], redis_server: RedisProcess
+) -> None:
+    """With --workers 2 each scrape of /metrics reaches whichever worker the kernel hands
+    the connect. Unlabelled, a series showed one worker's count, then the other's: the
+    counters went down and up (3, 2, 3...), which Prometheus reads as resets, so rate()
+    counted a worker's whole total again at every switch. Each worker's series now
+    carries its slot (`worker="0"`, `"1"`): each series is one process's, and never
+    goes down."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    proc = serve(["--workers", "2"], redis_url=redis_server.url,
+                 env={"DUALCAST_STREAM": f"workers-metrics-{free_port()}"})
+    wait_workers(proc, 2)
+    clients = [await subscribe("ws", proc.url) for _ in range(5)]  # never an even split
+    try:
+        seen: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        workers: set[str] = set()
+        went_down: list[str] = []
+        async with httpx.AsyncClient(
+                timeout=10, limits=httpx.Limits(max_keepalive_connections=0)) as http:
+            for _ in range(40):  # a connect each: the kernel picks a worker for each
+                text = (await http.get(proc.url + "/metrics")).text
+                for family in text_string_to_metric_families(text):
+                    if family.type != "counter":
+                        continue
+                    for sample in family.samples:
+                        workers.add(sample.labels.get("worker", "?"))
+                        key = (sample.name, tuple(sorted(sample.labels.items())))
+                        if sample.value < seen.get(key, 0):
+                            went_down.append(f"{key}: {seen[key]} -> {sample.value}")
+                        seen[key] = sample.value
+    finally:
+        for client in clients:
+            await client.close()
+    assert went_down == [], went_down[:5]
+    assert workers == {"0", "1"}, workers  # 40 scrapes reached both, each labelled
+
+
 def test_ctrl_c_reaching_a_starting_worker_is_no_traceback(
     serve: Callable[..., DualcastProcess], redis_server: RedisProcess
 ) -> None:
