@@ -33,6 +33,8 @@ from typing import Any, Protocol
 
 import httpx
 
+from dualcast.logs import redact_url
+
 log = logging.getLogger("dualcast.auth")
 
 #: At most this many credentials are cached; beyond it the oldest entries go first.
@@ -173,6 +175,7 @@ def credential_key(headers: dict[str, str]) -> bytes:
 class AuthHook:
     def __init__(self, url: str, client: httpx.AsyncClient, max_age: float = 60.0) -> None:
         self.url = url
+        self.shown = redact_url(url)  # for logs: a password in the URL masked
         self.client = client
         self.max_age = max_age
         self.stats = HookStats()
@@ -221,7 +224,7 @@ class AuthHook:
                 })
             except httpx.HTTPError as exc:
                 self.stats.failures += 1
-                log.warning("auth hook %s: %s", self.url, type(exc).__name__)
+                log.warning("auth hook %s: %s", self.shown, type(exc).__name__)
                 raise HookUnavailable(f"the application did not answer ({type(exc).__name__})") \
                     from None
             if response.status_code in (401, 403):
@@ -230,17 +233,17 @@ class AuthHook:
                 raise HookRefused(response.status_code, "the application refused this session")
             if response.status_code != 200:
                 self.stats.failures += 1
-                log.warning("auth hook %s answered HTTP %d", self.url, response.status_code)
+                log.warning("auth hook %s answered HTTP %d", self.shown, response.status_code)
                 raise HookUnavailable(f"the application answered HTTP {response.status_code}")
             try:
                 answer = parse_answer(response.json(), asked_at, self.max_age)
             except ValueError:
                 self.stats.failures += 1
-                log.error("auth hook %s: the answer is not JSON", self.url)
+                log.error("auth hook %s: the answer is not JSON", self.shown)
                 raise HookUnavailable("the application's answer is not JSON") from None
             except HookUnavailable as exc:
                 self.stats.failures += 1
-                log.error("auth hook %s: %s", self.url, exc)
+                log.error("auth hook %s: %s", self.shown, exc)
                 raise
             except HookRefused:
                 self.stats.refusals += 1

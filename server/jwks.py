@@ -18,6 +18,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 
 from dualcast.keys import ALGORITHMS, Family, PublicKey, family_of, key_fits
+from dualcast.logs import redact_url
 
 log = logging.getLogger("dualcast.auth")
 
@@ -80,6 +81,9 @@ class KeySet:
         refresh_every: float = 600.0,
     ) -> None:
         self.url = url
+        #: the URL as logs show it: credentials in it (`https://user:PASSWORD@...`,
+        #: which httpx sends as basic auth) masked
+        self.shown = redact_url(url)
         self.client = client
         self.min_interval = min_interval
         self.refresh_every = refresh_every
@@ -132,14 +136,15 @@ class KeySet:
             except JwksError as exc:
                 self.stats.failures += 1
                 kept = f"keeping the last {len(self.keys)} keys" if self.keys else "no keys yet"
-                log.warning("JWKS fetch from %s failed: %s (%s)", self.url, exc, kept)
+                log.warning("JWKS fetch from %s failed: %s (%s)", self.shown,
+                            str(exc).replace(self.url, self.shown), kept)
                 return
             if [(k.kid, k.alg, public_id(k.key)) for k in keys] != [
                 (k.kid, k.alg, public_id(k.key)) for k in self.keys
             ]:
                 self.keys = keys
                 self.version += 1
-                log.info("JWKS from %s: %d keys (%s)", self.url, len(keys),
+                log.info("JWKS from %s: %d keys (%s)", self.shown, len(keys),
                          ", ".join(str(k.kid) for k in keys))
         finally:
             self._inflight = None

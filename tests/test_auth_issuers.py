@@ -29,7 +29,7 @@ import pytest
 import websockets
 
 from tests.conftest import SECRET, token
-from tests.harness.procs import ROOT, DualcastProcess
+from tests.harness.procs import ROOT, DualcastProcess, free_port
 from tests.harness.waits import wait_for
 from tests.issuers import HookServer, JwksServer, SigningKey
 from tests.test_metrics_names import convention_problems
@@ -530,3 +530,29 @@ async def test_a_subject_the_room_pattern_refuses_is_told_once_and_a_wider_patte
     wide = dualcast(env={"DUALCAST_ROOM_PATTERN": r"^[A-Za-z0-9_.:@|-]{1,64}$"})
     assert await received_everywhere(wide.url, "user-auth0|abc", bearer=bar) == EVERYWHERE
     assert "DUALCAST_ROOM_PATTERN" not in wide.log()
+
+
+async def test_credentials_in_the_hook_and_jwks_urls_never_reach_the_log(
+    dualcast: Start,
+) -> None:
+    """DUALCAST_AUTH_URL and DUALCAST_JWKS_URL may carry the application's own basic-auth
+    credentials (`https://svc:PASSWORD@app/...`, which httpx sends). Start-up errors never
+    repeat them, but a hook that failed or a JWKS fetch that failed logged the URL as
+    given, password and all, on every failure."""
+    app = HookServer().start()
+    try:
+        hook_url = app.url.replace("http://", "http://svc:hook-pw-Zq81@", 1)
+        jwks_url = f"http://keys:jwks-pw-Xy52@127.0.0.1:{free_port()}/jwks.json"
+        server = dualcast(env={"DUALCAST_AUTH_URL": hook_url, "DUALCAST_AUTH_TIMEOUT": "1",
+                               "DUALCAST_JWKS_URL": jwks_url,
+                               "DUALCAST_JWT_ALGORITHMS": "HS256,RS256"})
+        app.fail("sid=carol", 500)
+        answer = await me(server.url, headers={"Cookie": "sid=carol"})
+        assert answer.status_code == 503, answer.text
+        await wait_for(lambda: "answered HTTP 500" in server.log()
+                       and "JWKS fetch" in server.log(), 10, "both failures logged")
+    finally:
+        app.stop()
+    log = server.log()
+    assert "hook-pw-Zq81" not in log and "jwks-pw-Xy52" not in log, log
+    assert f"127.0.0.1:{app.port}" in log  # where it failed is still said
