@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from urllib.parse import quote
 
 import orjson
@@ -26,9 +25,6 @@ from dualcast.query import query_of
 from dualcast.runtime import Runtime
 
 log = logging.getLogger("dualcast.api")
-
-#: Seconds between two log lines about publishes the log failed (each says how many).
-PUBLISH_FAILURE_LOG_EVERY = 30.0
 
 
 def _rt(request: Request) -> Runtime:
@@ -188,21 +184,16 @@ async def publish(request: Request) -> Response:
 
 
 def _publish_failed(rt: Runtime, why: str) -> None:
-    """Count a failed publish; log the first, then one line per PUBLISH_FAILURE_LOG_EVERY
-    seconds with the count. A line per failure wrote a producer's whole rate into the
-    log while Redis was away (100 publishes a second, 100 lines a second)."""
-    stats = rt.stats
-    stats.publish_failures += 1
-    now = time.monotonic()
-    if stats.publish_failure_logged_at and \
-            now - stats.publish_failure_logged_at < PUBLISH_FAILURE_LOG_EVERY:
-        return
-    failed = stats.publish_failures - stats.publish_failures_logged
-    stats.publish_failure_logged_at, stats.publish_failures_logged = now, stats.publish_failures
-    more = f" ({failed} failed publishes since the last such line)" if failed > 1 else ""
-    log.warning("publish failed, answered 503: %s%s; said at most every %gs, "
-                "dualcast_publish_failures_total counts each", why, more,
-                PUBLISH_FAILURE_LOG_EVERY)
+    """Count a failed publish; log the first, then one line per 30 s with the count. A
+    line per failure wrote a producer's whole rate into the log while Redis was away
+    (100 publishes a second, 100 lines a second)."""
+    rt.stats.publish_failures += 1
+    count = rt.publish_failing.due()
+    if count is not None:
+        more = f" ({count} failed publishes since the last such line)" if count > 1 else ""
+        log.warning("publish failed, answered 503: %s%s; said at most every %gs, "
+                    "dualcast_publish_failures_total counts each", why, more,
+                    rt.publish_failing.every)
 
 
 def _secure(request: Request, mode: str) -> bool:

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from dualcast.logs import redact_url
+from dualcast.logs import Repeats, redact_url
 
 log = logging.getLogger("dualcast.auth")
 
@@ -176,6 +176,9 @@ class AuthHook:
     def __init__(self, url: str, client: httpx.AsyncClient, max_age: float = 60.0) -> None:
         self.url = url
         self.shown = redact_url(url)  # for logs: a password in the URL masked
+        #: One line per call that failed was one per client while the application was
+        #: down (1,000 clients reconnecting: 1,000 lines); now one per 30 s with a count.
+        self._failing = Repeats()
         self.client = client
         self.max_age = max_age
         self.stats = HookStats()
@@ -203,6 +206,15 @@ class AuthHook:
         lease = self._leases[key] = Lease(key, headers, answer)
         return lease
 
+    def _failed(self, level: int, why: str) -> None:
+        """Log a call with no usable answer (its caller got 503), not one line per call."""
+        count = self._failing.due()
+        if count is not None:
+            more = f" ({count} failed calls since the last such line)" if count > 1 else ""
+            log.log(level, "auth hook %s: %s%s; said at most every %gs, "
+                    "dualcast_auth_hook_failures_total counts each", self.shown, why, more,
+                    self._failing.every)
+
     async def _ask(self, key: bytes, headers: dict[str, str]) -> Answer:
         call = self._inflight.get(key)
         if call is None:
@@ -224,7 +236,7 @@ class AuthHook:
                 })
             except httpx.HTTPError as exc:
                 self.stats.failures += 1
-                log.warning("auth hook %s: %s", self.shown, type(exc).__name__)
+                self._failed(logging.WARNING, type(exc).__name__)
                 raise HookUnavailable(f"the application did not answer ({type(exc).__name__})") \
                     from None
             if response.status_code in (401, 403):
@@ -233,17 +245,17 @@ class AuthHook:
                 raise HookRefused(response.status_code, "the application refused this session")
             if response.status_code != 200:
                 self.stats.failures += 1
-                log.warning("auth hook %s answered HTTP %d", self.shown, response.status_code)
+                self._failed(logging.WARNING, f"answered HTTP {response.status_code}")
                 raise HookUnavailable(f"the application answered HTTP {response.status_code}")
             try:
                 answer = parse_answer(response.json(), asked_at, self.max_age)
             except ValueError:
                 self.stats.failures += 1
-                log.error("auth hook %s: the answer is not JSON", self.shown)
+                self._failed(logging.ERROR, "the answer is not JSON")
                 raise HookUnavailable("the application's answer is not JSON") from None
             except HookUnavailable as exc:
                 self.stats.failures += 1
-                log.error("auth hook %s: %s", self.shown, exc)
+                self._failed(logging.ERROR, str(exc))
                 raise
             except HookRefused:
                 self.stats.refusals += 1

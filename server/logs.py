@@ -11,6 +11,7 @@ import contextvars
 import copy
 import logging
 import re
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -65,6 +66,27 @@ class RedactTokens(logging.Filter):
             record.msg = cleaned
             record.args = None
         return True
+
+
+# Failures that come once per request ---------------------------------------------
+
+class Repeats:
+    """A failure that can happen once per client or request (a hook call, a publish):
+    said the first time, then at most once per `every` seconds. `due()` is None while
+    quiet, else how many happened since the last line (this one included)."""
+
+    def __init__(self, every: float = 30.0) -> None:
+        self.every = every
+        self._said_at: float | None = None
+        self._since = 0
+
+    def due(self) -> int | None:
+        self._since += 1
+        now = time.monotonic()
+        if self._said_at is not None and now - self._said_at < self.every:
+            return None
+        count, self._since, self._said_at = self._since, 0, now
+        return count
 
 
 # Streams the stall watch gave up on ----------------------------------------------

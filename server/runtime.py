@@ -29,6 +29,7 @@ from dualcast.fdlimit import process_cap
 from dualcast.flights import Flights
 from dualcast.hub import CloseReason, Hub
 from dualcast.log import EventLog, LogInfo, RawEntry, create_log
+from dualcast.logs import Repeats
 from dualcast.loops import running_loop
 from dualcast.quotas import ConnectionQuotas
 from dualcast.stalls import StallWatch
@@ -45,9 +46,6 @@ class TransportStats:
     #: POST /api/publish: events appended, and calls answered 503 (the log unreachable)
     published: int = 0
     publish_failures: int = 0
-    #: the last log line about failed publishes: when, and the count it covered
-    publish_failure_logged_at: float = 0.0
-    publish_failures_logged: int = 0
 
 
 class Runtime:
@@ -63,6 +61,7 @@ class Runtime:
         # A client that stops reading is dropped after this long in one send.
         self.stalls = StallWatch(max(settings.ping_interval * 2, 10.0))
         self.stats = TransportStats()
+        self.publish_failing = Repeats()  # POST /api/publish's 503s, said once per 30 s
         self.quotas = ConnectionQuotas(settings.max_connections_per_subject,
                                        settings.max_connections_per_address,
                                        process_cap(settings.max_connections))

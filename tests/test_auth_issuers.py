@@ -556,3 +556,24 @@ async def test_credentials_in_the_hook_and_jwks_urls_never_reach_the_log(
     log = server.log()
     assert "hook-pw-Zq81" not in log and "jwks-pw-Xy52" not in log, log
     assert f"127.0.0.1:{app.port}" in log  # where it failed is still said
+
+
+async def test_a_hook_that_is_down_is_not_a_log_line_per_client(dualcast: Start) -> None:
+    """Each hook call that got no usable answer wrote its own line, so while the
+    application was down every client with a session cookie added one (1,000 clients
+    reconnecting: 1,000 lines). The first is said, then one line per 30 s with the
+    count; the metric counts every call."""
+    app = HookServer().start()
+    try:
+        server = dualcast(env={"DUALCAST_AUTH_URL": app.url, "DUALCAST_AUTH_TIMEOUT": "1"})
+        for n in range(30):
+            app.fail(f"sid=user{n}", 502)
+        answers = await asyncio.gather(
+            *(me(server.url, headers={"Cookie": f"sid=user{n}"}) for n in range(30)))
+        assert {a.status_code for a in answers} == {503}, answers[0].text
+    finally:
+        app.stop()
+    assert (await metrics(server.url))["dualcast_auth_hook_failures_total"] == 30
+    lines = [line for line in server.log().splitlines() if "auth hook" in line]
+    assert len(lines) == 1, lines
+    assert "answered HTTP 502" in lines[0], lines
