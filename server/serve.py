@@ -182,6 +182,8 @@ class DualcastServer(uvicorn.Server):
         self.hangup = False  # SIGHUP asked this server to stop (see capture_signals)
         #: the worker's slot under `--workers N` (its metrics carry it), None alone
         self.worker: int | None = None
+        #: the supervisor's process id under `--workers N`, None alone
+        self.supervisor: int | None = None
 
     @property  # type: ignore[override]
     def should_exit(self) -> bool:
@@ -254,6 +256,18 @@ class DualcastServer(uvicorn.Server):
                 yield
         finally:
             signal.signal(signal.SIGHUP, previous)
+
+    async def on_tick(self, counter: int) -> bool:
+        """uvicorn's tick, and a worker whose supervisor is gone stops (draining). Killed
+        (SIGKILL, the OOM killer), the supervisor left its workers serving the port for
+        good, unsupervised: none replaced when it died, none stopped, and a new `dualcast
+        serve` on that port refused as "address in use"."""
+        if (self.supervisor is not None and not self.should_exit
+                and os.getppid() != self.supervisor):
+            log.warning("worker %d: its supervisor (process %d) is gone; stopping",
+                        os.getpid(), self.supervisor)
+            self.should_exit = True
+        return await super().on_tick(counter)
 
     def run(self, sockets: list[socket.socket] | None = None) -> None:
         from dualcast.app import create_app  # the app's imports only where it is served
@@ -357,6 +371,7 @@ class Workers:
     def __init__(self, server: DualcastServer, sock: socket.socket, count: int,
                  on_listening: Callable[[], None] | None = None) -> None:
         self.server = server
+        server.supervisor = os.getpid()  # (each worker is given a copy of `server`)
         self.sock = sock
         self.count = count
         self.on_listening = on_listening

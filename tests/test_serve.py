@@ -483,6 +483,34 @@ async def test_sighup_drains_and_stops_every_process(
     assert "Traceback" not in log and "ERROR" not in log, log
 
 
+@pytest.mark.timeout(90)
+async def test_workers_stop_when_their_supervisor_is_killed(
+    serve: Callable[..., DualcastProcess], redis_server: RedisProcess
+) -> None:
+    """The supervisor of --workers 2 killed with SIGKILL (the OOM killer, a kill -9) left
+    its workers serving the port for good: nobody replaced one that died, nobody stopped
+    them, and `dualcast serve` started again on that port was refused "address in use".
+    A worker now notices its supervisor is gone and stops, draining its clients."""
+    proc = serve(["--workers", "2"], env={"DUALCAST_SHUTDOWN_GRACE": "1"},
+                 redis_url=redis_server.url)
+    workers = wait_workers(proc, 2)
+    ws = await subscribe("ws", proc.url)
+    try:
+        proc.kill()
+        await asyncio.wait_for(asyncio.shield(ws.conn.done), 20)  # type: ignore[union-attr]
+        await asyncio.to_thread(
+            wait_until, lambda: not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE
+                                        for w in workers),
+            timeout=20, what="the workers gone with their supervisor")
+    finally:
+        await ws.close()
+        for worker in workers:  # (only where the test failed)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
+    assert ws.seen.closed == 1001, ws.seen.closed
+    assert "supervisor" in proc.log() and "is gone" in proc.log(), proc.log_tail()
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_under_nohup_a_hangup_is_still_ignored(
