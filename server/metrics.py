@@ -68,6 +68,9 @@ class RuntimeCollector(Collector):
             "dualcast_deliveries", "Events queued to subscribers", h.deliveries
         )
         yield CounterMetricFamily("dualcast_drops", "Subscribers cut off for lagging", h.cutoffs)
+        yield CounterMetricFamily(
+            "dualcast_stalled_drops", "Subscribers dropped because one send to them took "
+            "longer than the stall limit (they stopped reading)", rt.stalls.dropped)
         malformed = CounterMetricFamily(
             "dualcast_malformed_entries", "Stream entries the consumer skipped, by reason",
             labels=["reason"],

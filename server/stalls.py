@@ -76,6 +76,8 @@ class StallWatch:
     def __init__(self, limit: float) -> None:
         self.limit = limit
         self.writers: set[Writer] = set()
+        #: clients dropped so far (for /metrics: the log line alone was no alert)
+        self.dropped = 0
 
     def writer(self) -> Watching:
         """`with watch.writer() as writer:` watches the current task's sends in the block."""
@@ -91,6 +93,7 @@ class StallWatch:
                 writer.task.cancel()
                 cut += 1
         if cut:
+            self.dropped += cut
             log.info("dropped %d clients that stopped reading for %.0f s", cut, self.limit)
         return cut
 

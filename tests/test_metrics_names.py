@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import subprocess
+import uuid
 from collections.abc import Callable
 
 import httpx
@@ -156,3 +157,40 @@ async def test_a_task_that_returns_is_finished_not_restarted() -> None:
         assert record.task is not None
         await record.task
         assert calls == 1 and record.state is TaskState.FINISHED and record.restarts == 0
+
+
+@pytest.mark.timeout(90)
+async def test_a_client_the_stall_watch_drops_is_counted(
+    dualcast: Callable[..., DualcastProcess], redis_server: RedisProcess
+) -> None:
+    """A client whose socket stopped taking bytes is dropped by the stall watch after one
+    send outlasts its limit, before its queue ever overflows at a modest rate; that drop
+    was an INFO line and nothing else (dualcast_drops_total counts queue overflows only),
+    so no alert could see clients being cut off. Now dualcast_stalled_drops_total."""
+    import json
+    import socket
+
+    import redis
+
+    from tests.harness.probes import metric
+    from tests.harness.waits import wait_for
+
+    stream = f"stalls-{uuid.uuid4().hex[:8]}"
+    proc = dualcast(redis_server.url, env={"DUALCAST_STREAM": stream,
+                                           "DUALCAST_PING_INTERVAL": "5"})  # limit 10 s
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.connect(("127.0.0.1", proc.port))
+    stuck.sendall(b"GET /api/sse HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # then never reads
+    try:
+        await wait_for(lambda: metric(proc, "dualcast_connections"), 10, "the stream open")
+        raw = redis.Redis(port=redis_server.port)
+        blob = "x" * 60_000
+        for _ in range(200):  # 12 MB, far past the socket buffers; 200 < the queue's 1000
+            raw.xadd(stream, {"data": json.dumps({"event": "big", "data": blob})})
+        raw.close()
+        await wait_for(lambda: "dropped 1 clients" in proc.log(), 40, "the stall watch")
+        assert await metric(proc, "dualcast_stalled_drops") == 1
+        assert await metric(proc, "dualcast_drops") == 0  # the queue never overflowed
+    finally:
+        stuck.close()
