@@ -71,6 +71,7 @@ async def me(request: Request) -> Response:
     try:
         identity = await identify(request, rt)
     except Refusal as refusal:
+        rt.stats.refused += 1
         return refusal.response()
     return JSONResponse(identity.describe(), headers={"Cache-Control": "no-store"})
 
@@ -81,6 +82,7 @@ async def overview(request: Request) -> Response:
         identity = await identify(request, rt)
         rooms = requested_rooms(request, identity, rt.settings)
     except Refusal as refusal:
+        rt.stats.refused += 1
         return refusal.response()
     folds = rt.consumer.overview
     if not await folds.wait_built(rt.settings.redis_timeout * 3):  # (only just after start)
@@ -106,6 +108,17 @@ def _json_body(request: Request) -> bool:
 
 
 async def publish(request: Request) -> Response:
+    """POST /api/publish; every answer 4xx counts in dualcast_refusals_total. Uncounted,
+    a producer whose token had expired (401), lost `publish` (403) or sent what cannot
+    be published (413, 415, 422) was refused on every call with no metric moving: not
+    published, not a failure (those are the 503s), not a refusal."""
+    response = await _publish(request)
+    if 400 <= response.status_code < 500:
+        _rt(request).stats.refused += 1
+    return response
+
+
+async def _publish(request: Request) -> Response:
     rt = _rt(request)
     settings = rt.settings
     # A same-site page (another port, a sibling subdomain) gets the cookie sent along

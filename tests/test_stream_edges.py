@@ -108,6 +108,33 @@ async def test_metrics_count_what_the_publish_api_appended_and_failed(
         assert await metric(server, "dualcast_publish_failures") == 1
 
 
+async def test_refused_publishes_are_counted_as_refusals(
+    redis_server: RedisProcess, dualcast: Callable[..., DualcastProcess],
+) -> None:
+    """A producer whose token had expired (401), had no `publish` (403) or sent what
+    cannot be published (415) was refused on every call and no metric moved: not
+    dualcast_published, not dualcast_publish_failures (the 503s), not
+    dualcast_refusals, which counted the subscribers' refusals alone."""
+    server = dualcast(redis_server.url, env={"DUALCAST_STREAM": "refused-publishes"})
+    expired = token("producer", publish=True, ttl=-60)
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+        before = await metric(server, "dualcast_refusals")
+        answers = [
+            await http.post("/api/publish", json={"event": "x"},
+                            headers={"Authorization": f"Bearer {expired}"}),
+            await http.post("/api/publish", json={"event": "x"},
+                            headers={"Authorization": f"Bearer {token('reader')}"}),
+            await http.post("/api/publish", content=b"event=x", headers={
+                "Authorization": f"Bearer {token('producer', publish=True)}",
+                "Content-Type": "application/x-www-form-urlencoded"}),
+            await http.get("/api/me", headers={"Authorization": f"Bearer {expired}"}),
+        ]
+    assert [a.status_code for a in answers] == [401, 403, 415, 401], [a.text for a in answers]
+    assert await metric(server, "dualcast_refusals") - before == 4
+    assert await metric(server, "dualcast_published") == 0
+    assert await metric(server, "dualcast_publish_failures") == 0
+
+
 async def test_publishes_failing_through_an_outage_are_not_a_line_each(
     fresh_redis: RedisProcess, dualcast: Callable[..., DualcastProcess],
 ) -> None:
