@@ -34,7 +34,7 @@ from dualcast.events import (
     parse_id,
 )
 from dualcast.hub import Hub
-from dualcast.log import EventLog, LogInfo, LogUnavailable
+from dualcast.log import EventLog, LogInfo, LogRefused, LogUnavailable
 from dualcast.log.base import RawEntry
 from dualcast.logs import redact_url
 from dualcast.overview import OverviewFolds
@@ -137,7 +137,11 @@ class Consumer:
 
     def _lost(self, exc: BaseException) -> None:
         if self.connected:
-            log.warning("event log lost (%s); clients stay connected, reconnecting", exc)
+            if isinstance(exc, LogRefused):
+                log.warning("event log refuses the stream key %r (%s): fix it in Redis; "
+                            "clients stay connected, retrying", self.settings.stream, exc)
+            else:
+                log.warning("event log lost (%s); clients stay connected, reconnecting", exc)
         elif self.position is None:
             # Never reached since start: a wrong or unreachable URL. Loud (ERROR, naming
             # the address but never a password), on tries 1, 2, 4, 8... then every 64th.
@@ -145,8 +149,15 @@ class Consumer:
             tries = self._failed_starts
             if tries & (tries - 1) == 0 or tries % 64 == 0:
                 where = redact_url(self.settings.redis_url) if self.settings.redis_url else "memory"
-                log.error("event log at %s unreachable since start (%d tries; retrying): %s",
-                          where, tries, exc)
+                if isinstance(exc, LogRefused):
+                    # Reached, and refused (WRONGTYPE, NOPERM, OOM): "unreachable" sent
+                    # people to the network; the key is what to look at (or the ACL).
+                    log.error("event log at %s refuses the stream key %r since start (%d "
+                              "tries; retrying until that is fixed in Redis): %s", where,
+                              self.settings.stream, tries, exc)
+                else:
+                    log.error("event log at %s unreachable since start (%d tries; "
+                              "retrying): %s", where, tries, exc)
         self.connected = False
         self.last_error = str(exc)
 

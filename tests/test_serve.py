@@ -300,6 +300,29 @@ def test_unreachable_log_at_start_is_a_loud_error(serve: Callable[..., DualcastP
     assert "pw-never-logged" not in proc.log()
 
 
+def test_a_stream_key_of_another_type_is_said_to_be_refused_not_unreachable(
+    serve: Callable[..., DualcastProcess], redis_server: RedisProcess
+) -> None:
+    """DUALCAST_STREAM naming a key that holds a string (WRONGTYPE) was logged as "event
+    log at ... unreachable since start", sending the operator to the network while Redis
+    answered every call; the key it must fix was not named. Now the line says Redis
+    refuses, and which key; the same when the key changes type while running."""
+    key = f"wrongtype-{free_port()}"
+    redis_server.command("SET", key, "not a stream")
+    proc = serve([], redis_url=redis_server.url, env={"DUALCAST_STREAM": key})
+    wait_until(lambda: "since start" in proc.log(), timeout=20, what="the start-up error")
+    line = next(line for line in proc.log().splitlines() if "since start" in line)
+    assert " ERROR " in line and "unreachable" not in line, line
+    assert f"refuses the stream key {key!r}" in line and "WRONGTYPE" in line, line
+    redis_server.command("DEL", key)
+    wait_until(proc.ready, timeout=20, what="ready once the key is gone")
+    redis_server.command("SET", key, "not a stream")  # and again while running
+    wait_until(lambda: "event log refuses" in proc.log(), timeout=20, what="the warning")
+    line = next(line for line in proc.log().splitlines() if "event log refuses" in line)
+    assert f"the stream key {key!r}" in line and "WRONGTYPE" in line, line
+    redis_server.command("DEL", key)
+
+
 # The secret state file ------------------------------------------------------------------
 
 def test_no_secret_keeps_one_reuses_it_and_token_finds_it(
