@@ -334,13 +334,12 @@ class Consumer:
         return True
 
     async def lag(self) -> int:
-        """Entries between the stream head and what this consumer delivered (for /metrics)."""
+        """Entries between the stream head and what this consumer delivered (for /metrics;
+        LogUnavailable when the log cannot say, which the scrape shows as -1: a 0 there
+        read as "caught up" all through an outage)."""
         if self.position is None:
             return 0
-        try:
-            info = await self.log.info()
-        except LogUnavailable:
-            return 0
+        info = await self.log.info()
         if info.last_id <= self.position:
             return 0
         # Counted up to a cap: a gauge needs "how far behind", not an exact large number.

@@ -6,6 +6,7 @@ delivery); this collector turns them into metric families when scraped.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from collections.abc import Iterator
 
@@ -16,6 +17,9 @@ from prometheus_client.registry import Collector
 from dualcast.events import Malformed
 from dualcast.runtime import Runtime
 from dualcast.tasks import TaskState
+
+#: Seconds a scrape waits for the log to count the consumer's lag.
+LAG_TIMEOUT = 1.0
 
 
 class RuntimeCollector(Collector):
@@ -99,7 +103,8 @@ class RuntimeCollector(Collector):
         )
         yield GaugeMetricFamily(
             "dualcast_consumer_lag_entries",
-            "Entries between the stream head and the consumer (counted up to 1000)", self.lag,
+            "Entries between the stream head and the consumer (counted up to 1000; -1 when "
+            "the log did not say within a second)", self.lag,
         )
         yield GaugeMetricFamily(
             "dualcast_consumer_last_read_age_seconds",
@@ -179,7 +184,12 @@ class Metrics:
 
     async def render(self) -> bytes:
         try:
-            self.collector.lag = await self.collector.runtime.consumer.lag()
+            # Bounded: the lag is the only figure that asks Redis, and a slow or stalled
+            # Redis held every scrape DUALCAST_REDIS_TIMEOUT seconds (twice, with a lag
+            # to count), past a scraper's timeout, so the scrape that should show the
+            # outage (dualcast_consumer_connected 0) was lost with it.
+            async with asyncio.timeout(LAG_TIMEOUT):
+                self.collector.lag = await self.collector.runtime.consumer.lag()
         except Exception:
             self.collector.lag = -1
         return generate_latest(self.registry)

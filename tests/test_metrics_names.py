@@ -194,3 +194,34 @@ async def test_a_client_the_stall_watch_drops_is_counted(
         assert await metric(proc, "dualcast_drops") == 0  # the queue never overflowed
     finally:
         stuck.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_stalled_redis_does_not_hold_the_scrape(
+    dualcast: Callable[..., DualcastProcess], fresh_redis: RedisProcess
+) -> None:
+    """The consumer's lag is counted by asking Redis at scrape time; with Redis stalled
+    each scrape waited DUALCAST_REDIS_TIMEOUT (here 5 s) for it, past many a scraper's
+    timeout, and the scrape that should show the outage was lost with it. The lag now
+    gets a second; the rest of /metrics answers at once. A lag the log cannot give is
+    -1 (it was 0, "caught up", all through an outage)."""
+    import time
+
+    from tests.harness.tcpproxy import TCPProxy
+
+    with TCPProxy(fresh_redis.port) as proxy:
+        proc = dualcast(f"redis://127.0.0.1:{proxy.port}/0",
+                        env={"DUALCAST_REDIS_TIMEOUT": "5"})
+        wait_until(proc.ready, timeout=20, what="ready")
+        proxy.stall()
+        started = time.monotonic()
+        text = httpx.get(proc.url + "/metrics", timeout=30).text
+        took = time.monotonic() - started
+        assert took < 2.5, took
+        lag = families(text)["dualcast_consumer_lag_entries"][1]
+        assert lag[0][2] == -1, lag  # unknown, and said so
+        proxy.restore()
+        proxy.refuse()  # and with nothing answering at all: unknown too, not "caught up"
+        wait_until(lambda: not proc.ready(), timeout=20, what="unready")
+        text = httpx.get(proc.url + "/metrics", timeout=30).text
+        assert families(text)["dualcast_consumer_lag_entries"][1][0][2] == -1
