@@ -116,6 +116,19 @@ class UnfinishedByStall(logging.Filter):
         return not (record.msg == self.MESSAGE and _ENDED_BY_STALL.get())
 
 
+class RejectedTwice(logging.Filter):
+    """A refused WebSocket upgrade (403 origin, 429 quota, 503 draining...) was logged
+    twice: uvicorn's line with the address, path and status, then websockets' own
+    "connection rejected (429 Too Many Requests)", which says nothing more and doubled
+    the lines a client retrying in a loop, or a crowd meeting a draining worker, wrote.
+    The second is dropped."""
+
+    MESSAGE = "connection rejected (%d %s)"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != self.MESSAGE
+
+
 # Configuring them -----------------------------------------------------------------
 
 def logging_config(level: str) -> dict[str, Any]:
@@ -126,6 +139,7 @@ def logging_config(level: str) -> dict[str, Any]:
     config["filters"] = {
         "redact": {"()": "dualcast.logs.RedactTokens"},
         "stall": {"()": "dualcast.logs.UnfinishedByStall"},
+        "rejected": {"()": "dualcast.logs.RejectedTwice"},
     }
     config["formatters"]["dualcast"] = {
         "format": "%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -136,7 +150,7 @@ def logging_config(level: str) -> dict[str, Any]:
     for handler in config["handlers"].values():
         handler["filters"] = ["redact"]
     loggers = config["loggers"]
-    loggers["uvicorn.error"]["filters"] = ["stall"]
+    loggers["uvicorn.error"]["filters"] = ["stall", "rejected"]
     loggers["dualcast"] = {"handlers": ["dualcast"], "level": level.upper(), "propagate": False}
     # Libraries' own records (redis, asyncio): warnings and worse, redacted too.
     config["root"] = {"handlers": ["dualcast"], "level": "WARNING"}

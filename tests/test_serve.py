@@ -618,6 +618,26 @@ def test_wrong_method_is_405_with_allow(serve: Callable[..., DualcastProcess]) -
 
 # Logs never carry a token; a worker that dies is replaced ------------------------------
 
+def test_a_refused_websocket_upgrade_is_one_line_not_two(
+    serve: Callable[..., DualcastProcess],
+) -> None:
+    """Each refused upgrade wrote uvicorn's line (address, path, status) and then
+    websockets' "connection rejected (403 Forbidden)", which says nothing more: a
+    client retrying in a loop, or a crowd meeting a draining worker, wrote twice the
+    lines. One line each now, the informative one."""
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    proc = serve([])
+    for _ in range(10):
+        with pytest.raises(InvalidStatus):
+            connect(f"{proc.ws_url}/api/ws", origin="http://elsewhere.example",  # type: ignore[arg-type]
+                    open_timeout=10)
+    wait_until(lambda: proc.log().count('"WebSocket /api/ws" 403') == 10, timeout=10,
+               what="uvicorn's line for each refusal")
+    assert "connection rejected" not in proc.log(), proc.log_tail()
+
+
 def test_tokens_never_reach_the_log(serve: Callable[..., DualcastProcess]) -> None:
     from websockets.sync.client import connect
 
