@@ -565,6 +565,45 @@ def test_under_nohup_a_hangup_is_still_ignored(
         proc.wait(30)
 
 
+@pytest.mark.timeout(120)
+def test_the_supervisor_waits_as_long_as_a_worker_may_take_to_stop(
+    serve: Callable[..., DualcastProcess], redis_server: RedisProcess
+) -> None:
+    """A worker holding a client that reads nothing takes up to 0.8 of the grace (the
+    drain) plus the grace (uvicorn's wait for connections) to stop; the supervisor
+    waited the grace plus 5 s, then killed it ("did not stop within 13s; killing it",
+    at a grace of 8 s) just before it finished, its shutdown never run."""
+    import json
+
+    import redis
+
+    stream = f"stuck-at-stop-{free_port()}"
+    proc = serve(["--workers", "2"], redis_url=redis_server.url,
+                 env={"DUALCAST_SHUTDOWN_GRACE": "8", "DUALCAST_STREAM": stream})
+    assert proc.proc is not None
+    wait_workers(proc, 2)
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.connect(("127.0.0.1", proc.port))
+    stuck.sendall(b"GET /api/sse HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # never read
+    try:
+        wait_until(lambda: sum(streams_held(w, proc.port) for w in workers_of(proc)) == 1,
+                   timeout=10, what="the stream held by a worker")
+        raw = redis.Redis(port=redis_server.port)
+        blob = "x" * 60_000
+        for _ in range(200):  # 12 MB: the worker's writes to it block for good
+            raw.xadd(stream, {"data": json.dumps({"event": "big", "data": blob})})
+        raw.close()
+        proc.signal(signal.SIGTERM)
+        exit_code = proc.proc.wait(60)
+    finally:
+        stuck.close()
+    log = proc.log()
+    assert "did not stop" not in log, log[-3000:]
+    assert log.count("Finished server process") == 2, log[-3000:]
+    assert exit_code == 0, log[-3000:]
+
+
 @pytest.mark.timeout(60)
 def test_a_stop_begins_at_once_although_the_main_loop_looks_rarely() -> None:
     """The main loop looks at `should_exit` once a second (uvicorn: ten times a second);
