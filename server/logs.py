@@ -7,6 +7,7 @@ installed at import.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import copy
 import logging
@@ -129,6 +130,24 @@ class RejectedTwice(logging.Filter):
         return record.msg != self.MESSAGE
 
 
+class CutAtShutdown(logging.Filter):
+    """A connection still open when uvicorn's graceful shutdown times out (a client that
+    reads nothing cannot be sent its end) is cancelled, and uvicorn logged each one as
+    "Exception in ASGI application" with a whole CancelledError traceback: a hundred
+    stuck clients, a hundred tracebacks, for a cut-off its own line already reports
+    ("Cancel N running task(s), timeout graceful shutdown exceeded"). Those are dropped;
+    any other exception in the app is still logged with its traceback."""
+
+    MESSAGE = "Exception in ASGI application\n"
+    WHY = "timeout graceful shutdown exceeded"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != self.MESSAGE:
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, asyncio.CancelledError) and self.WHY in str(exc))
+
+
 # Configuring them -----------------------------------------------------------------
 
 def logging_config(level: str) -> dict[str, Any]:
@@ -140,6 +159,7 @@ def logging_config(level: str) -> dict[str, Any]:
         "redact": {"()": "dualcast.logs.RedactTokens"},
         "stall": {"()": "dualcast.logs.UnfinishedByStall"},
         "rejected": {"()": "dualcast.logs.RejectedTwice"},
+        "shutdown": {"()": "dualcast.logs.CutAtShutdown"},
     }
     config["formatters"]["dualcast"] = {
         "format": "%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -150,7 +170,7 @@ def logging_config(level: str) -> dict[str, Any]:
     for handler in config["handlers"].values():
         handler["filters"] = ["redact"]
     loggers = config["loggers"]
-    loggers["uvicorn.error"]["filters"] = ["stall", "rejected"]
+    loggers["uvicorn.error"]["filters"] = ["stall", "rejected", "shutdown"]
     loggers["dualcast"] = {"handlers": ["dualcast"], "level": level.upper(), "propagate": False}
     # Libraries' own records (redis, asyncio): warnings and worse, redacted too.
     config["root"] = {"handlers": ["dualcast"], "level": "WARNING"}

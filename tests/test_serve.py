@@ -604,6 +604,47 @@ def test_the_supervisor_waits_as_long_as_a_worker_may_take_to_stop(
     assert exit_code == 0, log[-3000:]
 
 
+@pytest.mark.timeout(90)
+def test_clients_cut_at_the_end_of_the_grace_are_no_tracebacks(
+    serve: Callable[..., DualcastProcess], redis_server: RedisProcess
+) -> None:
+    """Streams still open when uvicorn's graceful shutdown times out (clients that read
+    nothing) were each logged as "Exception in ASGI application" with a CancelledError
+    traceback: one traceback per stuck client, for a cut-off uvicorn's own line already
+    reports. That line stays; the tracebacks go."""
+    import json
+
+    import redis
+
+    stream = f"cut-at-stop-{free_port()}"
+    proc = serve([], redis_url=redis_server.url,
+                 env={"DUALCAST_SHUTDOWN_GRACE": "1", "DUALCAST_STREAM": stream})
+    assert proc.proc is not None
+    stuck = []
+    for _ in range(3):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", proc.port))
+        sock.sendall(b"GET /api/sse HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # never read
+        stuck.append(sock)
+    try:
+        me = psutil.Process(proc.pid)
+        wait_until(lambda: streams_held(me, proc.port) == 3, timeout=10, what="3 streams")
+        raw = redis.Redis(port=redis_server.port)
+        blob = "x" * 60_000
+        for _ in range(200):  # 12 MB: every write to them blocks for good
+            raw.xadd(stream, {"data": json.dumps({"event": "big", "data": blob})})
+        raw.close()
+        proc.signal(signal.SIGTERM)
+        proc.proc.wait(60)
+    finally:
+        for sock in stuck:
+            sock.close()
+    log = proc.log()
+    assert "timeout graceful shutdown exceeded" in log, log[-3000:]  # the one line
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
+
+
 @pytest.mark.timeout(60)
 def test_a_stop_begins_at_once_although_the_main_loop_looks_rarely() -> None:
     """The main loop looks at `should_exit` once a second (uvicorn: ten times a second);
