@@ -21,6 +21,7 @@ import pytest
 from dualcast.headers import CONTENT_SECURITY_POLICY
 from tests.conftest import token
 from tests.e2e.conftest import Page, Stack, login_url, wait_ids, wait_transport
+from tests.harness.pages import QuietLog, send_html
 from tests.harness.waits import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -64,21 +65,13 @@ class AttackerSite:
     def __init__(self, target: str) -> None:
         pages = attacker_pages(target)
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietLog, BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 body = pages.get(self.path.split("?")[0])
                 if body is None:
                     self.send_error(404)
                     return
-                data = body.encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: Any) -> None:
-                pass
+                send_html(self, body)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = int(self.server.server_address[1])

@@ -10,9 +10,8 @@ DUALCAST_ALLOWED_ORIGINS, except where the point is that it does not.
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Callable, Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import SimpleHTTPRequestHandler
 from typing import Any
 from urllib.parse import urlencode
 
@@ -21,6 +20,7 @@ import pytest
 from tests.conftest import token
 from tests.e2e.conftest import Page, Stack, assert_each_once
 from tests.harness.nginx import NginxProcess
+from tests.harness.pages import page_servers
 from tests.harness.procs import ROOT
 from tests.harness.waits import wait_until
 
@@ -37,19 +37,8 @@ class QuietHandler(SimpleHTTPRequestHandler):
 @pytest.fixture
 def page_origin() -> Iterator[Callable[[], str]]:
     """Factory: a static server of docs/examples on a free loopback port; its origin."""
-    servers: list[ThreadingHTTPServer] = []
-
-    def start() -> str:
-        handler = functools.partial(QuietHandler, directory=str(EXAMPLES))
-        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}"
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+    with page_servers() as start:
+        yield lambda: start(functools.partial(QuietHandler, directory=str(EXAMPLES)))
 
 
 def shown_ids(page: Any, rows: str) -> list[str]:

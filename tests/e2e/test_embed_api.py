@@ -8,15 +8,15 @@ emits. The page only imports the module; everything else runs through page.evalu
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import pytest
 
 from tests.conftest import SECRET, token
 from tests.e2e.conftest import Page, Stack, wait_js
+from tests.harness.pages import QuietLog, page_servers, send_html
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
 
@@ -50,33 +50,15 @@ window.ready = true;
 </script>"""
 
 
-class BlankHandler(BaseHTTPRequestHandler):
+class BlankHandler(QuietLog, BaseHTTPRequestHandler):
     def do_GET(self) -> None:
-        data = BLANK.replace("SECRET", json.dumps(SECRET)).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: Any) -> None:
-        """Quiet."""
+        send_html(self, BLANK.replace("SECRET", json.dumps(SECRET)))
 
 
 @pytest.fixture
 def page_origin() -> Iterator[Callable[[], str]]:
-    servers: list[ThreadingHTTPServer] = []
-
-    def start() -> str:
-        server = ThreadingHTTPServer(("127.0.0.1", 0), BlankHandler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}"
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+    with page_servers() as start:
+        yield lambda: start(BlankHandler)
 
 
 @pytest.fixture
