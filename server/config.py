@@ -175,11 +175,6 @@ class Settings(BaseSettings):
                              "0.0.0.0 or :: every interface)")
         return value.strip()
 
-    @field_validator("secret", mode="before")
-    @classmethod
-    def _empty_secret(cls, value: object) -> object:
-        return None if value == "" else value
-
     @field_validator("secret")
     @classmethod
     def _long_secret(cls, value: str | None) -> str | None:
@@ -219,11 +214,6 @@ class Settings(BaseSettings):
                                  "10.0.0.0/16 (a comma list; * trusts any)") from None
         return ",".join(items)
 
-    @field_validator("static_dir", mode="before")
-    @classmethod
-    def _empty_static_dir(cls, value: object) -> object:
-        return None if value == "" else value
-
     @field_validator("static_dir")
     @classmethod
     def _static_folder(cls, value: str | None) -> str | None:
@@ -233,11 +223,6 @@ class Settings(BaseSettings):
             raise ValueError("no such folder (the dashboard's files; leave it unset for "
                              "the bundled dashboard)")
         return value
-
-    @field_validator("redis_tls_ca", "redis_tls_cert", "redis_tls_key", mode="before")
-    @classmethod
-    def _empty_path(cls, value: object) -> object:
-        return None if value == "" else value
 
     @model_validator(mode="after")
     def _redis_tls(self) -> Settings:
@@ -283,9 +268,11 @@ class Settings(BaseSettings):
 
         return parse_algorithms(value)
 
-    @field_validator("public_key", "jwks_url", "jwt_issuer", "auth_url", mode="before")
+    @field_validator("secret", "static_dir", "redis_tls_ca", "redis_tls_cert", "redis_tls_key",
+                     "public_key", "jwks_url", "jwt_issuer", "auth_url", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
+        """`DUALCAST_X=` (set, empty: a template's blank) means unset, not an empty value."""
         return None if value == "" else value
 
     @field_validator("jwks_url", "auth_url")
