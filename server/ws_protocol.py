@@ -2,7 +2,8 @@
 idle connection.
 
 - When websockets refuses an upgrade request while parsing it (a request line
-  over 8 KiB: 414; header fields too large: 431; not HTTP at all), it queues its
+  over its limit, 16 KiB as dualcast sets it: 414; header fields too large: 431;
+  not HTTP at all), it queues its
   answer and waits to be flushed; uvicorn (0.54) never asks for it and never
   closes: the client waited forever and the server kept the socket with no timer
   to end it (one file descriptor per such request, for as long as the client
