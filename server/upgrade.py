@@ -30,22 +30,34 @@ import asyncio
 import base64
 import binascii
 import logging
+import os
 import re
 from typing import Any
 
 import uvicorn
+import websockets.http11
 from uvicorn.config import Config
 from uvicorn.logging import TRACE_LOG_LEVEL
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.utils import is_ssl
 from uvicorn.server import ServerState
-from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
+from websockets.http11 import MAX_NUM_HEADERS
 from websockets.utils import accept_key
 from websockets.version import version as websockets_version
 
 from dualcast.direct import default_header_lines
 from dualcast.loops import running_loop
 from dualcast.ws_protocol import Handshake, WebSocketProtocol, addresses
+
+# A browser's WebSocket upgrade carries its token in the request line (it cannot set
+# headers), and a token may be 8,192 characters (`auth.Authenticator.MAX_TOKEN`):
+# websockets' default of 8 KiB per line answered such upgrades 414, so the longest tokens
+# could never use WebSocket. Lines of 16 KiB are taken here and by websockets' own parser
+# (it reads this module global on each parse), as the shipped nginx takes them; an
+# operator's WEBSOCKETS_MAX_LINE_LENGTH wins. The whole head stays bounded at 64 KiB.
+if "WEBSOCKETS_MAX_LINE_LENGTH" not in os.environ:
+    websockets.http11.MAX_LINE_LENGTH = 16 * 1024
+MAX_LINE_LENGTH = websockets.http11.MAX_LINE_LENGTH
 
 try:
     import httptools
