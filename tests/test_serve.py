@@ -582,6 +582,10 @@ def test_the_supervisor_waits_as_long_as_a_worker_may_take_to_stop(
                  env={"DUALCAST_SHUTDOWN_GRACE": "8", "DUALCAST_STREAM": stream})
     assert proc.proc is not None
     wait_workers(proc, 2)
+    # (both started, not only spawned: one still starting when SIGTERM came exited before
+    # its "Finished" line, and the count below failed once in CI)
+    wait_until(lambda: proc.log().count("Application startup complete") == 2, timeout=30,
+               what="both workers started")
     stuck = socket.socket()
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stuck.connect(("127.0.0.1", proc.port))
