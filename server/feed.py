@@ -76,6 +76,10 @@ class Feed:
         self._replayed = 0
         #: No cursor was asked for and none is known yet (see __aenter__).
         self._headless = False
+        #: Where a gone cursor jumps to, found before the welcome (`_look_at_cursor`).
+        self._gone_to: StreamId | None = None
+        #: The look before the welcome stands for the replay's first check.
+        self._looked = False
         #: The cursor this feed starts from, for the `welcome` frame; None when the
         #: instance knows no position to offer (it never names one it does not know).
         self.start_id: str | None = format_id(cursor) if cursor is not None else hub.last_id
@@ -85,6 +89,7 @@ class Feed:
         if self._requested is not None:
             sub.cursor = self._requested
             sub.catching_up = True
+            await self._look_at_cursor()
         elif hub.started:
             sub.cursor = hub.last_key
             # The welcome's cursor must be where live delivery starts: SSE builds
@@ -108,6 +113,27 @@ class Feed:
         hub.add(sub)
         return self
 
+    async def _look_at_cursor(self) -> None:
+        """Whether the log still covers the client's cursor, asked before the welcome.
+
+        A cursor the log no longer covers (older than the window, or newer than the
+        stream after a Redis reset) is answered with a `reset` to the head; the welcome
+        before it now names that head, not the client's cursor, since a welcome never
+        carries a cursor the instance does not know (the client's cursor was echoed
+        before). The look counts as the replay's first check, so a resume still costs
+        one look at the log. With the log away, the welcome names the client's cursor
+        as before and the replay looks once the log is back.
+        """
+        try:
+            info = await self.log.info()
+        except LogUnavailable:
+            return
+        self._checked = self._looked = True
+        if cursor_gone(self.sub.cursor, info):
+            target = max(self.hub.last_key, info.last_id)
+            self._gone_to = target
+            self.start_id = format_id(target)
+
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None,
         tb: TracebackType | None,
@@ -129,8 +155,12 @@ class Feed:
         if self._headless:
             sub.cursor = (await self.log.info()).last_id  # no reset: there was no cursor
             self._headless = False
-        checked_now = not self._checked
-        if checked_now:
+        checked_now = not self._checked or self._looked
+        self._looked = False
+        if self._gone_to is not None:
+            target, self._gone_to = self._gone_to, None
+            return [self._jump_to(target)]
+        if not self._checked:
             info = await self.log.info()
             self._checked = True
             if cursor_gone(sub.cursor, info):

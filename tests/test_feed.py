@@ -65,6 +65,7 @@ async def test_a_trimmed_cursor_gets_reset_then_live() -> None:
     hub.set_position((0, 0))
     await deliver_all(hub, log)
     async with Feed(hub, log, load_settings(), "websocket", set(), parse_id(ids[0])) as feed:
+        assert feed.start_id == ids[-1]  # the welcome names the head, not the gone cursor
         first = await feed.next(timeout=1)
         assert first == [Reset(ids[-1])]
         new = await log.append(entry_fields(Envelope(event="e", data="after")))
@@ -79,7 +80,18 @@ async def test_a_cursor_newer_than_the_stream_gets_reset() -> None:
     await deliver_all(hub, log)
     future = (parse_id(ids[-1])[0] + 10_000, 0)
     async with Feed(hub, log, load_settings(), "sse", set(), future) as feed:
+        assert feed.start_id == ids[-1]
         assert await feed.next(timeout=1) == [Reset(ids[-1])]
+
+
+async def test_a_cursor_the_log_still_covers_is_the_welcome_cursor() -> None:
+    log, ids = await filled(5)
+    hub = Hub()
+    hub.set_position((0, 0))
+    await deliver_all(hub, log)
+    async with Feed(hub, log, load_settings(), "sse", set(), parse_id(ids[1])) as feed:
+        assert feed.start_id == ids[1]
+        assert await collect(feed, 3) == ids[2:]
 
 
 async def test_rooms_filter_the_replay() -> None:

@@ -187,15 +187,23 @@ async def test_trimmed_newer_and_malformed_cursors(
     assert old.encode() not in first
     head = ids[-1]
     future = "99999999999999-0"
+    # A welcome never carries a cursor the instance does not know: before the reset,
+    # it names the head the reset goes to, not the client's gone cursor.
+    for cursor in (old, future):
+        async with WSClient(server.ws_url, last_event_id=cursor) as ws:
+            await wait_for(lambda w=ws: w.seen.resets, 10, "a reset frame")
+            assert ws.seen.resets == [head] and ws.seen.ids == []
+            assert ws.seen.welcome is not None and ws.seen.welcome["last_id"] == head
     async with WSClient(server.ws_url, last_event_id=old) as ws:
         await wait_for(lambda: ws.seen.resets, 10, "a reset frame")
-        assert ws.seen.resets == [head] and ws.seen.ids == []
         live = xadd(fresh_redis, "live", 1)
         await wait_for(lambda: ws.seen.ids == [live], 10)
+    head = live
     for cursor in (old, future):
         async with SSEClient(server.url, last_event_id=cursor) as sse:
             await wait_for(lambda s=sse: s.seen.resets, 10, "an SSE reset event")
-            assert sse.seen.ids == []
+            assert sse.seen.ids == [] and sse.seen.resets == [head]
+            assert sse.seen.welcome is not None and sse.seen.welcome["last_id"] == head
         async with httpx.AsyncClient(base_url=server.url) as http:
             body = (await http.get("/api/events", params={"after": cursor, "timeout": 0})).json()
             assert body["reset"] is True and body["events"] == [] and body["last_id"] >= head
