@@ -126,21 +126,22 @@ CLOSE_FLOOR = 0.5
 
 
 def close_timeout(grace: float) -> float:
-    """uvicorn's wait for connections to close after our drain: the grace as given, at
-    least `CLOSE_FLOOR`. asyncio.wait_for with a timeout of 0 cancels even a wait that
-    would end in the next loop iteration, so a grace of 0 (close everyone at once)
+    """uvicorn's wait for connections to close after our drain: the fifth of the grace
+    the drain (0.8 of it) leaves, at least `CLOSE_FLOOR`. It was the whole grace again,
+    so one client that reads nothing (it cannot be sent its close) held the stop to 1.8
+    times the grace: past a service manager's stop timeout set from the documented
+    grace, and killed there. asyncio.wait_for with a timeout of 0 cancels even a wait
+    that would end in the next loop iteration, so a grace of 0 (close everyone at once)
     still lets connections already told to close finish; only one that does not is
     cut off, and that ERROR is then deserved."""
-    return max(grace, CLOSE_FLOOR)
+    return max(grace * 0.2, CLOSE_FLOOR)
 
 
 def stop_bound(grace: float) -> float:
     """The longest a server takes to stop on SIGTERM: the drain waits up to 0.8 of the
     grace for its subscribers to go (`Runtime.drain`), then uvicorn waits up to
-    `close_timeout` for connections that still have not closed (a client that reads
-    nothing cannot be sent its close). The supervisor waited the grace plus 5 s only,
-    so with any such client (a grace of 8 s: 14.4 s needed, 13 s given) it killed a
-    worker that was about to finish, with an ERROR, its shutdown never run."""
+    `close_timeout` for connections that still have not closed: the grace in all (under
+    a grace of 2.5 s, up to half a second more). The supervisor waits this plus 5 s."""
     return max(grace * 0.8, 0.1) + close_timeout(grace)
 
 

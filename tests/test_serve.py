@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -649,6 +650,47 @@ def test_clients_cut_at_the_end_of_the_grace_are_no_tracebacks(
     assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
 
 
+@pytest.mark.timeout(90)
+def test_a_client_that_reads_nothing_holds_the_stop_no_longer_than_the_grace(
+    serve: Callable[..., DualcastProcess], redis_server: RedisProcess
+) -> None:
+    """DUALCAST_SHUTDOWN_GRACE is what an operator sets a service manager's stop timeout
+    from. One stream whose client reads nothing held the stop to 1.8 times the grace
+    (the drain's 0.8, then uvicorn's wait for connections given the whole grace again):
+    7.2 s at a grace of 4, where systemd or Kubernetes may already have killed it."""
+    import json
+
+    import redis
+
+    grace = 4.0
+    stream = f"held-at-stop-{free_port()}"
+    proc = serve([], redis_url=redis_server.url,
+                 env={"DUALCAST_SHUTDOWN_GRACE": str(grace), "DUALCAST_STREAM": stream})
+    assert proc.proc is not None
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.connect(("127.0.0.1", proc.port))
+    stuck.sendall(b"GET /api/sse HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # never read
+    try:
+        me = psutil.Process(proc.pid)
+        wait_until(lambda: streams_held(me, proc.port) == 1, timeout=10, what="the stream")
+        raw = redis.Redis(port=redis_server.port)
+        blob = "x" * 60_000
+        for _ in range(200):  # 12 MB: the writes to it block for good
+            raw.xadd(stream, {"data": json.dumps({"event": "big", "data": blob})})
+        raw.close()
+        started = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        proc.proc.wait(60)
+        took = time.monotonic() - started
+    finally:
+        stuck.close()
+    log = proc.log()
+    assert "Finished server process" in log, log[-3000:]
+    # the grace, and a second for the process's own exit on a loaded machine
+    assert took < grace + 1.0, f"stopped after {took:.1f}s at a grace of {grace}s"
+
+
 @pytest.mark.timeout(60)
 def test_a_stop_begins_at_once_although_the_main_loop_looks_rarely() -> None:
     """The main loop looks at `should_exit` once a second (uvicorn: ten times a second);
@@ -666,9 +708,10 @@ def test_a_stop_begins_at_once_although_the_main_loop_looks_rarely() -> None:
 
 
 def test_a_fractional_grace_is_kept_for_uvicorn() -> None:
-    """int() made 3.9 s of grace 3 s of waiting for connections to close."""
-    config = uvicorn_config(load_settings(shutdown_grace=3.9, redis_url=None), app=None)
-    assert config.timeout_graceful_shutdown == 3.9
+    """int() made 3.9 s of grace 3 s of waiting for connections to close (uvicorn's
+    wait is now the fifth of the grace the drain leaves: 0.2 of 9.7 s, not 1)."""
+    config = uvicorn_config(load_settings(shutdown_grace=9.7, redis_url=None), app=None)
+    assert config.timeout_graceful_shutdown == pytest.approx(1.94)
 
 
 # HTTP details --------------------------------------------------------------------------
