@@ -54,17 +54,37 @@ Item = Event | Reset
 
 # WebSocket ------------------------------------------------------------------------
 
+#: A `batch` frame stays within 1 MiB. Client libraries cap the size of a message
+#: they accept, many at 1 MiB (Python's websockets), and close the connection with
+#: 1009 past it: a replay page of 500 events of 20 KB coalesced into one 10 MB frame,
+#: and such a client never got past it, though every single event was well within its
+#: limit. Counted in characters (a frame is a str; UTF-8 takes at most four bytes per
+#: character), events and their commas, so no per-event encode is needed. An event
+#: larger than a batch may be still goes, alone, as its own `event` frame (what its
+#: producer sent, the client's to take): the cap only keeps coalescing from making
+#: frames larger than the events themselves.
+BATCH_MAX_BYTES = 1 << 20
+_BATCH_MAX_CHARS = (BATCH_MAX_BYTES - 64) // 4
+
+
 def ws_frames(items: Iterable[Item]) -> list[str]:
-    """The frames for a batch: each run of events coalesces into one `batch` frame."""
+    """The frames for a batch: each run of events coalesces into `batch` frames of at
+    most BATCH_MAX_BYTES each."""
     frames: list[str] = []
     run: list[str] = []
+    size = 0
     for item in items:
         if isinstance(item, Event):
-            run.append(item.ws_frame())
+            frame = item.ws_frame()
+            if run and size + len(frame) >= _BATCH_MAX_CHARS:
+                frames.append(_batch(run))
+                run, size = [], 0
+            run.append(frame)
+            size += len(frame) + 1
             continue
         if run:
             frames.append(_batch(run))
-            run = []
+            run, size = [], 0
         frames.append(item.ws_frame())
     if run:
         frames.append(_batch(run))

@@ -550,9 +550,10 @@ async def test_polls_adapt_to_a_server_whose_longest_wait_is_shorter(
 async def test_a_replay_larger_than_64_mib_arrives_on_a_websocket(
     fresh_redis: Any, dualcast: Callable[..., Any]
 ) -> None:
-    """A replay page goes out as one `batch` frame: 80 entries of 1 MiB are one frame of
-    80 MiB. A browser takes a frame of any size; the client must too, else it closes
-    the connection (1009), reconnects from the same cursor, and never gets further."""
+    """Events of 1 MiB each go out as frames over 1 MiB (batches were once larger still: a
+    replay page of them was one frame of 80 MiB). A browser takes a frame of any size;
+    the client must too, else it closes the connection (1009), reconnects from the same
+    cursor, and never gets further."""
     instance = dualcast(fresh_redis.url)
     stream = aioredis.from_url(fresh_redis.url)
     try:

@@ -83,6 +83,20 @@ def test_runs_of_events_coalesce_into_batches_around_a_reset() -> None:
     assert frames[1] == {"type": "reset", "last_id": "9-0"}
 
 
+def test_batches_stay_within_a_mebibyte_and_a_bigger_event_goes_alone() -> None:
+    from dualcast.frames import BATCH_MAX_BYTES
+
+    wide = "\u65e5" * 20_000  # three bytes each in UTF-8
+    items = [event(n, wide) for n in range(100)] + [event(100, "x" * (2 << 20)), event(101)]
+    frames = ws_frames(items)
+    assert all(len(f.encode()) <= BATCH_MAX_BYTES for f in frames[:-2])
+    decoded = [json.loads(f) for f in frames]
+    ids = [e["id"] for f in decoded for e in (f["events"] if f["type"] == "batch" else [f])]
+    assert ids == [format_id((1000 + n, 0)) for n in range(102)]
+    assert decoded[-2]["type"] == "event" and decoded[-2]["id"] == "1100-0"  # alone
+    assert len(frames) < 100  # still coalesced
+
+
 def test_sse_chunk_is_one_write_of_every_message() -> None:
     chunk = sse_chunk([event(1), Reset("9-0")])
     messages = sse_fields(chunk)

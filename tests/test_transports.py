@@ -228,6 +228,29 @@ async def test_replay_past_the_cap_is_a_reset(cluster: Cluster) -> None:
         await wait_for(lambda: ws.seen.ids and ws.seen.ids[-1] == after, 10)
 
 
+async def test_a_replay_of_many_events_fits_a_client_with_the_usual_1_mib_limit(
+    cluster: Cluster,
+) -> None:
+    """A replay page (40 here) of 30 KB events coalesced into one 1.2 MB `batch` frame, and
+    a client with websockets' default limit (1 MiB) closed the connection with 1009,
+    though each event was 30 KB: batches now stay within 1 MiB."""
+    import websockets
+
+    start = cluster.xadd("big-start", None)
+    ids = [cluster.xadd("big", "y" * 30_000) for _ in range(60)]
+    got: list[str] = []
+    async with websockets.connect(cluster.a.ws_url + f"/api/ws?last_event_id={start}",
+                                  max_size=1 << 20) as ws:
+        async with asyncio.timeout(20):
+            while len(got) < len(ids):
+                frame = json.loads(await ws.recv())
+                assert len(json.dumps(frame)) <= 1 << 20
+                if frame["type"] in ("event", "batch"):
+                    got += [e["id"] for e in (frame["events"] if frame["type"] == "batch"
+                                              else [frame])]
+    assert got == ids
+
+
 async def test_slow_ws_client_is_cut_off_while_a_fast_one_keeps_receiving(cluster: Cluster) -> None:
     import websockets
 
