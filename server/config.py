@@ -117,7 +117,8 @@ class Settings(BaseSettings):
     )
     ping_interval: float = Field(15.0, gt=0, le=3600, description="SSE ping / WS heartbeat")
     sse_retry_ms: int = Field(3_000, ge=100)
-    replay_max: int = Field(10_000, ge=1, description="events one client may replay")
+    replay_max: int = Field(
+        10_000, ge=1, description="events one client may replay after a cursor (0: not capped)")
     replay_page: int = Field(500, ge=1, le=10_000)
     recent_window: int = Field(2_000, ge=0, description="events kept in memory for pollers")
     poll_timeout_max: float = Field(30.0, ge=0, le=300)

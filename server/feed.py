@@ -74,6 +74,13 @@ class Feed:
         self._replaying = cursor is not None
         self._checked = False
         self._replayed = 0
+        #: The client asked for everything retained (`0`): its replay is bounded by the
+        #: stream itself, and a `reset` would tell a client loading its state from the
+        #: start that its cursor is gone. Past DUALCAST_REPLAY_MAX it got one: with
+        #: `MAXLEN ~` Redis keeps a little more than MAXLEN (whole nodes of 100 entries),
+        #: so at the defaults (both 10,000) a full stream replayed from `0` stopped at
+        #: the 10,000th event with a reset, and the newest events were never sent.
+        self._from_start = cursor == ZERO
         #: No cursor was asked for and none is known yet (see __aenter__).
         self._headless = False
         #: Where a gone cursor jumps to, found before the welcome (`_look_at_cursor`).
@@ -148,6 +155,7 @@ class Feed:
         """Tell the client `reset` and continue (replaying, then live) after `cursor`."""
         self.sub.cursor = cursor
         self._replayed = 0
+        self._from_start = False
         return Reset(format_id(cursor))
 
     async def _replay_step(self, timeout: float | None) -> list[Item]:
@@ -189,7 +197,7 @@ class Feed:
                 await sub.wait(min(timeout if timeout is not None else 0.5, 0.5))
             return []
         self._replayed += len(entries)
-        if self._replayed > self.settings.replay_max:
+        if self._replayed > self.settings.replay_max and not self._from_start:
             # (the replay may have read past the consumer: never go back behind it)
             return [self._jump_to(max(hub.last_key, sub.cursor))]
         events = decode_visible(entries, sub.rooms)

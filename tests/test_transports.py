@@ -217,6 +217,30 @@ async def test_trimmed_newer_and_malformed_cursors(
     assert body["reset"] is False and body["events"] and body["events"][0]["id"] != old
 
 
+async def test_zero_replays_a_stream_longer_than_the_replay_cap_without_a_reset(
+    fresh_redis: RedisProcess, dualcast: object, transport: Transport,
+) -> None:
+    """`0` is everything retained, never a reset. Producers trim with `MAXLEN ~ 100`, and
+    Redis keeps whole nodes, so the stream holds more than 100 entries: with
+    DUALCAST_REPLAY_MAX at 100 (as the docs advise, equal to MAXLEN) a WebSocket or SSE
+    client asking for `0` got `reset` and none of them."""
+    server = dualcast(fresh_redis.url,  # type: ignore[operator]
+                      env={"DUALCAST_MAXLEN": "100", "DUALCAST_REPLAY_MAX": "100"})
+    for n in range(350):
+        fresh_redis.command("XADD", "websocket-broadcast", "MAXLEN", "~", "100", "*",
+                            "data", json.dumps({"event": "tick", "data": n}))
+    retained = fresh_redis.command("XRANGE", "websocket-broadcast", "-", "+").decode()
+    ids = re.findall(r"\d+-\d+", retained)
+    assert len(ids) > 100
+    client = await subscribe(transport, server.url, after="0")
+    try:
+        await wait_for(lambda: len(client.seen.ids) >= len(ids) or client.seen.resets, 10,
+                       "the retained events")
+        assert client.seen.resets == [] and client.seen.ids == ids
+    finally:
+        await client.close()
+
+
 async def test_replay_past_the_cap_is_a_reset(cluster: Cluster) -> None:
     start = cluster.xadd("cap-start", None)
     for n in range(400):  # DUALCAST_REPLAY_MAX is 300 here
