@@ -21,7 +21,16 @@ from dualcast import api
 from dualcast.admission import error_response
 from dualcast.collector import FreezeAfterFullCollections
 from dualcast.config import Settings
-from dualcast.cors import CLIENT_FILES, CORS_PATHS, Cors, Verdict, client_endpoint, header
+from dualcast.cors import (
+    CLIENT_FILES,
+    CORS_PATHS,
+    Cors,
+    Verdict,
+    client_endpoint,
+    header,
+    judge,
+    without_cookie,
+)
 from dualcast.headers import PAGE_HEADERS, WithPageHeaders
 from dualcast.methods import WrongMethods
 from dualcast.metrics import Metrics
@@ -87,6 +96,17 @@ class DualcastApp(Starlette):
             ws_endpoint = self._ws_fast.get(scope["path"])
             if ws_endpoint is not None:
                 scope["app"] = self
+                if header(scope, b"cookie") and judge(
+                    header(scope, b"origin"), header(scope, b"host"),
+                    self.state.dualcast.settings.allowed_origins,
+                ) is Verdict.ALLOWED and header(scope, b"sec-fetch-site") != b"same-origin":
+                    # A listed page on another origin (a sibling subdomain: the same
+                    # site, so SameSite=Strict sends the cookie along) connects on its
+                    # token, as over CORS: never with the visitor's dashboard login,
+                    # nor with the cookie the auth hook would be asked about. (The
+                    # browser's own same-origin verdict keeps it: the dashboard behind
+                    # a proxy that rewrites Host, its origin listed to let it in.)
+                    scope = without_cookie(scope)
                 await ws_endpoint(WebSocket(scope, receive, send), send)
                 return
         await super().__call__(scope, receive, send)

@@ -83,6 +83,14 @@ def judge(origin: bytes | None, host: bytes | None, allowed: Iterable[str]) -> V
     return Verdict.ALLOWED if "*" in listed or text in listed else Verdict.REFUSED
 
 
+def without_cookie(scope: Scope) -> Scope:
+    """A copy of `scope` without its `Cookie` header: what a caller on another origin is
+    authenticated by (its token), never by the visitor's dashboard login."""
+    stripped = dict(scope)
+    stripped["headers"] = [(k, v) for k, v in scope["headers"] if k != b"cookie"]
+    return stripped
+
+
 class Cors:
     """Serves one cross-origin request to a CORS path: refusal, preflight or the real thing."""
 

@@ -98,6 +98,41 @@ def test_cross_origin_requests_authenticate_by_token_never_the_cookie(
     assert bearer.json()["sub"] == "456"
 
 
+@pytest.mark.timeout(30)
+async def test_a_listed_origin_opens_a_websocket_on_its_token_never_the_cookie(
+    server: DualcastProcess,
+) -> None:
+    """A listed page on a sibling subdomain is the same site: the browser sends the
+    SameSite=Strict login cookie with its WebSocket upgrade too. It was honoured: the
+    page subscribed to the visitor's rooms as the visitor (here an admin)."""
+    cookie = f"dualcast_token={token('ops', admin=True)}"
+    for origin, welcomed in ((LISTED, []), (server.url, ["admin", "user-ops"])):
+        ws = WSClient(server.ws_url)
+        await ws.connect(headers={"Cookie": cookie}, origin=origin)
+        try:
+            assert ws.seen.welcome is not None
+            assert sorted(ws.seen.welcome["rooms"]) == welcomed, origin
+        finally:
+            await ws.close()
+    # the browser's word that the page is this origin's own (behind a proxy that
+    # rewrites Host) keeps the cookie
+    ws = WSClient(server.ws_url)
+    await ws.connect(headers={"Cookie": cookie, "Sec-Fetch-Site": "same-origin"},
+                     origin=LISTED)
+    try:
+        assert ws.seen.welcome is not None
+        assert sorted(ws.seen.welcome["rooms"]) == ["admin", "user-ops"]
+    finally:
+        await ws.close()
+    ws = WSClient(server.ws_url, token=token("456"))
+    await ws.connect(headers={"Cookie": cookie, "Sec-Fetch-Site": "same-site"}, origin=LISTED)
+    try:
+        assert ws.seen.welcome is not None
+        assert ws.seen.welcome["rooms"] == ["user-456"]
+    finally:
+        await ws.close()
+
+
 def test_same_origin_requests_carry_no_cors_headers(
     server: DualcastProcess, client: httpx.Client
 ) -> None:
