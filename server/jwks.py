@@ -1,8 +1,8 @@
 """An issuer's published key set (JWKS), fetched over HTTP and kept in memory.
 
-Fetched at start, again when a token names a key we do not hold (at most once
-per `min_interval`, and one request however many tokens ask at once), and on a
-slow timer so a removed key stops working. A failed fetch keeps the last good
+Fetched at start, again when a token names a key we do not hold (such fetches at
+most once per `min_interval`, and one request however many tokens ask at once),
+and on a slow timer so a removed key stops working. A failed fetch keeps the last good
 set: an issuer that is down must not log everyone out.
 """
 
@@ -91,7 +91,11 @@ class KeySet:
         self.keys: list[Jwk] = []
         #: Bumped whenever the set changes, so verified-token caches can be dropped.
         self.version = 0
-        self._last_attempt: float | None = None
+        #: When an unknown kid last made a fetch: the limit counts only those. The fetch at
+        #: start and the routine ones do not count: counted, a key the issuer added just
+        #: after them was refused for up to `min_interval` (the first minute after every
+        #: start, whatever the key set said by then).
+        self._last_asked: float | None = None
         self._inflight: asyncio.Future[None] | None = None
 
     def find(self, kid: str | None, algorithm: str) -> Jwk | None:
@@ -108,15 +112,16 @@ class KeySet:
         return kid is None or any(k.kid == kid for k in self.keys)
 
     async def key_for(self, kid: str | None, algorithm: str) -> Jwk | None:
-        """As `find`, fetching the set again first when it lacks `kid` and the last fetch
-        is at least `min_interval` old (a storm of unknown kids makes one request)."""
+        """As `find`, fetching the set again first when it lacks `kid` and the last fetch an
+        unknown kid made is at least `min_interval` old (a storm of them makes one request)."""
         if self.knows(kid):
             self.stats.cache_hits += 1
             return self.find(kid, algorithm)
-        loop = asyncio.get_running_loop()
-        if self._inflight is not None or self._last_attempt is None or (
-            loop.time() - self._last_attempt >= self.min_interval
-        ):
+        now = asyncio.get_running_loop().time()
+        if self._inflight is not None:
+            await self.refresh()  # (the one on its way answers this kid too)
+        elif self._last_asked is None or now - self._last_asked >= self.min_interval:
+            self._last_asked = now
             await self.refresh()
         return self.find(kid, algorithm)
 
@@ -124,7 +129,6 @@ class KeySet:
         """Fetch the set once for every concurrent caller; errors are logged and counted."""
         fetch = self._inflight
         if fetch is None:
-            self._last_attempt = asyncio.get_running_loop().time()
             fetch = self._inflight = asyncio.ensure_future(self._fetch())
         await asyncio.shield(fetch)
 

@@ -325,6 +325,32 @@ async def test_jwks_rotation_without_restart(dualcast: Start) -> None:
         issuer.stop()
 
 
+async def test_a_key_added_just_after_start_is_fetched_on_its_first_token(
+    dualcast: Start,
+) -> None:
+    """The fetch at start counted against the unknown-kid limit (60 s by default): a key
+    the issuer added in the first minute after a start, or after a routine refresh, was
+    refused on every token for up to a minute, though its set had changed long before."""
+    k1, k2 = SigningKey.make("k1", "ES256"), SigningKey.make("k2", "ES256")
+    issuer = JwksServer(k1).start()
+    try:
+        server = dualcast(env={
+            "DUALCAST_JWT_ALGORITHMS": "ES256", "DUALCAST_JWKS_URL": issuer.url,
+            "DUALCAST_AUTH_TIMEOUT": "1",
+        })
+        await wait_for(lambda: issuer.calls == 1, 10, "the key set fetched at start")
+        issuer.publish(k1, k2)
+        answer = await me(server.url, k2.token("carol"))
+        assert answer.status_code == 200, answer.text
+        assert issuer.calls == 2
+        # the limit still holds for the kids that come after it
+        stranger = SigningKey.make("x", "ES256")
+        assert (await me(server.url, stranger.token())).status_code == 401
+        assert issuer.calls == 2
+    finally:
+        issuer.stop()
+
+
 async def test_issuer_and_audience_are_checked_on_every_token(dualcast: Start) -> None:
     settings = {"DUALCAST_JWT_ISSUER": "https://login.example.test/",
                 "DUALCAST_JWT_AUDIENCE": "dualcast"}
