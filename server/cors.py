@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
+from dualcast.headers import PAGE_HEADERS
 from dualcast.protocol import ErrorCode
 
 #: The endpoints a page on another origin may read.
@@ -149,8 +150,11 @@ def client_endpoint(folders: list[Path]) -> Callable[[Request], Awaitable[Respon
         for folder in folders:
             path = folder / name
             if path.is_file():
+                # (the dashboard's own module too: the same headers as its other files,
+                # nosniff above all, as nginx serves it)
                 return FileResponse(path, media_type=media_type, headers={
-                    "Access-Control-Allow-Origin": "*", "Cache-Control": "no-cache",
+                    **PAGE_HEADERS, "Access-Control-Allow-Origin": "*",
+                    "Cache-Control": "no-cache",
                 })
         return refusal(404, ErrorCode.NO_DASHBOARD, f"{name} is not installed")
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
+from dualcast.headers import PAGE_HEADERS
 from tests.conftest import token
 from tests.harness.clients import WSClient
 from tests.harness.procs import DualcastProcess
@@ -151,6 +152,10 @@ def test_the_client_is_served_to_any_origin(client: httpx.Client, path: str, kin
     assert response.headers["content-type"].startswith(kind)
     assert response.headers["access-control-allow-origin"] == "*"
     assert "export class Dualcast" in response.text or "declare class Dualcast" in response.text
+    # the dashboard's own module: the headers of its other files (as nginx serves it),
+    # nosniff above all
+    for name, value in PAGE_HEADERS.items():
+        assert response.headers.get(name) == value, name
 
 
 # DUALCAST_ALLOWED_ORIGINS as people write it ------------------------------------------

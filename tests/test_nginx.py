@@ -449,6 +449,7 @@ async def test_the_browser_client_and_its_types_come_from_nginx_as_from_dualcast
             assert through.headers["content-type"] in media, path
             assert through.headers.get("access-control-allow-origin") == "*", path
             assert through.headers["x-content-type-options"] == "nosniff", path
+            assert direct.headers["x-content-type-options"] == "nosniff", path
 
 
 def longest_token(sub: str = "alice") -> str:
