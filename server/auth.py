@@ -252,7 +252,7 @@ class Authenticator:
     #: kept; the expiry is checked again on every hit.
     CACHE_MAX = 4096
     MAX_TOKEN = 8192
-    #: Seconds of clock difference tolerated with issuers that sign with their own keys.
+    #: Seconds of clock difference tolerated with whoever signs (`iat`/`nbf`, never `exp`).
     ISSUER_LEEWAY = 5.0
 
     def __init__(
@@ -388,12 +388,15 @@ class Authenticator:
             required.append("iss")
         if self.audience:
             required.append("aud")
-        # Another issuer's clock may run a little ahead of ours: a token it just made
-        # would be "not valid yet" (iat/nbf) for a moment without a small leeway.
-        leeway = 0.0 if isinstance(key, str) else self.ISSUER_LEEWAY
+        # The clock of whoever signed may run a little ahead of ours: a token it just
+        # made would be "not valid yet" (iat/nbf) for a moment without a small leeway.
+        # HS* tokens too: the application's backend mints them on its own machine, and
+        # a page connects with one the moment it gets it (PyJWT compares `iat` with our
+        # clock to the fraction of a second: 100 ms ahead refused one token in ten).
         try:
             claims = jwt.decode(
-                token, key, algorithms=[algorithm], issuer=self.issuer, leeway=leeway,
+                token, key, algorithms=[algorithm], issuer=self.issuer,
+                leeway=self.ISSUER_LEEWAY,
                 audience=self.audience or None, options={"require": required},
             )
         except jwt.InvalidTokenError as exc:

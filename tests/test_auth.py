@@ -345,6 +345,36 @@ async def test_ws_join_and_leave_within_the_token(server: DualcastProcess) -> No
 # --- bad tokens ------------------------------------------------------------------------
 
 
+async def test_a_backend_clock_a_little_ahead_does_not_refuse_its_fresh_tokens(
+    server: DualcastProcess,
+) -> None:
+    """The application's backend mints HS256 tokens with `iat` (the documented recipe) on
+    its own machine; a page connects the moment it gets one. With that clock a moment
+    ahead, the token was refused 'not valid yet', on every transport, until ours caught
+    up. A little skew is tolerated on iat/nbf, as for other issuers; never on exp."""
+    ahead = int(time.time()) + 2
+    fresh = signed(_claims(iat=ahead, nbf=ahead, rooms=["ops"]))
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        answer = await client.get("/api/me", headers=bearer(fresh))
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["sub"] == "456"
+        far = int(time.time()) + 120
+        assert_json_error(await client.get("/api/me", headers=bearer(
+            signed(_claims(iat=far)))), 401, "invalid_token")
+        assert_json_error(await client.get("/api/me", headers=bearer(
+            signed(_claims(exp=int(time.time()) - 1)))), 401, "token_expired")
+    ws = WSClient(server.ws_url, token=fresh, rooms="ops")
+    await ws.connect()
+    try:
+        assert ws.seen.welcome is not None and ws.seen.welcome["rooms"] == ["ops"]
+    finally:
+        await ws.close()
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        poll = await client.get("/api/events", params={"rooms": "ops", "timeout": "0"},
+                                headers=bearer(fresh))
+        assert poll.status_code == 200, poll.text
+
+
 @pytest.mark.parametrize("kind", sorted(BAD_TOKENS))
 async def test_bad_tokens_get_401_json_everywhere(server: DualcastProcess, kind: str) -> None:
     bad, code = BAD_TOKENS[kind]
