@@ -14,6 +14,7 @@ import enum
 import errno
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,29 @@ def _text(value: str) -> str:
             return path.read_text()
         except OSError as exc:
             raise ValueError(f"cannot read {path}: {exc.strerror}") from None
-    return value
+    return _unflattened(value)
+
+
+_PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", re.DOTALL)
+_PEM_BREAKS = re.compile(r"(?:\\r|\\n|\s)+")
+
+
+def _unflattened(value: str) -> str:
+    """An inline PEM as the loaders take it, from the forms an environment variable gives
+    it: line breaks written as the two characters `\\n` (Docker's --env-file and .env
+    files hold one line per variable, and CI secrets are often pasted so), refused
+    before with "not a PEM public key"; or the lines joined by spaces. A block with
+    headers (an encrypted key's `Proc-Type:`) is left as it is."""
+
+    def rewrapped(block: re.Match[str]) -> str:
+        label, body = block.group(1), block.group(2)
+        if ":" in body:
+            return block.group(0)
+        data = _PEM_BREAKS.sub("", body)
+        lines = [data[at:at + 64] for at in range(0, len(data), 64)]
+        return "\n".join([f"-----BEGIN {label}-----", *lines, f"-----END {label}-----"]) + "\n"
+
+    return _PEM_BLOCK.sub(rewrapped, value)
 
 
 def _file_hint(value: str) -> str:

@@ -224,6 +224,29 @@ async def test_public_key_tokens_work_on_every_transport_and_nothing_is_confused
     assert refusals["websocket"] in ("invalid_token", (401, "invalid_token")), refusals
 
 
+@pytest.mark.parametrize("flattened", ["escaped-newlines", "spaces"])
+async def test_an_inline_pem_on_one_line_is_taken(
+    dualcast: Start, tmp_path: Path, flattened: str,
+) -> None:
+    """A PEM in an environment variable often arrives on one line: Docker's --env-file
+    and .env files hold one line per variable, so its breaks are written `\\n`, or they
+    became spaces on the way. Both were refused at start: 'not a PEM public key'."""
+    cli("keys", "--alg", "ES256", "--kid", "k1", "--dir", str(tmp_path))
+
+    def one_line(path: Path) -> str:
+        text = path.read_text().strip()
+        return text.replace("\n", "\\n") if flattened == "escaped-newlines" else (
+            text.replace("\n", " "))
+
+    server = dualcast(env={"DUALCAST_JWT_ALGORITHMS": "ES256",
+                           "DUALCAST_PUBLIC_KEY": one_line(tmp_path / "k1.pub.pem")})
+    signed = cli("token", "--key", one_line(tmp_path / "k1.pem"), "--alg", "ES256",
+                 "--sub", "alice").strip()
+    answer = await me(server.url, signed)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["sub"] == "alice"
+
+
 # JWKS: rotation, storms of unknown kids, an issuer that is down or slow -----------------
 
 
