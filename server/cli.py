@@ -526,10 +526,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
+def _version() -> str:
+    """The installed distribution's version; the package's own when it runs from a source
+    tree that was never installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dualcast")
+    except PackageNotFoundError:
+        from dualcast import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dualcast.config import DEMO_SPEED_MAX
 
     parser = _Parser(prog="dualcast", description=__doc__)
+    parser.add_argument("-V", "--version", action="version", version=f"dualcast {_version()}",
+                        help="print the installed version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the server")
