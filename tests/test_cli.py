@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from importlib.metadata import version
+from pathlib import Path
 
 from tests.harness.procs import ROOT, clean_env
 
@@ -24,3 +25,19 @@ def test_version_prints_the_installed_version() -> None:
         assert done.returncode == 0, done.stderr
         assert done.stdout == f"dualcast {version('dualcast')}\n"
         assert done.stderr == ""
+
+
+def test_ctrl_c_while_the_command_imports_its_modules_exits_quietly(tmp_path: Path) -> None:
+    """Ctrl-C in the first half second of `dualcast tail` (or any command) printed a
+    traceback from the middle of an import: the entry point imported the command
+    outside its interrupt guard. The interrupt is made certain here by a module of
+    the command that raises it on import, as a Ctrl-C at that moment does."""
+    (tmp_path / "argparse.py").write_text("raise KeyboardInterrupt\n")
+    script = Path(sys.executable).parent / "dualcast"
+    assert script.exists(), "the dualcast command is not installed beside this Python"
+    for command in ([str(script)], [sys.executable, "-m", "dualcast"]):
+        done = subprocess.run([*command, "tail", "http://127.0.0.1:9"], cwd=ROOT,
+                              env=clean_env({"PYTHONPATH": str(tmp_path)}),
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 130, done.stderr
+        assert done.stderr == "" and done.stdout == ""
