@@ -475,7 +475,7 @@ def _publish_refusal(url: str, response: Any) -> str:
 def _demo(args: argparse.Namespace) -> int:
     import asyncio
 
-    from dualcast.demo import demo_against_redis
+    from dualcast.demo import RedisUnreachable, demo_against_redis
 
     settings = _settings(args)
     if settings.redis_url is None:
@@ -508,6 +508,9 @@ def _demo(args: argparse.Namespace) -> int:
         asyncio.run(main())
     except KeyboardInterrupt:
         pass
+    except RedisUnreachable as exc:
+        print(f"dualcast demo: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

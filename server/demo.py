@@ -456,6 +456,14 @@ async def _wind_down(sim: Simulation, sink: Sink, errors: list[int]) -> None:
         log.warning("demo: could not end the open sessions within %ss", WIND_DOWN_SECONDS)
 
 
+#: How long `dualcast demo` waits for Redis's first answer before it gives up.
+START_CHECK_SECONDS = 5.0
+
+
+class RedisUnreachable(Exception):
+    """`dualcast demo`'s Redis did not answer at the start; the message says why."""
+
+
 async def demo_against_redis(
     redis_url: str, stream: str = "websocket-broadcast", maxlen: int | None = 10_000,
     stop: asyncio.Event | None = None, speed: float = 1.0, seed: int | None = None,
@@ -464,12 +472,19 @@ async def demo_against_redis(
     """`dualcast demo`: publish the simulated traffic to a Redis stream until ``stop``.
 
     Uses the fail-open publisher, so a Redis outage pauses the traffic (logged
-    once) instead of ending the demo.
+    once) instead of ending the demo; a Redis that does not answer at the start
+    raises RedisUnreachable (a wrong URL, a password missing).
     """
     from dualcast.publisher import Publisher  # the demo module itself stays import-light
 
     stop = stop or asyncio.Event()
     async with Publisher(redis_url, stream=stream, maxlen=maxlen, tls=tls) as publisher:
+        # Not reachable at the start: a wrong URL, not an outage to ride out (the demo ran
+        # for ever, dropping every event, and a Ctrl-C then exited 0).
+        why = await publisher.ping(START_CHECK_SECONDS)
+        if why is not None:
+            raise RedisUnreachable(f"Redis at {publisher.where} is not reachable: {why}; "
+                                   "nothing was published")
         log.info("demo: publishing simulated traffic to %s (stream %r, speed %s)",
                  publisher.where, stream, speed)
         try:

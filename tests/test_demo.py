@@ -354,3 +354,23 @@ def test_dualcast_demo_refuses_a_bad_speed_in_one_line(
     assert "--speed" in lines[0] and repr(speed) in lines[0] and "at most 100" in lines[0]
     assert done.stdout == ""
     assert redis.Redis.from_url(redis_server.url).exists(stream) == 0
+
+
+@pytest.mark.timeout(60)
+def test_dualcast_demo_against_an_unreachable_redis_exits_1_in_one_line() -> None:
+    """Nothing listening at the URL: the demo ran for ever dropping every event ("events
+    are dropped (fail open)"), and Ctrl-C then exited 0; a wrong URL looked like a demo
+    that worked. It now says so in one line and exits 1 at once."""
+    import subprocess
+    import sys
+
+    from tests.harness.procs import clean_env, free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    done = subprocess.run([sys.executable, "-m", "dualcast", "demo", "--redis-url", url],
+                          env=clean_env(), capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(f"dualcast demo: Redis at {url} is not reachable: ConnectionError")
+    assert line.endswith("nothing was published")
+    assert done.stdout == ""

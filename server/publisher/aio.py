@@ -11,7 +11,7 @@ import redis
 
 from dualcast.publisher.core import FAILURES, HELD, BatchItem, PublisherCore, Throttle, ids
 from dualcast.publisher.encoding import Entry
-from dualcast.publisher.results import PublishResult
+from dualcast.publisher.results import PublishResult, describe
 from dualcast.redis_connect import AsyncClient, Pooling, async_client
 
 
@@ -133,6 +133,21 @@ class Publisher(PublisherCore):
                 return [exc]
         async with client.pipeline(transaction=False) as pipe:
             return list(await self._queue(pipe, entries).execute(raise_on_error=False))
+
+    async def ping(self, timeout: float | None = None) -> str | None:
+        """PING Redis once, within ``timeout`` (default: the publisher's): None when it
+        answered, else why not, in one line (as :attr:`PublishResult.error` says it).
+        For a start-up check (``dualcast demo``); publishing needs none. Raises nothing;
+        the breaker is left alone."""
+        if self._target is None:
+            return "no Redis URL (this publisher sends to its fallback only)"
+        self._on_this_loop()
+        try:
+            async with asyncio.timeout(self.timeout if timeout is None else timeout):
+                await self._client().ping()
+        except FAILURES as exc:
+            return describe(exc)
+        return None
 
     # -- breaker probe: the caller never waits for Redis while it is known to be away
 
