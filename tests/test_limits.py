@@ -271,7 +271,8 @@ async def test_ping_during_a_replay_is_answered(
 
 # --- cursors and timeouts --------------------------------------------------------------
 
-BAD_IDS = ["abc", "1-2-3", "-1", "1-", "99999999999999999999999-0", "1.5", " ", "0x10", "1-a"]
+BAD_IDS = ["abc", "1-2-3", "-1", "1-", "99999999999999999999999-0", "1.5", " ", "0x10", "1-a",
+           "\u0661\u0667-0", "\uff15", "1-\u0661"]  # Arabic-Indic, fullwidth digits
 
 
 @pytest.mark.parametrize("bad", BAD_IDS)
@@ -281,16 +282,20 @@ async def test_bad_cursors_are_400(server: DualcastProcess, healthy: WSClient, b
         assert_json_error(response, 400, "bad_cursor")
         response = await client.get("/api/sse", params={"last_event_id": bad})
         assert_json_error(response, 400, "bad_cursor")
-        if bad.strip():
+        if bad.strip() and bad.isascii():  # (a header is Latin-1)
             response = await client.get("/api/sse", headers={"Last-Event-ID": bad})
             assert_json_error(response, 400, "bad_cursor")
     await still_served(server, healthy)
 
 
-@pytest.mark.parametrize("bad", ["-1", "31", "abc", "nan", "inf", "-inf", "1e9", "0x5", " "])
+@pytest.mark.parametrize("bad", ["-1", "31", "abc", "nan", "inf", "-inf", "1e9", "0x5", " ",
+                                 # float() read these: other scripts' digits, "1_0", padding
+                                 "\u0661\u0667", "\uff15", "\u0665", "1_0", " 5", "+2"])
 async def test_bad_poll_timeouts_are_400(
     server: DualcastProcess, healthy: WSClient, bad: str,
 ) -> None:
+    """A timeout is ASCII decimal notation, as a cursor is: `?timeout=` with Arabic-Indic
+    digits for 17 (float() reads them) waited 17 s instead of being refused."""
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
         response = await client.get("/api/events", params={"timeout": bad})
         body = assert_json_error(response, 400, "bad_timeout")

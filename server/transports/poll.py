@@ -8,6 +8,7 @@ behind that window reads a page from the log.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable
 
@@ -123,6 +124,11 @@ def _watch(request: Request, wait: _Wait) -> Callable[[], None] | None:
 PROTOCOL_TIMEOUT = 30.0
 
 
+#: `timeout`'s spelling: ASCII digits, an optional fraction and exponent (JavaScript's
+#: String(n) of a small number), no sign, no spaces.
+_SECONDS = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
 def _timeout(raw: str | None, limit: float) -> float:
     """How long a poll may wait: what it asks for, capped at this server's limit.
 
@@ -131,10 +137,9 @@ def _timeout(raw: str | None, limit: float) -> float:
     answered early, so a lower limit only shortens the wait."""
     if raw is None or raw == "":
         return min(25.0, limit)
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
+    # float() alone also reads other scripts' digits (Arabic-Indic 17, a fullwidth 5), "1_0",
+    # padding and a sign: a number in ASCII decimal notation only, as a cursor is.
+    value = float(raw) if _SECONDS.fullmatch(raw) else -1.0
     accepted = max(limit, PROTOCOL_TIMEOUT)
     if not 0 <= value <= accepted or value != value:
         raise Refusal(
