@@ -357,7 +357,9 @@ function becomeLeader() {
     if (events.length) showStatus({ ...app.client.status(), role: 'leader' }); // "last event" age
   });
   app.client.on('state', (status) => {
-    app.lastTransport = status.transport;
+    // what a new leader starts on: the transport last live, not the last one an outage
+    // left the status on (polling/offline would have it start on polling)
+    if (status.state === 'live') app.lastTransport = status.transport;
     showStatus({ ...status, role: 'leader' });
     app.tabs.post({ type: 'status', status });
   });
@@ -384,7 +386,7 @@ function onMessage(msg) {
       break;
     case 'status':
       if (leader) break;
-      app.lastTransport = msg.status.transport;
+      if (msg.status.state === 'live') app.lastTransport = msg.status.transport;
       app.leaderCursor = maxId(app.leaderCursor, msg.status.cursor ?? null);
       showStatus({ ...msg.status, role: 'follower' });
       break;

@@ -700,12 +700,15 @@ export class TransportManager {
     this.onRoomRefused = opts.onRoomRefused ?? (() => {});
 
     this.level = Math.max(0, this.order.indexOf(opts.initial ?? this.order[0]));
+    // the level last live (at first, the one we start on): where a round of retries
+    // begins after the server was away, so its return is met on what worked before
+    this.home = this.level;
     this.conn = null; // the connection that feeds us
     this.probe = null; // a higher transport being tried while `conn` keeps feeding
     this.state = 'offline';
     this.running = false;
     this.paused = false;
-    this.failures = 0; // consecutive failed opens at the current level
+    this.failures = 0; // consecutive rounds in which every transport failed to open
     this.deaths = []; // times the live connection died, for "dies repeatedly"
     this.climbAttempt = 0;
     this.timers = { welcome: null, retry: null, climb: null, probeWelcome: null };
@@ -762,6 +765,7 @@ export class TransportManager {
     if (!this.running || !this.paused) return;
     this.paused = false;
     this.failures = 0;
+    this.level = this.home; // a pause in an outage may have left us on a lower level
     this.open();
   }
 
@@ -886,6 +890,7 @@ export class TransportManager {
     this.clear('welcome');
     if (!this.cursor && info.lastId) this.cursor = info.lastId;
     this.failures = 0;
+    this.home = this.level;
     this.liveSince = this.now();
     this.onWelcome({ transport: conn.name, rooms: info.rooms ?? [], lastId: info.lastId });
     if (conn !== this.conn) return; // the welcome's handler stopped it
@@ -999,12 +1004,22 @@ export class TransportManager {
       this.fallBack();
       return;
     }
+    // Every transport failed to open, the last one too: the server is away (restarting,
+    // or an instance behind a proxy stopped), not one transport blocked on the way. The
+    // next round starts again on the transport last live (at first, the best one), so a
+    // server that comes back is met on WebSocket again, not on polling with a climb to
+    // wait for. A transport a proxy blocks fails again on the way down, as it did.
+    // Until that round begins the status names the transport that failed last.
     this.failures += 1;
     this.setState(this.failures >= 2 ? 'offline' : 'connecting');
     if (this.failures === 2) this.tellUnreachable(conn, info);
     this.schedule('retry', steadyBackoff(this.failures, this.retryBaseMs * 2, this.retryCapMs,
-      this.random) + this.retryBaseMs, () => this.open());
-    this.scheduleClimb();
+      this.random) + this.retryBaseMs, () => {
+      this.level = this.home;
+      this.open({ quiet: this.state === 'offline' });
+    });
+    if (this.home > 0) this.scheduleClimb();
+    else this.clear('climb');
   }
 
   /**
@@ -1025,11 +1040,15 @@ export class TransportManager {
     });
   }
 
+  /**
+   * One level down, at once. `failures` (rounds in which every transport failed) is kept:
+   * within a round of retries the server is still away until some transport answers.
+   * While the page says offline the round goes on quietly (no flicker to connecting).
+   */
   fallBack() {
     this.level += 1;
     this.deaths = [];
-    this.failures = 0;
-    this.open();
+    this.open({ quiet: this.state === 'offline' });
     this.scheduleClimb();
   }
 

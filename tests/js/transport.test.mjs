@@ -434,15 +434,100 @@ describe('reset, errors, pause', { timeout: 5000 }, () => {
     t.WS.refuse = true;
     t.manager.start();
     await t.clock.tick(1000);
-    assert.equal(t.manager.transport, 'polling');
+    assert.equal(t.WS.instances.length, 1);
+    assert.deepEqual(t.fetch.calls.map((c) => c.path), ['/api/sse', '/api/events'],
+      'every transport tried once');
     await t.clock.tick(5000);
     assert.equal(t.manager.state, 'offline');
     const tries = t.fetch.calls.filter((c) => c.path === '/api/events').length;
     assert.ok(tries >= 2 && tries < 10, `bounded retries, got ${tries}`);
+    assert.equal(t.WS.instances.length, tries, 'each round of retries starts on WebSocket');
+    assert.equal(t.errors.length, 1, 'unreachable: said once');
     up = true;
     for (let i = 0; i < 60 && t.manager.state !== 'live'; i += 1) await t.clock.tick(1000);
     assert.equal(t.manager.state, 'live');
     assert.deepEqual(t.seen, ['1001-0']);
     t.manager.stop();
   });
+
+  it('a server that was away is met on WebSocket again when it returns, not on polling',
+    async () => {
+      let up = true;
+      const published = [evt(1)];
+      const clock = new FakeClock();
+      const sse = sseRoute();
+      const t = setup({
+        clock,
+        routes: {
+          '/api/sse': (r) => (up ? sse.handler(r) : Promise.reject(new TypeError('network'))),
+          '/api/events': (r) => (up ? pollRoute(clock, published)(r)
+            : Promise.reject(new TypeError('network'))),
+        },
+      });
+      t.manager.start();
+      t.WS.last().welcome('1000-0');
+      t.WS.last().serverSend(evt(1));
+      assert.equal(t.manager.state, 'live');
+      // the server restarts: the socket closes, and nothing answers for a while
+      up = false;
+      t.WS.refuse = true;
+      t.WS.last().serverClose(1006);
+      await t.clock.tick(20000);
+      assert.equal(t.manager.state, 'offline');
+      const statuses = t.statuses.length;
+      const tries = t.WS.instances.length;
+      await t.clock.tick(20000);
+      assert.ok(t.WS.instances.length > tries, 'each round of retries starts on WebSocket');
+      assert.deepEqual(new Set(t.statuses.slice(statuses)), new Set(['polling/offline']),
+        'retries while offline: no flicker through connecting and the other transports');
+      // back: the next round's WebSocket says welcome; SSE and polling are never live
+      up = true;
+      t.WS.refuse = false;
+      const before = t.WS.instances.length;
+      for (let i = 0; i < 60 && t.WS.instances.length === before; i += 1) {
+        await t.clock.tick(500);
+      }
+      t.WS.last().welcome('1001-0');
+      assert.equal(t.manager.transport, 'websocket');
+      assert.equal(t.manager.state, 'live');
+      assert.equal(t.WS.last().params.get('last_event_id'), '1001-0', 'from the cursor');
+      assert.ok(!t.statuses.includes('polling/live') && !t.statuses.includes('sse/live'),
+        t.statuses.join(' '));
+      assert.equal(sse.streams.length, 0);
+      assert.deepEqual(t.seen, ['1001-0']);
+      t.manager.stop();
+    });
+
+  it('behind a proxy that blocks WebSocket and SSE, a server that was away is met on polling',
+    async () => {
+      let up = true;
+      const clock = new FakeClock();
+      const sse = sseRoute();
+      const t = setup({
+        clock,
+        routes: {
+          '/api/sse': (r) => (up ? sse.handler(r) : Promise.reject(new TypeError('network'))),
+          '/api/events': (r) => (up ? pollRoute(clock, [])(r)
+            : Promise.reject(new TypeError('network'))),
+        },
+        climbBaseMs: 600000, climbCapMs: 600000, // no climb in this test's time
+      });
+      t.WS.refuse = true;
+      t.manager.start();
+      await t.clock.tick(3100); // WS refused, SSE held back (no welcome): polling
+      assert.equal(t.manager.transport, 'polling');
+      assert.equal(t.manager.state, 'live');
+      const ws = t.WS.instances.length;
+      const streams = sse.streams.length;
+      up = false;
+      // the waiting poll fails; the retries go on polling, what worked here
+      await t.clock.tick(30000);
+      assert.equal(t.manager.state, 'offline');
+      up = true;
+      for (let i = 0; i < 60 && t.manager.state !== 'live'; i += 1) await t.clock.tick(500);
+      assert.equal(t.manager.transport, 'polling');
+      assert.equal(t.WS.instances.length, ws, 'the blocked WebSocket was not tried again');
+      assert.equal(sse.streams.length, streams, 'nor the held SSE');
+      t.manager.stop();
+    });
 });
