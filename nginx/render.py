@@ -164,6 +164,7 @@ _HTTP_REDIRECT_SERVER = """
 server {
     listen {{listen}};
     server_name {{server_name}};
+    server_tokens off;
     access_log {{access_log}};
     client_header_timeout {{client_header_timeout}};
     large_client_header_buffers {{header_buffers}};

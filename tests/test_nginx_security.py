@@ -187,6 +187,30 @@ def test_behind_another_tls_terminator_the_login_cookie_is_still_secure(
         assert "Secure" not in cookie(**{"X-Forwarded-Proto": "gopher"})
 
 
+# ---- what nginx says about itself -----------------------------------------------------------
+
+
+def test_nginx_never_says_its_version(
+    redis_server: RedisProcess, dualcast: Callable[..., DualcastProcess],
+    nginx: Callable[..., NginxProcess], tls: TlsFiles,
+) -> None:
+    """Neither the Server header nor nginx's own error pages name nginx's version, on
+    the https server (proxied answers, files, a 404, a 400) nor on the port-80 redirect."""
+    instance = dualcast(redis_server.url)
+    proxy = nginx([instance.port], tls=tls)
+    with proxy.http_client(timeout=10) as client, httpx.Client(timeout=10) as plain:
+        answers = [
+            client.get("/healthz"), client.get("/"), client.get("/no-such-file.css"),
+            client.get("/", headers={"Host": "a b"}),  # nginx's own 400 page
+            plain.get(proxy.http_url + "/anything"),
+        ]
+    statuses = [a.status_code for a in answers]
+    assert statuses == [200, 200, 404, 400, 301], statuses
+    for answer in answers:
+        assert answer.headers.get("server") == "nginx", (answer.url, answer.headers)
+        assert "nginx/" not in answer.text, (answer.url, answer.text)
+
+
 # ---- connection caps and slow heads ------------------------------------------------------------
 
 
