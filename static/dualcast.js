@@ -1031,7 +1031,9 @@ export class TransportManager {
   tellUnreachable(conn, info) {
     const where = this.env.httpBase || 'this page\'s server';
     this.onError({
-      code: info.code ?? 'unreachable',
+      // an HTTP refusal's own code (a string); a WebSocket's close code (1006, a number)
+      // says nothing the page can act on
+      code: typeof info.code === 'string' && info.code ? info.code : 'unreachable',
       message: info.message ?? `no transport (${this.order.join(', ')}) could connect to `
         + `${where}: the server is down or unreachable, or this page's origin is not in `
         + 'its DUALCAST_ALLOWED_ORIGINS',

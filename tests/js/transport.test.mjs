@@ -530,4 +530,17 @@ describe('reset, errors, pause', { timeout: 5000 }, () => {
       assert.equal(sse.streams.length, streams, 'nor the held SSE');
       t.manager.stop();
     });
+
+  it('WebSocket alone and nothing answers: the error says unreachable, not a close code',
+    async () => {
+      const t = setup({ transports: ['websocket'] });
+      t.WS.refuse = true;
+      t.manager.start();
+      for (let i = 0; i < 20 && !t.errors.length; i += 1) await t.clock.tick(1000);
+      assert.equal(t.errors.length, 1);
+      assert.equal(t.errors[0].code, 'unreachable');
+      assert.equal(t.errors[0].kind, 'transport');
+      assert.match(t.errors[0].message, /no transport \(websocket\) could connect/);
+      t.manager.stop();
+    });
 });
