@@ -77,7 +77,8 @@ export interface DualcastOptions {
    *  join is a `forbidden_room` error and is not asked for again; when none of them may
    *  be joined, that error is 'fatal' and the client stops, on every transport. */
   rooms?: string[];
-  /** Resume after this id; `0` = from the oldest retained event; none = live from now. */
+  /** Resume after this id; `0` = from the oldest retained event; none = live from now.
+   *  Anything that is not a stream id is a TypeError from the constructor. */
   lastEventId?: string | null;
   /** Order or subset of the transports to use (an empty list: all three). Any other
    *  name is a TypeError from the constructor. */

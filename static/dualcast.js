@@ -1138,6 +1138,22 @@ function bases(url) {
 }
 
 /**
+ * The `lastEventId` option as a cursor: none (or '') = live from now; a stream id, or `0`
+ * for the oldest retained event. Anything else is a TypeError: the server refuses it
+ * (`bad_cursor`), and on a WebSocket a browser shows that refusal as a bare network
+ * error, so a client on WebSocket alone retried for ever and said 'unreachable'.
+ */
+function startCursor(lastEventId) {
+  if (lastEventId === undefined || lastEventId === null || lastEventId === '') return null;
+  const cursor = String(lastEventId);
+  if (!parseId(cursor)) {
+    throw new TypeError(`Dualcast: lastEventId ${JSON.stringify(cursor).slice(0, 80)} is not a `
+      + 'stream id (like 1732550000000-0, or 0 for the oldest retained event)');
+  }
+  return cursor;
+}
+
+/**
  * A live feed of a dualcast server's events: `new Dualcast(url, options)`, then
  * `on('event', fn)` and `start()`. Each event is delivered once, in stream order, on
  * whichever transport works (see the top of this file). Options:
@@ -1174,7 +1190,7 @@ export class Dualcast {
       ...bases(url),
       ...rest,
       token: () => this.token,
-      cursor: lastEventId === undefined || lastEventId === null ? null : String(lastEventId),
+      cursor: startCursor(lastEventId),
       rooms: this.rooms,
       transports,
       onEvents: (list, cursor) => this.deliver(list, cursor),

@@ -459,6 +459,20 @@ describe('helpers of the public client', { timeout: 5000 }, () => {
     assert.equal(make(['sse']).transport, 'sse');
   });
 
+  it('a lastEventId that is not a stream id is a TypeError, not an unreachable server', () => {
+    const make = (lastEventId) => new Dualcast('https://push.example.com', { lastEventId });
+    assert.throws(() => make('abc'), /lastEventId "abc" is not a stream id/);
+    assert.throws(() => make('1732550000000-x'), TypeError);
+    assert.throws(() => make(' 1-0'), TypeError);
+    assert.equal(make('1732550000000-3').lastEventId, '1732550000000-3');
+    assert.equal(make('1732550000000').lastEventId, '1732550000000');
+    assert.equal(make(0).lastEventId, '0');
+    assert.equal(make('0-0').lastEventId, '0-0');
+    assert.equal(make(null).lastEventId, null);
+    assert.equal(make('').lastEventId, null);
+    assert.equal(make(undefined).lastEventId, null);
+  });
+
   it('a ws:// or wss:// server URL keeps its security; any other scheme is a TypeError', async () => {
     const clock = new FakeClock();
     for (const [url, ws, http] of [
