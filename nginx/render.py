@@ -27,6 +27,7 @@ Command line (prints to stdout)::
         --ssl-certificate /etc/ssl/push.pem --ssl-certificate-key /etc/ssl/push.key
     python nginx/render.py --access-log off      # no access log
     python nginx/render.py --tls-listen '' --real-ip-from 10.0.0.2   # behind a TLS terminator
+    python nginx/render.py --ipv6                # also listen [::]:80 and [::]:443
 
 Paths are quoted when they need it; a value nginx cannot take (``$`` in a path,
 ``--limit-conn 0``, an upstream that is not one ``host:port`` word) ends in one
@@ -38,7 +39,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -162,7 +163,7 @@ _HTTP_REDIRECT_SERVER = """
 # on the way (the log below masks it, as everywhere); after one visit HSTS
 # makes the browser go to https by itself.
 server {
-    listen {{listen}};
+{{listen_lines}}
     server_name {{server_name}};
     server_tokens off;
     access_log {{access_log}};
@@ -276,6 +277,25 @@ def real_ip_lines(addresses: Sequence[str]) -> str:
     return fill(_REAL_IP, {"addresses": "\n".join(lines)})
 
 
+def ipv6_listen(address: str | None) -> Callable[[str, str], str]:
+    """`also(listen, flags)`: the extra line listening on `address` (IPv6) at the port of
+    `listen` (a port, or address:port), or '' without an address."""
+    if address is None:
+        return lambda listen, flags: ""
+    try:
+        ip = ipaddress.IPv6Address(address.strip("[]"))
+    except ValueError:
+        raise ValueError(f"ipv6 {address!r}: not an IPv6 address (e.g. :: for all, ::1)") from None
+
+    def also(listen: str, flags: str) -> str:
+        port = listen.rsplit(":", 1)[-1] if not listen.isdigit() else listen
+        if listen.startswith("[") or not port.isdigit():
+            raise ValueError(f"listen {listen!r}: --ipv6 needs a port or an IPv4 address:port")
+        return f"\n    listen [{ip}]:{port}{flags};"
+
+    return also
+
+
 def access_log_directive(access_log: str | Path) -> str:
     """The arguments of `access_log`: a file in the `dualcast` format, or ``off``."""
     if str(access_log) == "off":
@@ -310,12 +330,17 @@ def render_site(
     limit_conn: int = LIMIT_CONN,
     client_header_timeout: str = "10s",
     real_ip_from: Sequence[str] = (),
+    ipv6: str | None = None,
 ) -> str:
     """The http-level config (map, upstream, server) for one mode.
 
     With `tls_listen` (a port, or address:port) the site is served over TLS with
     HTTP/2 there, and `listen` only redirects to it (the production layout);
     without it, `listen` serves everything over plain HTTP.
+
+    `ipv6` (an IPv6 address, ``::`` for all) adds a listen on it beside each one,
+    on the same port. Not in the production config: nginx refuses to start on a
+    host whose kernel has IPv6 turned off ("Address family not supported").
 
     `test_hooks` adds a header naming the instance that served a request (in
     mode buffering: the relay) and a ``/__nginx`` location that answers
@@ -332,6 +357,7 @@ def render_site(
         nginx_upstream(upstream)
     nginx_word(listen, "listen")
     nginx_word(server_name, "server name")
+    also = ipv6_listen(ipv6)
     static_root = nginx_path(static_root, "static root")
     access_log = access_log_directive(access_log)
     real_ip = real_ip_lines(real_ip_from)
@@ -356,7 +382,7 @@ def render_site(
     title = "production config" if mode == "plain" and not test_hooks else f"mode {mode}"
     page_headers = dict(PAGE_HEADERS)
     if tls_listen is None:
-        listen_lines = f"    listen {listen};"
+        listen_lines = f"    listen {listen};{also(listen, '')}"
         http_server = tls_settings = ""
     else:
         if ssl_certificate is None or ssl_certificate_key is None:
@@ -364,10 +390,11 @@ def render_site(
         nginx_word(tls_listen, "tls listen")
         ssl_certificate = nginx_path(ssl_certificate, "ssl certificate")
         ssl_certificate_key = nginx_path(ssl_certificate_key, "ssl certificate key")
-        listen_lines = f"    listen {tls_listen} ssl http2;"
+        listen_lines = f"    listen {tls_listen} ssl http2;{also(tls_listen, ' ssl http2')}"
         https_port = tls_listen.rsplit(":", 1)[-1]
         http_server = fill(_HTTP_REDIRECT_SERVER, {
-            "listen": listen, "server_name": server_name, "access_log": access_log,
+            "listen_lines": f"    listen {listen};{also(listen, '')}",
+            "server_name": server_name, "access_log": access_log,
             "client_header_timeout": client_header_timeout, "limit_conn": limit_conn,
             "header_buffers": HEADER_BUFFERS,
             "https_port": "" if https_port == "443" else f":{https_port}",
@@ -488,6 +515,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="a TLS terminator or load balancer in front (address or network; "
                              "repeat for several): client addresses come from its "
                              "X-Forwarded-For")
+    parser.add_argument("--ipv6", nargs="?", const="::", default=None, metavar="ADDRESS",
+                        help="listen on IPv6 too, beside each listen and on its port (default "
+                             "address :: = all); not on a host whose kernel has IPv6 off, "
+                             "where nginx would refuse to start")
     args = parser.parse_args(argv)
     live = f"/etc/letsencrypt/live/{args.server_name}"
     try:
@@ -502,6 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ssl_certificate_key=args.ssl_certificate_key or f"{live}/privkey.pem",
             limit_conn=args.limit_conn,
             real_ip_from=args.real_ip_from,
+            ipv6=args.ipv6,
         )
     except ValueError as err:  # a value nginx could not take: one line, exit 2
         parser.error(str(err))

@@ -14,6 +14,7 @@ import asyncio
 import json
 import re
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -391,6 +392,54 @@ def test_render_py_access_log_off_means_no_access_log(tmp_path: Path, nginx_bina
     logs = [line for line in lines if line.startswith("access_log")]
     assert logs == ["access_log off;"] * 3  # the server's, and the two locations' own
     check_rendered(tmp_path, result.stdout)
+
+
+def ipv6_loopback() -> bool:
+    """Whether this host can listen on ::1 (a kernel with IPv6 off cannot)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def test_render_py_ipv6_listens_beside_each_port_and_only_when_asked(
+    tmp_path: Path, nginx_binary: str
+) -> None:
+    """The shipped config listens on IPv4 alone (nginx would refuse to start where IPv6
+    is off); --ipv6 adds [::] beside both servers' ports, and nginx takes it."""
+    shipped = [line.strip() for line in (ROOT / "nginx" / "dualcast.conf").read_text()
+               .splitlines() if line.strip().startswith("listen")]
+    assert shipped == ["listen 80;", "listen 443 ssl http2;"]
+    result = render_py("--ipv6")
+    assert result.returncode == 0, result.stderr
+    lines = [line.strip() for line in result.stdout.splitlines()
+             if line.strip().startswith("listen")]
+    assert lines == ["listen 80;", "listen [::]:80;", "listen 443 ssl http2;",
+                     "listen [::]:443 ssl http2;"]
+    for args, says in ((["--ipv6", "nope"], "ipv6 'nope': not an IPv6 address"),
+                       (["--ipv6", "--listen", "[::]:80"], "listen '[::]:80': --ipv6 needs")):
+        refused = render_py(*args)
+        assert refused.returncode == 2 and refused.stderr.startswith(
+            f"render.py: error: {says}"), refused.stderr
+
+
+def test_with_ipv6_both_servers_answer_on_ipv6_and_on_ipv4(
+    tmp_path: Path, nginx_binary: str, redis_server: RedisProcess,
+    dualcast: Callable[..., DualcastProcess],
+) -> None:
+    if not ipv6_loopback():
+        pytest.skip("this host cannot listen on ::1 (IPv6 is off)")
+    require_tool("openssl", "the TLS tests make a throwaway CA with it")
+    tls = make_throwaway_ca(tmp_path / "tls")
+    instance = dualcast(redis_server.url)
+    with NginxProcess(tmp_path / "nginx", [instance.port], tls=tls, ipv6="::1") as nginx:
+        with httpx.Client(timeout=10, verify=False) as client:  # the cert names 127.0.0.1
+            for host in ("127.0.0.1", "[::1]"):
+                redirect = client.get(f"http://{host}:{nginx.port}/x")
+                assert redirect.status_code == 301, (host, redirect)
+                assert client.get(f"https://{host}:{nginx.tls_port}/healthz").status_code == 200
 
 
 # ---- the production config, end to end ---------------------------------------------------

@@ -85,11 +85,13 @@ class NginxProcess:
         tls: TlsFiles | None = None,
         limit_conn: int | None = None,
         real_ip_from: list[str] | None = None,
+        ipv6: str | None = None,
     ) -> None:
         """With `tls`, the production layout: https + HTTP/2 on `tls_port` (then `url`),
         and `port` only redirects there (`http_url`). `limit_conn` overrides the
         production per-address connection cap; `real_ip_from` names TLS terminators in
-        front (render.py's --real-ip-from)."""
+        front (render.py's --real-ip-from); `ipv6` an IPv6 address to listen on too, on the
+        same ports (render.py's --ipv6)."""
         if mode not in MODES:
             raise ValueError(f"unknown nginx mode {mode!r}; one of {', '.join(MODES)}")
         self.prefix = workdir
@@ -101,6 +103,7 @@ class NginxProcess:
         self.tls_port = free_port() if tls is not None else None
         self.limit_conn = limit_conn
         self.real_ip_from = list(real_ip_from or [])
+        self.ipv6 = ipv6
         self.generation = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.binary = nginx_binary() or "nginx"
@@ -166,6 +169,8 @@ class NginxProcess:
             extra["limit_conn"] = self.limit_conn
         if self.real_ip_from:
             extra["real_ip_from"] = self.real_ip_from
+        if self.ipv6 is not None:
+            extra["ipv6"] = self.ipv6
         return extra
 
     def _base_args(self) -> list[str]:
