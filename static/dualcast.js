@@ -741,6 +741,10 @@ export class TransportManager {
     this.paused = false;
     this.stoppedBy = null;
     this.climbAttempt = 0;
+    // as after an outage: from the transport last live, with a fresh count of failures
+    // (a stop() in the middle of one left the level and the count where they were)
+    this.failures = 0;
+    this.level = this.home;
     this.open();
   }
 
@@ -776,6 +780,7 @@ export class TransportManager {
     if (!this.running || this.paused) return;
     this.teardown();
     this.failures = 0;
+    this.level = this.home; // live, the two are one; in an outage, from the top again
     this.open({ quiet });
   }
 

@@ -344,7 +344,7 @@ def test_a_room_a_refreshed_token_loses_is_not_asked_for_again(
     wait_js(page, "window.calls >= 2 && !dc.rooms.includes('dev')", 20)
     assert page.evaluate("dc.rooms") == ["ops"]
     # the next connect (here: a forced switch to SSE) asks for what is left, and is let in
-    page.evaluate("dc.manager.level = 1; dc.manager.restart({})")
+    page.evaluate("dc.manager.level = dc.manager.home = 1; dc.manager.restart({})")
     wait_js(page, "dc.transport === 'sse' && dc.state === 'live'", 20)
     entry = s.publish("x", {"n": 1}, rooms=["ops"])
     wait_event(page, entry)

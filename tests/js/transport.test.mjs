@@ -543,4 +543,45 @@ describe('reset, errors, pause', { timeout: 5000 }, () => {
       assert.match(t.errors[0].message, /no transport \(websocket\) could connect/);
       t.manager.stop();
     });
+
+  it('stopped in an outage and started again: from WebSocket, and the outage is said anew',
+    async () => {
+      let up = true;
+      const clock = new FakeClock();
+      const t = setup({
+        clock,
+        routes: {
+          '/api/sse': () => Promise.reject(new TypeError('network')),
+          '/api/events': (r) => (up ? pollRoute(clock, [])(r)
+            : Promise.reject(new TypeError('network'))),
+        },
+      });
+      t.manager.start();
+      t.WS.last().welcome('1000-0');
+      up = false;
+      t.WS.refuse = true;
+      t.WS.last().serverClose(1006);
+      // the reconnect: WS, SSE and polling fail, twice: the outage is said
+      for (let i = 0; i < 60 && !t.errors.length; i += 1) await t.clock.tick(100);
+      assert.equal(t.errors.length, 1);
+      assert.equal(t.manager.transport, 'polling');
+      t.manager.stop();
+      await t.clock.tick(0);
+      const tried = t.WS.instances.length;
+      t.manager.start();
+      await t.clock.tick(0);
+      assert.equal(t.WS.instances.length, tried + 1, 'the first try is a WebSocket');
+      for (let i = 0; i < 20 && t.errors.length < 2; i += 1) await t.clock.tick(1000);
+      assert.equal(t.errors.length, 2, 'unreachable said again after the restart');
+      up = true;
+      t.WS.refuse = false;
+      const before = t.WS.instances.length;
+      for (let i = 0; i < 60 && t.WS.instances.length === before; i += 1) {
+        await t.clock.tick(500);
+      }
+      t.WS.last().welcome('1000-0');
+      assert.equal(t.manager.transport, 'websocket');
+      assert.equal(t.manager.state, 'live');
+      t.manager.stop();
+    });
 });
