@@ -169,7 +169,8 @@ server {
     access_log {{access_log}};
     client_header_timeout {{client_header_timeout}};
     large_client_header_buffers {{header_buffers}};
-    limit_conn dualcast_per_client {{limit_conn}};
+    # (no limit_conn here: `return` answers in the rewrite phase, before limit_conn
+    # counts anything, so it never refused a connection; a redirect costs nginx little)
 
     location / {
         return 301 https://$host{{https_port}}$request_uri;
@@ -395,7 +396,7 @@ def render_site(
         http_server = fill(_HTTP_REDIRECT_SERVER, {
             "listen_lines": f"    listen {listen};{also(listen, '')}",
             "server_name": server_name, "access_log": access_log,
-            "client_header_timeout": client_header_timeout, "limit_conn": limit_conn,
+            "client_header_timeout": client_header_timeout,
             "header_buffers": HEADER_BUFFERS,
             "https_port": "" if https_port == "443" else f":{https_port}",
         })
