@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import signal
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,9 @@ from dualcast.config import Settings
 from dualcast.serve import uvicorn_config
 from dualcast.transports.poll_conn import PollConnection, parse_poll
 from tests.conftest import SECRET, token
+from tests.harness.probes import metric
+from tests.harness.procs import DualcastProcess
+from tests.harness.waits import wait_for
 
 
 @dataclass
@@ -365,3 +369,28 @@ async def test_keep_alive_closes_an_idle_connection_never_a_busy_one(served: Ser
     assert status == 200
     assert await asyncio.wait_for(client.closed(), 10)  # then, idle, it is closed
     assert served.poll_connections() == 0
+
+
+@pytest.mark.timeout(60)
+async def test_a_poll_waiting_on_a_kept_connection_is_answered_when_the_server_stops(
+    dualcast: Callable[..., DualcastProcess],
+) -> None:
+    """SIGTERM closed every connection whose last request uvicorn had answered, and for a
+    taken-over connection that is the poll before the one waiting here: each long-poller
+    (a browser keeps its connection) lost its poll with no answer at all, a network error,
+    where a poll on a new connection was answered. Now it is answered, `connection: close`,
+    and then the connection closes."""
+    proc = dualcast()
+    client = await Client.open(proc.port)
+    status, _, body = await client.ask(get("/api/events?timeout=0"))
+    assert status == 200
+    after = orjson.loads(body)["last_id"]
+    waiting = asyncio.create_task(client.ask(get(f"/api/events?timeout=25&after={after}")))
+    await wait_for(lambda: metric(proc, "dualcast_connections"), 10, "the poll waiting")
+    proc.signal(signal.SIGTERM)
+    status, headers, body = await asyncio.wait_for(waiting, 15)
+    assert status == 200, body
+    assert orjson.loads(body)["events"] == []
+    assert headers.get(b"connection") == b"close"
+    assert await asyncio.wait_for(client.closed(), 10)
+    client.close()

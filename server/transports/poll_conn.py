@@ -19,8 +19,9 @@ proxy-headers middleware, run on the scope alone. Anything else (another path or
 method, a body, an upgrade, an Origin for the CORS layer, a malformed line) goes
 back to uvicorn's protocol with the bytes unread, which answers it as it always
 did, and keeps the connection. uvicorn still owns the connection's bookkeeping: it is in the
-server's connection set (graceful shutdown closes it there), our tasks are in
-its task set, and its `connection_lost` runs when the connection ends.
+server's connection set (graceful shutdown asks it to close there, which comes
+here: a waiting poll is answered first), our tasks are in its task set, and its
+`connection_lost` runs when the connection ends.
 """
 
 from __future__ import annotations
@@ -121,6 +122,10 @@ def take_over(scope: Scope, send: Send, endpoint: Endpoint) -> None:
     proto._unset_keepalive_if_required()  # ours from now on
     conn = PollConnection(proto, app, endpoint, scope["asgi"], proxy)
     transport.set_protocol(conn)
+    # A stopping server asks each connection in its set to shut down, and this one's
+    # entry is uvicorn's protocol, whose last request has ended: it would close the
+    # connection under a poll waiting here, which then got no answer at all.
+    proto.shutdown = conn.shutdown  # type: ignore[method-assign]
     conn.idle()
 
 
@@ -179,6 +184,8 @@ class PollConnection(asyncio.Protocol):
         self.busy = False
         self.closed = False
         self.paused = False
+        #: The server is stopping: the poll being served is the last one (`shutdown`).
+        self.leaving = False
         self.timer: asyncio.TimerHandle | None = None
         #: While a request head has begun and not ended (`HEAD_TIMEOUT`).
         self.head_timer: asyncio.TimerHandle | None = None
@@ -267,8 +274,13 @@ class PollConnection(asyncio.Protocol):
                                  b"Internal Server Error")
             self.transport.close()
             return
-        self.transport.write(wire)
         self.proto.server_state.total_requests += 1
+        if self.leaving:
+            # (after the status line: the client must not send its next poll down here)
+            self.transport.write(wire.replace(b"\r\n", b"\r\nconnection: close\r\n", 1))
+            self.transport.close()
+            return
+        self.transport.write(wire)
         if self.paused:
             self._resume()
         self._next()
@@ -294,10 +306,20 @@ class PollConnection(asyncio.Protocol):
         lines = b"".join(b"%s: %s\r\n" % (name.lower(), value) for name, value in raw)
         return b"%s%s\r\n%s" % (self._head(response.status_code), lines, body)
 
+    def shutdown(self) -> None:
+        """The server is stopping (uvicorn's `shutdown` of the connection): an idle
+        connection is closed now, as uvicorn closes its own; a poll being served is
+        answered first, with `connection: close`, and then the connection closes."""
+        if self.busy:
+            self.leaving = True
+        elif not self.transport.is_closing():
+            self.transport.close()
+
     def _hand_back(self) -> None:
         """uvicorn's protocol reads from here on, starting with the bytes not yet read."""
         self._unset_head_timer()
         data, self.buf = bytes(self.buf), bytearray()
+        vars(self.proto).pop("shutdown", None)  # its own again
         self.transport.set_protocol(self.proto)
         if self.paused:
             self._resume()
