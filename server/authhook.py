@@ -9,16 +9,18 @@ unavailable: without the application's word nobody gets in (fail closed).
 Answers are cached per credential until their `exp` and at most `max_age`
 seconds, and concurrent requests with one credential make one call: a page
 reload that opens several streams, or a thousand long-pollers behind one
-session, cost the application one request.
+session, cost the application one request. An answer counts for no longer
+than that on live subscriptions either: they are asked for again within
+`max_age` seconds whatever `exp` the application gave.
 
 Live subscriptions follow a `Lease` on their credential's answer. Shortly
 before the lease ends the renewal loop asks again; the same identity extends
 it (and every subscription that follows it), a refusal or a changed identity
 lets it run out, and the connection then ends exactly as one whose token
 expired (the client reconnects and is asked anew).
-An answer without `exp` is good for `max_age` seconds and renewed like any
-other, so a session ended in the application ends its live streams within a
-minute.
+An answer without `exp`, or with one further away, is good for `max_age`
+seconds and renewed like any other, so a session ended in the application ends
+its live streams within a minute.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class Answer:
     rooms: frozenset[str]
     admin: bool
     publish: bool
-    #: When this answer stops counting (the application's `exp`, or asked + max_age).
+    #: When this answer stops counting: the application's `exp`, at most asked + max_age.
     exp: float
     asked_at: float
 
@@ -162,6 +164,10 @@ def parse_answer(body: Any, asked_at: float, max_age: float) -> Answer:
             raise HookUnavailable("the answer's 'exp' is out of range") from None
         if end <= time.time():
             raise HookRefused(401, "the application's session has expired")
+        # Counted for `max_age` at most, live streams too: taken as given, an `exp` hours
+        # away kept a stream open that long without asking again, so a session the
+        # application had ended went on streaming (the docs promise within a minute).
+        end = min(end, asked_at + max_age)
     return Answer(sub, frozenset(rooms), flags["admin"], flags["publish"], end, asked_at)
 
 

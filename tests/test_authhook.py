@@ -128,3 +128,26 @@ async def test_without_any_credential_the_application_is_not_asked(
         await auth.identify(bare)
     assert refused.value.code == "unauthenticated"
     assert app.calls == 0
+
+
+async def test_a_far_exp_still_has_a_live_subscription_asked_again_within_max_age(
+    hook_and_auth: tuple[HookServer, Authenticator],
+) -> None:
+    """An answer whose `exp` was hours away kept a live stream open that long without
+    asking again: a session the application had ended streamed on (60 s is the most an
+    answer counts; 2 s here)."""
+    app, auth = hook_and_auth
+    assert auth.hook is not None
+    auth.hook.max_age = 2.0
+    app.allow("sid=f", "fay", ["ops"], ttl=3600)
+    identity = await auth.identify(request_with("sid=f"))
+    assert identity.exp is not None and identity.exp <= time.time() + 2.0
+    feed = Recorder()
+    auth.follow(identity, feed)
+    await until(lambda: len(feed.ends) >= 1, 10, "a renewal while the session lasts")
+    assert not identity.expired()
+    app.refuse("sid=f", 401)  # signed out in the application
+    await until(identity.expired, 5, "the identity to run out")
+    with pytest.raises(AuthError) as refused:
+        await auth.identify(request_with("sid=f"))
+    assert refused.value.code == "session_refused"
