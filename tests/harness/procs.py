@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO, ClassVar
 
 import httpx
+import psutil
 
 from tests.harness.waits import wait_until
 
@@ -260,9 +261,25 @@ class DualcastProcess(Child):
         if self.proc is not None and self.proc.poll() is not None:
             raise RuntimeError(f"dualcast exited {self.proc.returncode}: {self.log_tail(2000)}")
         try:
-            return http_ok(self.port, "/healthz")
+            return http_ok(self.port, "/healthz") and self._listens_itself()
         except OSError:
             return False
+
+    def _listens_itself(self) -> bool:
+        """This process holds the listening socket on its port. A port from free_port() can
+        be taken by another test's server before this one binds it: that server's /healthz
+        answered for ours, and the test then met a refused connection once it had gone (an
+        e2e test, once, in a parallel run)."""
+        if self.proc is None:
+            return True
+        try:
+            me = psutil.Process(self.proc.pid)
+            # (net_connections since psutil 6; connections before)
+            held = getattr(me, "net_connections", me.connections)(kind="tcp")
+        except psutil.Error:
+            return False
+        return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr[1] == self.port
+                   for c in held)
 
     def ready(self) -> bool:
         try:
