@@ -269,6 +269,22 @@ async def test_other_requests_get_the_answer_uvicorn_gave(served: Served,
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("header", ["X-A: a\x00b", "Cookie: dualcast_token=a\x01b", "X-A: a\x7f"])
+async def test_a_control_character_in_a_header_gets_uvicorns_400(served: Served,
+                                                                 header: str) -> None:
+    """httptools refuses a header value holding a control character (400, connection
+    closed); the poll connection served such a poll, and passed its Cookie on."""
+    request = get("/api/events?timeout=0", header + "\r\n")
+    fresh = await Client.open(served.port)
+    expected = await fresh.ask(request)
+    fresh.close()
+    assert expected[0] == 400
+    client = await taken_over(served)
+    assert await client.ask(request) == expected
+    assert await client.closed()
+
+
+@pytest.mark.timeout(30)
 async def test_a_request_in_pieces_and_two_at_once_are_answered_in_order(
         served: Served) -> None:
     client = await taken_over(served)
@@ -311,6 +327,8 @@ def test_only_a_plain_poll_head_is_parsed() -> None:
                                  False)
     assert parse_poll(b"GET /api/events HTTP/1.1\r\nConnection: Keep-Alive") == (
         b"", [(b"connection", b"Keep-Alive")], False)
+    assert parse_poll(b"GET /api/events HTTP/1.1\r\nX-A: a\tb\x80") == (  # as httptools
+        b"", [(b"x-a", b"a\tb\x80")], False)
     assert parse_poll(b"GET /api/events HTTP/1.1\r\nX-Forwarded-Proto: https") == (
         b"", [(b"x-forwarded-proto", b"https")], True)
     for head in [
@@ -328,6 +346,9 @@ def test_only_a_plain_poll_head_is_parsed() -> None:
         b"GET /api/events HTTP/1.1\r\nTransfer-Encoding: chunked",
         b"GET /api/events HTTP/1.1\r\nUpgrade: websocket",
         b"GET /api/events HTTP/1.1\r\nExpect: 100-continue",
+        b"GET /api/events HTTP/1.1\r\nX-A: a\x00b",
+        b"GET /api/events HTTP/1.1\r\nX-A: \x1b[31m",
+        b"GET /api/events HTTP/1.1\r\nX-A: a\nb",
     ]:
         assert parse_poll(head) is None, head
 
