@@ -377,6 +377,30 @@ async def test_frames_sent_behind_the_upgrade_request_are_read(server: DualcastP
     no_traceback(server)
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("query", ["token=not-a-token", f"token={token('1', ttl=-10)}"])
+async def test_a_client_gone_before_its_token_refusal_leaves_no_traceback(
+    server: DualcastProcess, query: str,
+) -> None:
+    """A refused token is told in an `error` frame and a 1008 after the 101; a client
+    that sent its close frame right behind the upgrade (or left) was gone by then, and
+    each such connect logged 'Exception in ASGI application' with its traceback."""
+    request = (f"GET /api/ws?{query} HTTP/1.1\r\nHost: x\r\n"
+               "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+               "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+               "Sec-WebSocket-Version: 13\r\n\r\n").encode()
+    close = bytes([0x88, 0x82, 0, 0, 0, 0, 0x03, 0xE8])  # masked close 1000
+    for _ in range(10):
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(request + close)
+        await writer.drain()
+        await asyncio.wait_for(reader.read(), 10)  # until the server closes
+        writer.close()
+    async with websockets.connect(server.ws_url + "/api/ws") as ws:  # and it goes on
+        assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "welcome"
+    no_traceback(server)
+
+
 class _Transport(asyncio.Transport):
     """Just enough of a socket's transport for the HTTP protocol to read a request."""
 

@@ -343,9 +343,15 @@ async def _deny(ws: WebSocket, refusal: Refusal) -> None:
     so a proxy can retry elsewhere and nothing streams.
     """
     if refusal.code in AUTH_CODES or refusal.code == ErrorCode.AUTH_UNAVAILABLE:
-        await ws.accept()
-        await ws.send_text(ws_error(refusal.code, refusal.message))
-        await ws.close(WSClose.POLICY, refusal.code)
+        try:
+            await ws.accept()
+            await ws.send_text(ws_error(refusal.code, refusal.message))
+            await ws.close(WSClose.POLICY, refusal.code)
+        except (RuntimeError, OSError, WebSocketDisconnect):
+            # The client went first (a close frame right behind its upgrade, a tab
+            # closed while connecting): nothing to tell it. Each such refusal was an
+            # "Exception in ASGI application" traceback at ERROR in the log.
+            pass
     elif "websocket.http.response" in ws.scope.get("extensions", {}):
         await ws.send_denial_response(error_response(refusal.status, refusal.code,
                                                      refusal.message))
