@@ -148,6 +148,24 @@ class CutAtShutdown(logging.Filter):
         return not (isinstance(exc, asyncio.CancelledError) and self.WHY in str(exc))
 
 
+class BadUtf8FromClient(logging.Filter):
+    """A WebSocket client that sends a text frame which is not UTF-8 is closed with 1007
+    by uvicorn, which also logged "Invalid UTF-8 sequence received from client." at ERROR
+    with a whole UnicodeDecodeError traceback: one per such client, for bad input that
+    is the client's alone and was refused as it should be. The line stays, at INFO and
+    without the traceback (dropped when INFO is not shown)."""
+
+    MESSAGE = "Invalid UTF-8 sequence received from client."
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != self.MESSAGE:
+            return True
+        record.exc_info = None
+        record.exc_text = None
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+
+
 # Configuring them -----------------------------------------------------------------
 
 def logging_config(level: str) -> dict[str, Any]:
@@ -160,6 +178,7 @@ def logging_config(level: str) -> dict[str, Any]:
         "stall": {"()": "dualcast.logs.UnfinishedByStall"},
         "rejected": {"()": "dualcast.logs.RejectedTwice"},
         "shutdown": {"()": "dualcast.logs.CutAtShutdown"},
+        "utf8": {"()": "dualcast.logs.BadUtf8FromClient"},
     }
     config["formatters"]["dualcast"] = {
         "format": "%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -170,7 +189,7 @@ def logging_config(level: str) -> dict[str, Any]:
     for handler in config["handlers"].values():
         handler["filters"] = ["redact"]
     loggers = config["loggers"]
-    loggers["uvicorn.error"]["filters"] = ["stall", "rejected", "shutdown"]
+    loggers["uvicorn.error"]["filters"] = ["stall", "rejected", "shutdown", "utf8"]
     loggers["dualcast"] = {"handlers": ["dualcast"], "level": level.upper(), "propagate": False}
     # Libraries' own records (redis, asyncio): warnings and worse, redacted too.
     config["root"] = {"handlers": ["dualcast"], "level": "WARNING"}

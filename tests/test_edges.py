@@ -401,6 +401,28 @@ async def test_a_client_gone_before_its_token_refusal_leaves_no_traceback(
     no_traceback(server)
 
 
+@pytest.mark.timeout(30)
+async def test_a_text_frame_that_is_not_utf8_is_closed_1007_without_a_traceback(
+    server: DualcastProcess,
+) -> None:
+    """uvicorn closes such a client with 1007, as it should, and logged it at ERROR with a
+    whole UnicodeDecodeError traceback, one per client: now one INFO line."""
+    from websockets.frames import Frame, Opcode
+
+    before = server.log().count("Invalid UTF-8 sequence received from client.")
+    async with websockets.connect(server.ws_url + "/api/ws") as ws:
+        assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "welcome"
+        ws.protocol.send_frame(Frame(Opcode.TEXT, b'{"type":"ping","x":"\xff"}'))
+        ws.send_data()
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1007
+    await wait_for(lambda: server.log().count("Invalid UTF-8 sequence received from client.")
+                   > before, 10, "the line")
+    assert "INFO:     Invalid UTF-8 sequence received from client." in server.log()
+    no_traceback(server)
+
+
 class _Transport(asyncio.Transport):
     """Just enough of a socket's transport for the HTTP protocol to read a request."""
 
