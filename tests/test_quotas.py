@@ -82,6 +82,37 @@ async def test_anonymous_callers_are_capped_per_address(server: DualcastProcess)
             await sse.close()
 
 
+async def test_a_token_sent_in_auth_counts_under_its_subjects_cap(
+    server: DualcastProcess,
+) -> None:
+    """An anonymous WebSocket that sends a token in `auth` becomes that subject's: its
+    slot was left counted for the address, so one token held any number of connections
+    (3 more per address, from as many addresses as a leaked token reaches)."""
+    from tests.harness.waits import wait_for
+
+    mine = token("quota-auth")
+    held = [WSClient(server.ws_url, token=mine) for _ in range(CAP - 1)]
+    upgraded = [WSClient(server.ws_url) for _ in range(2)]
+    try:
+        for ws in held + upgraded:
+            await ws.connect()
+        await upgraded[0].send({"type": "auth", "token": mine})  # the cap's last slot
+        await upgraded[0].send({"type": "ping"})  # answered once the auth was
+        await wait_for(lambda: {"type": "pong"} in upgraded[0].seen.frames, 10, "a pong")
+        await upgraded[1].send({"type": "auth", "token": mine})  # past it
+        await wait_for(lambda: upgraded[1].seen.errors, 10, "an error frame")
+        assert [e["code"] for e in upgraded[1].seen.errors] == ["too_many_connections"]
+        assert upgraded[0].seen.errors == []
+        await refused_everywhere(server, token=mine)
+        await upgraded[0].close()  # the slot it took for the subject comes back
+        again = WSClient(server.ws_url, token=mine)
+        await wait_for_admission(again)
+        await again.close()
+    finally:
+        for ws in held + upgraded[1:]:
+            await ws.close()
+
+
 async def wait_for_admission(ws: WSClient, within: float = 10) -> None:
     """The server learns of a close a moment after the client: retry until admitted."""
     loop = asyncio.get_running_loop()

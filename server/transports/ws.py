@@ -54,12 +54,14 @@ class Session:
     """One WebSocket client: its identity, its feed, and frames waiting to be sent."""
 
     def __init__(self, ws: WebSocket, send: Send, rt: Runtime, identity: Identity,
-                 feed: Feed) -> None:
+                 feed: Feed, admission: Admission | None = None) -> None:
         self.ws = ws
         self.asgi_send = send
         self.rt = rt
         self.identity = identity
         self.feed = feed
+        #: Holds the connection's slot (`lease`), released when the session ends.
+        self.admission = admission
         self.control: list[str] = []
         self.close_code: int | None = None
         self.close_reason = ""
@@ -187,6 +189,19 @@ class Session:
         if not self.identity.anonymous and fresh.sub != self.identity.sub:
             self.refuse(ErrorCode.INVALID_TOKEN, "a refreshed token must be for the same subject")
             return
+        if self.identity.anonymous and self.admission is not None:
+            # The slot was counted for the address; from now on it is the subject's, under
+            # the subject's cap: else anonymous connections that sent a token in `auth`
+            # held any number of connections for one token (a leaked one, from many
+            # addresses), past DUALCAST_MAX_CONNECTIONS_PER_SUBJECT.
+            lease = self.rt.quotas.acquire(fresh.sub, None)
+            if lease is None:
+                self.refuse(ErrorCode.TOO_MANY_CONNECTIONS,
+                            "this token holds as many connections as this server allows; "
+                            "close one")
+                return
+            self.admission.lease.release()
+            self.admission.lease = lease
         self.identity = fresh
         for room in list(self.feed.sub.rooms):
             if not fresh.may_join(room):
@@ -248,7 +263,7 @@ async def _serve(ws: WebSocket, send: Send, rt: Runtime, admission: Admission) -
     # delivery starts; events that arrive before the 101 wait in the queue (the sink
     # writes nothing to a connection that is not open yet).
     async with feed:
-        session = Session(ws, send, rt, admission.identity, feed)
+        session = Session(ws, send, rt, admission.identity, feed, admission)
         welcome = ws_welcome(admission.rooms, feed.start_id)
         if not await _accept_with(ws, send, welcome):
             await ws.accept()
