@@ -158,10 +158,14 @@ async def _publish(request: Request) -> Response:
         # nothing to publish and nobody to answer. Uncaught, this was an "Exception
         # in ASGI application" traceback in the log for every such producer.
         return Response(status_code=400)
+    # Every body that cannot be published is 422, as pydantic's own parsing answers a
+    # body that is not JSON: it was 400 here, and a producer written to "publish bodies
+    # are validated with pydantic (422)" met a status it did not expect. The error code
+    # still says which (`bad_json`, `invalid`, `unencodable`).
     try:
         raw = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        return error_response(400, "bad_json", f"body is not JSON: {exc}")
+        return error_response(422, "bad_json", f"body is not JSON: {exc}")
     try:  # names are checked with this deployment's patterns (events.use_names)
         envelope = Envelope.model_validate(raw)
     except ValidationError as exc:
@@ -175,7 +179,7 @@ async def _publish(request: Request) -> Response:
     try:
         fields = entry_fields(envelope)
     except (TypeError, ValueError):  # orjson: nested past 254 levels (deeper than it writes)
-        return error_response(400, "unencodable", "data nests too deep to be delivered",
+        return error_response(422, "unencodable", "data nests too deep to be delivered",
                               field="data")
     try:
         async with asyncio.timeout(settings.redis_timeout):

@@ -221,7 +221,7 @@ async def test_a_poisoned_head_does_not_stop_a_new_instance(
     assert "Traceback" not in server.log()
 
 
-async def test_publish_nested_too_deep_is_400_not_500(
+async def test_publish_nested_too_deep_is_422_not_500(
     redis_server: RedisProcess, stream: str, dualcast: Any,
 ) -> None:
     server: DualcastProcess = dualcast(redis_server.url, env={"DUALCAST_STREAM": stream})
@@ -231,7 +231,7 @@ async def test_publish_nested_too_deep_is_400_not_500(
             body = '{"event":"deep","data":' + nested(depth) + "}"
             response = await http.post("/api/publish", content=body,
                                        headers={"Content-Type": "application/json"})
-            assert response.status_code == 400, (depth, response.status_code, response.text)
+            assert response.status_code == 422, (depth, response.status_code, response.text)
             assert response.json()["error"] in ("unencodable", "bad_json")
         ok = await http.post("/api/publish", json={"event": "deep", "data": json.loads(nested(253))})
         assert ok.status_code == 202, ok.text

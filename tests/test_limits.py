@@ -397,12 +397,12 @@ async def test_invalid_envelopes_are_422_naming_the_field(
 
 
 @pytest.mark.parametrize("body", ["not json", "{", "", "\xff", "[1, 2", '{"event": NaN}'])
-async def test_publish_bodies_that_are_not_json_are_400(
+async def test_publish_bodies_that_are_not_json_are_422(
     server: DualcastProcess, healthy: WSClient, body: str,
 ) -> None:
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
         response = await _post(client, body.encode("latin-1"))
-        assert_json_error(response, 400, "bad_json")
+        assert_json_error(response, 422, "bad_json")
     await still_served(server, healthy)
 
 
