@@ -241,6 +241,41 @@ async def test_zero_replays_a_stream_longer_than_the_replay_cap_without_a_reset(
         await client.close()
 
 
+async def test_a_cursor_from_before_a_memory_engine_restart_gets_reset(
+    dualcast: Callable[..., DualcastProcess],
+) -> None:
+    """The memory engine loses its events on a restart. A client resuming from a cursor
+    it kept from before was taken for one with nothing after it: once anything was
+    published it went on from there, and what it missed across the restart was lost
+    without a word. Such a cursor is older than anything the new log holds: `reset`."""
+    auth = {"Authorization": f"Bearer {token('p', publish=True)}"}
+
+    async def publish(server: DualcastProcess, name: str) -> str:
+        async with httpx.AsyncClient(base_url=server.url, headers=auth, timeout=10) as http:
+            answer = await http.post("/api/publish", json={"event": name, "data": {}})
+        assert answer.status_code == 202, answer.text
+        return str(answer.json()["id"])
+
+    first = dualcast()
+    kept = await publish(first, "before")
+    first.stop()
+    second = dualcast(port=first.port)
+    after = await publish(second, "after")
+    for transport in ("ws", "sse"):
+        client = (WSClient(second.ws_url, last_event_id=kept) if transport == "ws"
+                  else SSEClient(second.url, last_event_id=kept))
+        async with client:
+            await wait_for(lambda c=client: c.seen.resets, 10, f"a reset on {transport}")
+            assert client.seen.resets == [after], transport
+            assert client.seen.welcome is not None
+            assert client.seen.welcome["last_id"] == after, transport
+    async with httpx.AsyncClient(base_url=second.url, timeout=10) as http:
+        body = (await http.get("/api/events", params={"after": kept, "timeout": 0})).json()
+        assert body["reset"] is True and body["last_id"] == after
+        everything = (await http.get("/api/events", params={"after": "0", "timeout": 0})).json()
+        assert everything["reset"] is False and [e["id"] for e in everything["events"]] == [after]
+
+
 async def test_replay_past_the_cap_is_a_reset(cluster: Cluster) -> None:
     start = cluster.xadd("cap-start", None)
     for n in range(400):  # DUALCAST_REPLAY_MAX is 300 here

@@ -11,7 +11,7 @@ import bisect
 import time
 from collections import deque
 
-from dualcast.events import ZERO, StreamId, format_id, parse_id
+from dualcast.events import StreamId, format_id, parse_id
 from dualcast.log.base import LogInfo, RawEntry
 
 
@@ -22,8 +22,15 @@ class MemoryLog:
         self.maxlen = maxlen
         self._keys: deque[StreamId] = deque()
         self._entries: deque[RawEntry] = deque()
-        self._last: StreamId = ZERO
-        self._max_deleted: StreamId = ZERO
+        # The log begins as if everything before its start had been trimmed: it holds
+        # nothing from before it started (a restart loses what the process held). A
+        # cursor a client kept from before a restart is then older than the retained
+        # window and gets `reset`; the log started empty, it was taken for a cursor
+        # with nothing after it, and once anything was published the client went on
+        # from there: what it had missed before the restart was lost without a word.
+        # `0` still means "everything retained" and is never reset.
+        self._last: StreamId = (int(time.time() * 1000), 0)
+        self._max_deleted: StreamId = self._last
         self._changed = asyncio.Condition()
 
     async def connect(self) -> None:
@@ -86,7 +93,7 @@ class MemoryLog:
 
     async def info(self) -> LogInfo:
         return LogInfo(
-            exists=bool(self._keys) or self._last != ZERO,
+            exists=True,
             length=len(self._keys),
             first_id=self._keys[0] if self._keys else None,
             last_id=self._last,
