@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
 import math
+import os
 import re
 import signal
 import sys
@@ -111,8 +113,24 @@ def _print_admin_link(settings: Settings, kept: tuple[str, bool], url: str) -> N
     print(f"dualcast: no DUALCAST_SECRET set: signing tokens with the secret "
           f"{'made now and ' if made else ''}kept in {path} (other machines do not "
           "know it: give several instances one shared DUALCAST_SECRET)", file=sys.stderr)
-    print(f"dualcast: open the dashboard as admin: {url}/?token={token}",
-          file=sys.stderr, flush=True)
+    _on_both(f"dualcast: open the dashboard as admin: {url}/?token={token}")
+
+
+def _on_both(line: str) -> None:
+    """A line someone waits for: on stdout, and on stderr too when that is another file.
+
+    The admin link was on stderr only, with the log, so a script or a supervisor that
+    read the command's output (stdout) never saw it. In a terminal (or a journal) both
+    are one file, and the line is printed once."""
+    try:
+        out, err = os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno())
+        same = (out.st_dev, out.st_ino) == (err.st_dev, err.st_ino)
+    except (OSError, ValueError, AttributeError):  # closed, or not a real file
+        same = False
+    with contextlib.suppress(OSError):  # (a closed stdout: stderr still says it)
+        print(line, flush=True)
+    if not same:
+        print(line, file=sys.stderr, flush=True)
 
 
 def _keyed_only(settings: Settings) -> str:

@@ -165,3 +165,33 @@ def test_with_only_a_key_algorithm_no_link_and_one_line_how(
     wrong = cli("token", "--sub", "alice", "--key", f"@{other}", **env)
     assert wrong.returncode == 2 and wrong.stdout == ""
     assert len(wrong.stderr.strip().splitlines()) == 1 and "ES256" in wrong.stderr
+
+
+def test_the_admin_link_is_on_stdout_and_said_once_in_a_terminal(tmp_path: Path) -> None:
+    """The link was on stderr only, with the log: a script or supervisor reading the
+    command's output (stdout) never saw it. It is on stdout now, and on stderr as well
+    when that is another file; where both are one (a terminal, a journal), once."""
+    from tests.harness.procs import clean_env, free_port
+
+    env = clean_env({"XDG_STATE_HOME": str(tmp_path / "state")})
+    for both_in_one in (False, True):
+        out_path, err_path = tmp_path / f"out-{both_in_one}", tmp_path / f"err-{both_in_one}"
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "dualcast", "serve", "--host", "127.0.0.1",
+                 "--port", str(free_port())],
+                cwd=ROOT, env=env, stdout=out,
+                stderr=subprocess.STDOUT if both_in_one else err)
+            try:
+                wait_until(lambda p=out_path: "dashboard as admin: http://" in p.read_text(),
+                           timeout=20, what="the admin link on stdout")
+            finally:
+                proc.terminate()
+                proc.wait(20)
+        stdout, stderr = out_path.read_text(), err_path.read_text()
+        if both_in_one:
+            assert stdout.count("dashboard as admin: http://") == 1, stdout
+        else:
+            assert stdout.count("dashboard as admin: http://") == 1, stdout
+            assert stderr.count("dashboard as admin: http://") == 1, stderr
+            assert "Uvicorn" not in stdout and "INFO" not in stdout  # the log stays on stderr
