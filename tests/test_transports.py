@@ -438,7 +438,7 @@ async def test_publish_validates_limits_and_fails_open(
         assert big.status_code == 413
         junk = await http.post("/api/publish", content=b"{not json",
                                headers={"Content-Type": "application/json"})
-        assert junk.status_code == 400
+        assert junk.status_code == 422 and junk.json()["error"] == "bad_json"
         fresh_redis.stop()
         loop = asyncio.get_running_loop()
         started = loop.time()

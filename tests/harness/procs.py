@@ -274,12 +274,20 @@ class DualcastProcess(Child):
             return True
         try:
             me = psutil.Process(self.proc.pid)
-            # (net_connections since psutil 6; connections before)
-            held = getattr(me, "net_connections", me.connections)(kind="tcp")
+            # (with --workers, the workers listen: the supervisor's socket only binds)
+            family = [me, *me.children(recursive=True)]
         except psutil.Error:
             return False
-        return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr[1] == self.port
-                   for c in held)
+        for process in family:
+            try:
+                # (net_connections since psutil 6; connections before)
+                held = getattr(process, "net_connections", process.connections)(kind="tcp")
+            except psutil.Error:
+                continue
+            if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr[1] == self.port
+                   for c in held):
+                return True
+        return False
 
     def ready(self) -> bool:
         try:
