@@ -14,7 +14,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -447,6 +447,35 @@ async def test_a_token_source_that_gives_an_expired_token_ends_in_auth_failed(
     assert isinstance(watch.failure, AuthFailed), watch.failure
     assert watch.failure.code == "token_expired"
     assert len(calls) == 2, calls
+
+
+@pytest.mark.parametrize("when", ["at the start", "at a refresh"])
+async def test_a_token_source_that_never_answers_ends_in_auth_failed(
+    server: Any, when: str
+) -> None:
+    """An async token source that hangs (a token service that never answers) froze the
+    subscription for ever, at the start or at a refresh; each call is now bounded by
+    `Timing.token`, and then it fails as a source that raised does."""
+    calls: list[float] = []
+    answered = asyncio.Event()
+
+    async def hanging() -> str:
+        calls.append(time.monotonic())
+        if when == "at a refresh" and len(calls) == 1:
+            return mint("hangs-later", ttl=2)
+        await answered.wait()  # never set
+        return "never"
+
+    timing = replace(FAST, token=0.5)
+    started = time.monotonic()
+    async with watching(server.url, transports=["websocket"], token=hanging,
+                        timing=timing) as (watch, _):
+        await until(lambda: watch.done, timeout=20, what="the iteration to end")
+    assert isinstance(watch.failure, AuthFailed), watch.failure
+    assert "the token source failed: it did not answer within 0.5 s" in str(watch.failure)
+    if when == "at the start":
+        assert time.monotonic() - started < 5
+        assert len(calls) == 1
 
 
 async def test_leaving_the_block_closes_the_connection_even_on_error(server: Any) -> None:

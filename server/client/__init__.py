@@ -24,7 +24,8 @@ every path: code `not_found`); it raises `AuthFailed` when the token is not good
 and cannot be refreshed. `token` may be a string or a callable (sync or async)
 returning one: it is called at the start, shortly before each token's `exp` (at
 most once a second), and after the server says `token_expired`; a fresh token
-refused as well ends the iteration with `AuthFailed`.
+refused as well ends the iteration with `AuthFailed`, as does a source that fails
+there (an async source that has not answered within `Timing.token`, 10 s, failed).
 
 This package imports neither starlette nor the server's modules: it needs only
 httpx and websockets.
@@ -123,9 +124,10 @@ async def subscribe(
         raise ValueError(f"last_event_id must be a stream id like 1732550000000-0, "
                          f"not {last_event_id[:40]!r}")
     order = transport_order(transports)
+    timing = timing or Timing()
     subscription = Subscription(
-        http_base, ws_base, tokens=Tokens(token), rooms=room_list(rooms),
-        last_event_id=last_event_id or None, transports=order, timing=timing or Timing(),
+        http_base, ws_base, tokens=Tokens(token, timing.token), rooms=room_list(rooms),
+        last_event_id=last_event_id or None, transports=order, timing=timing,
         on_status=on_status, on_error=on_error, buffer=buffer,
     )
     await subscription.start()

@@ -9,6 +9,7 @@ a token that is not a JWT is refreshed only when the server refuses it.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import inspect
@@ -54,11 +55,17 @@ def refresh_in(token: str | None, now: float | None = None) -> float | None:
     return max(MIN_REFRESH, left - min(60.0, left / 5))
 
 
+#: How long an async token source may take before its call counts as failed (a token
+#: service that never answers froze the subscription for ever). `Timing.token`.
+TOKEN_TIMEOUT = 10.0
+
+
 class Tokens:
     """The current token and the source of the next one."""
 
-    def __init__(self, source: TokenSource) -> None:
+    def __init__(self, source: TokenSource, timeout: float = TOKEN_TIMEOUT) -> None:
         self._source = source
+        self.timeout = timeout
         self.current: str | None = source if isinstance(source, str) else None
 
     @property
@@ -66,11 +73,22 @@ class Tokens:
         return callable(self._source)
 
     async def refresh(self) -> str | None:
-        """Ask the source for a fresh token (a fixed string is simply kept)."""
+        """Ask the source for a fresh token (a fixed string is simply kept). An async
+        source that has not answered within `timeout` raises TimeoutError, which the
+        subscription treats as any failure of the source. (A plain function runs on the
+        event loop: one that blocks cannot be bounded here.)"""
         if callable(self._source):
             value = self._source()
             if inspect.isawaitable(value):
-                value = await value
+                bound = asyncio.timeout(self.timeout)
+                try:
+                    async with bound:
+                        value = await value
+                except TimeoutError:
+                    if not bound.expired():
+                        raise  # the source's own TimeoutError: its failure, as it said it
+                    raise TimeoutError(
+                        f"it did not answer within {self.timeout:g} s") from None
             if not isinstance(value, str) or not value:
                 raise TypeError("the token source must return a non-empty string")
             self.current = value
