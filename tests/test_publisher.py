@@ -619,9 +619,16 @@ async def test_no_redis_url_publishes_to_the_fallback_only():
         entry_id = await pub.publish("e", 1, ["admin"])
         assert entry_id is not None and entry_id.endswith("-1")  # the fallback's own id
     assert local.calls == [("e", 1, ["admin"])]
-    async with Publisher(None) as pub:
-        assert await pub.publish("e", 1) is None
-    assert pub.stats.dropped == 1 and pub.stats.short_circuited == 0
+
+
+@pytest.mark.parametrize("front", [Publisher, SyncPublisher])
+def test_no_redis_url_and_no_fallback_is_refused_at_construction(front: type[Any]) -> None:
+    """`Publisher(None)` dropped every event without a word (a missing setting, as in
+    `Publisher(os.environ.get("REDIS_URL"))`, looked like a working publisher); it is
+    refused where the other unusable arguments are."""
+    with pytest.raises(ValueError, match="no Redis URL and no fallback: every event would "
+                       "be dropped"):
+        front(None)
 
 
 async def test_a_failing_fallback_does_not_raise(fresh_redis: RedisProcess):

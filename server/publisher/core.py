@@ -93,9 +93,10 @@ class PublisherCore:
     """Settings, stats and outcome accounting; subclassed by the two fronts.
 
     ``redis_url=None`` publishes to the fallback only (a single-process app
-    without Redis). ``cooldown`` is the first pause of the breaker before it
-    probes Redis again (doubling up to ``cooldown_max``); ``max_connections``
-    bounds the connections (callers beyond it wait, within the timeout).
+    without Redis); without a fallback as well it raises ValueError. ``cooldown``
+    is the first pause of the breaker before it probes Redis again (doubling up
+    to ``cooldown_max``); ``max_connections`` bounds the connections (callers
+    beyond it wait, within the timeout).
     ``wait_replicas=n`` follows every append with ``WAIT n wait_timeout_ms`` on
     the same connection; :meth:`publish_result` then says how many replicas
     acknowledged the write, and a call may take ``wait_timeout_ms`` longer.
@@ -140,6 +141,12 @@ class PublisherCore:
             raise ValueError("maxlen must be >= 1 (or None for no trim)")
         if max_connections < 1:
             raise ValueError("max_connections must be >= 1")
+        if redis_url is None and fallback is None:
+            # Every event would be dropped without a word (fail open hides it): a missing
+            # setting (`Publisher(os.environ.get(...))`) is a bug to say at start-up.
+            raise ValueError("no Redis URL and no fallback: every event would be dropped; "
+                             "pass a Redis URL (redis://host:6379/0), or fallback= (the "
+                             "in-process dualcast app) to publish to that process only")
         self.redis_url = redis_url
         self.tls = tls
         self._target: RedisTarget | None = parse_redis_url(redis_url) if redis_url else None
