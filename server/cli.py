@@ -403,6 +403,7 @@ def _demo_speed(value: str) -> float:
 async def _publish_redis(args: argparse.Namespace, settings: Settings, data: Any) -> int:
     from dualcast.publisher import Publisher
     from dualcast.publisher.core import MAYBE_APPENDED
+    from dualcast.redis_connect import parse_redis_url
 
     assert settings.redis_url is not None
     # the command reports the outcome itself, in one line: the library's warnings would repeat it
@@ -422,7 +423,12 @@ async def _publish_redis(args: argparse.Namespace, settings: Settings, data: Any
         # (no reply in time is no refusal: a retry could append the event a second time)
         took = ("may or may not have taken the event" if (result.error or "").endswith(
             MAYBE_APPENDED) else "did not take the event")
-        print(f"dualcast publish: Redis at {publisher.where} {took}: {result.error}",
+        hint = ""
+        if parse_redis_url(settings.redis_url).tls and "Timeout connecting" in (
+                result.error or ""):
+            hint = (" (no TLS handshake: is that a TLS port? rediss:// is for one, "
+                    "redis:// for a plain-text one)")
+        print(f"dualcast publish: Redis at {publisher.where} {took}: {result.error}{hint}",
               file=sys.stderr)
         return 1
     print(result.id)

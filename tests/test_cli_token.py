@@ -370,3 +370,19 @@ def test_publish_refuses_a_flag_its_path_would_ignore(args: list[str], says: str
     assert done.returncode == 2 and done.stdout == ""
     [line] = done.stderr.strip().splitlines()
     assert line.startswith(says), line
+
+
+def test_publish_with_rediss_to_a_plain_text_port_says_nothing_was_sent(
+    redis_server: RedisProcess,
+) -> None:
+    """`rediss://` at a Redis without TLS: the handshake is never answered, and the call's
+    own bound cut it, so the line said Redis "may or may not have taken the event" (the
+    words for a command sent and not answered). A handshake that never finished sent
+    nothing: the connection now has its own, shorter bound, and the line says so."""
+    url = f"rediss://127.0.0.1:{redis_server.port}/0"
+    done = cli("publish", "note", "{}", "--redis-url", url)
+    assert done.returncode == 1 and done.stdout == ""
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(f"dualcast publish: Redis at {url} did not take the event: "
+                           "TimeoutError: Timeout connecting to server"), line
+    assert "no TLS handshake: is that a TLS port?" in line

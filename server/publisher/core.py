@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 BatchItem = tuple[str, Any] | tuple[str, Any, Iterable[str] | None]
 #: Ends the `error` of a result whose XADD got no reply in time: it may be in the stream.
 MAYBE_APPENDED = "(Redis may still have appended it)"
+#: The part of `timeout` a new connection (TCP, TLS, AUTH) may take.
+CONNECT_SHARE = 0.8
 #: Why Redis did not take an event.
 Miss = Literal["failed", "short_circuited", "overloaded", "local"]
 #: What a Redis call raises when Redis is away or slow (an outage, as opposed to a refusal).
@@ -196,7 +198,11 @@ class PublisherCore:
     def _connection_kwargs(self) -> dict[str, Any]:
         return {
             "socket_timeout": self._call_timeout,
-            "socket_connect_timeout": self.timeout,
+            # Shorter than the call's bound, so a connection that is not made in time
+            # (a TLS handshake a plain-text port never answers) ends in redis-py's own
+            # "Timeout connecting": nothing was sent. Cut by the call's bound instead,
+            # it read as "no reply in time", which may have appended the event.
+            "socket_connect_timeout": self.timeout * CONNECT_SHARE,
             "retry": Retry(NoBackoff(), 0),  # the breaker, not the client, decides on retries
             "decode_responses": True,
         }
@@ -405,10 +411,22 @@ class PublisherCore:
 
 def unanswered(exc: BaseException) -> bool:
     """Whether a failed call timed out waiting for Redis's reply (the command may have been
-    carried out), rather than failing to reach Redis at all."""
+    carried out), rather than failing to reach Redis at all. The call's own bound may cut
+    in while redis-py is still failing to connect (a loaded loop runs both timers at once):
+    a connect failure behind the timeout means nothing was sent either."""
     if isinstance(exc, redis.TimeoutError):
         return "connecting" not in str(exc)  # redis-py: "Timeout connecting to server"
-    return isinstance(exc, TimeoutError)
+    if not isinstance(exc, TimeoutError):
+        return False
+    seen: set[int] = set()
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, redis.ConnectionError) or (
+                isinstance(cause, redis.TimeoutError) and "connecting" in str(cause)):
+            return False
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return True
 
 
 def ids(results: Iterable[PublishResult]) -> list[str | None]:
