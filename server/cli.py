@@ -543,7 +543,7 @@ def _tail(args: argparse.Namespace) -> int:
 
     rooms = [room.strip() for room in (args.rooms or "").split(",") if room.strip()]
     return run(args.url, token=args.token, rooms=rooms, last_event_id=args.last_event_id,
-               transport=args.transport)
+               transport=args.transport, cacert=args.cacert)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -645,6 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--transport", choices=["auto", "websocket", "sse", "polling"],
                       default="auto", help="only this transport (default auto: the best "
                       "that works, falling back and climbing back)")
+    tail.add_argument("--cacert", metavar="FILE", help="trust only the CAs of this PEM "
+                      "bundle for https:// (default: the system's and certifi's)")
     tail.set_defaults(func=_tail, parser=tail)
     return parser
 

@@ -799,7 +799,102 @@ async def test_a_server_certificate_the_client_does_not_trust_ends_with_a_clear_
     assert watch.failure.code == "tls_certificate"
     assert watch.failure.message == (
         "the server's TLS certificate was not accepted (unable to get local issuer "
-        "certificate); for a private CA, set SSL_CERT_FILE to a bundle that holds it")
+        "certificate); for a private CA, pass its bundle (tls=, dualcast tail --cacert) or "
+        "set SSL_CERT_FILE to a bundle that holds it")
+
+
+@asynccontextmanager
+async def tls_in_front(port: int, tmp_path: Path) -> AsyncIterator[tuple[str, Any]]:
+    """https:// and wss:// on a free port, in front of a plain dualcast server: a TLS
+    terminating relay with a certificate from a throwaway CA; yields its URL and files."""
+    import ssl
+
+    from tests.conftest import require_tool
+    from tests.harness.tls import make_throwaway_ca
+
+    require_tool("openssl", "the test makes a throwaway CA")
+    files = make_throwaway_ca(tmp_path / "tls")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(files.cert, files.key)
+    pumps: set[asyncio.Task[None]] = set()
+
+    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (OSError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            writer.close()
+            return
+        for task in (pump(reader, up_writer), pump(up_reader, writer)):
+            pumps.add(asyncio.create_task(task))
+
+    site = await asyncio.start_server(relay, "127.0.0.1", 0, ssl=context)
+    try:
+        yield f"https://127.0.0.1:{site.sockets[0].getsockname()[1]}", files
+    finally:
+        site.close()
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+
+
+@pytest.mark.parametrize("transport", FORCED)
+@pytest.mark.parametrize("given", ["path", "context"])
+async def test_every_transport_trusts_the_ca_it_is_given(
+    server: Any, transport: Transport, given: str, tmp_path: Path,
+) -> None:
+    """The WebSocket verified with the system's CAs and SSE and polling with certifi's,
+    and a private CA could be given to neither but through SSL_CERT_FILE: one context
+    now serves every transport, and `tls=` (a CA bundle or an ssl context) sets it."""
+    port = int(server.url.rsplit(":", 1)[1])
+    async with tls_in_front(port, tmp_path) as (url, files):
+        tls = str(files.ca) if given == "path" else files.client_context()
+        async with watching(url, transports=[transport], tls=tls,
+                            last_event_id=await publish(server.url, "marker", 0)) as (watch, _):
+            await until(lambda: watch.live_on(transport) or watch.done, what="live")
+            sent = await publish(server.url, "tick", 1)
+            await until(lambda: sent in watch.ids or watch.done, what="the event")
+        assert watch.ids == [sent] and watch.failure is None
+
+
+def test_dualcast_tail_trusts_the_ca_bundle_it_is_given(server: Any, tmp_path: Path) -> None:
+    """`dualcast tail --cacert FILE` for a server whose certificate a private CA signed."""
+    import subprocess
+    import sys
+
+    from tests.harness.procs import ROOT, clean_env
+
+    port = int(server.url.rsplit(":", 1)[1])
+
+    async def run() -> tuple[str, str]:
+        async with tls_in_front(port, tmp_path) as (url, files):
+            marker = await publish(server.url, "marker", 0)
+            sent = await publish(server.url, "tick", 1)
+            tail = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "dualcast", "tail", url, "--cacert", str(files.ca),
+                "--last-event-id", marker, cwd=ROOT, env=clean_env(),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            try:
+                assert tail.stdout is not None
+                async with asyncio.timeout(30):
+                    line = (await tail.stdout.readline()).decode()
+            finally:
+                tail.terminate()
+                _, err = await tail.communicate()
+            return line, f"{sent} {err.decode()}"
+
+    line, rest = asyncio.run(run())
+    sent, _, err = rest.partition(" ")
+    assert json.loads(line)["id"] == sent, err
 
 
 async def test_polls_do_not_run_back_to_back_when_the_server_allows_no_wait(

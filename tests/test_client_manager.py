@@ -297,9 +297,10 @@ async def test_sse_and_polling_reconnect_quietly_with_a_refreshed_token(
 
 
 async def test_a_certificate_one_transport_does_not_trust_falls_back_until_none_does() -> None:
-    """websockets checks certificates against the system's CAs, httpx against certifi's:
-    a company CA installed in one set only fails one transport, and the next must be
-    tried; the subscription ends with `tls_certificate` only when none trusts it."""
+    """Every transport verifies with the same context, but what answers on each path may
+    differ (a proxy in front of one, with a certificate of its own): a refused certificate
+    fails one transport and the next is tried; the subscription ends with
+    `tls_certificate` only when none was accepted."""
     untrusted = Ended(Failure.TRANSPORT, "SSLCertVerificationError", None, "tls_certificate",
                       "the server's TLS certificate was not accepted (unable to get local "
                       "issuer certificate); for a private CA, set SSL_CERT_FILE ...")

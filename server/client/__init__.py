@@ -40,12 +40,14 @@ from urllib.parse import urlsplit, urlunsplit
 # The vocabulary is re-exported whole, as asyncio's package re-exports its modules:
 # one list of public names (model.__all__), not a second copy of it here.
 from dualcast.client import model
+from dualcast.client.connections import TlsOption, trust
 from dualcast.client.model import *  # noqa: F403
 from dualcast.client.model import TRANSPORTS, ServerError, Status, Transport, id_key
 from dualcast.client.subscription import Subscription, Timing
 from dualcast.client.tokens import Tokens, TokenSource
 
-__all__ = [*model.__all__, "Subscription", "Timing", "TokenSource", "bases", "subscribe"]
+__all__ = [*model.__all__, "Subscription", "Timing", "TlsOption", "TokenSource", "bases",
+           "subscribe"]
 
 
 def bases(url: str) -> tuple[str, str]:
@@ -108,6 +110,7 @@ async def subscribe(
     on_status: Callable[[Status], None] | None = None,
     on_error: Callable[[ServerError], None] | None = None,
     buffer: int = 1000,
+    tls: TlsOption = None,
 ) -> AsyncIterator[Subscription]:
     """Subscribe until the `async with` block ends (the connections close with it).
 
@@ -117,7 +120,9 @@ async def subscribe(
     `on_status` hears every transport or state change; `on_error` hears the server's
     non-fatal errors (by default they are logged). At most `buffer` events wait for
     the caller; past that the client stops reading and the server may cut it off,
-    which costs nothing: it resumes from its cursor.
+    which costs nothing: it resumes from its cursor. `tls`: what every transport
+    trusts for https/wss, an `ssl.SSLContext` or the path of a CA bundle (PEM) to
+    trust instead of the defaults, the system's CAs and certifi's (see `trust`).
     """
     http_base, ws_base = bases(url)
     if last_event_id and id_key(last_event_id) is None:
@@ -128,7 +133,7 @@ async def subscribe(
     subscription = Subscription(
         http_base, ws_base, tokens=Tokens(token, timing.token), rooms=room_list(rooms),
         last_event_id=last_event_id or None, transports=order, timing=timing,
-        on_status=on_status, on_error=on_error, buffer=buffer,
+        on_status=on_status, on_error=on_error, buffer=buffer, tls=trust(tls),
     )
     await subscription.start()
     try:

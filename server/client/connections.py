@@ -12,6 +12,7 @@ import asyncio
 import enum
 import json
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Callable, Mapping
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 from urllib.parse import urlencode
 
+import certifi
 import httpx
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
@@ -91,6 +93,8 @@ class Target:
     poll_timeout: float
     idle_timeout: float
     http: httpx.AsyncClient = field(repr=False)
+    #: What wss:// trusts: the very context the HTTP client verifies with (see `trust`).
+    tls: ssl.SSLContext | None = field(default=None, repr=False)
 
     def headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         # A header, not `?token=`: proxies log URLs, not Authorization headers.
@@ -177,6 +181,33 @@ def _event(item: Mapping[str, Any]) -> Event | None:
                  ts if isinstance(ts, int) and not isinstance(ts, bool) else None)
 
 
+#: What `subscribe(tls=...)` takes: a context used as is, or a CA bundle (PEM) to trust.
+TlsOption = ssl.SSLContext | str | os.PathLike[str] | None
+
+
+def trust(option: TlsOption = None) -> ssl.SSLContext:
+    """The one TLS context every transport of a subscription verifies the server with.
+
+    websockets verified with the system's CAs and httpx with certifi's, so a server
+    certificate one trusts and the other does not made a WebSocket fail where SSE
+    worked (or the other way round). By default both trust the system's CAs (which
+    honour SSL_CERT_FILE and SSL_CERT_DIR) and certifi's; a path trusts that bundle
+    only, as curl's --cacert; a context is used as it is (client certificates,
+    pinning). A bundle that cannot be read raises ValueError."""
+    if isinstance(option, ssl.SSLContext):
+        return option
+    if option is not None:
+        path = os.fspath(option)
+        try:
+            return ssl.create_default_context(cafile=path)
+        except (OSError, ssl.SSLError) as exc:
+            reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+            raise ValueError(f"cannot use {path!r} as a CA bundle (PEM): {reason}") from None
+    context = ssl.create_default_context()
+    context.load_verify_locations(certifi.where())
+    return context
+
+
 def _certificate_refused(exc: BaseException) -> ssl.SSLCertVerificationError | None:
     """The certificate check that failed under `exc` (httpx wraps it twice), if any."""
     seen: set[int] = set()
@@ -236,13 +267,13 @@ class Connection:
             kind = Failure.UNREACHABLE if _unreachable(exc) else Failure.TRANSPORT
             ended = Ended(kind, f"{type(exc).__name__}: {exc}".rstrip(": "))
             if (refused := _certificate_refused(exc)) is not None:
-                # A transport refused, not an unreachable server: the next may trust the
-                # certificate (websockets reads the system's CAs, httpx certifi's); when
-                # none does, the subscription says why (see `Subscription`).
+                # Every transport trusts the same CAs (`trust`), so once each was tried
+                # the subscription ends with this (see `Subscription`).
                 reason = refused.verify_message or str(refused)
                 ended = Ended(Failure.TRANSPORT, ended.detail, None, "tls_certificate",
                               f"the server's TLS certificate was not accepted ({reason}); "
-                              "for a private CA, set SSL_CERT_FILE to a bundle that holds it")
+                              "for a private CA, pass its bundle (tls=, dualcast tail "
+                              "--cacert) or set SSL_CERT_FILE to a bundle that holds it")
         await self.inbox.put((self, ended))
 
     def close(self) -> None:
@@ -270,7 +301,8 @@ class Connection:
         # No bound on a frame's size either, as in a browser: a replay page goes out as
         # one `batch` frame (500 events of 256 KiB are 128 MiB), and a frame refused
         # (1009) would be asked for again from the same cursor, for ever.
-        async with connect(url, additional_headers=target.headers(), open_timeout=None,
+        tls = target.tls if url.startswith("wss:") else None
+        async with connect(url, additional_headers=target.headers(), open_timeout=None, ssl=tls,
                            max_size=None, compression=None, close_timeout=2,
                            user_agent_header="dualcast-client") as ws:
             self._ws = ws

@@ -19,6 +19,7 @@ import asyncio
 import enum
 import logging
 import random
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -36,6 +37,7 @@ from dualcast.client.connections import (
     Welcome,
     no_endpoint,
     refused_room,
+    trust,
 )
 from dualcast.client.model import (
     AUTH_CODES,
@@ -114,8 +116,10 @@ class Subscription:
         last_event_id: str | None, transports: tuple[Transport, ...], timing: Timing,
         on_status: Callable[[Status], None] | None, on_error: Callable[[ServerError], None] | None,
         buffer: int, rand: Callable[[], float] = random.random,
-        connector: Connector = Connection,
+        connector: Connector = Connection, tls: ssl.SSLContext | None = None,
     ) -> None:
+        #: What every transport verifies the server's certificate with (`trust`).
+        self._tls = tls if tls is not None else trust()
         self._http_base = http_base
         self._ws_base = ws_base
         self._tokens = tokens
@@ -201,10 +205,10 @@ class Subscription:
             # Redirects are followed, as by a browser (http:// to https://, a moved path);
             # httpx drops the Authorization header when one leads to another origin.
             async with httpx.AsyncClient(headers={"User-Agent": "dualcast-client"},
-                                         follow_redirects=True) as http:
+                                         follow_redirects=True, verify=self._tls) as http:
                 self._target = Target(
                     self._http_base, self._ws_base, self._rooms, lambda: self._tokens.current,
-                    self._timing.poll, self._timing.idle, http)
+                    self._timing.poll, self._timing.idle, http, self._tls)
                 try:
                     await self._loop()
                 finally:

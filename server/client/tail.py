@@ -55,7 +55,7 @@ def when_reader_leaves(out: TextIO, then: Callable[[], object]) -> Callable[[], 
 
 
 async def tail(url: str, *, token: str | None, rooms: list[str], last_event_id: str | None,
-               transport: str, out: TextIO, err: TextIO) -> int:
+               transport: str, out: TextIO, err: TextIO, cacert: str | None = None) -> int:
     def said(message: str) -> None:
         print(f"dualcast tail: {message}", file=err, flush=True)
 
@@ -81,7 +81,7 @@ async def tail(url: str, *, token: str | None, rooms: list[str], last_event_id: 
     try:
         async with subscribe(url, token=token, rooms=rooms, last_event_id=last_event_id,
                              transports=transports_for(transport), on_status=on_status,
-                             on_error=on_error) as events:
+                             on_error=on_error, tls=cacert) as events:
             async for item in events:
                 if isinstance(item, Event):
                     try:
@@ -112,7 +112,7 @@ async def tail(url: str, *, token: str | None, rooms: list[str], last_event_id: 
 
 
 def run(url: str, *, token: str | None, rooms: list[str], last_event_id: str | None,
-        transport: str) -> int:
+        transport: str, cacert: str | None = None) -> int:
     """The command's entry point: an interrupt is the normal way out (exit 0)."""
     token = token or os.environ.get("DUALCAST_TOKEN") or None
     if sys.stdout is None:  # started with stdout closed (`>&-`): as a reader gone at once
@@ -121,7 +121,8 @@ def run(url: str, *, token: str | None, rooms: list[str], last_event_id: str | N
     err = sys.stderr if sys.stderr is not None else open(os.devnull, "w")
     try:
         return asyncio.run(tail(url, token=token, rooms=rooms, last_event_id=last_event_id,
-                                transport=transport, out=sys.stdout, err=err))
+                                transport=transport, out=sys.stdout, err=err,
+                                cacert=cacert))
     except KeyboardInterrupt:
         return 0
     except BrokenPipeError:
