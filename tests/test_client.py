@@ -675,12 +675,16 @@ def redirecting(to: str) -> Any:
 
 
 @pytest.mark.parametrize(("transports", "lands_on"), [
-    (FORCED, Transport.SSE),  # a WebSocket cannot follow a redirect to an http(s) URL
+    # The WebSocket refused an http(s) Location as no WebSocket URI and fell back to SSE.
+    (FORCED, Transport.WEBSOCKET),
+    ([Transport.SSE], Transport.SSE),
     ([Transport.POLLING], Transport.POLLING),
 ])
 async def test_a_server_url_that_redirects_is_followed(
     server: Any, transports: list[Transport], lands_on: Transport
 ) -> None:
+    """A front that redirects (nginx's http:// to https://, a moved path) is followed by
+    every transport, the WebSocket included."""
     marker = await publish(server.url, "marker", 0)
     async with redirecting(server.url) as front, watching(
             front, transports=transports, last_event_id=marker) as (watch, _):
@@ -688,6 +692,52 @@ async def test_a_server_url_that_redirects_is_followed(
         published = [await publish(server.url, "tick", n) for n in range(3)]
         await until(lambda: len(watch.ids) >= len(published) or watch.done, what="the events")
         assert watch.ids == published and watch.failure is None
+
+
+async def test_a_redirect_to_https_is_followed_by_the_websocket_with_the_ca_given(
+    server: Any, tmp_path: Path
+) -> None:
+    """http:// redirected to https:// (as nginx does): the WebSocket follows it to
+    wss:// and verifies that hop with the subscription's own TLS context."""
+    port = int(server.url.rsplit(":", 1)[1])
+    async with tls_in_front(port, tmp_path) as (https, files), redirecting(https) as front:
+        marker = await publish(server.url, "marker", 0)
+        async with watching(front, transports=[Transport.WEBSOCKET], tls=str(files.ca),
+                            last_event_id=marker) as (watch, _):
+            await until(lambda: watch.live_on(Transport.WEBSOCKET) or watch.done, what="live")
+            sent = await publish(server.url, "tick", 1)
+            await until(lambda: sent in watch.ids or watch.done, what="the event")
+    assert watch.ids == [sent] and watch.failure is None
+
+
+async def test_a_redirect_loop_is_followed_a_bounded_number_of_times() -> None:
+    """A front that redirects to itself: each transport gives up after a bounded number
+    of hops and says why, rather than following it for ever."""
+    hops: list[str] = []
+
+    def again(target: str) -> str:
+        hops.append(target)
+        return f"HTTP/1.1 302 Found\r\nLocation: {target}"
+
+    async with answering(again) as front, watching(front, transports=[Transport.WEBSOCKET]) \
+            as (watch, _):
+        await until(lambda: any(s.state is State.OFFLINE for s in watch.statuses),
+                    what="offline")
+    reasons = [s.reason or "" for s in watch.statuses if s.state is State.OFFLINE]
+    assert "redirects" in reasons[0], reasons
+    assert 10 <= len(hops) <= 40  # two tries of at most 10 hops each (and a third begun)
+
+
+def test_an_upgrade_to_tls_of_the_same_host_keeps_the_token() -> None:
+    """As httpx judges a redirect: ws:// to wss:// of the same host on the default ports
+    is the same server (the token goes along); any other change of origin is not."""
+    from dualcast.client.connections import _https_upgrade
+
+    assert _https_upgrade("ws://push.example.com/api/ws", "wss://push.example.com/api/ws")
+    assert _https_upgrade("ws://push.example.com:80/api/ws", "wss://push.example.com/x")
+    assert not _https_upgrade("ws://push.example.com/api/ws", "wss://evil.example/api/ws")
+    assert not _https_upgrade("ws://push.example.com:8000/", "wss://push.example.com:8443/")
+    assert not _https_upgrade("wss://push.example.com/", "ws://push.example.com/")
 
 
 async def test_a_web_site_that_answers_every_path_with_a_page_is_not_a_dualcast_server(

@@ -18,7 +18,7 @@ import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urljoin, urlsplit, urlunsplit
 
 import certifi
 import httpx
@@ -225,6 +225,53 @@ def _unreachable(exc: BaseException) -> bool:
     return isinstance(exc, (ConnectionRefusedError, socket.gaierror, httpx.ConnectError))
 
 
+def _https_upgrade(old: str, new: str) -> bool:
+    """Whether `new` is `old`'s host moved from ws:// to wss:// on the default ports (nginx's
+    `return 301 https://$host$request_uri`): the same server, as httpx judges it, which
+    keeps the token on such a redirect."""
+    before, after = urlsplit(old), urlsplit(new)
+    return (before.scheme == "ws" and after.scheme == "wss"
+            and before.hostname == after.hostname
+            and before.port in (None, 80) and after.port in (None, 443))
+
+
+class _Connect(connect):
+    """websockets' `connect`, following redirects as the HTTP transports (httpx) do.
+
+    A dualcast server behind a front that redirects (http:// to https://, a moved path)
+    answers the upgrade with an http(s) `Location`, which websockets refused as no
+    WebSocket URI, so the client fell back to SSE for ever. Such a Location is read
+    as its ws(s) twin; the token is kept on the same origin and on an upgrade to TLS
+    of the same host, and dropped elsewhere (websockets drops it on any change of
+    scheme, host or port); at most websockets' MAX_REDIRECTS (10) are followed. The
+    TLS context is the subscription's for every wss:// hop."""
+
+    def __init__(self, uri: str, *, tls: ssl.SSLContext | None, **kwargs: Any) -> None:
+        super().__init__(uri, **kwargs)
+        self._tls = tls
+
+    def process_redirect(self, exc: Exception) -> Exception | str:
+        if isinstance(exc, websockets.InvalidStatus) and "Location" in exc.response.headers:
+            location = urljoin(self.uri, exc.response.headers["Location"])
+            parts = urlsplit(location)
+            scheme = {"http": "ws", "https": "wss"}.get(parts.scheme.lower())
+            if scheme is not None:
+                del exc.response.headers["Location"]
+                exc.response.headers["Location"] = urlunsplit(parts._replace(scheme=scheme))
+        old, headers = self.uri, self.additional_headers
+        outcome = super().process_redirect(exc)
+        if isinstance(outcome, str) and _https_upgrade(old, outcome):
+            self.additional_headers = headers
+        return outcome
+
+    async def open_tcp_connection(self) -> ClientConnection:
+        if self.ws_uri.secure:
+            self.create_connection_kwargs["ssl"] = self._tls or True
+        else:
+            self.create_connection_kwargs.pop("ssl", None)
+        return await super().open_tcp_connection()
+
+
 class Connection:
     def __init__(self, transport: Transport, target: Target, cursor: str | None,
                  inbox: asyncio.Queue[tuple[Connection, Signal]]) -> None:
@@ -301,10 +348,9 @@ class Connection:
         # No bound on a frame's size either, as in a browser: a replay page goes out as
         # one `batch` frame (500 events of 256 KiB are 128 MiB), and a frame refused
         # (1009) would be asked for again from the same cursor, for ever.
-        tls = target.tls if url.startswith("wss:") else None
-        async with connect(url, additional_headers=target.headers(), open_timeout=None, ssl=tls,
-                           max_size=None, compression=None, close_timeout=2,
-                           user_agent_header="dualcast-client") as ws:
+        async with _Connect(url, tls=target.tls, additional_headers=target.headers(),
+                            open_timeout=None, max_size=None, compression=None,
+                            close_timeout=2, user_agent_header="dualcast-client") as ws:
             self._ws = ws
             async for raw in ws:
                 try:
