@@ -263,8 +263,14 @@ def _check_standalone(url: str, scheme: str) -> None:
     db_parts = [p for p in parts.path.split("/") if p]
     if len(db_parts) > 1:
         raise BadRedisUrl(f"{redact(url)}: too many path parts")
-    if db_parts and not unquote(db_parts[0]).isdigit():
+    if db_parts and not _DB.fullmatch(unquote(db_parts[0])):
         raise BadRedisUrl(f"{redact(url)}: the database must be a number, not {db_parts[0]!r}")
+
+
+#: A database number: ASCII digits. str.isdigit() also takes "²" (which redis-py then
+#: fails to read and quietly replaces by database 0) and other scripts' digits (which it
+#: reads: Arabic-Indic 1 was database 1).
+_DB = re.compile(r"[0-9]+")
 
 
 def parse_redis_url(url: str) -> RedisTarget:
@@ -299,9 +305,9 @@ def parse_redis_url(url: str) -> RedisTarget:
     if len(rest_parts) > 1:
         raise BadRedisUrl(f"{redact(url)}: too many path parts")
     if rest_parts:
-        if not rest_parts[0].isdigit():
+        if not _DB.fullmatch(unquote(rest_parts[0])):
             raise BadRedisUrl(f"{redact(url)}: the database must be a number")
-        db = int(rest_parts[0])
+        db = int(unquote(rest_parts[0]))
         if topology is Topology.CLUSTER and db != 0:
             raise BadRedisUrl(f"{redact(url)}: a Redis Cluster has only database 0")
     return RedisTarget(url=url, topology=topology, tls=tls, nodes=nodes, service=service, db=db,

@@ -102,6 +102,12 @@ def test_redact_masks_userinfo_and_query_password() -> None:
     ("unix://", "name the socket: unix:///path/to/redis.sock"),
     ("unix://redis.sock", "name the socket: unix:///path/to/redis.sock"),  # a host, no path
     ("redis://h:1/abc", "the database must be a number, not 'abc'"),
+    # str.isdigit() took these: redis-py then used database 0 for the superscript two,
+    # and database 1 for an Arabic-Indic one
+    ("redis://h:1/%C2%B2", "the database must be a number, not '%C2%B2'"),
+    ("redis://h:1/\u00b2", "the database must be a number, not '\u00b2'"),
+    ("redis://h:1/%D9%A1", "the database must be a number, not '%D9%A1'"),
+    ("redis+sentinel://h:1/svc/%D9%A1", "the database must be a number"),
     ("redis://h:1/0/1", "too many path parts"),
     (f"redis://u:{PASSWORD}/x@h:1/0", "Port could not be cast to integer value as '***'"),
 ])
