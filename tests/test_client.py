@@ -221,9 +221,12 @@ def test_dualcast_tail_refuses_the_dashboard_link_instead_of_dropping_its_token(
         "http://127.0.0.1:9/\n")
 
 
-async def test_a_cursor_that_is_not_an_id_is_refused_before_connecting() -> None:
+@pytest.mark.parametrize("cursor", ["yesterday", "\u0661\u0667-0", "5-0\n", "\uff15"])
+async def test_a_cursor_that_is_not_an_id_is_refused_before_connecting(cursor: str) -> None:
+    """Other scripts' digits and a trailing newline passed the client's check (the
+    server then refused them, or read them as another id)."""
     with pytest.raises(ValueError, match="stream id"):
-        async with subscribe("http://127.0.0.1:9", last_event_id="yesterday"):
+        async with subscribe("http://127.0.0.1:9", last_event_id=cursor):
             pass
 
 

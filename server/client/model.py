@@ -111,14 +111,16 @@ class AuthFailed(Refused):
     """The token is missing, invalid or expired, and no token source gave a better one."""
 
 
-_ID = re.compile(r"^(\d{1,20})(?:-(\d{1,20}))?$")
+#: ASCII digits, matched whole: `\d` also takes other scripts' digits (int() reads an
+#: Arabic-Indic "17" as 17) and `$` a trailing newline, as the server refuses both.
+_ID = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?")
 
 
 def id_key(value: str | None) -> tuple[int, int] | None:
     """A stream id `<ms>-<seq>` as a comparable pair; None for anything else."""
     if value is None:
         return None
-    match = _ID.match(value)
+    match = _ID.fullmatch(value)
     if match is None:
         return None
     return int(match.group(1)), int(match.group(2) or 0)
