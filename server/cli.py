@@ -26,11 +26,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dualcast")
 
-_TTL = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
+#: ASCII digits only (and fullmatch: `$` allows a trailing newline): `\d` alone took
+#: other scripts' digits, as int() and float() read them.
+_TTL = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhd]?)")
+_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
 
 
 def parse_ttl(value: str) -> float:
-    match = _TTL.match(value.strip())
+    match = _TTL.fullmatch(value.strip())
     if match is None:
         raise argparse.ArgumentTypeError(f"bad --ttl {value!r}: use e.g. 90s, 30m, 1h, 7d")
     number, unit = match.groups()
@@ -371,7 +374,7 @@ def _publish(args: argparse.Namespace) -> int:
 
 def _count(value: str) -> int:
     """A whole number >= 0 for a flag; argparse turns the error into one line naming the flag."""
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         raise argparse.ArgumentTypeError(f"{value!r} is not a whole number >= 0")
     return int(value)
 
@@ -379,7 +382,7 @@ def _count(value: str) -> int:
 def _milliseconds(value: str) -> int:
     """`--wait-timeout`: WAIT with 0 would block without bound, which the publisher refuses
     (in words naming its own parameter, wait_timeout_ms, not this flag)."""
-    if not value.isdigit() or int(value) < 1:
+    if not (value.isascii() and value.isdigit()) or int(value) < 1:
         raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of milliseconds "
                                          ">= 1 (0 would wait without bound)")
     return int(value)
@@ -390,10 +393,7 @@ def _demo_speed(value: str) -> float:
     settings (0, nan or inf ended in a traceback once the demo had started)."""
     from dualcast.config import DEMO_SPEED_MAX
 
-    try:
-        speed = float(value)
-    except ValueError:
-        speed = math.nan
+    speed = float(value) if _NUMBER.fullmatch(value) else math.nan
     if not 0 < speed <= DEMO_SPEED_MAX:  # (nan fails every comparison)
         raise argparse.ArgumentTypeError(
             f"{value!r} is not a number above 0 and at most {DEMO_SPEED_MAX:g}")
@@ -577,16 +577,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the server")
     serve.add_argument("--host", help="interface to bind: an address of this machine (IPv6 "
                        "without brackets) or its name; 0.0.0.0 for all (DUALCAST_HOST)")
-    serve.add_argument("--port", type=int, help="port to bind (DUALCAST_PORT)")
+    # --port, --workers and --demo-speed are read as their variables are (the settings
+    # refuse what the variable would): argparse's int() and float() took other scripts'
+    # digits ("--port" with Arabic-Indic 8000 served on 8000, the variable was refused).
+    serve.add_argument("--port", help="port to bind (DUALCAST_PORT)")
     serve.add_argument("--redis-url", help="Redis URL; none = the memory engine "
                        "(DUALCAST_REDIS_URL)")
-    serve.add_argument("--workers", type=int, help="worker processes, Redis engine only "
+    serve.add_argument("--workers", help="worker processes, Redis engine only "
                        "(DUALCAST_WORKERS)")
     serve.add_argument("--log-level", help="critical, error, warning, info, debug "
                        "(DUALCAST_LOG_LEVEL)")
     serve.add_argument("--demo", action="store_true", default=None,
                        help="publish simulated proxy traffic (DUALCAST_DEMO)")
-    serve.add_argument("--demo-speed", type=float, help="pace of the demo (DUALCAST_DEMO_SPEED)")
+    serve.add_argument("--demo-speed", help="pace of the demo (DUALCAST_DEMO_SPEED)")
     serve.set_defaults(func=_serve, parser=serve)
 
     pub = sub.add_parser("publish", help="append one event")

@@ -10,6 +10,8 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
+import pytest
+
 from tests.harness.procs import ROOT, clean_env
 
 
@@ -41,3 +43,20 @@ def test_ctrl_c_while_the_command_imports_its_modules_exits_quietly(tmp_path: Pa
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 130, done.stderr
         assert done.stderr == "" and done.stdout == ""
+
+
+@pytest.mark.parametrize(("args", "flag"), [
+    (["token", "--sub", "a", "--ttl", "\u0661h", "--secret", "s" * 40], "--ttl"),
+    (["token", "--sub", "a", "--ttl", "1h\n2", "--secret", "s" * 40], "--ttl"),
+    (["demo", "--speed", "\u0661", "--redis-url", "redis://127.0.0.1:9/0"], "--speed"),
+    (["demo", "--speed", "1_0", "--redis-url", "redis://127.0.0.1:9/0"], "--speed"),
+    (["publish", "x", "{}", "--wait-replicas", "\u0661"], "--wait-replicas"),
+    (["publish", "x", "{}", "--wait-timeout", "\u0661\u0660\u0660"], "--wait-timeout"),
+])
+def test_numbers_on_the_command_line_are_ascii_digits(args: list[str], flag: str) -> None:
+    """Flags took other scripts' digits (an Arabic-Indic 1 as --ttl 1h, --speed 1), and
+    "1_0" as 10, as int() and float() read them, where the variables refused them."""
+    done = run(*args)
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert f"argument {flag}:" in line and done.stdout == ""

@@ -234,6 +234,10 @@ def test_memory_engine_refuses_several_workers_with_a_clear_line() -> None:
 @pytest.mark.parametrize(("args", "env", "named"), [
     (["--port", "99999"], {}, "--port"),
     (["--port", "http"], {}, "--port"),
+    # argparse's int() and float() read other scripts' digits, the variables did not
+    (["--port", "\u0668\u0660\u0660\u0660"], {}, "--port"),
+    (["--redis-url", "redis://127.0.0.1:9/0", "--workers", "\u0662"], {}, "--workers"),
+    (["--demo", "--demo-speed", "\u0661"], {}, "--demo-speed"),
     (["--demo-speed", "0"], {}, "--demo-speed"),
     (["--log-level", "loud"], {}, "--log-level"),
     ([], {"DUALCAST_PORT": "99999"}, "DUALCAST_PORT"),
