@@ -230,6 +230,21 @@ async def test_a_cursor_that_is_not_an_id_is_refused_before_connecting(cursor: s
             pass
 
 
+@pytest.mark.parametrize(("option", "error"), [
+    ({"token": b"eyJ.a.b"}, TypeError),   # bytes (PyJWT 1's tokens): it went anonymous
+    ({"token": 12345}, TypeError),
+    ({"buffer": 0}, ValueError),          # asyncio.Queue(0): no bound at all
+    ({"buffer": -1}, ValueError),
+    ({"buffer": 2.5}, ValueError),
+])
+async def test_options_that_would_be_ignored_are_refused_before_connecting(
+    option: dict[str, Any], error: type[Exception],
+) -> None:
+    with pytest.raises(error, match=r"token must be a string|buffer must be"):
+        async with subscribe("http://127.0.0.1:9", **option):
+            pass
+
+
 def test_dualcast_tail_says_what_is_wrong_with_its_arguments() -> None:
     import subprocess
     import sys

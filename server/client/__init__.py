@@ -118,13 +118,16 @@ async def subscribe(
     join is reported to `on_error` and dropped; `last_event_id` None = live from now,
     `"0"` = from the oldest retained event; `transports` = which to use, best first.
     `on_status` hears every transport or state change; `on_error` hears the server's
-    non-fatal errors (by default they are logged). At most `buffer` events wait for
+    non-fatal errors (by default they are logged). At most `buffer` (>= 1) events wait for
     the caller; past that the client stops reading and the server may cut it off,
     which costs nothing: it resumes from its cursor. `tls`: what every transport
     trusts for https/wss, an `ssl.SSLContext` or the path of a CA bundle (PEM) to
     trust instead of the defaults, the system's CAs and certifi's (see `trust`).
     """
     http_base, ws_base = bases(url)
+    if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
+        # asyncio.Queue(0) has no bound at all: buffer=0 held every event unread
+        raise ValueError(f"buffer must be a whole number of events >= 1, not {buffer!r}")
     if last_event_id and id_key(last_event_id) is None:
         raise ValueError(f"last_event_id must be a stream id like 1732550000000-0, "
                          f"not {last_event_id[:40]!r}")

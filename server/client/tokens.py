@@ -64,6 +64,10 @@ class Tokens:
     """The current token and the source of the next one."""
 
     def __init__(self, source: TokenSource, timeout: float = TOKEN_TIMEOUT) -> None:
+        if source is not None and not isinstance(source, str) and not callable(source):
+            # (bytes, as PyJWT 1 returned, subscribed anonymously without a word)
+            raise TypeError("token must be a string or a function returning one, not "
+                            f"{type(source).__name__}")
         self._source = source
         self.timeout = timeout
         self.current: str | None = source if isinstance(source, str) else None
