@@ -12,6 +12,7 @@ import dataclasses
 import enum
 import itertools
 import logging
+import math
 import re
 import signal
 import subprocess
@@ -619,6 +620,30 @@ async def test_no_redis_url_publishes_to_the_fallback_only():
         entry_id = await pub.publish("e", 1, ["admin"])
         assert entry_id is not None and entry_id.endswith("-1")  # the fallback's own id
     assert local.calls == [("e", 1, ["admin"])]
+
+
+@pytest.mark.parametrize("front", [Publisher, SyncPublisher])
+@pytest.mark.parametrize(("option", "named"), [
+    ({"max_connections": 1.5}, "max_connections"),   # every publish was dropped
+    ({"max_connections": True}, "max_connections"),
+    ({"maxlen": True}, "maxlen"),                    # Redis refused every XADD
+    ({"maxlen": 2.5}, "maxlen"),
+    ({"timeout": math.nan}, "timeout"),              # calls bounded by nothing
+    ({"timeout": math.inf}, "timeout"),
+    ({"cooldown": -1.0}, "cooldown"),                # the probe ran in a loop
+    ({"cooldown": math.nan}, "cooldown"),
+    ({"cooldown_max": 0}, "cooldown_max"),
+    ({"log_every": math.nan}, "log_every"),
+    ({"wait_replicas": 1.5}, "wait_replicas"),
+    ({"wait_replicas": 1, "wait_timeout_ms": 0.5}, "wait_timeout_ms"),
+])
+def test_numbers_that_would_fail_every_call_are_refused_at_construction(
+    front: type[Any], option: dict[str, Any], named: str,
+) -> None:
+    """They were accepted, and then every call failed open in silence (or was bounded by
+    nothing): a bug in the caller, said where the other bad arguments are."""
+    with pytest.raises(ValueError, match=named):
+        front("redis://127.0.0.1:9/0", **option)
 
 
 @pytest.mark.parametrize("front", [Publisher, SyncPublisher])

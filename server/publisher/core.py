@@ -137,12 +137,25 @@ class PublisherCore:
                 raise ValueError(f"{kind}_pattern {pattern!r}: {exc}") from None
         self.event_pattern = event_pattern
         self.room_pattern = room_pattern
-        if timeout <= 0:
-            raise ValueError("timeout must be > 0")
-        if maxlen is not None and maxlen < 1:
+        # Numbers that would be accepted here and then fail every call (fail open hides
+        # it): max_connections=1.5 or maxlen=True dropped every event, timeout=nan or inf
+        # left calls unbounded, a negative or nan cooldown probed in a loop.
+        for name, value in (("timeout", timeout), ("cooldown", cooldown),
+                            ("cooldown_max", cooldown_max)):
+            if not _seconds(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number of seconds > 0, "
+                                 f"not {value!r}")
+        if not _seconds(log_every) or log_every < 0:
+            raise ValueError(f"log_every must be a finite number of seconds >= 0, "
+                             f"not {log_every!r}")
+        if maxlen is not None and (not _whole(maxlen) or maxlen < 1):
             raise ValueError("maxlen must be >= 1 (or None for no trim)")
-        if max_connections < 1:
-            raise ValueError("max_connections must be >= 1")
+        if not _whole(max_connections) or max_connections < 1:
+            raise ValueError("max_connections must be a whole number >= 1")
+        for name, value in (("wait_replicas", wait_replicas),
+                            ("wait_timeout_ms", wait_timeout_ms)):
+            if not _whole(value):
+                raise ValueError(f"{name} must be a whole number, not {value!r}")
         if redis_url is None and fallback is None:
             # Every event would be dropped without a word (fail open hides it): a missing
             # setting (`Publisher(os.environ.get(...))`) is a bug to say at start-up.
@@ -407,6 +420,17 @@ class PublisherCore:
             return self._conflator.drain()
 
 
+
+
+def _whole(value: object) -> bool:
+    """An int that is no bool (True is 1 to Python, and no count to a caller)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _seconds(value: object) -> bool:
+    """A finite real number that is no bool."""
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 def unanswered(exc: BaseException) -> bool:
