@@ -481,6 +481,15 @@ def _publish_refusal(url: str, response: Any) -> str:
     404 or 405 (no publish endpoint at that path), or an answer that is no dualcast error
     (another server's HTML page, a proxy's), with what to check."""
     endpoint = url.rstrip("/") + "/api/publish"
+    location = response.headers.get("location")
+    if 300 <= response.status_code < 400 and location:
+        # (not followed: a POST redirected to another origin would lose its token, and a
+        # 301 or 302 turns it into a GET)
+        target = str(response.url.join(location))
+        base = target.removesuffix("/api/publish")
+        hint = (f"give --url {base}" if base != target else
+                "is --url the server's base URL (e.g. http://127.0.0.1:8000)?")
+        return (f"{endpoint} redirects ({response.status_code}) to {target}: {hint}")
     try:
         body = response.json()
         known = isinstance(body, dict) and {"error", "message"} <= body.keys()

@@ -255,6 +255,38 @@ def test_publish_url_that_is_no_dualcast_server_is_one_line(
                            "server's base URL")
 
 
+def test_publish_url_behind_a_redirect_names_the_url_to_give() -> None:
+    """`--url http://push.example.com` where nginx sends http:// to https:// answered
+    "301 Moved Permanently, which is no dualcast answer"; the line now names the URL
+    to give (the redirect is not followed: a 301 turns a POST into a GET, and another
+    origin would not get the token)."""
+    import http.server
+    import threading
+
+    class Front(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.send_response(301)
+            self.send_header("Location", f"https://push.example.com{self.path}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    front = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Front)
+    threading.Thread(target=front.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{front.server_address[1]}"
+        done = cli("publish", "note", "{}", "--url", url, "--token", "t")
+    finally:
+        front.shutdown()
+        front.server_close()
+    assert done.returncode == 1 and done.stdout == ""
+    [line] = done.stderr.strip().splitlines()
+    assert line == (f"dualcast publish: {url}/api/publish redirects (301) to "
+                    "https://push.example.com/api/publish: give --url https://push.example.com")
+
+
 def test_every_option_of_every_command_says_what_it_is() -> None:
     """`dualcast token --help` listed --sub, --room, --ttl and --secret bare: nothing said
     that --ttl takes 90s/30m/8h/7d or that it defaults to an hour."""
