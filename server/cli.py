@@ -349,6 +349,10 @@ def _publish(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"dualcast publish: {exc}", file=sys.stderr)
         return 2
+    if args.cacert and not args.url:  # a CA is for --url: straight to Redis it was ignored
+        print("dualcast publish: --cacert is for an https:// --url; for Redis over TLS set "
+              "DUALCAST_REDIS_TLS_CA", file=sys.stderr)
+        return 2
     if args.url:
         if args.redis_url:  # one of the two was ignored without a word
             print("dualcast publish: --url and --redis-url are two ways to publish (through "
@@ -442,6 +446,7 @@ def _publish_http(args: argparse.Namespace, settings: Settings, data: Any) -> in
     import httpx
 
     from dualcast.auth import hmac_algorithm, mint_for
+    from dualcast.client.connections import certificate_refused, trust
     from dualcast.secret_file import SecretFileError
 
     token = args.token
@@ -463,11 +468,22 @@ def _publish_http(args: argparse.Namespace, settings: Settings, data: Any) -> in
         return 2
     headers = {"Authorization": f"Bearer {token}"}
     body = {"event": args.event, "data": data, "rooms": args.room}
+    try:  # the CAs `dualcast tail` trusts, or --cacert's alone
+        verify = trust(args.cacert)
+    except ValueError as exc:
+        print(f"dualcast publish: --cacert: {exc}", file=sys.stderr)
+        return 2
     try:
         response = httpx.post(args.url.rstrip("/") + "/api/publish", json=body, headers=headers,
-                              timeout=10)
+                              timeout=10, verify=verify)
     except httpx.HTTPError as exc:
-        print(f"dualcast publish: {args.url} is not reachable: {exc}", file=sys.stderr)
+        refused = certificate_refused(exc)
+        if refused is not None:  # it answered: "not reachable" sent people to the network
+            print(f"dualcast publish: the TLS certificate of {args.url} was not accepted "
+                  f"({refused.verify_message or refused}): for a private CA, pass its "
+                  "bundle with --cacert FILE", file=sys.stderr)
+        else:
+            print(f"dualcast publish: {args.url} is not reachable: {exc}", file=sys.stderr)
         return 1
     if response.status_code != 202:
         print(f"dualcast publish: {_publish_refusal(args.url, response)}", file=sys.stderr)
@@ -609,6 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--redis-url", help="append straight to this Redis (DUALCAST_REDIS_URL)")
     pub.add_argument("--url", help="a running dualcast server (uses POST /api/publish)")
     pub.add_argument("--token", help="a publish token for --url")
+    pub.add_argument("--cacert", metavar="FILE", help="for an https:// --url: trust only "
+                     "the CAs of this PEM bundle (default: the system's and certifi's)")
     pub.add_argument("--wait-replicas", type=_count, default=0, metavar="N",
                      help="after the write, WAIT for N replicas (a warning on stderr if fewer)")
     pub.add_argument("--wait-timeout", type=_milliseconds, default=1000, metavar="MS",

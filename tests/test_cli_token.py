@@ -287,6 +287,35 @@ def test_publish_url_behind_a_redirect_names_the_url_to_give() -> None:
                     "https://push.example.com/api/publish: give --url https://push.example.com")
 
 
+def test_publish_url_over_https_with_a_private_ca(
+    dualcast: Callable[..., DualcastProcess], tmp_path: Path,
+) -> None:
+    """An https:// --url whose certificate a private CA signed was "not reachable" (it
+    answered), and no CA could be given but through SSL_CERT_FILE: the line now says the
+    certificate was not accepted, and --cacert FILE trusts that CA, as for tail."""
+    import ssl
+
+    from tests.conftest import require_tool
+    from tests.harness.tcpproxy import TCPProxy
+    from tests.harness.tls import make_throwaway_ca
+
+    require_tool("openssl", "the test makes a throwaway CA")
+    files = make_throwaway_ca(tmp_path / "tls")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(files.cert, files.key)
+    server = dualcast()
+    with TCPProxy(int(server.url.rsplit(":", 1)[1]), tls=context) as front:
+        url = f"https://127.0.0.1:{front.port}"
+        refused = cli("publish", "note", "{}", "--url", url)
+        given = cli("publish", "note", "{}", "--url", url, "--cacert", str(files.ca))
+    assert refused.returncode == 1 and refused.stdout == ""
+    [line] = refused.stderr.strip().splitlines()
+    assert line.startswith(f"dualcast publish: the TLS certificate of {url} was not accepted")
+    assert line.endswith("for a private CA, pass its bundle with --cacert FILE")
+    assert given.returncode == 0, given.stderr
+    assert re.fullmatch(r"\d+-\d+\n", given.stdout)
+
+
 def test_every_option_of_every_command_says_what_it_is() -> None:
     """`dualcast token --help` listed --sub, --room, --ttl and --secret bare: nothing said
     that --ttl takes 90s/30m/8h/7d or that it defaults to an hour."""

@@ -208,7 +208,7 @@ def trust(option: TlsOption = None) -> ssl.SSLContext:
     return context
 
 
-def _certificate_refused(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+def certificate_refused(exc: BaseException) -> ssl.SSLCertVerificationError | None:
     """The certificate check that failed under `exc` (httpx wraps it twice), if any."""
     seen: set[int] = set()
     cause: BaseException | None = exc
@@ -313,7 +313,7 @@ class Connection:
             # (ValueError: a body that is not the JSON the protocol promises)
             kind = Failure.UNREACHABLE if _unreachable(exc) else Failure.TRANSPORT
             ended = Ended(kind, f"{type(exc).__name__}: {exc}".rstrip(": "))
-            if (refused := _certificate_refused(exc)) is not None:
+            if (refused := certificate_refused(exc)) is not None:
                 # Every transport trusts the same CAs (`trust`), so once each was tried
                 # the subscription ends with this (see `Subscription`).
                 reason = refused.verify_message or str(refused)

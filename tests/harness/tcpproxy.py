@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -35,8 +36,10 @@ T = TypeVar("T")
 
 class TCPProxy:
     def __init__(self, target_port: int, target_host: str = "127.0.0.1",
-                 port: int | None = None) -> None:
+                 port: int | None = None, tls: ssl.SSLContext | None = None) -> None:
+        """`tls`: a server context, to terminate TLS in front of a plain server."""
         self.target = (target_host, target_port)
+        self.tls = tls
         self.port = port or free_port()
         self.accepted = 0
         self._conns: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
@@ -117,7 +120,7 @@ class TCPProxy:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", self.port))
-        self._server = await asyncio.start_server(self._handle, sock=sock)
+        self._server = await asyncio.start_server(self._handle, sock=sock, ssl=self.tls)
         self.state = "up"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
