@@ -291,6 +291,12 @@ def _kept_secret() -> str | None:
     return read_secret(secret_path())
 
 
+def _file_name(name: str) -> bool:
+    """Whether `name` is one plain file name, on every system: no folder in it, nothing
+    that leaves the folder or hides the file."""
+    return bool(name) and not any(c in name for c in "/\\\0") and not name.startswith(".")
+
+
 def _keys(args: argparse.Namespace) -> int:
     """Make a key pair for signing tokens and add its public half to a JWKS file."""
     import secrets
@@ -307,6 +313,11 @@ def _keys(args: argparse.Namespace) -> int:
     if ALGORITHMS[algorithm] is Family.HMAC:
         print("dualcast keys: --alg must be RS*, PS*, ES* or EdDSA "
               "(HS* uses DUALCAST_SECRET, not a key pair)", file=sys.stderr)
+        return 2
+    if args.kid is not None and not _file_name(args.kid):
+        # it names the key files: `--kid ../x` wrote the private key outside --dir
+        print(f"dualcast keys: --kid {args.kid!r} names the key files (<kid>.pem): use a "
+              "plain name without '/', '\\' or a leading '.', e.g. signing-2026", file=sys.stderr)
         return 2
     kid = args.kid or f"{algorithm.lower()}-{secrets.token_hex(4)}"
     folder = Path(args.dir)

@@ -110,3 +110,17 @@ def test_an_unknown_algorithm_is_named_with_the_choices(tmp_path: Path, alg: str
                                    "from RS256, RS384, RS512, PS256, PS384, PS512, ES256, "
                                    "ES384, ES512, ES256K, EdDSA)")
     assert files_in(tmp_path) == {}
+
+
+@pytest.mark.parametrize("kid", ["../outside", "a/b", "", ".hidden", "a\\b"])
+def test_a_kid_that_is_no_plain_file_name_is_refused(tmp_path: Path, kid: str) -> None:
+    """`--kid ../outside` wrote the private key outside --dir (the kid names the files),
+    `--kid a/b` failed with "No such file or directory", and `--kid ''` was replaced by a
+    made-up one without a word."""
+    folder = tmp_path / "keys"
+    folder.mkdir()
+    done = keys(folder, "--dir", str(folder), "--kid", kid)
+    assert done.returncode == 2 and done.stdout == ""
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(f"dualcast keys: --kid {kid!r} names the key files"), line
+    assert files_in(tmp_path) == {"keys": b""}  # nothing written, in it or beside it
