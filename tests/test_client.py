@@ -934,6 +934,15 @@ async def test_every_transport_trusts_the_ca_it_is_given(
         assert watch.ids == [sent] and watch.failure is None
 
 
+def test_the_default_trust_is_made_once_per_process() -> None:
+    """Loading the system's and certifi's CAs takes 50-100 ms of CPU on the event loop:
+    once per process, not at every subscribe()."""
+    from dualcast.client.connections import trust
+
+    assert trust() is trust()
+    assert trust(trust()) is trust()
+
+
 def test_dualcast_tail_trusts_the_ca_bundle_it_is_given(server: Any, tmp_path: Path) -> None:
     """`dualcast tail --cacert FILE` for a server whose certificate a private CA signed."""
     import subprocess
