@@ -461,7 +461,8 @@ START_CHECK_SECONDS = 5.0
 
 
 class RedisUnreachable(Exception):
-    """`dualcast demo`'s Redis did not answer at the start; the message says why."""
+    """`dualcast demo`'s Redis cannot take events at the start (it does not answer, or
+    the stream key holds another type); the message says why."""
 
 
 async def demo_against_redis(
@@ -479,12 +480,13 @@ async def demo_against_redis(
 
     stop = stop or asyncio.Event()
     async with Publisher(redis_url, stream=stream, maxlen=maxlen, tls=tls) as publisher:
-        # Not reachable at the start: a wrong URL, not an outage to ride out (the demo ran
-        # for ever, dropping every event, and a Ctrl-C then exited 0).
+        # Not reachable at the start (a wrong URL), or a stream key that holds something
+        # else: not an outage to ride out (the demo ran for ever, dropping every event,
+        # and a Ctrl-C then exited 0).
         why = await publisher.ping(START_CHECK_SECONDS)
         if why is not None:
-            raise RedisUnreachable(f"Redis at {publisher.where} is not reachable: {why}; "
-                                   "nothing was published")
+            raise RedisUnreachable(f"Redis at {publisher.where} cannot take the events: "
+                                   f"{why}; nothing was published")
         log.info("demo: publishing simulated traffic to %s (stream %r, speed %s)",
                  publisher.where, stream, speed)
         try:

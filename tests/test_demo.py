@@ -371,6 +371,31 @@ def test_dualcast_demo_against_an_unreachable_redis_exits_1_in_one_line() -> Non
                           env=clean_env(), capture_output=True, text=True, timeout=30)
     assert done.returncode == 1, done.stderr
     [line] = done.stderr.strip().splitlines()
-    assert line.startswith(f"dualcast demo: Redis at {url} is not reachable: ConnectionError")
+    assert line.startswith(f"dualcast demo: Redis at {url} cannot take the events: "
+                           "ConnectionError")
     assert line.endswith("nothing was published")
     assert done.stdout == ""
+
+
+@pytest.mark.timeout(60)
+def test_dualcast_demo_to_a_stream_key_that_is_no_stream_exits_1_in_one_line(
+        redis_server: RedisProcess) -> None:
+    """A stream key holding a string: Redis refused every XADD (WRONGTYPE), the demo
+    logged it once and ran for ever, and Ctrl-C exited 0."""
+    import subprocess
+    import sys
+
+    import redis
+
+    from tests.harness.procs import clean_env
+
+    stream = f"demo-clash-{uuid.uuid4().hex}"
+    redis.Redis.from_url(redis_server.url).set(stream, "a string, not a stream")
+    done = subprocess.run(
+        [sys.executable, "-m", "dualcast", "demo", "--redis-url", redis_server.url],
+        env=clean_env({"DUALCAST_STREAM": stream}), capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert line == (f"dualcast demo: Redis at {redis_server.url} cannot take the events: the "
+                    f"key {stream!r} holds a string, not a stream: every event would be "
+                    "refused (choose another stream key, DUALCAST_STREAM); nothing was published")

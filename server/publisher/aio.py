@@ -135,18 +135,25 @@ class Publisher(PublisherCore):
             return list(await self._queue(pipe, entries).execute(raise_on_error=False))
 
     async def ping(self, timeout: float | None = None) -> str | None:
-        """PING Redis once, within ``timeout`` (default: the publisher's): None when it
-        answered, else why not, in one line (as :attr:`PublishResult.error` says it).
-        For a start-up check (``dualcast demo``); publishing needs none. Raises nothing;
-        the breaker is left alone."""
+        """PING Redis once, within ``timeout`` (default: the publisher's), and check that
+        the stream key is a stream or free: None when it can be published to, else why
+        not, in one line (as :attr:`PublishResult.error` says it). For a start-up check
+        (``dualcast demo``); publishing needs none. Raises nothing; the breaker is left
+        alone."""
         if self._target is None:
             return "no Redis URL (this publisher sends to its fallback only)"
         self._on_this_loop()
         try:
             async with asyncio.timeout(self.timeout if timeout is None else timeout):
-                await self._client().ping()
+                client = self._client()
+                await client.ping()
+                raw = await client.type(self.stream)
+                kind = raw.decode() if isinstance(raw, bytes) else str(raw)
         except FAILURES as exc:
             return describe(exc)
+        if kind not in ("none", "stream"):  # every XADD would be refused (WRONGTYPE)
+            return (f"the key {self.stream!r} holds a {kind}, not a stream: every event "
+                    "would be refused (choose another stream key, DUALCAST_STREAM)")
         return None
 
     # -- breaker probe: the caller never waits for Redis while it is known to be away
