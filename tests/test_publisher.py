@@ -654,6 +654,10 @@ def test_no_redis_url_and_no_fallback_is_refused_at_construction(front: type[Any
     with pytest.raises(ValueError, match="no Redis URL and no fallback: every event would "
                        "be dropped"):
         front(None)
+    # `os.environ.get("REDIS_URL", "")`: every call was dropped on an AssertionError
+    for empty in ("", "  "):
+        with pytest.raises(ValueError, match="redis_url is empty"):
+            front(empty)
 
 
 async def test_a_failing_fallback_does_not_raise(fresh_redis: RedisProcess):

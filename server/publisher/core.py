@@ -156,6 +156,10 @@ class PublisherCore:
                             ("wait_timeout_ms", wait_timeout_ms)):
             if not _whole(value):
                 raise ValueError(f"{name} must be a whole number, not {value!r}")
+        if redis_url is not None and not redis_url.strip():
+            # `os.environ.get("REDIS_URL", "")`: every call failed on an AssertionError
+            raise ValueError("redis_url is empty: pass a Redis URL (redis://host:6379/0), "
+                             "or None with fallback= to publish to that process only")
         if redis_url is None and fallback is None:
             # Every event would be dropped without a word (fail open hides it): a missing
             # setting (`Publisher(os.environ.get(...))`) is a bug to say at start-up.
