@@ -191,6 +191,15 @@ async def test_a_single_string_for_rooms_or_transports_is_refused_not_split() ->
             pass
 
 
+@pytest.mark.parametrize("rooms", [[""], ["ops", " "], ["ops,admin"]])
+async def test_a_room_that_is_no_name_is_refused_before_connecting(rooms: list[str]) -> None:
+    """`rooms=[""]` (a name that came out empty) asked for no room at all, which is every
+    room the token allows; "ops,admin" was two rooms, not the one named."""
+    with pytest.raises(ValueError, match="is no room name"):
+        async with subscribe("http://127.0.0.1:9", rooms=rooms):
+            pass
+
+
 def test_server_urls() -> None:
     assert bases("http://127.0.0.1:8000/") == ("http://127.0.0.1:8000", "ws://127.0.0.1:8000")
     assert bases("wss://push.example.com/rt") == ("https://push.example.com/rt",

@@ -78,6 +78,10 @@ def room_list(rooms: Iterable[str]) -> tuple[str, ...]:
     for name in names:
         if not isinstance(name, str):
             raise ValueError(f"rooms must be room names (strings), not {repr(name)[:60]}")
+        if not name.strip() or "," in name:
+            # `rooms=[""]` went out as no rooms at all, which means every room the token
+            # allows; a comma would split one name into two
+            raise ValueError(f"rooms: {name!r} is no room name")
     return names
 
 
