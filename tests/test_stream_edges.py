@@ -232,6 +232,32 @@ async def test_a_publish_whose_reply_came_too_late_does_not_ask_to_be_retried(
                what="the late publish to be in the stream")
 
 
+async def test_a_publish_whose_connection_broke_after_sending_is_not_called_unreachable(
+    fresh_redis: RedisProcess, dualcast: Callable[..., DualcastProcess],
+) -> None:
+    """A primary that dies after it appended an event and before it answered (a crash, the
+    kill that starts a failover) cuts the connection mid-command. POST /api/publish said
+    "the event log is unreachable; retry soon" though the event was in the stream: a
+    producer that did as told published it twice. It now says it may have been appended."""
+    with TCPProxy(fresh_redis.port) as proxy:
+        server = dualcast(f"redis://127.0.0.1:{proxy.port}/0",
+                          env={"DUALCAST_REDIS_TIMEOUT": "5"})
+        auth = {"Authorization": f"Bearer {token('producer', publish=True)}"}
+        raw = redis.Redis(port=fresh_redis.port)
+        async with httpx.AsyncClient(base_url=server.url, timeout=10, headers=auth) as http:
+            assert (await http.post("/api/publish", json={"event": "warm"})).status_code == 202
+            proxy.delay_replies(30)
+            cut = asyncio.create_task(http.post("/api/publish", json={"event": "cut"}))
+            await wait_for(lambda: raw.xlen("websocket-broadcast") == 2, 4,
+                           what="the XADD to reach Redis")
+            proxy.drop()  # the reply never comes: the connection is reset under it
+            answer = await asyncio.wait_for(cut, 10)
+            proxy.delay_replies(0)
+        assert answer.status_code == 503, answer.text
+        body = answer.json()
+        assert body.get("maybe_appended") is True and "retry soon" not in body["message"], body
+
+
 async def test_a_publish_redis_refuses_says_why_instead_of_retry_soon(
     fresh_redis: RedisProcess, dualcast: Callable[..., DualcastProcess],
 ) -> None:

@@ -28,13 +28,12 @@ from redis.exceptions import (
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dualcast.config import Settings
 from dualcast.events import ZERO, StreamId, parse_id
 from dualcast.log.base import LogInfo, LogNoAnswer, LogRefused, LogUnavailable, RawEntry
 from dualcast.log.xread import Follow, XReadLine
-from dualcast.publisher.results import describe
+from dualcast.publisher.results import describe, unanswered
 from dualcast.redis_connect import Pooling, Topology, async_client, parse_redis_url
 
 T = TypeVar("T")
@@ -59,9 +58,9 @@ async def _translated(what: str) -> AsyncIterator[None]:
             raise LogUnavailable(f"redis {what} failed: {type(exc).__name__}: {exc}") from exc
         raise LogRefused(f"redis {what} refused: {type(exc).__name__}: {exc}") from exc
     except UNAVAILABLE as exc:
-        # a read timeout (not redis-py's "Timeout connecting"): the command went out
-        unanswered = isinstance(exc, RedisTimeoutError) and "connecting" not in str(exc)
-        raise (LogNoAnswer if unanswered else LogUnavailable)(
+        # the command went out and no reply came (a slow Redis, a primary that died
+        # after it appended): it may have been carried out
+        raise (LogNoAnswer if unanswered(exc) else LogUnavailable)(
             f"redis {what} failed: {describe(exc)}") from exc
 
 

@@ -24,7 +24,13 @@ from redis.retry import Retry
 from dualcast.names import EVENT_NAME_PATTERN, ROOM_NAME_PATTERN, name_rule
 from dualcast.publisher.breaker import Breaker
 from dualcast.publisher.encoding import Entry, prepare
-from dualcast.publisher.results import Outcome, PublisherStats, PublishResult, describe
+from dualcast.publisher.results import (
+    Outcome,
+    PublisherStats,
+    PublishResult,
+    describe,
+    unanswered,
+)
 from dualcast.publisher.throttle import Conflator
 from dualcast.redis_connect import RedisTarget, TlsFiles, Topology, parse_redis_url, redact
 
@@ -435,26 +441,6 @@ def _seconds(value: object) -> bool:
     """A finite real number that is no bool."""
     return (isinstance(value, int | float) and not isinstance(value, bool)
             and math.isfinite(value))
-
-
-def unanswered(exc: BaseException) -> bool:
-    """Whether a failed call timed out waiting for Redis's reply (the command may have been
-    carried out), rather than failing to reach Redis at all. The call's own bound may cut
-    in while redis-py is still failing to connect (a loaded loop runs both timers at once):
-    a connect failure behind the timeout means nothing was sent either."""
-    if isinstance(exc, redis.TimeoutError):
-        return "connecting" not in str(exc)  # redis-py: "Timeout connecting to server"
-    if not isinstance(exc, TimeoutError):
-        return False
-    seen: set[int] = set()
-    cause = exc.__cause__ or exc.__context__
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, redis.ConnectionError) or (
-                isinstance(cause, redis.TimeoutError) and "connecting" in str(cause)):
-            return False
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    return True
 
 
 def ids(results: Iterable[PublishResult]) -> list[str | None]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 
+import redis
+
 
 class Outcome(StrEnum):
     """Where one event went."""
@@ -96,3 +98,47 @@ def describe(exc: BaseException) -> str:
         text += (": what answers at that address does not speak Redis (an HTTP server, "
                  "dualcast's own port?): check the URL's port (Redis's is usually 6379)")
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+#: redis-py's words for a connection that failed once the command was on its way: on
+#: the write, or waiting for the reply (the peer closed or reset it, or said nothing).
+_AFTER_SENDING = ("while writing to socket", "Timeout writing to socket", "Timeout reading from",
+                  "while reading from", "Connection closed by server")
+#: redis-py's functions that set a connection up or check it before any command is written
+#: on it: a failure inside them never sent the caller's command.
+_BEFORE_SENDING = frozenset({"connect", "connect_check_health", "_connect", "on_connect",
+                             "on_connect_check_health", "check_health", "get_connection",
+                             "get_master_address"})
+
+
+def unanswered(exc: BaseException) -> bool:
+    """Whether a failed call may have been carried out by Redis: its command went out and
+    no reply came, in time or at all (a slow Redis, or a primary that appended and died
+    before it answered), as opposed to never reaching Redis (refused, no primary known,
+    a connection that failed its check before the command was written)."""
+    if isinstance(exc, (redis.TimeoutError, redis.ConnectionError)):
+        if "connecting" in str(exc):  # redis-py: "Timeout connecting", "Error 111 connecting"
+            return False
+        frames = []
+        tb = exc.__traceback__
+        while tb is not None:
+            frames.append(tb.tb_frame)
+            tb = tb.tb_next
+        if any(f.f_code.co_name in _BEFORE_SENDING and f.f_globals.get("__name__", "")
+               .startswith("redis.") for f in frames):
+            return False
+        return isinstance(exc, redis.TimeoutError) or any(
+            words in str(exc) for words in _AFTER_SENDING)
+    if not isinstance(exc, TimeoutError):
+        return False
+    # The call's own bound may cut in while redis-py is still failing to connect (a loaded
+    # loop runs both timers at once): a redis-py failure behind the timeout that never
+    # sent the command means nothing was sent either.
+    seen: set[int] = set()
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, (redis.TimeoutError, redis.ConnectionError)):
+            return unanswered(cause)
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return True
