@@ -32,10 +32,13 @@ import redis
 import redis.asyncio as aioredis
 import redis.asyncio.cluster as aiocluster
 import redis.asyncio.connection
+import redis.asyncio.retry as aioretry
 import redis.asyncio.sentinel as aiosentinel
 import redis.cluster
 import redis.connection
+import redis.retry
 import redis.sentinel
+from redis.backoff import NoBackoff
 
 
 class Topology(enum.StrEnum):
@@ -364,10 +367,21 @@ else:
         enabled=False)}
 
 
-def _sentinel_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """What the Sentinels themselves are asked with: the timeouts only. The URL's
-    password is the data nodes'; Sentinels are usually run without one."""
-    return {k: v for k, v in kwargs.items() if k.startswith("socket_")}
+def _sentinel_kwargs(kwargs: dict[str, Any], retry_class: type) -> dict[str, Any]:
+    """What the Sentinels themselves are asked with: the timeouts, and no retries. The
+    URL's password is the data nodes'; Sentinels are usually run without one.
+
+    Why no retries: redis-py asks every Sentinel in turn, and its default client retried
+    each one three times with a backoff of up to ten seconds. With every Sentinel down,
+    finding the primary took 8 s for two of them and longer for three: a connection to
+    the primary lost meanwhile (the consumer's, a publish's, a long-poll's) waited that
+    long for the answer "no primary known", so a long-poll hung past its own timeout
+    and a publish timed out as if its event might have been appended. Asked once each,
+    the answer comes within one connect timeout per Sentinel.
+    """
+    out = {k: v for k, v in kwargs.items() if k.startswith("socket_")}
+    out["retry"] = retry_class(NoBackoff(), 0)
+    return out
 
 
 class _AsyncBlockingSentinelPool(aiosentinel.SentinelConnectionPool,
@@ -397,14 +411,17 @@ class _Flavour:
     sentinel: Any
     sentinel_pool: Any
     blocking_sentinel_pool: Any
+    retry: type
 
 
 _ASYNC = _Flavour(aioredis.Redis, aioredis.ConnectionPool, aioredis.BlockingConnectionPool,
                   aiocluster.RedisCluster, aiocluster.ClusterNode, aiosentinel.Sentinel,
-                  aiosentinel.SentinelConnectionPool, _AsyncBlockingSentinelPool)
+                  aiosentinel.SentinelConnectionPool, _AsyncBlockingSentinelPool,
+                  aioretry.Retry)
 _SYNC = _Flavour(redis.Redis, redis.ConnectionPool, redis.BlockingConnectionPool,
                  redis.cluster.RedisCluster, redis.cluster.ClusterNode, redis.sentinel.Sentinel,
-                 redis.sentinel.SentinelConnectionPool, _SyncBlockingSentinelPool)
+                 redis.sentinel.SentinelConnectionPool, _SyncBlockingSentinelPool,
+                 redis.retry.Retry)
 
 
 def _build(flavour: _Flavour, target: RedisTarget, tls: TlsFiles | None, pooling: Pooling,
@@ -416,7 +433,8 @@ def _build(flavour: _Flavour, target: RedisTarget, tls: TlsFiles | None, pooling
                                **kwargs)
     kwargs.update(_NO_MAINT_NOTIFICATIONS)
     if target.topology is Topology.SENTINEL:
-        sentinel = flavour.sentinel(list(target.nodes), sentinel_kwargs=_sentinel_kwargs(kwargs))
+        sentinel = flavour.sentinel(list(target.nodes),
+                                   sentinel_kwargs=_sentinel_kwargs(kwargs, flavour.retry))
         pool_class = flavour.sentinel_pool
         pool_kwargs: dict[str, Any] = {"max_connections": 1 if pooling.single else
                                        pooling.max_connections}
