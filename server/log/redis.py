@@ -18,6 +18,8 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any, TypeVar
 
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import (
     AskError,
     ClusterDownError,
@@ -87,8 +89,18 @@ class RedisLog:
         }
         target = parse_redis_url(settings.redis_url)
         tls = settings.redis_tls
+        writer: dict[str, Any] = {}
+        if target.topology is Topology.CLUSTER:
+            # Why: redis-py's cluster client retries a command whose connection failed up
+            # to ten times, an XADD too: one whose connection was cut after it went out
+            # was appended again, and the producer was told 202 for an event now in the
+            # stream twice. Nothing is retried there now; `_read` and `append` retry once
+            # what never left. A connection idle for a second is checked (PING) before a
+            # command goes out on it: one cut while the cluster was away then fails
+            # before the write, and is retried, instead of failing the XADD on it.
+            writer = {"retry": Retry(NoBackoff(), 0), "health_check_interval": 1}
         self._client = async_client(target, tls, Pooling(64, wait=timeout),
-                                    socket_timeout=timeout, **common)
+                                    socket_timeout=timeout, **{**common, **writer})
         # XREAD BLOCK does not extend the read timeout (redis-py #2807): give the
         # blocking reader a socket timeout well above its block time, so a stalled
         # connection is still noticed within block + timeout.
@@ -135,19 +147,36 @@ class RedisLog:
     async def ping(self) -> None:
         await self._read("PING", self._client.ping)
 
+    async def _write(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """A write, tried once more at once only when it surely never left: its connection
+        failed before the command was written (a pooled connection found dead, a node
+        that refused). One that failed after is never repeated (LogNoAnswer): it may
+        have been carried out."""
+        try:
+            async with _translated(what):
+                return await call()
+        except LogNoAnswer:
+            raise
+        except LogUnavailable as exc:
+            if not isinstance(exc.__cause__, RedisConnectionError):
+                raise
+        async with _translated(what):
+            return await call()
+
     async def append(self, fields: dict[str, str]) -> str:
-        async with _translated("XADD"):
-            entry_id = await self._client.xadd(
-                self.stream, fields, maxlen=self.maxlen, approximate=True  # type: ignore[arg-type]
-            )
+        entry_id = await self._write("XADD", partial(
+            self._client.xadd, self.stream, fields,  # type: ignore[arg-type]
+            maxlen=self.maxlen, approximate=True))
         return _text(entry_id)
 
     async def append_many(self, entries: list[dict[str, str]]) -> list[str]:
-        async with _translated("XADD pipeline"):
+        async def pipelined() -> list[Any]:
             async with self._client.pipeline(transaction=False) as pipe:
                 for fields in entries:
                     pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
-                ids = await pipe.execute()
+                return await pipe.execute()  # type: ignore[no-any-return]
+
+        ids = await self._write("XADD pipeline", pipelined)
         return [_text(i) for i in ids]
 
     async def read_after(self, after: str, count: int) -> list[RawEntry]:

@@ -131,9 +131,12 @@ class SentinelSet:
 class ClusterSet:
     """Six cluster nodes, three primaries and a replica each, built by `redis-cli --cluster`."""
 
-    def __init__(self, workdir: Path, node_timeout_ms: int = 1000) -> None:
+    def __init__(self, workdir: Path, node_timeout_ms: int = 1000,
+                 appendonly: bool = False) -> None:
+        """`appendonly`: every node keeps its data across a restart (an outage of the
+        whole cluster, `stop`/`start` of every node)."""
         self.nodes = [
-            RedisProcess(workdir / f"node{i}", args=[
+            RedisProcess(workdir / f"node{i}", appendonly=appendonly, args=[
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", str(workdir / f"node{i}" / "nodes.conf"),
                 "--cluster-node-timeout", str(node_timeout_ms),
