@@ -19,6 +19,7 @@ import redis.asyncio.cluster as aiocluster
 
 from dualcast.config import SettingsError, load_settings
 from dualcast.publisher import Publisher
+from dualcast.publisher.results import describe
 from dualcast.redis_connect import (
     URL_OPTIONS,
     BadRedisUrl,
@@ -27,9 +28,10 @@ from dualcast.redis_connect import (
     async_client,
     parse_redis_url,
     redact,
+    sync_client,
 )
 from tests.harness.clients import subscribe
-from tests.harness.procs import DualcastProcess, RedisProcess, clean_env
+from tests.harness.procs import DualcastProcess, RedisProcess, clean_env, free_port
 from tests.harness.waits import wait_for
 
 PASSWORD = "hunter2-very-secret"
@@ -259,3 +261,27 @@ async def test_a_server_on_a_unix_socket_delivers_on_every_transport(
                 await client.close()
     finally:
         proc.stop()
+
+
+async def test_no_primary_found_is_said_in_one_short_line() -> None:
+    """With no Sentinel answering, redis-py's MasterNotFoundError quoted the whole repr of
+    a client per Sentinel: every publish refused and every readiness detail was a 3 KB
+    line of pools and connection options. It now names each Sentinel's address."""
+    ports = [free_port() for _ in range(3)]
+    target = parse_redis_url("redis+sentinel://" + ",".join(f"127.0.0.1:{p}" for p in ports)
+                             + "/svc")
+    aclient = async_client(target, pooling=Pooling(single=True), socket_connect_timeout=1)
+    sclient = sync_client(target, socket_connect_timeout=1)
+    texts = []
+    for ping in (aclient.ping, sclient.ping):
+        with pytest.raises(redis.ConnectionError) as caught:
+            result = ping()
+            if not isinstance(result, bool):
+                await result
+        texts.append(describe(caught.value))
+    await aclient.aclose()
+    sclient.close()
+    for text in texts:
+        assert text.startswith("MasterNotFoundError: No master found for 'svc'"), text
+        assert all(f"Sentinel 127.0.0.1:{port} (ConnectionError)" in text for port in ports), text
+        assert len(text) < 300, text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 
@@ -87,10 +88,18 @@ _NO_PASSWORD = ("HELLO must be called with the client already authenticated",
 _NOT_REDIS = "Protocol error, got"
 
 
+#: How redis-py names each Sentinel it could not ask, in a MasterNotFoundError: the whole
+#: repr of a client, pool and connection (3 KB for three Sentinels), its address within.
+_SENTINEL_REPR = re.compile(r"<redis\.[\w.]+\(.*?,host=([^,]+),port=(\d+),.*?\)>\)>\)> - "
+                            r"(?:network:)?(\w+)")
+
+
 def describe(exc: BaseException) -> str:
     """`exc` in one line for `PublishResult.error`: its type and message (a timeout has
     none of its own)."""
     text = str(exc) or ("no answer in time" if isinstance(exc, TimeoutError) else "")
+    if text.startswith("No master found"):  # MasterNotFoundError, async or not
+        text = _SENTINEL_REPR.sub(r"Sentinel \1:\2 (\3)", text)
     if text.startswith(_NO_PASSWORD):
         text = ("this Redis requires a password and the URL has none: "
                 "redis://:PASSWORD@host:port/db (or USER:PASSWORD@ for an ACL user)")
