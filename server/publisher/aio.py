@@ -11,7 +11,7 @@ import redis
 
 from dualcast.publisher.core import FAILURES, HELD, BatchItem, PublisherCore, Throttle, ids
 from dualcast.publisher.encoding import Entry
-from dualcast.publisher.results import PublishResult, describe
+from dualcast.publisher.results import PublishResult, describe, unanswered
 from dualcast.redis_connect import AsyncClient, Pooling, async_client
 
 
@@ -125,6 +125,17 @@ class Publisher(PublisherCore):
         return self._finish(entries, replies)
 
     async def _send(self, entries: Sequence[Entry]) -> list[Any]:
+        """The replies to `entries`, sent once more at once when the first try surely never
+        left: its connection failed before anything was written (a pooled connection found
+        dead). One cut after the write is never repeated: it may have been appended."""
+        try:
+            return await self._send_once(entries)
+        except redis.ConnectionError as exc:
+            if unanswered(exc):
+                raise
+        return await self._send_once(entries)
+
+    async def _send_once(self, entries: Sequence[Entry]) -> list[Any]:
         client = self._client()
         if len(entries) == 1 and self._single:
             try:

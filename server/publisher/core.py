@@ -219,7 +219,7 @@ class PublisherCore:
         return "sent to the local fallback" if self.fallback is not None else "dropped (fail open)"
 
     def _connection_kwargs(self) -> dict[str, Any]:
-        return {
+        kwargs: dict[str, Any] = {
             "socket_timeout": self._call_timeout,
             # Shorter than the call's bound, so a connection that is not made in time
             # (a TLS handshake a plain-text port never answers) ends in redis-py's own
@@ -229,6 +229,12 @@ class PublisherCore:
             "retry": Retry(NoBackoff(), 0),  # the breaker, not the client, decides on retries
             "decode_responses": True,
         }
+        if self._target is not None and self._target.topology is Topology.CLUSTER:
+            # A cluster node's pool hands out a connection unchecked: one cut while the
+            # cluster was away failed the first publish after it came back. Checked (PING)
+            # when idle for a second, it fails before the XADD is written, and is sent again.
+            kwargs["health_check_interval"] = 1
+        return kwargs
 
     # -- before sending
 

@@ -4,7 +4,7 @@ Every node is frozen (SIGSTOP: connections stay open, replies never come), then
 killed and restarted on its ports with its data (AOF). dualcast must say it is
 unready and refuse publishes with a clear 503 while the cluster is away, then come
 back without a restart: /readyz 200, the first publish 202 (no pooled connection of
-before the outage may fail it), and every WebSocket, SSE and long-poll client ends
+before the outage may fail it; nor may it fail the Python publisher's), and every WebSocket, SSE and long-poll client ends
 with exactly the stream's events, in order, none twice.
 
 Then the node holding the stream is reached through a TCP proxy of ours (its
@@ -25,6 +25,7 @@ import httpx
 import pytest
 import redis
 
+from dualcast.publisher import Outcome, Publisher
 from tests.conftest import token
 from tests.harness.follow import Follower, start_followers
 from tests.harness.probes import log_problems, readyz
@@ -73,6 +74,9 @@ async def test_cluster_outage_and_a_cut_append(
                 return await readyz(dc) == code
             await wait_for(hit, 30, what=what, interval=0.05)
 
+        # dualcast's own Python publisher too, its pooled connections made before the outages
+        producer = Publisher(cluster.url, stream=STREAM, timeout=1)
+        assert (await producer.publish_result("lib", 0)).outcome is Outcome.PUBLISHED
         start = (await publish(3))[-1]
         tok = token("c")
         followers = [Follower(kind, "127.0.0.1", dc.port, token=tok) for kind in ("ws", "sse")]
@@ -100,6 +104,8 @@ async def test_cluster_outage_and_a_cut_append(
                            what=f"the {phase} cluster to be whole again")
             await readiness(200, f"/readyz 200 once the {phase} cluster is back")
             await publish(5)  # the first one included: no dead pooled connection fails it
+            result = await producer.publish_result("lib", phase)
+            assert result.outcome is Outcome.PUBLISHED, result
 
         # the stream's node, reached through our proxy from now on
         with TCPProxy(owner) as proxy:
@@ -140,4 +146,5 @@ async def test_cluster_outage_and_a_cut_append(
             problem = check_exact(client.ids, expected)
             assert problem is None, f"{client.kind} client: {problem}"
         await asyncio.gather(*(c.stop() for c in clients))
+        await producer.aclose()
     assert log_problems(dc) == []
