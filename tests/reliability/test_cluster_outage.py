@@ -113,8 +113,11 @@ async def test_cluster_outage_and_a_cut_append(
             node.config_set("cluster-announce-port", proxy.port)
 
             def announced() -> bool:
-                return all(any(int(s[2][1]) == proxy.port for s in redis.Redis(
-                    port=n.port).cluster("SLOTS")) for n in cluster.nodes)
+                for other in cluster.nodes:
+                    with redis.Redis(port=other.port) as client:
+                        if not any(int(s[2][1]) == proxy.port for s in client.cluster("SLOTS")):
+                            return False
+                return True
 
             await wait_for(lambda: asyncio.to_thread(announced), 15,
                            what="every node to name the proxy for the stream's slot")
@@ -136,6 +139,7 @@ async def test_cluster_outage_and_a_cut_append(
             node.config_set("cluster-announce-port", owner)
         cuts = [entry_id for entry_id, fields in node.xrange(STREAM)
                 if json.loads(fields[b"data"])["event"] == "cut"]
+        node.close()
         assert len(cuts) == 1, f"the cut XADD was appended {len(cuts)} times ({answer.text})"
         assert answer.status_code == 503 and answer.json().get("maybe_appended"), answer.text
 
