@@ -578,9 +578,7 @@ def test_the_supervisor_waits_as_long_as_a_worker_may_take_to_stop(
     drain) plus the grace (uvicorn's wait for connections) to stop; the supervisor
     waited the grace plus 5 s, then killed it ("did not stop within 13s; killing it",
     at a grace of 8 s) just before it finished, its shutdown never run."""
-    import json
 
-    import redis
 
     stream = f"stuck-at-stop-{free_port()}"
     proc = serve(["--workers", "2"], redis_url=redis_server.url,
@@ -591,18 +589,11 @@ def test_the_supervisor_waits_as_long_as_a_worker_may_take_to_stop(
     # its "Finished" line, and the count below failed once in CI)
     wait_until(lambda: proc.log().count("Application startup complete") == 2, timeout=30,
                what="both workers started")
-    stuck = socket.socket()
-    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    stuck.connect(("127.0.0.1", proc.port))
-    stuck.sendall(b"GET /api/sse HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # never read
+    stuck = stuck_reader(proc.port)
     try:
         wait_until(lambda: sum(streams_held(w, proc.port) for w in workers_of(proc)) == 1,
                    timeout=10, what="the stream held by a worker")
-        raw = redis.Redis(port=redis_server.port)
-        blob = "x" * 60_000
-        for _ in range(200):  # 12 MB: the worker's writes to it block for good
-            raw.xadd(stream, {"data": json.dumps({"event": "big", "data": blob})})
-        raw.close()
+        flood(redis_server.port, stream)
         proc.signal(signal.SIGTERM)
         exit_code = proc.proc.wait(60)
     finally:
@@ -621,29 +612,17 @@ def test_clients_cut_at_the_end_of_the_grace_are_no_tracebacks(
     nothing) were each logged as "Exception in ASGI application" with a CancelledError
     traceback: one traceback per stuck client, for a cut-off uvicorn's own line already
     reports. That line stays; the tracebacks go."""
-    import json
 
-    import redis
 
     stream = f"cut-at-stop-{free_port()}"
     proc = serve([], redis_url=redis_server.url,
                  env={"DUALCAST_SHUTDOWN_GRACE": "1", "DUALCAST_STREAM": stream})
     assert proc.proc is not None
-    stuck = []
-    for _ in range(3):
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", proc.port))
-        sock.sendall(b"GET /api/sse HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # never read
-        stuck.append(sock)
+    stuck = [stuck_reader(proc.port) for _ in range(3)]
     try:
         me = psutil.Process(proc.pid)
         wait_until(lambda: streams_held(me, proc.port) == 3, timeout=10, what="3 streams")
-        raw = redis.Redis(port=redis_server.port)
-        blob = "x" * 60_000
-        for _ in range(200):  # 12 MB: every write to them blocks for good
-            raw.xadd(stream, {"data": json.dumps({"event": "big", "data": blob})})
-        raw.close()
+        flood(redis_server.port, stream)
         proc.signal(signal.SIGTERM)
         proc.proc.wait(60)
     finally:
@@ -662,27 +641,18 @@ def test_a_client_that_reads_nothing_holds_the_stop_no_longer_than_the_grace(
     from. One stream whose client reads nothing held the stop to 1.8 times the grace
     (the drain's 0.8, then uvicorn's wait for connections given the whole grace again):
     7.2 s at a grace of 4, where systemd or Kubernetes may already have killed it."""
-    import json
 
-    import redis
 
     grace = 4.0
     stream = f"held-at-stop-{free_port()}"
     proc = serve([], redis_url=redis_server.url,
                  env={"DUALCAST_SHUTDOWN_GRACE": str(grace), "DUALCAST_STREAM": stream})
     assert proc.proc is not None
-    stuck = socket.socket()
-    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    stuck.connect(("127.0.0.1", proc.port))
-    stuck.sendall(b"GET /api/sse HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # never read
+    stuck = stuck_reader(proc.port)
     try:
         me = psutil.Process(proc.pid)
         wait_until(lambda: streams_held(me, proc.port) == 1, timeout=10, what="the stream")
-        raw = redis.Redis(port=redis_server.port)
-        blob = "x" * 60_000
-        for _ in range(200):  # 12 MB: the writes to it block for good
-            raw.xadd(stream, {"data": json.dumps({"event": "big", "data": blob})})
-        raw.close()
+        flood(redis_server.port, stream)
         started = time.monotonic()
         proc.signal(signal.SIGTERM)
         proc.proc.wait(60)
@@ -894,6 +864,29 @@ def open_stream(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def stuck_reader(port: int) -> socket.socket:
+    """An SSE client that never reads: a small receive buffer, so the server's writes to
+    it soon block for good."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(b"GET /api/sse HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # never read
+    return sock
+
+
+def flood(redis_port: int, stream: str) -> None:
+    """12 MB of events: every write to a client that reads nothing blocks for good."""
+    import json
+
+    import redis
+
+    raw = redis.Redis(port=redis_port)
+    blob = "x" * 60_000
+    for _ in range(200):
+        raw.xadd(stream, {"data": json.dumps({"event": "big", "data": blob})})
+    raw.close()
 
 
 def streams_held(worker: psutil.Process, port: int) -> int:
