@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 
 from tests.harness.probes import BAD_LOG, fd_count, log_problems, metric, readyz, rss_mb
 from tests.harness.procs import raise_nofile
+from tests.harness.redis_ha import SentinelSet
+from tests.harness.tools import require_tool
 
 __all__ = ["BAD_LOG", "FAST", "fd_count", "log_problems", "metric", "readyz", "rss_mb"]
 
@@ -26,3 +31,14 @@ FAST = {
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture
+def sentinels(tmp_path: Path) -> Iterator[SentinelSet]:
+    """A primary, a replica and Sentinels watching them, on free loopback ports."""
+    require_tool("redis-server", "the Sentinel tests run it as primary, replica and Sentinel")
+    ha = SentinelSet(tmp_path / "sentinel")
+    try:
+        yield ha.start()
+    finally:
+        ha.stop()

@@ -46,17 +46,6 @@ T = TypeVar("T")
 
 
 @pytest.fixture
-def sentinels(tmp_path: Path) -> Iterator[SentinelSet]:
-    require_tool("redis-server", "the Sentinel failover test runs it as primary, replica and "
-                 "Sentinel")
-    ha = SentinelSet(tmp_path / "sentinel")
-    try:
-        yield ha.start()
-    finally:
-        ha.stop()
-
-
-@pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[ClusterSet]:
     require_tool("redis-cli", "the Cluster failover test builds the cluster with it")
     ha = ClusterSet(tmp_path / "cluster")

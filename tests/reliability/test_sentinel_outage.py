@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -24,21 +23,10 @@ from tests.harness.probes import log_problems, readyz
 from tests.harness.procs import DualcastProcess
 from tests.harness.redis_ha import SentinelSet
 from tests.harness.stream import check_exact, stream_ids
-from tests.harness.tools import require_tool
 from tests.harness.waits import wait_for
 from tests.reliability.conftest import FAST
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-def sentinels(tmp_path: Path) -> Iterator[SentinelSet]:
-    require_tool("redis-server", "the Sentinel test runs it as primary, replica and Sentinel")
-    ha = SentinelSet(tmp_path / "sentinel")
-    try:
-        yield ha.start()
-    finally:
-        ha.stop()
 
 
 async def test_every_sentinel_away_is_survived_and_said_clearly(
