@@ -253,6 +253,15 @@ async def start_followers(followers: list[Follower], within: float = 30.0,
     await asyncio.gather(*(one(f) for f in followers))
 
 
+async def one_of_each(port: int, token: str, after: str) -> list[Follower]:
+    """A WebSocket and an SSE follower, live, and a poller from `after`: one client of
+    each transport to check against the stream after a fault."""
+    followers = [Follower(kind, "127.0.0.1", port, token=token) for kind in ("ws", "sse")]
+    await start_followers(followers)
+    return [*followers, Follower("poll", "127.0.0.1", port, token=token, last_id=after,
+                                 poll_wait=2).start()]
+
+
 class Stuck:
     """A subscriber that stops reading: a tiny receive buffer, reading paused after welcome."""
 

@@ -27,7 +27,7 @@ import redis
 
 from dualcast.publisher import Outcome, Publisher
 from tests.conftest import token
-from tests.harness.follow import Follower, start_followers
+from tests.harness.follow import one_of_each
 from tests.harness.probes import log_problems, readyz
 from tests.harness.procs import DualcastProcess
 from tests.harness.redis_ha import ClusterSet
@@ -78,11 +78,7 @@ async def test_cluster_outage_and_a_cut_append(
         producer = Publisher(cluster.url, stream=STREAM, timeout=1)
         assert (await producer.publish_result("lib", 0)).outcome is Outcome.PUBLISHED
         start = (await publish(3))[-1]
-        tok = token("c")
-        followers = [Follower(kind, "127.0.0.1", dc.port, token=tok) for kind in ("ws", "sse")]
-        await start_followers(followers)
-        clients = [*followers, Follower("poll", "127.0.0.1", dc.port, token=tok, last_id=start,
-                                        poll_wait=2).start()]
+        clients = await one_of_each(dc.port, token("c"), start)
         await publish(5)
 
         for phase in ("frozen", "restarted"):

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tests.conftest import token
-from tests.harness.follow import Follower, start_followers
+from tests.harness.follow import one_of_each
 from tests.harness.probes import log_problems, readyz
 from tests.harness.procs import DualcastProcess
 from tests.harness.redis_ha import SentinelSet
@@ -45,11 +45,7 @@ async def test_every_sentinel_away_is_survived_and_said_clearly(
             return ids
 
         start = (await publish(3))[-1]
-        tok = token("c")
-        followers = [Follower(kind, "127.0.0.1", dc.port, token=tok) for kind in ("ws", "sse")]
-        await start_followers(followers)
-        clients = [*followers, Follower("poll", "127.0.0.1", dc.port, token=tok, last_id=start,
-                                        poll_wait=2).start()]
+        clients = await one_of_each(dc.port, token("c"), start)
         await publish(5)
 
         for sentinel in sentinels.sentinels:
@@ -89,7 +85,7 @@ async def test_every_sentinel_away_is_survived_and_said_clearly(
         for client in clients:
             problem = check_exact(client.ids, expected)
             assert problem is None, f"{client.kind} client: {problem}"
-        for follower in followers:
+        for follower in clients[:2]:  # the WebSocket and the SSE stream were never cut
             assert follower.record.closes == [], follower.record.closes
         await asyncio.gather(*(c.stop() for c in clients))
     assert log_problems(dc) == []
