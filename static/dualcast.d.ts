@@ -63,7 +63,8 @@ export interface DualcastEvents {
   welcome: Welcome;
 }
 
-/** A function must give a token string: anything else is a `token_unavailable` error. */
+/** A function must give a token string within 10 s: anything else (or nothing by then) is a
+ *  `token_unavailable` error. */
 export type TokenSource = string | (() => string | Promise<string>);
 
 export interface DualcastOptions {

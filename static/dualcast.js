@@ -1097,6 +1097,10 @@ const REFRESH_LEAD_MS = 60000;
 const REFRESH_GRACE_MS = 10000;
 /** A refresh ahead of `exp` that failed is tried again this soon (sooner for a short token). */
 const REFRESH_RETRY_MS = 5000;
+/** A token function that has not answered by then has failed (as the Python client's). */
+const TOKEN_TIMEOUT_MS = 10000;
+/** The longest setTimeout waits: past it (24.8 days) a timer fires at once. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
 
 /** The `exp` claim (seconds) of a JWT, read without checking it (the server checks). */
 export function tokenExpiry(token) {
@@ -1432,8 +1436,16 @@ export class Dualcast {
    */
   async refresh(generation, ahead = false) {
     let token;
+    let bound = null;
     try {
-      token = await this.tokenSource();
+      // A function that never answered (a fetch hung on a dead connection) held the
+      // client in `connecting` for good, or let the token run out without a word.
+      const late = new Promise((_, fail) => {
+        bound = this.timer.set(() => fail(new Error(
+          `the token function did not answer within ${TOKEN_TIMEOUT_MS / 1000} s`)),
+        TOKEN_TIMEOUT_MS);
+      });
+      token = await Promise.race([this.tokenSource(), late]);
       // anything but a token (an {access_token} object, undefined from a forgotten
       // return) was taken for "no token": the page went on anonymously, public events
       // only, and nothing said why
@@ -1456,6 +1468,8 @@ export class Dualcast {
       });
       this.manager.stop('auth');
       return false;
+    } finally {
+      if (bound !== null) this.timer.clear(bound);
     }
     if (generation !== this.generation) return false;
     const previous = this.token;
@@ -1480,6 +1494,15 @@ export class Dualcast {
     const left = exp * 1000 - this.now();
     const delay = wait ?? Math.max(1000, left - Math.min(REFRESH_LEAD_MS, left / 2));
     const generation = this.generation;
+    if (delay > MAX_TIMER_MS) {
+      // a token good for more than 24.8 days (`--ttl 30d`): a timer that long fired at
+      // once, and the token function was asked again and again in a tight loop
+      this.refreshTimer = this.timer.set(() => {
+        this.refreshTimer = null;
+        if (this.running && generation === this.generation) this.scheduleRefresh();
+      }, MAX_TIMER_MS);
+      return;
+    }
     this.refreshTimer = this.timer.set(() => {
       this.refreshTimer = null;
       if (this.running && generation === this.generation) this.refresh(generation, true);

@@ -264,6 +264,48 @@ describe('Dualcast', { timeout: 10000 }, () => {
     assert.equal(t.dc.state, 'offline');
   });
 
+  it('a token function that never answers: token_unavailable after 10 s, not connecting for good',
+    async () => {
+      const t = setup({ token: () => new Promise(() => {}) });
+      t.dc.start();
+      await t.clock.tick(9_000);
+      assert.equal(t.errors.length, 0);
+      assert.equal(t.dc.state, 'connecting');
+      await t.clock.tick(1_500);
+      assert.equal(t.WS.instances.length, 0);
+      assert.equal(t.errors[0].code, 'token_unavailable');
+      assert.match(t.errors[0].message, /did not answer within 10 s/);
+      assert.equal(t.dc.state, 'offline');
+    });
+
+  it('a token good for 30 days is not asked for again in a loop', async () => {
+    // setTimeout fires at once for a delay past 2**31 - 1 ms (24.8 days), as browsers
+    // and Node do; the fake clock is made to do the same here
+    const clock = new FakeClock();
+    const delays = [];
+    const setT = (fn, ms = 0) => {
+      delays.push(ms);
+      return clock.setTimeout(fn, ms > 2 ** 31 - 1 ? 1 : ms);
+    };
+    let asked = 0;
+    const t = setup({
+      clock,
+      setTimeout: setT,
+      token: async () => {
+        asked += 1;
+        return jwt({ sub: 'u', exp: Math.floor(clock.now() / 1000) + 30 * 86400 });
+      },
+    });
+    t.dc.start();
+    await clock.tick(0);
+    t.WS.last().welcome('1000-0');
+    await clock.tick(1_000);
+    assert.equal(asked, 1, 'asked again and again: the refresh timer fired at once');
+    assert.ok(Math.max(...delays) <= 2 ** 31 - 1, `a timer of ${Math.max(...delays)} ms`);
+    assert.ok(delays.includes(2 ** 31 - 1), 'the refresh waits the longest a timer can');
+    t.dc.stop();
+  });
+
   it('an auth refusal without a token function stops and says so', async () => {
     const t = setup({ token: 'old' });
     t.dc.start();
