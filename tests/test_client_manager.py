@@ -166,6 +166,30 @@ async def test_a_transport_that_dies_repeatedly_is_given_up_for_the_next() -> No
         assert (await run.conn(3)).transport is SSE
 
 
+async def test_a_server_away_on_every_transport_is_met_again_on_the_one_last_live() -> None:
+    """Behind nginx an instance that stops answers 502 on every path: the client fell
+    back to polling, and stayed there once the server was back (climbing later, 5-30 s
+    on the worse transport). When every transport failed to open, the next round starts
+    again from the one last live; rounds in a row go offline and wait longer."""
+    async with manager((WS, SSE, POLL)) as run:
+        live = await run.conn(0)
+        await live.say(Welcome([], "100-0"), Ended(Failure.TRANSPORT, "1006"))  # a restart
+        index = 1
+        for _ in range(2):                                   # two rounds: all three 502
+            for transport in (WS, SSE, POLL):
+                conn = await run.conn(index)
+                assert conn.transport is transport, (index, conn.transport)
+                await conn.say(Ended(Failure.TRANSPORT, "502 Bad Gateway"))
+                index += 1
+        back = await run.conn(index)                          # the server is back
+        assert back.transport is WS and back.cursor == "100-0"
+        offline = [s for s in run.statuses if s.state is State.OFFLINE]
+        assert offline == [Status(WS, State.OFFLINE, "502 Bad Gateway")], run.statuses
+        await back.say(Welcome([], "100-0"), Batch([ev(1)]))
+        assert await run.items(1) == [ev(1)]
+        assert run.statuses[-1] == Status(WS, State.LIVE)
+
+
 async def test_no_welcome_in_time_falls_back() -> None:
     quick = Timing(welcome=0.05, retry_base=0.01, retry_cap=0.01, climb_base=1000,
                    climb_cap=1000)

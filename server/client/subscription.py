@@ -5,7 +5,10 @@ WebSocket first; SSE when the WebSocket cannot open (refused upgrade, or no
 `welcome` in time: a held handshake looks open) or dies repeatedly; long-polling
 when SSE says no `welcome` in time (a buffering proxy holds the stream back).
 From a lower transport it probes the higher ones now and then and switches up
-once a probe has said `welcome`. One cursor, the last stream id handed on, is
+once a probe has said `welcome`. When every transport fails to open, the last one
+too, the server is away (a restart, an instance behind nginx answering 502), and
+the next round of retries starts again on the transport last live, as the browser
+client's does. One cursor, the last stream id handed on, is
 carried across every switch and reconnect; since ids are totally ordered, an id
 at or below the cursor is a repeat and is dropped, so each id arrives once, in order.
 
@@ -138,6 +141,10 @@ class Subscription:
         #: the server's head the subscription went live from (as the browser's lastEventId).
         self.last_event_id = last_event_id
         self._level = 0
+        #: The level last live: where a round of retries starts once every transport
+        #: failed to open (the server was away), and how many such rounds in a row.
+        self._home = 0
+        self._rounds = 0
         self._conn: Connection | None = None
         self._probe: Connection | None = None
         self._closing: set[asyncio.Task[None]] = set()
@@ -313,7 +320,7 @@ class Subscription:
             if probe is not None and not probe.welcomed:
                 await self._ended(probe, Ended(Failure.TRANSPORT, "no welcome in time"))
         elif timer is Timer.RETRY:
-            self._open()
+            self._open(quiet=self._state is State.OFFLINE and self._rounds > 0)
         elif timer is Timer.CLIMB:
             self._probe_from(0)
         elif timer is Timer.REFRESH:
@@ -354,6 +361,8 @@ class Subscription:
                 # Nothing handed over yet: resuming from here later misses nothing.
                 self.last_event_id = welcome.last_id
         self._failures = 0
+        self._rounds = 0
+        self._home = self._level
         self._auth_retried = False
         self._live_since = asyncio.get_running_loop().time()
         self._set_state(State.LIVE)
@@ -486,6 +495,21 @@ class Subscription:
         if not last:
             self._fall_back()
             return
+        if self._home < self._level:
+            # Every transport failed to open, the last one too: the server is away (a
+            # restart; behind nginx, an instance stopping answers 502 on every path), not
+            # a transport blocked on the way. The next round starts again from the
+            # transport last live, as the browser client's does: coming back on polling
+            # and climbing later cost 5-30 s on the worse transport. The rounds count as
+            # one run of failures (the state goes offline; the waits grow).
+            self._level = self._home
+            self._clear(Timer.CLIMB)
+            self._failures = self._rounds
+            self._retry_later(ended.detail)
+            self._rounds = self._failures
+            if self._level > 0:
+                self._schedule_climb()
+            return
         self._retry_later(ended.detail)
         self._schedule_climb()
 
@@ -530,7 +554,7 @@ class Subscription:
         self._level += 1
         self._deaths = []
         self._failures = 0
-        self._open()
+        self._open(quiet=self._rounds > 0)  # (in a round of retries: offline stays offline)
         self._schedule_climb()
 
     def _schedule_climb(self) -> None:
