@@ -165,7 +165,7 @@ async def _publish(request: Request) -> Response:
     try:
         raw = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        return error_response(422, "bad_json", f"body is not JSON: {exc}")
+        return error_response(422, "bad_json", f"body is not JSON: {exc}", field="body")
     try:  # names are checked with this deployment's patterns (events.use_names)
         envelope = Envelope.model_validate(raw)
     except ValidationError as exc:

@@ -403,6 +403,7 @@ async def test_publish_bodies_that_are_not_json_are_422(
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
         response = await _post(client, body.encode("latin-1"))
         assert_json_error(response, 422, "bad_json")
+        assert response.json()["field"] == "body"  # every 422 names where
     await still_served(server, healthy)
 
 
