@@ -1494,19 +1494,16 @@ export class Dualcast {
     const left = exp * 1000 - this.now();
     const delay = wait ?? Math.max(1000, left - Math.min(REFRESH_LEAD_MS, left / 2));
     const generation = this.generation;
-    if (delay > MAX_TIMER_MS) {
-      // a token good for more than 24.8 days (`--ttl 30d`): a timer that long fired at
-      // once, and the token function was asked again and again in a tight loop
-      this.refreshTimer = this.timer.set(() => {
-        this.refreshTimer = null;
-        if (this.running && generation === this.generation) this.scheduleRefresh();
-      }, MAX_TIMER_MS);
-      return;
-    }
+    // a token good for more than 24.8 days (`--ttl 30d`): a timer that long fired at once,
+    // and the token function was asked again and again in a tight loop; such a wait is
+    // taken in steps of the longest timer
+    const step = delay > MAX_TIMER_MS;
     this.refreshTimer = this.timer.set(() => {
       this.refreshTimer = null;
-      if (this.running && generation === this.generation) this.refresh(generation, true);
-    }, delay);
+      if (!this.running || generation !== this.generation) return;
+      if (step) this.scheduleRefresh();
+      else this.refresh(generation, true);
+    }, Math.min(delay, MAX_TIMER_MS));
   }
 
   cancelRefresh() {

@@ -30,6 +30,13 @@ function setup({ routes = {}, cursor = '1000-0', clock = new FakeClock(), ...opt
 }
 
 /** An /api/sse route whose streams the test controls: streams[i] = {request, body}. */
+/** The server is back: WebSockets open again; until the next retry round opens one. */
+async function nextWebSocketOnceBack(t) {
+  t.WS.refuse = false;
+  const before = t.WS.instances.length;
+  for (let i = 0; i < 60 && t.WS.instances.length === before; i += 1) await t.clock.tick(500);
+}
+
 function sseRoute() {
   const streams = [];
   const handler = (request) => {
@@ -482,11 +489,7 @@ describe('reset, errors, pause', { timeout: 5000 }, () => {
         'retries while offline: no flicker through connecting and the other transports');
       // back: the next round's WebSocket says welcome; SSE and polling are never live
       up = true;
-      t.WS.refuse = false;
-      const before = t.WS.instances.length;
-      for (let i = 0; i < 60 && t.WS.instances.length === before; i += 1) {
-        await t.clock.tick(500);
-      }
+      await nextWebSocketOnceBack(t);
       t.WS.last().welcome('1001-0');
       assert.equal(t.manager.transport, 'websocket');
       assert.equal(t.manager.state, 'live');
@@ -574,11 +577,7 @@ describe('reset, errors, pause', { timeout: 5000 }, () => {
       for (let i = 0; i < 20 && t.errors.length < 2; i += 1) await t.clock.tick(1000);
       assert.equal(t.errors.length, 2, 'unreachable said again after the restart');
       up = true;
-      t.WS.refuse = false;
-      const before = t.WS.instances.length;
-      for (let i = 0; i < 60 && t.WS.instances.length === before; i += 1) {
-        await t.clock.tick(500);
-      }
+      await nextWebSocketOnceBack(t);
       t.WS.last().welcome('1000-0');
       assert.equal(t.manager.transport, 'websocket');
       assert.equal(t.manager.state, 'live');
