@@ -117,8 +117,10 @@ class Settings(BaseSettings):
     )
     ping_interval: float = Field(15.0, gt=0, le=3600, description="SSE ping / WS heartbeat")
     sse_retry_ms: int = Field(3_000, ge=100)
-    replay_max: int = Field(
-        10_000, ge=1, description="events one client may replay after a cursor (0: not capped)")
+    replay_max: int | None = Field(
+        None, ge=0,
+        description="events one client may replay after a cursor (unset: twice "
+                    "DUALCAST_MAXLEN; 0: not capped)")
     replay_page: int = Field(500, ge=1, le=10_000)
     recent_window: int = Field(2_000, ge=0, description="events kept in memory for pollers")
     poll_timeout_max: float = Field(30.0, ge=0, le=300)
@@ -240,6 +242,21 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def replay_cap(self) -> int | None:
+        """Events one client may replay after its cursor before it is told `reset`; None:
+        not capped.
+
+        Unset, twice the maxlen: producers trim with `MAXLEN ~`, and Redis then keeps
+        whole nodes, a little more than MAXLEN. A cap equal to MAXLEN (both were 10,000
+        by default) sent `reset` to a client whose cursor was the oldest retained entry,
+        though nothing after it was gone; a cursor the log no longer covers is a reset
+        by itself, so the cap only bounds what one client may ask for.
+        """
+        if self.replay_max is None:
+            return 2 * self.maxlen
+        return self.replay_max or None
+
+    @property
     def redis_tls(self) -> TlsFiles:
         """The TLS files for a rediss:// URL (empty: the system's CAs, no client cert)."""
         return TlsFiles(self.redis_tls_ca, self.redis_tls_cert, self.redis_tls_key)
@@ -270,7 +287,8 @@ class Settings(BaseSettings):
         return parse_algorithms(value)
 
     @field_validator("secret", "static_dir", "redis_tls_ca", "redis_tls_cert", "redis_tls_key",
-                     "public_key", "jwks_url", "jwt_issuer", "auth_url", mode="before")
+                     "public_key", "jwks_url", "jwt_issuer", "auth_url", "replay_max",
+                     mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         """`DUALCAST_X=` (set, empty: a template's blank) means unset, not an empty value."""

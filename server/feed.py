@@ -76,10 +76,11 @@ class Feed:
         self._replayed = 0
         #: The client asked for everything retained (`0`): its replay is bounded by the
         #: stream itself, and a `reset` would tell a client loading its state from the
-        #: start that its cursor is gone. Past DUALCAST_REPLAY_MAX it got one: with
+        #: start that its cursor is gone. Past the replay cap it got one: with
         #: `MAXLEN ~` Redis keeps a little more than MAXLEN (whole nodes of 100 entries),
-        #: so at the defaults (both 10,000) a full stream replayed from `0` stopped at
-        #: the 10,000th event with a reset, and the newest events were never sent.
+        #: so with the cap equal to MAXLEN (both were 10,000 by default) a full stream
+        #: replayed from `0` stopped at the 10,000th event with a reset, and the newest
+        #: events were never sent.
         self._from_start = cursor == ZERO
         #: No cursor was asked for and none is known yet (see __aenter__).
         self._headless = False
@@ -197,7 +198,8 @@ class Feed:
                 await sub.wait(min(timeout if timeout is not None else 0.5, 0.5))
             return []
         self._replayed += len(entries)
-        if self._replayed > self.settings.replay_max and not self._from_start:
+        cap = self.settings.replay_cap
+        if cap is not None and self._replayed > cap and not self._from_start:
             # (the replay may have read past the consumer: never go back behind it)
             return [self._jump_to(max(hub.last_key, sub.cursor))]
         events = decode_visible(entries, sub.rooms)

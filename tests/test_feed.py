@@ -142,3 +142,25 @@ async def test_a_closed_subscriber_ends_the_feed_with_its_reason() -> None:
             await feed.next(timeout=1)
         assert closed.value.reason is CloseReason.SHUTDOWN
     assert hub.count() == 0
+
+
+async def test_a_replay_cap_of_zero_caps_nothing() -> None:
+    """The README says `DUALCAST_REPLAY_MAX=0` replays everything retained; the setting
+    refused 0 at start ("greater than or equal to 1")."""
+    log, ids = await filled(40)
+    hub = Hub()
+    hub.set_position((0, 0))
+    await deliver_all(hub, log)
+    settings = load_settings(replay_max=0, replay_page=3, maxlen=10)
+    assert settings.replay_cap is None
+    async with Feed(hub, log, settings, "websocket", set(), parse_id(ids[0])) as feed:
+        assert await collect(feed, 39) == ids[1:]
+
+
+def test_the_default_replay_cap_follows_the_maxlen() -> None:
+    """The cap was 10,000 whatever DUALCAST_MAXLEN said; unset it is twice the maxlen, and
+    an explicit one (or `DUALCAST_REPLAY_MAX=`, blank: unset) is what it says."""
+    assert load_settings(maxlen=100).replay_cap == 200
+    assert load_settings().replay_cap == 20_000
+    assert load_settings(maxlen=100, replay_max=300).replay_cap == 300
+    assert load_settings(maxlen=100, replay_max="").replay_cap == 200

@@ -241,6 +241,45 @@ async def test_zero_replays_a_stream_longer_than_the_replay_cap_without_a_reset(
         await client.close()
 
 
+@pytest.mark.parametrize("transport", ["ws", "sse"])
+async def test_a_cursor_at_the_oldest_retained_entry_replays_without_a_reset_by_default(
+    fresh_redis: RedisProcess, dualcast: Callable[..., DualcastProcess], transport: Transport,
+) -> None:
+    """At the defaults the replay cap and MAXLEN were both 10,000, and `MAXLEN ~ 10000`
+    keeps a little more than 10,000 entries: a client whose cursor was the oldest
+    retained entry replayed more than 10,000 events and was told `reset`, though nothing
+    after its cursor was gone."""
+    import redis
+
+    server = dualcast(fresh_redis.url)  # the default maxlen and replay cap
+    maxlen = 10_000
+    with redis.Redis.from_url(fresh_redis.url) as r:
+        def add(n: int) -> None:
+            pipe = r.pipeline(transaction=False)
+            for i in range(n):
+                pipe.xadd("websocket-broadcast", {"data": json.dumps({"event": "tick", "data": i})},
+                          maxlen=maxlen, approximate=True)
+            pipe.execute()
+
+        add(maxlen)
+        first = r.xinfo_stream("websocket-broadcast")["first-entry"][0]
+        # on until Redis has trimmed (a window, not the whole history) and keeps more
+        # than MAXLEN by a few
+        while r.xinfo_stream("websocket-broadcast")["first-entry"][0] == first or (
+                r.xlen("websocket-broadcast") < maxlen + 10):
+            add(5)
+        ids = [i.decode() for i, _ in r.xrange("websocket-broadcast")]
+    assert ids[0] != first.decode() and len(ids) > maxlen + 1
+    client = await subscribe(transport, server.url, after=ids[0])
+    try:
+        await wait_for(lambda: len(client.seen.ids) >= len(ids) - 1 or client.seen.resets, 30,
+                       "the retained events")
+        assert client.seen.resets == []
+        assert client.seen.ids == ids[1:]
+    finally:
+        await client.close()
+
+
 async def test_a_cursor_from_before_a_memory_engine_restart_gets_reset(
     dualcast: Callable[..., DualcastProcess],
 ) -> None:
