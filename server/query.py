@@ -3,7 +3,8 @@
 Starlette's `QueryParams` builds a multi-dict through `parse_qsl` on first use:
 about 14 us per request, the largest single cost of a long-poll answer in our
 own code (issue 8). Our parameters are single-valued, so a dict does; like
-Starlette, the last of repeated names wins and `+`/`%xx` decode as UTF-8.
+Starlette, the last of repeated names wins and `+`/`%xx` decode as UTF-8, but for
+the comma lists (`rooms`): each repetition adds to the list.
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ from starlette.requests import HTTPConnection
 
 _KEY = "dualcast.query"
 
+#: Parameters whose repetitions are one comma list: `?rooms=a&rooms=b` is `rooms=a,b`, as
+#: a form or URLSearchParams.append writes a list. The last one won, and such a client got
+#: the events of `b` alone without a word.
+LISTS = frozenset({"rooms"})
+
 
 def parse_query(raw: bytes) -> dict[str, str]:
     found: dict[str, str] = {}
@@ -23,6 +29,8 @@ def parse_query(raw: bytes) -> dict[str, str]:
         name, _, value = part.partition("=")
         if "%" in part or "+" in part:
             name, value = unquote_plus(name), unquote_plus(value)
+        if name in LISTS and name in found:
+            value = f"{found[name]},{value}"
         found[name] = value
     return found
 

@@ -47,6 +47,19 @@ def test_query_parses_like_starlette(raw: str) -> None:
                                                               keep_blank_values=True))
 
 
+@pytest.mark.parametrize(("raw", "rooms"), [
+    ("rooms=a&rooms=b", "a,b"),
+    ("rooms=a,b&token=t&rooms=c%2Cd", "a,b,c,d"),
+    ("rooms=&rooms=a", ",a"),
+    ("rooms=a", "a"),
+])
+def test_repeated_rooms_add_up_to_one_list(raw: str, rooms: str) -> None:
+    """`?rooms=a&rooms=b` gave `b` alone (the last one won); other names still do."""
+    query = parse_query(raw.encode())
+    assert query["rooms"] == rooms
+    assert parse_query(b"token=a&token=b") == {"token": "b"}
+
+
 def test_a_cached_token_is_refused_once_it_expires(monkeypatch: pytest.MonkeyPatch) -> None:
     authenticator = Authenticator(SECRET)
     soon = mint_token(SECRET, "456", ttl=60)

@@ -175,6 +175,68 @@ async def test_too_many_rooms(
     await still_served(server, healthy)
 
 
+async def sse_welcome(client: httpx.AsyncClient, query: list[tuple[str, str]],
+                      ) -> dict[str, Any]:
+    async with client.stream("GET", "/api/sse", params=query) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line.startswith("data:"):
+                return dict(json.loads(line.removeprefix("data:")))
+    raise AssertionError("no welcome")
+
+
+async def test_repeated_rooms_parameters_all_count_on_every_transport(
+    server: DualcastProcess, healthy: WSClient,
+) -> None:
+    """`?rooms=a&rooms=b` subscribed to `b` alone (the last one won, without a word); every
+    `rooms` now counts, as one comma list would, with the same limits and refusals."""
+    tag = uuid.uuid4().hex[:8]
+    a, b, c, d = (f"{name}-{tag}" for name in "abcd")
+    member = token("rep", rooms=[a, b, c])
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        both = [("token", member), ("rooms", a), ("rooms", f"{b},{a}")]
+        assert (await sse_welcome(client, both))["rooms"] == sorted([a, b])
+        conn = await websockets.connect(
+            f"{server.ws_url}/api/ws?token={member}&rooms={a}&rooms={b},{a}")
+        try:
+            assert (await next_frame(conn))["rooms"] == sorted([a, b])
+        finally:
+            await conn.close()
+        after = (await client.get("/api/events", params=[*both, ("timeout", "0")])).json()
+        headers = {"Authorization": f"Bearer {ADMIN}"}
+        for room in (a, b, c):
+            response = await client.post("/api/publish", headers=headers,
+                                         json={"event": "rep", "data": room, "rooms": [room]})
+            assert response.status_code == 202, response.text
+        polled: list[str] = []
+        for _ in range(10):
+            answer = (await client.get("/api/events", params=[
+                *both, ("after", after["last_id"]), ("timeout", "5")])).json()
+            polled += [e["data"] for e in answer["events"]]
+            after = answer
+            if len(polled) >= 2:
+                break
+        assert polled == [a, b]
+        # the limits and refusals of one list, before anything streams
+        cases = [([("rooms", a), ("rooms", d)], 403, "forbidden_room"),
+                 ([("rooms", a), ("rooms", "bad room")], 400, "bad_room"),
+                 ([("rooms", f"{a},{b}"), ("rooms", f"{c},{d}")], 400, "too_many_rooms")]
+        for rooms, status, code in cases:
+            for path in ("/api/sse", "/api/events"):
+                response = await client.get(path, params=[("token", member), *rooms,
+                                                          ("timeout", "0")])
+                assert_json_error(response, status, code)
+    conn = await websockets.connect(
+        f"{server.ws_url}/api/ws?token={member}&rooms={a}&rooms={d}")
+    try:
+        assert (await next_frame(conn))["rooms"] == [a]
+        frame = await next_frame(conn)
+        assert frame["type"] == "error" and frame["code"] == "forbidden_room" and d in frame["message"]
+    finally:
+        await conn.close()
+    await still_served(server, healthy)
+
+
 # --- WebSocket frames ------------------------------------------------------------------
 
 
