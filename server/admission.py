@@ -67,6 +67,9 @@ class Admission:
     refused: list[tuple[ErrorCode, str]] = field(default_factory=list)
     #: The caller's connection slot: released when the subscription ends.
     lease: Lease = FREE
+    #: No room was named: the rooms are the identity's defaults, and a WebSocket that
+    #: refreshes its token (`auth`) joins the defaults the new token adds.
+    defaults: bool = False
 
 
 async def identify(conn: HTTPConnection, rt: Runtime) -> Identity:
@@ -120,7 +123,8 @@ async def _admit(
         who = "this token" if not identity.anonymous else "this address"
         raise Refusal(429, ErrorCode.TOO_MANY_CONNECTIONS,
                       f"{who} holds as many connections as this server allows; close one")
-    return Admission(identity, rooms, cursor, refused, lease)
+    return Admission(identity, rooms, cursor, refused, lease,
+                     defaults=not room_names(query.get("rooms")))
 
 
 def requested_rooms(conn: HTTPConnection, identity: Identity, settings: Settings) -> set[str]:
@@ -146,9 +150,7 @@ def choose_rooms(
     names costs one `too_many_rooms` refusal, not thousands of checks and frames.
     """
     accepts = name_rule("room", settings.room_pattern).accepts
-    if raw is None:
-        return _default_rooms(identity, accepts, settings.room_pattern), []
-    names = list(dict.fromkeys(part.strip() for part in raw.split(",") if part.strip()))
+    names = room_names(raw)
     if not names:
         # (`?rooms=,` or `?rooms=, ,`, as a client joining an empty list may send: no room
         # named, like `?rooms=`; it joined no room at all, not even `user-<sub>`)
@@ -169,6 +171,13 @@ def choose_rooms(
         else:
             rooms.add(name)
     return rooms, malformed + forbidden + too_many
+
+
+def room_names(raw: str | None) -> list[str]:
+    """The names of a `rooms` comma list, in order, each once (none: the defaults)."""
+    if raw is None:
+        return []
+    return list(dict.fromkeys(part.strip() for part in raw.split(",") if part.strip()))
 
 
 _told_of_unnamed_rooms = False  # the warning below, once per process

@@ -1232,6 +1232,11 @@ export class Dualcast {
       },
       onRoom: (kind, room) => {
         if (kind === 'joined') this.pending.delete(room);
+        // on the server's default rooms, a refreshed token may add some (`joined` unasked):
+        // a later join or leave starts from them too, not from the welcome's list alone
+        if (kind === 'joined' && !this.rooms.length && this.joined && !this.joined.includes(room)) {
+          this.joined = [...this.joined, room];
+        }
         // `left` answers our leave, or says a refreshed token may no longer read the
         // room: not asked for again (an SSE or poll reconnect would be refused for it)
         if (kind === 'left') {

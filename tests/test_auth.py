@@ -490,6 +490,70 @@ async def test_ws_refresh_to_fewer_rights_leaves_the_rooms_it_lost(
         assert labels(ws.seen.events, tag) == {"public"}
 
 
+def room_frames(ws: WSClient, kind: str) -> list[str]:
+    return [f["room"] for f in ws.seen.frames if f["type"] == kind]
+
+
+async def settled(ws: WSClient) -> None:
+    """Every frame the server queued before this point has arrived (a pong follows them)."""
+    pongs = sum(f["type"] == "pong" for f in ws.seen.frames)
+    await ws.send({"type": "ping"})
+    await wait_for(lambda: sum(f["type"] == "pong" for f in ws.seen.frames) > pongs, 5, "pong")
+
+
+async def test_an_anonymous_ws_that_sends_a_token_joins_that_tokens_rooms(
+    server: DualcastProcess,
+) -> None:
+    """A WebSocket opened with no token and no rooms, then `auth`: it stayed on public events
+    only, though with the token at connect it joins the token's rooms and `user-<sub>`."""
+    tag = uuid.uuid4().hex[:8]
+    async with WSClient(server.ws_url) as ws:
+        assert ws.seen.welcome is not None and ws.seen.welcome["rooms"] == []
+        await ws.send({"type": "auth", "token": EXTRA})
+        await wait_for(lambda: len(room_frames(ws, "joined")) == 2, 5, "two joined frames")
+        assert sorted(room_frames(ws, "joined")) == ["team-x", "user-555"]
+        await publish_set(server.url, tag)
+        await wait_for(lambda: has_marker(ws.seen.events, tag), 10, "marker")
+        assert labels(ws.seen.events, tag) == {"public", "teamx"}
+        assert not ws.seen.errors
+
+
+async def test_an_anonymous_ws_that_named_rooms_keeps_its_choice_after_auth(
+    server: DualcastProcess,
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    async with WSClient(server.ws_url, rooms="team-x") as ws:
+        await wait_for(lambda: bool(ws.seen.errors), 5, "team-x refused to the anonymous")
+        await ws.send({"type": "auth", "token": EXTRA})
+        await settled(ws)
+        assert room_frames(ws, "joined") == []
+        await publish_set(server.url, tag)
+        await wait_for(lambda: has_marker(ws.seen.events, tag), 10, "marker")
+        assert labels(ws.seen.events, tag) == {"public"}
+
+
+async def test_ws_on_default_rooms_joins_what_a_wider_token_adds(server: DualcastProcess) -> None:
+    """Named no rooms = the token's defaults: a same-subject token that lists one more
+    room joins it; a room the client left is not joined again; a narrower token narrows."""
+    async with WSClient(server.ws_url, token=token("556", rooms=["team-x"])) as ws:
+        assert ws.seen.welcome is not None
+        assert ws.seen.welcome["rooms"] == ["team-x", "user-556"]
+        await ws.send({"type": "leave", "room": "team-x"})
+        await ws.send({"type": "auth", "token": token("556", rooms=["team-x", "team-y"])})
+        await wait_for(lambda: room_frames(ws, "joined"), 5, "joined team-y")
+        await settled(ws)
+        assert room_frames(ws, "joined") == ["team-y"]
+        await ws.send({"type": "auth", "token": token("556")})
+        await wait_for(lambda: len(room_frames(ws, "left")) == 2, 5, "left team-y")
+        assert room_frames(ws, "left") == ["team-x", "team-y"]
+        await settled(ws)
+        assert not ws.seen.errors and room_frames(ws, "joined") == ["team-y"]
+    async with WSClient(server.ws_url, token=token("557"), rooms="user-557") as named:
+        await named.send({"type": "auth", "token": token("557", rooms=["team-x"])})
+        await settled(named)
+        assert room_frames(named, "joined") == [] and not named.seen.errors
+
+
 async def test_sse_stream_ends_with_an_error_event_at_expiry(server: DualcastProcess) -> None:
     short = token("456", ttl=2)
     async with SSEClient(server.url, token=short) as sse:

@@ -237,6 +237,22 @@ async def test_repeated_rooms_parameters_all_count_on_every_transport(
     await still_served(server, healthy)
 
 
+async def test_an_anonymous_ws_sending_a_token_joins_its_rooms_within_the_limit(
+    server: DualcastProcess, healthy: WSClient,
+) -> None:
+    """The default rooms joined on `auth` count against DUALCAST_MAX_ROOMS (3 here)."""
+    ws = WSClient(server.ws_url)
+    await ws.connect()
+    try:
+        await ws.send({"type": "auth", "token": token("cap", rooms=["r1", "r2", "r3", "r4"])})
+        await wait_for(lambda: ws.seen.errors, 5, "too many rooms")
+        assert [f["room"] for f in ws.seen.frames if f["type"] == "joined"] == ["r1", "r2", "r3"]
+        assert [e["code"] for e in ws.seen.errors] == ["too_many_rooms"]
+    finally:
+        await ws.close()
+    await still_served(server, healthy)
+
+
 # --- WebSocket frames ------------------------------------------------------------------
 
 

@@ -74,6 +74,8 @@ class Session:
         self.inbox: Inbox | None = None
         #: The task running `read`, if any: with an inbox, only while messages wait.
         self.reader: asyncio.Task[None] | None = None
+        #: Named no rooms at connect: follows its token's default rooms (see `refresh`).
+        self.defaults = admission is not None and admission.defaults
         self._room_ok = name_rule("room", rt.settings.room_pattern).accepts
 
     async def send(self, frame: str) -> None:
@@ -177,7 +179,15 @@ class Session:
             self.say(ws_room(FrameType.JOINED, room))
 
     async def refresh(self, token: object) -> None:
-        """`auth`: new credentials for the same subject; a narrower token narrows rooms."""
+        """`auth`: new credentials for the same subject; a narrower token narrows rooms.
+
+        A connection that named no rooms asked for its token's defaults: it joins the
+        default rooms the new token adds (all of them, for a connection that was
+        anonymous), within DUALCAST_MAX_ROOMS, with a `joined` frame each. Before, an
+        anonymous WebSocket that sent a token in `auth` stayed on public events only,
+        while the same token at connect joined its rooms and `user-<sub>`. Defaults the
+        old token had too are not joined again: the client may have left them.
+        """
         if not isinstance(token, str):
             self.abuse(ErrorCode.BAD_FRAME, "auth needs a token string")
             return
@@ -202,12 +212,23 @@ class Session:
                 return
             self.admission.lease.release()
             self.admission.lease = lease
-        self.identity = fresh
+        before, self.identity = self.identity, fresh
         for room in list(self.feed.sub.rooms):
             if not fresh.may_join(room):
                 self.feed.leave(room)
                 self.say(ws_room(FrameType.LEFT, room))
+        if self.defaults:
+            self.join_defaults(fresh.default_rooms() - before.default_rooms())
         self.feed.extend(fresh.exp)
+
+    def join_defaults(self, rooms: set[str]) -> None:
+        sub, max_rooms = self.feed.sub, self.rt.settings.max_rooms
+        for room in sorted(rooms - sub.rooms):
+            if len(sub.rooms) >= max_rooms:
+                self.refuse(ErrorCode.TOO_MANY_ROOMS, f"at most {max_rooms} rooms")
+                return
+            self.feed.join(room)
+            self.say(ws_room(FrameType.JOINED, room))
 
     # writer ----------------------------------------------------------------
 

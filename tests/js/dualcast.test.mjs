@@ -334,6 +334,21 @@ describe('Dualcast', { timeout: 10000 }, () => {
     t.dc.stop();
   });
 
+  it('rooms a refreshed token adds to the defaults stay when another room is left', async () => {
+    const t = setup({});
+    t.dc.start();
+    await t.clock.tick(0);
+    const ws = t.WS.last();
+    ws.welcome('1000-0', ['user-7']);
+    ws.serverSend({ type: 'joined', room: 'ops' }); // after an `auth` with a wider token
+    t.dc.leave('user-7');
+    assert.deepEqual(ws.sent, [{ type: 'leave', room: 'user-7' }]);
+    ws.serverClose(1006);
+    await t.clock.tick(20_000);
+    assert.equal(t.WS.last().params.get('rooms'), 'ops');
+    t.dc.stop();
+  });
+
   it('a join the server refuses is not asked for again on the next connect', async () => {
     const t = setup({ rooms: ['user-7'] });
     t.dc.start();
