@@ -21,7 +21,7 @@ from dualcast.direct import on_disconnect, write_response
 from dualcast.events import ZERO, Event, StreamId, format_id, parse_id
 from dualcast.feed import cursor_gone, decode_visible
 from dualcast.hub import Doorbell, Hub
-from dualcast.log import LogUnavailable
+from dualcast.log import LogInfo, LogUnavailable
 from dualcast.protocol import ErrorCode, Transport
 from dualcast.query import query_of
 from dualcast.runtime import Runtime
@@ -76,6 +76,17 @@ def _answer(events: list[Event], last_id: str, reset: bool = False) -> Answer:
     return Answer(b'{"events":[%s],"last_id":"%s","reset":%s}' % (
         b",".join(e.poll_item() for e in events), last_id.encode(), b"true" if reset else b"false"
     ))
+
+
+def _reset(hub: Hub, info: LogInfo) -> Answer:
+    """`reset` to the head: the consumer's position, or the log's when that is newer.
+
+    As a streaming feed's reset does. The consumer's position alone was `0-0` while it
+    had none yet (the instance started while Redis was away): a poller told to reset
+    went on from `0-0`, everything retained, and got the whole window again as new
+    events on top of the state it had just reloaded.
+    """
+    return _answer([], format_id(max(hub.last_key, info.last_id)), reset=True)
 
 
 def _shared(hub: Hub, memo: tuple[StreamId, frozenset[str]]) -> Answer | None:
@@ -203,7 +214,7 @@ async def poll_endpoint(request: Request) -> Response | Answer:
             gone = cursor < info.max_deleted if in_memory else cursor_gone(cursor, info)
             log_checked = not in_memory
             if gone and cursor != ZERO:
-                return _answer([], hub.last_id, reset=True)
+                return _reset(hub, info)
         while True:
             # Pollers come back at the same cursor with the same rooms, thousands of them
             # after each batch (or together after a restart): the first one's answer
@@ -224,7 +235,7 @@ async def poll_endpoint(request: Request) -> Response | Answer:
                     return _unavailable(exc)
                 log_checked = True
                 if cursor_gone(key, info):
-                    return _answer([], hub.last_id, reset=True)
+                    return _reset(hub, info)
             if recent is None:
                 # Behind the in-memory window: a page from the log, one read for all the
                 # polls asking the same at once.
