@@ -577,7 +577,10 @@ def _demo(args: argparse.Namespace) -> int:
 def _tail(args: argparse.Namespace) -> int:
     from dualcast.client.tail import run
 
-    rooms = [room.strip() for room in (args.rooms or "").split(",") if room.strip()]
+    # (every --rooms counts: the last one alone was kept, and `--room a --room b`, as
+    # `dualcast token` and `publish` take rooms, tailed room b only)
+    named = (room.strip() for value in args.rooms for room in value.split(","))
+    rooms = list(dict.fromkeys(room for room in named if room))
     return run(args.url, token=args.token, rooms=rooms, last_event_id=args.last_event_id,
                transport=args.transport, cacert=args.cacert)
 
@@ -681,7 +684,9 @@ def build_parser() -> argparse.ArgumentParser:
     tail = sub.add_parser("tail", help="print a server's events as JSON lines until Ctrl-C")
     tail.add_argument("url", help="the dualcast server, e.g. http://127.0.0.1:8000")
     tail.add_argument("--token", help="a subscriber token (default: $DUALCAST_TOKEN)")
-    tail.add_argument("--rooms", help="comma-separated rooms (default: all the token allows)")
+    tail.add_argument("--rooms", action="append", default=[],
+                      help="comma-separated rooms, or repeat it (default: all the token "
+                      "allows)")
     tail.add_argument("--last-event-id", help="resume after this id; 0 = all retained events")
     tail.add_argument("--transport", choices=["auto", "websocket", "sse", "polling"],
                       default="auto", help="only this transport (default auto: the best "

@@ -60,3 +60,18 @@ def test_numbers_on_the_command_line_are_ascii_digits(args: list[str], flag: str
     assert done.returncode == 2, done.stderr
     [line] = done.stderr.strip().splitlines()
     assert f"argument {flag}:" in line and done.stdout == ""
+
+
+def test_tail_subscribes_to_the_rooms_of_every_rooms_flag(monkeypatch: pytest.MonkeyPatch,
+                                                          ) -> None:
+    """`dualcast tail URL --rooms a --rooms b,c` (or `--room a --room b`, as `dualcast token`
+    and `publish` take rooms) tailed the last flag's rooms only, without a word."""
+    from dualcast import cli
+    from dualcast.client import tail
+
+    asked: list[list[str]] = []
+    monkeypatch.setattr(tail, "run", lambda url, *, rooms, **_: asked.append(rooms) or 0)
+    assert cli.main(["tail", "http://127.0.0.1:9", "--rooms", "a", "--rooms", "b, c,a"]) == 0
+    assert cli.main(["tail", "http://127.0.0.1:9", "--room", "a", "--room", "b"]) == 0
+    assert cli.main(["tail", "http://127.0.0.1:9"]) == 0
+    assert asked == [["a", "b", "c"], ["a", "b"], []]
