@@ -253,10 +253,16 @@ function renderWho(me) {
 
 // ---- rooms (admins) ------------------------------------------------------------------
 
+/** The room names of a saved or another tab's list (the client refuses any other). */
+function roomNames(rooms) {
+  return Array.isArray(rooms)
+    ? rooms.filter((r) => typeof r === 'string' && r.trim() !== '' && !r.includes(','))
+    : [];
+}
+
 function savedRooms() {
   try {
-    const rooms = JSON.parse(localStorage.getItem(ROOMS_KEY) ?? '[]');
-    return Array.isArray(rooms) ? rooms.filter((r) => typeof r === 'string') : [];
+    return roomNames(JSON.parse(localStorage.getItem(ROOMS_KEY) ?? '[]'));
   } catch {
     return [];
   }
@@ -408,7 +414,7 @@ function onMessage(msg) {
       if (leader) evaluateVisibility();
       break;
     case 'rooms':
-      setRooms(Array.isArray(msg.rooms) ? msg.rooms : [], false);
+      setRooms(roomNames(msg.rooms), false);
       break;
     case 'logout':
       showLogin('signed-out');

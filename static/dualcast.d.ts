@@ -76,7 +76,8 @@ export interface DualcastOptions {
   token?: TokenSource;
   /** Rooms to join; none: the server's default for the token. A room the token may not
    *  join is a `forbidden_room` error and is not asked for again; when none of them may
-   *  be joined, that error is 'fatal' and the client stops, on every transport. */
+   *  be joined, that error is 'fatal' and the client stops, on every transport. A single
+   *  string, or a name that is empty or holds a comma, is a TypeError from the constructor. */
   rooms?: string[];
   /** Resume after this id; `0` = from the oldest retained event; none = live from now.
    *  Anything that is not a stream id is a TypeError from the constructor. */
@@ -132,6 +133,8 @@ export declare class Dualcast {
   join(room: string): void;
   /** Leave a room; like join, it waits for the default set when that is not yet known. */
   leave(room: string): void;
+  /** Replace the rooms (none: the server's default) and reconnect from the cursor;
+   *  the same TypeError as the `rooms` option. */
   setRooms(rooms: string[]): void;
   status(): StateChange;
 }

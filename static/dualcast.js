@@ -1163,6 +1163,26 @@ function startCursor(lastEventId) {
 }
 
 /**
+ * The `rooms` option (and setRooms' list) as room names, in order, each once. A string is
+ * a TypeError, as is a name that is empty or holds a comma: `rooms: 'ops'` asked for o, p
+ * and s, and `rooms: ['']` went out as `rooms=`, no room named, which joins every room the
+ * token allows instead of the one meant.
+ */
+function roomList(rooms) {
+  if (rooms === undefined || rooms === null) return [];
+  if (typeof rooms === 'string' || typeof rooms[Symbol.iterator] !== 'function') {
+    throw new TypeError('Dualcast: rooms must be a list of room names, not a single string');
+  }
+  const names = [...new Set(rooms)];
+  for (const name of names) {
+    if (typeof name !== 'string' || !name.trim() || name.includes(',')) {
+      throw new TypeError(`Dualcast: rooms: ${String(JSON.stringify(name)).slice(0, 80)} is no room name`);
+    }
+  }
+  return names;
+}
+
+/**
  * A live feed of a dualcast server's events: `new Dualcast(url, options)`, then
  * `on('event', fn)` and `start()`. Each event is delivered once, in stream order, on
  * whichever transport works (see the top of this file). Options:
@@ -1180,7 +1200,7 @@ export class Dualcast {
     this.listeners = new Map(EVENT_NAMES.map((name) => [name, new Set()]));
     this.tokenSource = typeof token === 'function' ? token : null;
     this.token = typeof token === 'string' && token ? token : null;
-    this.rooms = [...(rooms ?? [])];
+    this.rooms = roomList(rooms);
     this.joined = null; // the rooms the last welcome named
     this.pending = new Set(); // joins sent on the WebSocket and not yet confirmed
     // join/leave calls made while the rooms are the server's default and not yet known
@@ -1385,8 +1405,9 @@ export class Dualcast {
   }
 
   setRooms(rooms) {
+    const names = roomList(rooms);
     this.deferred = [];
-    this.rooms = [...rooms];
+    this.rooms = names;
     this.joined = null;
     this.manager.restart({ rooms: this.rooms });
   }

@@ -516,6 +516,21 @@ describe('helpers of the public client', { timeout: 5000 }, () => {
     assert.equal(make(['sse']).transport, 'sse');
   });
 
+  it('rooms that are a string or hold a name that is no room name are a TypeError', () => {
+    // `rooms: 'ops'` asked for o, p and s; `rooms: ['']` went out as `rooms=`, which joins
+    // every room the token allows
+    const make = (rooms) => new Dualcast('https://push.example.com', { rooms });
+    assert.throws(() => make('ops'), /rooms must be a list of room names/);
+    assert.throws(() => make(['']), /rooms: "" is no room name/);
+    assert.throws(() => make(['ops', ' ']), TypeError);
+    assert.throws(() => make(['a,b']), TypeError);
+    assert.throws(() => make([7]), TypeError);
+    assert.throws(() => make(['ops']).setRooms('dev'), TypeError);
+    assert.deepEqual(make(['ops', 'dev', 'ops']).rooms, ['ops', 'dev']);
+    assert.deepEqual(make(undefined).rooms, []);
+    assert.deepEqual(make([]).rooms, []);
+  });
+
   it('a lastEventId that is not a stream id is a TypeError, not an unreachable server', () => {
     const make = (lastEventId) => new Dualcast('https://push.example.com', { lastEventId });
     assert.throws(() => make('abc'), /lastEventId "abc" is not a stream id/);
