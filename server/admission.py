@@ -80,6 +80,11 @@ async def identify(conn: HTTPConnection, rt: Runtime) -> Identity:
         raise Refusal(exc.status, exc.code, exc.message) from None
 
 
+#: A cursor's other name: streams take `last_event_id`, polls `after`; each also takes
+#: the other's when its own is absent.
+_OTHER_CURSOR = {"after": "last_event_id", "last_event_id": "after"}
+
+
 async def admit(
     conn: HTTPConnection, rt: Runtime, transport: Transport, *,
     cursor_param: str = "last_event_id", cursor_header: bool = False, lenient_rooms: bool = False,
@@ -106,6 +111,13 @@ async def _admit(
     identity = await identify(conn, rt)
     query = query_of(conn)
     raw_cursor = conn.headers.get("last-event-id") if cursor_header else None
+    if not raw_cursor and cursor_param not in query:
+        # The other transports' name for the cursor: a poll given `last_event_id` (as
+        # the streams take it) went live from now without a word, and what the client
+        # meant to resume from was lost to it.
+        other = _OTHER_CURSOR[cursor_param]
+        if other in query:
+            cursor_param = other
     cursor = parse_cursor(raw_cursor or query.get(cursor_param), cursor_param)
     if lenient_rooms:
         rooms, refused = choose_rooms(query.get("rooms"), identity, settings)

@@ -315,6 +315,34 @@ async def test_a_cursor_from_before_a_memory_engine_restart_gets_reset(
         assert everything["reset"] is False and [e["id"] for e in everything["events"]] == [after]
 
 
+async def test_each_transport_takes_the_others_name_for_the_cursor(cluster: Cluster) -> None:
+    """A poll given `last_event_id` (the streams' name) went live from now without a word:
+    what the client meant to resume from never came. Each name now works on each."""
+    ids = [cluster.xadd("named", {"n": n}) for n in range(3)]
+    async with httpx.AsyncClient(timeout=10) as http:
+        answer = await http.get(f"{cluster.a.url}/api/events",
+                                params={"last_event_id": ids[0], "timeout": "0"})
+        assert answer.status_code == 200, answer.text
+        assert [e["id"] for e in answer.json()["events"]] == ids[1:]
+        # the documented name wins when both are given
+        answer = await http.get(f"{cluster.a.url}/api/events",
+                                params={"after": ids[1], "last_event_id": ids[0], "timeout": "0"})
+        assert [e["id"] for e in answer.json()["events"]] == ids[2:]
+        bad = await http.get(f"{cluster.a.url}/api/events",
+                             params={"last_event_id": "yesterday", "timeout": "0"})
+        assert bad.status_code == 400 and "last_event_id" in bad.json()["message"], bad.text
+        async with http.stream("GET", f"{cluster.a.url}/api/sse",
+                               params={"after": ids[0]}) as stream:
+            seen: list[str] = []
+            async with asyncio.timeout(10):
+                async for line in stream.aiter_lines():
+                    if line.startswith("id: "):
+                        seen.append(line[4:])
+                    if len(seen) == 2:
+                        break
+        assert seen == ids[1:]
+
+
 async def test_replay_past_the_cap_is_a_reset(cluster: Cluster) -> None:
     start = cluster.xadd("cap-start", None)
     for n in range(400):  # DUALCAST_REPLAY_MAX is 300 here
