@@ -1,6 +1,6 @@
 // Follow a dualcast server from Node 22+ (or Node 20/21 with --experimental-websocket):
 //
-//   node docs/examples/tail.mjs http://127.0.0.1:8000 [--token T] [--rooms a,b] [--from ID]
+//   node docs/examples/tail.mjs http://127.0.0.1:8000 [--token T] [--rooms a,b ...] [--from ID]
 //
 // prints one JSON object per event and line ({id, event, data, ts}); transport changes
 // and errors go to stderr. Ctrl-C exits 0; print the last id and pass it as --from to
@@ -10,7 +10,8 @@ import { parseArgs } from 'node:util';
 const { values, positionals } = parseArgs({
   allowPositionals: true,
   options: {
-    token: { type: 'string' }, rooms: { type: 'string' }, from: { type: 'string' },
+    token: { type: 'string' }, rooms: { type: 'string', multiple: true },
+    from: { type: 'string' },
     client: { type: 'string' },
   },
 });
@@ -22,7 +23,8 @@ const { Dualcast } = await import(client);
 
 const dc = new Dualcast(server, {
   token: values.token ?? process.env.DUALCAST_TOKEN,
-  rooms: values.rooms ? values.rooms.split(',') : [],
+  // every --rooms counts, as with `dualcast tail`: --rooms a,b --rooms c
+  rooms: (values.rooms ?? []).flatMap((r) => r.split(',')).filter(Boolean),
   lastEventId: values.from,
 });
 dc.on('event', (e) => process.stdout.write(`${JSON.stringify(e)}\n`));

@@ -150,8 +150,10 @@ describe('dualcast.js against a real server', { skip, timeout: 120000 }, () => {
   it('docs/examples/tail.mjs prints each event once as a JSON line; Ctrl-C exits 0',
     { timeout: 30000 }, async () => {
       const flags = process.execArgv.filter((a) => a.startsWith('--experimental-websocket'));
+      // every --rooms counts (the last one alone did): both rooms' events come
       const tail = spawn(process.execPath, [...flags, join(ROOT, 'docs/examples/tail.mjs'),
-        server.url, '--token', token({ admin: true })], { stdio: ['ignore', 'pipe', 'pipe'] });
+        server.url, '--token', token({ sub: 'u2', rooms: ['ops', 'dev'] }),
+        '--rooms', 'ops', '--rooms', 'dev'], { stdio: ['ignore', 'pipe', 'pipe'] });
       let out = '';
       let err = '';
       tail.stdout.on('data', (chunk) => { out += chunk; });
@@ -160,6 +162,8 @@ describe('dualcast.js against a real server', { skip, timeout: 120000 }, () => {
       try {
         await waitFor(() => err.includes('websocket live'), { what: `tail live (${err})` });
         const ids = await publishMany(server, 4, 'tail');
+        ids.push(await server.publish('tail', { room: 'ops' }, ['ops']));
+        ids.push(await server.publish('tail', { room: 'dev' }, ['dev']));
         await waitFor(() => ids.every((id) => out.includes(id)), { what: 'ids on stdout' });
         const lines = out.trim().split('\n').map((line) => JSON.parse(line));
         assert.deepEqual(lines.map((e) => e.id).filter((id) => ids.includes(id)), ids);
