@@ -48,6 +48,11 @@ class AuthError(Exception):
         self.status = status
 
 
+class _NoKeyChecks(AuthError):
+    """No key held checks the token: none fits it, or each that fits refuses its signature.
+    For a token without `kid` from a JWKS issuer that is what a rotation looks like."""
+
+
 @dataclass(frozen=True)
 class Identity:
     sub: str | None = None
@@ -153,8 +158,6 @@ def _refusal_for(exc: jwt.InvalidTokenError, audience: Sequence[str]) -> AuthErr
     """A clear, token-free message for each way PyJWT refuses a token."""
     if isinstance(exc, jwt.ExpiredSignatureError):
         return AuthError("token_expired", "the token has expired; log in again")
-    if isinstance(exc, jwt.InvalidSignatureError):
-        return AuthError("invalid_token", "the token's signature does not match this server")
     if isinstance(exc, jwt.MissingRequiredClaimError):
         return AuthError("invalid_token", f"the token lacks the {exc.claim!r} claim")
     if isinstance(exc, jwt.ImmatureSignatureError):
@@ -317,10 +320,19 @@ class Authenticator:
         if known is not None:
             return known
         algorithm, kid = self._header(token)
-        if self.jwks is not None and ALGORITHMS[algorithm] is not Family.HMAC and (
-            kid is not None or not self._static_fits(algorithm)
-        ):
+        if self.jwks is None or ALGORITHMS[algorithm] is Family.HMAC:
+            return self._verify(token, algorithm, kid)
+        if kid is not None or not self._static_fits(algorithm):
             await self.jwks.key_for(kid, algorithm)
+        try:
+            return self._verify(token, algorithm, kid)
+        except _NoKeyChecks:
+            # A token without kid names no key to fetch, so `key_for` could not tell that
+            # the issuer rotated its only key: every such token would be refused until the
+            # routine refresh (10 min). The same budget as unknown kids bounds the fetches.
+            held = self.jwks.version
+            if kid is not None or not await self.jwks.ask() or self.jwks.version == held:
+                raise
         return self._verify(token, algorithm, kid)
 
     def decode_now(self, token: str) -> Identity:
@@ -363,26 +375,29 @@ class Authenticator:
     def _static_fits(self, algorithm: str) -> bool:
         return self.public_key is not None and key_fits(self.public_key, algorithm)
 
-    def _key(self, algorithm: str, kid: str | None) -> str | PublicKey:
-        """The one key that may check this token: the secret for HS*, else a key of the
-        algorithm's own family (the key set's for a `kid` it holds, else the fixed key)."""
+    def _keys(self, algorithm: str, kid: str | None) -> list[str | PublicKey]:
+        """The keys that may check this token: the secret for HS*, else keys of the
+        algorithm's own family (the key set's for `kid`, or its only fitting one for no
+        kid, then the fixed key: a token without kid may come from either)."""
         if ALGORITHMS[algorithm] is Family.HMAC:
             if self.secret is None:
                 raise AuthError("no_secret", "this server has no token secret configured")
-            return self.secret
+            return [self.secret]
+        keys: list[str | PublicKey] = []
         if self.jwks is not None:
             jwk = self.jwks.find(kid, algorithm)
             if jwk is not None:
-                return jwk.key
+                keys.append(jwk.key)
         if self.public_key is not None and key_fits(self.public_key, algorithm):
-            return self.public_key
-        named = f" (kid {kid[:64]!r})" if kid is not None else ""
-        raise AuthError(
-            "invalid_token", f"no key of this server checks {algorithm} tokens{named}"
-        )
+            keys.append(self.public_key)
+        if not keys:
+            named = f" (kid {kid[:64]!r})" if kid is not None else ""
+            raise _NoKeyChecks(
+                "invalid_token", f"no key of this server checks {algorithm} tokens{named}"
+            )
+        return keys
 
     def _verify(self, token: str, algorithm: str, kid: str | None) -> Identity:
-        key = self._key(algorithm, kid)
         required = ["sub", "exp"]
         if self.issuer:
             required.append("iss")
@@ -393,14 +408,23 @@ class Authenticator:
         # HS* tokens too: the application's backend mints them on its own machine, and
         # a page connects with one the moment it gets it (PyJWT compares `iat` with our
         # clock to the fraction of a second: 100 ms ahead refused one token in ten).
-        try:
-            claims = jwt.decode(
-                token, key, algorithms=[algorithm], issuer=self.issuer,
-                leeway=self.ISSUER_LEEWAY,
-                audience=self.audience or None, options={"require": required},
+        claims: Any = None
+        for key in self._keys(algorithm, kid):
+            try:
+                claims = jwt.decode(
+                    token, key, algorithms=[algorithm], issuer=self.issuer,
+                    leeway=self.ISSUER_LEEWAY,
+                    audience=self.audience or None, options={"require": required},
+                )
+                break
+            except jwt.InvalidSignatureError:
+                continue  # (another key may have signed it)
+            except jwt.InvalidTokenError as exc:
+                raise _refusal_for(exc, self.audience) from None
+        else:
+            raise _NoKeyChecks(
+                "invalid_token", "the token's signature does not match this server"
             )
-        except jwt.InvalidTokenError as exc:
-            raise _refusal_for(exc, self.audience) from None
         identity = _identity_of(claims)
         if identity.expired():  # (the leeway is for iat/nbf, not for exp)
             raise AuthError("token_expired", "the token has expired; log in again")

@@ -87,7 +87,9 @@ class Settings(BaseSettings):
     public_key: str | None = Field(None, description="PEM public key for RS/PS/ES/EdDSA (or @path)")
     jwks_url: str | None = Field(None, description="an issuer's JWKS URL (keys by kid)")
     jwks_min_interval: float = Field(
-        60.0, ge=0, le=3600, description="least seconds between fetches for an unknown kid"
+        60.0, ge=0, le=3600,
+        description="least seconds between fetches tokens cause (an unknown kid, or no kid "
+        "and no key held checks it)",
     )
     jwks_refresh: float = Field(600.0, ge=0, description="seconds between JWKS refreshes; 0=off")
     jwt_issuer: str | None = Field(None, description="required 'iss' of every token")

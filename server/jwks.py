@@ -1,7 +1,8 @@
 """An issuer's published key set (JWKS), fetched over HTTP and kept in memory.
 
-Fetched at start, again when a token names a key we do not hold (such fetches at
-most once per `min_interval`, and one request however many tokens ask at once),
+Fetched at start, again when a token names a key we do not hold or, naming none, is
+checked by none we hold (the issuer rotated its only key; such fetches at most once
+per `min_interval`, and one request however many tokens ask at once),
 and on a slow timer so a removed key stops working. A failed fetch keeps the last good
 set: an issuer that is down must not log everyone out.
 """
@@ -91,7 +92,7 @@ class KeySet:
         self.keys: list[Jwk] = []
         #: Bumped whenever the set changes, so verified-token caches can be dropped.
         self.version = 0
-        #: When an unknown kid last made a fetch: the limit counts only those. The fetch at
+        #: When a token last made a fetch (`ask`): the limit counts only those. The fetch at
         #: start and the routine ones do not count: counted, a key the issuer added just
         #: after them was refused for up to `min_interval` (the first minute after every
         #: start, whatever the key set said by then).
@@ -112,18 +113,29 @@ class KeySet:
         return kid is None or any(k.kid == kid for k in self.keys)
 
     async def key_for(self, kid: str | None, algorithm: str) -> Jwk | None:
-        """As `find`, fetching the set again first when it lacks `kid` and the last fetch an
-        unknown kid made is at least `min_interval` old (a storm of them makes one request)."""
+        """As `find`, fetching the set again first when it lacks `kid` (within the budget
+        of `ask`: a storm of unknown kids makes one request)."""
         if self.knows(kid):
             self.stats.cache_hits += 1
             return self.find(kid, algorithm)
-        now = asyncio.get_running_loop().time()
-        if self._inflight is not None:
-            await self.refresh()  # (the one on its way answers this kid too)
-        elif self._last_asked is None or now - self._last_asked >= self.min_interval:
-            self._last_asked = now
-            await self.refresh()
+        await self.ask()
         return self.find(kid, algorithm)
+
+    async def ask(self) -> bool:
+        """Fetch the set again because a token suggests it changed (a kid we lack, or a
+        token without kid that no key we hold checks): at most once per `min_interval`
+        for all such tokens together, so bad tokens cannot make us fetch more often.
+        True when a fetch ran (or one already on its way was joined), so the set is as
+        fresh as it gets; False when the budget was spent and nothing was fetched."""
+        if self._inflight is not None:
+            await self.refresh()  # (the one on its way answers this token too)
+            return True
+        now = asyncio.get_running_loop().time()
+        if self._last_asked is not None and now - self._last_asked < self.min_interval:
+            return False
+        self._last_asked = now
+        await self.refresh()
+        return True
 
     async def refresh(self) -> None:
         """Fetch the set once for every concurrent caller; errors are logged and counted."""

@@ -377,6 +377,49 @@ async def test_a_key_added_just_after_start_is_fetched_on_its_first_token(
         issuer.stop()
 
 
+async def test_a_token_without_kid_after_the_issuer_rotated_its_only_key(
+    dualcast: Start,
+) -> None:
+    """A token without `kid` names no key to fetch: after the issuer swapped its only key,
+    each one was refused until the routine refresh (up to 10 minutes). Now one that no key
+    held checks fetches the set again, within the same budget as unknown kids."""
+    k1, k2 = SigningKey.make("k1", "ES256"), SigningKey.make("k2", "ES256")
+    issuer = JwksServer(k1).start()
+    try:
+        server = dualcast(env={
+            "DUALCAST_JWT_ALGORITHMS": "ES256", "DUALCAST_JWKS_URL": issuer.url,
+            "DUALCAST_JWKS_REFRESH": "0", "DUALCAST_AUTH_TIMEOUT": "1",
+        })
+        await wait_for(lambda: issuer.calls == 1, 10, "the key set fetched at start")
+        assert (await me(server.url, k1.token("alice", kid=None))).status_code == 200
+        assert issuer.calls == 1  # a token the held key checks costs no fetch
+
+        # The new key's first tokens, with forgeries among them: one fetch for all.
+        issuer.publish(k2)
+        forgers = [SigningKey.make(f"f{n}", "ES256") for n in range(3)]
+        rush = await asyncio.gather(*(
+            me(server.url, k2.token(f"u{n}", kid=None) if n % 2 else
+               forgers[n % 3].token(f"f{n}", kid=None)) for n in range(20)))
+        assert [a.status_code for a in rush] == [401, 200] * 10, [a.text for a in rush]
+        assert {a.json()["sub"] for a in rush[1::2]} == {f"u{n}" for n in range(1, 20, 2)}
+        assert issuer.calls == 2
+        gone = await me(server.url, k1.token("alice", kid=None))
+        assert gone.status_code == 401, gone.text  # the old key left with the new set
+
+        # Bad tokens without kid: no more fetches than unknown kids get (once a minute),
+        # however many, at once or one after the other, and whatever kid-bearing tokens
+        # spent the budget on.
+        storm = [me(server.url, forgers[n % 3].token(f"f{n}", kid=None)) for n in range(30)]
+        answers = await asyncio.gather(*storm)
+        assert {a.status_code for a in answers} == {401}
+        assert (await me(server.url, forgers[0].token(kid="unknown"))).status_code == 401
+        assert issuer.calls == 2, issuer.calls
+        # ... and the one good key is still fine
+        assert (await me(server.url, k2.token("carol", kid=None))).status_code == 200
+    finally:
+        issuer.stop()
+
+
 async def test_issuer_and_audience_are_checked_on_every_token(dualcast: Start) -> None:
     settings = {"DUALCAST_JWT_ISSUER": "https://login.example.test/",
                 "DUALCAST_JWT_AUDIENCE": "dualcast"}

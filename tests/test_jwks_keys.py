@@ -152,3 +152,23 @@ async def test_a_little_clock_skew_is_tolerated_but_never_on_exp(
         assert "not valid yet" in await refused(auth, keys["ec256"].token("x", nbf=far))
     finally:
         await auth.close()
+
+
+async def test_a_token_without_kid_is_checked_by_the_fixed_key_beside_a_key_set(
+    served: tuple[JwksServer, dict[str, SigningKey]],
+) -> None:
+    """With DUALCAST_PUBLIC_KEY and DUALCAST_JWKS_URL both set, a token without kid from
+    the fixed key's signer was checked only against the key set's one fitting key, and
+    refused; each of the two may have signed it."""
+    issuer, keys = served
+    fixed = SigningKey.make("fixed", "ES256")
+    auth = Authenticator(SECRET, algorithms=["ES256"], jwks_url=issuer.url,
+                         public_key=fixed.private.public_key(), jwks_refresh=0)
+    try:
+        await auth.jwks.refresh()  # type: ignore[union-attr]  # (the start's fetch)
+        assert (await auth.decode(fixed.token("from-fixed", kid=None))).sub == "from-fixed"
+        assert (await auth.decode(keys["ec256"].token("from-set", kid=None))).sub == "from-set"
+        stranger = SigningKey.make("x", "ES256")
+        assert "signature" in await refused(auth, stranger.token(kid=None))
+    finally:
+        await auth.close()
