@@ -38,8 +38,12 @@ def parse_ttl(value: str) -> float:
         raise argparse.ArgumentTypeError(f"bad --ttl {value!r}: use e.g. 90s, 30m, 1h, 7d")
     number, unit = match.groups()
     seconds = float(number) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
-    if seconds <= 0:  # a token that has expired when it is made: every server refuses it
-        raise argparse.ArgumentTypeError(f"bad --ttl {value!r}: a token must live above 0 s")
+    if seconds < 1:  # expired when it is made (`exp` is in whole seconds): every server
+        # refuses it
+        raise argparse.ArgumentTypeError(f"bad --ttl {value!r}: a token must live at least "
+                                         "1 s")
+    if math.isinf(seconds):
+        raise argparse.ArgumentTypeError(f"bad --ttl {value[:24]!r}...: too long")
     return seconds
 
 
@@ -243,6 +247,10 @@ def _token(args: argparse.Namespace) -> int:
         print(f"dualcast token: {algorithm} signs with --key, not --secret: leave out "
               "--secret, or sign with it by --alg HS256 without --key", file=sys.stderr)
         return 2
+    refusal = _own_server_refuses(settings, args, algorithm, key)
+    if refusal is not None:
+        print(f"dualcast token: {refusal}", file=sys.stderr)
+        return 2
     audience = args.audience or (settings.jwt_audience[0] if settings.jwt_audience else None)
     try:
         token = mint_token(
@@ -255,6 +263,44 @@ def _token(args: argparse.Namespace) -> int:
         return 2
     print(token)
     return 0
+
+
+def _own_server_refuses(settings: Settings, args: argparse.Namespace, algorithm: str,
+                        key: PrivateKey | None) -> str | None:
+    """Why the server with this machine's settings would refuse the token asked for, or
+    None. It was minted silently and refused only when used, far from the command that
+    made it. A token of a kind this server takes none of (a key pair's where it lists
+    only HS*, or HS* where it lists none) is for another server: not checked here. For
+    another server that does take the kind, its settings given to the command say so."""
+    from dualcast.jwks import public_id
+    from dualcast.keys import ALGORITHMS, Family, load_public_key
+
+    listed = settings.jwt_algorithms
+    hmac = ALGORITHMS[algorithm] is Family.HMAC
+    if not any((ALGORITHMS[a] is Family.HMAC) is hmac for a in listed):
+        return None
+    other = "or, for another server, run this with that server's {}"
+    if algorithm not in listed:
+        return (f"--alg {algorithm}: this server accepts only {' or '.join(listed)} tokens "
+                f"(DUALCAST_JWT_ALGORITHMS) and would refuse it; choose one of them, "
+                + other.format("DUALCAST_JWT_ALGORITHMS"))
+    if args.issuer and settings.jwt_issuer and args.issuer != settings.jwt_issuer:
+        return (f"--issuer {args.issuer!r}: this server accepts only tokens from "
+                f"{settings.jwt_issuer!r} (DUALCAST_JWT_ISSUER) and would refuse it; leave "
+                "out --issuer, " + other.format("DUALCAST_JWT_ISSUER"))
+    if args.audience and args.audience not in settings.jwt_audience:
+        accepted = (f"only the audience {' or '.join(map(repr, settings.jwt_audience))} "
+                    "(DUALCAST_JWT_AUDIENCE)" if settings.jwt_audience else
+                    "no token that names an audience (DUALCAST_JWT_AUDIENCE is unset)")
+        return (f"--audience {args.audience!r}: this server accepts {accepted} and would "
+                "refuse it; leave out --audience, " + other.format("DUALCAST_JWT_AUDIENCE"))
+    if key is not None and settings.public_key and not settings.jwks_url and (
+        public_id(key.public_key()) != public_id(load_public_key(settings.public_key))
+    ):
+        return ("--key: not the private half of DUALCAST_PUBLIC_KEY, so this server would "
+                "refuse its tokens; pass that key's private half, "
+                + other.format("DUALCAST_PUBLIC_KEY"))
+    return None
 
 
 def _token_algorithm(settings: Settings, key: PrivateKey | None) -> str | None:
@@ -277,8 +323,8 @@ def _token_algorithm(settings: Settings, key: PrivateKey | None) -> str | None:
     fitting = next((a for a in keyed if key_fits(key, a)), None)
     if fitting is None:
         print(f"dualcast token: --key fits none of {', '.join(keyed)} "
-              "(DUALCAST_JWT_ALGORITHMS): pass --alg to sign for another server",
-              file=sys.stderr)
+              "(DUALCAST_JWT_ALGORITHMS): this server would refuse its tokens; for another "
+              "server, run this with that server's DUALCAST_JWT_ALGORITHMS", file=sys.stderr)
     return fitting
 
 

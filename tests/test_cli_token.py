@@ -447,3 +447,81 @@ def test_publish_with_rediss_to_a_plain_text_port_says_nothing_was_sent(
     assert line.startswith(f"dualcast publish: Redis at {url} did not take the event: "
                            "TimeoutError: Timeout connecting to server"), line
     assert "no TLS handshake: is that a TLS port?" in line
+
+
+def _key_files(folder: Path, name: str, algorithm: str) -> tuple[Path, Path]:
+    from dualcast.keys import generate, private_pem, public_pem
+
+    key = generate(algorithm)
+    private, public = folder / f"{name}.pem", folder / f"{name}.pub.pem"
+    private.write_bytes(private_pem(key))
+    public.write_bytes(public_pem(key.public_key()))
+    return private, public
+
+
+def test_token_refuses_what_this_machines_server_refuses(tmp_path: Path) -> None:
+    """`--alg HS512` where DUALCAST_JWT_ALGORITHMS says HS256 (and a wrong --issuer,
+    --audience, a key that is not DUALCAST_PUBLIC_KEY's) printed a token with exit 0 that
+    the server with the same settings answered 401: found only when it was used."""
+    es1, es1_pub = _key_files(tmp_path, "es1", "ES256")
+    es2, _ = _key_files(tmp_path, "es2", "ES256")
+    rsa, _ = _key_files(tmp_path, "rsa", "RS256")
+    keyed = {"DUALCAST_JWT_ALGORITHMS": "HS256,ES256", "DUALCAST_PUBLIC_KEY": f"@{es1_pub}"}
+    iss_aud = {"DUALCAST_JWT_ISSUER": "https://id.example.test/",
+               "DUALCAST_JWT_AUDIENCE": "dualcast,ops"}
+    for args, env, setting in [
+        (["--alg", "HS512"], {}, "DUALCAST_JWT_ALGORITHMS"),
+        (["--alg", "HS256"], {"DUALCAST_JWT_ALGORITHMS": "HS384"}, "DUALCAST_JWT_ALGORITHMS"),
+        (["--key", f"@{rsa}", "--alg", "RS256"], keyed, "DUALCAST_JWT_ALGORITHMS"),
+        (["--key", f"@{es2}"], keyed, "DUALCAST_PUBLIC_KEY"),
+        (["--issuer", "https://evil.test/"], iss_aud, "DUALCAST_JWT_ISSUER"),
+        (["--audience", "billing"], iss_aud, "DUALCAST_JWT_AUDIENCE"),
+        (["--audience", "billing"], {}, "DUALCAST_JWT_AUDIENCE is unset"),
+    ]:
+        done = cli("token", "--sub", "a", *args, env=env)
+        assert done.returncode == 2 and done.stdout == "", (args, done.stdout)
+        [line] = done.stderr.strip().splitlines()
+        assert line.startswith("dualcast token: ") and setting in line, (args, line)
+        assert "would refuse" in line, line
+
+    # What the same settings accept is still minted, and that server takes it.
+    hs384 = cli("token", "--sub", "a", "--alg", "HS384",
+                env={"DUALCAST_JWT_ALGORITHMS": "HS256,HS384"})
+    assert hs384.returncode == 0, hs384.stderr
+    es = cli("token", "--sub", "a", "--key", f"@{es1}", env=keyed)
+    assert es.returncode == 0, es.stderr
+    assert jwt.decode(es.stdout.strip(), es1_pub.read_text(), algorithms=["ES256"])["sub"] == "a"
+    ops = cli("token", "--sub", "a", "--audience", "ops", "--issuer",
+              "https://id.example.test/", env=iss_aud)
+    assert ops.returncode == 0, ops.stderr
+    # A key pair's token where this machine takes none is for another server: as before.
+    other = cli("token", "--sub", "a", "--key", f"@{rsa}", "--alg", "RS256")
+    assert other.returncode == 0, other.stderr
+
+
+def test_a_token_its_server_refuses_is_never_minted(
+    dualcast: Callable[..., DualcastProcess],
+) -> None:
+    """The same settings on both sides: what the command refuses, the server refuses."""
+    server = dualcast()
+    elsewhere = cli("token", "--sub", "a", "--alg", "HS512",
+                    env={"DUALCAST_JWT_ALGORITHMS": "HS512"})  # (for an HS512 server)
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    refused = httpx.get(server.url + "/api/me",
+                        headers={"Authorization": f"Bearer {elsewhere.stdout.strip()}"})
+    assert refused.status_code == 401
+    done = cli("token", "--sub", "a", "--alg", "HS512")
+    assert done.returncode == 2 and done.stdout == ""
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("dualcast token: --alg HS512: this server accepts only HS256 ")
+
+
+@pytest.mark.parametrize(("ttl", "says"), [("0.5", "at least 1 s"), ("0.9s", "at least 1 s"),
+                                           ("9" * 400, "too long")])
+def test_token_refuses_a_lifetime_no_server_can_use(ttl: str, says: str) -> None:
+    """`--ttl 0.5` printed a token that had expired when it was made (`exp` is in whole
+    seconds); 400 digits ended in an OverflowError traceback."""
+    done = cli("token", "--sub", "1", "--ttl", ttl)
+    assert done.returncode == 2 and done.stdout == ""
+    [line] = done.stderr.strip().splitlines()
+    assert "argument --ttl:" in line and says in line, line
