@@ -725,6 +725,49 @@ async def test_a_refused_login_link_sends_a_browser_to_the_login_screen(
         assert api.status_code == 401 and api.json()["error"] == "token_expired"
 
 
+def _token_of_length(limit: int, *, over: bool) -> str:
+    """A valid token as long as a cookie may be (`over=False`: the longest within `limit`
+    characters) or just past it (the shortest over)."""
+    within = ""
+    for pad in range(limit):
+        made = token("456", rooms=["ops", "x" * pad])
+        if len(made) > limit:
+            return made if over else within
+        within = made
+    raise AssertionError("never reached the limit")
+
+
+async def test_a_login_link_too_long_for_a_cookie_says_so(server: DualcastProcess) -> None:
+    """Browsers drop, without a word, a Set-Cookie whose name and value exceed 4096 bytes:
+    a login link with a longer token was answered 303 with that cookie, and the dashboard
+    opened signed out with nothing to say why. A token just within the limit still signs in."""
+    room = len("dualcast_token")
+    fits = _token_of_length(4096 - room, over=False)
+    too_long = _token_of_length(4096 - room, over=True)
+    assert len(fits) >= 4096 - room - 4 and len(too_long) <= 4096 - room + 4
+    browser = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        for headers in (browser, {}):
+            assert (await client.get("/api/me", headers=bearer(too_long))).status_code == 200
+            refused = await client.get("/", params={"token": too_long}, headers=headers)
+            assert refused.status_code == 400, refused.text
+            assert "set-cookie" not in refused.headers and not client.cookies
+            assert refused.headers["cache-control"] == "no-store"
+            said = refused.text if headers else refused.json()["message"]
+            assert "too long to keep as the login cookie" in said, said
+            assert "shorter token" in said and "Authorization: Bearer" in said
+            if headers:
+                assert refused.headers["content-type"].startswith("text/html")
+                assert "frame-ancestors 'none'" in refused.headers["content-security-policy"]
+            else:
+                assert refused.json()["error"] == "too_large"
+
+        signed_in = await client.get("/", params={"token": fits}, headers=browser)
+        assert signed_in.status_code == 303, signed_in.text
+        assert _set_cookie(signed_in).startswith(f"dualcast_token={fits};")
+        assert (await client.get("/api/me")).json()["sub"] == "456"
+
+
 @pytest.mark.parametrize("how", ["x-forwarded-proto", "plain-http"])
 async def test_login_cookie_is_secure_only_over_https(server: DualcastProcess, how: str) -> None:
     headers = {"X-Forwarded-Proto": "https"} if how == "x-forwarded-proto" else {}
