@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import re
 import time
@@ -39,7 +40,7 @@ from dualcast.client import (
 from dualcast.client.connections import sse_event
 from dualcast.client.model import id_key, is_after
 from dualcast.client.sse import Lines, Message, SSEParser
-from dualcast.client.tokens import MIN_REFRESH, expiry, refresh_in
+from dualcast.client.tokens import MIN_REFRESH, Tokens, expiry, refresh_in
 from tests.conftest import token as mint
 from tests.harness.waits import wait_until
 
@@ -118,6 +119,42 @@ async def watching(url: str, **options: Any) -> AsyncIterator[tuple[Watch, Subsc
 
 
 # ---- pieces without a server -------------------------------------------------------------
+
+
+async def test_each_kind_of_token_source_answers() -> None:
+    """A plain function runs in a thread (it may block); an async one, an object with an
+    async `__call__`, and a plain function returning a coroutine run on the loop."""
+    import threading
+
+    here = threading.get_ident()
+    seen: dict[str, int] = {}
+
+    def plain() -> str:
+        seen["plain"] = threading.get_ident()
+        return "t-plain"
+
+    async def coroutine() -> str:
+        seen["async"] = threading.get_ident()
+        return "t-async"
+
+    class Source:
+        async def __call__(self) -> str:
+            seen["object"] = threading.get_ident()
+            return "t-object"
+
+    async def later() -> str:
+        seen["returned"] = threading.get_ident()
+        return "t-returned"
+
+    async with asyncio.timeout(10):
+        assert await Tokens(plain).refresh() == "t-plain"
+        assert await Tokens(coroutine).refresh() == "t-async"
+        assert await Tokens(Source()).refresh() == "t-object"
+        assert await Tokens(lambda: later()).refresh() == "t-returned"
+        with pytest.raises(ZeroDivisionError):
+            await Tokens(lambda: str(1 / 0)).refresh()
+    assert seen["plain"] != here
+    assert seen["async"] == seen["object"] == seen["returned"] == here
 
 
 def test_sse_parser_follows_the_event_stream_rules() -> None:
@@ -503,6 +540,53 @@ async def test_a_token_source_that_never_answers_ends_in_auth_failed(
     if when == "at the start":
         assert time.monotonic() - started < 5
         assert len(calls) == 1
+
+
+@pytest.mark.parametrize("when", ["at the start", "at a refresh"])
+async def test_a_plain_token_function_that_blocks_fails_as_an_async_one_does(
+    server: Any, when: str
+) -> None:
+    """A plain token function that blocks (a synchronous HTTP call to a token service
+    that never answers) ran on the event loop: it froze everything on it, this
+    subscription and every other task, for as long as it blocked, past `Timing.token`.
+    It runs in a thread now: it fails after `Timing.token` as an async one does, and the
+    event loop keeps running meanwhile."""
+    import threading
+
+    calls: list[float] = []
+    released = threading.Event()
+
+    def blocking() -> str:
+        calls.append(time.monotonic())
+        if when == "at a refresh" and len(calls) == 1:
+            return mint("blocks-later", ttl=2)
+        released.wait(5)  # (set when the test ends)
+        return "never"
+
+    ticks: list[float] = []
+
+    async def heartbeat() -> None:
+        while True:
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.05)
+
+    beating = asyncio.create_task(heartbeat())
+    timing = replace(FAST, token=0.5)
+    try:
+        async with watching(server.url, transports=["websocket"], token=blocking,
+                            timing=timing) as (watch, _):
+            await until(lambda: watch.done, timeout=20, what="the iteration to end")
+        assert isinstance(watch.failure, AuthFailed), watch.failure
+        assert "the token source failed: it did not answer within 0.5 s" in str(
+            watch.failure)
+        blocked_from = calls[-1]
+        during = [t for t in ticks if t >= blocked_from]
+        assert len(during) >= 5, during  # the loop ran while the function blocked
+        assert max(b - a for a, b in itertools.pairwise(during)) < 0.4
+    finally:
+        released.set()
+        beating.cancel()
+        await asyncio.gather(beating, return_exceptions=True)
 
 
 async def test_leaving_the_block_closes_the_connection_even_on_error(server: Any) -> None:

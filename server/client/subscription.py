@@ -81,7 +81,7 @@ class Timing:
     stable: float = 30.0          # live this long: earlier deaths are forgiven
     death_window: float = 60.0    # `max_deaths` deaths of a live transport within this
     max_deaths: int = 3           # ... make it fall back
-    token: float = 10.0           # an async token source that has not answered by then failed
+    token: float = 10.0           # a token source that has not answered by then failed
 
 
 def backoff(attempt: int, base: float, cap: float, rand: Callable[[], float]) -> float:

@@ -12,10 +12,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextvars
 import inspect
 import json
+import threading
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 TokenSource = str | Callable[[], str | Awaitable[str]] | None
 
@@ -55,9 +58,47 @@ def refresh_in(token: str | None, now: float | None = None) -> float | None:
     return max(MIN_REFRESH, left - min(60.0, left / 5))
 
 
-#: How long an async token source may take before its call counts as failed (a token
-#: service that never answers froze the subscription for ever). `Timing.token`.
+#: How long a token source may take before its call counts as failed (a token service
+#: that never answers froze the subscription for ever). `Timing.token`.
 TOKEN_TIMEOUT = 10.0
+
+
+def _is_async(source: Callable[..., Any]) -> bool:
+    return inspect.iscoroutinefunction(source) or inspect.iscoroutinefunction(
+        type(source).__call__)
+
+
+async def _in_thread(source: Callable[[], Any]) -> Any:
+    """Call a plain token function in a thread of its own, so one that blocks (an HTTP
+    call to a token service) neither stalls the event loop nor escapes the timeout.
+    A daemon thread, not `asyncio.to_thread`: the default executor is waited for when
+    the loop closes, so one hung call would hang `asyncio.run` at the program's end."""
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[Any] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(value: Any, error: Exception | None) -> None:
+        if answer.done():  # (given up on: the timeout, or the subscription ended)
+            return
+        if error is not None:
+            answer.set_exception(error)
+        else:
+            answer.set_result(value)
+
+    def run() -> None:
+        value: Any = None
+        error: Exception | None = None
+        try:
+            value = context.run(source)
+        except Exception as exc:
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, value, error)
+        except RuntimeError:
+            pass  # the loop is closed: nobody waits any more
+
+    threading.Thread(target=run, name="dualcast-token-source", daemon=True).start()
+    return await answer
 
 
 class Tokens:
@@ -77,22 +118,23 @@ class Tokens:
         return callable(self._source)
 
     async def refresh(self) -> str | None:
-        """Ask the source for a fresh token (a fixed string is simply kept). An async
-        source that has not answered within `timeout` raises TimeoutError, which the
-        subscription treats as any failure of the source. (A plain function runs on the
-        event loop: one that blocks cannot be bounded here.)"""
+        """Ask the source for a fresh token (a fixed string is simply kept). A source that
+        has not answered within `timeout` raises TimeoutError, which the subscription
+        treats as any failure of the source. A plain function runs in a thread (see
+        `_in_thread`): one that blocks fails the same way, the event loop running on."""
         if callable(self._source):
-            value = self._source()
-            if inspect.isawaitable(value):
-                bound = asyncio.timeout(self.timeout)
-                try:
-                    async with bound:
+            source = self._source
+            bound = asyncio.timeout(self.timeout)
+            try:
+                async with bound:
+                    value = source() if _is_async(source) else await _in_thread(source)
+                    if inspect.isawaitable(value):  # (a plain function may return one)
                         value = await value
-                except TimeoutError:
-                    if not bound.expired():
-                        raise  # the source's own TimeoutError: its failure, as it said it
-                    raise TimeoutError(
-                        f"it did not answer within {self.timeout:g} s") from None
+            except TimeoutError:
+                if not bound.expired():
+                    raise  # the source's own TimeoutError: its failure, as it said it
+                raise TimeoutError(
+                    f"it did not answer within {self.timeout:g} s") from None
             if not isinstance(value, str) or not value:
                 raise TypeError("the token source must return a non-empty string")
             self.current = value
