@@ -392,6 +392,13 @@ class Authenticator:
             keys.append(self.public_key)
         if not keys:
             named = f" (kid {kid[:64]!r})" if kid is not None else ""
+            several = 0 if kid is not None or self.jwks is None else sum(
+                1 for k in self.jwks.keys if k.fits(algorithm))
+            if several > 1:  # (said "no key checks ES256 tokens" beside two that do)
+                raise _NoKeyChecks(
+                    "invalid_token", f"the token names no key ('kid' header) and {several} "
+                    f"keys of this server check {algorithm} tokens: sign it with its key's "
+                    "'kid' (dualcast token --kid)")
             raise _NoKeyChecks(
                 "invalid_token", f"no key of this server checks {algorithm} tokens{named}"
             )

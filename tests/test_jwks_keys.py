@@ -172,3 +172,22 @@ async def test_a_token_without_kid_is_checked_by_the_fixed_key_beside_a_key_set(
         assert "signature" in await refused(auth, stranger.token(kid=None))
     finally:
         await auth.close()
+
+
+async def test_a_token_without_kid_beside_several_fitting_keys_is_told_to_name_one() -> None:
+    """After `dualcast keys --kid k2` (a rotation: two ES256 keys in the set), a token
+    minted without --kid was refused as "no key of this server checks ES256 tokens",
+    though two did: the refusal now says the token must name its key."""
+    k1, k2 = SigningKey.make("k1", "ES256"), SigningKey.make("k2", "ES256")
+    issuer = JwksServer(k1, k2).start()
+    auth = Authenticator(SECRET, algorithms=["ES256"], jwks_url=issuer.url, jwks_refresh=0)
+    try:
+        await auth.jwks.refresh()  # type: ignore[union-attr]  # (the start's fetch)
+        said = await refused(auth, k1.token("a", kid=None))
+        assert said == ("the token names no key ('kid' header) and 2 keys of this server "
+                        "check ES256 tokens: sign it with its key's 'kid' (dualcast token "
+                        "--kid)"), said
+        assert (await auth.decode(k1.token("a"))).sub == "a"
+    finally:
+        await auth.close()
+        issuer.stop()
