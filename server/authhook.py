@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from dualcast.logs import Repeats, redact_url
+from dualcast.logs import Repeats, redact_url, redirected_to
 
 log = logging.getLogger("dualcast.auth")
 
@@ -251,7 +251,12 @@ class AuthHook:
                 raise HookRefused(response.status_code, "the application refused this session")
             if response.status_code != 200:
                 self.stats.failures += 1
-                self._failed(logging.WARNING, f"answered HTTP {response.status_code}")
+                # (a bare "HTTP 302" for the redirect to its login page that a web app's
+                # view answers a caller without a session: not followed, and not a 401)
+                hint = (f", a redirect to {redirected_to(response)}, not followed: answer "
+                        "401 for a caller without a session, or set DUALCAST_AUTH_URL to "
+                        "the URL it names" if response.is_redirect else "")
+                self._failed(logging.WARNING, f"answered HTTP {response.status_code}{hint}")
                 raise HookUnavailable(f"the application answered HTTP {response.status_code}")
             try:
                 answer = parse_answer(response.json(), asked_at, self.max_age)

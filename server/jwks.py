@@ -19,7 +19,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 
 from dualcast.keys import ALGORITHMS, Family, PublicKey, family_of, key_fits
-from dualcast.logs import redact_url
+from dualcast.logs import redact_url, redirected_to
 
 log = logging.getLogger("dualcast.auth")
 
@@ -170,6 +170,11 @@ class KeySet:
             response = await self.client.get(self.url, headers={"Accept": "application/json"})
         except httpx.HTTPError as exc:
             raise JwksError(f"{type(exc).__name__}: {exc}") from None
+        if response.is_redirect:
+            # (said as a bare "HTTP 301": an http:// URL its issuer moves to https://)
+            raise JwksError(f"HTTP {response.status_code}, a redirect to "
+                            f"{redirected_to(response)}, not followed: set DUALCAST_JWKS_URL "
+                            "to the URL it names")
         if response.status_code != 200:
             raise JwksError(f"HTTP {response.status_code}")
         if len(response.content) > MAX_BYTES:

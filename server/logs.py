@@ -13,10 +13,13 @@ import copy
 import logging
 import re
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import uvicorn.config
+
+if TYPE_CHECKING:
+    import httpx
 
 # Tokens ------------------------------------------------------------------------
 
@@ -30,6 +33,12 @@ def redact(text: str) -> str:
 
 
 _QUERY_PASSWORD = re.compile(r"((?:^|&)password=)[^&]*", re.IGNORECASE)
+
+
+def redirected_to(response: httpx.Response) -> str:
+    """Where a redirect not followed points, fit for a log line (relative made absolute)."""
+    target = response.next_request
+    return redact_url(str(target.url)) if target is not None else "an unreadable Location"
 
 
 def redact_url(url: str) -> str:

@@ -51,6 +51,9 @@ class _Server:
         self.lock = threading.Lock()
         self.requests: list[dict[str, str]] = []
         self.delay = 0.0
+        #: When set, every request is answered `302 Location: <this>` (a moved URL, an
+        #: application's redirect to its login page).
+        self.redirect: str | None = None
         self._httpd: ThreadingHTTPServer | None = None
 
     @property
@@ -78,6 +81,12 @@ class _Server:
                     delay = owner.delay
                 if delay:
                     time.sleep(delay)
+                if owner.redirect is not None:
+                    self.send_response(302)
+                    self.send_header("Location", owner.redirect)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 status, body = owner.answer(headers)
                 data = json.dumps(body).encode()
                 try:

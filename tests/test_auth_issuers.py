@@ -653,6 +653,33 @@ async def test_credentials_in_the_hook_and_jwks_urls_never_reach_the_log(
     assert f"127.0.0.1:{app.port}" in log  # where it failed is still said
 
 
+async def test_a_redirect_from_the_key_set_or_the_hook_is_named_in_the_log(
+    dualcast: Start,
+) -> None:
+    """A JWKS URL given as http:// that its issuer moves to https://, or a session check
+    behind the application's login redirect, were logged as a bare "HTTP 301" / "HTTP
+    302": now the line says where it pointed, that it was not followed, and what to do."""
+    keys, app = JwksServer().start(), HookServer().start()
+    try:
+        keys.redirect = f"https://127.0.0.1:{keys.port}/moved/jwks.json"
+        app.redirect = "/login?next=/auth/dualcast"
+        server = dualcast(env={"DUALCAST_AUTH_URL": app.url, "DUALCAST_AUTH_TIMEOUT": "1",
+                               "DUALCAST_JWKS_URL": keys.url,
+                               "DUALCAST_JWT_ALGORITHMS": "HS256,RS256"})
+        answer = await me(server.url, headers={"Cookie": "sid=carol"})
+        assert answer.status_code == 503, answer.text
+        await wait_for(lambda: "auth hook" in server.log() and "JWKS fetch" in server.log(),
+                       10, "both failures logged")
+    finally:
+        keys.stop()
+        app.stop()
+    log = server.log()
+    assert (f"HTTP 302, a redirect to https://127.0.0.1:{keys.port}/moved/jwks.json, not "
+            "followed: set DUALCAST_JWKS_URL to the URL it names") in log, log
+    assert (f"HTTP 302, a redirect to http://127.0.0.1:{app.port}/login?next=/auth/dualcast, "
+            "not followed: answer 401 for a caller without a session") in log, log
+
+
 async def test_a_hook_that_is_down_is_not_a_log_line_per_client(dualcast: Start) -> None:
     """Each hook call that got no usable answer wrote its own line, so while the
     application was down every client with a session cookie added one (1,000 clients
