@@ -485,3 +485,23 @@ def test_a_refused_login_link_can_land_on_the_login_screen(
     assert "expired" in (p.page.text_content("#login-reason") or "")
     assert p.page.evaluate("location.hash") == ""
     assert p.page.is_visible("#login-forget")
+
+
+def test_a_login_link_too_long_for_a_cookie_says_so_in_the_browser(
+    stack: Callable[..., Stack], open_page: Callable[..., Page]
+) -> None:
+    """Chromium drops a Set-Cookie whose name and value pass 4096 bytes: a login link
+    with a longer token opened the dashboard signed out, with nothing to say why. The
+    link now answers a page that says so; one just within the limit still signs in."""
+    from tests.test_auth import _token_of_length
+
+    s = stack()
+    limit = 4096 - len("dualcast_token")
+    fits = open_page(s.base_url + "/?token=" + _token_of_length(limit, over=False))
+    wait_transport(fits.page, "websocket")
+    assert fits.page.text_content("#who-sub") == "456"
+    too_long = open_page(s.base_url + "/?token=" + _token_of_length(limit, over=True))
+    text = too_long.page.text_content("body") or ""
+    assert "too long to keep as the login cookie" in text, text[:300]
+    assert "Authorization: Bearer" in text
+    assert too_long.page.context.cookies() == []
