@@ -21,6 +21,18 @@ def token(sub: str = "456", rooms: list[str] | None = None, admin: bool = False,
     return mint_token(SECRET, sub, rooms=rooms, admin=admin, publish=publish, ttl=ttl)
 
 
+def token_of_length(limit: int, *, over: bool) -> str:
+    """A valid token for sub 456 as long as it may be within `limit` characters
+    (`over=False`: the longest within), or just past it (the shortest over)."""
+    within = ""
+    for pad in range(limit):
+        made = token("456", rooms=["ops", "x" * pad])
+        if len(made) > limit:
+            return made if over else within
+        within = made
+    raise AssertionError("never reached the limit")
+
+
 @pytest.fixture
 def make_token() -> Callable[..., str]:
     return token

@@ -27,7 +27,7 @@ import pytest
 import websockets
 
 from dualcast.auth import mint_token
-from tests.conftest import SECRET, token
+from tests.conftest import SECRET, token, token_of_length
 from tests.harness.clients import Poller, SSEClient, Subscriber, Transport, WSClient, subscribe
 from tests.harness.procs import DualcastProcess, RedisProcess
 from tests.harness.waits import wait_for
@@ -725,25 +725,13 @@ async def test_a_refused_login_link_sends_a_browser_to_the_login_screen(
         assert api.status_code == 401 and api.json()["error"] == "token_expired"
 
 
-def _token_of_length(limit: int, *, over: bool) -> str:
-    """A valid token as long as a cookie may be (`over=False`: the longest within `limit`
-    characters) or just past it (the shortest over)."""
-    within = ""
-    for pad in range(limit):
-        made = token("456", rooms=["ops", "x" * pad])
-        if len(made) > limit:
-            return made if over else within
-        within = made
-    raise AssertionError("never reached the limit")
-
-
 async def test_a_login_link_too_long_for_a_cookie_says_so(server: DualcastProcess) -> None:
     """Browsers drop, without a word, a Set-Cookie whose name and value exceed 4096 bytes:
     a login link with a longer token was answered 303 with that cookie, and the dashboard
     opened signed out with nothing to say why. A token just within the limit still signs in."""
     room = len("dualcast_token")
-    fits = _token_of_length(4096 - room, over=False)
-    too_long = _token_of_length(4096 - room, over=True)
+    fits = token_of_length(4096 - room, over=False)
+    too_long = token_of_length(4096 - room, over=True)
     assert len(fits) >= 4096 - room - 4 and len(too_long) <= 4096 - room + 4
     browser = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:

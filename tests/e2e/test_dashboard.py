@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import redis
 
-from tests.conftest import token
+from tests.conftest import token, token_of_length
 from tests.e2e.conftest import (
     Page,
     Stack,
@@ -493,14 +493,12 @@ def test_a_login_link_too_long_for_a_cookie_says_so_in_the_browser(
     """Chromium drops a Set-Cookie whose name and value pass 4096 bytes: a login link
     with a longer token opened the dashboard signed out, with nothing to say why. The
     link now answers a page that says so; one just within the limit still signs in."""
-    from tests.test_auth import _token_of_length
-
     s = stack()
     limit = 4096 - len("dualcast_token")
-    fits = open_page(s.base_url + "/?token=" + _token_of_length(limit, over=False))
+    fits = open_page(s.base_url + "/?token=" + token_of_length(limit, over=False))
     wait_transport(fits.page, "websocket")
     assert fits.page.text_content("#who-sub") == "456"
-    too_long = open_page(s.base_url + "/?token=" + _token_of_length(limit, over=True))
+    too_long = open_page(s.base_url + "/?token=" + token_of_length(limit, over=True))
     text = too_long.page.text_content("body") or ""
     assert "too long to keep as the login cookie" in text, text[:300]
     assert "Authorization: Bearer" in text
