@@ -13,7 +13,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from dualcast.admission import Refusal, error_response, identify, requested_rooms
-from dualcast.auth import COOKIE_NAME, AuthError
+from dualcast.auth import COOKIE_NAME, LONGEST_COOKIE_TOKEN, AuthError
 from dualcast.bigints import past_64_bits
 from dualcast.consumer import Readiness
 from dualcast.csrf import FetchSite, cross_site_cookie_write, fetch_site
@@ -246,16 +246,11 @@ async def _may_switch_session(request: Request, rt: Runtime, arriving: str | Non
     return signed_in.sub != arriving
 
 
-#: Browsers drop a Set-Cookie whose name and value together exceed 4096 bytes, without a
-#: word (RFC 6265 asks for at least that much; Chrome and Firefox keep no more).
-COOKIE_MAX = 4096
-
-
 def _too_long_for_the_cookie(request: Request, size: int) -> Response:
     """The answer to a login link whose token no browser would keep: set anyway, the
     cookie was dropped and the dashboard opened signed out, with nothing to say why."""
     message = (f"the token is too long to keep as the login cookie ({size} bytes; a "
-               f"browser keeps at most {COOKIE_MAX - len(COOKIE_NAME)}): sign in with a "
+               f"browser keeps at most {LONGEST_COOKIE_TOKEN}): sign in with a "
                "shorter token (fewer rooms or claims); an API client can send this one as "
                "Authorization: Bearer")
     if "text/html" not in request.headers.get("accept", ""):
@@ -283,7 +278,7 @@ async def login_redirect(request: Request) -> Response | None:
             return RedirectResponse(f"/#login_error={exc.code}", status_code=303,
                                     headers={"Cache-Control": "no-store", **PAGE_HEADERS})
         return error_response(401, exc.code, exc.message)
-    if len(COOKIE_NAME) + len(token.encode()) > COOKIE_MAX:
+    if len(token.encode()) > LONGEST_COOKIE_TOKEN:
         return _too_long_for_the_cookie(request, len(token.encode()))
     if await _may_switch_session(request, rt, arriving.sub):
         # The login screen asks first (static/app.js reads #login_confirm). The token

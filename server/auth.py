@@ -33,6 +33,10 @@ if TYPE_CHECKING:
     from dualcast.config import Settings
 
 COOKIE_NAME = "dualcast_token"
+#: Browsers drop a Set-Cookie whose name and value together exceed 4096 bytes, without a
+#: word (RFC 6265 asks for at least that much; Chrome and Firefox keep no more): a token
+#: longer than this makes no login cookie.
+LONGEST_COOKIE_TOKEN = 4096 - len(COOKIE_NAME)
 ALGORITHM = "HS256"
 
 log = logging.getLogger("dualcast.auth")

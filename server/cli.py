@@ -192,7 +192,7 @@ def _flag_settings(args: argparse.Namespace, flags: dict[str, str]) -> Settings:
 def _token(args: argparse.Namespace) -> int:
     """Mint a token: HS* with the shared secret, or signed with a private key (`--key`),
     carrying the algorithm, issuer and audience this server checks."""
-    from dualcast.auth import mint_token
+    from dualcast.auth import LONGEST_COOKIE_TOKEN, Authenticator, mint_token
     from dualcast.keys import ALGORITHMS, Family, load_private_key
     from dualcast.names import check_room
     from dualcast.secret_file import SecretFileError
@@ -261,6 +261,15 @@ def _token(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"dualcast token: {exc} (--alg {algorithm} and --key must match)", file=sys.stderr)
         return 2
+    if len(token) > Authenticator.MAX_TOKEN:  # every server refuses it: "too long"
+        print(f"dualcast token: the token is {len(token)} bytes and no server reads one over "
+              f"{Authenticator.MAX_TOKEN}: give it fewer --room (--admin joins every room)",
+              file=sys.stderr)
+        return 2
+    if len(token) > LONGEST_COOKIE_TOKEN:  # fine as a Bearer token, not as a login link
+        print(f"dualcast token: note: the token is {len(token)} bytes, too long for a login "
+              f"link (/?token=: browsers keep no cookie over {LONGEST_COOKIE_TOKEN}); it "
+              "works as Authorization: Bearer", file=sys.stderr)
     print(token)
     return 0
 

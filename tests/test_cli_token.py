@@ -525,3 +525,31 @@ def test_token_refuses_a_lifetime_no_server_can_use(ttl: str, says: str) -> None
     assert done.returncode == 2 and done.stdout == ""
     [line] = done.stderr.strip().splitlines()
     assert "argument --ttl:" in line and says in line, line
+
+
+def test_token_too_long_for_any_server_or_for_a_login_link_is_said(
+    dualcast: Callable[..., DualcastProcess],
+) -> None:
+    """A token over 8192 bytes (hundreds of --room) was printed with exit 0 and every
+    server answered it "the token is too long"; one over the cookie limit made a login
+    link that signed nobody in. The first is refused, the second printed with a note."""
+    rooms = [arg for n in range(800) for arg in ("--room", f"r{n:04d}")]
+    huge = cli("token", "--sub", "a", *rooms)
+    assert huge.returncode == 2 and huge.stdout == ""
+    [line] = huge.stderr.strip().splitlines()
+    assert line.startswith("dualcast token: the token is ") and "over 8192" in line, line
+
+    long = cli("token", "--sub", "a", *rooms[:800])
+    assert long.returncode == 0, long.stderr
+    minted = long.stdout.strip()
+    assert 4082 < len(minted) <= 8192
+    [note] = long.stderr.strip().splitlines()
+    assert note == (f"dualcast token: note: the token is {len(minted)} bytes, too long for a "
+                    "login link (/?token=: browsers keep no cookie over 4082); it works as "
+                    "Authorization: Bearer")
+    server = dualcast()
+    me = httpx.get(server.url + "/api/me", headers={"Authorization": f"Bearer {minted}"})
+    assert me.status_code == 200 and me.json()["sub"] == "a"
+
+    short = cli("token", "--sub", "a", "--room", "ops")
+    assert short.returncode == 0 and short.stderr == ""
