@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -291,96 +291,91 @@ async def _publish(pub: Publisher, n: int, within: float = 20) -> list[str]:
     return acked
 
 
-async def test_events_lost_in_a_promotion_show_as_reset_never_silence(
-    lossy_sentinels: SentinelSet, dualcast: Callable[..., DualcastProcess]
-) -> None:
-    ha = lossy_sentinels
-    assert ha.link is not None
-    dc = dualcast(ha.url, env=FAST)
-    async with Publisher(ha.url, stream=STREAM, timeout=0.5, cooldown=0.1,
+async def _lossy_promotion(dc: DualcastProcess, url: str, cut_off: Callable[[], Awaitable[None]],
+                           kill: Callable[[], None], promoted: Callable[[], bool],
+                           new_primary: int, label: str) -> None:
+    """Clients follow the stream; `cut_off` stops replication, so the next 20 events exist
+    on the primary alone; `kill` kills the primary and the replica is promoted without
+    them: every client saw them, is told `reset`, then gets the new primary's stream."""
+    async with Publisher(url, stream=STREAM, timeout=0.5, cooldown=0.1,
                          cooldown_max=0.5) as pub:
         await _publish(pub, 20)
         starts = await _clients(dc)
         clients = list(starts)
         await _publish(pub, 50)
-        ha.link.stall()  # the replica hears nothing more: what follows is never replicated
+        await cut_off()
         doomed = await _publish(pub, 20)
         await wait_for(lambda: all(doomed[-1] in c.ids for c in clients), 15,
                        what="every client to see the events only the primary has")
-        ha.primary.kill()
+        kill()
         t_kill = time.monotonic()
-        await wait_for(lambda: _off_loop(lambda: ha.primary_port() == ha.replica.port), 30,
-                       what="the Sentinels to promote the replica")
+        await wait_for(lambda: _off_loop(promoted), 30, what="the replica to be promoted")
         await wait_for(lambda: all(c.record.resets for c in clients), 30,
                        what="every client to be told reset (its cursor is past the new head)")
         t_reset = time.monotonic() - t_kill
         after = await _publish(pub, 50)
     await wait_for(lambda: all(after[-1] in c.ids for c in clients), 20,
                    what="every client to receive the events after the promotion")
-    expected = await _surviving(ha.replica.port, min(starts.values(), key=id_key))
-    assert not set(doomed) & set(expected), "the stalled writes reached the replica after all"
+    expected = await _surviving(new_primary, min(starts.values(), key=id_key))
+    assert not set(doomed) & set(expected), "the cut-off writes reached the replica after all"
     phantoms, resets = _check(starts, expected)
     for client in clients:
         assert [i for i in client.ids if i in set(doomed)] == doomed, client.kind
-    print(f"\nSentinel promotion with {len(doomed)} unreplicated events: every client told "
+    print(f"\n{label} promotion with {len(doomed)} unreplicated events: every client told "
           f"reset {t_reset:.2f}s after the kill ({resets} resets, {phantoms} seen-then-lost)")
     await asyncio.gather(*(c.stop() for c in clients))
     assert log_problems(dc) == []
+
+
+async def test_events_lost_in_a_promotion_show_as_reset_never_silence(
+    lossy_sentinels: SentinelSet, dualcast: Callable[..., DualcastProcess]
+) -> None:
+    ha = lossy_sentinels
+    link = ha.link
+    assert link is not None
+
+    async def cut_off() -> None:
+        link.stall()  # the replica hears nothing more
+
+    await _lossy_promotion(dualcast(ha.url, env=FAST), ha.url, cut_off, ha.primary.kill,
+                           lambda: ha.primary_port() == ha.replica.port, ha.replica.port,
+                           "Sentinel")
 
 
 async def test_events_lost_in_a_cluster_promotion_show_as_reset_never_silence(
     cluster: ClusterSet, dualcast: Callable[..., DualcastProcess]
 ) -> None:
     """The Cluster case of the test above: the replica of the stream's slot is frozen
-    (SIGSTOP) so the events after it exist on the primary alone, the primary is killed and
-    the replica, thawed, is promoted without them."""
+    (SIGSTOP) and cut off, so the events after it exist on the primary alone; the primary
+    is killed and the replica, thawed, is promoted without them."""
     owner = await asyncio.to_thread(cluster.owner, STREAM)
     assert owner is not None
+    primary = cluster.node(owner)
     replica_port = await asyncio.to_thread(cluster.replica_of, owner)
     replica = cluster.node(replica_port)
     # its data will be seconds old when it is elected: let it stand all the same
     await asyncio.to_thread(replica.command, "CONFIG", "SET",
                             "cluster-replica-validity-factor", "0")
-    dc = dualcast(cluster.url, env=FAST)
-    async with Publisher(cluster.url, stream=STREAM, timeout=0.5, cooldown=0.1,
-                         cooldown_max=0.5) as pub:
-        await _publish(pub, 20)
-        starts = await _clients(dc)
-        clients = list(starts)
-        await _publish(pub, 50)
-        synced = await asyncio.to_thread(cluster.node(owner).command, "WAIT", "1", "5000")
+
+    async def cut_off() -> None:
+        synced = await asyncio.to_thread(primary.command, "WAIT", "1", "5000")
         assert synced == b":1\r\n", f"the replica did not confirm the writes: {synced!r}"
         # Frozen, and its link cut on the primary's side: a frozen process's kernel would
         # still take in the writes that follow and hand them over once it is thawed.
         replica.signal(signal.SIGSTOP)
-        try:
-            cut = await asyncio.to_thread(cluster.node(owner).command, "CLIENT", "KILL",
-                                          "TYPE", "replica")
-            assert cut == b":1\r\n", f"the replica's link was not cut: {cut!r}"
-            doomed = await _publish(pub, 20)
-            await wait_for(lambda: all(doomed[-1] in c.ids for c in clients), 15,
-                           what="every client to see the events only the primary has")
-            cluster.node(owner).kill()
-            t_kill = time.monotonic()
-        finally:
-            replica.signal(signal.SIGCONT)
-        await wait_for(lambda: _off_loop(lambda: cluster.owner(STREAM) == replica_port), 30,
-                       what="the cluster to promote the replica")
-        await wait_for(lambda: all(c.record.resets for c in clients), 30,
-                       what="every client to be told reset (its cursor is past the new head)")
-        t_reset = time.monotonic() - t_kill
-        after = await _publish(pub, 50)
-    await wait_for(lambda: all(after[-1] in c.ids for c in clients), 20,
-                   what="every client to receive the events after the promotion")
-    expected = await _surviving(replica_port, min(starts.values(), key=id_key))
-    assert not set(doomed) & set(expected), "the frozen replica got the writes after all"
-    phantoms, resets = _check(starts, expected)
-    for client in clients:
-        assert [i for i in client.ids if i in set(doomed)] == doomed, client.kind
-    print(f"\nCluster promotion with {len(doomed)} unreplicated events: every client told "
-          f"reset {t_reset:.2f}s after the kill ({resets} resets, {phantoms} seen-then-lost)")
-    await asyncio.gather(*(c.stop() for c in clients))
-    assert log_problems(dc) == []
+        cut = await asyncio.to_thread(primary.command, "CLIENT", "KILL", "TYPE", "replica")
+        assert cut == b":1\r\n", f"the replica's link was not cut: {cut!r}"
+
+    def kill() -> None:
+        primary.kill()
+        replica.signal(signal.SIGCONT)
+
+    try:
+        await _lossy_promotion(dualcast(cluster.url, env=FAST), cluster.url, cut_off, kill,
+                               lambda: cluster.owner(STREAM) == replica_port, replica_port,
+                               "Cluster")
+    finally:
+        replica.signal(signal.SIGCONT)
 
 
 def _client_cert(folder: Path, ca: Path, ca_key: Path) -> tuple[Path, Path]:
