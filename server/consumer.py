@@ -31,6 +31,7 @@ from dualcast.events import (
     StreamId,
     decode_entry,
     format_id,
+    id_before,
     parse_id,
 )
 from dualcast.hub import Hub
@@ -93,6 +94,9 @@ class Consumer:
         #: trim keeps MAXLEN entries, all of them after a position it went past.
         self._gap_check_at = min(settings.batch_count, settings.maxlen)
         self._told_reset_at: StreamId | None = None
+        #: A position this consumer set without reading its entry (the head at first
+        #: start, a reset's): a missing entry there says nothing of lost data.
+        self._unread_position: StreamId | None = None
 
     @property
     def seconds_since_read(self) -> float:
@@ -167,10 +171,11 @@ class Consumer:
         if self.position is None:
             # First start only: live from the head. Never again `$`: after a
             # reconnect we resume from the last id we delivered.
-            self.position = info.last_id
+            self.position = self._unread_position = info.last_id
             self.hub.set_position(info.last_id)
             log.info("consuming %s engine from %s", self.log.engine, format_id(info.last_id))
-        elif not self._went_backwards(info.last_id) and not self._trimmed_past(info):
+        elif (not self._went_backwards(info.last_id) and not self._trimmed_past(info)
+              and not await self._lost_last_delivered()):
             if self.stats.reconnects and not self.connected:
                 log.info("event log back; resuming after %s", format_id(self.position))
         self.connected = True
@@ -308,8 +313,38 @@ class Consumer:
             format_id(head), format_id(self.position),
         )
         self.stats.resets += 1
-        self.position = head
+        self.position = self._unread_position = head
         self.hub.reset_all(head)
+        self.overview.clear()  # folded again, from what the stream holds now
+        return True
+
+    async def _lost_last_delivered(self) -> bool:
+        """The entry delivered last is gone, and newer ones are there: Redis lost data
+        while the consumer was away (restarted empty, or a replica promoted without the
+        last writes), and producers appended before this reconnect. Their ids are newer
+        than the position (they are made from the clock), so the head alone does not look
+        backwards (`_went_backwards`): clients went on from events the stream no longer
+        holds, without a word. One read, at a reconnect only. Every client is told
+        `reset` to just before the first entry after the position, and everything from
+        that entry on is delivered after the reset."""
+        position = self.position
+        if position is None or position == self._unread_position or position == ZERO:
+            return False  # (the head at first start may be an id whose entry was deleted)
+        entries = await self.log.read_after(format_id(id_before(position)), 1)
+        if not entries or entries[0][0] == format_id(position):
+            return False  # still there, or nothing after it (then nothing is known lost)
+        first = parse_id(entries[0][0])
+        if first <= position:
+            return False
+        log.warning(
+            "the entry delivered last (%s) is gone from the stream, and newer ones are there "
+            "(from %s): Redis lost data; telling every client to reset",
+            format_id(position), format_id(first),
+        )
+        key = id_before(first)
+        self.stats.resets += 1
+        self.position = self._unread_position = key
+        self.hub.reset_all(key)
         self.overview.clear()  # folded again, from what the stream holds now
         return True
 

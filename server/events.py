@@ -72,6 +72,12 @@ def format_id(value: StreamId) -> str:
     return f"{value[0]}-{value[1]}"
 
 
+def id_before(key: StreamId) -> StreamId:
+    """The greatest id below `key` (`key` above 0-0): reading after it starts at `key`."""
+    ms, seq = key
+    return (ms, seq - 1) if seq > 0 else (ms - 1, 2**64 - 1)
+
+
 def dumps(value: Any) -> bytes:
     """JSON encoding shared by every frame; non-native types become strings."""
     return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS)

@@ -21,6 +21,7 @@ from dualcast.events import (
     StreamId,
     decode_entry,
     format_id,
+    id_before,
     parse_id,
 )
 from dualcast.frames import Item, Reset
@@ -43,6 +44,22 @@ def cursor_gone(cursor: StreamId, info: LogInfo) -> bool:
     if cursor > info.last_id:
         return True  # newer than the stream: Redis was reset under the client
     return cursor < info.max_deleted  # something after the cursor was trimmed away
+
+
+async def lost_in_a_reset(log_: EventLog, hub: Hub, cursor: StreamId) -> bool:
+    """True when `cursor` is from before a reset and the stream no longer holds its entry.
+
+    Redis that lost data and took newer appends before the consumer was back (restarted
+    empty, a replica promoted without the last writes) holds ids past such a cursor, so
+    its window alone says the cursor is covered (`cursor_gone`), and a client that was
+    reconnecting or between two polls at the reset went on from events the stream no
+    longer holds, without the reset every connected client got. Asked only of cursors up
+    to the newest position a reset was told at: one read, only after a reset.
+    """
+    if not ZERO < cursor <= hub.reset_from:
+        return False
+    entries = await log_.read_after(format_id(id_before(cursor)), 1)
+    return not entries or parse_id(entries[0][0]) != cursor
 
 
 def decode_visible(entries: list[RawEntry], rooms: set[str]) -> list[Event]:
@@ -134,10 +151,12 @@ class Feed:
         """
         try:
             info = await self.log.info()
+            gone = cursor_gone(self.sub.cursor, info) or await lost_in_a_reset(
+                self.log, self.hub, self.sub.cursor)
         except LogUnavailable:
             return
         self._checked = self._looked = True
-        if cursor_gone(self.sub.cursor, info):
+        if gone:
             target = max(self.hub.last_key, info.last_id)
             self._gone_to = target
             self.start_id = format_id(target)
@@ -172,7 +191,8 @@ class Feed:
         if not self._checked:
             info = await self.log.info()
             self._checked = True
-            if cursor_gone(sub.cursor, info):
+            if cursor_gone(sub.cursor, info) or await lost_in_a_reset(self.log, hub,
+                                                                     sub.cursor):
                 return [self._jump_to(max(hub.last_key, info.last_id))]
         # Read before looking at the log, so an empty read means the consumer's
         # position (if it had one then) is at or before this cursor.

@@ -225,6 +225,11 @@ class Hub:
         #: the same (server/transports/poll.py); emptied whenever `recent` may change.
         self.poll_answers: dict[Any, Any] = {}
         self.stats = HubStats()
+        #: How many times every client was told to reset (a long-poll that waited across
+        #: one is told as well), and the newest position any reset was told at: a poll
+        #: that comes back with a cursor up to there, from before the reset, is checked.
+        self.resets = 0
+        self.reset_from: StreamId = ZERO
         self.started = False
         #: Whether lone events are offered to idle writers (see `_review_direct`).
         self._direct = True
@@ -353,6 +358,8 @@ class Hub:
     def reset_all(self, key: StreamId) -> None:
         """Redis lost data (or trimmed it unread): every subscriber's cursor is
         meaningless; tell each one. Live delivery goes on after `key`."""
+        self.resets += 1
+        self.reset_from = max(self.reset_from, self.last_key)
         self.last_key = key
         self.last_id = format_id(key)
         self.recent.clear()

@@ -32,7 +32,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from dualcast.config import Settings
-from dualcast.events import ZERO, StreamId, parse_id
+from dualcast.events import ZERO, id_before, parse_id
 from dualcast.log.base import LogInfo, LogNoAnswer, LogRefused, LogUnavailable, RawEntry
 from dualcast.log.xread import Follow, XReadLine
 from dualcast.publisher.results import describe, unanswered
@@ -218,16 +218,12 @@ class RedisLog:
         # first retained entry may be gone.
         added = raw.get("entries-added")
         if added is not None and int(added) > length:
-            before_first = _just_before(first_id) if first_id is not None else last_id
+            before_first = id_before(first_id) if first_id is not None else last_id
             max_deleted = max(max_deleted, before_first)
         elif added is None and first_id is not None:
-            max_deleted = max(max_deleted, _just_before(first_id))  # Redis < 7: assume trimmed
+            max_deleted = max(max_deleted, id_before(first_id))  # Redis < 7: assume trimmed
         return LogInfo(
             exists=True, length=length, first_id=first_id, last_id=last_id,
             max_deleted=max_deleted,
         )
 
-
-def _just_before(key: StreamId) -> StreamId:
-    ms, seq = key
-    return (ms, seq - 1) if seq > 0 else (ms - 1, 2**64 - 1)

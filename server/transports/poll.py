@@ -19,7 +19,7 @@ from starlette.types import Receive, Scope, Send
 from dualcast.admission import Refusal, admit, error_response
 from dualcast.direct import on_disconnect, write_response
 from dualcast.events import ZERO, Event, StreamId, format_id, parse_id
-from dualcast.feed import cursor_gone, decode_visible
+from dualcast.feed import cursor_gone, decode_visible, lost_in_a_reset
 from dualcast.hub import Doorbell, Hub
 from dualcast.log import LogInfo, LogUnavailable
 from dualcast.protocol import ErrorCode, Transport
@@ -183,6 +183,7 @@ async def poll_endpoint(request: Request) -> Response | Answer:
     #: Whether this poll's key was checked against the log's window as it is now (a key
     #: answered from memory was not: see the loop).
     log_checked = False
+    resets = hub.resets
     try:
         if cursor is not None:
             key = cursor
@@ -212,6 +213,11 @@ async def poll_endpoint(request: Request) -> Response | Answer:
                 info = last
             # (an in-memory cursor is not newer than the stream: the consumer read it there)
             gone = cursor < info.max_deleted if in_memory else cursor_gone(cursor, info)
+            if not gone and not in_memory:
+                try:  # (a cursor from before a reset: its poller was between two polls)
+                    gone = await lost_in_a_reset(rt.log, hub, cursor)
+                except LogUnavailable as exc:
+                    return _unavailable(exc)
             log_checked = not in_memory
             if gone and cursor != ZERO:
                 return _reset(hub, info)
@@ -273,6 +279,12 @@ async def poll_endpoint(request: Request) -> Response | Answer:
             await hub.wait_for_events(remaining, wait)
             if wait.gone:  # nobody to answer: the answer goes nowhere
                 return _answer([], format_id(key))
+            if hub.resets != resets:
+                # Every client was told to reset while this poll waited (Redis lost data,
+                # or trimmed it unread): so is this one, as every stream is. Answered at
+                # its timeout instead, or with the events after the loss and no reset at
+                # all, the poller went on from events the stream no longer holds.
+                return _answer([], hub.last_id, reset=True)
     except asyncio.CancelledError:
         raise
     finally:

@@ -253,3 +253,41 @@ async def test_a_poller_at_the_head_keeps_polling_while_redis_is_away(
             assert behind.status_code == 503
     finally:
         redis.stop()
+
+
+async def test_redis_emptied_and_appended_to_while_dualcast_was_away_tells_clients_to_reset(
+    proxied,  # type: ignore[no-untyped-def]
+) -> None:
+    """Redis lost the stream (restarted empty here; a replica promoted without the last
+    writes is the same) and a producer appended before dualcast was back. The new ids
+    are newer than what the clients saw, so the head alone did not look backwards: every
+    client went on from events the stream no longer holds, without a word, and so did a
+    long-poll waiting across the loss. Each is told `reset`, then gets the new stream."""
+    redis, proxy, dc = proxied
+    followers, pollers = await _clients(dc)
+    await Producer(redis.url, rate=500).start(limit=30).wait(10)
+    before = await stream_ids(redis.url)
+    await _all_received(followers, pollers, before)
+
+    proxy.refuse()  # dualcast cannot reach Redis until the new stream has entries
+    await wait_for_async(lambda: readyz(dc), 503, 10, "readyz 503 while refused")
+    redis.kill()
+    redis.start(wipe=True)
+    await Producer(redis.url, rate=500).start(limit=5).wait(10)
+    appended = await stream_ids(redis.url)
+    assert appended[0] > before[-1]  # (newer ids: the clock moved on)
+    proxy.restore()
+
+    clients = [*followers, *pollers]
+    await wait_for(lambda: all(c.record.resets for c in clients), 15,
+                   what="every client (pollers too) to be told reset")
+    producer = Producer(redis.url, rate=200).start(limit=20)
+    await producer.wait(10)
+    after = [i for i in await stream_ids(redis.url) if i not in appended]
+    for c in clients:
+        await wait_for(lambda c=c: after[-1] in c.ids, 10, what=f"{c.kind} to get the new stream")
+        problem = check_exact(c.ids[-len(after):], after)
+        assert problem is None, f"{c.kind} after the reset: {problem}"
+    assert await metric(dc, "dualcast_resets") >= 1
+    await _stop(followers, pollers)
+    assert log_problems(dc) == []
