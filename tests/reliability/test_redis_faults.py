@@ -288,6 +288,19 @@ async def test_redis_emptied_and_appended_to_while_dualcast_was_away_tells_clien
         await wait_for(lambda c=c: after[-1] in c.ids, 10, what=f"{c.kind} to get the new stream")
         problem = check_exact(c.ids[-len(after):], after)
         assert problem is None, f"{c.kind} after the reset: {problem}"
+    # A client that was away at the reset (reconnecting, between two polls) and comes
+    # back with a cursor the stream no longer holds is told too.
+    async with httpx.AsyncClient(base_url=dc.url, timeout=10) as http:
+        answer = (await http.get("/api/events", params={"after": before[-1], "timeout": 0}))
+        assert answer.json()["reset"] is True, answer.text
+        async with http.stream("GET", "/api/sse",
+                               params={"last_event_id": before[-1]}) as stream:
+            async with asyncio.timeout(10):
+                async for line in stream.aiter_lines():
+                    if line.startswith("event: "):
+                        assert line != "event: rel", "events after a cursor the stream lost, no reset"
+                        if line == "event: reset":
+                            break
     assert await metric(dc, "dualcast_resets") >= 1
     await _stop(followers, pollers)
     assert log_problems(dc) == []
