@@ -91,14 +91,18 @@ def _serve(args: argparse.Namespace) -> int:
         kept = (str(path), made)
 
     def on_listening(url: str) -> None:
-        if configured:  # a configured secret: no admin token in anybody's log
-            return
-        if kept is None:
+        if kept is not None:
+            _print_admin_link(settings, kept, url)
+        elif hmac_algorithm(settings) is None:
             print(f"dualcast: no admin link: {_keyed_only(settings)}; mint one with "
                   f"`{_keyed_token_command(settings, '--sub admin --admin')}` and open "
                   f"{url}/?token=<token>", file=sys.stderr, flush=True)
-            return
-        _print_admin_link(settings, kept, url)
+        else:  # a configured secret: no admin token in anybody's log, but the way to one
+            # (the quick start's link was simply not there, and nothing said why)
+            print("dualcast: no admin link (DUALCAST_SECRET is set, so no token goes to the "
+                  "log): mint one with `dualcast token --sub admin --admin` (same "
+                  f"DUALCAST_SECRET) and open {url}/?token=<token>", file=sys.stderr,
+                  flush=True)
 
     try:
         return serve(settings, on_listening)
@@ -231,9 +235,12 @@ def _token(args: argparse.Namespace) -> int:
         except SecretFileError as exc:
             print(f"dualcast token: {exc}", file=sys.stderr)
             return 2
-        if not secret:
-            print("dualcast token: no secret: set DUALCAST_SECRET or pass --secret "
-                  "(or --key @private.pem with --alg)", file=sys.stderr)
+        if not secret:  # where the kept one would be: `dualcast serve` may run as another user
+            from dualcast.secret_file import secret_path
+
+            print("dualcast token: no secret: set DUALCAST_SECRET or pass --secret (or --key "
+                  "@private.pem with --alg); `dualcast serve` keeps one on this machine, in "
+                  f"{secret_path()}, from its first start", file=sys.stderr)
             return 2
         if len(secret.encode()) < MIN_SECRET_BYTES:  # the server refuses shorter ones
             print(f"dualcast token: the secret must be at least {MIN_SECRET_BYTES} bytes "

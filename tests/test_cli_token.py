@@ -145,6 +145,26 @@ def test_serve_without_secret_prints_a_working_admin_url(tmp_path: Path) -> None
         proc.stop()
 
 
+def test_serve_with_a_secret_says_how_to_get_the_admin_link(
+    dualcast: Callable[..., DualcastProcess],
+) -> None:
+    """With DUALCAST_SECRET set (the README's "Using it") the quick start's admin link
+    was simply not printed, and nothing said why or how to open the dashboard: now one
+    line says which command makes the token, and never prints a token itself."""
+    server = dualcast()  # DUALCAST_SECRET set
+    wait_until(lambda: "no admin link" in server.log(), timeout=15, what="the no-link line")
+    [line] = [ln for ln in server.log().splitlines() if "no admin link" in ln]
+    assert "DUALCAST_SECRET is set" in line and "token=ey" not in server.log()
+    assert "`dualcast token --sub admin --admin`" in line
+    assert line.endswith(f"open {server.url}/?token=<token>"), line
+    minted = cli("token", "--sub", "admin", "--admin")  # the command it names, as named
+    assert minted.returncode == 0, minted.stderr
+    with httpx.Client(timeout=10) as browser:
+        login = browser.get(f"{server.url}/?token={minted.stdout.strip()}")
+        assert login.status_code == 303 and "dualcast_token" in browser.cookies
+        assert browser.get(server.url + "/api/me").json()["admin"] is True
+
+
 def test_publish_url_mints_a_token_from_the_secret(
     dualcast: Callable[..., DualcastProcess], tmp_path: Path,
 ) -> None:
@@ -362,6 +382,8 @@ def test_a_kept_secret_file_that_is_unusable_is_named(tmp_path: Path) -> None:
     kept.unlink()
     missing = cli("token", "--sub", "1", secret=None, env=env)
     assert missing.returncode == 2 and "no secret: set DUALCAST_SECRET" in missing.stderr
+    # where `dualcast serve` keeps one: it may have run as another user, or not yet
+    assert f"`dualcast serve` keeps one on this machine, in {kept}" in missing.stderr
 
 
 def test_a_key_is_never_ignored_for_a_secret_algorithm(tmp_path: Path) -> None:
