@@ -499,8 +499,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--upstream", action="append", metavar="HOST:PORT",
         help="a dualcast instance; repeat once per instance (default: 127.0.0.1:8001-8003)",
     )
-    parser.add_argument("--listen", default=PRODUCTION["listen"])
-    parser.add_argument("--server-name", default=PRODUCTION["server_name"])
+    parser.add_argument("--listen", default=PRODUCTION["listen"],
+                        help="port (or address:port) of the plain-HTTP server: it redirects "
+                             "to https, or serves the site with --tls-listen '' "
+                             f"(default {PRODUCTION['listen']})")
+    parser.add_argument("--server-name", default=PRODUCTION["server_name"],
+                        help="the site's host name, which the certificate paths follow "
+                             f"(default {PRODUCTION['server_name']})")
     parser.add_argument("--static-root", default=PRODUCTION["static_root"],
                         help="dualcast's static/ folder, served by nginx (quoted when needed)")
     parser.add_argument("--access-log", default=PRODUCTION["access_log"],
@@ -509,7 +514,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="port (or address:port) of the https server; '' = plain HTTP only")
     parser.add_argument("--ssl-certificate", default=None,
                         help="certificate chain (default: Let's Encrypt's path for --server-name)")
-    parser.add_argument("--ssl-certificate-key", default=None)
+    parser.add_argument("--ssl-certificate-key", default=None,
+                        help="its private key (default: Let's Encrypt's path for "
+                             "--server-name)")
     parser.add_argument("--limit-conn", type=_connections, default=LIMIT_CONN,
                         help="connections (HTTP/2 streams) one client address may hold (1 or more)")
     parser.add_argument("--real-ip-from", action="append", default=[], metavar="ADDRESS",

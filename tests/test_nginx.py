@@ -355,6 +355,22 @@ def test_render_py_refuses_what_nginx_would_refuse_in_one_line(
     assert line.startswith(f"render.py: error: {says}"), result.stderr
 
 
+def test_render_py_help_says_what_every_flag_is() -> None:
+    """The README sends readers to `render.py --help` for the flags; --listen,
+    --server-name and --ssl-certificate-key were listed there bare, with no word of what
+    they set or of their defaults (80, dualcast.example.com)."""
+    result = render_py("--help")
+    assert result.returncode == 0, result.stderr
+    options = result.stdout.split("options:", 1)[1]
+    entries = re.findall(r"^  (-.*?)(?=^  -|\Z)", options, re.MULTILINE | re.DOTALL)
+    assert len(entries) > 10, options
+    for entry in entries:
+        words = [w for w in entry.split()
+                 if not re.fullmatch(r"-[-\w]+,?|\[?[A-Z_:]+\]?", w)]
+        assert words, f"a flag without help in render.py --help: {entry.strip()!r}"
+    assert "(default 80)" in options and "(default dualcast.example.com)" in options
+
+
 def test_render_py_quotes_paths_with_spaces_and_nginx_takes_them(
     tmp_path: Path, nginx_binary: str
 ) -> None:
