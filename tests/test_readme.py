@@ -189,6 +189,7 @@ def test_readme_blocks_on_a_plain_install(venv: Path, fresh_redis: RedisProcess,
     out = using.output()
     ids = re.findall(r"^\d+-\d+$", out, re.MULTILINE)
     assert len(ids) >= 2, out  # both publishes printed their stream ids
+    assert re.search(r'^\{"id":"\d+-\d+"\}', out, re.MULTILINE), out  # and curl's, over HTTP
     assert '"event":"deploy"' in out and '"v":2' in out  # the long-poll saw the public one
     assert '"user-456"' in out and '"ops"' in out  # the user's stream joined its rooms
     assert "Traceback" not in out and "ModuleNotFoundError" not in out
