@@ -1,4 +1,4 @@
-"""The `dualcast` command: serve, publish, token, demo."""
+"""The `dualcast` command: serve, publish, token, keys, demo, tail."""
 
 from __future__ import annotations
 
@@ -700,7 +700,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a room to send it to; repeat for several (none: a public event)")
     pub.add_argument("--redis-url", help="append straight to this Redis (DUALCAST_REDIS_URL)")
     pub.add_argument("--url", help="a running dualcast server (uses POST /api/publish)")
-    pub.add_argument("--token", help="a publish token for --url")
+    pub.add_argument("--token", help="a publish token for --url (default: one made with "
+                     "DUALCAST_SECRET, else the secret dualcast serve keeps on this machine)")
     pub.add_argument("--cacert", metavar="FILE", help="for an https:// --url: trust only "
                      "the CAs of this PEM bundle (default: the system's and certifi's)")
     pub.add_argument("--wait-replicas", type=_count, default=0, metavar="N",

@@ -5,6 +5,7 @@ The CLI runs as a real subprocess, as a user would run it.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from importlib.metadata import version
@@ -27,6 +28,18 @@ def test_version_prints_the_installed_version() -> None:
         assert done.returncode == 0, done.stderr
         assert done.stdout == f"dualcast {version('dualcast')}\n"
         assert done.stderr == ""
+
+
+def test_help_names_every_command() -> None:
+    """`dualcast --help` began "The `dualcast` command: serve, publish, token, demo.",
+    leaving out keys and tail, which the list under it does have."""
+    done = run("--help")
+    assert done.returncode == 0, done.stderr
+    usage = re.search(r"\{([a-z,]+)\}", done.stdout)
+    assert usage is not None, done.stdout
+    commands = usage[1].split(",")
+    described = next(line for line in done.stdout.splitlines() if "command:" in line)
+    assert [c for c in commands if c not in described] == [], described
 
 
 def test_ctrl_c_while_the_command_imports_its_modules_exits_quietly(tmp_path: Path) -> None:
