@@ -623,6 +623,29 @@ def test_dualcast_tail_at_a_path_with_no_dualcast_server_says_so_and_exits(serve
     assert "Traceback" not in result.stderr
 
 
+def test_dualcast_tail_without_a_token_says_none_was_given(server: Any) -> None:
+    """The README's `dualcast tail URL --token "$TOKEN" --rooms ops` with TOKEN unset read
+    anonymously and said only "none of the rooms asked for may be joined (ops)"."""
+    import subprocess
+    import sys
+
+    from tests.harness.procs import ROOT, clean_env
+
+    result = subprocess.run(
+        [sys.executable, "-m", "dualcast", "tail", server.url, "--token", "", "--rooms", "ops"],
+        cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout) == (1, "")
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("dualcast tail: refused: forbidden_room: "), result.stderr
+    assert last.endswith("(no token was given: pass --token or set DUALCAST_TOKEN; "
+                         "without one only public events)"), last
+    given = subprocess.run(  # with a token, the refusal is the room's alone
+        [sys.executable, "-m", "dualcast", "tail", server.url, "--token", mint("bob"),
+         "--rooms", "ops"],
+        cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=60)
+    assert given.returncode == 1 and "no token was given" not in given.stderr, given.stderr
+
+
 # ---- a server restart ------------------------------------------------------------------
 
 

@@ -22,6 +22,7 @@ from dualcast.client import (
     TRANSPORTS,
     ClientError,
     Event,
+    Refused,
     ServerError,
     Status,
     Transport,
@@ -101,7 +102,14 @@ async def tail(url: str, *, token: str | None, rooms: list[str], last_event_id: 
             raise
         raise BrokenPipeError("the reader of stdout is gone") from None  # as a write says
     except ClientError as exc:
-        said(f"refused: {exc}")
+        # `--token "$TOKEN"` with TOKEN unset reads anonymously: the refusal named only
+        # the room, not that no token was sent
+        anonymous = (" (no token was given: pass --token or set DUALCAST_TOKEN; without one "
+                     "only public events)"
+                     if token is None and isinstance(exc, Refused)
+                     and exc.code == "forbidden_room"
+                     else "")
+        said(f"refused: {exc}{anonymous}")
         return 1
     except ValueError as exc:  # a URL or transport name that cannot be used
         said(str(exc))
