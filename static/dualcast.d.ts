@@ -87,6 +87,7 @@ export interface DualcastOptions {
   transports?: Transport[];
   /** Start on this transport (e.g. the one that worked last time). */
   initial?: Transport;
+  /** A transport is up only once its welcome arrives within this long (default 3000). */
   welcomeTimeoutMs?: number;
   /** A live WebSocket or SSE stream on which nothing at all (not even the server's
    *  ping) arrives for this long is taken for dead and reconnected (default 40000). */
@@ -94,12 +95,19 @@ export interface DualcastOptions {
   /** Long-poll wait in seconds (0-30; default 25). Halved after each `bad_timeout` from a
    *  server whose limit is lower; a `bad_timeout` at 0 is a 'fatal' error. */
   pollTimeout?: number;
+  /** Reconnect backoff, jittered: from this (default 500)... */
   retryBaseMs?: number;
+  /** ...up to this (default 15000). */
   retryCapMs?: number;
+  /** After a fallback, the better transports are probed again after this (default 5000)... */
   climbBaseMs?: number;
+  /** ...backing off to this (default 30000). */
   climbCapMs?: number;
+  /** A live transport that lasted this long forgets its earlier deaths (default 30000). */
   stableMs?: number;
+  /** Deaths of a live transport counted within this window (default 60000)... */
   deathWindowMs?: number;
+  /** ...this many of them fall back to the next transport (default 3). */
   maxDeaths?: number;
   // injectable for tests
   WebSocket?: typeof WebSocket;

@@ -570,3 +570,24 @@ describe('helpers of the public client', { timeout: 5000 }, () => {
     assert.throws(() => new Dualcast(''), /URL is required/);
   });
 });
+
+describe('the types file', () => {
+  it('names the default of every numeric option', async () => {
+    // the d.ts listed welcomeTimeoutMs, retryBaseMs, ... maxDeaths with no word of what
+    // they tune or their defaults: a reader had to find them in the source
+    const { readFile } = await import('node:fs/promises');
+    const source = await readFile(new URL('../../static/dualcast.js', import.meta.url), 'utf8');
+    const types = await readFile(new URL('../../static/dualcast.d.ts', import.meta.url), 'utf8');
+    const documented = new Map();
+    for (const m of types.matchAll(/\/\*\*((?:(?!\*\/)[\s\S])*)\*\/\s*(\w+)\?: number;/g)) {
+      documented.set(m[2], m[1]);
+    }
+    const defaults = [...source.matchAll(/this\.(\w+) = opts\.\1 \?\? (\d+);/g)];
+    assert.ok(defaults.length >= 10, 'the defaults were not found in dualcast.js');
+    for (const [, name, value] of defaults) {
+      const doc = documented.get(name);
+      assert.ok(doc, `${name} has no doc comment in dualcast.d.ts`);
+      assert.match(doc, new RegExp(`default ${value}\\b`), `${name}: default ${value}`);
+    }
+  });
+});
