@@ -174,6 +174,18 @@ def test_readme_blocks_on_a_plain_install(venv: Path, fresh_redis: RedisProcess,
             if len(names) >= 2:
                 break
     assert names[0] == "welcome" and names[1] != "welcome"  # the demo's traffic arrives
+    # the Quick start's own publish, through the server (the memory engine is inside it)
+    said = re.search(r"`(dualcast publish hello '[^`]+' --url http://127\.0\.0\.1:8000)`",
+                     README.read_text())
+    assert said is not None, "the Quick start no longer says how to publish: update this test"
+    command = ported(said[1], {"127.0.0.1:8000": f"127.0.0.1:{port}"})
+    published = subprocess.run(["bash", "-ec", command], env=block_env(venv),
+                               capture_output=True, text=True, timeout=60)
+    assert published.returncode == 0, published.stderr
+    assert re.fullmatch(r"\d+-\d+\n", published.stdout), published.stdout
+    poll = httpx.get(f"http://127.0.0.1:{port}/api/events",
+                     params={"after": "0", "timeout": "0"}, timeout=10).json()
+    assert ("hello", {"n": 1}) in [(e["event"], e["data"]) for e in poll["events"]], poll
     quick.stop()
 
     # Using it: Redis, tokens, publish both ways, a long-poll, an SSE stream.
