@@ -14,6 +14,7 @@ import signal
 import sys
 import warnings
 from typing import TYPE_CHECKING, Any, TextIO
+from urllib.parse import urlsplit
 
 from dualcast.secret_file import MIN_SECRET_BYTES
 
@@ -236,11 +237,9 @@ def _token(args: argparse.Namespace) -> int:
             print(f"dualcast token: {exc}", file=sys.stderr)
             return 2
         if not secret:  # where the kept one would be: `dualcast serve` may run as another user
-            from dualcast.secret_file import secret_path
-
             print("dualcast token: no secret: set DUALCAST_SECRET or pass --secret (or --key "
                   "@private.pem with --alg); `dualcast serve` keeps one on this machine, in "
-                  f"{secret_path()}, from its first start", file=sys.stderr)
+                  f"{_kept_secret_path()}, from its first start", file=sys.stderr)
             return 2
         if len(secret.encode()) < MIN_SECRET_BYTES:  # the server refuses shorter ones
             print(f"dualcast token: the secret must be at least {MIN_SECRET_BYTES} bytes "
@@ -351,6 +350,13 @@ def _kept_secret() -> str | None:
     from dualcast.secret_file import read_secret, secret_path
 
     return read_secret(secret_path())
+
+
+def _kept_secret_path() -> str:
+    """Where `dualcast serve` keeps its secret, for messages that send people there."""
+    from dualcast.secret_file import secret_path
+
+    return str(secret_path())
 
 
 def _file_name(name: str) -> bool:
@@ -522,6 +528,13 @@ def _publish_http(args: argparse.Namespace, settings: Settings, data: Any) -> in
     from dualcast.client.connections import certificate_refused, trust
     from dualcast.secret_file import SecretFileError
 
+    parts = urlsplit(args.url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        # (httpx's words were "127.0.0.1:8000 is not reachable: Request URL is missing an
+        # 'http://' or 'https://' protocol", after the token checks had spoken first)
+        print(f"dualcast publish: --url {args.url!r} is not a server's base URL: give it "
+              "with its scheme, e.g. http://127.0.0.1:8000", file=sys.stderr)
+        return 2
     token = args.token
     if token is None and hmac_algorithm(settings) is None:
         print(f"dualcast publish: {_keyed_only(settings)}: pass --token, e.g. from "
@@ -532,8 +545,11 @@ def _publish_http(args: argparse.Namespace, settings: Settings, data: Any) -> in
     except SecretFileError as exc:
         print(f"dualcast publish: {exc}", file=sys.stderr)
         return 2
+    signed_with = None  # which secret signed the token this command made, if it made one
     if secret:  # the algorithm, issuer and audience the server checks, else it refuses it
         token = mint_for(settings, secret, "cli", publish=True, ttl=300)
+        signed_with = ("DUALCAST_SECRET" if settings.secret else
+                       f"the secret kept in {_kept_secret_path()}")
     if not token:  # every server refuses a publish without one (it was a bare 401 back)
         print("dualcast publish: --url needs a publish token: pass --token (e.g. from "
               "`dualcast token --sub cli --publish` on the server's machine), or set "
@@ -559,7 +575,14 @@ def _publish_http(args: argparse.Namespace, settings: Settings, data: Any) -> in
             print(f"dualcast publish: {args.url} is not reachable: {exc}", file=sys.stderr)
         return 1
     if response.status_code != 202:
-        print(f"dualcast publish: {_publish_refusal(args.url, response)}", file=sys.stderr)
+        hint = ""
+        if signed_with and response.status_code == 401:
+            # the quick start's server keeps its own secret; a shell that exported another
+            # DUALCAST_SECRET (the README's "Using it") signed with that one
+            hint = (f" (the token this command made was signed with {signed_with}: give "
+                    "the server's own secret, or --token)")
+        print(f"dualcast publish: {_publish_refusal(args.url, response)}{hint}",
+              file=sys.stderr)
         return 1
     print(response.json()["id"])
     return 0

@@ -165,6 +165,43 @@ def test_serve_with_a_secret_says_how_to_get_the_admin_link(
         assert browser.get(server.url + "/api/me").json()["admin"] is True
 
 
+def test_publish_url_without_a_scheme_is_refused_in_one_line(tmp_path: Path) -> None:
+    """`--url 127.0.0.1:8000` said "--url needs a publish token" with no secret at hand,
+    and with one "127.0.0.1:8000 is not reachable: Request URL is missing an 'http://'
+    ...": neither said the URL itself was the trouble."""
+    for secret in (None, SECRET):
+        done = cli("publish", "x", "{}", "--url", "127.0.0.1:9", secret=secret,
+                   env={"XDG_STATE_HOME": str(tmp_path)})
+        assert (done.returncode, done.stdout) == (2, ""), done.stderr
+        assert done.stderr == ("dualcast publish: --url '127.0.0.1:9' is not a server's base "
+                               "URL: give it with its scheme, e.g. http://127.0.0.1:8000\n")
+
+
+def test_publish_url_refused_for_the_secret_it_signed_with_says_which(
+    dualcast: Callable[..., DualcastProcess], tmp_path: Path,
+) -> None:
+    """The quick start's server signs with the secret it keeps; a shell that exported the
+    README's DUALCAST_SECRET then got "401: ... signature does not match this server"
+    from `dualcast publish --url`, with no word of which secret the command had used."""
+    server = dualcast()  # signs with SECRET
+    other = "o" * 40
+    exported = cli("publish", "x", "{}", "--url", server.url, secret=other)
+    assert exported.returncode == 1 and "invalid_token" in exported.stderr
+    assert exported.stderr.rstrip().endswith(
+        "(the token this command made was signed with DUALCAST_SECRET: give the server's "
+        "own secret, or --token)"), exported.stderr
+    kept = tmp_path / "dualcast" / "secret"
+    kept.parent.mkdir()
+    kept.write_text(other + "\n")
+    from_file = cli("publish", "x", "{}", "--url", server.url, secret=None,
+                    env={"XDG_STATE_HOME": str(tmp_path)})
+    assert from_file.returncode == 1
+    assert f"signed with the secret kept in {kept}:" in from_file.stderr, from_file.stderr
+    given = cli("publish", "x", "{}", "--url", server.url, "--token", token("p", publish=True),
+                secret=other)  # a token given is not this command's to explain
+    assert given.returncode == 0, given.stderr
+
+
 def test_publish_url_mints_a_token_from_the_secret(
     dualcast: Callable[..., DualcastProcess], tmp_path: Path,
 ) -> None:
