@@ -125,6 +125,10 @@ def test_serve_without_secret_prints_a_working_admin_url(tmp_path: Path) -> None
         assert match is not None
         url, tok = match.group(1), match.group(2)
         assert url.startswith(f"http://127.0.0.1:{proc.port}/?token=")
+        claims = jwt.decode(tok, options={"verify_signature": False})
+        # what the README's Quick start says of it
+        assert "The link's token is good for 7 days" in (ROOT / "README.md").read_text()
+        assert claims["exp"] - claims["iat"] == 7 * 86400
         text = proc.log()
         assert "DUALCAST_SECRET" in text and "instances" in text  # the warning
         with httpx.Client(timeout=10) as client:
