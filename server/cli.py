@@ -402,9 +402,10 @@ def _keys(args: argparse.Namespace) -> int:
         print(f"dualcast keys: cannot write {exc.filename or folder}: "
               f"{exc.strerror or exc}", file=sys.stderr)
         return 1
+    held = f"{made.keys_in_set} key{'' if made.keys_in_set == 1 else 's'}"  # ("1 keys" was)
     print(f"private key  {made.private}  (keep it with the service that mints tokens)\n"
           f"public key   {made.public}  (DUALCAST_PUBLIC_KEY=@{made.public})\n"
-          f"key set      {made.jwks}  ({made.keys_in_set} keys; serve it at DUALCAST_JWKS_URL)\n"
+          f"key set      {made.jwks}  ({held}; serve it at DUALCAST_JWKS_URL)\n"
           f"settings     DUALCAST_JWT_ALGORITHMS={algorithm}\n"
           f"a token      dualcast token --key @{made.private} --alg {algorithm} --kid {kid} "
           "--sub alice")

@@ -53,6 +53,9 @@ def test_a_key_set_that_is_not_one_is_refused_before_anything_is_written(
     again = keys(tmp_path, "--alg", "ES256", "--kid", "k1", "--dir", ".")
     assert again.returncode == 0, again.stderr
     assert [k["kid"] for k in json.loads((tmp_path / "jwks.json").read_text())["keys"]] == ["k1"]
+    assert "jwks.json  (1 key; serve it at DUALCAST_JWKS_URL)" in again.stdout  # not "1 keys"
+    rotated = keys(tmp_path, "--alg", "ES256", "--kid", "k2", "--dir", ".")
+    assert "jwks.json  (2 keys; serve it at DUALCAST_JWKS_URL)" in rotated.stdout, rotated.stderr
 
 
 def test_a_key_set_that_cannot_be_written_leaves_no_key_and_no_folder(tmp_path: Path) -> None:
