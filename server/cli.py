@@ -812,7 +812,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from dualcast.config import SettingsError
 
-        args, extra = build_parser().parse_known_args(argv)
+        parser = build_parser()
+        if not (sys.argv[1:] if argv is None else argv):
+            # a bare `dualcast` said "the following arguments are required: command":
+            # the commands themselves, each with its line, are what the person is after
+            parser.print_help(sys.stderr)
+            return 2
+        args, extra = parser.parse_known_args(argv)
         if extra:  # said by the command's own parser: its --help lists its flags
             _unrecognized(args.parser, extra)
         try:

@@ -42,6 +42,14 @@ def test_help_names_every_command() -> None:
     assert [c for c in commands if c not in described] == [], described
 
 
+def test_a_bare_dualcast_lists_the_commands() -> None:
+    """`dualcast` alone said "the following arguments are required: command"."""
+    done = run()
+    assert (done.returncode, done.stdout) == (2, ""), done.stderr
+    assert "serve               run the server" in done.stderr
+    assert "tail " in done.stderr and "required" not in done.stderr
+
+
 def test_ctrl_c_while_the_command_imports_its_modules_exits_quietly(tmp_path: Path) -> None:
     """Ctrl-C in the first half second of `dualcast tail` (or any command) printed a
     traceback from the middle of an import: the entry point imported the command
