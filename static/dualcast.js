@@ -411,8 +411,10 @@ class SSEConnection extends FetchConnection {
     super('sse', sink);
     this.idleMs = idleMs;
     this.abort = new env.AbortController();
+    // events=message: each event's data is the whole {id, event, data, ts}, so SSE carries
+    // the producer's ts as the other transports do (named events carry no ts)
     const url = `${env.httpBase}/api/sse${query({
-      rooms: rooms.length ? rooms.join(',') : null,
+      rooms: rooms.length ? rooms.join(',') : null, events: 'message',
     })}`;
     const headers = withToken(env, { Accept: 'text/event-stream' });
     if (cursor) headers['Last-Event-ID'] = cursor;
@@ -469,10 +471,16 @@ class SSEConnection extends FetchConnection {
             this.sink.error(this, { code: data.code ?? data.error ?? 'error', message: data.message ?? '' });
           } else if (msg.id) {
             const data = safeJson(msg.data);
-            batch.push({
-              id: msg.id, event: msg.event, data: data === undefined ? msg.data : data,
-              ts: eventTime(null, msg.id),
-            });
+            // an unnamed message holding the whole event; else a named one (a server
+            // that does not know events=message), its time then taken from the id
+            const whole = msg.event === 'message' && data !== null && typeof data === 'object'
+              && data.id === msg.id && typeof data.event === 'string';
+            batch.push(whole
+              ? { id: msg.id, event: data.event, data: data.data, ts: eventTime(data.ts, msg.id) }
+              : {
+                id: msg.id, event: msg.event, data: data === undefined ? msg.data : data,
+                ts: eventTime(null, msg.id),
+              });
           }
         }
         if (batch.length && !this.closed) this.sink.events(this, batch);

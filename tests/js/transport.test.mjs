@@ -139,6 +139,33 @@ describe('websocket', { timeout: 5000 }, () => {
     assert.deepEqual(t.seen, ['1001-0']);
   });
 
+  it('asks SSE for whole events, so ts is the producer\'s as on the other transports', async () => {
+    // named SSE events carry no ts: the client took the id's time, so the same event had
+    // another ts on SSE than on WebSocket or polling (a producer's `timestamp` was lost)
+    const sse = sseRoute();
+    const got = [];
+    const t = setup({
+      routes: { '/api/sse': sse.handler }, transports: ['sse'],
+      onEvents: (list) => got.push(...list.map(({ id, event, data, ts }) => ({ id, event, data, ts }))),
+    });
+    t.manager.start();
+    await t.clock.tick(0);
+    const { request, body } = sse.streams[0];
+    assert.equal(request.params.get('events'), 'message');
+    body.push(sseFrame({ event: 'welcome', data: { rooms: [], last_id: '1000-0' } }));
+    body.push(sseFrame({ id: '1001-0', data: { id: '1001-0', event: 'deploy', data: { v: 2 }, ts: 5 } }));
+    // a server that ignores events=message names its events: read as before
+    body.push(sseFrame({ id: '1002-0', event: 'deploy', data: { v: 3 } }));
+    // a producer's own event called "message" whose data is not a whole event
+    body.push(sseFrame({ id: '1003-0', event: 'message', data: { id: '1003-0', v: 4 } }));
+    await t.clock.tick(0);
+    assert.deepEqual(got, [
+      { id: '1001-0', event: 'deploy', data: { v: 2 }, ts: 5 },
+      { id: '1002-0', event: 'deploy', data: { v: 3 }, ts: 1002 },
+      { id: '1003-0', event: 'message', data: { id: '1003-0', v: 4 }, ts: 1003 },
+    ]);
+  });
+
   it('reconnects a WebSocket that dies once, and falls back after repeated deaths', async () => {
     const sse = sseRoute();
     const t = setup({ routes: { '/api/sse': sse.handler } });
