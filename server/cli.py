@@ -628,7 +628,9 @@ def _demo(args: argparse.Namespace) -> int:
         print("dualcast demo: needs Redis (DUALCAST_REDIS_URL or --redis-url); "
               "for a single process use `dualcast serve --demo`", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO)
+    # the lines `dualcast serve` writes ("INFO:dualcast.demo:demo: ..." had no time)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -328,6 +328,11 @@ def test_dualcast_demo_ends_its_sessions_on_sigterm_and_ctrl_c(
     created = {e["data"]["sessionId"] for e in events() if e["event"] == "session_created"}
     ended = {e["data"]["sessionId"] for e in events() if e["event"] == "session_ended"}
     assert created and created <= ended
+    # its log reads as `dualcast serve`'s does: a time, then the counts in words
+    said = (tmp_path / "demo.log").read_text().splitlines()
+    assert said and all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+: ",
+                                 line) for line in said), said
+    assert re.search(r"demo: stopped; published \d+$", said[-1]), said[-1]
 
 
 @pytest.mark.timeout(60)
