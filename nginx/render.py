@@ -240,6 +240,17 @@ def nginx_path(value: str | Path, what: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def absolute_path(value: str | Path, what: str) -> str | Path:
+    """`value`, refused when relative: nginx reads a relative `root` or `access_log`
+    from its own prefix (`/usr/share/nginx/` on Debian), not from where render.py ran,
+    so `--static-root static` served 404s for the dashboard without a word."""
+    text = str(value)
+    if text and not Path(text).is_absolute():
+        raise ValueError(f"{what} {text!r} is relative: nginx would look for it under its "
+                         f"own prefix, not here; give the whole path, e.g. {Path(text).resolve()}")
+    return value
+
+
 def nginx_word(value: str, what: str) -> str:
     """`value` checked as one bare nginx word (`host:port`, a port, a server name)."""
     if not _WORD.fullmatch(value):
@@ -359,7 +370,9 @@ def render_site(
     nginx_word(listen, "listen")
     nginx_word(server_name, "server name")
     also = ipv6_listen(ipv6)
-    static_root = nginx_path(static_root, "static root")
+    static_root = nginx_path(absolute_path(static_root, "static root"), "static root")
+    if str(access_log) != "off":
+        absolute_path(access_log, "access log")
     access_log = access_log_directive(access_log)
     real_ip = real_ip_lines(real_ip_from)
     server_extra = ""

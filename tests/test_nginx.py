@@ -342,6 +342,9 @@ def check_rendered(tmp_path: Path, site: str) -> None:
     (["--upstream", "127.0.0.1:99999"], "upstream '127.0.0.1:99999': not host:port"),
     (["--upstream", "127.0.0.1"], "upstream '127.0.0.1': not host:port"),
     (["--real-ip-from", "lb.example"], "real ip from 'lb.example': not an address"),
+    # nginx read these from its own prefix: the dashboard was a 404, the log elsewhere
+    (["--static-root", "static"], "static root 'static' is relative: nginx would look"),
+    (["--access-log", "logs/a.log"], "access log 'logs/a.log' is relative: nginx would"),
 ])
 def test_render_py_refuses_what_nginx_would_refuse_in_one_line(
     args: list[str], says: str
