@@ -83,7 +83,8 @@ export interface DualcastOptions {
    *  Anything that is not a stream id is a TypeError from the constructor. */
   lastEventId?: string | null;
   /** Order or subset of the transports to use (an empty list: all three). Any other
-   *  name is a TypeError from the constructor. */
+   *  name is a TypeError from the constructor. Where there is no WebSocket (Node 20
+   *  without --experimental-websocket) 'websocket' is left out, unless it is the only one. */
   transports?: Transport[];
   /** Start on this transport (e.g. the one that worked last time). */
   initial?: Transport;

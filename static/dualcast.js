@@ -685,6 +685,13 @@ export class TransportManager {
     this.now = opts.now ?? (() => Date.now());
     this.random = opts.random ?? Math.random;
     this.order = transportOrder(opts.transports);
+    // a runtime without WebSocket (Node 20 without --experimental-websocket) cannot open
+    // one: trying it first said `websocket connecting` for nothing, and probing it from
+    // SSE every climb said the same `sse live` again (a WebSocket-only order keeps it, so
+    // its failure is still said)
+    if (typeof this.env.WebSocket !== 'function' && this.order.length > 1) {
+      this.order = this.order.filter((t) => t !== 'websocket');
+    }
     this.cursor = opts.cursor ?? null;
     this.rooms = [...(opts.rooms ?? [])];
     this.welcomeTimeoutMs = opts.welcomeTimeoutMs ?? 3000;
@@ -967,6 +974,8 @@ export class TransportManager {
       this.probe = null;
       this.clear('probeWelcome');
       this.probeNext(this.order.indexOf(conn.name) + 1);
+      // no further probe: say so, or the last status keeps naming the one that failed
+      if (!this.probe) this.onStatus(this.status());
       return;
     }
     if (conn !== this.conn || !this.running) return;
@@ -1198,7 +1207,8 @@ function roomList(rooms) {
  *                again a minute before the token's `exp` and after an auth refusal
  *   rooms        rooms to join (none: the server's default for the token)
  *   lastEventId  the cursor to resume from (`0` = from the oldest retained event)
- *   transports   order or subset of 'websocket', 'sse', 'polling'
+ *   transports   order or subset of 'websocket', 'sse', 'polling' ('websocket' is left
+ *                out where the runtime has no WebSocket, unless it is the only one)
  * and, for tests and tuning, anything TransportManager takes (WebSocket, fetch,
  * setTimeout, clearTimeout, now, random, welcomeTimeoutMs, climbBaseMs, ...).
  */

@@ -1,4 +1,5 @@
-// Follow a dualcast server from Node 22+ (or Node 20/21 with --experimental-websocket):
+// Follow a dualcast server from Node 22+ (or Node 20/21 with --experimental-websocket;
+// without it, this says so once and follows on SSE):
 //
 //   node docs/examples/tail.mjs http://127.0.0.1:8000 [--token T] [--rooms a,b ...] [--from ID]
 //
@@ -21,6 +22,12 @@ const server = positionals[0] ?? 'http://127.0.0.1:8000';
 const client = values.client ?? new URL('../../static/dualcast.js', import.meta.url).href;
 const { Dualcast } = await import(client);
 
+if (typeof globalThis.WebSocket !== 'function') {
+  // the client then goes on without it (SSE, then polling): say why, once
+  process.stderr.write(`websocket: not available in Node ${process.version}: run node `
+    + 'with --experimental-websocket (Node 20.10+ and 21), or use Node 22+\n');
+}
+
 const dc = new Dualcast(server, {
   token: values.token ?? process.env.DUALCAST_TOKEN,
   // every --rooms counts, as with `dualcast tail`: --rooms a,b --rooms c
@@ -28,7 +35,14 @@ const dc = new Dualcast(server, {
   lastEventId: values.from,
 });
 dc.on('event', (e) => process.stdout.write(`${JSON.stringify(e)}\n`));
-dc.on('state', ({ transport, state }) => process.stderr.write(`${transport} ${state}\n`));
+// 'state' also fires when a better transport is tried and given up: say that, so no
+// line repeats the one before it
+let said = null;
+dc.on('state', ({ transport, state, probing }) => {
+  const line = `${transport} ${state}${probing ? ` (trying ${probing})` : ''}`;
+  if (line !== said) process.stderr.write(`${line}\n`);
+  said = line;
+});
 dc.on('error', ({ code, message }) => process.stderr.write(`error ${code}: ${message}\n`));
 process.once('SIGINT', () => {
   dc.stop();

@@ -473,6 +473,96 @@ describe('Dualcast', { timeout: 10000 }, () => {
     assert.equal(t.errors[0].kind, 'auth');
     assert.equal(t.errors[0].status, 401);
   });
+
+  it('where there is no WebSocket (Node 20 without the flag): SSE at once, each state once',
+    async () => {
+      // on Node 20 it said `websocket connecting`, then `sse live` twice: a WebSocket probe
+      // that could not be built, every climb, changed nothing a listener could see
+      const saved = Object.getOwnPropertyDescriptor(globalThis, 'WebSocket');
+      delete globalThis.WebSocket;
+      try {
+        const clock = new FakeClock();
+        const streams = [];
+        const fetch = makeFakeFetch({
+          '/base/api/sse': (request) => {
+            const [response, body] = sseResponse(request.signal);
+            streams.push(body);
+            return response;
+          },
+        });
+        const dc = new Dualcast('https://push.example.com/base/', {
+          fetch, setTimeout: clock.setTimeout, clearTimeout: clock.clearTimeout,
+          now: clock.now, random: () => 0.5, lastEventId: '1000-0',
+          climbBaseMs: 1000, climbCapMs: 1000,
+        });
+        const states = [];
+        const errors = [];
+        dc.on('state', (s) => states.push(`${s.transport}/${s.state}/${s.probing}`));
+        dc.on('error', (e) => errors.push(e));
+        dc.start();
+        await clock.tick(0);
+        streams[0].push(sseFrame({ event: 'welcome', data: { rooms: [], last_id: '1000-0' } }));
+        await clock.tick(0);
+        await clock.tick(10000); // past several climbs to a better transport
+        assert.deepEqual(states, ['sse/connecting/null', 'sse/live/null']);
+        assert.deepEqual(errors, []);
+        assert.equal(streams.length, 1);
+        dc.stop();
+      } finally {
+        if (saved) Object.defineProperty(globalThis, 'WebSocket', saved);
+      }
+    });
+
+  it('a WebSocket-only client without a WebSocket still says it cannot connect', async () => {
+    const saved = Object.getOwnPropertyDescriptor(globalThis, 'WebSocket');
+    delete globalThis.WebSocket;
+    try {
+      const clock = new FakeClock();
+      const dc = new Dualcast('https://push.example.com/', {
+        transports: ['websocket'], fetch: makeFakeFetch({}), setTimeout: clock.setTimeout,
+        clearTimeout: clock.clearTimeout, now: clock.now, random: () => 0.5,
+      });
+      const errors = [];
+      dc.on('error', (e) => errors.push(e));
+      dc.start();
+      await clock.tick(10000);
+      assert.equal(dc.transport, 'websocket');
+      assert.equal(errors[0]?.code, 'unreachable');
+      dc.stop();
+    } finally {
+      if (saved) Object.defineProperty(globalThis, 'WebSocket', saved);
+    }
+  });
+
+  it('a probe of a better transport that fails is said to be over', async () => {
+    // the state said `probing: websocket` until something else changed: a dashboard
+    // kept showing "trying WebSocket" on a quiet SSE stream
+    const streams = [];
+    const t = setup({
+      lastEventId: '1000-0', climbBaseMs: 1000, climbCapMs: 1000,
+      routes: {
+        '/base/api/sse': (request) => {
+          const [response, body] = sseResponse(request.signal);
+          streams.push(body);
+          return response;
+        },
+      },
+    });
+    const seen = [];
+    t.dc.on('state', (s) => seen.push(`${s.transport}/${s.state}/${s.probing}`));
+    t.WS.refuse = true;
+    t.dc.start();
+    await t.clock.tick(0); // the WebSocket is refused: SSE
+    streams[0].push(sseFrame({ event: 'welcome', data: { rooms: [], last_id: '1000-0' } }));
+    await t.clock.tick(0);
+    assert.equal(t.dc.transport, 'sse');
+    const probes = t.WS.instances.length;
+    for (let i = 0; i < 20 && t.WS.instances.length === probes; i += 1) await t.clock.tick(250);
+    assert.equal(t.WS.instances.length, probes + 1, 'a climb probed the WebSocket');
+    await t.clock.tick(0); // refused again
+    assert.deepEqual(seen.slice(-2), ['sse/live/websocket', 'sse/live/null']);
+    t.dc.stop();
+  });
 });
 
 describe('helpers of the public client', { timeout: 5000 }, () => {

@@ -175,6 +175,35 @@ describe('dualcast.js against a real server', { skip, timeout: 120000 }, () => {
       assert.match(err, /resume with --from \d+-\d+/);
     });
 
+  it('docs/examples/tail.mjs without a WebSocket in Node: says so once, then SSE, each state once',
+    { timeout: 30000 }, async () => {
+      // Node 20 without --experimental-websocket printed `websocket connecting`, went to
+      // SSE without a word of why, and printed `sse live` twice
+      const major = Number(process.versions.node.split('.')[0]);
+      const flags = major >= 22 ? ['--no-experimental-websocket'] : [];
+      const tail = spawn(process.execPath, [...flags, join(ROOT, 'docs/examples/tail.mjs'),
+        server.url, '--token', token({ sub: 'u3' })], { stdio: ['ignore', 'pipe', 'pipe'] });
+      let out = '';
+      let err = '';
+      tail.stdout.on('data', (chunk) => { out += chunk; });
+      tail.stderr.on('data', (chunk) => { err += chunk; });
+      const exited = new Promise((resolve) => tail.once('exit', (code) => resolve(code)));
+      try {
+        await waitFor(() => err.includes('sse live'), { what: `tail live on SSE (${err})` });
+        const [id] = await publishMany(server, 1, 'tail-sse');
+        await waitFor(() => out.includes(id), { what: 'the id on stdout' });
+      } finally {
+        tail.kill('SIGINT');
+      }
+      assert.equal(await exited, 0);
+      const lines = err.trim().split('\n');
+      assert.match(lines[0],
+        /^websocket: not available in Node v[\d.]+: run node with --experimental-websocket/);
+      assert.deepEqual(lines.slice(1, 3), ['sse connecting', 'sse live']);
+      assert.equal(lines.filter((line) => line.includes('not available')).length, 1);
+      assert.match(lines[lines.length - 1], /resume with --from \d+-\d+/);
+    });
+
   it('an origin the server does not list is refused on every transport', { timeout: 20000 },
     async () => {
       for (const path of ['/api/sse', '/api/events', '/api/me', '/api/overview']) {
