@@ -10,10 +10,11 @@ It runs on a simulated clock advanced in fixed ticks, paced against the wall
 clock by ``speed``, so the same ``seed`` gives the same sequence of events at any
 speed (tests run it fast; ``dualcast serve --demo`` at speed 1, a few events per
 second). Events go to a ``sink(event, data, rooms)``; the shapes are the event types
-the dashboard reads (README). Rooms: per-user events go to ``user-<id>`` and ``admin``; global
-metrics to ``admin``; provider status changes are public. When the demo stops (its
-``stop`` event, or a cancel: Ctrl-C, a server shutting down) it ends every open session
-(``cancelled``) and sends metrics with no active session, so nothing it started stays live.
+the dashboard reads (docs/producers.md, "Demo traffic"). Rooms: per-user events go to
+``user-<id>`` and ``admin``; global metrics to ``admin``; provider status changes are
+public. When the demo stops (its ``stop`` event, or a cancel: Ctrl-C, a server shutting
+down) it ends every open session (``cancelled``) and sends metrics with no active session,
+so nothing it started stays live.
 """
 
 from __future__ import annotations

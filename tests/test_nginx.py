@@ -271,16 +271,15 @@ def directive(text: str, name: str) -> str:
     return found.group(1).strip()
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/nginx.md"])
 def test_the_deployment_steps_set_the_main_config_the_tests_run_nginx_with(
-    tmp_path: Path, nginx_binary: str, doc: str
+    tmp_path: Path, nginx_binary: str
 ) -> None:
     """Every test runs nginx with worker_connections 4096 and worker_shutdown_timeout 10s,
     but a user following the steps kept Debian's main file: 768 connections a worker
     (about 380 clients, each needing two), and after every reload old workers holding
     WebSocket and SSE clients with the old config for hours. The steps now say what to
     set there; nginx takes it."""
-    settings = documented_main_settings(ROOT / doc)
+    settings = documented_main_settings(ROOT / "docs" / "nginx.md")  # the steps live there
     tested = (ROOT / "nginx" / "templates" / "nginx.conf.tmpl").read_text()
     assert directive(settings, "worker_shutdown_timeout") == directive(
         tested, "worker_shutdown_timeout")
@@ -349,7 +348,7 @@ def check_rendered(tmp_path: Path, site: str) -> None:
 def test_render_py_refuses_what_nginx_would_refuse_in_one_line(
     args: list[str], says: str
 ) -> None:
-    """One line, as the README says (it was argparse's usage, six lines, then the error)."""
+    """One line, as docs/nginx.md says (it was argparse's usage, six lines, then the error)."""
     result = render_py(*args)
     assert result.returncode == 2, result.stdout
     assert result.stdout == ""
@@ -359,7 +358,7 @@ def test_render_py_refuses_what_nginx_would_refuse_in_one_line(
 
 
 def test_render_py_help_says_what_every_flag_is() -> None:
-    """The README sends readers to `render.py --help` for the flags; --listen,
+    """docs/nginx.md sends readers to `render.py --help` for the flags; --listen,
     --server-name and --ssl-certificate-key were listed there bare, with no word of what
     they set or of their defaults (80, dualcast.example.com)."""
     result = render_py("--help")
