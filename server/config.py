@@ -32,6 +32,12 @@ Transport = Literal["websocket", "sse", "polling"]
 ALL_TRANSPORTS: tuple[Transport, ...] = ("websocket", "sse", "polling")
 
 
+#: The largest count Redis takes (a signed 64-bit integer: XADD's MAXLEN) and the largest
+#: length of a Python deque (the recent window): a count above it passed the settings
+#: and then failed every publish ("value is not an integer or out of range"), or the
+#: start with a traceback.
+COUNT_MAX = 2**63 - 1
+
 #: The demo's fastest pace, for DUALCAST_DEMO_SPEED and `dualcast demo --speed` alike.
 DEMO_SPEED_MAX = 100.0
 
@@ -48,7 +54,8 @@ class Settings(BaseSettings):
         description="Redis URL; none = the embedded memory engine (one process only)",
     )
     stream: str = Field("websocket-broadcast", min_length=1, max_length=200)
-    maxlen: int = Field(10_000, ge=10, description="approximate MAXLEN ~ trim on append")
+    maxlen: int = Field(10_000, ge=10, le=COUNT_MAX,
+                        description="approximate MAXLEN ~ trim on append")
     block_ms: int = Field(2_000, ge=10, le=10_000, description="XREAD BLOCK per read")
     batch_count: int = Field(500, ge=1, le=10_000, description="XREAD COUNT per read")
     redis_timeout: float = Field(3.0, gt=0, le=60, description="timeout of a non-blocking call")
@@ -124,7 +131,8 @@ class Settings(BaseSettings):
         description="events one client may replay after a cursor (unset: twice "
                     "DUALCAST_MAXLEN; 0: not capped)")
     replay_page: int = Field(500, ge=1, le=10_000)
-    recent_window: int = Field(2_000, ge=0, description="events kept in memory for pollers")
+    recent_window: int = Field(2_000, ge=0, le=COUNT_MAX,
+                               description="events kept in memory for pollers")
     poll_timeout_max: float = Field(30.0, ge=0, le=300)
 
     # limits

@@ -43,6 +43,10 @@ def test_plain_redis_url_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
         ("DUALCAST_STALL_SECONDS", "inf", "DUALCAST_STALL_SECONDS"),
         ("DUALCAST_GC_REFRESH", "inf", "DUALCAST_GC_REFRESH"),
         ("DUALCAST_JWKS_REFRESH", "Infinity", "DUALCAST_JWKS_REFRESH"),
+        # counts past what Redis (MAXLEN) or a deque holds: every publish was refused,
+        # or the start ended in a traceback
+        ("DUALCAST_MAXLEN", str(2**63), "DUALCAST_MAXLEN"),
+        ("DUALCAST_RECENT_WINDOW", "999999999999999999999", "DUALCAST_RECENT_WINDOW"),
     ],
 )
 def test_bad_setting_is_one_line_naming_it(
