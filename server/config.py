@@ -307,8 +307,18 @@ class Settings(BaseSettings):
     @field_validator("jwks_url", "auth_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
+        """A URL that can be fetched: one whose host or port does not parse (`http://`,
+        `http://[::1`, port 99999) was taken, then every JWKS fetch failed, its task dying
+        with a traceback each time, or every auth check did. The message never repeats the
+        URL, which may carry a password."""
+        if value is None:
+            return value
+        if not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
+        problem = _not_an_http_url(value)
+        if problem:
+            raise ValueError(f"not a URL that can be fetched: {problem} "
+                             "(http[s]://host[:port]/path)")
         return value
 
     @model_validator(mode="after")
@@ -399,6 +409,26 @@ def _not_an_origin(value: str) -> str | None:
     elif not _HOST_NAME.fullmatch(host):
         return "its host is not a DNS name or an IP address (write an international name in " \
                "its xn-- form, as browsers send it)"
+    return None
+
+
+def _not_an_http_url(value: str) -> str | None:
+    """What keeps an http(s) URL from being fetched, or None (never the URL itself)."""
+    import httpx  # (only where such a URL is set: the settings load without it)
+
+    if not value.isprintable() or any(char.isspace() for char in value):
+        return "it holds whitespace or control characters"
+    try:
+        parts = urlsplit(value)
+        _ = parts.port  # (raises ValueError for a port that is not a number in range)
+    except ValueError:
+        return "its host or port does not parse"
+    if not parts.hostname:
+        return "it has no host"
+    try:
+        httpx.URL(value)
+    except httpx.InvalidURL:
+        return "it does not parse"
     return None
 
 

@@ -60,6 +60,32 @@ def test_bad_setting_is_one_line_naming_it(
     assert "\n" not in message
 
 
+@pytest.mark.parametrize("env", ["DUALCAST_AUTH_URL", "DUALCAST_JWKS_URL"])
+@pytest.mark.parametrize("url", [
+    "http://", "https://u:hunter2-secret@[::1/keys", "http://u:hunter2-secret@idp:99999/",
+    "http://idp:port/", "http://i dp/keys",
+])
+def test_a_url_that_cannot_be_fetched_is_refused_without_repeating_it(
+    monkeypatch: pytest.MonkeyPatch, env: str, url: str
+) -> None:
+    """Taken, such a URL failed every fetch at run time (the JWKS task dying with a
+    traceback each time); a URL may carry a password, so it is never repeated."""
+    monkeypatch.setenv(env, url)
+    monkeypatch.setenv("DUALCAST_JWT_ALGORITHMS", "RS256" if env == "DUALCAST_JWKS_URL"
+                       else "HS256")
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    message = str(info.value)
+    assert message.startswith(f"bad setting {env}: ") and "\n" not in message
+    assert "http[s]://host[:port]/path" in message
+    assert "hunter2" not in message and url not in message
+
+
+def test_a_url_that_can_be_fetched_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DUALCAST_AUTH_URL", "http://[::1]:8080/session?check=1")
+    assert load_settings().auth_url == "http://[::1]:8080/session?check=1"
+
+
 def test_memory_engine_refuses_several_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("REDIS_URL", raising=False)
     with pytest.raises(SettingsError, match=r"DUALCAST_WORKERS.*memory engine"):
