@@ -59,6 +59,9 @@ class Readiness(enum.Enum):
     OK = "ok"
     CONNECTING = "connecting"
     UNREACHABLE = "log_unreachable"
+    #: Redis answers, and refuses the stream key (another type, an ACL): "unreachable"
+    #: sent whoever read the probe to the network, while the key is what to fix.
+    REFUSED = "log_refused"
     STALLED = "consumer_stalled"
 
 
@@ -81,6 +84,7 @@ class Consumer:
         self.position: StreamId | None = None
         self.connected = False
         self.last_error: str | None = None
+        self.refused = False  # the last error was Redis refusing the key (LogRefused)
         #: monotonic time of the last read that completed (with or without entries)
         self.last_read_at: float | None = None
         self.started_at = time.monotonic()
@@ -111,6 +115,9 @@ class Consumer:
     def readiness(self) -> tuple[Readiness, str]:
         """A status word anyone may see, and the detail (hosts, errors) for logs and admins."""
         if not self.connected:
+            if self.refused:
+                return Readiness.REFUSED, (f"event log refuses the stream key "
+                                           f"{self.settings.stream!r}: {self.last_error}")
             status = Readiness.CONNECTING if self.last_error is None else Readiness.UNREACHABLE
             return status, f"event log unreachable: {self.last_error or 'connecting'}"
         if self.seconds_since_read > self.settings.stall_seconds:
@@ -164,6 +171,7 @@ class Consumer:
                               "retrying): %s", where, tries, exc)
         self.connected = False
         self.last_error = str(exc)
+        self.refused = isinstance(exc, LogRefused)
 
     async def _connect(self) -> None:
         await self.log.connect()
@@ -180,6 +188,7 @@ class Consumer:
                 log.info("event log back; resuming after %s", format_id(self.position))
         self.connected = True
         self.last_error = None
+        self.refused = False
         self.last_read_at = time.monotonic()
 
     async def _fold_retained(self) -> None:

@@ -19,7 +19,7 @@ const PAUSE_AFTER_HIDDEN_MS = 10000;
 // looks green then, while no event can arrive. One small request per gap.
 const READY_POLL_MS = 10000;
 // what /readyz calls a log that events cannot come from (not `draining`: a restart)
-const LOG_DOWN = new Set(['log_unreachable', 'consumer_stalled']);
+const LOG_DOWN = new Set(['log_unreachable', 'log_refused', 'consumer_stalled']);
 
 const store = new Store();
 const ui = new Dashboard(document, store);

@@ -27,7 +27,7 @@ import pytest
 
 from dualcast.config import load_settings
 from dualcast.serve import DualcastServer, uvicorn_config
-from tests.conftest import SECRET
+from tests.conftest import SECRET, token
 from tests.harness.clients import subscribe
 from tests.harness.probes import log_problems
 from tests.harness.procs import ROOT, DualcastProcess, RedisProcess, free_port
@@ -311,7 +311,8 @@ def test_a_stream_key_of_another_type_is_said_to_be_refused_not_unreachable(
     """DUALCAST_STREAM naming a key that holds a string (WRONGTYPE) was logged as "event
     log at ... unreachable since start", sending the operator to the network while Redis
     answered every call; the key it must fix was not named. Now the line says Redis
-    refuses, and which key; the same when the key changes type while running."""
+    refuses, and which key; the same when the key changes type while running. /readyz
+    said `log_unreachable` all along: it says `log_refused` (and to an admin, the key)."""
     key = f"wrongtype-{free_port()}"
     redis_server.command("SET", key, "not a stream")
     proc = serve([], redis_url=redis_server.url, env={"DUALCAST_STREAM": key})
@@ -319,13 +320,26 @@ def test_a_stream_key_of_another_type_is_said_to_be_refused_not_unreachable(
     line = next(line for line in proc.log().splitlines() if "since start" in line)
     assert " ERROR " in line and "unreachable" not in line, line
     assert f"refuses the stream key {key!r}" in line and "WRONGTYPE" in line, line
+    _assert_readiness_says_refused(proc, key)
     redis_server.command("DEL", key)
     wait_until(proc.ready, timeout=20, what="ready once the key is gone")
     redis_server.command("SET", key, "not a stream")  # and again while running
     wait_until(lambda: "event log refuses" in proc.log(), timeout=20, what="the warning")
     line = next(line for line in proc.log().splitlines() if "event log refuses" in line)
     assert f"the stream key {key!r}" in line and "WRONGTYPE" in line, line
+    _assert_readiness_says_refused(proc, key)
     redis_server.command("DEL", key)
+    wait_until(proc.ready, timeout=20, what="ready once the key is gone again")
+
+
+def _assert_readiness_says_refused(proc: DualcastProcess, key: str) -> None:
+    ready = httpx.get(proc.url + "/readyz", timeout=5)
+    assert ready.status_code == 503 and ready.json()["reason"] == "log_refused", ready.text
+    assert "detail" not in ready.json(), ready.text  # (the key is for admins and the log)
+    admin = httpx.get(proc.url + "/readyz", timeout=5,
+                      headers={"Authorization": f"Bearer {token('ops', admin=True)}"}).json()
+    assert f"refuses the stream key {key!r}" in admin["detail"], admin
+    assert "WRONGTYPE" in admin["detail"], admin
 
 
 # The secret state file ------------------------------------------------------------------
