@@ -241,7 +241,11 @@ class Settings(BaseSettings):
     def _redis_tls(self) -> Settings:
         files = (self.redis_tls_ca, self.redis_tls_cert, self.redis_tls_key)
         if any(files) and not (self.redis_url and parse_redis_url(self.redis_url).tls):
-            raise ValueError("DUALCAST_REDIS_TLS_CA: TLS files need a rediss:// URL "
+            # (the variable that was set: naming _CA for a lone _CERT sent people to
+            # look for a setting they never made)
+            named = next(name for name, path in zip(("CA", "CERT", "KEY"), files, strict=True)
+                         if path)
+            raise ValueError(f"DUALCAST_REDIS_TLS_{named}: TLS files need a rediss:// URL "
                              "(or rediss+sentinel://, rediss+cluster://)")
         if bool(self.redis_tls_cert) != bool(self.redis_tls_key):
             raise ValueError("DUALCAST_REDIS_TLS_CERT: a client certificate needs its key "

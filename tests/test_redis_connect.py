@@ -180,6 +180,11 @@ def test_tls_files_need_a_tls_url_and_exist(tmp_path: Path) -> None:
     ca.write_text("not checked here")
     with pytest.raises(SettingsError, match="DUALCAST_REDIS_TLS_CA: TLS files need a rediss"):
         load_settings(redis_url="redis://h:1/0", redis_tls_ca=str(ca))
+    # the variable that was set is named, not _CA for a client certificate and key alone
+    with pytest.raises(SettingsError, match="DUALCAST_REDIS_TLS_CERT: TLS files need a rediss"):
+        load_settings(redis_url="redis://h:1/0", redis_tls_cert=str(ca), redis_tls_key=str(ca))
+    with pytest.raises(SettingsError, match="DUALCAST_REDIS_TLS_KEY: TLS files need a rediss"):
+        load_settings(redis_tls_key=str(ca))
     with pytest.raises(SettingsError, match="DUALCAST_REDIS_TLS_CA: no such file"):
         load_settings(redis_url="rediss://h:1/0", redis_tls_ca=str(tmp_path / "missing.pem"))
     with pytest.raises(SettingsError, match="DUALCAST_REDIS_TLS_CERT"):
