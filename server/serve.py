@@ -61,8 +61,26 @@ def _url(host: str, port: int) -> str:
     return f"http://{_shown(host, port)}"
 
 
-def _socket(host: str) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+def _address(host: str, port: int) -> tuple[socket.AddressFamily, tuple[Any, ...]]:
+    """The family and address to bind `host` with: IPv4 for a name with an IPv4 address
+    (`localhost` stays 127.0.0.1, as before), IPv6 for an IPv6 address and for a name
+    that has only IPv6 ones. A name such as Debian's `ip6-localhost` (::1 alone) was
+    looked up as IPv4 only and refused as "not a name or address of this machine"."""
+    if ":" in host:
+        return socket.AF_INET6, (host, port)
+    try:
+        socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
+    except socket.gaierror:
+        try:
+            found = socket.getaddrinfo(host, port, socket.AF_INET6, socket.SOCK_STREAM)
+        except socket.gaierror:
+            found = []
+        if found:
+            return socket.AF_INET6, found[0][4]
+    return socket.AF_INET, (host, port)  # (a name that resolves to nothing: bind says so)
+
+
+def _socket(family: socket.AddressFamily) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     return sock
@@ -82,9 +100,10 @@ def bind(host: str, port: int, workers: int = 1) -> socket.socket:
     to the other). Only sockets of the same effective UID may join a SO_REUSEPORT
     group, so another user cannot take a share of our connects this way.
     """
-    sock = _socket(host)
+    family, address = _address(host, port)
+    sock = _socket(family)
     try:
-        sock.bind((host, port))
+        sock.bind(address)
     except OSError as exc:
         sock.close()
         why = (exc.strerror or str(exc)).lower()
@@ -111,10 +130,11 @@ def worker_socket(host: str, port: int) -> socket.socket:
     to the others; connects still queued in its accept queue are reset by the kernel
     and the client retries (an EventSource does by itself, our clients too).
     """
-    sock = _socket(host)
+    family, address = _address(host, port)
+    sock = _socket(family)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
-        sock.bind((host, port))
+        sock.bind(address)
     except BaseException:
         sock.close()
         raise

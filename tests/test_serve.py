@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import jwt
@@ -26,7 +27,7 @@ import psutil
 import pytest
 
 from dualcast.config import load_settings
-from dualcast.serve import DualcastServer, uvicorn_config
+from dualcast.serve import DualcastServer, bind, uvicorn_config, worker_socket
 from tests.conftest import SECRET, token
 from tests.harness.clients import subscribe
 from tests.harness.probes import log_problems
@@ -397,6 +398,28 @@ def test_the_log_names_the_address_bound(host: str, bound: str,
     wait_until(lambda: "dualcast on " in proc.log(), timeout=20, what="the listening line")
     line = next(line for line in proc.log().splitlines() if "dualcast on " in line)
     assert f"dualcast on http://{bound}:{proc.port}: memory engine" in line
+
+
+def test_a_name_with_only_an_ipv6_address_is_bound_on_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name that resolves to ::1 alone (Debian's /etc/hosts has `::1 ip6-localhost`) was
+    looked up as IPv4 only: `--host ip6-localhost` was refused as "not a name or address of
+    this machine". Here the resolver is given such a name."""
+    real = socket.getaddrinfo
+    name = "v6-only.dualcast.test"
+
+    def resolve(host: str, port: object, family: int = 0, *args: object) -> list[Any]:
+        if host != name:
+            return real(host, port, family, *args)  # type: ignore[arg-type]
+        if family == socket.AF_INET:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real("::1", port, socket.AF_INET6, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    for bound in (bind(name, 0), worker_socket(name, 0)):
+        with bound:
+            assert bound.family == socket.AF_INET6 and bound.getsockname()[0] == "::1"
+    with bind("localhost", 0) as sock:  # a name with both stays on IPv4
+        assert sock.getsockname()[0] == "127.0.0.1"
 
 
 @pytest.mark.parametrize(("host", "hint"), [
