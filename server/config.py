@@ -308,6 +308,22 @@ class Settings(BaseSettings):
         """`DUALCAST_X=` (set, empty: a template's blank) means unset, not an empty value."""
         return None if value == "" else value
 
+    @field_validator("stream", "secret", "jwt_issuer")
+    @classmethod
+    def _no_stray_characters(cls, value: str | None) -> str | None:
+        """A value that Redis or a token compares byte for byte: a trailing `\r` (an env
+        file saved with CRLF line ends) or space was kept, and the server then read
+        another stream key than its producers wrote, or refused every token, without a
+        word. Never repeats the value (a secret)."""
+        if value is None:
+            return value
+        if value != value.strip():
+            raise ValueError("begins or ends with whitespace (a line end of an env file "
+                             "saved with CRLF?): remove it")
+        if not value.isprintable():
+            raise ValueError("holds control characters: remove them")
+        return value
+
     @field_validator("jwks_url", "auth_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:

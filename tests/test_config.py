@@ -86,6 +86,32 @@ def test_a_url_that_can_be_fetched_is_kept(monkeypatch: pytest.MonkeyPatch) -> N
     assert load_settings().auth_url == "http://[::1]:8080/session?check=1"
 
 
+@pytest.mark.parametrize(("env", "value"), [
+    ("DUALCAST_STREAM", "events\r"), ("DUALCAST_STREAM", " events"),
+    ("DUALCAST_STREAM", "events\x1b[0m"),
+    ("DUALCAST_SECRET", "s3cret-" * 6 + "\r"), ("DUALCAST_JWT_ISSUER", "https://idp.example/ "),
+])
+def test_a_value_compared_byte_for_byte_with_stray_characters_is_refused(
+    monkeypatch: pytest.MonkeyPatch, env: str, value: str
+) -> None:
+    """An env file saved with CRLF line ends gave `events\r`: the server read another
+    stream key than its producers wrote to (or refused every token) without a word."""
+    monkeypatch.setenv(env, value)
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    message = str(info.value)
+    assert message.startswith(f"bad setting {env}: ") and "\n" not in message
+    assert "whitespace" in message or "control characters" in message
+    assert "s3cret" not in message
+
+
+def test_a_stream_key_with_inner_spaces_or_letters_of_any_script_is_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DUALCAST_STREAM", "événements du jour")
+    assert load_settings().stream == "événements du jour"
+
+
 def test_memory_engine_refuses_several_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("REDIS_URL", raising=False)
     with pytest.raises(SettingsError, match=r"DUALCAST_WORKERS.*memory engine"):
