@@ -308,13 +308,13 @@ class Settings(BaseSettings):
         """`DUALCAST_X=` (set, empty: a template's blank) means unset, not an empty value."""
         return None if value == "" else value
 
-    @field_validator("stream", "secret", "jwt_issuer")
+    @field_validator("stream", "secret", "jwt_issuer", "room_pattern", "event_pattern")
     @classmethod
     def _no_stray_characters(cls, value: str | None) -> str | None:
-        """A value that Redis or a token compares byte for byte: a trailing `\r` (an env
-        file saved with CRLF line ends) or space was kept, and the server then read
-        another stream key than its producers wrote, or refused every token, without a
-        word. Never repeats the value (a secret)."""
+        """A value that Redis, a token or a name is compared with byte for byte: a
+        trailing `\r` (an env file saved with CRLF line ends) or space was kept, and the
+        server then read another stream key than its producers wrote, refused every token,
+        or every room name, without a word. Never repeats the value (a secret)."""
         if value is None:
             return value
         if value != value.strip():

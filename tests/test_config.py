@@ -90,6 +90,7 @@ def test_a_url_that_can_be_fetched_is_kept(monkeypatch: pytest.MonkeyPatch) -> N
     ("DUALCAST_STREAM", "events\r"), ("DUALCAST_STREAM", " events"),
     ("DUALCAST_STREAM", "events\x1b[0m"),
     ("DUALCAST_SECRET", "s3cret-" * 6 + "\r"), ("DUALCAST_JWT_ISSUER", "https://idp.example/ "),
+    ("DUALCAST_ROOM_PATTERN", "[a-z]{1,64}\r"), ("DUALCAST_EVENT_PATTERN", "[a-z]{1,64}\r"),
 ])
 def test_a_value_compared_byte_for_byte_with_stray_characters_is_refused(
     monkeypatch: pytest.MonkeyPatch, env: str, value: str
