@@ -519,6 +519,10 @@ def serve(settings: Settings, on_listening: Callable[[str], None] | None = None)
     log.info("dualcast on %s: %s engine, %d worker%s", _url(bound, port), settings.engine,
              settings.workers, "s" if settings.workers > 1 else "")
     check_file_limit(settings)  # before any worker starts: they inherit the raised limit
+    if settings.static_dir and not os.path.isfile(os.path.join(settings.static_dir, "index.html")):
+        # (the admin link below would open a 404 without a word on why)
+        log.warning("DUALCAST_STATIC_DIR %s holds no index.html: the dashboard at / answers "
+                    "404 (unset it for the bundled dashboard)", settings.static_dir)
     if settings.workers > 1:
         return Workers(server, sock, settings.workers, announce).run()
     try:

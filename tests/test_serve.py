@@ -422,6 +422,22 @@ def test_a_name_with_only_an_ipv6_address_is_bound_on_it(monkeypatch: pytest.Mon
         assert sock.getsockname()[0] == "127.0.0.1"
 
 
+def test_a_dashboard_folder_without_its_page_is_a_warning_at_start(
+    serve: Callable[..., DualcastProcess], tmp_path: Path
+) -> None:
+    """A DUALCAST_STATIC_DIR that exists but holds no index.html (the wrong folder, a build
+    not yet run) started in silence and printed the admin link to a 404."""
+    proc = serve([], env={"DUALCAST_STATIC_DIR": str(tmp_path)})
+    assert httpx.get(proc.url + "/", timeout=5).status_code == 404
+    wait_until(lambda: "holds no index.html" in proc.log(), timeout=10, what="the warning")
+    line = next(line for line in proc.log().splitlines() if "holds no index.html" in line)
+    assert " WARNING " in line and f"DUALCAST_STATIC_DIR {tmp_path}" in line, line
+    (tmp_path / "index.html").write_text("<!doctype html><title>mine</title>")
+    again = serve([], env={"DUALCAST_STATIC_DIR": str(tmp_path)})
+    assert httpx.get(again.url + "/", timeout=5).status_code == 200
+    assert "index.html" not in again.log()
+
+
 @pytest.mark.parametrize(("host", "hint"), [
     ("no.such.host.invalid", "--host or DUALCAST_HOST"),  # does not resolve (RFC 6761)
     ("192.0.2.1", "--host or DUALCAST_HOST"),  # an address of another machine (RFC 5737)
