@@ -77,6 +77,14 @@ def check_file_limit(settings: Settings) -> int:
         else:
             log.info("each process holds at most %d connections (open-file limit %d; "
                      "DUALCAST_MAX_CONNECTIONS sets another cap)", room, soft)
+    elif cap == 0 and room < LOW:
+        # (no cap and a low limit: past it accept() fails with EMFILE instead of a 503; it
+        # was an INFO line, though it is the failure the unset cap's WARNING is about)
+        log.warning(
+            "open-file limit (RLIMIT_NOFILE) is %d per process and DUALCAST_MAX_CONNECTIONS=0 "
+            "sets no cap: past about %d connections accept() fails; raise it before starting "
+            "(`ulimit -n 65536`, LimitNOFILE=65536 in a systemd unit, `--ulimit nofile=65536` "
+            "for docker) or unset DUALCAST_MAX_CONNECTIONS", soft, room)
     elif cap == 0:
         log.info("no connection cap (DUALCAST_MAX_CONNECTIONS=0): each process holds at most "
                  "about %d connections (open-file limit %d)", room, soft)

@@ -87,6 +87,17 @@ def test_a_limit_below_the_cap_is_one_warning_naming_the_setting_and_the_fix(
     assert "ulimit -n 2100" in line and "LimitNOFILE=2100" in line
 
 
+def test_no_cap_under_a_low_limit_is_a_warning_too(serve: Callable[..., Started]) -> None:
+    """DUALCAST_MAX_CONNECTIONS=0 under a low limit: past it accept() fails (EMFILE), the
+    failure the unset cap's WARNING is about; it was one INFO line."""
+    child = serve(512, 512, {"DUALCAST_MAX_CONNECTIONS": "0"})
+    [line] = warnings(child.output())
+    assert "RLIMIT_NOFILE" in line and " 512 " in line and "about 412 connections" in line
+    assert "DUALCAST_MAX_CONNECTIONS=0" in line and "ulimit -n" in line
+    if HARD >= 4_100:  # (LOW + RESERVE: an ample limit) no cap is no warning there
+        assert warnings(serve(HARD, HARD, {"DUALCAST_MAX_CONNECTIONS": "0"}).output()) == []
+
+
 def test_an_ample_limit_is_no_warning(serve: Callable[..., Started]) -> None:
     child = serve(HARD, HARD, {"DUALCAST_MAX_CONNECTIONS": str(HARD - 200)})
     assert warnings(child.output()) == []
