@@ -84,7 +84,9 @@ class Consumer:
         self.position: StreamId | None = None
         self.connected = False
         self.last_error: str | None = None
-        self.refused = False  # the last error was Redis refusing the key (LogRefused)
+        #: what Redis refused at the last error (LogRefused: the stream key, or the
+        #: connection), None when the log was unreachable or is back
+        self.refused: str | None = None
         #: monotonic time of the last read that completed (with or without entries)
         self.last_read_at: float | None = None
         self.started_at = time.monotonic()
@@ -116,8 +118,7 @@ class Consumer:
         """A status word anyone may see, and the detail (hosts, errors) for logs and admins."""
         if not self.connected:
             if self.refused:
-                return Readiness.REFUSED, (f"event log refuses the stream key "
-                                           f"{self.settings.stream!r}: {self.last_error}")
+                return Readiness.REFUSED, f"event log refuses {self.refused}: {self.last_error}"
             status = Readiness.CONNECTING if self.last_error is None else Readiness.UNREACHABLE
             return status, f"event log unreachable: {self.last_error or 'connecting'}"
         if self.seconds_since_read > self.settings.stall_seconds:
@@ -146,11 +147,19 @@ class Consumer:
             cap = min(self.settings.backoff_max, 0.1 * 2 ** min(attempt, 10))
             await asyncio.sleep(random.uniform(cap / 2, cap))
 
+    def _what_is_refused(self, exc: BaseException) -> str | None:
+        """What a LogRefused refuses, in words: a database index out of range refused the
+        connection, and was logged as the stream key refused."""
+        if not isinstance(exc, LogRefused):
+            return None
+        return f"the stream key {self.settings.stream!r}" if exc.on_key else "the connection"
+
     def _lost(self, exc: BaseException) -> None:
+        refused = self._what_is_refused(exc)
         if self.connected:
-            if isinstance(exc, LogRefused):
-                log.warning("event log refuses the stream key %r (%s): fix it in Redis; "
-                            "clients stay connected, retrying", self.settings.stream, exc)
+            if refused:
+                log.warning("event log refuses %s (%s): fix it in Redis; "
+                            "clients stay connected, retrying", refused, exc)
             else:
                 log.warning("event log lost (%s); clients stay connected, reconnecting", exc)
         elif self.position is None:
@@ -160,18 +169,17 @@ class Consumer:
             tries = self._failed_starts
             if tries & (tries - 1) == 0 or tries % 64 == 0:
                 where = redact_url(self.settings.redis_url) if self.settings.redis_url else "memory"
-                if isinstance(exc, LogRefused):
+                if refused:
                     # Reached, and refused (WRONGTYPE, NOPERM, OOM): "unreachable" sent
                     # people to the network; the key is what to look at (or the ACL).
-                    log.error("event log at %s refuses the stream key %r since start (%d "
-                              "tries; retrying until that is fixed in Redis): %s", where,
-                              self.settings.stream, tries, exc)
+                    log.error("event log at %s refuses %s since start (%d tries; retrying "
+                              "until that is fixed in Redis): %s", where, refused, tries, exc)
                 else:
                     log.error("event log at %s unreachable since start (%d tries; "
                               "retrying): %s", where, tries, exc)
         self.connected = False
         self.last_error = str(exc)
-        self.refused = isinstance(exc, LogRefused)
+        self.refused = refused
 
     async def _connect(self) -> None:
         await self.log.connect()
@@ -188,7 +196,7 @@ class Consumer:
                 log.info("event log back; resuming after %s", format_id(self.position))
         self.connected = True
         self.last_error = None
-        self.refused = False
+        self.refused = None
         self.last_read_at = time.monotonic()
 
     async def _fold_retained(self) -> None:

@@ -333,14 +333,29 @@ def test_a_stream_key_of_another_type_is_said_to_be_refused_not_unreachable(
     wait_until(proc.ready, timeout=20, what="ready once the key is gone again")
 
 
-def _assert_readiness_says_refused(proc: DualcastProcess, key: str) -> None:
+def _assert_readiness_says_refused(proc: DualcastProcess, key: str | None,
+                                   error: str = "WRONGTYPE") -> None:
     ready = httpx.get(proc.url + "/readyz", timeout=5)
     assert ready.status_code == 503 and ready.json()["reason"] == "log_refused", ready.text
     assert "detail" not in ready.json(), ready.text  # (the key is for admins and the log)
     admin = httpx.get(proc.url + "/readyz", timeout=5,
                       headers={"Authorization": f"Bearer {token('ops', admin=True)}"}).json()
-    assert f"refuses the stream key {key!r}" in admin["detail"], admin
-    assert "WRONGTYPE" in admin["detail"], admin
+    what = "the connection" if key is None else f"the stream key {key!r}"
+    assert f"refuses {what}: " in admin["detail"], admin
+    assert error in admin["detail"], admin
+
+
+def test_a_database_redis_does_not_have_is_said_to_refuse_the_connection_not_the_key(
+    serve: Callable[..., DualcastProcess], redis_server: RedisProcess
+) -> None:
+    """A URL naming a database past Redis' count (/99 of 16) was logged as "refuses the
+    stream key 'websocket-broadcast'": the key was never asked for, the URL is what to fix."""
+    proc = serve([], redis_url=redis_server.url.removesuffix("/0") + "/99")
+    wait_until(lambda: "since start" in proc.log(), timeout=20, what="the start-up error")
+    line = next(line for line in proc.log().splitlines() if "since start" in line)
+    assert " ERROR " in line and "refuses the connection since start" in line, line
+    assert "stream key" not in line and "DB index is out of range" in line, line
+    _assert_readiness_says_refused(proc, None, "DB index is out of range")
 
 
 # The secret state file ------------------------------------------------------------------

@@ -23,7 +23,13 @@ class LogUnavailable(Exception):
 class LogRefused(LogUnavailable):
     """Redis answered the command with an error that trying again will not mend (the
     stream's key holds another type, the ACL user may not run it, maxmemory is reached
-    with no eviction): the message carries Redis's own words for whoever must fix it."""
+    with no eviction): the message carries Redis's own words for whoever must fix it.
+    `on_key` is False when the connection itself was refused (a database index out of
+    range on PING), which is then no matter of the stream's key."""
+
+    def __init__(self, message: str, on_key: bool = True) -> None:
+        super().__init__(message)
+        self.on_key = on_key
 
 
 class LogNoAnswer(LogUnavailable):

@@ -58,7 +58,8 @@ async def _translated(what: str) -> AsyncIterator[None]:
     except ResponseError as exc:
         if isinstance(exc, TRANSIENT_REFUSALS):
             raise LogUnavailable(f"redis {what} failed: {type(exc).__name__}: {exc}") from exc
-        raise LogRefused(f"redis {what} refused: {type(exc).__name__}: {exc}") from exc
+        raise LogRefused(f"redis {what} refused: {type(exc).__name__}: {exc}",
+                         on_key=what != "PING") from exc
     except UNAVAILABLE as exc:
         # the command went out and no reply came (a slow Redis, a primary that died
         # after it appended): it may have been carried out
