@@ -126,6 +126,7 @@ async def _admit(
     # Last: a request refused for another reason holds no slot.
     if rt.quotas.full():
         # 503, as for a drain: a client retries, a proxy tries another instance.
+        _said_full(rt)
         raise Refusal(503, ErrorCode.TOO_MANY_CONNECTIONS,
                       "this server process holds all the connections it allows "
                       "(DUALCAST_MAX_CONNECTIONS); retry")
@@ -190,6 +191,20 @@ def room_names(raw: str | None) -> list[str]:
     if raw is None:
         return []
     return list(dict.fromkeys(part.strip() for part in raw.split(",") if part.strip()))
+
+
+def _said_full(rt: Runtime) -> None:
+    """A process at its connection cap answered 503 to every new stream and poll without
+    a line in its log (only a counter said so): the first refusal is a WARNING, then one
+    line per 30 s with the count, as a failing publish is."""
+    count = rt.cap_refusing.due()
+    if count is not None:
+        more = f" ({count} refused since the last such line)" if count > 1 else ""
+        log.warning("this process holds %d connections, its cap (DUALCAST_MAX_CONNECTIONS; "
+                    "unset, the open-file limit minus 100): new streams and polls get 503%s; "
+                    "add workers or instances, or raise the cap; said at most every %gs, "
+                    "dualcast_refusals_total counts each", rt.quotas.per_process, more,
+                    rt.cap_refusing.every)
 
 
 _told_of_unnamed_rooms = False  # the warning below, once per process

@@ -62,6 +62,7 @@ class Runtime:
         self.stalls = StallWatch(max(settings.ping_interval * 2, 10.0))
         self.stats = TransportStats()
         self.publish_failing = Repeats()  # POST /api/publish's 503s, said once per 30 s
+        self.cap_refusing = Repeats()  # 503s of a process at DUALCAST_MAX_CONNECTIONS, too
         self.quotas = ConnectionQuotas(settings.max_connections_per_subject,
                                        settings.max_connections_per_address,
                                        process_cap(settings.max_connections))

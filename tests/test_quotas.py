@@ -148,6 +148,11 @@ async def test_one_process_holds_at_most_its_cap_and_gets_a_slot_back(
         await ws.connect()
         await refused_everywhere(capped_process, status=503)
         await refused_everywhere(capped_process, status=503, token=token("someone-new"))
+        # the operator is told, once for the six refusals (there was no line at all)
+        said = [line for line in capped_process.log().splitlines()
+                if "its cap (DUALCAST_MAX_CONNECTIONS" in line]
+        assert len(said) == 1 and " WARNING " in said[0], said
+        assert f"holds {CAP} connections" in said[0] and "get 503" in said[0], said
         await held[0].close()
         again = WSClient(capped_process.ws_url)
         await wait_for_admission(again)
