@@ -34,7 +34,7 @@ from uvicorn.config import STARTUP_FAILURE
 
 from dualcast.config import Settings
 from dualcast.fdlimit import check_file_limit
-from dualcast.logs import logging_config
+from dualcast.logs import logging_config, redact_url
 from dualcast.upgrade import HTTP_PROTOCOL
 from dualcast.ws_protocol import WebSocketProtocol
 
@@ -501,6 +501,16 @@ class Workers:
                 process.join(5)
 
 
+def _engine(settings: Settings) -> str:
+    """The engine for the start-up line, and for Redis which one and which stream key
+    (password masked): "redis engine" alone left an operator with several Redis servers
+    or keys to guess which this instance reads."""
+    if settings.redis_url is None:
+        return "memory engine"
+    return (f"redis engine at {redact_url(settings.redis_url)}, "
+            f"stream {settings.stream!r}")
+
+
 def serve(settings: Settings, on_listening: Callable[[str], None] | None = None) -> int:
     """Run dualcast until a signal stops it; the exit status. `on_listening(url)` is
     called once the server accepts connections (never if it cannot)."""
@@ -516,7 +526,7 @@ def serve(settings: Settings, on_listening: Callable[[str], None] | None = None)
 
     server = DualcastServer(settings, None if settings.workers > 1 else announce)
     # (uvicorn's config has set up logging by now, in this process)
-    log.info("dualcast on %s: %s engine, %d worker%s", _url(bound, port), settings.engine,
+    log.info("dualcast on %s: %s, %d worker%s", _url(bound, port), _engine(settings),
              settings.workers, "s" if settings.workers > 1 else "")
     check_file_limit(settings)  # before any worker starts: they inherit the raised limit
     if settings.static_dir and not os.path.isfile(os.path.join(settings.static_dir, "index.html")):

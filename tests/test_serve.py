@@ -453,6 +453,20 @@ def test_a_dashboard_folder_without_its_page_is_a_warning_at_start(
     assert "index.html" not in again.log()
 
 
+def test_the_start_up_line_names_the_redis_and_the_stream_key_without_the_password(
+    serve: Callable[..., DualcastProcess],
+) -> None:
+    """It said "redis engine" alone: with several Redis servers or keys, which one this
+    instance reads was left to guess."""
+    port = free_port()  # (nothing listens there: the line comes before any connect)
+    proc = serve(["--redis-url", f"redis://dcuser:pw-never-logged@127.0.0.1:{port}/2"],
+                 env={"DUALCAST_STREAM": "orders-events"})
+    line = next(line for line in proc.log().splitlines() if "dualcast on " in line)
+    assert (f": redis engine at redis://dcuser:***@127.0.0.1:{port}/2, stream "
+            "'orders-events', 1 worker") in line, line
+    assert "pw-never-logged" not in proc.log()
+
+
 @pytest.mark.parametrize(("host", "hint"), [
     ("no.such.host.invalid", "--host or DUALCAST_HOST"),  # does not resolve (RFC 6761)
     ("192.0.2.1", "--host or DUALCAST_HOST"),  # an address of another machine (RFC 5737)
