@@ -312,7 +312,7 @@ class Settings(BaseSettings):
     @classmethod
     def _no_stray_characters(cls, value: str | None) -> str | None:
         """A value that Redis, a token or a name is compared with byte for byte: a
-        trailing `\r` (an env file saved with CRLF line ends) or space was kept, and the
+        trailing `\\r` (an env file saved with CRLF line ends) or space was kept, and the
         server then read another stream key than its producers wrote, refused every token,
         or every room name, without a word. Never repeats the value (a secret)."""
         if value is None:

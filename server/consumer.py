@@ -59,8 +59,9 @@ class Readiness(enum.Enum):
     OK = "ok"
     CONNECTING = "connecting"
     UNREACHABLE = "log_unreachable"
-    #: Redis answers, and refuses the stream key (another type, an ACL): "unreachable"
-    #: sent whoever read the probe to the network, while the key is what to fix.
+    #: Redis answers, and refuses the stream key (another type, an ACL) or the connection
+    #: (a database it lacks): "unreachable" sent whoever read the probe to the network,
+    #: while the key or the URL is what to fix.
     REFUSED = "log_refused"
     STALLED = "consumer_stalled"
 

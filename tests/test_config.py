@@ -95,7 +95,7 @@ def test_a_url_that_can_be_fetched_is_kept(monkeypatch: pytest.MonkeyPatch) -> N
 def test_a_value_compared_byte_for_byte_with_stray_characters_is_refused(
     monkeypatch: pytest.MonkeyPatch, env: str, value: str
 ) -> None:
-    """An env file saved with CRLF line ends gave `events\r`: the server read another
+    """An env file saved with CRLF line ends gave `events\\r`: the server read another
     stream key than its producers wrote to (or refused every token) without a word."""
     monkeypatch.setenv(env, value)
     with pytest.raises(SettingsError) as info:
