@@ -358,6 +358,21 @@ def test_a_database_redis_does_not_have_is_said_to_refuse_the_connection_not_the
     _assert_readiness_says_refused(proc, None, "DB index is out of range")
 
 
+def test_a_password_redis_does_not_take_is_said_to_refuse_the_connection(
+    serve: Callable[..., DualcastProcess], redis_server: RedisProcess
+) -> None:
+    """A wrong password (or user) was logged as "unreachable since start", sending the
+    operator to the network while Redis answered and refused it; never the password."""
+    url = f"redis://ghost:wrong-pass-never-logged@127.0.0.1:{redis_server.port}/0"
+    proc = serve([], redis_url=url)
+    wait_until(lambda: "since start" in proc.log(), timeout=20, what="the start-up error")
+    line = next(line for line in proc.log().splitlines() if "since start" in line)
+    assert " ERROR " in line and "refuses the connection since start" in line, line
+    assert "unreachable" not in line and "stream key" not in line, line
+    assert "wrong-pass-never-logged" not in proc.log()
+    _assert_readiness_says_refused(proc, None, "AuthenticationError")
+
+
 # The secret state file ------------------------------------------------------------------
 
 def test_no_secret_keeps_one_reuses_it_and_token_finds_it(

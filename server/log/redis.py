@@ -22,6 +22,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
     AskError,
+    AuthenticationError,
     ClusterDownError,
     ReadOnlyError,
     RedisClusterException,
@@ -60,6 +61,11 @@ async def _translated(what: str) -> AsyncIterator[None]:
             raise LogUnavailable(f"redis {what} failed: {type(exc).__name__}: {exc}") from exc
         raise LogRefused(f"redis {what} refused: {type(exc).__name__}: {exc}",
                          on_key=what != "PING") from exc
+    except AuthenticationError as exc:
+        # (a ConnectionError to redis-py: it read as "unreachable", sending the operator
+        # to the network while Redis answered and refused the password or user)
+        raise LogRefused(f"redis {what} refused: {type(exc).__name__}: {exc}",
+                         on_key=False) from exc
     except UNAVAILABLE as exc:
         # the command went out and no reply came (a slow Redis, a primary that died
         # after it appended): it may have been carried out
