@@ -177,11 +177,18 @@ class BadUtf8FromClient(logging.Filter):
 
 # Configuring them -----------------------------------------------------------------
 
-def logging_config(level: str) -> dict[str, Any]:
+def logging_config(level: str, worker: int | None = None) -> dict[str, Any]:
     """uvicorn's logging configuration plus ours, applied by uvicorn in every process it
     starts (each worker configures its own logging): our records at `level` with their
-    logger names, the filters on every handler, so nothing reaches a log unredacted."""
+    logger names, the filters on every handler, so nothing reaches a log unredacted.
+
+    `worker`: the slot of a worker under `--workers N`, which begins each of its lines
+    (`[worker 1] `): the lines of N processes interleave in one log, and "stream went
+    backwards" or a traceback said nothing of which process it came from."""
     config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    if worker is not None:
+        for formatter in config["formatters"].values():
+            formatter["fmt"] = f"[worker {worker}] {formatter['fmt']}"
     config["filters"] = {
         "redact": {"()": "dualcast.logs.RedactTokens"},
         "stall": {"()": "dualcast.logs.UnfinishedByStall"},
@@ -190,7 +197,8 @@ def logging_config(level: str) -> dict[str, Any]:
         "utf8": {"()": "dualcast.logs.BadUtf8FromClient"},
     }
     config["formatters"]["dualcast"] = {
-        "format": "%(asctime)s %(levelname)s %(name)s: %(message)s",
+        "format": ("" if worker is None else f"[worker {worker}] ")
+        + "%(asctime)s %(levelname)s %(name)s: %(message)s",
     }
     config["handlers"]["dualcast"] = {
         "formatter": "dualcast", "class": "logging.StreamHandler", "stream": "ext://sys.stderr",

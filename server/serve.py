@@ -357,6 +357,7 @@ def _worker(server: DualcastServer, address: tuple[str, int], listening: Any,
     parent knows to announce the server: its own socket never listens. A lockless
     value, not an Event: a worker killed inside Event.set() would leave its lock
     taken and the parent blocked on it."""
+    server.config.log_config = logging_config(server.settings.log_level, slot)
     server.config.configure_logging()
     try:
         sock = worker_socket(*address)

@@ -175,6 +175,25 @@ def test_log_level_reaches_every_worker(
                    timeout=20, what=f"worker {worker.pid}'s debug line")
 
 
+def test_each_workers_lines_say_which_worker(
+    serve: Callable[..., DualcastProcess], redis_server: RedisProcess
+) -> None:
+    """N processes write one log: a worker's lines begin with its slot (the supervisor's
+    do not), uvicorn's as well as dualcast's."""
+    proc = serve(["--workers", "2"], redis_url=redis_server.url)
+    wait_workers(proc, 2)
+    wait_until(lambda: proc.log().count("Application startup complete") == 2, timeout=30,
+               what="both workers started")
+    lines = proc.log().splitlines()
+    started = sorted(line.split("]")[0] + "]" for line in lines
+                     if "Application startup complete" in line)
+    assert started == ["[worker 0]", "[worker 1]"], started
+    consuming = [line for line in lines if "dualcast.consumer: consuming" in line]
+    assert sorted(line[:10] for line in consuming) == ["[worker 0]", "[worker 1]"], consuming
+    supervisor = next(line for line in lines if "starting 2 workers" in line)
+    assert not supervisor.startswith("[worker"), supervisor
+
+
 @FLAG_OR_ENV
 def test_quiet_log_level_reaches_every_worker(
     how: str, serve: Callable[..., DualcastProcess], redis_server: RedisProcess
