@@ -192,7 +192,7 @@ class Consumer:
             self.hub.set_position(info.last_id)
             log.info("consuming %s engine from %s", self.log.engine, format_id(info.last_id))
         elif (not self._went_backwards(info.last_id) and not self._trimmed_past(info)
-              and not await self._lost_last_delivered()):
+              and not await self._lost_last_delivered(info)):
             if self.stats.reconnects and not self.connected:
                 log.info("event log back; resuming after %s", format_id(self.position))
         self.connected = True
@@ -336,7 +336,7 @@ class Consumer:
         self.overview.clear()  # folded again, from what the stream holds now
         return True
 
-    async def _lost_last_delivered(self) -> bool:
+    async def _lost_last_delivered(self, info: LogInfo) -> bool:
         """The entry delivered last is gone, and newer ones are there: Redis lost data
         while the consumer was away (restarted empty, or a replica promoted without the
         last writes), and producers appended before this reconnect. Their ids are newer
@@ -344,10 +344,16 @@ class Consumer:
         backwards (`_went_backwards`): clients went on from events the stream no longer
         holds, without a word. One read, at a reconnect only. Every client is told
         `reset` to just before the first entry after the position, and everything from
-        that entry on is delivered after the reset."""
+        that entry on is delivered after the reset.
+
+        An entry the stream itself records deleting (`max_deleted`: an XDEL, or a trim
+        `_trimmed_past` judges) was not lost: an operator who XDELed the event delivered
+        last (a bad one) while the consumer was away got every client told `reset`."""
         position = self.position
         if position is None or position == self._unread_position or position == ZERO:
             return False  # (the head at first start may be an id whose entry was deleted)
+        if info.max_deleted >= position:
+            return False
         entries = await self.log.read_after(format_id(id_before(position)), 1)
         if not entries or entries[0][0] == format_id(position):
             return False  # still there, or nothing after it (then nothing is known lost)

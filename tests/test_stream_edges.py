@@ -78,6 +78,39 @@ async def test_a_stream_trimmed_past_the_consumer_resets_its_live_subscribers(
                 await client.close()
 
 
+async def test_the_entry_delivered_last_deleted_while_away_is_no_reset(
+    fresh_redis: RedisProcess, dualcast: Callable[..., DualcastProcess],
+) -> None:
+    """While the server could not reach Redis, an operator XDELed the entry it had
+    delivered last (a bad event) and a producer appended one more. Nothing the clients
+    had not seen was lost, and the stream records the deletion (max-deleted-entry-id),
+    yet every client was told `reset` (the consumer took the missing entry for Redis
+    losing data) and reloaded its state for nothing."""
+    with TCPProxy(fresh_redis.port) as proxy:
+        server = dualcast(f"redis://127.0.0.1:{proxy.port}/0", env={
+            "DUALCAST_REDIS_TIMEOUT": "1", "DUALCAST_BACKOFF_MAX": "0.5",
+        })
+        clients = [await subscribe(kind, server.url) for kind in ("ws", "sse", "poll")]
+        try:
+            before = [xadd(fresh_redis, "before", n) for n in range(2)]
+            for client in clients:
+                await wait_for(lambda c=client: before[-1] in c.seen.ids, 10, "the events")
+            proxy.refuse()
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+                await wait_for(lambda: _unready(http), 15, "the server to notice Redis is gone")
+            fresh_redis.command("XDEL", "websocket-broadcast", before[-1])
+            after = xadd(fresh_redis, "after", 2)
+            proxy.restore()
+            for client in clients:
+                await wait_for(lambda c=client: after in c.seen.ids, 20, "the event after")
+                assert client.seen.resets == [], (type(client).__name__, client.seen.resets)
+                assert client.seen.ids == [*before, after]
+            assert await metric(server, "dualcast_resets") == 0
+        finally:
+            for client in clients:
+                await client.close()
+
+
 async def _connections(server: DualcastProcess, n: int) -> bool:
     """Whether `n` subscribers are connected (waiting long-polls included)."""
     return await metric(server, "dualcast_connections") >= n
