@@ -89,6 +89,15 @@ def _reset(hub: Hub, info: LogInfo) -> Answer:
     return _answer([], format_id(max(hub.last_key, info.last_id)), reset=True)
 
 
+def _told_reset(hub: Hub) -> Answer:
+    """`reset` for a poll under way when every client was told to reset (Redis lost data,
+    or trimmed it unread): so is this one, as every stream is. A poll waiting then was
+    answered at its timeout instead, or with the events after the loss and no reset at
+    all, and one reading its page from the log then answered what the page held: either
+    way the poller went on from events the stream no longer holds, without a word."""
+    return _answer([], hub.last_id, reset=True)
+
+
 def _shared(hub: Hub, memo: tuple[StreamId, frozenset[str]]) -> Answer | None:
     """The answer a poll at the same cursor with the same rooms got since the last batch."""
     answer: Answer | None = hub.poll_answers.get(memo)
@@ -249,6 +258,8 @@ async def poll_endpoint(request: Request) -> Response | Answer:
                     entries = await rt.poll_page(format_id(key), MAX_EVENTS)
                 except LogUnavailable as exc:
                     return _unavailable(exc)
+                if hub.resets != resets:  # (what the page holds may be from either side)
+                    return _told_reset(hub)
                 shared = _shared(hub, memo)  # another poll decoded it meanwhile
                 if shared is not None:
                     return shared
@@ -280,11 +291,7 @@ async def poll_endpoint(request: Request) -> Response | Answer:
             if wait.gone:  # nobody to answer: the answer goes nowhere
                 return _answer([], format_id(key))
             if hub.resets != resets:
-                # Every client was told to reset while this poll waited (Redis lost data,
-                # or trimmed it unread): so is this one, as every stream is. Answered at
-                # its timeout instead, or with the events after the loss and no reset at
-                # all, the poller went on from events the stream no longer holds.
-                return _answer([], hub.last_id, reset=True)
+                return _told_reset(hub)
     except asyncio.CancelledError:
         raise
     finally:
