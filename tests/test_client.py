@@ -157,6 +157,18 @@ async def test_each_kind_of_token_source_answers() -> None:
     assert seen["async"] == seen["object"] == seen["returned"] == here
 
 
+async def test_a_plain_token_function_that_raises_stop_iteration_fails_at_once() -> None:
+    """`token=lambda: next(tokens)` with the iterator spent: the function failed in its
+    thread, but a future cannot take StopIteration, so the failure was lost (an
+    "Exception in callback" on the loop) and the call was said to have "not answered
+    within 10 s", ten seconds later. It fails at once, as what it is."""
+    spent: Any = iter(())
+    source = Tokens(lambda: next(spent), timeout=30)
+    async with asyncio.timeout(5):
+        with pytest.raises(RuntimeError, match="StopIteration"):
+            await source.refresh()
+
+
 def test_sse_parser_follows_the_event_stream_rules() -> None:
     parser = SSEParser()
     lines = ["retry: 3000", "event: welcome", 'data: {"last_id":"1-0"}', "",

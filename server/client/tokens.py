@@ -90,6 +90,9 @@ async def _in_thread(source: Callable[[], Any]) -> Any:
         error: Exception | None = None
         try:
             value = context.run(source)
+        except StopIteration as exc:  # (a future refuses it: the failure was lost)
+            error = RuntimeError("the token function raised StopIteration")
+            error.__cause__ = exc
         except Exception as exc:
             error = exc
         try:
