@@ -25,7 +25,9 @@ and cannot be refreshed. `token` may be a string or a callable (sync or async)
 returning one: it is called at the start, shortly before each token's `exp` (at
 most once a second), and after the server says `token_expired`; a fresh token
 refused as well ends the iteration with `AuthFailed`, as does a source that fails
-there (an async source that has not answered within `Timing.token`, 10 s, failed).
+there (a source that has not answered within `Timing.token`, 10 s, failed; a plain
+function runs in a thread of its own, so one that blocks holds up neither the event loop
+nor the subscription past that).
 
 This package imports neither starlette nor the server's modules: it needs only
 httpx and websockets.
