@@ -46,7 +46,7 @@ def cursor_gone(cursor: StreamId, info: LogInfo) -> bool:
     return cursor < info.max_deleted  # something after the cursor was trimmed away
 
 
-async def lost_in_a_reset(log_: EventLog, hub: Hub, cursor: StreamId) -> bool:
+async def lost_in_a_reset(log_: EventLog, hub: Hub, cursor: StreamId, info: LogInfo) -> bool:
     """True when `cursor` is from before a reset and the stream no longer holds its entry.
 
     Redis that lost data and took newer appends before the consumer was back (restarted
@@ -54,9 +54,11 @@ async def lost_in_a_reset(log_: EventLog, hub: Hub, cursor: StreamId) -> bool:
     its window alone says the cursor is covered (`cursor_gone`), and a client that was
     reconnecting or between two polls at the reset went on from events the stream no
     longer holds, without the reset every connected client got. Asked only of cursors up
-    to the newest position a reset was told at: one read, only after a reset.
+    to the newest position a reset was told at: one read, only after a reset. An entry
+    the stream records deleting (`info.max_deleted`: trimmed, or XDELed) was not lost: a
+    cursor there, with all after it retained, got `reset` once any reset had been told.
     """
-    if not ZERO < cursor <= hub.reset_from:
+    if not ZERO < cursor <= hub.reset_from or cursor <= info.max_deleted:
         return False
     entries = await log_.read_after(format_id(id_before(cursor)), 1)
     return not entries or parse_id(entries[0][0]) != cursor
@@ -152,7 +154,7 @@ class Feed:
         try:
             info = await self.log.info()
             gone = cursor_gone(self.sub.cursor, info) or await lost_in_a_reset(
-                self.log, self.hub, self.sub.cursor)
+                self.log, self.hub, self.sub.cursor, info)
         except LogUnavailable:
             return
         self._checked = self._looked = True
@@ -192,7 +194,7 @@ class Feed:
             info = await self.log.info()
             self._checked = True
             if cursor_gone(sub.cursor, info) or await lost_in_a_reset(self.log, hub,
-                                                                     sub.cursor):
+                                                                     sub.cursor, info):
                 return [self._jump_to(max(hub.last_key, info.last_id))]
         # Read before looking at the log, so an empty read means the consumer's
         # position (if it had one then) is at or before this cursor.

@@ -164,3 +164,21 @@ def test_the_default_replay_cap_follows_the_maxlen() -> None:
     assert load_settings().replay_cap == 20_000
     assert load_settings(maxlen=100, replay_max=300).replay_cap == 300
     assert load_settings(maxlen=100, replay_max="").replay_cap == 200
+
+
+async def test_a_cursor_at_the_newest_trimmed_entry_replays_after_a_reset() -> None:
+    """Once the instance had told its clients `reset` (any reset, long ago), a client
+    whose cursor was the newest entry the stream had trimmed (everything after it still
+    retained) was told `reset` too: its entry is missing, which was taken for Redis
+    losing data, though the stream records trimming it (`max_deleted`)."""
+    log, ids = await filled(12, maxlen=10)  # ids[0] and ids[1] trimmed, the rest held
+    assert (await log.info()).max_deleted == parse_id(ids[1])
+    hub = Hub()
+    hub.set_position((0, 0))
+    await deliver_all(hub, log)
+    hub.reset_all(parse_id(ids[-1]))  # a reset told to every client, before this one came
+    assert hub.reset_from >= parse_id(ids[1])
+    async with Feed(hub, log, load_settings(), "websocket", set(), parse_id(ids[1])) as feed:
+        items = await feed.next(timeout=1)
+        assert not any(isinstance(i, Reset) for i in items), items
+        assert [i.id for i in items if isinstance(i, Event)] == ids[2:]

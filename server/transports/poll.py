@@ -224,7 +224,7 @@ async def poll_endpoint(request: Request) -> Response | Answer:
             gone = cursor < info.max_deleted if in_memory else cursor_gone(cursor, info)
             if not gone and not in_memory:
                 try:  # (a cursor from before a reset: its poller was between two polls)
-                    gone = await lost_in_a_reset(rt.log, hub, cursor)
+                    gone = await lost_in_a_reset(rt.log, hub, cursor, info)
                 except LogUnavailable as exc:
                     return _unavailable(exc)
             log_checked = not in_memory
