@@ -116,7 +116,14 @@ class Feed:
         if self._requested is not None:
             sub.cursor = self._requested
             sub.catching_up = True
+            resets = hub.resets
             await self._look_at_cursor()
+            if hub.resets != resets:
+                # Every client was told `reset` while the look read the log, this one not
+                # yet in the hub: it replayed on from its cursor, through events the
+                # stream may no longer hold, without a word. Told as the others were.
+                self._gone_to = hub.last_key
+                self.start_id = hub.last_id
         elif hub.started:
             sub.cursor = hub.last_key
             # The welcome's cursor must be where live delivery starts: SSE builds

@@ -12,6 +12,7 @@ from dualcast.events import Envelope, Event, decode_entry, entry_fields, parse_i
 from dualcast.feed import Feed, FeedClosed
 from dualcast.frames import Reset
 from dualcast.hub import CloseReason, Hub
+from dualcast.log import LogInfo
 from dualcast.log.memory import MemoryLog
 
 pytestmark = pytest.mark.timeout(10)
@@ -182,3 +183,27 @@ async def test_a_cursor_at_the_newest_trimmed_entry_replays_after_a_reset() -> N
         items = await feed.next(timeout=1)
         assert not any(isinstance(i, Reset) for i in items), items
         assert [i.id for i in items if isinstance(i, Event)] == ids[2:]
+
+
+async def test_a_reset_while_a_resuming_feed_looks_at_its_cursor_reaches_it() -> None:
+    """Every client is told `reset` (Redis lost data) while a client that resumes with a
+    cursor is being admitted, its feed reading the log before it joins the hub: the
+    reset went to the others only, and this client replayed on from its cursor, through
+    events the stream no longer held, without a word."""
+    log, ids = await filled(5)
+    hub = Hub()
+    hub.set_position((0, 0))
+    await deliver_all(hub, log)
+    read = log.info
+
+    async def info_as_redis_loses_data() -> LogInfo:
+        window = await read()
+        if not hub.resets:
+            hub.reset_all(parse_id(ids[-1]))  # the consumer's reset, during this read
+        return window
+
+    log.info = info_as_redis_loses_data  # type: ignore[method-assign]
+    async with Feed(hub, log, load_settings(), "websocket", set(), parse_id(ids[1])) as feed:
+        items = await feed.next(timeout=1)
+        assert items and isinstance(items[0], Reset), items
+        assert items[0].last_id == ids[-1]
