@@ -91,6 +91,8 @@ class Feed:
         self.sub = Subscriber(transport, rooms, settings.queue_size, expires)
         self._requested = cursor
         self._replaying = cursor is not None
+        #: The hub's count of resets this feed has answered (see `_reset_told`).
+        self._resets = hub.resets
         self._checked = False
         self._replayed = 0
         #: The client asked for everything retained (`0`): its replay is bounded by the
@@ -116,12 +118,12 @@ class Feed:
         if self._requested is not None:
             sub.cursor = self._requested
             sub.catching_up = True
-            resets = hub.resets
             await self._look_at_cursor()
-            if hub.resets != resets:
+            if hub.resets != self._resets:
                 # Every client was told `reset` while the look read the log, this one not
                 # yet in the hub: it replayed on from its cursor, through events the
                 # stream may no longer hold, without a word. Told as the others were.
+                self._resets = hub.resets
                 self._gone_to = hub.last_key
                 self.start_id = hub.last_id
         elif hub.started:
@@ -187,7 +189,35 @@ class Feed:
         self._from_start = False
         return Reset(format_id(cursor))
 
+    def _reset_told(self) -> list[Item] | None:
+        """The `reset` every client was told since this replay last looked, first.
+
+        The hub's reset moved this subscriber's cursor and queued the marker
+        (`Subscriber.reset_to`), but a replay reads the log, not the queue: it jumped to
+        the reset's position without a word (or, the reset landing during a read, went
+        on from that read's page), and the marker came out once the replay had caught
+        up, behind events newer than its `last_id`. The queue is dropped (the replay
+        reads on from the log, as after an overflow) and the reset comes first.
+        """
+        hub, sub = self.hub, self.sub
+        if hub.resets == self._resets:
+            return None
+        self._resets = hub.resets
+        key = sub.cursor  # where the reset put it (read before `drain` moves it)
+        sub.drain()
+        self._gone_to = None  # (a look from before the reset: the reset says where now)
+        self._checked = True  # (the reset's position is the hub's own: nothing to check)
+        return [self._jump_to(key)]
+
     async def _replay_step(self, timeout: float | None) -> list[Item]:
+        told = self._reset_told()
+        if told is not None:
+            return told
+        items = await self._replay_page(timeout)
+        told = self._reset_told()  # (told while this step read the log: its page is void)
+        return items if told is None else told
+
+    async def _replay_page(self, timeout: float | None) -> list[Item]:
         sub, hub = self.sub, self.hub
         if self._headless:
             sub.cursor = (await self.log.info()).last_id  # no reset: there was no cursor
@@ -199,20 +229,29 @@ class Feed:
             return [self._jump_to(target)]
         if not self._checked:
             info = await self.log.info()
+            if hub.resets != self._resets:
+                return []  # (see `_reset_told`: the reset's cursor must stand)
             self._checked = True
-            if cursor_gone(sub.cursor, info) or await lost_in_a_reset(self.log, hub,
-                                                                     sub.cursor, info):
+            gone = cursor_gone(sub.cursor, info) or await lost_in_a_reset(self.log, hub,
+                                                                         sub.cursor, info)
+            if hub.resets != self._resets:
+                return []
+            if gone:
                 return [self._jump_to(max(hub.last_key, info.last_id))]
         # Read before looking at the log, so an empty read means the consumer's
         # position (if it had one then) is at or before this cursor.
         consumer_positioned = hub.started
         entries = await self.log.read_after(format_id(sub.cursor), self.settings.replay_page)
+        if hub.resets != self._resets:
+            return []
         if entries and not checked_now:
             # While the pages before were sent (a slow client holds the replay as long as
             # it likes), MAXLEN may have trimmed past this cursor: the read then began at
             # the oldest retained entry, and the events between were lost without a word.
             # Looked at after the read: what was gone before it is gone by now as well.
             info = await self.log.info()
+            if hub.resets != self._resets:
+                return []
             if cursor_gone(sub.cursor, info):
                 return [self._jump_to(max(hub.last_key, info.last_id))]
         if not entries:

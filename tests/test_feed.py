@@ -12,7 +12,7 @@ from dualcast.events import Envelope, Event, decode_entry, entry_fields, parse_i
 from dualcast.feed import Feed, FeedClosed
 from dualcast.frames import Reset
 from dualcast.hub import CloseReason, Hub
-from dualcast.log import LogInfo
+from dualcast.log import LogInfo, RawEntry
 from dualcast.log.memory import MemoryLog
 
 pytestmark = pytest.mark.timeout(10)
@@ -207,3 +207,44 @@ async def test_a_reset_while_a_resuming_feed_looks_at_its_cursor_reaches_it() ->
         items = await feed.next(timeout=1)
         assert items and isinstance(items[0], Reset), items
         assert items[0].last_id == ids[-1]
+
+
+@pytest.mark.parametrize("when", ["between two pages", "during a page's read"])
+async def test_a_reset_during_a_replay_comes_before_what_follows_it(when: str) -> None:
+    """Every client is told `reset` while one still replays from the log: its replay
+    jumped to the reset's position without a word, went on with the events after it,
+    and the `reset` came only once the replay had caught up, behind events newer than
+    its `last_id` (a client taking that `last_id` as its cursor went back before events
+    it had shown)."""
+    log, ids = await filled(10)
+    hub = Hub()
+    hub.set_position((0, 0))
+    await deliver_all(hub, log)
+    reset_at = parse_id(ids[5])
+    read = log.read_after
+    reads = 0
+
+    async def read_as_redis_loses_data(after: str, count: int) -> list[RawEntry]:
+        nonlocal reads
+        page = await read(after, count)
+        reads += 1
+        if reads == 2 and when == "during a page's read":
+            hub.reset_all(reset_at)  # the consumer's reset, while this read ran
+        return page
+
+    log.read_after = read_as_redis_loses_data  # type: ignore[method-assign]
+    settings = load_settings(replay_page=3)
+    async with Feed(hub, log, settings, "websocket", set(), parse_id(ids[0])) as feed:
+        seen = [i.id for i in await feed.next(timeout=1) if isinstance(i, Event)]
+        if when == "between two pages":
+            hub.reset_all(reset_at)
+        items: list[object] = []
+        while not any(isinstance(i, Event) and i.id == ids[-1] for i in items):
+            items += await feed.next(timeout=1)
+    resets = [n for n, i in enumerate(items) if isinstance(i, Reset)]
+    assert len(resets) == 1, items
+    after = [i.id for i in items[resets[0] + 1:] if isinstance(i, Event)]
+    before = [i.id for i in items[:resets[0]] if isinstance(i, Event)]
+    assert items[resets[0]].last_id == ids[5]  # type: ignore[attr-defined]
+    assert after == ids[6:], items  # everything after the reset's position, once
+    assert all(parse_id(i) <= reset_at for i in seen + before), (seen, before)
