@@ -222,7 +222,7 @@ async def test_zero_replays_a_stream_longer_than_the_replay_cap_without_a_reset(
 ) -> None:
     """`0` is everything retained, never a reset. Producers trim with `MAXLEN ~ 100`, and
     Redis keeps whole nodes, so the stream holds more than 100 entries: with
-    DUALCAST_REPLAY_MAX at 100 (as the docs advise, equal to MAXLEN) a WebSocket or SSE
+    DUALCAST_REPLAY_MAX at 100 (equal to MAXLEN, as the docs once advised) a WebSocket or SSE
     client asking for `0` got `reset` and none of them."""
     server = dualcast(fresh_redis.url,  # type: ignore[operator]
                       env={"DUALCAST_MAXLEN": "100", "DUALCAST_REPLAY_MAX": "100"})
