@@ -357,9 +357,7 @@ class Consumer:
         entries = await self.log.read_after(format_id(id_before(position)), 1)
         if not entries or entries[0][0] == format_id(position):
             return False  # still there, or nothing after it (then nothing is known lost)
-        first = parse_id(entries[0][0])
-        if first <= position:
-            return False
+        first = parse_id(entries[0][0])  # (after the position: the read began at it)
         log.warning(
             "the entry delivered last (%s) is gone from the stream, and newer ones are there "
             "(from %s): Redis lost data; telling every client to reset",

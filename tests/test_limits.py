@@ -237,19 +237,29 @@ async def test_repeated_rooms_parameters_all_count_on_every_transport(
     await still_served(server, healthy)
 
 
-async def test_an_anonymous_ws_sending_a_token_joins_its_rooms_within_the_limit(
+async def test_an_anonymous_ws_sending_a_token_joins_its_rooms_as_at_connect(
     server: DualcastProcess, healthy: WSClient,
 ) -> None:
-    """The default rooms joined on `auth` count against DUALCAST_MAX_ROOMS (3 here)."""
+    """The default rooms a token grants are joined on `auth` as at connect: all of them.
+    DUALCAST_MAX_ROOMS (3 here) bounds the rooms a client asks for; the same token joined
+    five at connect and three through `auth`, then an error."""
+    grant = token("cap", rooms=["r1", "r2", "r3", "r4"])
+    want = ["r1", "r2", "r3", "r4", "user-cap"]
+    at_connect = WSClient(server.ws_url, token=grant)
+    await at_connect.connect()
     ws = WSClient(server.ws_url)
     await ws.connect()
     try:
-        await ws.send({"type": "auth", "token": token("cap", rooms=["r1", "r2", "r3", "r4"])})
-        await wait_for(lambda: ws.seen.errors, 5, "too many rooms")
-        assert [f["room"] for f in ws.seen.frames if f["type"] == "joined"] == ["r1", "r2", "r3"]
-        assert [e["code"] for e in ws.seen.errors] == ["too_many_rooms"]
+        assert at_connect.seen.welcome is not None
+        assert sorted(at_connect.seen.welcome["rooms"]) == want
+        await ws.send({"type": "auth", "token": grant})
+        await wait_for(lambda: len([f for f in ws.seen.frames if f["type"] == "joined"]) == 5,
+                       5, "five rooms joined")
+        assert sorted(f["room"] for f in ws.seen.frames if f["type"] == "joined") == want
+        assert ws.seen.errors == []
     finally:
         await ws.close()
+        await at_connect.close()
     await still_served(server, healthy)
 
 

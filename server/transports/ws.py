@@ -222,11 +222,10 @@ class Session:
         self.feed.extend(fresh.exp)
 
     def join_defaults(self, rooms: set[str]) -> None:
-        sub, max_rooms = self.feed.sub, self.rt.settings.max_rooms
-        for room in sorted(rooms - sub.rooms):
-            if len(sub.rooms) >= max_rooms:
-                self.refuse(ErrorCode.TOO_MANY_ROOMS, f"at most {max_rooms} rooms")
-                return
+        """The token's default rooms, all of them, as at connect: DUALCAST_MAX_ROOMS
+        bounds the rooms a client asks for, not the ones its token grants (the same token
+        joined all of them at connect and only the first ones through `auth`)."""
+        for room in sorted(rooms - self.feed.sub.rooms):
             self.feed.join(room)
             self.say(ws_room(FrameType.JOINED, room))
 
