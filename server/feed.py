@@ -109,6 +109,9 @@ class Feed:
         self._gone_to: StreamId | None = None
         #: The look before the welcome stands for the replay's first check.
         self._looked = False
+        #: The log had nothing after the cursor, which is ahead of this instance's
+        #: consumer: the replay waits for the consumer to reach it (`_replay_step`).
+        self._behind = False
         #: The cursor this feed starts from, for the `welcome` frame; None when the
         #: instance knows no position to offer (it never names one it does not know).
         self.start_id: str | None = format_id(cursor) if cursor is not None else hub.last_id
@@ -238,9 +241,21 @@ class Feed:
                 return []
             if gone:
                 return [self._jump_to(max(hub.last_key, info.last_id))]
-        # Read before looking at the log, so an empty read means the consumer's
-        # position (if it had one then) is at or before this cursor.
-        consumer_positioned = hub.started
+        if self._behind and hub.last_key < sub.cursor:
+            # The log had nothing after the cursor, and this instance's consumer has not
+            # reached it yet: what comes next reaches the log after what the consumer
+            # has still to read, so wait for the consumer instead of asking the log again.
+            await sub.wait_rung(min(timeout if timeout is not None else 0.5, 0.5))
+            return []
+        self._behind = False
+        # An overflow clears the queue of a catching-up subscriber, maybe of events after
+        # the cursor that the read below, made before they reached the log, cannot see.
+        sub.missed = False
+        # Read after looking at the consumer, so an empty read means the consumer's
+        # position (if it had one then) is at or after this cursor: nothing after the
+        # cursor reached the hub before this read.
+        consumer_positioned = hub.started and hub.last_key >= sub.cursor
+        behind = hub.started and not consumer_positioned
         entries = await self.log.read_after(format_id(sub.cursor), self.settings.replay_page)
         if hub.resets != self._resets:
             return []
@@ -255,11 +270,22 @@ class Feed:
             if cursor_gone(sub.cursor, info):
                 return [self._jump_to(max(hub.last_key, info.last_id))]
         if not entries:
-            if consumer_positioned:
+            if consumer_positioned and not sub.missed:
                 # Everything after the cursor now reaches the queue through the hub.
-                sub.missed = False
                 sub.catching_up = False
                 self._replaying = False
+            elif consumer_positioned:
+                pass  # the queue overflowed during the read: read again
+            elif behind:
+                # The client's cursor is ahead of this instance's consumer (it comes from
+                # an instance further ahead; this one lags behind it). Live, each event
+                # the consumer still has to read before the cursor was queued for this
+                # subscriber only to be dropped: a lag of more than its queue cut it off
+                # (WS close 1013, SSE stream ended) for events it was never owed, again
+                # at each reconnect until the consumer caught up. Replaying, an overflow
+                # only clears the queue; live once the consumer reaches the cursor.
+                self._behind = True
+                await sub.wait_rung(min(timeout if timeout is not None else 0.5, 0.5))
             else:
                 # The consumer has not started (the log was away): going live now would
                 # lose what is appended before it starts at the head, so keep reading.

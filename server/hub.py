@@ -202,6 +202,13 @@ class Subscriber:
             return
         await self._bell.wait(timeout)
 
+    async def wait_rung(self, timeout: float) -> None:
+        """Until the next push or notify, the subscriber is closed, or about `timeout`
+        passes, whatever is queued: a replay waiting for the consumer to reach its
+        cursor holds a queue of events it will drop, and `wait` would return at once."""
+        if self.closed is None:
+            await self._bell.wait(timeout)
+
     def disarm(self) -> None:
         """Cancel a pending alarm (the subscriber leaves the hub)."""
         self._bell.disarm()
