@@ -31,6 +31,14 @@ from dualcast.log import EventLog, LogInfo, LogUnavailable, RawEntry
 log = logging.getLogger("dualcast.feed")
 
 
+def _pause(timeout: float | None) -> float:
+    """How long a replay waits for the consumer before looking again: at most half a
+    second, less when the writer asks for less. The WebSocket writer asks for 0 while
+    replaying, meaning "come back for control frames": those ring the subscriber's
+    bell (`Subscriber.notify`), which ends the wait; a wait of 0 spun instead."""
+    return 0.5 if not timeout or timeout > 0.5 else timeout
+
+
 class FeedClosed(Exception):
     def __init__(self, reason: CloseReason) -> None:
         super().__init__(reason.value)
@@ -212,7 +220,9 @@ class Feed:
         self._checked = True  # (the reset's position is the hub's own: nothing to check)
         return [self._jump_to(key)]
 
-    async def _replay_step(self, timeout: float | None) -> list[Item]:
+    async def _replay_step(self, timeout: float | None) -> list[Item] | None:
+        """The next replayed items, possibly none; None after waiting for the consumer
+        (`next` then hands back to the writer, which may have control frames to send)."""
         told = self._reset_told()
         if told is not None:
             return told
@@ -220,7 +230,7 @@ class Feed:
         told = self._reset_told()  # (told while this step read the log: its page is void)
         return items if told is None else told
 
-    async def _replay_page(self, timeout: float | None) -> list[Item]:
+    async def _replay_page(self, timeout: float | None) -> list[Item] | None:
         sub, hub = self.sub, self.hub
         if self._headless:
             sub.cursor = (await self.log.info()).last_id  # no reset: there was no cursor
@@ -245,8 +255,8 @@ class Feed:
             # The log had nothing after the cursor, and this instance's consumer has not
             # reached it yet: what comes next reaches the log after what the consumer
             # has still to read, so wait for the consumer instead of asking the log again.
-            await sub.wait_rung(min(timeout if timeout is not None else 0.5, 0.5))
-            return []
+            await sub.wait_rung(_pause(timeout))
+            return None
         self._behind = False
         # An overflow clears the queue of a catching-up subscriber, maybe of events after
         # the cursor that the read below, made before they reached the log, cannot see.
@@ -285,11 +295,13 @@ class Feed:
                 # at each reconnect until the consumer caught up. Replaying, an overflow
                 # only clears the queue; live once the consumer reaches the cursor.
                 self._behind = True
-                await sub.wait_rung(min(timeout if timeout is not None else 0.5, 0.5))
+                await sub.wait_rung(_pause(timeout))
+                return None
             else:
                 # The consumer has not started (the log was away): going live now would
                 # lose what is appended before it starts at the head, so keep reading.
-                await sub.wait(min(timeout if timeout is not None else 0.5, 0.5))
+                await sub.wait_rung(_pause(timeout))
+                return None
             return []
         self._replayed += len(entries)
         cap = self.settings.replay_cap
@@ -332,6 +344,8 @@ class Feed:
                 await sub.wait(min(timeout or 1.0, 1.0))
                 if sub.closed is not None:
                     raise FeedClosed(sub.closed) from None
+                return []
+            if items is None:
                 return []
             if items:
                 return items

@@ -3,6 +3,7 @@ when the cursor is gone, and ends when its credentials run out."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -248,3 +249,40 @@ async def test_a_reset_during_a_replay_comes_before_what_follows_it(when: str) -
     assert items[resets[0]].last_id == ids[5]  # type: ignore[attr-defined]
     assert after == ids[6:], items  # everything after the reset's position, once
     assert all(parse_id(i) <= reset_at for i in seen + before), (seen, before)
+
+
+async def test_a_replay_waiting_for_the_consumer_hands_back_to_its_writer() -> None:
+    """The cursor is ahead of this instance's consumer (a client moved from an instance
+    further ahead), or the consumer has no position yet (the log was away at start).
+    The WebSocket writer asks with `timeout=0` while replaying, to flush a `pong` or a
+    `joined` in between; the wait spun on the event loop without returning instead, and
+    those frames waited until the consumer caught up (a client pinging meanwhile took
+    the silence for a dead path and reconnected, to the same wait)."""
+    log, ids = await filled(3)
+    lagging = Hub()
+    lagging.set_position((0, 0))  # its consumer has read none of the three yet
+    for hub in (lagging, Hub()):  # ...and one whose consumer has not started
+        async with Feed(hub, log, load_settings(), "websocket", set(), parse_id(ids[-1])) as feed:
+            for _ in range(3):
+                assert await asyncio.wait_for(feed.next(timeout=0), 2) == []
+            assert feed.replaying
+            waiting = asyncio.create_task(feed.next(timeout=0))
+            await asyncio.sleep(0)  # (let it park)
+            feed.sub.notify()  # what a control frame queued for the writer does
+            assert await asyncio.wait_for(waiting, 0.3) == []
+
+
+async def test_a_consumer_catching_up_behind_the_cursor_does_not_cut_the_client_off() -> None:
+    """The events the consumer still reads before the cursor, more than the queue holds,
+    are the client's already: it stays connected and gets what comes after, once."""
+    log, ids = await filled(50)
+    hub = Hub()
+    hub.set_position((0, 0))
+    settings = load_settings(queue_size=10)
+    async with Feed(hub, log, settings, "websocket", set(), parse_id(ids[-1])) as feed:
+        assert await feed.next(timeout=0.01) == []
+        await deliver_all(hub, log)  # 50 stale events in one batch
+        new = await log.append(entry_fields(Envelope(event="e", data="new")))
+        await deliver_all(hub, log, ids[-1])
+        assert await collect(feed, 1) == [new]
+        assert feed.sub.closed is None
