@@ -12,14 +12,13 @@ Prints one JSON line per run and the medians of µs of server CPU per event per 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import time
 
 import orjson
 import redis
 
 from bench.procs import Stack
+from bench.report import interleaved
 
 
 def publish(url: str, rate: float, duration: float) -> int:
@@ -68,16 +67,9 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args()
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    runs: dict[str, list[float]] = {t: [] for t in targets}
-    for _ in range(args.repeat):
-        for target in targets:
-            r = one_run(target, args.workers, args.rate, args.duration)
-            print(json.dumps(r), flush=True)
-            runs[target].append(float(r["us_per_event_per_worker"]))  # type: ignore[arg-type]
-    for target, values in runs.items():
-        print(f"{target}: median {statistics.median(values):.1f} us/event/worker "
-              f"({' / '.join(f'{v:.1f}' for v in values)})")
-
+    interleaved(targets, args.repeat,
+                lambda target: one_run(target, args.workers, args.rate, args.duration),
+                "us_per_event_per_worker", "us/event/worker")
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,7 @@ import os
 import platform
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,22 @@ from bench.procs import ROOT
 RESULTS = ROOT / "bench" / "results"
 NOTES = ROOT / "bench" / "NOTES.md"  # hand-written findings, appended to docs/performance.md
 MODES = ["saturation", "matrix", "idle", "routing", "poll", "workers"]
+
+
+def interleaved(labels: list[str], repeat: int, run: Callable[[str], dict[str, Any]],
+                figure: str, unit: str) -> None:
+    """`repeat` rounds of `run(label)` for each label in turn (interleaved, so a drift of
+    the machine touches every label alike): each run's JSON line, then each label's
+    median of `figure` with every run's value."""
+    runs: dict[str, list[float]] = {label: [] for label in labels}
+    for _ in range(repeat):
+        for label in labels:
+            result = run(label)
+            print(json.dumps(result), flush=True)
+            runs[label].append(float(result[figure]))
+    for label, values in runs.items():
+        print(f"{label}: median {statistics.median(values):.1f} {unit} "
+              f"({' / '.join(f'{v:.1f}' for v in values)})")
 
 
 def machine() -> dict[str, Any]:

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing
 import socket
-import statistics
 import time
 from multiprocessing.connection import Connection
+
+from bench.report import interleaved
 
 _ANSWER = b"*8\r\n" + b"$5\r\nXREAD\r\n" * 7  # 60 bytes, the size of the next XREAD
 
@@ -115,16 +115,9 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--size", type=int, default=600)
     args = p.parse_args()
-    runs: dict[str, list[float]] = {"bare": [], "answer": []}
-    for _ in range(args.repeat):
-        for mode in runs:
-            r = one_run(mode, args.rate, args.duration, args.size)
-            print(json.dumps(r), flush=True)
-            runs[mode].append(float(r["us_per_message"]))  # type: ignore[arg-type]
-    for mode, values in runs.items():
-        print(f"{mode}: median {statistics.median(values):.1f} us of CPU per message "
-              f"({' / '.join(f'{v:.1f}' for v in values)})")
-
+    interleaved(["bare", "answer"], args.repeat,
+                lambda mode: one_run(mode, args.rate, args.duration, args.size),
+                "us_per_message", "us of CPU per message")
 
 if __name__ == "__main__":
     main()

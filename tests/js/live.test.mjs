@@ -31,6 +31,17 @@ async function live(dc, transport) {
     { timeoutMs: 15000, what: `live on ${transport} (now ${dc.transport}/${dc.state})` });
 }
 
+/** docs/examples/tail.mjs run with `args`: its process, what it wrote so far, its exit. */
+function runTail(flags, ...args) {
+  const child = spawn(process.execPath, [...flags, join(ROOT, 'docs/examples/tail.mjs'), ...args],
+    { stdio: ['ignore', 'pipe', 'pipe'] });
+  const tail = { process: child, out: '', err: '' };
+  child.stdout.on('data', (chunk) => { tail.out += chunk; });
+  child.stderr.on('data', (chunk) => { tail.err += chunk; });
+  tail.exited = new Promise((resolve) => child.once('exit', (code) => resolve(code)));
+  return tail;
+}
+
 async function publishMany(server, n, tag) {
   const ids = [];
   for (let i = 0; i < n; i += 1) ids.push(await server.publish('usage_log_added', { tag, i }));
@@ -151,28 +162,22 @@ describe('dualcast.js against a real server', { skip, timeout: 120000 }, () => {
     { timeout: 30000 }, async () => {
       const flags = process.execArgv.filter((a) => a.startsWith('--experimental-websocket'));
       // every --rooms counts (the last one alone did): both rooms' events come
-      const tail = spawn(process.execPath, [...flags, join(ROOT, 'docs/examples/tail.mjs'),
-        server.url, '--token', token({ sub: 'u2', rooms: ['ops', 'dev'] }),
-        '--rooms', 'ops', '--rooms', 'dev'], { stdio: ['ignore', 'pipe', 'pipe'] });
-      let out = '';
-      let err = '';
-      tail.stdout.on('data', (chunk) => { out += chunk; });
-      tail.stderr.on('data', (chunk) => { err += chunk; });
-      const exited = new Promise((resolve) => tail.once('exit', (code) => resolve(code)));
+      const tail = runTail(flags, server.url, '--token', token({ sub: 'u2', rooms: ['ops', 'dev'] }),
+        '--rooms', 'ops', '--rooms', 'dev');
       try {
-        await waitFor(() => err.includes('websocket live'), { what: `tail live (${err})` });
+        await waitFor(() => tail.err.includes('websocket live'), { what: `tail live (${tail.err})` });
         const ids = await publishMany(server, 4, 'tail');
         ids.push(await server.publish('tail', { room: 'ops' }, ['ops']));
         ids.push(await server.publish('tail', { room: 'dev' }, ['dev']));
-        await waitFor(() => ids.every((id) => out.includes(id)), { what: 'ids on stdout' });
-        const lines = out.trim().split('\n').map((line) => JSON.parse(line));
+        await waitFor(() => ids.every((id) => tail.out.includes(id)), { what: 'ids on stdout' });
+        const lines = tail.out.trim().split('\n').map((line) => JSON.parse(line));
         assert.deepEqual(lines.map((e) => e.id).filter((id) => ids.includes(id)), ids);
         assert.deepEqual(lines.find((e) => e.id === ids[0]).data, { tag: 'tail', i: 0 });
       } finally {
-        tail.kill('SIGINT');
+        tail.process.kill('SIGINT');
       }
-      assert.equal(await exited, 0);
-      assert.match(err, /resume with --from \d+-\d+/);
+      assert.equal(await tail.exited, 0);
+      assert.match(tail.err, /resume with --from \d+-\d+/);
     });
 
   it('docs/examples/tail.mjs without a WebSocket in Node: says so once, then SSE, each state once',
@@ -181,22 +186,16 @@ describe('dualcast.js against a real server', { skip, timeout: 120000 }, () => {
       // SSE without a word of why, and printed `sse live` twice
       const major = Number(process.versions.node.split('.')[0]);
       const flags = major >= 22 ? ['--no-experimental-websocket'] : [];
-      const tail = spawn(process.execPath, [...flags, join(ROOT, 'docs/examples/tail.mjs'),
-        server.url, '--token', token({ sub: 'u3' })], { stdio: ['ignore', 'pipe', 'pipe'] });
-      let out = '';
-      let err = '';
-      tail.stdout.on('data', (chunk) => { out += chunk; });
-      tail.stderr.on('data', (chunk) => { err += chunk; });
-      const exited = new Promise((resolve) => tail.once('exit', (code) => resolve(code)));
+      const tail = runTail(flags, server.url, '--token', token({ sub: 'u3' }));
       try {
-        await waitFor(() => err.includes('sse live'), { what: `tail live on SSE (${err})` });
+        await waitFor(() => tail.err.includes('sse live'), { what: `tail live on SSE (${tail.err})` });
         const [id] = await publishMany(server, 1, 'tail-sse');
-        await waitFor(() => out.includes(id), { what: 'the id on stdout' });
+        await waitFor(() => tail.out.includes(id), { what: 'the id on stdout' });
       } finally {
-        tail.kill('SIGINT');
+        tail.process.kill('SIGINT');
       }
-      assert.equal(await exited, 0);
-      const lines = err.trim().split('\n');
+      assert.equal(await tail.exited, 0);
+      const lines = tail.err.trim().split('\n');
       assert.match(lines[0],
         /^websocket: not available in Node v[\d.]+: run node with --experimental-websocket/);
       assert.deepEqual(lines.slice(1, 3), ['sse connecting', 'sse live']);
