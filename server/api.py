@@ -17,8 +17,9 @@ from dualcast.auth import COOKIE_NAME, LONGEST_COOKIE_TOKEN, AuthError
 from dualcast.bigints import past_64_bits
 from dualcast.consumer import Readiness
 from dualcast.csrf import FetchSite, cross_site_cookie_write, fetch_site
-from dualcast.events import Envelope, entry_fields
+from dualcast.events import Envelope, StreamId, entry_fields
 from dualcast.headers import PAGE_HEADERS
+from dualcast.hub import Doorbell
 from dualcast.log import LogNoAnswer, LogRefused, LogUnavailable
 from dualcast.metrics import Metrics
 from dualcast.protocol import ErrorCode
@@ -89,12 +90,42 @@ async def overview(request: Request) -> Response:
     if not await folds.wait_built(rt.settings.redis_timeout * 3):  # (only just after start)
         return error_response(503, "log_unavailable", "the event log is not read yet; retry soon")
     try:
-        # (the retained window the long-pollers share, a second old at most)
-        folds.trim_to(await rt.log_window(1.0))
+        window = await rt.log_window(0.0)
+        folds.trim_to(window)
+        await _caught_up(rt, window.last_id, OVERVIEW_CATCH_UP)
     except LogUnavailable:
         pass  # answered from what was read; the stream cannot trim while Redis is away
     return Response(folds.answer(frozenset(rooms)), media_type="application/json",
                     headers={"Cache-Control": "no-store"})
+
+
+#: Seconds an overview waits for this instance's consumer to reach the log's head.
+OVERVIEW_CATCH_UP = 2.0
+
+
+async def _caught_up(rt: Runtime, head: StreamId, within: float) -> None:
+    """Until this instance's consumer has read up to `head`, for at most `within` seconds.
+
+    Why: a page that is told `reset` by one instance reloads the overview, and behind a
+    balancer that request may land on another instance whose consumer is behind the
+    reset's position. Its overview then ended before that position while the page's
+    stream went on after it: what came between was never folded (a session created then
+    never showed). The log's head when the overview is asked for is at or after any
+    position an instance has told before, so an overview folded up to it leaves no gap.
+    One XINFO per overview (a page load or a reset), shared by concurrent callers.
+    """
+    consumer = rt.consumer
+    if consumer.position is None or consumer.position >= head:
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    bell = Doorbell()
+    while consumer.position is not None and consumer.position < head:
+        left = deadline - loop.time()
+        if left <= 0:
+            return  # answered as it is: a consumer this far behind has worse troubles
+        # (rung by each batch; a batch of malformed entries alone rings nothing)
+        await rt.hub.wait_for_events(min(left, 0.1), bell)
 
 
 def _cross_site(action: str) -> Response:

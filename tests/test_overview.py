@@ -27,6 +27,7 @@ from dualcast.log.redis import RedisLog
 from dualcast.overview import OverviewFolds, build_overview, fold
 from tests.conftest import token
 from tests.harness.procs import DualcastProcess, RedisProcess
+from tests.harness.tcpproxy import TCPProxy
 from tests.harness.waits import wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -250,4 +251,29 @@ async def test_the_overview_is_folded_again_when_redis_loses_the_stream(
     status("mistral", "healthy")
     await wait_for(lambda: list(providers()) == ["mistral"], 10, "the new provider status")
     assert await mismatches(server, fresh_redis.url, stream) == []
+    client.close()
+
+
+async def test_an_overview_from_a_lagging_instance_reaches_the_logs_head(
+    redis_server: RedisProcess, dualcast: Any,
+) -> None:
+    """A page told `reset` by one instance reloads the overview, maybe from another whose
+    consumer is behind that position; the overview ended before it while the page's
+    stream went on after it, and what came between was never folded. The overview now
+    waits (2 s at most) for its consumer to reach the log's head as it was asked."""
+    stream = f"overview-{uuid.uuid4().hex[:8]}"
+    client = redis.Redis.from_url(redis_server.url)
+    with TCPProxy(redis_server.port) as proxy:
+        server: DualcastProcess = dualcast(f"redis://127.0.0.1:{proxy.port}/0",
+                                           env={"DUALCAST_STREAM": stream})
+        await wait_for(server.ready, 10, "readyz")
+        proxy.delay_replies(0.6)  # every read of this instance's consumer lands 0.6 s late
+        async with httpx.AsyncClient(timeout=10) as http:
+            for n in range(3):
+                newest = client.xadd(stream, entry_fields(Envelope(  # type: ignore[arg-type]
+                    event="provider_status_change",
+                    data={"providerId": f"p{n}", "status": "down"}))).decode()
+                answer = (await http.get(server.url + "/api/overview")).json()
+                assert answer["last_id"] == newest, (n, answer["last_id"], newest)
+                assert f"p{n}" in answer["providers"]
     client.close()
