@@ -164,7 +164,8 @@ def _listen_hint(host: str, failed: ListenError) -> str:
     from dualcast.serve import ListenError, bind
 
     if host.startswith("[") and host.endswith("]"):
-        return f"(write an IPv6 address without brackets: --host {host[1:-1]})"
+        return (f"(write an IPv6 address without brackets: --host {host[1:-1]}, "
+                f"or DUALCAST_HOST={host[1:-1]})")
     try:
         bind(host, 0).close()
     except ListenError:

@@ -279,8 +279,8 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.redis_url is None and self.workers > 1:
             raise ValueError(
-                "DUALCAST_WORKERS: the memory engine lives in one process; "
-                "set DUALCAST_REDIS_URL to run several workers"
+                "DUALCAST_WORKERS (--workers): the memory engine lives in one process; "
+                "set DUALCAST_REDIS_URL (or --redis-url) to run several workers"
             )
         if self.demo and self.workers > 1:
             raise ValueError(

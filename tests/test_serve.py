@@ -247,6 +247,7 @@ def test_memory_engine_refuses_several_workers_with_a_clear_line() -> None:
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert "memory engine" in lines[0] and "DUALCAST_REDIS_URL" in lines[0]
+    assert "--redis-url" in lines[0]  # (the flag it was started with is named too)
 
 
 # Bad input: one line, naming the flag or the variable, never echoing a secret ----------
@@ -504,7 +505,7 @@ def test_the_start_up_line_names_the_redis_and_the_stream_key_without_the_passwo
 @pytest.mark.parametrize(("host", "hint"), [
     ("no.such.host.invalid", "--host or DUALCAST_HOST"),  # does not resolve (RFC 6761)
     ("192.0.2.1", "--host or DUALCAST_HOST"),  # an address of another machine (RFC 5737)
-    ("[::1]", "without brackets: --host ::1"),
+    ("[::1]", "without brackets: --host ::1, or DUALCAST_HOST=::1"),
 ])
 def test_a_host_that_cannot_be_bound_gets_a_hint_about_the_host(
     host: str, hint: str, own_state_home: Path,
