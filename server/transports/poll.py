@@ -89,6 +89,23 @@ def _reset(hub: Hub, info: LogInfo) -> Answer:
     return _answer([], format_id(max(hub.last_key, info.last_id)), reset=True)
 
 
+async def _gone(rt: Runtime, key: StreamId, info: LogInfo) -> tuple[bool, LogInfo]:
+    """Whether the log no longer covers `key` (`cursor_gone`), and the window that says so.
+
+    A key newer than the window's head is asked about again, alone: the window is one
+    fetch shared by the polls that ask at once (`Runtime.log_window`), and one that began
+    before this key's entry was written (another poll read that entry from the log and
+    handed it to its poller meanwhile, ahead of this instance's consumer) said the key
+    was newer than the stream: its poller was told `reset` back to the consumer's
+    position and got again the events it had just had.
+    """
+    if not cursor_gone(key, info):
+        return False, info
+    if key > info.last_id:
+        info = await rt.log.info()
+    return cursor_gone(key, info), info
+
+
 def _told_reset(hub: Hub) -> Answer:
     """`reset` for a poll under way when every client was told to reset (Redis lost data,
     or trimmed it unread): so is this one, as every stream is. A poll waiting then was
@@ -221,7 +238,13 @@ async def poll_endpoint(request: Request) -> Response | Answer:
                     return _unavailable(exc)
                 info = last
             # (an in-memory cursor is not newer than the stream: the consumer read it there)
-            gone = cursor < info.max_deleted if in_memory else cursor_gone(cursor, info)
+            if in_memory:
+                gone = cursor < info.max_deleted
+            else:
+                try:
+                    gone, info = await _gone(rt, cursor, info)
+                except LogUnavailable as exc:
+                    return _unavailable(exc)
             if not gone and not in_memory:
                 try:  # (a cursor from before a reset: its poller was between two polls)
                     gone = await lost_in_a_reset(rt.log, hub, cursor, info)
@@ -249,7 +272,11 @@ async def poll_endpoint(request: Request) -> Response | Answer:
                 except LogUnavailable as exc:
                     return _unavailable(exc)
                 log_checked = True
-                if cursor_gone(key, info):
+                try:
+                    gone, info = await _gone(rt, key, info)
+                except LogUnavailable as exc:
+                    return _unavailable(exc)
+                if gone:
                     return _reset(hub, info)
             if recent is None:
                 # Behind the in-memory window: a page from the log, one read for all the
