@@ -182,8 +182,9 @@ def test_each_workers_lines_say_which_worker(
     do not), uvicorn's as well as dualcast's."""
     proc = serve(["--workers", "2"], redis_url=redis_server.url)
     wait_workers(proc, 2)
-    wait_until(lambda: proc.log().count("Application startup complete") == 2, timeout=30,
-               what="both workers started")
+    wait_until(lambda: proc.log().count("Application startup complete") == 2
+               and proc.log().count("dualcast.consumer: consuming") == 2, timeout=30,
+               what="both workers started, each consumer with its first line")
     lines = proc.log().splitlines()
     started = sorted(line.split("]")[0] + "]" for line in lines
                      if "Application startup complete" in line)
