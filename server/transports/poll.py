@@ -243,11 +243,8 @@ async def poll_endpoint(request: Request) -> Response | Answer:
             else:
                 try:
                     gone, info = await _gone(rt, cursor, info)
-                except LogUnavailable as exc:
-                    return _unavailable(exc)
-            if not gone and not in_memory:
-                try:  # (a cursor from before a reset: its poller was between two polls)
-                    gone = await lost_in_a_reset(rt.log, hub, cursor, info)
+                    # (a cursor from before a reset: its poller was between two polls)
+                    gone = gone or await lost_in_a_reset(rt.log, hub, cursor, info)
                 except LogUnavailable as exc:
                     return _unavailable(exc)
             log_checked = not in_memory
