@@ -65,6 +65,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 #: variable of the same name, for this process and every worker it starts.
 SERVE_FLAGS = {
     "host": "--host", "port": "--port", "redis_url": "--redis-url", "workers": "--workers",
+    "workers_wake": "--workers-wake",
     "log_level": "--log-level", "demo": "--demo", "demo_speed": "--demo-speed",
 }
 
@@ -713,6 +714,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "(DUALCAST_REDIS_URL)")
     serve.add_argument("--workers", help="worker processes, Redis engine only "
                        "(DUALCAST_WORKERS)")
+    serve.add_argument("--workers-wake", help="busy: workers past the first sleep (read "
+                       "nothing) until it is busy; start: all serve from the start "
+                       "(DUALCAST_WORKERS_WAKE)")
     serve.add_argument("--log-level", help="critical, error, warning, info, debug "
                        "(DUALCAST_LOG_LEVEL)")
     serve.add_argument("--demo", action="store_true", default=None,

@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, ge=1, le=64)
+    workers_wake: Literal["busy", "start"] = Field(
+        "busy", description="when workers past the first serve: once it is busy, or from the start",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     shutdown_grace: float = Field(10.0, ge=0, le=600, description="seconds to drain on SIGTERM")
     static_dir: str | None = Field(None, description="dashboard folder; default: the bundled one")

@@ -33,8 +33,9 @@ import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 
 from dualcast.config import Settings
-from dualcast.fdlimit import check_file_limit
+from dualcast.fdlimit import check_file_limit, process_cap
 from dualcast.logs import logging_config, redact_url
+from dualcast.spares import FirstWorker, crowd
 from dualcast.upgrade import HTTP_PROTOCOL
 from dualcast.ws_protocol import WebSocketProtocol
 
@@ -350,15 +351,25 @@ class DualcastServer(uvicorn.Server):
 
 
 def _worker(server: DualcastServer, address: tuple[str, int], listening: Any,
-            slot: int) -> None:
+            slot: int, wake: Any = None) -> None:
     """A worker process's entry point (spawned: nothing inherited but these arguments).
 
     `listening` (a shared byte) becomes 1 once this worker listens, which is how the
     parent knows to announce the server: its own socket never listens. A lockless
     value, not an Event: a worker killed inside Event.set() would leave its lock
-    taken and the parent blocked on it."""
+    taken and the parent blocked on it. `wake`, for a spare (see `dualcast.spares`),
+    is the read end of a pipe: the worker neither listens nor reads the log until the
+    supervisor writes to it, and leaves if the supervisor is gone (end of file)."""
     server.config.log_config = logging_config(server.settings.log_level, slot)
     server.config.configure_logging()
+    if wake is not None:
+        log.debug("worker %d: a spare, asleep until worker 0 is busy", os.getpid())
+        try:
+            wake.recv_bytes()
+        except (EOFError, OSError):
+            return  # the supervisor is gone or stopping, before this one was needed
+        finally:
+            wake.close()
     try:
         sock = worker_socket(*address)
     except OSError as exc:
@@ -386,16 +397,19 @@ class _Slot:
     started_at: float = 0.0
     quick_deaths: int = 0  # deaths in a row soon after starting
     restart_at: float = 0.0
+    wake: Any = None  # a sleeping spare's wake-up pipe (its write end)
 
 
 class Workers:
     """N worker processes, each on its own socket: started, kept alive, stopped by signal.
 
-    A worker that dies is replaced (after a backoff growing to 30 s when it keeps
-    dying soon after starting), unless it failed to start: a broken app or setting
-    would fail the same way every time, so the whole server stops. SIGTERM or
-    SIGINT here is passed on to every worker as SIGTERM, so each drains its own
-    subscribers, and is waited for for the drain's grace plus a margin.
+    Under DUALCAST_WORKERS_WAKE=busy (the default) all but the first are spares, asleep
+    until the first is busy (`dualcast.spares`). A worker that dies is replaced (after
+    a backoff growing to 30 s when it keeps dying soon after starting), unless it
+    failed to start: a broken app or setting would fail the same way every time, so
+    the whole server stops. SIGTERM or SIGINT here is passed on to every worker as
+    SIGTERM, so each drains its own subscribers, and is waited for for the drain's
+    grace plus a margin.
     """
 
     QUICK = 10.0  # a worker that dies sooner than this after starting backs off
@@ -413,12 +427,22 @@ class Workers:
         self._spawn = multiprocessing.get_context("spawn")
         self.listening = self._spawn.RawValue("b", 0)  # 1 once some worker listens
         self.slots = [_Slot(index) for index in range(count)]
+        settings = server.settings
+        self.first = FirstWorker(crowd(process_cap(settings.max_connections), count))
+        self.awake = settings.workers_wake == "start"
+        if not self.awake and not self.first.readable():
+            log.info("no /proc to watch worker 0's load in: all %d workers serve from the "
+                     "start", count)
+            self.awake = True
 
     def _start(self, slot: _Slot) -> None:
         host, port = self.sock.getsockname()[:2]
+        wake = None
+        if slot.index and not self.awake:
+            wake, slot.wake = self._spawn.Pipe(duplex=False)
         slot.process = self._spawn.Process(target=_worker, name="dualcast-worker",
                                            args=(self.server, (host, port), self.listening,
-                                                 slot.index))
+                                                 slot.index, wake))
         # Started with SIGINT blocked (the mask is kept across the exec; the worker lifts
         # it once uvicorn handles signals, in DualcastServer.startup): a Ctrl-C, which
         # the terminal sends to the whole group, reached a worker still importing or
@@ -432,7 +456,25 @@ class Workers:
             slot.process.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, masked)
+            if wake is not None:
+                wake.close()  # (the worker holds its own copy)
         slot.started_at = time.monotonic()
+        if slot.index == 0:
+            self.first.follow(slot.process.pid)
+
+    def _wake_spares(self, why: str) -> None:
+        """Every spare serves from now on (they stay awake: see `dualcast.spares`)."""
+        self.awake = True
+        spares = [slot for slot in self.slots if slot.wake is not None]
+        if spares:
+            log.info("%s: worker%s %s now serve%s too", why, "s" if len(spares) > 1 else "",
+                     ", ".join(str(slot.index) for slot in spares),
+                     "" if len(spares) > 1 else "s")
+        for slot in spares:
+            with contextlib.suppress(OSError):  # (it died meanwhile: it is replaced awake)
+                slot.wake.send_bytes(b"w")
+            slot.wake.close()
+            slot.wake = None
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.signalled = signum
@@ -446,15 +488,23 @@ class Workers:
         hangup = signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN
         for sig in (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hangup else [])):
             signal.signal(sig, self._on_signal)
-        log.info("starting %d workers (parent process %d)", self.count, os.getpid())
+        log.info("starting %d workers (parent process %d)%s", self.count, os.getpid(),
+                 "" if self.awake else
+                 f"; workers 1-{self.count - 1} wait until worker 0 is busy"
+                 if self.count > 2 else "; worker 1 waits until worker 0 is busy")
         for slot in self.slots:
             self._start(slot)
         announced = False
         while not self.stop.wait(0.2):
             if not announced and self.listening.value:
                 announced = True
+                self.first.listening()
                 if self.on_listening is not None:
                     self.on_listening()
+            if announced and not self.awake:
+                why = self.first.busy(time.monotonic())
+                if why is not None:
+                    self._wake_spares(f"worker 0 is busy: {why}")
             self._replace_dead()
         if self.signalled is not None:
             log.info("%s: stopping %d workers (draining up to %gs)",
@@ -479,6 +529,8 @@ class Workers:
                 self.failed = True
                 self.stop.set()
                 return
+            if not self.awake:
+                self._wake_spares(f"worker {slot.index} died")
             slot.quick_deaths = slot.quick_deaths + 1 if now - slot.started_at < self.QUICK else 0
             delay = min(30.0, 0.5 * 2 ** (slot.quick_deaths - 1)) if slot.quick_deaths else 0.0
             log.warning("worker %d died (exit code %s); starting another in %.1fs",
@@ -489,6 +541,10 @@ class Workers:
         # Not listening, this socket takes no connects; closed first all the same, so
         # the port is free as soon as the last worker has gone.
         self.sock.close()
+        for slot in self.slots:
+            if slot.wake is not None:
+                slot.wake.close()  # a spare still asleep reads the end of its pipe and leaves
+                slot.wake = None
         running = [slot.process for slot in self.slots if slot.process is not None]
         for process in running:
             if process.is_alive() and process.pid is not None:

@@ -37,10 +37,16 @@ from tests.harness.waits import wait_until
 PY = [sys.executable, "-m", "dualcast"]
 
 
+#: These tests are about what every worker does: all of them serve from the start (the
+#: spares asleep until the first is busy, the default, have their own tests below).
+ALL_SERVE = {"DUALCAST_WORKERS_WAKE": "start"}
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DUALCAST_")}
     env.pop("REDIS_URL", None)
     env["PYTHONUNBUFFERED"] = "1"
+    env.update(ALL_SERVE)
     env.update(extra)
     return env
 
@@ -80,7 +86,7 @@ def serve(dualcast: Callable[..., DualcastProcess]) -> Callable[..., DualcastPro
 
     def start(args: list[str], env: dict[str, str] | None = None, wait: bool = True,
               redis_url: str | None = None) -> DualcastProcess:
-        return dualcast(redis_url, env=env, args=args, wait=wait)
+        return dualcast(redis_url, env={**ALL_SERVE, **(env or {})}, args=args, wait=wait)
 
     return start
 

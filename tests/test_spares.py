@@ -1,0 +1,166 @@
+"""`--workers N` with spares (DUALCAST_WORKERS_WAKE=busy, the default): the first worker
+serves alone, the others neither listen nor read the stream until it is busy; then all
+serve, and every subscriber, whichever worker holds it, gets every event once, in order.
+
+Real processes: `dualcast serve` children, a real redis-server, psutil to see which
+worker listens, which holds a connection to Redis and which holds the clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+
+import psutil
+import pytest
+
+from dualcast.spares import FirstWorker, cpu_seconds, crowd
+from tests.harness.clients import Subscriber, subscribe
+from tests.harness.probes import log_problems
+from tests.harness.procs import DualcastProcess, RedisProcess
+from tests.harness.stream import xadd
+from tests.harness.waits import wait_for, wait_until
+from tests.test_serve import connected_to, listens_on, wait_workers
+
+
+def listening(workers: list[psutil.Process], port: int) -> list[psutil.Process]:
+    return [w for w in workers if listens_on(w, "127.0.0.1", port)]
+
+
+def reading(workers: list[psutil.Process], redis: RedisProcess) -> list[psutil.Process]:
+    """The workers connected to Redis: those that read the stream."""
+    return [w for w in workers if connected_to(w, redis.port)]
+
+
+def holds_clients(worker: psutil.Process, port: int) -> bool:
+    return any(c.laddr and c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED
+               for c in worker.net_connections("tcp"))
+
+
+async def every_event_once(subscribers: list[Subscriber], ids: list[str]) -> None:
+    await wait_for(lambda: all(s.seen.ids[-len(ids):] == ids for s in subscribers),
+                   timeout=20, what="every subscriber to get the events")
+    for s in subscribers:
+        assert s.seen.ids == ids, s.seen.ids  # once each, in order, nothing before them
+
+
+def test_crowd_is_a_thousand_or_a_quarter_of_an_even_share() -> None:
+    assert crowd(0, 2) == 1000  # no cap
+    assert crowd(19_900, 6) == 1000
+    assert crowd(120, 3) == 20
+    assert crowd(3, 4) == 1
+
+
+@pytest.mark.timeout(120)
+async def test_spares_read_nothing_until_the_first_is_crowded_then_all_serve(
+    dualcast: Callable[..., DualcastProcess], fresh_redis: RedisProcess
+) -> None:
+    # a cap of 120 per process, three workers: the first alone holds at most 20
+    proc = dualcast(fresh_redis.url, env={"DUALCAST_MAX_CONNECTIONS": "120"},
+                    args=["--workers", "3"])
+    workers = wait_workers(proc, 3)
+    wait_until(lambda: len(listening(workers, proc.port)) == 1
+               and len(reading(workers, fresh_redis)) == 1, timeout=30,
+               what="the first worker serving")
+    first = listening(workers, proc.port)[0]
+    spares = [w for w in workers if w.pid != first.pid]
+    subscribers: list[Subscriber] = []
+    try:
+        subscribers += [await subscribe("sse", proc.url) for _ in range(10)]
+        ids = [xadd(fresh_redis, "tick", {"n": 0})]
+        await every_event_once(subscribers, ids)
+        assert listening(workers, proc.port) == [first]
+        assert reading(workers, fresh_redis) == [first]
+        assert "now serve" not in proc.log()
+
+        for _ in range(40):  # past 20 more connections, the spares wake
+            subscribers.append(await subscribe("sse", proc.url))
+            if "now serve too" in proc.log():
+                break
+        await wait_for(lambda: len(listening(workers, proc.port)) == 3, timeout=30,
+                       what="every worker listening")
+        assert "worker 0 is busy: it holds about" in proc.log()
+        for _ in range(30):  # the kernel now spreads new connects over the three
+            subscribers.append(await subscribe("sse", proc.url))
+        assert any(holds_clients(w, proc.port) for w in spares)
+        assert len(reading(workers, fresh_redis)) == 3
+
+        more = [xadd(fresh_redis, "tick", {"n": n}) for n in range(1, 6)]
+        late = subscribers[10:]  # connected after the first event
+        await every_event_once(subscribers[:10], ids + more)
+        await every_event_once(late, more)
+    finally:
+        for s in subscribers:
+            await s.close()
+    assert proc.stop() == 0
+    assert not log_problems(proc)
+
+
+@pytest.mark.timeout(90)
+async def test_a_first_worker_that_dies_wakes_the_spare_and_the_port_keeps_serving(
+    dualcast: Callable[..., DualcastProcess], fresh_redis: RedisProcess
+) -> None:
+    proc = dualcast(fresh_redis.url, args=["--workers", "2"])
+    workers = wait_workers(proc, 2)
+    wait_until(lambda: len(listening(workers, proc.port)) == 1, timeout=30,
+               what="the first worker listening")
+    first = listening(workers, proc.port)[0]
+    spare = next(w for w in workers if w.pid != first.pid)
+    first.kill()
+    await wait_for(lambda: listens_on(spare, "127.0.0.1", proc.port), timeout=30,
+                   what="the spare listening")
+    assert "worker 0 died: worker 1 now serves too" in proc.log()
+    sub = await subscribe("ws", proc.url)
+    try:
+        ids = [xadd(fresh_redis, "tick", {"n": 1})]
+        await every_event_once([sub], ids)
+    finally:
+        await sub.close()
+    assert proc.stop() == 0
+
+
+@pytest.mark.timeout(60)
+async def test_sleeping_spares_stop_with_the_server(
+    dualcast: Callable[..., DualcastProcess], fresh_redis: RedisProcess
+) -> None:
+    proc = dualcast(fresh_redis.url, args=["--workers", "3"])
+    workers = wait_workers(proc, 3)
+    wait_until(lambda: len(listening(workers, proc.port)) == 1, timeout=30,
+               what="the first worker listening")
+    assert "workers 1-2 wait until worker 0 is busy" in proc.log()
+    assert proc.stop() == 0
+    await wait_for(lambda: not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE
+                                   for w in workers), timeout=10, what="every worker gone")
+    assert not log_problems(proc)
+
+
+@pytest.mark.timeout(60)
+async def test_a_worker_spending_a_core_is_busy_and_an_idle_one_is_not() -> None:
+    """The supervisor's reading of /proc: a process that spins is busy within a few
+    seconds; one that sleeps is not, over as many looks."""
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        loop = asyncio.get_running_loop()
+        spinning, sleeping = FirstWorker(1000), FirstWorker(1000)
+        spinning.follow(spin.pid)
+        sleeping.follow(idle.pid)
+        verdicts: list[str | None] = []
+
+        def spin_is_busy() -> bool:
+            verdicts.append(sleeping.busy(loop.time()))
+            return spinning.busy(loop.time()) is not None
+
+        await wait_for(spin_is_busy, timeout=20, interval=0.1, what="the spinner busy")
+        assert spinning.busy(loop.time()) is not None
+        assert "of a core" in (spinning.busy(loop.time()) or "")
+        assert len(verdicts) >= 10 and verdicts == [None] * len(verdicts)
+        assert cpu_seconds(idle.pid) is not None
+    finally:
+        for child in (spin, idle):
+            os.kill(child.pid, signal.SIGKILL)
+            child.wait()
