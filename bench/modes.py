@@ -157,10 +157,12 @@ async def workers_cost(kind: str, clients: list[int], rate: float, duration: flo
                        generators: int) -> AsyncIterator[dict[str, Any]]:
     """The same load on `dualcast serve --workers 1` and `--workers N`, interleaved.
 
-    Every worker reads and decodes the whole stream, whatever its subscribers need;
-    a cell with one client shows that per-event cost on its own (nearly all of the
-    server's CPU there is reading the stream), the others what it adds per delivery.
-    The server's CPU is summed over the supervisor and its workers.
+    Every worker that serves reads and decodes the whole stream, whatever its
+    subscribers need; a cell with one client shows that per-event cost on its own
+    (nearly all of the server's CPU there is reading the stream), the others what it
+    adds per delivery. The server's CPU is summed over the supervisor and its workers;
+    `clients_per_worker` says which of them held the clients (spares asleep hold none:
+    BENCH_SERVER_ENV=DUALCAST_WORKERS_WAKE=start measures every worker serving).
     """
     for rep in range(repeat):
         for n in clients:
@@ -171,8 +173,9 @@ async def workers_cost(kind: str, clients: list[int], rate: float, duration: flo
                     warm = await s.warm_up()
                     await s.quiet()
                     r = await s.step(rate, duration, drain=max(5.0, duration))
+                    held = s.stack.clients_per_process()
                 yield {"mode": "workers", "server_workers": count, "repeat": rep,
-                       "warm": warm, **r}
+                       "warm": warm, "clients_per_worker": held, **r}
 
 
 async def routing(subscribers: list[int], rooms: list[int], rate: float, duration: float,

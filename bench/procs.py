@@ -124,6 +124,15 @@ class Stack:
         main = psutil.Process(self.server.pid)
         return [main, *main.children(recursive=True)]
 
+    def clients_per_process(self) -> list[int]:
+        """Connections each server process holds on the served port, most first (with
+        `--workers N` and spares asleep, the first holds them all)."""
+        counts = [sum(1 for c in p.net_connections("tcp")
+                      if c.laddr and c.laddr.port == self.port
+                      and c.status == psutil.CONN_ESTABLISHED)
+                  for p in self.server_procs()]
+        return sorted((n for n in counts if n), reverse=True) or [0]
+
     def server_rss(self) -> int:
         return sum(p.memory_info().rss for p in self.server_procs())
 
