@@ -11,9 +11,11 @@ started (imported, ready) but neither listens nor reads the log until it is woke
 while one process carries the load, N workers cost what one does.
 
 The first worker is busy when it has spent half a core over the last second, or holds
-more connections than `crowd` (a thousand, fewer when the connection cap is low; with
-SO_REUSEPORT the others then share what comes next evenly, so the first must not be
-far ahead of them when N processes must hold all that their caps allow). Then every
+more connections than `crowd`: a thousand, or cap / 2N when that is less (with
+SO_REUSEPORT the kernel then spreads new connects evenly, so the first stays that far
+ahead of the others: it reaches its cap when the server holds ~1 - 1/2N of all the
+workers' caps together, not earlier; past that its share of connects is refused, 503,
+and retried, landing on another worker). Then every
 spare wakes, and from then on all of them serve, as they would from the start with
 DUALCAST_WORKERS_WAKE=start: connections last, and are not moved back to one process
 when the load falls. One that dies wakes the spares too, so the port keeps a listener
@@ -41,9 +43,8 @@ _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def crowd(cap: int, workers: int) -> int:
-    """The connections past which the first worker wakes the spares: `CROWD`, or a
-    quarter of its even share of the caps of all N workers when that is less (a cap of
-    0 is no cap)."""
+    """The connections past which the first worker wakes the spares: `CROWD`, or
+    cap / 2N when that is less (a cap of 0 is no cap)."""
     if cap <= 0:
         return CROWD
     return max(1, min(CROWD, cap // (2 * workers)))
