@@ -142,6 +142,12 @@ def worker_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+#: The longest the supervisor waits for woken spares to listen before worker 0 sheds.
+SHED_WAIT = 5.0
+#: Over how long worker 0 sends away the share of its subscribers it sheds.
+SHED_SPREAD = 2.0
+
+
 #: The least time uvicorn is given to close the connections its shutdown asked to close.
 CLOSE_FLOOR = 0.5
 
@@ -322,8 +328,19 @@ class DualcastServer(uvicorn.Server):
         # moments waited until now, when uvicorn's handler is in place to take it.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         await super().startup(sockets)
+        if self.worker is not None:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self.shed)
         if self.started and self.on_listening is not None:
             self.on_listening()
+
+    def shed(self) -> None:
+        """SIGUSR1 from the supervisor: the spares woke because this worker (0) was busy
+        with connections it held alone; send away the share of them the others would
+        hold (1 - 1/N). They reconnect through the kernel's even spread, so with two
+        workers this one keeps about three quarters of them, the other a quarter: both
+        cores in use, not an even split (that would mean sending every one away)."""
+        if self.runtime is not None:
+            self.runtime.shed(1 - 1 / self.settings.workers, SHED_SPREAD)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         if self.hangup:
@@ -354,14 +371,17 @@ def _worker(server: DualcastServer, address: tuple[str, int], listening: Any,
             slot: int, wake: Any = None) -> None:
     """A worker process's entry point (spawned: nothing inherited but these arguments).
 
-    `listening` (a shared byte) becomes 1 once this worker listens, which is how the
-    parent knows to announce the server: its own socket never listens. A lockless
-    value, not an Event: a worker killed inside Event.set() would leave its lock
-    taken and the parent blocked on it. `wake`, for a spare (see `dualcast.spares`),
-    is the read end of a pipe: the worker neither listens nor reads the log until the
-    supervisor writes to it, and leaves if the supervisor is gone (end of file)."""
+    `listening` (a shared byte per slot) becomes 1 once this worker listens, which is
+    how the parent knows to announce the server (its own socket never listens) and
+    when woken spares are ready. Lockless values, not Events: a worker killed inside
+    Event.set() would leave its lock taken and the parent blocked on it. `wake`, for a
+    spare (see `dualcast.spares`), is the read end of a pipe: the worker neither listens
+    nor reads the log until the supervisor writes to it, and leaves if the supervisor is
+    gone (end of file)."""
     server.config.log_config = logging_config(server.settings.log_level, slot)
     server.config.configure_logging()
+    # SIGUSR1 (shed, see DualcastServer.startup) before the handler is in place: nothing
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     if wake is not None:
         # its imports done while asleep (0.2 s here): once woken it listens that much sooner
         import dualcast.app  # noqa: F401
@@ -381,7 +401,7 @@ def _worker(server: DualcastServer, address: tuple[str, int], listening: Any,
         sys.exit(STARTUP_FAILURE)
 
     def announce() -> None:
-        listening.value = 1
+        listening[slot] = 1
 
     server.on_listening = announce
     server.worker = slot
@@ -428,11 +448,12 @@ class Workers:
         self.failed = False
         self.signalled: int | None = None
         self._spawn = multiprocessing.get_context("spawn")
-        self.listening = self._spawn.RawValue("b", 0)  # 1 once some worker listens
+        self.listening = self._spawn.RawArray("b", count)  # 1 once that slot's worker listens
         self.slots = [_Slot(index) for index in range(count)]
         settings = server.settings
         self.first = FirstWorker(crowd(process_cap(settings.max_connections), count))
         self.awake = settings.workers_wake == "start"
+        self.shed_at: float | None = None  # when to ask worker 0 to shed at the latest
         if not self.awake and not self.first.readable():
             log.info("no /proc to watch worker 0's load in: all %d workers serve from the "
                      "start", count)
@@ -464,6 +485,29 @@ class Workers:
         slot.started_at = time.monotonic()
         if slot.index == 0:
             self.first.follow(slot.process.pid)
+
+    def _look_at_the_first(self) -> None:
+        """Wake the spares if worker 0 is busy; if busy with the connections it holds
+        (its CPU, not their number), have it send some of them to the others."""
+        crowded = self.first.crowded()
+        if crowded is not None:
+            self._wake_spares(f"worker 0 is busy: {crowded}")
+            return
+        busy = self.first.busy(time.monotonic())
+        if busy is not None:
+            self._wake_spares(f"worker 0 is busy: {busy}")
+            self.shed_at = time.monotonic() + SHED_WAIT
+
+    def _shed_when_ready(self) -> None:
+        """Once every woken spare listens (or `SHED_WAIT` has passed), ask worker 0 to
+        shed: before, the connections it sends away would all come back to it."""
+        assert self.shed_at is not None
+        first = self.slots[0].process
+        if not all(self.listening) and time.monotonic() < self.shed_at:
+            return
+        self.shed_at = None
+        if first is not None and first.is_alive() and first.pid is not None:
+            os.kill(first.pid, signal.SIGUSR1)
 
     def _wake_spares(self, why: str) -> None:
         """Every spare serves from now on (they stay awake: see `dualcast.spares`)."""
@@ -499,15 +543,15 @@ class Workers:
             self._start(slot)
         announced = False
         while not self.stop.wait(0.2):
-            if not announced and self.listening.value:
+            if not announced and any(self.listening):
                 announced = True
                 self.first.listening()
                 if self.on_listening is not None:
                     self.on_listening()
             if announced and not self.awake:
-                why = self.first.busy(time.monotonic())
-                if why is not None:
-                    self._wake_spares(f"worker 0 is busy: {why}")
+                self._look_at_the_first()
+            if self.shed_at is not None:
+                self._shed_when_ready()
             self._replace_dead()
         if self.signalled is not None:
             log.info("%s: stopping %d workers (draining up to %gs)",

@@ -18,8 +18,11 @@ workers' caps together, not earlier; past that its share of connects is refused,
 and retried, landing on another worker). Then every
 spare wakes, and from then on all of them serve, as they would from the start with
 DUALCAST_WORKERS_WAKE=start: connections last, and are not moved back to one process
-when the load falls. One that dies wakes the spares too, so the port keeps a listener
-while it is replaced.
+when the load falls. When the CPU woke them (the load grew on connections the first
+worker already held), the first sends 1 - 1/N of its subscribers away to reconnect,
+once the spares listen, the way a drain does (each resumes from its cursor, nothing
+is lost): the kernel spreads them over all N. One that dies wakes the spares too, so
+the port keeps a listener while it is replaced.
 
 The supervisor watches the first worker from /proc (its CPU time and its number of open
 files); where there is no /proc to read, every worker serves from the start.
@@ -97,16 +100,18 @@ class FirstWorker:
         if self.pid is not None:
             self.baseline = open_files(self.pid) or 0
 
-    def busy(self, now: float) -> str | None:
-        """Why the spares should wake now, or None while the first worker carries the load."""
-        if self.pid is None:
-            return None
-        cpu = cpu_seconds(self.pid)
-        files = open_files(self.pid)
-        if cpu is None or files is None:
-            return None  # (it is exiting: the supervisor sees that on its own)
-        if self.baseline and files - self.baseline > self.crowd:
+    def crowded(self) -> str | None:
+        """Why the spares should wake, if the first worker holds too many connections."""
+        files = open_files(self.pid) if self.pid is not None else None
+        if files is not None and self.baseline and files - self.baseline > self.crowd:
             return f"it holds about {files - self.baseline} connections (more than {self.crowd})"
+        return None
+
+    def busy(self, now: float) -> str | None:
+        """Why the spares should wake, if the first worker spends `BUSY_CPU` or more."""
+        cpu = cpu_seconds(self.pid) if self.pid is not None else None
+        if cpu is None:
+            return None  # (not started, or exiting: the supervisor sees that on its own)
         self.samples.append((now, cpu))
         while len(self.samples) > 1 and now - self.samples[1][0] >= WINDOW:
             self.samples.popleft()

@@ -18,11 +18,13 @@ from collections.abc import Callable
 import psutil
 import pytest
 
+from dualcast.client import Event, Reset, State, Status
+from dualcast.client import subscribe as client_subscribe
 from dualcast.spares import FirstWorker, cpu_seconds, crowd
 from tests.harness.clients import Subscriber, subscribe
 from tests.harness.probes import log_problems
-from tests.harness.procs import DualcastProcess, RedisProcess
-from tests.harness.stream import xadd
+from tests.harness.procs import ROOT, DualcastProcess, RedisProcess
+from tests.harness.stream import Producer, xadd
 from tests.harness.waits import wait_for, wait_until
 from tests.test_serve import connected_to, listens_on, wait_workers
 
@@ -98,6 +100,77 @@ async def test_spares_read_nothing_until_the_first_is_crowded_then_all_serve(
             await s.close()
     assert proc.stop() == 0
     assert not log_problems(proc)
+
+
+def clients_held(worker: psutil.Process, port: int) -> int:
+    return sum(1 for c in worker.net_connections("tcp")
+               if c.laddr and c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED)
+
+
+@pytest.mark.timeout(150)
+async def test_a_busy_first_worker_sends_subscribers_to_the_spare_and_none_loses_an_event(
+    dualcast: Callable[..., DualcastProcess], fresh_redis: RedisProcess
+) -> None:
+    """The load grows on connections the first worker holds alone (300 streams, then 500
+    events/s for each): its CPU wakes the spare, and it sends half of its subscribers
+    away to reconnect, some of which land on the spare. Twelve subscribers of our own
+    Python client, among them, get every event once, in order, shed or not."""
+    proc = dualcast(fresh_redis.url, env={"DUALCAST_MAX_CONNECTIONS_PER_ADDRESS": "0"},
+                    args=["--workers", "2"])
+    workers = wait_workers(proc, 2)
+    wait_until(lambda: len(listening(workers, proc.port)) == 1, timeout=30,
+               what="the first worker listening")
+    first = listening(workers, proc.port)[0]
+    spare = next(w for w in workers if w.pid != first.pid)
+    got: list[list[str]] = [[] for _ in range(12)]
+    lives = [0] * len(got)  # how often each follower went live: more than once, it was shed
+
+    async def follow(ids: list[str], n: int) -> None:
+        def status(st: Status) -> None:
+            lives[n] += st.state is State.LIVE
+
+        async with client_subscribe(proc.url, transports=["websocket"],
+                                    on_status=status) as events:
+            async for item in events:
+                ids.append("reset" if isinstance(item, Reset) else
+                           item.id if isinstance(item, Event) else repr(item))
+
+    followers = [asyncio.create_task(follow(ids, n)) for n, ids in enumerate(got)]
+    sinks = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.harness.sinks", proc.url, "300", "90", cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE)
+    producer = Producer(fresh_redis.url, rate=500)
+    try:
+        assert sinks.stdout is not None
+        line = await asyncio.wait_for(sinks.stdout.readline(), 30)
+        assert line.strip() == b"connected 300", line
+        await wait_for(lambda: clients_held(first, proc.port) >= 312, timeout=30,
+                       what="every client on the first worker")
+        assert clients_held(spare, proc.port) == 0
+        producer.start(limit=30_000)
+        await wait_for(lambda: "subscribers to reconnect" in proc.log(), timeout=45,
+                       what="the first worker shedding")
+        assert "worker 0 is busy: it spent" in proc.log()
+        assert "worker 0 is busy: it holds" not in proc.log()
+        await wait_for(lambda: clients_held(spare, proc.port) >= 30, timeout=30,
+                       what="streams sent away reconnecting on the spare")
+        await producer.stop()
+        ids = producer.acked
+        await wait_for(lambda: all(len(g) >= len(ids) for g in got), timeout=60,
+                       what="every follower to get every event")
+        for g in got:
+            assert g == ids, (len(g), len(ids))  # once each, in order, no reset
+        # half of 312 were sent away: all twelve kept by chance is one run in 4,096
+        assert any(n > 1 for n in lives), lives
+    finally:
+        await producer.stop()
+        for task in followers:
+            task.cancel()
+        await asyncio.gather(*followers, return_exceptions=True)
+        if sinks.returncode is None:
+            sinks.kill()
+        await sinks.wait()
+    assert proc.stop() == 0
 
 
 @pytest.mark.timeout(90)
