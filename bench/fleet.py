@@ -162,17 +162,18 @@ class Fleet:
         await asyncio.to_thread(self.stack.stop)
 
     def wait_workers(self) -> list[int]:
-        """Every worker started (each dualcast worker connected to Redis)."""
+        """Every worker started, and for dualcast the first connected to Redis (the
+        spares sleep, reading nothing, until it is busy: the ramp wakes them)."""
         def ready() -> list[int]:
             _, workers = server_pids(self.stack)
             if len(workers) < self.server_workers:
                 return []
             if self.target == "dualcast":
                 port = self.stack.redis_port
-                for pid in workers:
-                    conns = psutil.Process(pid).net_connections("tcp")
-                    if not any(c.raddr and c.raddr.port == port for c in conns):
-                        return []
+                if not any(c.raddr and c.raddr.port == port
+                           for pid in workers
+                           for c in psutil.Process(pid).net_connections("tcp")):
+                    return []
             return workers
 
         pids: list[int] = wait_until(ready, timeout=60, interval=0.2,
