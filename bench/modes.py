@@ -172,10 +172,16 @@ async def workers_cost(kind: str, clients: list[int], rate: float, duration: flo
                                    env=env) as s:
                     warm = await s.warm_up()
                     await s.quiet()
+                    cpu0 = s.stack.cpu_by_process()
                     r = await s.step(rate, duration, drain=max(5.0, duration))
+                    cpu1 = s.stack.cpu_by_process()
                     held = s.stack.clients_per_process()
+                # each process's CPU per event sent (the supervisor's among them), most first
+                each = sorted((1e6 * (cpu1[pid] - cpu0.get(pid, 0.0)) / max(1, r["sent"])
+                               for pid in cpu1), reverse=True)
                 yield {"mode": "workers", "server_workers": count, "repeat": rep,
-                       "warm": warm, "clients_per_worker": held, **r}
+                       "warm": warm, "clients_per_worker": held,
+                       "us_per_event_by_process": [round(us) for us in each], **r}
 
 
 async def routing(subscribers: list[int], rooms: list[int], rate: float, duration: float,

@@ -133,6 +133,10 @@ class Stack:
                   for p in self.server_procs()]
         return sorted((n for n in counts if n), reverse=True) or [0]
 
+    def cpu_by_process(self) -> dict[int, float]:
+        """CPU seconds of each server process so far, by PID."""
+        return {p.pid: _cpu(p) for p in self.server_procs()}
+
     def server_rss(self) -> int:
         return sum(p.memory_info().rss for p in self.server_procs())
 

@@ -213,11 +213,13 @@ def workers_md(records: list[dict[str, Any]]) -> str:
                      per_event, med(r["server_cpu_pct"] for r in g), med(r["p50_ms"] for r in g),
                      med(r["p99_ms"] for r in g), sum(r["lost"] for r in g),
                      " / ".join("+".join(map(str, r.get("clients_per_worker") or ["?"]))
+                                for r in g),
+                     " / ".join("+".join(map(str, r.get("us_per_event_by_process") or ["?"]))
                                 for r in g)])
     return table(["target", "clients", "events/s", "server workers", "runs", "deliveries/s",
                   "server µs/delivery (median)", "each run", "vs fewest workers",
                   "server µs/event", "server CPU %", "p50 ms", "p99 ms", "lost (all runs)",
-                  "clients per worker (each run)"], rows)
+                  "clients per worker (each run)", "µs/event by process (each run)"], rows)
 
 
 RENDER = {"saturation": saturation_md, "matrix": matrix_md, "idle": idle_md,
