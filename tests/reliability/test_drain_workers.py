@@ -140,7 +140,9 @@ async def _in_stream(clients: list[BrowserSSE], n: int, within: float, what: str
 async def test_draining_workers_never_answer_non_200(
     tmp_path: Path, fresh_redis: RedisProcess, dualcast: Callable[..., DualcastProcess],
 ) -> None:
-    env = {**FAST, "DUALCAST_SHUTDOWN_GRACE": "4", "DUALCAST_SSE_RETRY_MS": "300"}
+    # both workers serving from the start: what is drained is two workers' clients
+    env = {**FAST, "DUALCAST_SHUTDOWN_GRACE": "4", "DUALCAST_SSE_RETRY_MS": "300",
+           "DUALCAST_WORKERS_WAKE": "start"}
     dc = dualcast(fresh_redis.url, env=env, args=["--workers", "2"])
     await wait_for(lambda: len(_workers(dc)) == 2, 30, what="two workers")
     url = f"{dc.url}/api/sse?token={token('drain')}"

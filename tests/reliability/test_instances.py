@@ -116,7 +116,9 @@ async def test_sigterm_drains_with_1001_and_jittered_retry_within_grace(
 ) -> None:
     """One process (our DrainingServer) and `--workers 2` (uvicorn's supervisor sends
     each worker SIGTERM; the drain sits in front of uvicorn's handler) alike."""
-    dc = dualcast(fresh_redis.url, env={**INSTANCE_ENV, "DUALCAST_WORKERS": str(workers)})
+    # (with two, both serve from the start: each drains its own share)
+    dc = dualcast(fresh_redis.url, env={**INSTANCE_ENV, "DUALCAST_WORKERS": str(workers),
+                                        "DUALCAST_WORKERS_WAKE": "start"})
     assert dc.proc is not None
     tok = token("rel")
     followers = [Follower(kind, "127.0.0.1", dc.port, token=tok, reconnect=False)
