@@ -33,6 +33,14 @@ def listening(workers: list[psutil.Process], port: int) -> list[psutil.Process]:
     return [w for w in workers if listens_on(w, "127.0.0.1", port)]
 
 
+def first_alone(proc: DualcastProcess, count: int) -> tuple[list[psutil.Process], psutil.Process]:
+    """The `count` workers once started, and the one that listens (the others asleep)."""
+    workers = wait_workers(proc, count)
+    wait_until(lambda: len(listening(workers, proc.port)) == 1, timeout=30,
+               what="the first worker listening")
+    return workers, listening(workers, proc.port)[0]
+
+
 def reading(workers: list[psutil.Process], redis: RedisProcess) -> list[psutil.Process]:
     """The workers connected to Redis: those that read the stream."""
     return [w for w in workers if connected_to(w, redis.port)]
@@ -64,11 +72,9 @@ async def test_spares_read_nothing_until_the_first_is_crowded_then_all_serve(
     # a cap of 120 per process, three workers: the first alone holds at most 20
     proc = dualcast(fresh_redis.url, env={"DUALCAST_MAX_CONNECTIONS": "120"},
                     args=["--workers", "3"])
-    workers = wait_workers(proc, 3)
-    wait_until(lambda: len(listening(workers, proc.port)) == 1
-               and len(reading(workers, fresh_redis)) == 1, timeout=30,
-               what="the first worker serving")
-    first = listening(workers, proc.port)[0]
+    workers, first = first_alone(proc, 3)
+    wait_until(lambda: reading(workers, fresh_redis) == [first], timeout=30,
+               what="the first worker reading the stream")
     spares = [w for w in workers if w.pid != first.pid]
     subscribers: list[Subscriber] = []
     try:
@@ -117,10 +123,7 @@ async def test_a_busy_first_worker_sends_subscribers_to_the_spare_and_none_loses
     Python client, among them, get every event once, in order, shed or not."""
     proc = dualcast(fresh_redis.url, env={"DUALCAST_MAX_CONNECTIONS_PER_ADDRESS": "0"},
                     args=["--workers", "2"])
-    workers = wait_workers(proc, 2)
-    wait_until(lambda: len(listening(workers, proc.port)) == 1, timeout=30,
-               what="the first worker listening")
-    first = listening(workers, proc.port)[0]
+    workers, first = first_alone(proc, 2)
     spare = next(w for w in workers if w.pid != first.pid)
     got: list[list[str]] = [[] for _ in range(12)]
     lives = [0] * len(got)  # how often each follower went live: more than once, it was shed
@@ -178,10 +181,7 @@ async def test_a_first_worker_that_dies_wakes_the_spare_and_the_port_keeps_servi
     dualcast: Callable[..., DualcastProcess], fresh_redis: RedisProcess
 ) -> None:
     proc = dualcast(fresh_redis.url, args=["--workers", "2"])
-    workers = wait_workers(proc, 2)
-    wait_until(lambda: len(listening(workers, proc.port)) == 1, timeout=30,
-               what="the first worker listening")
-    first = listening(workers, proc.port)[0]
+    workers, first = first_alone(proc, 2)
     spare = next(w for w in workers if w.pid != first.pid)
     first.kill()
     await wait_for(lambda: listens_on(spare, "127.0.0.1", proc.port), timeout=30,
@@ -201,9 +201,7 @@ async def test_sleeping_spares_stop_with_the_server(
     dualcast: Callable[..., DualcastProcess], fresh_redis: RedisProcess
 ) -> None:
     proc = dualcast(fresh_redis.url, args=["--workers", "3"])
-    workers = wait_workers(proc, 3)
-    wait_until(lambda: len(listening(workers, proc.port)) == 1, timeout=30,
-               what="the first worker listening")
+    workers, _ = first_alone(proc, 3)
     assert "workers 1-2 wait until worker 0 is busy" in proc.log()
     assert proc.stop() == 0
     await wait_for(lambda: not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE
