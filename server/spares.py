@@ -103,7 +103,11 @@ class FirstWorker:
     def crowded(self) -> str | None:
         """Why the spares should wake, if the first worker holds too many connections."""
         files = open_files(self.pid) if self.pid is not None else None
-        if files is not None and self.baseline and files - self.baseline > self.crowd:
+        if files is None:
+            return None
+        if not self.baseline:  # (its count could not be read when it began to listen)
+            self.baseline = files
+        if files - self.baseline > self.crowd:
             return f"it holds about {files - self.baseline} connections (more than {self.crowd})"
         return None
 
