@@ -26,7 +26,7 @@ from tests.harness.probes import log_problems
 from tests.harness.procs import ROOT, DualcastProcess, RedisProcess
 from tests.harness.stream import Producer, xadd
 from tests.harness.waits import wait_for, wait_until
-from tests.test_serve import connected_to, listens_on, wait_workers
+from tests.test_serve import clean_env, connected_to, listens_on, run_cli, wait_workers
 
 
 def listening(workers: list[psutil.Process], port: int) -> list[psutil.Process]:
@@ -235,3 +235,29 @@ async def test_a_worker_spending_a_core_is_busy_and_an_idle_one_is_not() -> None
         for child in (spin, idle):
             os.kill(child.pid, signal.SIGKILL)
             child.wait()
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_workers_wake_start_serves_every_worker_from_the_start(
+    how: str, dualcast: Callable[..., DualcastProcess], fresh_redis: RedisProcess
+) -> None:
+    flag = ["--workers-wake", "start"] if how == "flag" else []
+    env = {"DUALCAST_WORKERS_WAKE": "start"} if how == "env" else {}
+    proc = dualcast(fresh_redis.url, env=env, args=["--workers", "2", *flag])
+    workers = wait_workers(proc, 2)
+    wait_until(lambda: len(listening(workers, proc.port)) == 2
+               and len(reading(workers, fresh_redis)) == 2, timeout=30,
+               what="both workers serving")
+    assert "wait until worker 0 is busy" not in proc.log()
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_a_workers_wake_that_is_neither_busy_nor_start_is_one_line(how: str) -> None:
+    flag = ["--workers-wake", "later"] if how == "flag" else []
+    env = clean_env(DUALCAST_REDIS_URL="redis://127.0.0.1:9/0",
+                    **({"DUALCAST_WORKERS_WAKE": "later"} if how == "env" else {}))
+    done = run_cli("serve", "--workers", "2", *flag, env=env)
+    assert done.returncode != 0
+    named = "--workers-wake" if how == "flag" else "DUALCAST_WORKERS_WAKE"
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0] and "Traceback" not in done.stderr, done.stderr
