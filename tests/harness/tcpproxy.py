@@ -50,6 +50,9 @@ class TCPProxy:
         self._flowing: asyncio.Event | None = None
         self.reply_delay = 0.0
         self._severed: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        #: each client's handler, awaited at shutdown: a loop closed with one still
+        #: pending logged "Task was destroyed but it is pending!" when it was collected
+        self._handlers: set[asyncio.Task[None]] = set()
         self._stopping: asyncio.Event | None = None
         self.state = "stopped"
 
@@ -125,6 +128,10 @@ class TCPProxy:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
@@ -206,4 +213,10 @@ class TCPProxy:
             self._server.close()
             self._server = None
         await self._drop()
+        if self._handlers:  # aborted, they end at their next step; a stuck one is cancelled
+            _, stuck = await asyncio.wait(set(self._handlers), timeout=2)
+            for task in stuck:
+                task.cancel()
+            if stuck:
+                await asyncio.wait(stuck, timeout=1)
         self.state = "stopped"
