@@ -26,6 +26,7 @@ from dualcast.loops import running_loop
 class CloseReason(enum.Enum):
     LAGGING = "lagging"          # queue overflowed: cut off, resume from the cursor
     SHUTDOWN = "shutdown"        # the server is draining
+    MOVED = "moved"              # sent to reconnect, so the kernel spreads it (spares woke)
     EXPIRED = "expired"          # the subscriber's credentials ran out
     GONE = "gone"                # the client went away (its transport saw the disconnect)
 

@@ -157,11 +157,12 @@ class Runtime:
             await asyncio.sleep(0.05)
 
     def shed(self, share: float, spread: float) -> int:
-        """Send `share` of the subscribers away to reconnect, the drain's way (WS 1001,
-        SSE ends with a jittered `retry:`), at random moments over `spread` seconds; how
-        many. Why: a worker that was serving alone when the load grew (`dualcast.spares`)
-        holds connections made before the other workers listened; sent away, they come
-        back through the kernel's spread, each resuming from its cursor (nothing lost)."""
+        """Send `share` of the subscribers away to reconnect (WS 1001, SSE ends with the
+        usual `retry:`, not a drain's longer one), at random moments over `spread`
+        seconds; how many. Why: a worker that was serving alone when the load grew
+        (`dualcast.spares`) holds connections made before the other workers listened;
+        sent away, they come back through the kernel's spread, each resuming from its
+        cursor (nothing lost)."""
         if self.draining:
             return 0
         subscribers = list(self.hub.subscribers)
@@ -170,7 +171,7 @@ class Runtime:
             return 0
         loop = asyncio.get_running_loop()
         for sub in chosen:
-            loop.call_later(random.uniform(0, spread), sub.close, CloseReason.SHUTDOWN)
+            loop.call_later(random.uniform(0, spread), sub.close, CloseReason.MOVED)
         log.info("sending %d of %d subscribers to reconnect over %.1fs: the other workers "
                  "serve now", len(chosen), len(subscribers), spread)
         return len(chosen)

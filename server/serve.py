@@ -35,7 +35,7 @@ from uvicorn.config import STARTUP_FAILURE
 from dualcast.config import Settings
 from dualcast.fdlimit import check_file_limit, process_cap
 from dualcast.logs import logging_config, redact_url
-from dualcast.spares import FirstWorker, crowd
+from dualcast.spares import FirstWorker, crowd, open_files
 from dualcast.upgrade import HTTP_PROTOCOL
 from dualcast.ws_protocol import WebSocketProtocol
 
@@ -371,13 +371,13 @@ def _worker(server: DualcastServer, address: tuple[str, int], listening: Any,
             slot: int, wake: Any = None) -> None:
     """A worker process's entry point (spawned: nothing inherited but these arguments).
 
-    `listening` (a shared byte per slot) becomes 1 once this worker listens, which is
-    how the parent knows to announce the server (its own socket never listens) and
-    when woken spares are ready. Lockless values, not Events: a worker killed inside
-    Event.set() would leave its lock taken and the parent blocked on it. `wake`, for a
-    spare (see `dualcast.spares`), is the read end of a pipe: the worker neither listens
-    nor reads the log until the supervisor writes to it, and leaves if the supervisor is
-    gone (end of file)."""
+    `listening` (a shared int per slot) becomes nonzero (its open files) once this
+    worker listens, which is how the parent knows to announce the server (its own
+    socket never listens) and when woken spares are ready. Lockless values, not
+    Events: a worker killed inside Event.set() would leave its lock taken and the
+    parent blocked on it. `wake`, for a spare (see `dualcast.spares`), is the read end
+    of a pipe: the worker neither listens nor reads the log until the supervisor writes
+    to it, and leaves if the supervisor is gone (end of file)."""
     server.config.log_config = logging_config(server.settings.log_level, slot)
     server.config.configure_logging()
     # SIGUSR1 (shed, see DualcastServer.startup) before the handler is in place: nothing
@@ -401,7 +401,8 @@ def _worker(server: DualcastServer, address: tuple[str, int], listening: Any,
         sys.exit(STARTUP_FAILURE)
 
     def announce() -> None:
-        listening[slot] = 1
+        # its open files before its first connection (`FirstWorker.listening`); nonzero
+        listening[slot] = max(1, open_files(os.getpid()) or 1)
 
     server.on_listening = announce
     server.worker = slot
@@ -448,7 +449,8 @@ class Workers:
         self.failed = False
         self.signalled: int | None = None
         self._spawn = multiprocessing.get_context("spawn")
-        self.listening = self._spawn.RawArray("b", count)  # 1 once that slot's worker listens
+        # nonzero once that slot's worker listens: its open files then
+        self.listening = self._spawn.RawArray("i", count)
         self.slots = [_Slot(index) for index in range(count)]
         settings = server.settings
         self.first = FirstWorker(crowd(process_cap(settings.max_connections), count))
@@ -545,7 +547,7 @@ class Workers:
         while not self.stop.wait(0.2):
             if not announced and any(self.listening):
                 announced = True
-                self.first.listening()
+                self.first.listening(self.listening[0])
                 if self.on_listening is not None:
                     self.on_listening()
             if announced and not self.awake:

@@ -21,7 +21,7 @@ import pytest
 from dualcast.client import Event, Reset, State, Status
 from dualcast.client import subscribe as client_subscribe
 from dualcast.spares import FirstWorker, cpu_seconds, crowd
-from tests.harness.clients import Subscriber, subscribe
+from tests.harness.clients import SSEClient, Subscriber, subscribe
 from tests.harness.probes import log_problems
 from tests.harness.procs import ROOT, DualcastProcess, RedisProcess
 from tests.harness.stream import Producer, xadd
@@ -261,3 +261,34 @@ def test_a_workers_wake_that_is_neither_busy_nor_start_is_one_line(how: str) -> 
     named = "--workers-wake" if how == "flag" else "DUALCAST_WORKERS_WAKE"
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and named in lines[0] and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.timeout(60)
+async def test_a_shed_sends_half_away_with_the_usual_retry_not_a_drains(
+    dualcast: Callable[..., DualcastProcess], fresh_redis: RedisProcess
+) -> None:
+    """What the supervisor's SIGUSR1 makes the first worker do, asked here directly:
+    half of its 8 streams are sent away, each ending with `retry:` at
+    DUALCAST_SSE_RETRY_MS (3 s), not a drain's spread over the grace (up to 3 + 30 s
+    here: a stream kept away that long); the other half stay and get the next event.
+    (WebSockets get 1001: the Python clients of the busy test above reconnect from it.)"""
+    proc = dualcast(fresh_redis.url, env={"DUALCAST_SHUTDOWN_GRACE": "30"},
+                    args=["--workers", "2"])
+    _, first = first_alone(proc, 2)
+    streams = [SSEClient(proc.url) for _ in range(8)]
+    for stream in streams:
+        await stream.connect()
+    try:
+        os.kill(first.pid, signal.SIGUSR1)
+        await wait_for(lambda: "sending 4 of 8 subscribers" in proc.log(), timeout=10,
+                       what="the shed")
+        await wait_for(lambda: sum(s.ended.is_set() for s in streams) == 4, timeout=10,
+                       what="four streams sent away")
+        away = [s for s in streams if s.ended.is_set()]
+        assert [s.retries[-1] for s in away] == [3000] * 4, [s.retries for s in away]
+        ids = [xadd(fresh_redis, "tick", {"n": 1})]
+        await every_event_once([s for s in streams if s not in away], ids)
+        assert sum(s.ended.is_set() for s in streams) == 4
+    finally:
+        for stream in streams:
+            await stream.close()

@@ -34,6 +34,7 @@ log = logging.getLogger("dualcast.ws")
 _CLOSES = {
     CloseReason.LAGGING: (WSClose.TRY_AGAIN, "too slow: resume from your last id"),
     CloseReason.SHUTDOWN: (WSClose.GOING_AWAY, "server is restarting"),
+    CloseReason.MOVED: (WSClose.GOING_AWAY, "reconnect: load is being spread over workers"),
     CloseReason.EXPIRED: (WSClose.POLICY, "token expired"),
 }
 
