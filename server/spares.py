@@ -20,8 +20,8 @@ spare wakes, and from then on all of them serve, as they would from the start wi
 DUALCAST_WORKERS_WAKE=start: connections last, and are not moved back to one process
 when the load falls. When the CPU woke them (the load grew on connections the first
 worker already held), the first sends 1 - 1/N of its subscribers away to reconnect,
-once the spares listen, the way a drain does (each resumes from its cursor, nothing
-is lost): the kernel spreads them over all N. One that dies wakes the spares too, so
+once the spares listen (WS 1001, SSE the usual `retry:`; each resumes from its
+cursor, nothing is lost): the kernel spreads them over all N. One that dies wakes the spares too, so
 the port keeps a listener while it is replaced.
 
 The supervisor watches the first worker from /proc (its CPU time and its number of open
