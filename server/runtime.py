@@ -27,7 +27,7 @@ from dualcast.events import (
 )
 from dualcast.fdlimit import process_cap
 from dualcast.flights import Flights
-from dualcast.hub import CloseReason, Hub
+from dualcast.hub import CloseReason, Hub, Subscriber
 from dualcast.log import EventLog, LogInfo, RawEntry, create_log
 from dualcast.logs import Repeats
 from dualcast.loops import running_loop
@@ -47,6 +47,15 @@ class TransportStats:
     published: int = 0
     publish_failures: int = 0
 
+
+
+def _close_over(subscribers: list[Subscriber], spread: float,
+                reason: CloseReason) -> list[asyncio.TimerHandle]:
+    """Close each subscriber at a random moment within `spread` seconds (so they do not
+    all come back in the same second); the timers, to cancel."""
+    loop = asyncio.get_running_loop()
+    return [loop.call_later(random.uniform(0, spread), sub.close, reason)
+            for sub in subscribers]
 
 class Runtime:
     def __init__(self, settings: Settings, secret: str | None) -> None:
@@ -143,8 +152,7 @@ class Runtime:
         spread = max(grace * 0.5, 0.0)
         log.info("draining %d subscribers over %.1fs", len(subscribers), spread)
         loop = asyncio.get_running_loop()
-        closings = [loop.call_later(random.uniform(0, spread), sub.close, CloseReason.SHUTDOWN)
-                    for sub in subscribers]
+        closings = _close_over(subscribers, spread, CloseReason.SHUTDOWN)
         self.hub.wake_pollers()
         deadline = loop.time() + max(grace * 0.8, 0.1)
         while self.hub.subscribers and loop.time() < deadline:
@@ -169,9 +177,7 @@ class Runtime:
         chosen = random.sample(subscribers, round(len(subscribers) * share))
         if not chosen:
             return 0
-        loop = asyncio.get_running_loop()
-        for sub in chosen:
-            loop.call_later(random.uniform(0, spread), sub.close, CloseReason.MOVED)
+        _close_over(chosen, spread, CloseReason.MOVED)
         log.info("sending %d of %d subscribers to reconnect over %.1fs: the other workers "
                  "serve now", len(chosen), len(subscribers), spread)
         return len(chosen)

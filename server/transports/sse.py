@@ -195,11 +195,9 @@ class EventStream:
         if reason is CloseReason.EXPIRED:
             await self._chunk(send, sse_error(ErrorCode.TOKEN_EXPIRED, "the token has expired"))
             return True
+        # A drain: spread the reconnects of thousands of clients over the grace period
+        # (a shed already spread its closes over seconds: the usual retry).
         settings = self.rt.settings
-        if reason is CloseReason.MOVED:  # (the shed already spread these over seconds)
-            await self._chunk(send, sse_retry(settings.sse_retry_ms))
-            return True
-        # A drain: spread the reconnects of thousands of clients over the grace period.
-        spread = max(settings.shutdown_grace, 1.0) * 1000
+        spread = 0.0 if reason is CloseReason.MOVED else max(settings.shutdown_grace, 1.0) * 1000
         await self._chunk(send, sse_retry(int(settings.sse_retry_ms + random.uniform(0, spread))))
         return True

@@ -185,10 +185,10 @@ class Session:
         A connection that named no rooms asked for its token's defaults: it joins the
         default rooms the new token adds (all of them, for a connection that was
         anonymous; DUALCAST_MAX_ROOMS does not bound them, as at connect), with a
-        `joined` frame each. Before, an
-        anonymous WebSocket that sent a token in `auth` stayed on public events only,
-        while the same token at connect joined its rooms and `user-<sub>`. Defaults the
-        old token had too are not joined again: the client may have left them.
+        `joined` frame each. Before, an anonymous WebSocket that sent a token in `auth`
+        stayed on public events only, while the same token at connect joined its rooms
+        and `user-<sub>`. Defaults the old token had too are not joined again: the client
+        may have left them.
         """
         if not isinstance(token, str):
             self.abuse(ErrorCode.BAD_FRAME, "auth needs a token string")
